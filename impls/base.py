@@ -1,0 +1,305 @@
+"""The adapter interface every wrapped implementation follows.
+
+An :class:`Adapter` describes an implementation (framework, version,
+capabilities) and builds a :class:`Layer` from a canonical spec and weights.
+Frameworks are imported inside methods, never at module import, so listing
+adapters never imports a framework the user did not ask for.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from .spec import AttentionSpec, Weights
+from .validation import (DTYPES, Call, check_cotangent, check_device, check_dtype, numpy_dtype, validate_call,
+                         weights_dims)
+
+# Every feature a case can use; an adapter lists the ones it cannot express, each with its reason.
+FEATURES: dict[str, str] = {
+    "cross_attention": "query and key/value of different lengths",
+    "separate_key": "a key input distinct from value",
+    "key_value_dims": "key or value feature width different from the query's",
+    "value_dim": "value_dim different from key_dim",
+    "output_shape": "output_shape other than (query feature dim,)",
+    "multi_output": "output_shape with more than one axis",
+    "multi_axis": "attention over more than one axis",
+    "batch_axes": "non-attended axes acting as extra batch axes",
+    "head_width": "num_heads * key_dim different from the query feature width",
+    "no_bias": "use_bias=False",
+    "mask": "an attention mask",
+    "per_head_mask": "a mask with a per-head axis",
+    "causal": "causal masking",
+    "scores": "returning the attention scores",
+    "dropout": "dropout while training",
+    "gradients": "gradients through the layer",
+}
+MODES = ("eager", "compiled")
+
+
+class UnsupportedError(ValueError):
+    """The adapter cannot express this feature, dtype, device or mode; ``reason`` says why."""
+
+    def __init__(self, adapter: str, what: str, reason: str):
+        self.adapter, self.what, self.reason = adapter, what, reason
+        super().__init__(f"{adapter} does not support {what}: {reason}")
+
+
+class AdapterUnavailable(RuntimeError):
+    """The adapter's framework is not importable here."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter can do. Unsupported things map to the reason they are unsupported."""
+
+    unsupported_features: Mapping[str, str] = field(default_factory=dict)
+    unsupported_dtypes: Mapping[str, str] = field(default_factory=dict)
+    devices: tuple[str, ...] = ("cpu",)
+    modes: tuple[str, ...] = ("eager",)
+
+    def __post_init__(self):
+        unknown = set(self.unsupported_features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown feature names {sorted(unknown)}; known: {sorted(FEATURES)}")
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(d for d in DTYPES if d not in self.unsupported_dtypes)
+
+
+def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | None = None,
+                  return_scores: bool = False, training: bool = False) -> set[str]:
+    """The FEATURES a spec (and, if given, a validated call) relies on."""
+    q_dim, k_dim, v_dim = dims
+    used = set()
+    if k_dim != q_dim or v_dim != q_dim:
+        used.add("key_value_dims")
+    if spec.value_dim is not None and spec.value_dim != spec.key_dim:
+        used.add("value_dim")
+    out = spec.out_shape(q_dim)
+    if out != (q_dim,):
+        used.add("output_shape")
+    if len(out) > 1:
+        used.add("multi_output")
+    if spec.num_heads * spec.key_dim != q_dim:
+        used.add("head_width")
+    if not spec.use_bias:
+        used.add("no_bias")
+    if training and spec.dropout > 0:
+        used.add("dropout")
+    if return_scores:
+        used.add("scores")
+    if call is not None:
+        if len(call.attention_axes) > 1:
+            used.add("multi_axis")
+        if len(call.batch_axes) > 1:
+            used.add("batch_axes")
+        if call.key_given:
+            used.add("separate_key")
+        if call.query.shape[:-1] != call.key.shape[:-1]:
+            used.add("cross_attention")
+        if call.mask is not None:
+            used.add("mask")
+            if call.mask.shape[call.n_batch] != 1:
+                used.add("per_head_mask")
+        if call.causal:
+            used.add("causal")
+    return used
+
+
+def to_numpy(x, dtype: str) -> np.ndarray:
+    """A float array in ``dtype`` (bfloat16 through ml_dtypes)."""
+    return np.asarray(x).astype(numpy_dtype(dtype))
+
+
+class Adapter:
+    """One wrapped implementation. Subclasses set the class attributes and implement ``_build``."""
+
+    name: str = ""
+    framework: str = ""            # what the user sees, e.g. "PyTorch"
+    requires: tuple[str, ...] = ()  # modules that must import
+    distributions: tuple[str, ...] = ()  # packages whose versions are reported
+    install_hint: str = ""
+    description: str = ""
+    layer_class: type | None = None
+
+    def __init__(self):
+        self._available: tuple[bool, str] | None = None
+
+    # ---- environment --------------------------------------------------------
+    def availability(self) -> tuple[bool, str]:
+        """(available, reason): reason says what is missing and what to install."""
+        if self._available is None:
+            for module in self.requires:
+                try:
+                    importlib.import_module(module)
+                except Exception as exc:  # ImportError, or a broken install raising anything
+                    self._available = (False, f"cannot import {module} ({type(exc).__name__}: {exc}); "
+                                              f"install with: {self.install_hint}")
+                    break
+            else:
+                self._available = (True, "")
+        return self._available
+
+    def is_available(self) -> bool:
+        return self.availability()[0]
+
+    def versions(self) -> dict[str, str]:
+        out = {}
+        for dist in self.distributions:
+            try:
+                out[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                out[dist] = "not installed"
+        return out
+
+    def version(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.versions().items())
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    def available_devices(self) -> tuple[str, ...]:
+        """Devices usable in this process (a subset of ``capabilities().devices``)."""
+        return ("cpu",)
+
+    # ---- support ------------------------------------------------------------
+    def extra_constraints(self, spec: AttentionSpec, dims: tuple[int, int, int], call: Call | None) -> str | None:
+        """Adapter-specific limits beyond the feature table; a reason string or None."""
+        return None
+
+    def unsupported_reason(self, spec: AttentionSpec, weights: Weights | tuple[int, int, int], *,
+                           dtype: str = "float32", device: str = "cpu", mode: str = "eager",
+                           call: Call | None = None, return_scores: bool = False,
+                           training: bool = False, gradients: bool = False) -> str | None:
+        """Why this adapter cannot run the given configuration, or None if it can."""
+        caps = self.capabilities()
+        dtype = check_dtype(dtype)
+        if dtype in caps.unsupported_dtypes:
+            return f"dtype {dtype}: {caps.unsupported_dtypes[dtype]}"
+        device = check_device(device)
+        if device.split(":")[0] not in caps.devices:
+            return f"device {device}: {self.name} runs on {', '.join(caps.devices)} only"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in caps.modes:
+            return f"mode {mode}: {self.name} has modes {', '.join(caps.modes)}"
+        dims = weights_dims(weights) if isinstance(weights, Weights) else tuple(weights)
+        used = features_used(spec, dims, call, return_scores, training)
+        if gradients:
+            used.add("gradients")
+        for feat in sorted(used):
+            if feat in caps.unsupported_features:
+                return f"{FEATURES[feat]}: {caps.unsupported_features[feat]}"
+        return self.extra_constraints(spec, dims, call)
+
+    # ---- building -----------------------------------------------------------
+    def build(self, spec: AttentionSpec, weights: Weights, dtype: str = "float32", device: str = "cpu",
+              mode: str = "eager", **options) -> "Layer":
+        if not isinstance(spec, AttentionSpec):
+            raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+        if not isinstance(weights, Weights):
+            raise TypeError(f"weights must be a Weights, got {type(weights).__name__}")
+        weights.check_spec(spec)
+        dtype, device = check_dtype(dtype), check_device(device)
+        ok, why = self.availability()
+        if not ok:
+            raise AdapterUnavailable(f"{self.name} is unavailable: {why}")
+        reason = self.unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode)
+        if reason:
+            raise UnsupportedError(self.name, "this configuration", reason)
+        if device.split(":")[0] not in self.available_devices():
+            raise ValueError(f"device={device!r}: {self.framework} sees no such device here "
+                             f"(available: {', '.join(self.available_devices())})")
+        return self._build(spec, weights, dtype, device, mode, **options)
+
+    def _build(self, spec, weights, dtype, device, mode, **options) -> "Layer":
+        if self.layer_class is None:
+            raise NotImplementedError(f"{type(self).__name__} must set layer_class or override _build")
+        return self.layer_class(self, spec, weights, dtype, device, mode, **options)
+
+    def __repr__(self):
+        return f"<adapter {self.name} ({self.framework})>"
+
+
+class Layer:
+    """A built layer. Subclasses implement ``_forward`` (and, where they can, ``_gradients``)."""
+
+    def __init__(self, adapter: Adapter, spec: AttentionSpec, weights: Weights, dtype: str, device: str,
+                 mode: str = "eager", **options):
+        if options:
+            raise TypeError(f"{adapter.name}: unknown options {sorted(options)}")
+        self.adapter, self.spec, self.dtype, self.device, self.mode = adapter, spec, dtype, device, mode
+        self.dims = weights_dims(weights)
+        self.has_bias = weights.has_bias
+
+    # ---- the public boundary: NumPy in, NumPy out --------------------------
+    def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False,
+                 training=False, gradients=False) -> Call:
+        call = validate_call(self.spec, self.dims, query, value, key, mask, causal)
+        reason = self.adapter.unsupported_reason(self.spec, self.dims, dtype=self.dtype, device=self.device,
+                                                 mode=self.mode, call=call, return_scores=return_scores,
+                                                 training=training, gradients=gradients)
+        if reason:
+            raise UnsupportedError(self.adapter.name, "this call", reason)
+        return call
+
+    def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=True, *,
+                 training=False, seed=None):
+        """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype;
+        ``scores`` is None unless ``return_scores``."""
+        call = self.validate(query, value, key, mask, causal, return_scores=return_scores, training=training)
+        out, scores = self._forward(call, bool(return_scores), bool(training), seed)
+        out = to_numpy(out, self.dtype)
+        if out.shape != call.output_shape:
+            raise RuntimeError(f"{self.adapter.name} returned shape {out.shape}, expected {call.output_shape}")
+        if return_scores:
+            scores = to_numpy(scores, self.dtype)
+            if scores.shape != call.scores_shape:
+                raise RuntimeError(f"{self.adapter.name} returned scores {scores.shape}, "
+                                   f"expected {call.scores_shape}")
+            return out, scores
+        return out, None
+
+    def gradients(self, query, value, key=None, mask=None, causal=False, cotangent=None) -> dict[str, np.ndarray]:
+        """Gradients of ``sum(output * cotangent)`` in the canonical layout, float64.
+
+        Keys: ``query``, ``value``, ``key`` (only when a key was given; otherwise
+        ``value`` holds the total through both uses) and every weight name.
+        """
+        call = self.validate(query, value, key, mask, causal, gradients=True)
+        if cotangent is None:
+            raise TypeError(f"cotangent must be an array of the output's shape {list(call.output_shape)}, got None")
+        ct = check_cotangent(call, cotangent)
+        grads = self._gradients(call, ct)
+        return {k: np.asarray(v).astype(np.float64) for k, v in grads.items()}
+
+    def export_weights(self) -> Weights:
+        raise NotImplementedError
+
+    # ---- what subclasses implement -----------------------------------------
+    def _forward(self, call: Call, return_scores: bool, training: bool, seed) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _gradients(self, call: Call, cotangent: np.ndarray) -> dict[str, Any]:
+        raise UnsupportedError(self.adapter.name, "gradients", "not implemented by this adapter")
+
+    # ---- the native path used by benchmarks (conversion not timed) ---------
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        """Inputs converted once to the framework's tensors on the layer's device."""
+        raise NotImplementedError(f"{self.adapter.name} has no native benchmark path")
+
+    def native_forward(self, inputs):
+        """One forward call on native inputs, ending with the framework's device sync."""
+        raise NotImplementedError(f"{self.adapter.name} has no native benchmark path")
+
+    def native_forward_backward(self, inputs):
+        """One forward and backward call on native inputs, ending with a device sync."""
+        raise NotImplementedError(f"{self.adapter.name} has no native backward path")
+
+    def __repr__(self):
+        return f"<{self.adapter.name} layer {self.spec} {self.dtype} {self.device} {self.mode}>"

@@ -1,0 +1,53 @@
+"""The oracle behind the adapter interface, in any float dtype (the same-precision reference)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import oracle
+from .base import Adapter, Capabilities, Layer
+from .spec import Weights
+
+
+class NumpyOracleLayer(Layer):
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", fully_masked="zeros",
+                 block_size=None, **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        self.weights = weights
+        self.fully_masked = fully_masked
+        self.block_size = block_size
+
+    def _forward(self, call, return_scores, training, seed):
+        return oracle.forward(self.spec, self.weights, call.query, call.value,
+                              call.key if call.key_given else None, call.mask, call.causal, return_scores,
+                              fully_masked=self.fully_masked, dtype=self.dtype,
+                              block_size=None if return_scores else self.block_size)
+
+    def _gradients(self, call, cotangent):
+        from . import oracle_backward
+        return oracle_backward.backward(self.spec, self.weights, call.query, call.value,
+                                        call.key if call.key_given else None, call.mask, call.causal,
+                                        cotangent, fully_masked=self.fully_masked)
+
+    def export_weights(self) -> Weights:
+        return self.weights
+
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        call = self.validate(query, value, key, mask, causal)
+        return call
+
+    def native_forward(self, call):
+        return self._forward(call, False, False, None)[0]
+
+
+class NumpyOracleAdapter(Adapter):
+    name = "numpy_oracle"
+    framework = "NumPy"
+    requires = ("numpy",)
+    distributions = ("numpy",)
+    install_hint = "pip install numpy"
+    description = "the float64 reference (impls.oracle) run in the requested dtype"
+    layer_class = NumpyOracleLayer
+
+    def capabilities(self):
+        return Capabilities(unsupported_features={"dropout": "the oracle is deterministic: dropout is not modelled"},
+                            devices=("cpu",), modes=("eager",))

@@ -1,0 +1,143 @@
+"""The float64 NumPy oracle: the canonical multi-head attention semantics.
+
+``forward`` is the golden. Run with ``dtype="float32"``, ``"float16"`` or
+``"bfloat16"`` it is the same-precision *reference* of the conformance
+method: every intermediate (projections, scores, softmax, weighted sum,
+output projection) is rounded to that dtype, with float32 arithmetic under
+the 16-bit types, as the frameworks' kernels do.
+
+``block_size`` selects the blockwise mode: query rows are processed in blocks
+so the ``[T, S]`` scores are never materialised (memory O(S * block)).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .spec import AttentionSpec, Weights
+from .validation import (Call, check_dtype, check_policy, flatten_perm, inverse_perm, numpy_dtype,
+                         validate_call, weights_dims)
+
+__all__ = ["forward", "Numerics", "masked_softmax", "prepare"]
+
+
+class Numerics:
+    """Arithmetic in a given dtype: compute in ``compute`` precision, round each result to ``dtype``."""
+
+    def __init__(self, dtype: str = "float64"):
+        self.name = check_dtype(dtype)
+        self.dtype = numpy_dtype(self.name)
+        self.compute = np.float64 if self.name == "float64" else np.float32
+        self.rounds = self.name in ("float16", "bfloat16")
+
+    def __call__(self, x):
+        """Round ``x`` to the storage dtype, returned in the compute dtype."""
+        x = np.asarray(x, dtype=self.compute)
+        return x.astype(self.dtype).astype(self.compute) if self.rounds else x
+
+    def cast(self, x):
+        if x is None:
+            return None
+        return self(np.asarray(x).astype(np.float64))
+
+
+def masked_softmax(scores: np.ndarray, allowed: np.ndarray | None, fully_masked: str = "zeros") -> np.ndarray:
+    """Softmax over the last axis, restricted to allowed positions.
+
+    Rows with no allowed position follow ``fully_masked``: ``zeros`` (all-zero
+    weights), ``uniform`` (1/S everywhere, what a large negative additive mask
+    gives) or ``nan``. NaN and Inf in allowed scores propagate as arithmetic
+    dictates; masked scores are never read.
+    """
+    check_policy(fully_masked)
+    if allowed is not None:
+        scores = np.where(allowed, scores, -np.inf)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        row_max = np.max(scores, axis=-1, keepdims=True)
+        row_max = np.where(row_max == -np.inf, 0.0, row_max)
+        e = np.exp(scores - row_max)
+        probs = e / np.sum(e, axis=-1, keepdims=True)
+    if allowed is not None:
+        empty = ~np.any(np.broadcast_to(allowed, scores.shape), axis=-1, keepdims=True)
+        if np.any(empty):
+            fill = {"zeros": 0.0, "uniform": 1.0 / scores.shape[-1], "nan": np.nan}[fully_masked]
+            probs = np.where(empty, np.asarray(fill, dtype=probs.dtype), probs)
+    return probs
+
+
+def prepare(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False) -> Call:
+    if not isinstance(spec, AttentionSpec):
+        raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+    if not isinstance(weights, Weights):
+        raise TypeError(f"weights must be a Weights, got {type(weights).__name__}")
+    weights.check_spec(spec)
+    return validate_call(spec, weights_dims(weights), query, value, key, mask, causal)
+
+
+def _flat_inputs(call: Call, x: np.ndarray) -> np.ndarray:
+    """``[B, *A, D]`` -> ``[prod(batch axes), prod(attended axes), D]``."""
+    x = np.transpose(x, flatten_perm(call))
+    nb = call.n_batch
+    return x.reshape(math.prod(x.shape[:nb]), math.prod(x.shape[nb:-1]), x.shape[-1])
+
+
+def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
+            return_scores=True, *, fully_masked: str = "zeros", dtype: str = "float64",
+            block_size: int | None = None):
+    """Canonical MHA. Returns ``(output, scores)``; ``scores`` is None unless requested.
+
+    ``output``: ``[B, *Q, *out]``; ``scores``: ``[B, *non_attended, H, *Q_att, *K_att]``,
+    both float64 (values rounded to ``dtype`` when a lower precision is chosen).
+    """
+    call = prepare(spec, weights, query, value, key, mask, causal)
+    check_policy(fully_masked)
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+        if return_scores:
+            raise ValueError("return_scores=True needs the full scores, which the blockwise mode "
+                             "(block_size set) never materialises; pass return_scores=False")
+    num = Numerics(dtype)
+    w = {k: num.cast(v) for k, v in weights.as_dict().items()}
+    H, kd, vd = spec.num_heads, spec.key_dim, spec.value_head_dim
+
+    def project(x, W, b):  # [N, L, D] x [D, H, k] -> [N, H, L, k]
+        y = num(np.einsum("nld,dhk->nhlk", x, W))
+        return y if b is None else num(y + b[None, :, None, :])
+
+    q = project(_flat_inputs(call, num.cast(call.query)), w["Wq"], w.get("bq"))
+    k = project(_flat_inputs(call, num.cast(call.key)), w["Wk"], w.get("bk"))
+    v = project(_flat_inputs(call, num.cast(call.value)), w["Wv"], w.get("bv"))
+    q = num(q * num(1.0 / math.sqrt(kd)))
+    allowed = call.flat_allowed()
+
+    def attend(rows: slice):
+        scores = num(np.einsum("nhtk,nhsk->nhts", q[:, :, rows], k))
+        a = None if allowed is None else allowed[:, :, rows]
+        probs = num(masked_softmax(scores, a, fully_masked))
+        return probs, num(np.einsum("nhts,nhsv->nhtv", probs, v))
+
+    T = q.shape[2]
+    if block_size is None:
+        probs, o = attend(slice(None))
+    else:
+        probs = None
+        o = np.empty(q.shape[:3] + (vd,), dtype=num.compute)
+        for start in range(0, T, block_size):
+            o[:, :, start:start + block_size] = attend(slice(start, start + block_size))[1]
+
+    # [N, H, T, vd] -> [*batch, *Q_att, H, vd] -> [B, *Q, H, vd]
+    perm = flatten_perm(call)
+    q_perm_shape = tuple(call.query.shape[a] for a in perm[:-1])
+    o = np.transpose(o, (0, 2, 1, 3)).reshape(q_perm_shape + (H, vd))
+    inv = inverse_perm(perm[:-1])
+    o = np.transpose(o, inv + (len(inv), len(inv) + 1))
+    out_dims = spec.out_shape(weights.query_dim)
+    Wo = w["Wo"].reshape(H, vd, -1)
+    out = num(np.einsum("...hv,hvo->...o", o, Wo))
+    if "bo" in w:
+        out = num(out + w["bo"].reshape(-1))
+    out = out.reshape(o.shape[:-2] + tuple(out_dims)).astype(np.float64)
+    scores_out = probs.reshape(call.scores_shape).astype(np.float64) if return_scores else None
+    return out, scores_out

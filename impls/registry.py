@@ -1,0 +1,51 @@
+"""The adapter registry. Adapter modules are imported on demand; frameworks only when used."""
+from __future__ import annotations
+
+import importlib
+
+from .base import Adapter
+
+# name -> "module:Class". Adapter modules import no framework at import time.
+_BUILTIN = {
+    "numpy_oracle": "impls.numpy_oracle:NumpyOracleAdapter",
+    "torch_sdpa": "impls.torch_sdpa:TorchSDPAAdapter",
+    "torch_mha": "impls.torch_mha:TorchMHAAdapter",
+}
+_registered: dict[str, str | Adapter] = dict(_BUILTIN)
+_instances: dict[str, Adapter] = {}
+
+
+def register_adapter(name: str, target) -> None:
+    """Register ``target`` (an Adapter instance, an Adapter subclass, or "module:Class") under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
+    if isinstance(target, type) and issubclass(target, Adapter):
+        target = target()
+    if not isinstance(target, (str, Adapter)):
+        raise TypeError(f"adapter target must be an Adapter, an Adapter subclass or 'module:Class', got {target!r}")
+    _registered[name] = target
+    _instances.pop(name, None)
+
+
+def list_adapters() -> list[str]:
+    """Names of every registered adapter, installed or not."""
+    return list(_registered)
+
+
+def get_adapter(name: str) -> Adapter:
+    if name not in _registered:
+        raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(list_adapters())}")
+    if name not in _instances:
+        target = _registered[name]
+        if isinstance(target, str):
+            module, _, cls = target.partition(":")
+            target = getattr(importlib.import_module(module), cls)()
+        if not target.name:
+            target.name = name
+        _instances[name] = target
+    return _instances[name]
+
+
+def available_adapters() -> list[str]:
+    """Names of the adapters whose framework imports here."""
+    return [n for n in list_adapters() if get_adapter(n).is_available()]

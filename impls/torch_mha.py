@@ -1,0 +1,172 @@
+"""PyTorch: ``torch.nn.MultiheadAttention``, its conventions translated here.
+
+* ``batch_first=False`` (the module's default): inputs are ``[L, N, E]``.
+* Boolean ``attn_mask`` True means *masked*: ours is inverted. A mask that
+  varies per batch or head is passed as ``[N * H, T, S]``.
+* ``average_attn_weights=False`` so the scores stay per head.
+* Weights: ``in_proj_weight [3E, E]`` (or separate ``q/k/v_proj_weight`` when
+  the key/value widths differ from E), ``y = x @ W.T + b``; head ``h`` owns
+  rows ``h*head_dim:(h+1)*head_dim``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _torch
+from .base import Adapter, Capabilities, Layer
+from .spec import Weights
+
+
+def canonical_to_module(w: Weights) -> dict[str, np.ndarray]:
+    """Canonical weights -> the module's state_dict arrays (float64)."""
+    E = w.query_dim
+    rows = lambda W: W.reshape(W.shape[0], -1).T  # [D, H, k] -> [H*k, D]
+    state = {"out_proj.weight": w.Wo.reshape(-1, E).T}
+    if w.key_input_dim == E and w.value_input_dim == E:
+        state["in_proj_weight"] = np.concatenate([rows(w.Wq), rows(w.Wk), rows(w.Wv)], axis=0)
+    else:
+        state.update({"q_proj_weight": rows(w.Wq), "k_proj_weight": rows(w.Wk), "v_proj_weight": rows(w.Wv)})
+    if w.has_bias:
+        state["in_proj_bias"] = np.concatenate([w.bq.reshape(-1), w.bk.reshape(-1), w.bv.reshape(-1)])
+        state["out_proj.bias"] = w.bo.reshape(-1)
+    return state
+
+
+def module_to_canonical(state: dict[str, np.ndarray], num_heads: int) -> dict[str, np.ndarray]:
+    """The module's arrays (or their gradients) -> canonical names and layout."""
+    H = num_heads
+    Wout = state["out_proj.weight"]
+    E = Wout.shape[0]
+    hd = E // H
+    cols = lambda M: M.T.reshape(M.shape[1], H, hd)  # [H*k, D] -> [D, H, k]
+    if "in_proj_weight" in state:
+        Wq, Wk, Wv = np.split(state["in_proj_weight"], 3, axis=0)
+    else:
+        Wq, Wk, Wv = state["q_proj_weight"], state["k_proj_weight"], state["v_proj_weight"]
+    out = {"Wq": cols(Wq), "Wk": cols(Wk), "Wv": cols(Wv), "Wo": Wout.T.reshape(H, hd, E)}
+    if "in_proj_bias" in state:
+        bq, bk, bv = np.split(state["in_proj_bias"], 3)
+        out.update({"bq": bq.reshape(H, hd), "bk": bk.reshape(H, hd), "bv": bv.reshape(H, hd),
+                    "bo": state["out_proj.bias"]})
+    return out
+
+
+class TorchMHALayer(Layer):
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", batch_first=False, **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        import torch
+        self.torch = torch
+        self.batch_first = bool(batch_first)
+        E = weights.query_dim
+        self.module = torch.nn.MultiheadAttention(
+            E, spec.num_heads, dropout=spec.dropout, bias=spec.use_bias, kdim=weights.key_input_dim,
+            vdim=weights.value_input_dim, batch_first=self.batch_first, device=device,
+            dtype=_torch.torch_dtype(torch, dtype))
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in canonical_to_module(weights).items()}
+        own = self.module.state_dict()
+        if set(state) != set(own):  # the module's layout changed under us: say so, never load half
+            raise RuntimeError(f"torch_mha: unexpected state_dict keys {sorted(own)}; expected {sorted(state)}")
+        self.module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        self.module.eval()
+        self._fn = self.module if mode == "eager" else torch.compile(self.module, dynamic=False)
+
+    def _attn_mask(self, call):
+        """Our allowed-mask -> torch's masked-mask: [T, S] if shared, else [N*H, T, S]."""
+        allowed = call.flat_allowed()
+        if allowed is None:
+            return None
+        N, Hm, T, S = allowed.shape
+        if N == 1 and Hm == 1 or bool(np.all(allowed == allowed[:1, :1])):
+            m = ~allowed[0, 0]
+        else:
+            m = ~np.broadcast_to(allowed, (N, self.spec.num_heads, T, S)).reshape(-1, T, S)
+        return _torch.tensor(self.torch, m, "float32", self.device).bool()
+
+    def _run(self, query, value, key, attn_mask, need_weights, call, fn=None):
+        seq = lambda x: _torch.flatten(call, x) if self.batch_first else _torch.flatten(call, x).transpose(0, 1)
+        out, weights = (fn or self._fn)(seq(query), seq(key), seq(value), attn_mask=attn_mask,
+                                        need_weights=need_weights, average_attn_weights=False)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return _torch.unflatten_query(call, out), weights
+
+    def _inputs(self, call, requires_grad=False):
+        t = lambda x: _torch.tensor(self.torch, x, self.dtype, self.device, requires_grad)
+        query, value = t(call.query), t(call.value)
+        return query, value, (t(call.key) if call.key_given else value)
+
+    def _forward(self, call, return_scores, training, seed):
+        torch = self.torch
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.module.train(bool(training))
+        try:
+            query, value, key = self._inputs(call)
+            with torch.no_grad():
+                out, weights = self._run(query, value, key, self._attn_mask(call), return_scores, call)
+        finally:
+            self.module.eval()
+        scores = _torch.to_numpy(weights.reshape(call.scores_shape)) if return_scores else None
+        return _torch.to_numpy(out), scores
+
+    def _gradients(self, call, cotangent):
+        torch = self.torch
+        query, value, key = self._inputs(call, requires_grad=True)
+        self.module.zero_grad(set_to_none=True)
+        out, _ = self._run(query, value, key, self._attn_mask(call), False, call, fn=self.module)
+        out.backward(_torch.tensor(torch, cotangent, self.dtype, self.device))
+        state = {name: _torch.to_numpy(p.grad).astype(np.float64) for name, p in self.module.named_parameters()}
+        grads = module_to_canonical(state, self.spec.num_heads)
+        grads.update({"query": _torch.to_numpy(query.grad), "value": _torch.to_numpy(value.grad)})
+        if call.key_given:
+            grads["key"] = _torch.to_numpy(key.grad)
+        self.module.zero_grad(set_to_none=True)
+        return grads
+
+    def export_weights(self) -> Weights:
+        state = {k: _torch.to_numpy(v).astype(np.float64) for k, v in self.module.state_dict().items()}
+        return Weights(**module_to_canonical(state, self.spec.num_heads))
+
+    # ---- native path ---------------------------------------------------------
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        call = self.validate(query, value, key, mask, causal)
+        query, value, key = self._inputs(call, requires_grad)
+        return dict(query=query, value=value, key=key, attn_mask=self._attn_mask(call), call=call)
+
+    def native_forward(self, inputs):
+        with self.torch.no_grad():
+            out, _ = self._run(inputs["query"], inputs["value"], inputs["key"], inputs["attn_mask"], False,
+                               inputs["call"])
+        _torch.sync(self.torch, self.device)
+        return out
+
+    def native_forward_backward(self, inputs):
+        out, _ = self._run(inputs["query"], inputs["value"], inputs["key"], inputs["attn_mask"], False,
+                           inputs["call"])
+        out.sum().backward()
+        _torch.sync(self.torch, self.device)
+        return out
+
+
+class TorchMHAAdapter(Adapter):
+    name = "torch_mha"
+    framework = "PyTorch"
+    requires = ("torch",)
+    distributions = ("torch",)
+    install_hint = 'pip install torch==2.13.0 "mhabench[torch]"'
+    description = "torch.nn.MultiheadAttention (batch_first=False, average_attn_weights=False)"
+    layer_class = TorchMHALayer
+
+    def capabilities(self):
+        why_width = "nn.MultiheadAttention splits embed_dim (the query width) into num_heads equal heads"
+        return Capabilities(
+            unsupported_features={
+                "value_dim": "nn.MultiheadAttention uses one head_dim = embed_dim // num_heads for q, k and v",
+                "output_shape": "nn.MultiheadAttention's out_proj maps back to embed_dim (the query width)",
+                "multi_output": "nn.MultiheadAttention's output is [L, N, embed_dim]",
+                "head_width": why_width,
+            },
+            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+
+    def available_devices(self):
+        return _torch.available_devices()

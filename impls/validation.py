@@ -1,0 +1,215 @@
+"""Input validation shared by every adapter (run before dispatch).
+
+Whatever adapter is used, the same bad input gives the same ValueError or
+TypeError, naming the argument and the shape that was expected.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .spec import AttentionSpec, Weights
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+DEVICES = ("cpu", "cuda")
+FULLY_MASKED_POLICIES = ("zeros", "uniform", "nan")
+
+
+def check_dtype(dtype) -> str:
+    name = getattr(dtype, "name", dtype)
+    name = str(name) if name is not None else None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def check_device(device) -> str:
+    if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (optionally 'cuda:N'), got {device!r}")
+    return device
+
+
+def numpy_dtype(name: str):
+    """The NumPy dtype for a dtype name; bfloat16 comes from ml_dtypes."""
+    name = check_dtype(name)
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _as_array(name: str, x) -> np.ndarray:
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if hasattr(x, "detach") or hasattr(x, "numpy") and not isinstance(x, np.ndarray):
+        # A framework tensor: accept it through NumPy, so the checks below apply.
+        try:
+            x = np.asarray(x.detach().cpu().float() if hasattr(x, "detach") else x.numpy())
+        except Exception as exc:  # pragma: no cover - exotic tensor types
+            raise TypeError(f"{name} must be a NumPy array or array-like, got {type(x).__name__}") from exc
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu" and arr.dtype.name != "bfloat16":
+        raise TypeError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
+    return arr
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated call: arrays, resolved axes and the shapes everything has.
+
+    ``scores_shape`` is ``[B, *non_attended, H, *Q_attended, *K_attended]``.
+    ``mask`` (if any) has been given the head axis: its rank equals the
+    scores' rank and it broadcasts to ``scores_shape``.
+    """
+
+    query: np.ndarray
+    value: np.ndarray
+    key: np.ndarray
+    key_given: bool
+    mask: np.ndarray | None
+    causal: bool
+    attention_axes: tuple[int, ...]
+    batch_axes: tuple[int, ...]  # 0 and the non-attended axes
+    scores_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return self.query.ndim
+
+    @property
+    def n_batch(self) -> int:
+        """Number of leading batch-like axes in the scores (batch + non-attended)."""
+        return len(self.batch_axes)
+
+    @property
+    def q_len(self) -> int:
+        return math.prod(self.query.shape[a] for a in self.attention_axes)
+
+    @property
+    def k_len(self) -> int:
+        return math.prod(self.key.shape[a] for a in self.attention_axes)
+
+    def allowed(self) -> np.ndarray | None:
+        """The boolean may-attend mask (mask AND causal), broadcastable to ``scores_shape``; None if all allowed."""
+        allowed = self.mask
+        if self.causal:
+            c = causal_mask(self.q_len, self.k_len).reshape(
+                (1,) * (self.n_batch + 1) + self.scores_shape[self.n_batch + 1:])
+            allowed = c if allowed is None else np.logical_and(allowed, c)
+        return allowed
+
+    def flat_allowed(self) -> np.ndarray | None:
+        """``allowed()`` broadcast over batch axes and flattened to ``[prod(batch), 1 or H, T, S]``."""
+        allowed = self.allowed()
+        if allowed is None:
+            return None
+        nb = self.n_batch
+        heads = allowed.shape[nb]
+        target = self.scores_shape[:nb] + (heads,) + self.scores_shape[nb + 1:]
+        allowed = np.broadcast_to(allowed, target)
+        return allowed.reshape(math.prod(self.scores_shape[:nb]), heads, self.q_len, self.k_len)
+
+
+def causal_mask(t: int, s: int) -> np.ndarray:
+    """Top-left aligned causal mask: query i may attend key j iff j <= i."""
+    return np.tril(np.ones((t, s), dtype=bool))
+
+
+def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query, value, key=None,
+                  mask=None, causal=False) -> Call:
+    """Check one call against the spec and the weights' feature widths (Dq, Dk, Dv)."""
+    q_dim, k_dim, v_dim = weights_dims
+    query = _as_array("query", query)
+    value = _as_array("value", value)
+    key_given = key is not None
+    key = _as_array("key", key) if key_given else value
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if query.ndim < 3:
+        raise ValueError(f"query must have shape [B, *Q, {q_dim}] (rank >= 3), got shape {list(query.shape)}")
+    for name, arr in (("value", value), ("key", key)):
+        if arr.ndim != query.ndim:
+            raise ValueError(f"{name} must have the same rank as query ({query.ndim}: [B, *K, D]), "
+                             f"got shape {list(arr.shape)} for query shape {list(query.shape)}")
+        if arr.shape[0] != query.shape[0]:
+            raise ValueError(f"{name} must have the same batch size as query ({query.shape[0]}), "
+                             f"got shape {list(arr.shape)}")
+    for name, arr, dim in (("query", query, q_dim), ("value", value, v_dim), ("key", key, k_dim)):
+        if arr.shape[-1] != dim:
+            raise ValueError(f"{name} must have feature dim {dim} to match the weights "
+                             f"(expected shape [..., {dim}]), got shape {list(arr.shape)}")
+    if key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(f"key and value must have the same [B, *K] shape, got key {list(key.shape)} "
+                         f"and value {list(value.shape)}")
+    rank = query.ndim
+    axes = spec.resolve_axes(rank)
+    batch_axes = tuple(a for a in range(rank - 1) if a not in axes)
+    for a in batch_axes[1:]:
+        if query.shape[a] != key.shape[a]:
+            raise ValueError(
+                f"axis {a} is not attended (attention_axes={spec.attention_axes!r}) so it acts as a batch axis and "
+                f"must match between query {list(query.shape)} and key/value {list(key.shape)}")
+    H = spec.num_heads
+    batch_shape = tuple(query.shape[a] for a in batch_axes)
+    q_att = tuple(query.shape[a] for a in axes)
+    k_att = tuple(key.shape[a] for a in axes)
+    scores_shape = batch_shape + (H,) + q_att + k_att
+    output_shape = tuple(query.shape[:-1]) + tuple(spec.out_shape(q_dim))
+
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be a boolean array (True = may attend), got dtype {mask.dtype}")
+        nohead = batch_shape + q_att + k_att
+        if mask.ndim == len(scores_shape):
+            target, with_head = scores_shape, mask
+        elif mask.ndim < len(scores_shape):
+            target = nohead
+            padded = mask.reshape((1,) * (len(nohead) - mask.ndim) + mask.shape)
+            with_head = np.expand_dims(padded, len(batch_shape))
+        else:
+            raise ValueError(f"mask of shape {list(mask.shape)} has too many axes; expected a shape broadcastable "
+                             f"to {list(nohead)} (scores without the head axis) or {list(scores_shape)}")
+        try:
+            ok = np.broadcast_shapes(mask.shape, target) == tuple(target)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to {list(nohead)} "
+                             f"(scores without the head axis) or {list(scores_shape)} (with the head axis)")
+        mask = with_head
+    return Call(query=query, value=value, key=key, key_given=key_given, mask=mask, causal=bool(causal),
+                attention_axes=axes, batch_axes=batch_axes, scores_shape=scores_shape,
+                output_shape=output_shape)
+
+
+def check_cotangent(call: Call, cotangent) -> np.ndarray:
+    ct = _as_array("cotangent", cotangent)
+    if ct.shape != call.output_shape:
+        raise ValueError(f"cotangent must have the output's shape {list(call.output_shape)}, got {list(ct.shape)}")
+    return ct
+
+
+def check_policy(fully_masked: str) -> str:
+    if fully_masked not in FULLY_MASKED_POLICIES:
+        raise ValueError(f"fully_masked must be one of {FULLY_MASKED_POLICIES}, got {fully_masked!r}")
+    return fully_masked
+
+
+def weights_dims(weights: Weights) -> tuple[int, int, int]:
+    return weights.query_dim, weights.key_input_dim, weights.value_input_dim
+
+
+def flatten_perm(call: Call) -> tuple[int, ...]:
+    """Permutation taking an input to ``[*batch_axes, *attention_axes, D]``."""
+    return call.batch_axes + call.attention_axes + (call.rank - 1,)
+
+
+def inverse_perm(perm) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
