@@ -5,11 +5,27 @@ import importlib
 
 from .base import Adapter
 
+
+class BrokenAdapter(Adapter):
+    """Stands in for an adapter whose own module could not be loaded: listed, never available."""
+
+    framework = "?"
+
+    def __init__(self, name: str, reason: str):
+        super().__init__()
+        self.name = name
+        self._available = (False, reason)
+
 # name -> "module:Class". Adapter modules import no framework at import time.
 _BUILTIN = {
     "numpy_oracle": "impls.numpy_oracle:NumpyOracleAdapter",
     "torch_sdpa": "impls.torch_sdpa:TorchSDPAAdapter",
     "torch_mha": "impls.torch_mha:TorchMHAAdapter",
+    "keras_mha": "impls.keras_mha:KerasMHAAdapter",
+    "keras_mha@jax": "impls.keras_mha:KerasMHAJaxAdapter",
+    "keras_mha@torch": "impls.keras_mha:KerasMHATorchAdapter",
+    "jax_dpa": "impls.jax_dpa:JaxDPAAdapter",
+    "flax_mha": "impls.flax_mha:FlaxMHAAdapter",
 }
 _registered: dict[str, str | Adapter] = dict(_BUILTIN)
 _instances: dict[str, Adapter] = {}
@@ -38,8 +54,12 @@ def get_adapter(name: str) -> Adapter:
     if name not in _instances:
         target = _registered[name]
         if isinstance(target, str):
-            module, _, cls = target.partition(":")
-            target = getattr(importlib.import_module(module), cls)()
+            try:
+                module, _, cls = target.partition(":")
+                target = getattr(importlib.import_module(module), cls)()
+            except Exception as exc:  # a broken adapter module must not break the listing
+                target = BrokenAdapter(name, f"adapter module {target!r} failed to load "
+                                             f"({type(exc).__name__}: {exc})")
         if not target.name:
             target.name = name
         _instances[name] = target

@@ -1,16 +1,20 @@
-"""The ``mhabench`` command. Each subcommand lives in ``mhabench.commands.<name>``
-with ``register(subparsers)`` and ``main(args) -> int``; they are imported lazily
-so ``mhabench adapters`` never pays for a framework it does not list."""
+"""The ``mhabench`` command.
+
+Each subcommand is a module ``mhabench.commands.<name>`` with a one-line
+``HELP``, ``register(parser)`` and ``main(args) -> int``. Command modules
+import no framework at module level, so ``mhabench adapters`` stays fast.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
-# subcommand -> one-line help
-COMMANDS = {
-    "adapters": "list every adapter: framework, version, availability, devices, unsupported features",
-}
+from . import commands as _commands
+
+# the order in --help; any other command module found is listed after these
+_ORDER = ("run", "adapters", "conform", "bench", "report")
 
 
 class CLIError(Exception):
@@ -18,10 +22,13 @@ class CLIError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mhabench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mhabench", description="Cross-framework conformance and "
+                                     "benchmarking suite for multi-head attention.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
+    found = [m.name for m in pkgutil.iter_modules(_commands.__path__) if not m.name.startswith("_")]
+    for name in sorted(found, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
         module = importlib.import_module(f"mhabench.commands.{name}")
+        help_text = getattr(module, "HELP", "")
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.register(p)
         p.set_defaults(_module=module)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+HELP = "list every adapter: framework, version, installed or not and why, devices, unsupported features"
+
 
 def register(parser):
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
