@@ -26,7 +26,8 @@ class NumpyOracleLayer(Layer):
         from . import oracle_backward
         return oracle_backward.backward(self.spec, self.weights, call.query, call.value,
                                         call.key if call.key_given else None, call.mask, call.causal,
-                                        cotangent, fully_masked=self.fully_masked)
+                                        cotangent, fully_masked=self.fully_masked,
+                                        dtype=self.dtype)
 
     def export_weights(self) -> Weights:
         return self.weights

@@ -82,6 +82,33 @@ def _flat_inputs(call: Call, x: np.ndarray) -> np.ndarray:
     return x.reshape(math.prod(x.shape[:nb]), math.prod(x.shape[nb:-1]), x.shape[-1])
 
 
+def _projections(spec: AttentionSpec, weights: Weights, call: Call, num: Numerics):
+    """The stages before the scores, shared with the backward pass.
+
+    Returns ``(w, x, q, k, v)``: the weights in ``num``'s precision, the flattened
+    inputs ``x["query"|"key"|"value"]`` ``[N, L, D]`` and their projections
+    ``[N, H, L, k]``, the query's already scaled by 1/sqrt(key_dim).
+    """
+    w = {k: num.cast(v) for k, v in weights.as_dict().items()}
+
+    def project(x, W, b):  # [N, L, D] x [D, H, k] -> [N, H, L, k]
+        y = num(np.einsum("nld,dhk->nhlk", x, W))
+        return y if b is None else num(y + b[None, :, None, :])
+
+    x = {name: _flat_inputs(call, num.cast(getattr(call, name))) for name in ("query", "key", "value")}
+    q = project(x["query"], w["Wq"], w.get("bq"))
+    k = project(x["key"], w["Wk"], w.get("bk"))
+    v = project(x["value"], w["Wv"], w.get("bv"))
+    q = num(q * num(1.0 / math.sqrt(spec.key_dim)))
+    return w, x, q, k, v
+
+
+def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str):
+    """Scores ``q . k`` and their masked softmax, ``[N, H, T, S]``."""
+    scores = num(np.einsum("nhtk,nhsk->nhts", q, k))
+    return num(masked_softmax(scores, allowed, fully_masked))
+
+
 def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
             return_scores=True, *, fully_masked: str = "zeros", dtype: str = "float64",
             block_size: int | None = None):
@@ -99,23 +126,13 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
             raise ValueError("return_scores=True needs the full scores, which the blockwise mode "
                              "(block_size set) never materialises; pass return_scores=False")
     num = Numerics(dtype)
-    w = {k: num.cast(v) for k, v in weights.as_dict().items()}
-    H, kd, vd = spec.num_heads, spec.key_dim, spec.value_head_dim
-
-    def project(x, W, b):  # [N, L, D] x [D, H, k] -> [N, H, L, k]
-        y = num(np.einsum("nld,dhk->nhlk", x, W))
-        return y if b is None else num(y + b[None, :, None, :])
-
-    q = project(_flat_inputs(call, num.cast(call.query)), w["Wq"], w.get("bq"))
-    k = project(_flat_inputs(call, num.cast(call.key)), w["Wk"], w.get("bk"))
-    v = project(_flat_inputs(call, num.cast(call.value)), w["Wv"], w.get("bv"))
-    q = num(q * num(1.0 / math.sqrt(kd)))
+    H, vd = spec.num_heads, spec.value_head_dim
+    w, _, q, k, v = _projections(spec, weights, call, num)
     allowed = call.flat_allowed()
 
     def attend(rows: slice):
-        scores = num(np.einsum("nhtk,nhsk->nhts", q[:, :, rows], k))
         a = None if allowed is None else allowed[:, :, rows]
-        probs = num(masked_softmax(scores, a, fully_masked))
+        probs = _attention_weights(num, q[:, :, rows], k, a, fully_masked)
         return probs, num(np.einsum("nhts,nhsv->nhtv", probs, v))
 
     T = q.shape[2]
