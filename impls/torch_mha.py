@@ -62,7 +62,7 @@ class TorchMHALayer(Layer):
             E, spec.num_heads, dropout=spec.dropout, bias=spec.use_bias, kdim=weights.key_input_dim,
             vdim=weights.value_input_dim, batch_first=self.batch_first, device=device,
             dtype=_torch.torch_dtype(torch, dtype))
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in canonical_to_module(weights).items()}
+        state = {k: torch.from_numpy(np.array(v, order="C")) for k, v in canonical_to_module(weights).items()}
         own = self.module.state_dict()
         if set(state) != set(own):  # the module's layout changed under us: say so, never load half
             raise RuntimeError(f"torch_mha: unexpected state_dict keys {sorted(own)}; expected {sorted(state)}")
