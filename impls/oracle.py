@@ -6,6 +6,9 @@ method: every intermediate (projections, scores, softmax, weighted sum,
 output projection) is rounded to that dtype, with float32 arithmetic under
 the 16-bit types, as the frameworks' kernels do.
 
+Masked positions are never read: a NaN or Inf in a masked key or value does
+not reach the output (plain ``weights @ values`` would give ``0 * NaN``).
+
 ``block_size`` selects the blockwise mode: query rows are processed in blocks
 so the ``[T, S]`` scores are never materialised (memory O(S * block)).
 """
@@ -129,11 +132,20 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
     H, vd = spec.num_heads, spec.value_head_dim
     w, _, q, k, v = _projections(spec, weights, call, num)
     allowed = call.flat_allowed()
+    values_finite = bool(np.all(np.isfinite(v)))
 
     def attend(rows: slice):
         a = None if allowed is None else allowed[:, :, rows]
         probs = _attention_weights(num, q[:, :, rows], k, a, fully_masked)
-        return probs, num(np.einsum("nhts,nhsv->nhtv", probs, v))
+        if a is None or values_finite:
+            return probs, num(np.einsum("nhts,nhsv->nhtv", probs, v))
+        # A masked position is never read, so a NaN/Inf value there must not leak in as 0 * NaN.
+        read = np.broadcast_to(a, probs.shape)
+        if fully_masked != "zeros":  # an empty row reads every position, as its weights say
+            read = read | ~np.any(read, axis=-1, keepdims=True)
+        read = read[..., None]
+        terms = np.where(read, probs[..., None] * v[:, :, None, :, :], 0.0)
+        return probs, num(terms.sum(axis=-2))
 
     T = q.shape[2]
     if block_size is None:
