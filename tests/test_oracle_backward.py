@@ -1,0 +1,269 @@
+"""The oracle's analytic backward against central finite differences, feature by feature (float64)."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+import impls
+from impls import oracle
+from impls.oracle_backward import backward
+from impls.spec import AttentionSpec, Weights
+
+EPS = 1e-6
+MAX_REL_ERR = 1e-6
+# A gradient that is identically zero (bk always: softmax ignores a shift shared by a whole row)
+# shows up in finite differences as rounding noise only.
+FD_NOISE = 1e-8
+ANALYTIC_ZERO = 1e-12
+
+
+@dataclass(frozen=True)
+class Case:
+    spec: dict
+    query_shape: tuple            # [B, *Q, Dq]
+    kv_shape: tuple               # [B, *K] (no feature axis)
+    value_width: int = 4
+    key_width: int | None = None  # None: no key input (value is used for both)
+    mask: object = None           # None, a shape (random mask) or a bool array
+    causal: bool = False
+    fully_masked: str = "zeros"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _empty_row_mask():
+    """[B, T, S] with query row 1 of batch 0 attending nothing."""
+    m = np.ones((2, 3, 4), bool)
+    m[0, 1] = False
+    m[1, :, 0] = False
+    return m
+
+
+def _causal_empty_first_row():
+    """With causal, masking key 0 leaves query 0 with nothing to attend."""
+    m = np.ones((2, 1, 4), bool)
+    m[0, 0, 0] = False
+    return m
+
+
+CASES = {
+    "self": Case(dict(num_heads=2, key_dim=3), (2, 3, 4), (2, 3)),
+    "cross_T3_S5": Case(dict(num_heads=2, key_dim=3), (2, 3, 4), (2, 5)),
+    "separate_key": Case(dict(num_heads=2, key_dim=3), (2, 3, 4), (2, 5), key_width=4),
+    "key_value_dims": Case(dict(num_heads=2, key_dim=3), (2, 3, 4), (2, 5), value_width=5, key_width=3),
+    "value_dim": Case(dict(num_heads=2, key_dim=3, value_dim=2), (2, 3, 4), (2, 4), key_width=4),
+    "head_width": Case(dict(num_heads=3, key_dim=2), (1, 3, 4), (1, 4)),
+    "output_shape_int": Case(dict(num_heads=2, key_dim=2, output_shape=6), (2, 3, 4), (2, 4)),
+    "output_shape_tuple": Case(dict(num_heads=2, key_dim=2, output_shape=(2, 3)), (2, 3, 4), (2, 4)),
+    "no_bias": Case(dict(num_heads=2, key_dim=3, use_bias=False), (2, 3, 4), (2, 5), key_width=4),
+    "mask_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(5,)),
+    "mask_T_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(3, 5)),
+    "mask_B_1_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(2, 1, 5)),
+    "mask_B_T_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(2, 3, 5)),
+    "mask_head_1_H_T_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(1, 2, 3, 5)),
+    "mask_head_B_H_1_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(2, 2, 1, 5)),
+    "causal_T4_S4": Case(dict(num_heads=2, key_dim=2), (2, 4, 4), (2, 4), causal=True),
+    "causal_T3_S5": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), key_width=4, causal=True),
+    "causal_T5_S3": Case(dict(num_heads=2, key_dim=2), (1, 5, 4), (1, 3), causal=True),
+    "causal_and_mask": Case(dict(num_heads=2, key_dim=2), (2, 4, 4), (2, 4), mask=(2, 4, 4), causal=True),
+    "axes_1_rank4": Case(dict(num_heads=2, key_dim=2, attention_axes=1), (2, 3, 2, 4), (2, 4, 2)),
+    "axes_neg2_rank4": Case(dict(num_heads=2, key_dim=2, attention_axes=-2), (2, 2, 3, 4), (2, 2, 4),
+                            mask=(2, 3, 4)),
+    "axes_multi_default": Case(dict(num_heads=2, key_dim=2), (1, 2, 3, 4), (1, 3, 2), key_width=3),
+    "axes_1_3_rank5": Case(dict(num_heads=2, key_dim=2, attention_axes=(1, 3)), (1, 2, 2, 3, 4), (1, 3, 2, 2),
+                           mask=(1, 2, 2, 3, 3, 2)),
+    "axes_multi_causal": Case(dict(num_heads=2, key_dim=2, attention_axes=(-3, -2)), (1, 2, 2, 4), (1, 3, 2),
+                              causal=True),
+    "fully_masked_zeros": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4), mask=_empty_row_mask()),
+    "fully_masked_uniform": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4), mask=_empty_row_mask(),
+                                 fully_masked="uniform"),
+    "fully_masked_causal_zeros": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4),
+                                      mask=_causal_empty_first_row(), causal=True),
+    "fully_masked_causal_uniform": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4),
+                                        mask=_causal_empty_first_row(), causal=True, fully_masked="uniform"),
+    "everything": Case(dict(num_heads=2, key_dim=2, value_dim=3, output_shape=(3, 2), attention_axes=(1, 3),
+                            use_bias=False), (1, 2, 2, 2, 4), (1, 3, 2, 2), value_width=3, key_width=5,
+                       mask=(1, 1, 2, 2, 1, 3, 2), causal=True, fully_masked="uniform"),
+}
+
+
+@functools.cache
+def setup(case_id: str):
+    """Inputs, weights, cotangent and the analytic gradients for one case."""
+    case = CASES[case_id]
+    spec = AttentionSpec(**case.spec)
+    rng = np.random.default_rng(case.seed)
+    q_dim = case.query_shape[-1]
+    weights = Weights.random(spec, q_dim, case.value_width, case.key_width or case.value_width, seed=case.seed)
+    inputs = {"query": rng.normal(size=case.query_shape), "value": rng.normal(size=case.kv_shape + (case.value_width,))}
+    if case.key_width is not None:
+        inputs["key"] = rng.normal(size=case.kv_shape + (case.key_width,))
+    mask = case.mask
+    if isinstance(mask, tuple):
+        mask = rng.random(mask) < 0.7
+    out, _ = oracle.forward(spec, weights, inputs["query"], inputs["value"], inputs.get("key"), mask, case.causal,
+                            False, fully_masked=case.fully_masked)
+    cotangent = rng.normal(size=out.shape)
+    grads = backward(spec, weights, inputs["query"], inputs["value"], inputs.get("key"), mask, case.causal,
+                     cotangent, fully_masked=case.fully_masked)
+    return spec, weights, inputs, mask, cotangent, grads
+
+
+def loss(case_id: str, name: str, array: np.ndarray) -> float:
+    """sum(output * cotangent) with the input or weight ``name`` replaced by ``array``."""
+    case = CASES[case_id]
+    spec, weights, inputs, mask, cotangent, _ = setup(case_id)
+    inputs = dict(inputs)
+    if name in inputs:
+        inputs[name] = array
+    else:
+        weights = Weights(**{**weights.as_dict(), name: array})
+    out, _ = oracle.forward(spec, weights, inputs["query"], inputs["value"], inputs.get("key"), mask, case.causal,
+                            False, fully_masked=case.fully_masked)
+    return float(np.sum(out * cotangent))
+
+
+def finite_difference(case_id: str, name: str, at: np.ndarray) -> np.ndarray:
+    grad = np.zeros_like(at)
+    for index in np.ndindex(at.shape):
+        plus, minus = at.copy(), at.copy()
+        plus[index] += EPS
+        minus[index] -= EPS
+        grad[index] = (loss(case_id, name, plus) - loss(case_id, name, minus)) / (2 * EPS)
+    return grad
+
+
+def relative_error(analytic: np.ndarray, numeric: np.ndarray) -> float:
+    return float(np.max(np.abs(analytic - numeric)) / np.max(np.abs(numeric)))
+
+
+def gradient_params():
+    for case_id in CASES:
+        _, weights, inputs, *_ = setup(case_id)
+        for name in list(inputs) + list(weights.as_dict()):
+            yield pytest.param(case_id, name, id=f"{case_id}-grad_{name}")
+
+
+def check_against_fd(case_id: str, name: str) -> float:
+    """Assert the analytic gradient matches finite differences; return the relative error (0 for a true zero)."""
+    spec, weights, inputs, mask, cotangent, grads = setup(case_id)
+    at = inputs[name] if name in inputs else getattr(weights, name)
+    numeric = finite_difference(case_id, name, at)
+    analytic = grads[name]
+    assert analytic.shape == at.shape and analytic.dtype == np.float64
+    if np.max(np.abs(numeric)) < FD_NOISE:
+        assert np.max(np.abs(analytic)) < ANALYTIC_ZERO, f"{name}: finite differences say zero"
+        return 0.0
+    err = relative_error(analytic, numeric)
+    assert err < MAX_REL_ERR, f"{name}: relative error {err:.2e} against finite differences"
+    return err
+
+
+@pytest.mark.parametrize("case_id, name", list(gradient_params()))
+def test_matches_finite_differences(case_id, name):
+    check_against_fd(case_id, name)
+
+
+def test_gradient_keys_follow_the_call():
+    _, _, _, _, _, with_key = setup("separate_key")
+    _, _, _, _, _, no_key = setup("self")
+    _, _, _, _, _, no_bias = setup("no_bias")
+    weights = ["Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo"]
+    assert set(with_key) == {"query", "key", "value", *weights}
+    assert set(no_key) == {"query", "value", *weights}
+    assert set(no_bias) == {"query", "key", "value", "Wq", "Wk", "Wv", "Wo"}
+
+
+def test_value_gradient_without_key_is_the_sum_of_both_uses():
+    spec, weights, inputs, mask, cotangent, grads = setup("self")
+    separate = backward(spec, weights, inputs["query"], inputs["value"], inputs["value"], mask, False, cotangent)
+    np.testing.assert_allclose(grads["value"], separate["value"] + separate["key"], rtol=1e-13, atol=1e-15)
+
+
+def test_everything_masked_leaves_only_the_output_bias():
+    spec = AttentionSpec(num_heads=2, key_dim=2)
+    weights = Weights.random(spec, 4, 4, seed=3)
+    rng = np.random.default_rng(3)
+    query, value = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4))
+    cotangent = rng.normal(size=(2, 3, 4))
+    grads = backward(spec, weights, query, value, None, np.zeros((5,), bool), False, cotangent)
+    for name, g in grads.items():
+        if name == "bo":
+            np.testing.assert_allclose(g, cotangent.sum(axis=(0, 1)), rtol=1e-14)
+        else:
+            assert np.all(g == 0.0), name
+
+
+def test_fully_masked_row_policies():
+    """zeros and uniform rows pass nothing to their scores (so nothing to that query row);
+    a uniform row still passes gradient to the values it averages."""
+    spec, weights, inputs, mask, cotangent, zeros = setup("fully_masked_zeros")
+    uniform = backward(spec, weights, inputs["query"], inputs["value"], None, mask, False, cotangent,
+                       fully_masked="uniform")
+    assert np.all(zeros["query"][0, 1] == 0.0) and np.all(uniform["query"][0, 1] == 0.0)
+    assert np.all(zeros["query"][0, 0] != 0.0)
+    assert not np.allclose(zeros["value"], uniform["value"])
+    for name in ("query", "value", "Wq", "Wv", "Wo"):
+        assert np.all(np.isfinite(zeros[name])) and np.all(np.isfinite(uniform[name]))
+
+
+def test_nan_policy_propagates_nan_from_the_empty_row():
+    spec, weights, inputs, mask, cotangent, zeros = setup("fully_masked_zeros")
+    nan = backward(spec, weights, inputs["query"], inputs["value"], None, mask, False, cotangent,
+                   fully_masked="nan")
+    # Batch 0 holds the empty row: its score gradient is NaN, so every key/value of batch 0 and every
+    # weight that sums over it is NaN; only that query row is NaN; batch 1 and bo are untouched.
+    assert np.all(np.isnan(nan["query"][0, 1]))
+    np.testing.assert_array_equal(nan["query"][0, [0, 2]], zeros["query"][0, [0, 2]])
+    assert np.all(np.isnan(nan["value"][0]))
+    np.testing.assert_array_equal(nan["query"][1], zeros["query"][1])
+    np.testing.assert_array_equal(nan["value"][1], zeros["value"][1])
+    np.testing.assert_array_equal(nan["bo"], zeros["bo"])
+    for name in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo"):
+        assert np.all(np.isnan(nan[name])), name
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("float16", 2e-2), ("bfloat16", 1e-1)])
+def test_lower_precision_is_rounded_and_close(dtype, rtol):
+    spec, weights, inputs, mask, cotangent, golden = setup("everything")
+    reference = backward(spec, weights, inputs["query"], inputs["value"], inputs["key"], mask, True, cotangent,
+                         fully_masked="uniform", dtype=dtype)
+    storage = impls.validation.numpy_dtype(dtype)
+    assert set(reference) == set(golden)
+    for name, g in reference.items():
+        assert g.dtype == np.float64
+        np.testing.assert_array_equal(g, g.astype(storage).astype(np.float64), err_msg=f"{name} not rounded")
+        scale = np.max(np.abs(golden[name]))
+        assert np.max(np.abs(g - golden[name])) <= rtol * scale, name
+    assert not all(np.array_equal(reference[n], golden[n]) for n in golden)
+
+
+def test_cotangent_of_the_wrong_shape_is_a_value_error():
+    spec, weights, inputs, mask, cotangent, _ = setup("output_shape_tuple")
+    with pytest.raises(ValueError, match=r"cotangent must have the output's shape \[2, 3, 2, 3\]"):
+        backward(spec, weights, inputs["query"], inputs["value"], None, mask, False, cotangent[..., 0])
+    with pytest.raises(TypeError, match="cotangent"):
+        backward(spec, weights, inputs["query"], inputs["value"], None, mask, False, None)
+
+
+def test_bad_policy_and_dtype_are_value_errors():
+    spec, weights, inputs, mask, cotangent, _ = setup("self")
+    with pytest.raises(ValueError, match="fully_masked"):
+        backward(spec, weights, inputs["query"], inputs["value"], cotangent=cotangent, fully_masked="ones")
+    with pytest.raises(ValueError, match="dtype"):
+        backward(spec, weights, inputs["query"], inputs["value"], cotangent=cotangent, dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numpy_oracle_adapter_gradients(dtype):
+    spec, weights, inputs, mask, cotangent, _ = setup("fully_masked_uniform")
+    layer = impls.get_adapter("numpy_oracle").build(spec, weights, dtype=dtype, fully_masked="uniform")
+    got = layer.gradients(inputs["query"], inputs["value"], None, mask, False, cotangent)
+    want = backward(spec, weights, inputs["query"], inputs["value"], None, mask, False, cotangent,
+                    fully_masked="uniform", dtype=dtype)
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
