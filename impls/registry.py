@@ -26,18 +26,35 @@ _BUILTIN = {
     "keras_mha@torch": "impls.keras_mha:KerasMHATorchAdapter",
     "jax_dpa": "impls.jax_dpa:JaxDPAAdapter",
     "flax_mha": "impls.flax_mha:FlaxMHAAdapter",
+    "classic_keras": "impls.classic.keras_textbook:ClassicKerasAdapter",
+    "classic_torch": "impls.classic.torch_textbook:ClassicTorchAdapter",
 }
 _registered: dict[str, str | Adapter] = dict(_BUILTIN)
 _instances: dict[str, Adapter] = {}
+_plugins_discovered = False
+
+
+def _discover_plugins() -> None:
+    """Register the entry-point plugins once, on first listing (see impls.plugins)."""
+    global _plugins_discovered
+    if not _plugins_discovered:
+        _plugins_discovered = True
+        try:
+            from .plugins import register_entry_points
+            register_entry_points()
+        except Exception as exc:  # broken packaging metadata must not break the built-in adapters
+            register_adapter("plugins", BrokenAdapter("plugins", f"plugin discovery failed "
+                                                                 f"({type(exc).__name__}: {exc})"))
 
 
 def register_adapter(name: str, target) -> None:
-    """Register ``target`` (an Adapter instance, an Adapter subclass, or "module:Class") under ``name``."""
+    """Register ``target`` (an Adapter instance, an Adapter subclass, "module:Class", or a
+    zero-argument callable returning an Adapter, called on first use) under ``name``."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"adapter name must be a non-empty str, got {name!r}")
     if isinstance(target, type) and issubclass(target, Adapter):
         target = target()
-    if not isinstance(target, (str, Adapter)):
+    if not isinstance(target, (str, Adapter)) and not callable(target):
         raise TypeError(f"adapter target must be an Adapter, an Adapter subclass or 'module:Class', got {target!r}")
     _registered[name] = target
     _instances.pop(name, None)
@@ -45,14 +62,24 @@ def register_adapter(name: str, target) -> None:
 
 def list_adapters() -> list[str]:
     """Names of every registered adapter, installed or not."""
+    _discover_plugins()
     return list(_registered)
 
 
 def get_adapter(name: str) -> Adapter:
+    _discover_plugins()
     if name not in _registered:
         raise ValueError(f"unknown adapter {name!r}; known adapters: {', '.join(list_adapters())}")
     if name not in _instances:
         target = _registered[name]
+        if callable(target) and not isinstance(target, Adapter):  # a plugin's lazy loader
+            try:
+                target = target()
+                if not isinstance(target, Adapter):
+                    raise TypeError(f"its loader returned {target!r}, not an impls.Adapter")
+            except Exception as exc:  # a broken plugin is listed with its error, never fatal
+                target = BrokenAdapter(name, f"plugin adapter {name!r} failed to load "
+                                             f"({type(exc).__name__}: {exc})")
         if isinstance(target, str):
             try:
                 module, _, cls = target.partition(":")
