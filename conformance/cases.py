@@ -1,0 +1,409 @@
+"""The conformance case matrix, as data.
+
+A :class:`Case` says everything needed to rebuild a call bit for bit: the
+spec, the input shapes, whether key is distinct from value, the mask kind,
+causal, an input scale, special values and the seed that draws inputs and
+weights. Case ids are readable (``cross_T8_S4-heads3-mask_padding``) so a row
+id ``<adapter>-<case>-<dtype>-<quantity>`` can be selected with ``pytest -k``
+and mapped back to its case with :func:`find_case`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from impls import AttentionSpec, Weights
+from impls.validation import validate_call
+
+AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "random", "plugin")
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+MASK_KINDS = ("none", "full", "broadcast", "padding", "per_head", "fully_masked_row", "all_allowed")
+SPECIALS = (None, "nan_query", "nan_key", "nan_value", "inf_query", "inf_key", "ninf_value", "nan_masked_key")
+FORWARD_QUANTITIES = ("output", "scores")
+GRADIENT_QUANTITIES = ("grad_query", "grad_key", "grad_value", "grad_Wq", "grad_bq", "grad_Wk", "grad_bk",
+                       "grad_Wv", "grad_bv", "grad_Wo", "grad_bo")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case. Shapes exclude batch and features: ``query [batch, *q_shape, query_dim]``."""
+
+    id: str
+    area: str
+    spec: dict
+    batch: int = 2
+    q_shape: tuple[int, ...] = (8,)
+    k_shape: tuple[int, ...] = (8,)
+    query_dim: int = 8
+    key_dim: int = 8      # feature width of the key input
+    value_dim: int = 8    # feature width of the value input
+    key_distinct: bool = False
+    mask: str = "none"
+    causal: bool = False
+    scale: float = 1.0
+    special: str | None = None
+    seed: int = 0
+    quick: bool = False   # in the reduced matrix the pytest view runs by default
+    invalid: str | None = None  # area "invalid": the name of the bad input in INVALID_INPUTS
+
+    def __post_init__(self):
+        if self.area not in AREAS:
+            raise ValueError(f"case {self.id}: area must be one of {AREAS}, got {self.area!r}")
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"case {self.id}: mask must be one of {MASK_KINDS}, got {self.mask!r}")
+        if self.area == "invalid" and self.invalid not in INVALID_INPUTS:
+            raise ValueError(f"case {self.id}: invalid must name one of INVALID_INPUTS, got {self.invalid!r}")
+        if self.special not in SPECIALS:
+            raise ValueError(f"case {self.id}: special must be one of {SPECIALS}, got {self.special!r}")
+        object.__setattr__(self, "spec", AttentionSpec(**self.spec).to_dict())  # normalised, JSON-ready
+        object.__setattr__(self, "q_shape", tuple(self.q_shape))
+        object.__setattr__(self, "k_shape", tuple(self.k_shape))
+
+    # ---- derived ------------------------------------------------------------
+    @property
+    def attention_spec(self) -> AttentionSpec:
+        return AttentionSpec.from_dict(self.spec)
+
+    @property
+    def query_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.q_shape, self.query_dim)
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        return (self.batch, *self.k_shape, self.value_dim)
+
+    @property
+    def key_shape(self) -> tuple[int, ...] | None:
+        return (self.batch, *self.k_shape, self.key_dim) if self.key_distinct else None
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return self.query_dim, (self.key_dim if self.key_distinct else self.value_dim), self.value_dim
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.area == "gradients"
+
+    def quantities(self) -> tuple[str, ...]:
+        if self.area == "invalid":
+            return ("raises",)
+        if not self.is_gradient:
+            return FORWARD_QUANTITIES
+        names = ["grad_query"] + (["grad_key"] if self.key_distinct else []) + ["grad_value", "grad_Wq"]
+        bias = self.attention_spec.use_bias
+        names += [q for q in GRADIENT_QUANTITIES[3:] if q != "grad_Wq" and (bias or not q.startswith("grad_b"))]
+        return tuple(names)
+
+    def shape_call(self):
+        """A validated call on zero inputs: the scores' shape, the axes (no data drawn)."""
+        k = np.zeros(self.key_shape) if self.key_distinct else None
+        return validate_call(self.attention_spec, self.dims, np.zeros(self.query_shape),
+                             np.zeros(self.value_shape), k)
+
+    def estimated_bytes(self) -> int:
+        """Bytes one float64 evaluation needs, roughly: inputs, projections, a few copies of the scores."""
+        call = self.shape_call()
+        scores = math.prod(call.scores_shape)
+        io = sum(math.prod(s) for s in (self.query_shape, self.value_shape, self.key_shape or (0,)))
+        out = math.prod(call.output_shape)
+        return 8 * (6 * scores + 4 * io + 2 * out)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["q_shape"], d["k_shape"] = list(self.q_shape), list(self.k_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        return cls(**d)
+
+    # ---- inputs -------------------------------------------------------------
+    def inputs(self) -> "Inputs":
+        """Inputs, weights, mask and cotangent drawn from ``seed`` (float64)."""
+        spec = self.attention_spec
+        q_dim, k_dim, v_dim = self.dims
+        weights = Weights.random(spec, q_dim, v_dim, k_dim, seed=self.seed)
+        rng = np.random.default_rng(self.seed + 1)
+        query = rng.standard_normal(self.query_shape) * self.scale
+        value = rng.standard_normal(self.value_shape) * self.scale
+        key = rng.standard_normal(self.key_shape) * self.scale if self.key_distinct else None
+        call = self.shape_call()
+        mask = make_mask(self.mask, call, spec.num_heads, rng)
+        if self.special == "nan_masked_key":
+            # padding masks the last key position of batch 0; a NaN there must stay invisible
+            mask = make_mask("padding", call, spec.num_heads, rng)
+        query, value, key = _plant_special(self.special, query, value, key)
+        cotangent = rng.standard_normal(call.output_shape)
+        return Inputs(spec, weights, query, value, key, mask, self.causal, cotangent)
+
+
+@dataclass
+class Inputs:
+    spec: AttentionSpec
+    weights: Weights
+    query: np.ndarray
+    value: np.ndarray
+    key: np.ndarray | None
+    mask: np.ndarray | None
+    causal: bool
+    cotangent: np.ndarray = field(repr=False)
+
+    def args(self):
+        return self.query, self.value, self.key, self.mask, self.causal
+
+
+def make_mask(kind: str, call, num_heads: int, rng) -> np.ndarray | None:
+    """A boolean may-attend mask of the given kind for the call's scores shape."""
+    nb = call.n_batch
+    batch_shape = call.scores_shape[:nb]
+    q_att = call.scores_shape[nb + 1:nb + 1 + len(call.attention_axes)]
+    k_att = call.scores_shape[nb + 1 + len(call.attention_axes):]
+    T, S = math.prod(q_att), math.prod(k_att)
+    if kind == "none":
+        return None
+    if kind == "all_allowed":
+        return np.ones(batch_shape + q_att + k_att, dtype=bool)
+    if kind == "padding":  # [B, 1.., S..]: batch b sees its first lengths[b] keys
+        lengths = np.maximum(1, S - 1 - np.arange(batch_shape[0]) % max(S - 1, 1))
+        flat = np.arange(S)[None, :] < lengths[:, None]
+        shape = (batch_shape[0],) + (1,) * (len(batch_shape) - 1 + len(q_att)) + k_att
+        return flat.reshape(shape)
+
+    def random_rows(lead):  # every row keeps the first key (so causal leaves one too) and one random key
+        m = rng.random(lead + (T, S)) < 0.6
+        pick = rng.integers(0, S, size=lead + (T,))
+        np.put_along_axis(m, pick[..., None], True, axis=-1)
+        m[..., 0] = True
+        return m
+
+    if kind == "broadcast":
+        return random_rows(()).reshape(q_att + k_att)
+    if kind == "per_head":
+        return random_rows(batch_shape + (num_heads,)).reshape(batch_shape + (num_heads,) + q_att + k_att)
+    m = random_rows(batch_shape)
+    if kind == "fully_masked_row":
+        m[(0,) * len(batch_shape) + (min(1, T - 1),)] = False
+    return m.reshape(batch_shape + q_att + k_att)
+
+
+def _plant_special(special, query, value, key):
+    """One NaN/Inf element at one position of batch 0 (the rest of the batch must stay clean)."""
+    if special is None:
+        return query, value, key
+    kind, _, where = special.partition("_")
+    target, index = ("key", -1) if where == "masked_key" else (where, 1)
+    if target == "key" and key is None:
+        target = "value"
+    arrays = {"query": query, "value": value, "key": key}
+    arr = arrays[target].copy()
+    arr[(0,) + (index,) * (arr.ndim - 2) + (0,)] = {"nan": np.nan, "inf": np.inf, "ninf": -np.inf}[kind]
+    arrays[target] = arr
+    return arrays["query"], arrays["value"], arrays["key"]
+
+
+# ---- the default matrix ------------------------------------------------------------------------------
+
+def _spec(heads=2, key_dim=4, **kw) -> dict:
+    return {"num_heads": heads, "key_dim": key_dim, **kw}
+
+
+def _shapes() -> list[Case]:
+    c = lambda id, **kw: Case(id=id, area="shapes", spec=kw.pop("spec", _spec()), **kw)
+    cases = [
+        c("self_T8-heads2_kd4", quick=True),
+        c("cross_T8_S4-heads2", k_shape=(4,), quick=True),
+        c("cross_T4_S8-heads2", q_shape=(4,), k_shape=(8,)),
+        c("cross_T8_S4-key_distinct", k_shape=(4,), key_distinct=True, quick=True),
+        c("cross_T6_S5-dims_q8_k6_v5", q_shape=(6,), k_shape=(5,), key_dim=6, value_dim=5, key_distinct=True),
+        c("self_T8-value_dim6", spec=_spec(value_dim=6), quick=True),
+        c("self_T8-output_shape5", spec=_spec(output_shape=5)),
+        c("self_T8-output_shape2x3", spec=_spec(output_shape=(2, 3)), quick=True),
+        c("self_T8-heads3_kd5", spec=_spec(3, 5)),
+        c("self_T8-no_bias", spec=_spec(use_bias=False), quick=True),
+        c("self_T8-batch1", batch=1),
+        c("self_T1-len1", q_shape=(1,), k_shape=(1,)),
+        c("cross_T1_S8-query_len1", q_shape=(1,)),
+        c("cross_T8_S1-key_len1", k_shape=(1,)),
+    ]
+    for heads in (1, 2, 3, 8, 16):  # num_heads * key_dim == query width, as nn.MultiheadAttention needs
+        cases.append(c(f"self_T8-heads{heads}", spec=_spec(heads, 2), query_dim=2 * heads,
+                       value_dim=2 * heads, key_dim=2 * heads, quick=heads == 3))
+    cases.append(c("cross_T8_S4-heads3", spec=_spec(3, 2), k_shape=(4,), query_dim=6, value_dim=6, key_dim=6))
+    return cases
+
+
+def _masks() -> list[Case]:
+    c = lambda id, **kw: Case(id=id, area="masks", spec=_spec(), **kw)
+    return [
+        c("self_T8-mask_full", mask="full", quick=True),
+        c("self_T8-mask_broadcast", mask="broadcast"),
+        c("cross_T8_S4-heads2-mask_padding", k_shape=(4,), mask="padding", quick=True),
+        c("self_T8-mask_per_head", mask="per_head", quick=True),
+        c("self_T8-causal", causal=True, quick=True),
+        c("cross_T8_S4-causal", k_shape=(4,), causal=True),
+        c("cross_T4_S8-causal", q_shape=(4,), causal=True),
+        c("self_T8-causal-mask_padding", causal=True, mask="padding", quick=True),
+        c("self_T8-mask_fully_masked_row", mask="fully_masked_row", quick=True),
+        c("cross_T8_S4-key_distinct-mask_fully_masked_row", k_shape=(4,), key_distinct=True,
+          mask="fully_masked_row"),
+        c("self_T8-mask_all_allowed", mask="all_allowed"),
+        c("self_T8-causal-mask_full", causal=True, mask="full"),
+    ]
+
+
+def _axes() -> list[Case]:
+    c = lambda id, axes, q, k, **kw: Case(id=id, area="axes", spec=_spec(attention_axes=axes), q_shape=q,
+                                          k_shape=k, **kw)
+    return [
+        c("rank4-axes_default", None, (3, 4), (2, 5), quick=True),
+        c("rank4-axes_1", (1,), (3, 4), (2, 4), quick=True),
+        c("rank4-axes_2", (2,), (3, 4), (3, 5)),
+        c("rank4-axes_neg2", (-2,), (3, 4), (3, 5)),
+        c("rank4-axes_1_2", (1, 2), (3, 4), (2, 5)),
+        c("rank5-axes_2_3", (2, 3), (2, 3, 2), (2, 2, 3), quick=True),
+        c("rank5-axes_neg3_neg2", (-3, -2), (2, 3, 2), (2, 2, 3)),
+        c("rank4-axes_default-mask_full", None, (3, 4), (2, 5), mask="full"),
+        c("rank4-axes_2-causal", (2,), (3, 4), (3, 5), causal=True),
+        c("rank4-axes_default-causal", None, (2, 3), (2, 3), causal=True),
+    ]
+
+
+def _dtypes() -> list[Case]:
+    c = lambda id, **kw: Case(id=id, area="dtypes", spec=_spec(), **kw)
+    return [
+        # inputs scaled so logits reach ~1e4: a softmax without max-subtraction overflows
+        c("self_T8-large_logits", scale=60.0, quick=True),
+        c("self_T8-large_logits-mask_padding", scale=60.0, mask="padding"),
+        c("self_T8-small_inputs", scale=1e-3),
+        c("cross_T16_S128-long_keys", q_shape=(16,), k_shape=(128,), quick=True),
+    ]
+
+
+def _special() -> list[Case]:
+    c = lambda id, special, **kw: Case(id=id, area="special", spec=_spec(), special=special, **kw)
+    return [
+        c("self_T8-nan_query", "nan_query", quick=True),
+        c("cross_T8_S4-nan_key", "nan_key", k_shape=(4,), key_distinct=True, quick=True),
+        c("self_T8-nan_value", "nan_value"),
+        c("self_T8-inf_query", "inf_query"),
+        c("cross_T8_S4-inf_key", "inf_key", k_shape=(4,), key_distinct=True),
+        c("self_T8-ninf_value", "ninf_value"),
+        c("cross_T8_S4-nan_masked_key", "nan_masked_key", k_shape=(4,), key_distinct=True, quick=True),
+    ]
+
+
+def _gradients() -> list[Case]:
+    c = lambda id, **kw: Case(id=id, area="gradients", spec=kw.pop("spec", _spec()), **kw)
+    return [
+        c("grad-self_T8-heads2", quick=True),
+        c("grad-cross_T8_S4-key_distinct", k_shape=(4,), key_distinct=True, quick=True),
+        c("grad-cross_T6_S5-dims_q8_k6_v5", q_shape=(6,), k_shape=(5,), key_dim=6, value_dim=5,
+          key_distinct=True),
+        c("grad-self_T8-value_dim6-output_shape5", spec=_spec(value_dim=6, output_shape=5)),
+        c("grad-self_T8-no_bias", spec=_spec(use_bias=False)),
+        c("grad-self_T8-mask_padding", mask="padding", quick=True),
+        c("grad-self_T8-causal", causal=True),
+        c("grad-self_T8-mask_fully_masked_row", mask="fully_masked_row", quick=True),
+        c("grad-rank4-axes_default", spec=_spec(), q_shape=(3, 4), k_shape=(2, 5)),
+        c("grad-self_T8-heads8", spec=_spec(8, 2), query_dim=16, value_dim=16, key_dim=16),
+        c("grad-self_T8-large_logits", scale=60.0),
+    ]
+
+
+# ---- invalid input: each entry turns a valid call into a bad one ------------------------------------
+# The call is a dict: spec (AttentionSpec kwargs), weights (a function of the spec), query, value, key, mask,
+# causal, dtype, device. Every adapter must raise the same ValueError/TypeError as the shared validation.
+
+def _with(**changes):
+    return lambda call: {**call, **changes}
+
+
+def _reshaped(name, shape_fn):
+    return lambda call: {**call, name: np.zeros(shape_fn(call[name].shape))}
+
+
+def _nan_weights(call):
+    def weights(spec):
+        arrays = dict(call["weights"](spec).as_dict())
+        arrays["Wq"] = arrays["Wq"].copy()
+        arrays["Wq"][0, 0, 0] = np.nan
+        return Weights(**arrays)
+    return {**call, "weights": weights}
+
+
+INVALID_INPUTS = {
+    "value_batch_differs": _reshaped("value", lambda s: (s[0] + 1,) + s[1:]),
+    "key_batch_differs": lambda call: {**call, "key": np.zeros((call["value"].shape[0] + 1,) + call["value"].shape[1:])},
+    "value_rank_differs": _reshaped("value", lambda s: s[:1] + (1,) + s[1:]),
+    "query_rank2": _reshaped("query", lambda s: s[1:]),
+    "query_feature_dim": _reshaped("query", lambda s: s[:-1] + (s[-1] + 1,)),
+    "value_feature_dim": _reshaped("value", lambda s: s[:-1] + (s[-1] + 1,)),
+    "key_value_lengths_differ": lambda call: {**call, "key": np.zeros(call["value"].shape[:1] + (
+        call["value"].shape[1] + 1,) + call["value"].shape[2:])},
+    "axes_out_of_range": lambda call: {**call, "spec": {**call["spec"], "attention_axes": (3,)}},
+    "axes_repeated": lambda call: {**call, "spec": {**call["spec"], "attention_axes": (1, 1)}},
+    "axes_batch_axis": lambda call: {**call, "spec": {**call["spec"], "attention_axes": (0,)}},
+    "axes_feature_axis": lambda call: {**call, "spec": {**call["spec"], "attention_axes": (-1,)}},
+    "mask_not_broadcastable": lambda call: {**call, "mask": np.ones((2, 8, 7), dtype=bool)},
+    "mask_too_many_axes": lambda call: {**call, "mask": np.ones((1, 1, 2, 2, 8, 8), dtype=bool)},
+    "mask_float": lambda call: {**call, "mask": np.ones((2, 8, 8), dtype=np.float32)},
+    "mask_int": lambda call: {**call, "mask": np.ones((2, 8, 8), dtype=np.int64)},
+    "causal_not_bool": _with(causal="yes"),
+    "query_not_numeric": lambda call: {**call, "query": np.full(call["query"].shape, "a")},
+    "query_none": _with(query=None),
+    "num_heads_zero": lambda call: {**call, "spec": {**call["spec"], "num_heads": 0}},
+    "key_dim_zero": lambda call: {**call, "spec": {**call["spec"], "key_dim": 0}},
+    "num_heads_float": lambda call: {**call, "spec": {**call["spec"], "num_heads": 2.0}},
+    "weights_nan": _nan_weights,
+    "dtype_unknown": _with(dtype="float8"),
+    "device_unknown": _with(device="tpu"),
+}
+
+
+def invalid_call(case: "Case") -> dict:
+    """The bad call a case of area ``invalid`` makes (raises nothing itself: building it is lazy)."""
+    i = case.inputs()
+    weights_of = lambda spec: Weights.random(spec, case.query_dim, case.value_dim, seed=case.seed)
+    call = {"spec": dict(case.spec), "weights": weights_of, "query": i.query, "value": i.value, "key": i.key,
+            "mask": i.mask, "causal": i.causal, "dtype": "float32", "device": "cpu"}
+    return INVALID_INPUTS[case.invalid](call)
+
+
+def _invalid() -> list[Case]:
+    return [Case(id=f"invalid_{name}", area="invalid", spec=_spec(), invalid=name,
+                 quick=name in ("value_batch_differs", "mask_not_broadcastable", "axes_repeated", "dtype_unknown"))
+            for name in INVALID_INPUTS]
+
+
+def default_cases() -> list[Case]:
+    """The default matrix (every area but ``random`` and ``plugin``); seeds recorded per case."""
+    cases = _shapes() + _masks() + _axes() + _dtypes() + _special() + _gradients() + _invalid()
+    out = []
+    for i, case in enumerate(cases):
+        out.append(replace(case, seed=1000 + i))
+    ids = [c.id for c in out]
+    duplicates = {i for i in ids if ids.count(i) > 1}
+    if duplicates:  # row ids must map back to exactly one case
+        raise AssertionError(f"duplicate case ids: {sorted(duplicates)}")
+    return out
+
+
+def select(cases, areas=None, quick=False) -> list[Case]:
+    return [c for c in cases if (areas is None or c.area in areas) and (c.quick or not quick)]
+
+
+def find_case(case_id: str, extra=()) -> Case | None:
+    """The case with this id, from the default matrix, ``extra`` cases, or a random case's seed."""
+    for case in list(extra) + default_cases():
+        if case.id == case_id:
+            return case
+    if case_id.startswith("random"):
+        from .strategies import random_case_from_id
+        return random_case_from_id(case_id)
+    return None
+
+
+def row_id(adapter: str, case_id: str, dtype: str, quantity: str) -> str:
+    return f"{adapter}-{case_id}-{dtype}-{quantity}"

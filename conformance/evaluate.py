@@ -1,0 +1,231 @@
+"""Evaluate one adapter on one case, in this process: the rows of that adapter x case x dtypes.
+
+Everything here goes through the adapter interface only (``build``, the layer
+call, ``gradients``, ``unsupported_reason``), so a new adapter needs no change.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+import numpy as np
+
+import impls
+from impls.base import UnsupportedError
+
+from . import catalogue as catalogue_mod
+from .cases import Case, row_id
+from .compare import compare
+
+GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", **{
+    n: f"grad_{n}" for n in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")}}
+
+
+def _oracle_backward():
+    try:
+        from impls import oracle_backward
+    except ImportError:
+        return None
+    return oracle_backward
+
+
+def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
+    return {
+        "row_id": row_id(adapter.name, case.id, dtype, quantity),
+        "adapter": adapter.name, "framework": adapter.framework, "framework_version": adapter.version(),
+        "case": case.id, "area": case.area, "dtype": dtype, "device": "cpu", "quantity": quantity,
+        "status": None, "max_abs_err": None, "max_rel_err": None, "tolerance": None, "reference_err": None,
+        "error_ratio": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
+        "query_shape": list(case.query_shape), "key_shape": list(case.key_shape) if case.key_shape else None,
+        "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal, "duration_s": None,
+    }
+
+
+def status_rows(adapter, case: Case, dtypes, status: str, message: str, quantities=None) -> list[dict]:
+    """Rows with one status and message for every dtype x quantity of a case (errors, skips)."""
+    rows = []
+    for dtype in dtypes:
+        for q in quantities or case.quantities():
+            row = base_row(adapter, case, dtype, q)
+            row.update(status=status, message=message)
+            rows.append(row)
+    return rows
+
+
+class Goldens:
+    """The oracle's answers for one case, per (fully_masked policy, dtype), computed once."""
+
+    def __init__(self, case: Case, inputs):
+        self.case, self.inputs, self._cache = case, inputs, {}
+
+    def get(self, policy: str, dtype: str) -> dict[str, np.ndarray]:
+        key = (policy, dtype)
+        if key not in self._cache:
+            i = self.inputs
+            with np.errstate(all="ignore"):
+                if self.case.is_gradient:
+                    grads = _oracle_backward().backward(i.spec, i.weights, i.query, i.value, i.key, i.mask,
+                                                        i.causal, i.cotangent, fully_masked=policy, dtype=dtype)
+                    self._cache[key] = {GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
+                else:
+                    out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
+                                                       fully_masked=policy, dtype=dtype)
+                    self._cache[key] = {"output": out, "scores": scores}
+        return self._cache[key]
+
+
+def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entries) -> None:
+    """Fill the row's figures and status: pass, fail, or divergence (a catalogued behaviour that shows)."""
+    golden, reference = goldens.get("zeros", "float64")[quantity], goldens.get("zeros", dtype)[quantity]
+    result = compare(golden, reference, actual, dtype, quantity)
+    row.update(result.figures())
+    if result.ok:
+        row.update(status="pass", message="")
+        return
+    row.update(status="fail", message=result.message)
+    for entry in catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity):
+        if entry.oracle_policy is not None:
+            alt = compare(goldens.get(entry.oracle_policy, "float64")[quantity],
+                          goldens.get(entry.oracle_policy, dtype)[quantity], actual, dtype, quantity)
+        else:
+            expect = lambda a: catalogue_mod.BEHAVIOURS[entry.behaviour](np.asarray(a, np.float64), goldens.inputs,
+                                                                          quantity)
+            alt = compare(expect(golden), expect(reference), actual, dtype, quantity)
+        shows, figures = alt.ok, alt.figures()
+        if shows:
+            row.update(figures)
+            row.update(status="divergence", divergence=entry.id,
+                       message=f"{entry.observed} (canonical comparison: {result.message})")
+            return
+    if catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity):
+        row["message"] += " (covered by a catalogue entry, but not as it describes)"
+
+
+def _error_text(exc: BaseException) -> str:
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def evaluate_case(adapter_name: str, case: Case, dtypes, entries=None, memory_budget: int | None = None,
+                  device: str = "cpu") -> list[dict]:
+    """Rows for ``adapter x case x dtypes`` (every quantity of the case), never raising for the adapter's faults."""
+    adapter = impls.get_adapter(adapter_name)
+    entries = catalogue_mod.load() if entries is None else entries
+    ok, why = adapter.availability()
+    if not ok:
+        return status_rows(adapter, case, dtypes, "unsupported", f"adapter unavailable: {why}")
+    if memory_budget is not None and case.estimated_bytes() > memory_budget:
+        return status_rows(adapter, case, dtypes, "skip", f"needs about {case.estimated_bytes() / 2**20:.1f} MiB, "
+                           f"over the memory budget of {memory_budget / 2**20:.1f} MiB")
+    if case.is_gradient and _oracle_backward() is None:
+        return status_rows(adapter, case, dtypes, "skip", "no golden: impls.oracle_backward is not available")
+    inputs = case.inputs()
+    goldens = Goldens(case, inputs)
+    rows = []
+    for dtype in dtypes:
+        rows.extend(_evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device))
+    return rows
+
+
+def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> list[dict]:
+    from impls.validation import validate_call
+    quantities = case.quantities()
+    rows = {q: base_row(adapter, case, dtype, q) for q in quantities}
+    for r in rows.values():
+        r["device"] = device
+    i = inputs
+    started = time.perf_counter()
+    try:
+        call = validate_call(i.spec, case.dims, *i.args())
+        support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device,
+                                                           call=call, **kw)
+        if case.is_gradient:
+            reason = support(gradients=True)
+            if reason:
+                return _finish(rows, "unsupported", reason, started)
+            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device)
+            grads = layer.gradients(i.query, i.value, i.key, i.mask, i.causal, cotangent=i.cotangent)
+            actual = {GRAD_NAME[k]: v for k, v in grads.items() if k in GRAD_NAME}
+        else:
+            reason = support()
+            if reason:
+                return _finish(rows, "unsupported", reason, started)
+            scores_reason = support(return_scores=True)
+            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device)
+            with np.errstate(all="ignore"):
+                out, scores = layer(*i.args(), return_scores=scores_reason is None)
+            actual = {"output": out, "scores": scores}
+            if scores_reason:
+                rows["scores"].update(status="unsupported", message=scores_reason)
+    except UnsupportedError as exc:
+        return _finish(rows, "unsupported", exc.reason, started)
+    except Exception as exc:  # the adapter's fault, recorded in the row
+        return _finish(rows, "error", _error_text(exc), started)
+    duration = time.perf_counter() - started
+    for q, row in rows.items():
+        row["duration_s"] = duration
+        if row["status"] is not None:
+            continue
+        if actual.get(q) is None:
+            row.update(status="error", message=f"the adapter returned no {q}")
+            continue
+        _judge(row, q, actual[q], goldens, dtype, entries)
+    return list(rows.values())
+
+
+def _finish(rows: dict, status: str, message: str, started: float) -> list[dict]:
+    duration = time.perf_counter() - started
+    for row in rows.values():
+        if row["status"] is None:
+            row.update(status=status, message=message, duration_s=duration)
+    return list(rows.values())
+
+
+# ---- invalid input ---------------------------------------------------------------------------------
+
+def attempt_invalid(adapter, case: Case) -> BaseException | None:
+    """Make the case's bad call through ``adapter``; the exception it raised, or None if it raised none."""
+    from .cases import invalid_call
+    call = invalid_call(case)
+    try:
+        spec = impls.AttentionSpec(**call["spec"])
+        layer = adapter.build(spec, call["weights"](spec), dtype=call["dtype"], device=call["device"])
+        with np.errstate(all="ignore"):
+            layer(call["query"], call["value"], call["key"], call["mask"], call["causal"])
+    except Exception as exc:
+        return exc
+    return None
+
+
+def evaluate_invalid(adapter_name: str, case: Case, device: str = "cpu") -> list[dict]:
+    """One ``raises`` row: the adapter must raise the shared validation's ValueError/TypeError, word for word."""
+    adapter = impls.get_adapter(adapter_name)
+    row = base_row(adapter, case, "float32", "raises")
+    ok, why = adapter.availability()
+    if not ok:
+        row.update(status="unsupported", message=f"adapter unavailable: {why}")
+        return [row]
+    started = time.perf_counter()
+    expected = attempt_invalid(impls.get_adapter("numpy_oracle"), case)
+    got = attempt_invalid(adapter, case)
+    row["duration_s"] = time.perf_counter() - started
+    if not isinstance(expected, (ValueError, TypeError)) or isinstance(expected, UnsupportedError):
+        row.update(status="error", message=f"harness: the shared validation did not reject {case.invalid} "
+                                           f"(got {expected!r})")
+    elif got is None:
+        row.update(status="fail", message=f"no exception: the bad input was accepted (expected "
+                                          f"{type(expected).__name__}: {expected})")
+    elif type(got) is not type(expected) or str(got) != str(expected):
+        row.update(status="fail", message=f"raised {type(got).__name__}: {got} -- expected "
+                                          f"{type(expected).__name__}: {expected}")
+    else:
+        row.update(status="pass", message=f"{type(got).__name__}: {got}")
+    return [row]
+
+
+def evaluate(adapter_name: str, case: Case, dtypes, entries=None, memory_budget=None, device="cpu") -> list[dict]:
+    """The rows of one adapter x case: invalid-input cases give one row, the others one per dtype x quantity."""
+    if case.area == "invalid":
+        return evaluate_invalid(adapter_name, case, device)
+    return evaluate_case(adapter_name, case, dtypes, entries, memory_budget, device)

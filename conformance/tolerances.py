@@ -1,0 +1,53 @@
+"""Tolerances, the way PyTorch's own SDPA tests set them.
+
+golden    = the oracle in float64
+reference = the same oracle run in the tested dtype (every intermediate rounded to it)
+tolerance = max(floor[dtype], fudge[quantity] * max|golden - reference|)
+
+The reference error measures how much a faithful implementation in that
+dtype is expected to be off; the fudge factor allows for a different but
+reasonable order of operations (fused kernels, other reductions). Gradients
+accumulate over more terms than the forward pass, and the query gradient
+goes through the softmax Jacobian twice, so its fudge factor is the largest
+(PyTorch's SDPA tests do the same: see ``test_transformers.py``,
+``fudge_factors`` in the flash/memory-efficient gradient tests).
+"""
+from __future__ import annotations
+
+# Absolute floors per dtype: PyTorch's default atol for 16/32-bit floats. float64 is held far tighter than
+# float32's floor, so an implementation that quietly computes in float32 when asked for float64 fails.
+FLOOR = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3}
+
+FUDGE = {
+    "output": 4.0,
+    "scores": 4.0,
+    "grad_query": 32.0,
+    "grad_key": 16.0,
+    "grad_value": 8.0,
+    "grad_Wq": 32.0,
+    "grad_bq": 32.0,
+    "grad_Wk": 16.0,
+    "grad_bk": 16.0,
+    "grad_Wv": 8.0,
+    "grad_bv": 8.0,
+    "grad_Wo": 8.0,
+    "grad_bo": 8.0,
+}
+
+
+def fudge(quantity: str) -> float:
+    if quantity not in FUDGE:
+        raise ValueError(f"no fudge factor for quantity {quantity!r}; known: {', '.join(FUDGE)}")
+    return FUDGE[quantity]
+
+
+def tolerance(dtype: str, quantity: str, reference_err: float, magnitude: float = 1.0) -> float:
+    """The absolute tolerance for ``quantity`` in ``dtype`` given the reference's own error.
+
+    The floor is an absolute error for values of order one; it grows with ``magnitude`` (the golden's
+    largest finite value) when that exceeds one, as a rounding error does. It matters only where the
+    reference error is zero or tiny (float64, or a lucky low-precision reference).
+    """
+    if dtype not in FLOOR:
+        raise ValueError(f"no tolerance floor for dtype {dtype!r}; known: {', '.join(FLOOR)}")
+    return max(FLOOR[dtype] * max(1.0, float(magnitude)), fudge(quantity) * float(reference_err))
