@@ -217,15 +217,15 @@ def register_mutants() -> list[str]:
 
 
 def self_check(cases=None, dtypes=SELF_CHECK_DTYPES) -> list[dict]:
-    """Run the control and every mutant through the harness's evaluator; one summary per adapter.
+    """Run the control and every mutant through the harness (``run_rows``); one summary per adapter.
 
     Each summary: ``adapter``, ``bug``, ``rows`` (evaluated), ``failing`` (count), ``example_rows``
     (up to three failing row ids, from different areas where possible), ``by_area`` and ``caught``
-    (for the control: whether it wrongly failed anywhere). Runs in this process: the mutants are
-    NumPy, nothing to isolate.
+    (for the control: whether it wrongly failed anywhere). Runs in this process (``isolate=False``):
+    the mutants are NumPy, nothing to isolate, and they are registered here only.
     """
     from .cases import default_cases
-    from .evaluate import evaluate
+    from .runner import run_rows
     register_mutants()
     if cases is None:
         cases = default_cases()
@@ -233,8 +233,9 @@ def self_check(cases=None, dtypes=SELF_CHECK_DTYPES) -> list[dict]:
         cases += [c for c in teeth_cases() if c.id not in known]
     cases = [c for c in cases if c.area not in ("invalid", "gradients")]
     summaries = []
+    all_rows = run_rows([CONTROL, *MUTANTS], cases, dtypes, isolate=False, entries=[])
     for name in (CONTROL, *MUTANTS):
-        rows = [r for case in cases for r in evaluate(name, case, dtypes, entries=[])]
+        rows = [r for r in all_rows if r["adapter"] == name]
         failing = [r for r in rows if r["status"] in ("fail", "error")]
         by_area: dict[str, int] = {}
         for r in failing:
