@@ -1,0 +1,72 @@
+"""``mhabench report``: one self-contained HTML page, a Markdown summary and the tidy CSVs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "build the HTML report and Markdown summary from conformance and benchmark results (or compare two)"
+
+DEFAULT_RESULTS = "results"
+DEFAULT_OUT = "reports/out"
+
+
+def register(parser):
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help=f"results directory written by conform and bench (default: {DEFAULT_RESULTS}; "
+                             "with --compare, only when given)")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"where index.html, summary.md and the CSVs go (default: {DEFAULT_OUT})")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="compare two results directories or asv result files: ratio B/A per benchmark, "
+                             "regressions and improvements flagged")
+    parser.add_argument("--threshold", type=float, default=10.0, metavar="PERCENT",
+                        help="smallest change flagged by --compare, in percent (default: 10)")
+
+
+def _percent(value: float) -> float:
+    from mhabench.cli import CLIError
+    if not 0 <= value < 1000:
+        raise CLIError(f"--threshold must be a percentage between 0 and 1000, got {value}")
+    return value / 100
+
+
+def build(results: str | Path | None, out: str | Path, compare=None, threshold: float = 0.10):
+    """Build the report; a CLIError for anything wrong with the inputs. Returns (data, paths)."""
+    from mhabench.cli import CLIError
+    import reports
+    try:
+        comparison = reports.compare(Path(compare[0]), Path(compare[1]), threshold) if compare else None
+        return reports.build_report(Path(results) if results is not None else None, Path(out), comparison)
+    except reports.ResultsError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def main(args) -> int:
+    threshold = _percent(args.threshold)
+    # --compare alone reports on A vs B (the page shows B); an explicit --results is shown instead
+    results = args.results if args.compare else (args.results or DEFAULT_RESULTS)
+    data, paths = build(results, args.out, args.compare, threshold)
+    import reports
+    for line in reports.verdict(data):
+        print(printable(line))
+    if data.comparison is not None:
+        _print_comparison(data.comparison)
+    print(f"report: {paths['html'].resolve()}")
+    print(f"summary: {paths['markdown'].resolve()}")
+    return 0
+
+
+def printable(text: str) -> str:
+    """Result text for a terminal: control characters (escape sequences included) shown as '?'."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text))
+
+
+def _print_comparison(comparison) -> None:
+    table = comparison.table
+    print(f"compare B/A: {len(comparison.regressions)} regressions, {len(comparison.improvements)} improvements "
+          f"(threshold {comparison.threshold:.0%}, CI-aware), {len(table)} benchmarks in common")
+    flagged = table[table["change"].isin(["regression", "failed in B", "improvement", "fixed in B"])]
+    for record in flagged.head(20).to_dict("records"):
+        ratio = f"{record['ratio']:.2f}" if record["ratio"] == record["ratio"] else "n/a"
+        print(printable(f"  {record['change']:<12} {ratio:>6}  {record['benchmark']}({record['params']})"))
+    if len(comparison.conformance_changes):
+        print(f"  {len(comparison.conformance_changes)} conformance rows changed status")

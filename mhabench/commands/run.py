@@ -1,0 +1,152 @@
+"""``mhabench run``: the main job. Conformance suite, quick benchmarks, report, over every installed adapter.
+
+Conformance and benchmarks run as child processes (``python -m mhabench ...``) so that a crash or a
+framework abort in one stage cannot take the others down; each child's output goes to a log file
+under the results directory while a progress line shows what it is doing.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from .report import DEFAULT_OUT, DEFAULT_RESULTS, printable
+
+HELP = "the main job: run the conformance suite, the quick benchmark profile and the report"
+
+
+def register(parser):
+    parser.add_argument("--results", default=DEFAULT_RESULTS, metavar="DIR",
+                        help=f"results directory (default: {DEFAULT_RESULTS})")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"report directory (default: {DEFAULT_OUT})")
+    parser.add_argument("--skip-conform", action="store_true", help="do not run the conformance suite")
+    parser.add_argument("--skip-bench", action="store_true", help="do not run the benchmarks")
+
+
+@dataclass
+class Stage:
+    name: str
+    argv: list  # mhabench arguments; None for the in-process report
+    status: str = "pending"  # pending | ok | failed | skipped
+    detail: str = ""
+    seconds: float = 0.0
+    log: Path | None = None
+    task: int | None = None  # its line in the progress display
+
+
+def stages_for(args) -> list[Stage]:
+    results = str(args.results)
+    stages = [Stage("conform", ["conform", "--results", results]),
+              Stage("bench", ["bench", "--quick", "--results", results]),
+              Stage("report", None)]
+    for stage in stages:
+        if getattr(args, f"skip_{stage.name}", False):
+            stage.status, stage.detail = "skipped", f"--skip-{stage.name}"
+    return stages
+
+
+def run_child(stage: Stage, log_dir: Path, on_line) -> None:
+    """Run one stage as ``python -m mhabench ...``; its output goes to a log, its last line to ``on_line``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stage.log = log_dir / f"{stage.name}.log"
+    tail = deque(maxlen=5)
+    command = [sys.executable, "-m", "mhabench", *stage.argv]
+    with open(stage.log, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     errors="replace", bufsize=1)
+        except OSError as exc:
+            stage.status, stage.detail = "failed", f"could not start: {exc}"
+            return
+        try:
+            for line in child.stdout:
+                log.write(line)
+                log.flush()
+                if line.strip():
+                    tail.append(line.rstrip())
+                    on_line(line.strip())
+            code = child.wait()
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+    if code == 0:
+        stage.status = "ok"
+    else:
+        stage.status = "failed"
+        last = tail[-1] if tail else "no output"
+        stage.detail = f"exit status {code}: {last}"
+
+
+def run_report(stage: Stage, args):
+    from mhabench.cli import CLIError
+    from . import report
+    try:
+        data, paths = report.build(args.results, args.out)
+    except CLIError as exc:
+        stage.status, stage.detail = "failed", str(exc)
+        return None, None
+    except Exception as exc:  # the verdict must still be printed, whatever broke in the report
+        stage.status, stage.detail = "failed", f"{type(exc).__name__}: {exc}"
+        return None, None
+    stage.status = "ok"
+    return data, paths
+
+
+def main(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+
+    console = Console()
+    stages = stages_for(args)
+    log_dir = Path(args.results) / "logs"
+    data = paths = None
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}", table_column=Column(width=8, no_wrap=True)),
+               TimeElapsedColumn(),
+               TextColumn("{task.fields[line]}", markup=False,
+                          table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")))
+    with Progress(*columns, console=console, transient=False) as progress:
+        for stage in stages:
+            task = progress.add_task(stage.name, total=1, line="skipped" if stage.status == "skipped" else "waiting")
+            stage.task = task
+        for stage in stages:
+            if stage.status == "skipped":
+                progress.update(stage.task, completed=1)
+                continue
+            started = time.monotonic()
+
+            def on_line(line, task=stage.task):
+                progress.update(task, line=printable(line)[:100])
+            on_line("running")
+            if stage.argv is not None:
+                run_child(stage, log_dir, on_line)
+            else:
+                data, paths = run_report(stage, args)
+            stage.seconds = time.monotonic() - started
+            progress.update(stage.task, completed=1,
+                            line=("done" if stage.status == "ok" else printable(stage.detail)[:100]))
+    failed = [s for s in stages if s.status == "failed"]
+    console.print()
+    if paths is not None:
+        console.print(f"[bold]report:[/] {escape(str(paths['html'].resolve()))}")
+        import reports
+        for line in reports.verdict(data):
+            console.print(f"  {escape(printable(line))}")
+    for stage in stages:
+        colour = {"ok": "green", "failed": "red", "skipped": "yellow"}.get(stage.status, "white")
+        where = f" (log: {stage.log})" if stage.log and stage.status == "failed" else ""
+        console.print(f"  [{colour}]{stage.name}: {stage.status}[/] {escape(printable(stage.detail))}"
+                      f"{escape(where)}" + (escape(f" [{stage.seconds:.0f} s]") if stage.seconds else ""))
+    if failed:
+        console.print(f"[red bold]verdict: {len(failed)} stage(s) failed: {', '.join(s.name for s in failed)}[/]")
+        return 1
+    console.print("[green bold]verdict: every stage ran[/]")
+    return 0

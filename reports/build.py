@@ -1,0 +1,132 @@
+"""Assemble a report: load results, compute the tables, write index.html, summary.md and the CSVs."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import tables
+from .compare import Comparison
+from .load import Benchmarks, Conformance, ResultsError, load_results
+from .units import format_value
+
+
+@dataclass
+class ReportData:
+    results_dir: str
+    generated: str
+    conformance: Conformance | None
+    benchmarks: Benchmarks | None
+    environment: pd.DataFrame
+    tables: dict = field(default_factory=dict)  # name -> DataFrame, each written as <name>.csv
+    attention: pd.DataFrame = field(default_factory=pd.DataFrame)  # the attention benchmarks, with line labels
+    peaks: dict = field(default_factory=dict)
+    headline: dict = field(default_factory=dict)
+    comparison: Comparison | None = None
+    notes: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The figures of the verdict line."""
+        out = {"adapters": [], "rows": 0, "divergences": 0, "statuses": {}}
+        if self.conformance is not None:
+            rows = self.conformance.rows
+            out["adapters"] = sorted(set(rows["adapter"]))
+            out["rows"] = len(rows)
+            out["statuses"] = {k: int(v) for k, v in rows["status"].value_counts().items()}
+            out["divergences"] = int(rows["divergence"].dropna().nunique())
+        attention = self.tables.get("benchmarks")
+        if attention is not None and not attention.empty and "adapter" in attention:
+            bench_adapters = set(attention["adapter"].dropna().astype(str))
+            out["adapters"] = sorted(set(out["adapters"]) | bench_adapters)
+        out.update(self.headline)
+        return out
+
+
+def collect(results_dir: Path | None, comparison: Comparison | None = None) -> ReportData:
+    """Everything the page and the summary show. ``results_dir`` may be None for a comparison-only report."""
+    if results_dir is not None:
+        conformance, benchmarks = load_results(Path(results_dir))
+    elif comparison is not None:
+        conformance, benchmarks = comparison.conf_b, comparison.bench_b
+    else:
+        raise ResultsError("nothing to report: give a results directory")
+    data = ReportData(results_dir=str(results_dir) if results_dir is not None else comparison.label_b,
+                      generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      conformance=conformance, benchmarks=benchmarks,
+                      environment=tables.environment(conformance, benchmarks), comparison=comparison)
+    if conformance is not None:
+        rows = conformance.rows
+        data.tables["conformance_adapters"] = tables.adapter_summary(rows)
+        data.tables["conformance_matrix"] = tables.conformance_matrix(rows)
+        data.tables["conformance_non_passing"] = tables.non_passing(rows)
+        data.tables["divergences"] = tables.divergence_catalogue(rows, conformance.catalogue)
+    if benchmarks is not None:
+        attention = tables.attention_results(benchmarks)
+        data.peaks = tables.gemm_peaks(benchmarks)
+        data.tables["benchmarks"] = benchmarks.results.drop(columns=["samples", "file"], errors="ignore")
+        data.tables["scaling"] = tables.scaling_table(attention)
+        data.tables["peak_fraction"] = tables.peak_fraction(attention, data.peaks)
+        data.tables["bench_skips"] = benchmarks.skips
+        data.headline = tables.headline(attention) if not attention.empty else {}
+        data.notes.extend(benchmarks.notes)
+        data.attention = attention
+    if comparison is not None:
+        data.tables["comparison"] = comparison.table
+        data.tables["conformance_changes"] = comparison.conformance_changes
+    data.tables["environment"] = data.environment
+    return data
+
+
+def write_report(data: ReportData, out_dir: Path) -> dict:
+    """Write index.html, summary.md and one CSV per table; return their paths."""
+    from .html import render_html
+    from .markdown import render_markdown
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultsError(f"cannot create the report directory {out_dir}: {exc.strerror}") from None
+    paths = {}
+    for name, table in data.tables.items():
+        path = out_dir / f"{name}.csv"
+        table.to_csv(path, index=False)
+        paths[name] = path
+    paths["html"] = out_dir / "index.html"
+    paths["html"].write_text(render_html(data), encoding="utf-8")
+    paths["markdown"] = out_dir / "summary.md"
+    paths["markdown"].write_text(render_markdown(data), encoding="utf-8")
+    return paths
+
+
+def build_report(results_dir: Path | None, out_dir: Path, comparison: Comparison | None = None):
+    data = collect(results_dir, comparison)
+    return data, write_report(data, out_dir)
+
+
+def verdict(data: ReportData) -> list[str]:
+    """A few plain lines: adapters, rows, divergences, fastest and leanest at the largest L."""
+    s = data.summary()
+    lines = []
+    if data.conformance is not None:
+        statuses = ", ".join(f"{s['statuses'].get(k, 0)} {k}" for k in ("pass", "fail", "divergence", "unsupported",
+                                                                       "error", "skip") if s["statuses"].get(k))
+        lines.append(f"conformance: {len(set(data.conformance.rows['adapter']))} adapters, {s['rows']} rows "
+                     f"({statuses or 'none'}), {s['divergences']} distinct known divergences")
+    else:
+        lines.append("conformance: no results")
+    if data.benchmarks is not None:
+        fastest, leanest = s.get("fastest"), s.get("leanest")
+        if fastest:
+            lines.append(f"fastest at L={fastest['seq_len']}: {fastest['series']} "
+                         f"({format_value(fastest['value'], fastest['unit'])} per forward call)")
+        if leanest:
+            lines.append(f"leanest at L={leanest['seq_len']}: {leanest['series']} "
+                         f"({format_value(leanest['value'], leanest['unit'])} peak per forward call)")
+        if not fastest and not leanest:
+            lines.append("benchmarks: no attention timings in the results")
+    else:
+        lines.append("benchmarks: no results")
+    return lines
