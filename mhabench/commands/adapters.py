@@ -9,6 +9,8 @@ HELP = "list every adapter: framework, version, installed or not and why, device
 def register(parser):
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="give the reason for each unsupported feature")
+    parser.add_argument("--adapter", action="append", default=[], metavar="MODULE:CLASS",
+                        help="also load this adapter ad hoc (an importable module or path/to/file.py); repeatable")
 
 
 def describe(name: str) -> dict:
@@ -33,6 +35,13 @@ def describe(name: str) -> dict:
 
 def main(args) -> int:
     import impls
+    from impls import plugins
+    for target in args.adapter:
+        try:
+            plugins.load_adhoc(target)  # a plugin that fails to load is listed with its error
+        except (TypeError, ValueError) as exc:
+            from mhabench.cli import CLIError
+            raise CLIError(f"--adapter: {exc}") from exc
     rows = [describe(n) for n in impls.list_adapters()]
     if args.json:
         print(json.dumps(rows, indent=2))
