@@ -1,0 +1,63 @@
+"""A from-scratch multi-head attention in NumPy, checked against mhabench without packaging it.
+
+    mhabench adapters --adapter my_attention:MyAttention
+    mhabench conform --adapter my_attention:MyAttention
+
+(run from this directory, or give the file: ``--adapter examples/my_attention.py:MyAttention``).
+"""
+import numpy as np
+
+import impls
+
+
+class MyLayer(impls.Layer):
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        self.weights = weights  # canonical layout: Wq [D, H, key_dim], Wo [H, value_dim, *out], ...
+
+    def _forward(self, call, return_scores, training, seed):
+        w = self.weights
+
+        def project(x, W, b):  # [B, L, D] -> [B, H, L, k]
+            y = np.einsum("bld,dhk->bhlk", x, W)
+            return y if b is None else y + b[None, :, None, :]
+
+        q = project(call.query, w.Wq, w.bq)
+        k = project(call.key, w.Wk, w.bk)
+        v = project(call.value, w.Wv, w.bv)
+        logits = np.einsum("bhtk,bhsk->bhts", q, k) / np.sqrt(self.spec.key_dim)
+        allowed = call.allowed()  # True = may attend (mask AND causal), or None
+        if allowed is not None:
+            logits = np.where(allowed, logits, -np.inf)
+        row_max = np.max(logits, axis=-1, keepdims=True)
+        e = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
+        total = e.sum(axis=-1, keepdims=True)
+        weights = np.divide(e, total, out=np.zeros_like(e), where=total > 0)  # a fully masked row: all zeros
+        heads = np.einsum("bhts,bhsv->bthv", weights, v)
+        out = np.tensordot(heads, w.Wo, axes=([2, 3], [0, 1]))
+        if w.bo is not None:
+            out = out + w.bo
+        return out, weights
+
+    def export_weights(self):
+        return self.weights  # held in the canonical layout, so exact
+
+
+class MyAttention(impls.Adapter):
+    name = "my_attention"
+    framework = "NumPy"
+    requires = ("numpy",)
+    distributions = ("numpy",)
+    description = "a from-scratch NumPy multi-head attention"
+    layer_class = MyLayer
+
+    def capabilities(self):
+        one_axis = "this layer attends over one sequence axis: inputs are [batch, length, features]"
+        return impls.Capabilities(unsupported_features={
+            "multi_axis": one_axis, "batch_axes": one_axis, "dropout": "no dropout",
+            "gradients": "no backward pass"})
+
+    def extra_constraints(self, spec, dims, call):
+        if call is not None and call.rank != 3:
+            return "this layer takes [batch, length, features] inputs"
+        return None
