@@ -1,0 +1,219 @@
+"""Flax: ``flax.nnx.MultiHeadAttention``, its conventions translated here.
+
+Why NNX and not Linen's ``MultiHeadDotProductAttention``: Flax's documentation
+presents NNX as its core API and asks new users to start there (Linen stays
+supported but is the older API); NNX's module expresses everything Linen's
+does for this suite (separate q/kv widths, free ``qkv_features``, tuple
+``out_features``, masks, ``is_causal``, dropout, sowing the weights).
+https://flax.readthedocs.io/en/latest/why.html
+
+* Inputs are ``[batch..., length, features]``: attended axes are flattened
+  into ``length`` and non-attended axes into the batch, here.
+* ``mask``: boolean, True = may attend (our polarity), broadcastable to
+  ``[batch..., num_heads, T, S]``: passed as ``[N, 1 or H, T, S]``.
+  ``is_causal=True`` is used when there is no mask (its mask is
+  ``tril(ones(T, S))``, top-left aligned as ours; ``nnx.make_causal_mask``
+  builds the same for self-attention); with a mask, causal is folded in here.
+* Weights: the ``query``/``key``/``value`` ``LinearGeneral`` kernels are
+  ``[D, H, head_dim]`` with biases ``[H, head_dim]``, and ``out`` is
+  ``[H, head_dim, *out]`` with bias ``[*out]``: the canonical layout itself.
+* Scores: the module returns none; with ``sow_weights=True`` it stores them in
+  the ``nnx.Intermediate`` collection. That switches the module to another
+  code path (``dot_product_attention_weights``: softmax in the layer's dtype,
+  ``finfo(dtype).min`` fill) instead of ``jax.nn.dot_product_attention``
+  (float32 softmax). So the output always comes from a normal call, and the
+  scores, when asked, from a second call that sows them.
+* Dropout: ``broadcast_dropout=False`` (Flax's default shares one dropout
+  pattern over batch and heads; the canonical layer drops each weight
+  independently). Any ``dropout_rate > 0`` also moves the module to the
+  weights path, even when not training.
+
+Modes: "compiled" is Flax's functional API (``nnx.split`` once, ``nnx.merge``
+inside a ``jax.jit``-ed pure function), the form Flax's performance guide
+recommends over ``nnx.jit`` to avoid re-walking the module graph on every
+call (https://flax.readthedocs.io/en/latest/guides/performance.html);
+"eager" runs the same function without the jit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _jax
+from .base import Adapter, Capabilities, Layer
+from .spec import Weights
+
+# canonical name -> (submodule, parameter) in nnx.MultiHeadAttention
+MODULE_NAMES = {
+    "Wq": ("query", "kernel"), "bq": ("query", "bias"), "Wk": ("key", "kernel"), "bk": ("key", "bias"),
+    "Wv": ("value", "kernel"), "bv": ("value", "bias"), "Wo": ("out", "kernel"), "bo": ("out", "bias"),
+}
+
+
+def canonical_to_module(arrays: dict) -> dict:
+    """Canonical arrays -> the module's parameter tree (a pure dict)."""
+    tree: dict = {}
+    for name, value in arrays.items():
+        sub, param = MODULE_NAMES[name]
+        tree.setdefault(sub, {})[param] = value
+    return tree
+
+
+def module_to_canonical(tree: dict) -> dict:
+    """The module's parameter tree (or its gradients) -> canonical names."""
+    return {name: tree[sub][param] for name, (sub, param) in MODULE_NAMES.items()
+            if sub in tree and param in tree[sub]}
+
+
+class FlaxMHALayer(Layer):
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        import jax
+        from flax import nnx
+        self.jax, self.nnx = jax, nnx
+        self.jax_device = _jax.jax_device(device)
+        out = spec.out_shape(weights.query_dim)
+        with _jax.precision_scope(dtype):
+            jdtype = _jax.jnp_dtype(dtype)
+            # Abstract construction (nnx.eval_shape): no random initialisation to run, our weights replace it.
+            module = nnx.eval_shape(lambda: nnx.MultiHeadAttention(
+                num_heads=spec.num_heads, in_features=weights.query_dim, qkv_features=spec.num_heads * spec.key_dim,
+                out_features=out[0] if len(out) == 1 else out, in_kv_features=weights.key_input_dim,
+                dtype=jdtype, param_dtype=jdtype, use_bias=spec.use_bias, dropout_rate=spec.dropout,
+                broadcast_dropout=False, deterministic=True, decode=False, keep_rngs=False, rngs=nnx.Rngs(0)))
+            self.graphdef, params, self.rest = nnx.split(module, nnx.Param, ...)
+            wanted = canonical_to_module({k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()})
+            own = nnx.to_pure_dict(params)
+            shapes = lambda t: {s: {p: tuple(a.shape) for p, a in d.items()} for s, d in t.items()}
+            if shapes(own) != shapes(wanted):  # the module's layout changed under us: say so, never load half
+                raise RuntimeError(f"flax_mha: unexpected parameters {shapes(own)}; expected {shapes(wanted)}")
+            nnx.replace_by_pure_dict(params, wanted)
+            self.params = params
+        jit = jax.jit if mode == "compiled" else (lambda f, **_: f)
+        self._apply_fn = jit(self._apply, static_argnames=("layout", "causal", "sow"))
+        self._vjp_fn = jit(self._vjp, static_argnames=("layout", "causal"))
+        self._loss_grad_fns = {}
+
+    # ---- the computation (pure functions of jax arrays) ---------------------
+    def _apply(self, params, query, value, key, allowed, dropout_key, layout, causal, sow=False):
+        nnx = self.nnx
+        module = nnx.merge(self.graphdef, params, self.rest)
+        flat = lambda x: _jax.flatten(x, *layout)
+        key = value if key is None else key
+        training = {} if dropout_key is None else dict(deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
+        out = module(flat(query), flat(key), flat(value), mask=allowed, is_causal=causal, sow_weights=sow,
+                     decode=False, **training)
+        out = _jax.unflatten_query(out, query.shape, layout[0])
+        weights = self.jax.tree.leaves(nnx.pop(module, nnx.Intermediate))[0] if sow else None
+        return out, weights
+
+    def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
+        f = lambda p, q, v, k: self._apply(p, q, v, k, allowed, None, layout, causal)[0]
+        _, pullback = self.jax.vjp(f, params, query, value, key)
+        return pullback(cotangent)
+
+    # ---- the public boundary ------------------------------------------------
+    def _inputs(self, call):
+        a = lambda x: _jax.array(x, self.dtype, self.jax_device)
+        return a(call.query), a(call.value), (a(call.key) if call.key_given else None)
+
+    def _mask(self, call):
+        return _jax.mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
+
+    def _forward(self, call, return_scores, training, seed):
+        layout, causal = _jax.layout(call), call.causal and call.mask is None
+        with _jax.precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            allowed = self._mask(call)
+            dropout_key = None
+            if training and self.spec.dropout > 0:
+                dropout_key = self.jax.random.key(0 if seed is None else seed)
+            out, _ = self._apply_fn(self.params, query, value, key, allowed, dropout_key, layout=layout, causal=causal)
+            scores = None
+            if return_scores:
+                _, weights = self._apply_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
+                                            causal=causal, sow=True)
+                scores = _jax.to_numpy(weights).reshape(call.scores_shape)
+            return _jax.to_numpy(out), scores
+
+    def _gradients(self, call, cotangent):
+        with _jax.precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            ct = _jax.array(cotangent, self.dtype, self.jax_device)
+            g_params, g_query, g_value, g_key = self._vjp_fn(self.params, query, value, key, self._mask(call), ct,
+                                                             layout=_jax.layout(call),
+                                                             causal=call.causal and call.mask is None)
+            grads = {"query": g_query, "value": g_value, **module_to_canonical(self.nnx.to_pure_dict(g_params))}
+            if call.key_given:
+                grads["key"] = g_key
+            return {k: _jax.to_numpy(v) for k, v in grads.items()}
+
+    def export_weights(self) -> Weights:
+        with _jax.precision_scope(self.dtype):
+            arrays = module_to_canonical(self.nnx.to_pure_dict(self.params))
+            return Weights(**{k: _jax.to_numpy(v).astype(np.float64) for k, v in arrays.items()})
+
+    # ---- native path ---------------------------------------------------------
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        call = self.validate(query, value, key, mask, causal)
+        with _jax.precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            return dict(query=query, value=value, key=key, allowed=self._mask(call), layout=_jax.layout(call),
+                        causal=call.causal and call.mask is None, requires_grad=bool(requires_grad))
+
+    def native_forward(self, inputs):
+        with _jax.precision_scope(self.dtype):
+            out, _ = self._apply_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                                    None, layout=inputs["layout"], causal=inputs["causal"])
+            return _jax.block(out)
+
+    def _loss_grad(self, requires_grad: bool):
+        """value_and_grad of sum(output): w.r.t. the parameters, and the inputs when ``requires_grad``."""
+        if requires_grad not in self._loss_grad_fns:
+            jax = self.jax
+
+            def loss(params, query, value, key, allowed, layout, causal):
+                return self._apply(params, query, value, key, allowed, None, layout, causal)[0].sum()
+
+            fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if requires_grad else 0)
+            self._loss_grad_fns[requires_grad] = (jax.jit(fn, static_argnames=("layout", "causal"))
+                                                  if self.mode == "compiled" else fn)
+        return self._loss_grad_fns[requires_grad]
+
+    def native_forward_backward(self, inputs):
+        fn = self._loss_grad(inputs["requires_grad"])
+        with _jax.precision_scope(self.dtype):
+            result = fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                        layout=inputs["layout"], causal=inputs["causal"])
+            return _jax.block(result)
+
+
+class FlaxMHAAdapter(Adapter):
+    name = "flax_mha"
+    framework = "Flax"
+    requires = ("jax", "flax.nnx")
+    distributions = ("flax", "jax", "jaxlib")
+    install_hint = 'pip install "mhabench[jax]"'
+    description = "flax.nnx.MultiHeadAttention (jax.jit over nnx.split/merge)"
+    layer_class = FlaxMHALayer
+
+    def capabilities(self):
+        return Capabilities(
+            unsupported_features={
+                "value_dim": "nnx.MultiHeadAttention uses one head_dim = qkv_features // num_heads for the query, "
+                             "key and value projections",
+            },
+            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+
+    def extra_constraints(self, spec, dims, call):
+        q_dim, k_dim, v_dim = dims
+        if k_dim != v_dim:
+            return (f"key input width {k_dim} != value input width {v_dim}: nnx.MultiHeadAttention has one "
+                    f"in_kv_features for both the key and value projections")
+        return None
+
+    def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="eager", **kwargs):
+        return (super().unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode, **kwargs)
+                or _jax.float16_jit_reason(dtype, device, mode))
+
+    def available_devices(self):
+        return _jax.available_devices()

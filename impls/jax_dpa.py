@@ -1,0 +1,194 @@
+"""JAX: projections in ``jnp.einsum``, attention core in ``jax.nn.dot_product_attention``.
+
+Every canonical feature is expressed:
+
+* multi-axis attention by flattening the attended axes into one sequence and
+  the non-attended axes into the batch (the function takes ``[B, T, N, H]``);
+* masks through its boolean ``mask`` (True = takes part, our polarity), laid
+  out ``[B, N, T, S]`` with N = 1 or the head count;
+* causal-only calls through ``is_causal=True``, which builds ``tril(ones(T, S))``:
+  top-left aligned, as ours. With a mask, causal is folded into the mask;
+* ``value_dim != key_dim``: the function wants one head width for q, k and v,
+  so the narrower side is zero-padded and the output sliced back. Zero
+  columns add exact zeros to q·k, and the scale stays ``1/sqrt(key_dim)``.
+
+Behaviours of the function itself, kept (the harness reports them):
+
+* a query row with no allowed key is filled with a large *finite* negative
+  before the softmax, so it gets uniform weights 1/S, not the canonical zeros;
+* the softmax always runs in float32, float64 inputs included, so a float64
+  layer is only float32-accurate.
+
+The scores are computed explicitly, only when asked, exactly as the function's
+"xla" implementation forms its probabilities (float32 softmax, the same finite
+fill), so they agree with the output. Build option ``implementation``
+(None, "xla" or "cudnn") is passed through; "cudnn" needs a GPU and float16 or
+bfloat16. Modes: "compiled" wraps each entry point in ``jax.jit``; "eager"
+runs the same functions without the outer jit (JAX dispatches op by op).
+"""
+from __future__ import annotations
+
+import math
+
+from . import _jax
+from .base import Adapter, Capabilities, Layer
+from .spec import Weights
+
+IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
+class JaxDPALayer(Layer):
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", implementation=None, **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation == "cudnn" and (not device.startswith("cuda") or dtype not in ("float16", "bfloat16")):
+            raise ValueError(f"implementation='cudnn' (cuDNN flash attention) needs device='cuda' and dtype "
+                             f"float16 or bfloat16, got device={device!r}, dtype={dtype!r}")
+        import jax
+        import jax.numpy as jnp
+        self.jax, self.jnp = jax, jnp
+        self.implementation = implementation
+        self.jax_device = _jax.jax_device(device)
+        with _jax.precision_scope(dtype):
+            self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
+        jit = jax.jit if mode == "compiled" else (lambda f, **_: f)
+        self._output_fn = jit(self._output, static_argnames=("layout", "causal"))
+        self._scores_fn = jit(self._scores, static_argnames=("layout",))
+        self._vjp_fn = jit(self._vjp, static_argnames=("layout", "causal"))
+        self._loss_grad_fns = {}
+
+    # ---- the computation (pure functions of jax arrays) ---------------------
+    def _project(self, x, W, b, layout, width):
+        """``[B, *A, D]`` -> ``[N, L, H, width]`` (the function's BTNH layout), zero-padded to ``width``."""
+        y = self.jnp.einsum("nld,dhk->nlhk", _jax.flatten(x, *layout), W)
+        if b is not None:
+            y = y + b
+        pad = width - y.shape[-1]
+        return y if pad == 0 else self.jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, pad)))
+
+    def _output(self, params, query, value, key, allowed, layout, causal):
+        kd, vd = self.spec.key_dim, self.spec.value_head_dim
+        width = max(kd, vd)
+        key = value if key is None else key
+        q = self._project(query, params["Wq"], params.get("bq"), layout, width)
+        k = self._project(key, params["Wk"], params.get("bk"), layout, width)
+        v = self._project(value, params["Wv"], params.get("bv"), layout, width)
+        o = self.jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=1.0 / math.sqrt(kd), is_causal=causal,
+                                              implementation=self.implementation)
+        o = _jax.unflatten_query(o[..., :vd], query.shape, layout[0])  # [B, *Q, H, vd]
+        Wo = params["Wo"]
+        out = self.jnp.einsum("...hv,hvo->...o", o, Wo.reshape(Wo.shape[0], Wo.shape[1], -1))
+        if "bo" in params:
+            out = out + params["bo"].reshape(-1)
+        return out.reshape(query.shape[:-1] + Wo.shape[2:])
+
+    def _scores(self, params, query, key, allowed, layout):
+        jnp = self.jnp
+        kd = self.spec.key_dim
+        q = self._project(query, params["Wq"], params.get("bq"), layout, kd)
+        k = self._project(key, params["Wk"], params.get("bk"), layout, kd)
+        logits = jnp.einsum("nthk,nshk->nhts", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+        logits = logits * jnp.asarray(1.0 / math.sqrt(kd), logits.dtype)
+        if allowed is not None:  # the function's fill for masked logits: finite, within float32
+            logits = jnp.where(allowed, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
+        return self.jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+    def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
+        f = lambda p, q, v, k: self._output(p, q, v, k, allowed, layout, causal)
+        _, pullback = self.jax.vjp(f, params, query, value, key)
+        return pullback(cotangent)
+
+    # ---- the public boundary ------------------------------------------------
+    def _inputs(self, call):
+        a = lambda x: _jax.array(x, self.dtype, self.jax_device)
+        return a(call.query), a(call.value), (a(call.key) if call.key_given else None)
+
+    def _mask(self, call):
+        # Causal alone goes through is_causal; with a mask, the two are combined here.
+        return _jax.mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
+
+    def _forward(self, call, return_scores, training, seed):
+        layout = _jax.layout(call)
+        with _jax.precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            out = self._output_fn(self.params, query, value, key, self._mask(call), layout=layout,
+                                  causal=call.causal and call.mask is None)
+            scores = None
+            if return_scores:
+                allowed = _jax.mask_array(call.flat_allowed(), self.jax_device)
+                probs = self._scores_fn(self.params, query, value if key is None else key, allowed, layout=layout)
+                scores = _jax.to_numpy(probs).reshape(call.scores_shape)
+            return _jax.to_numpy(out), scores
+
+    def _gradients(self, call, cotangent):
+        with _jax.precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            ct = _jax.array(cotangent, self.dtype, self.jax_device)
+            g_params, g_query, g_value, g_key = self._vjp_fn(self.params, query, value, key, self._mask(call), ct,
+                                                             layout=_jax.layout(call),
+                                                             causal=call.causal and call.mask is None)
+            grads = {"query": g_query, "value": g_value, **g_params}
+            if call.key_given:
+                grads["key"] = g_key
+            return {k: _jax.to_numpy(v) for k, v in grads.items()}
+
+    def export_weights(self) -> Weights:
+        with _jax.precision_scope(self.dtype):
+            return Weights(**{k: _jax.to_numpy(v).astype("float64") for k, v in self.params.items()})
+
+    # ---- native path ---------------------------------------------------------
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        call = self.validate(query, value, key, mask, causal)
+        with _jax.precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            return dict(query=query, value=value, key=key, allowed=self._mask(call), layout=_jax.layout(call),
+                        causal=call.causal and call.mask is None, requires_grad=bool(requires_grad))
+
+    def native_forward(self, inputs):
+        with _jax.precision_scope(self.dtype):
+            out = self._output_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                                  layout=inputs["layout"], causal=inputs["causal"])
+            return _jax.block(out)
+
+    def _loss_grad(self, requires_grad: bool):
+        """value_and_grad of sum(output): w.r.t. the weights, and the inputs when ``requires_grad``."""
+        if requires_grad not in self._loss_grad_fns:
+            jax = self.jax
+
+            def loss(params, query, value, key, allowed, layout, causal):
+                return self._output(params, query, value, key, allowed, layout, causal).sum()
+
+            fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if requires_grad else 0)
+            self._loss_grad_fns[requires_grad] = (jax.jit(fn, static_argnames=("layout", "causal"))
+                                                  if self.mode == "compiled" else fn)
+        return self._loss_grad_fns[requires_grad]
+
+    def native_forward_backward(self, inputs):
+        fn = self._loss_grad(inputs["requires_grad"])
+        with _jax.precision_scope(self.dtype):
+            result = fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                        layout=inputs["layout"], causal=inputs["causal"])
+            return _jax.block(result)
+
+
+class JaxDPAAdapter(Adapter):
+    name = "jax_dpa"
+    framework = "JAX"
+    requires = ("jax",)
+    distributions = ("jax", "jaxlib")
+    install_hint = 'pip install "mhabench[jax]"'
+    description = "jnp.einsum projections + jax.nn.dot_product_attention"
+    layer_class = JaxDPALayer
+
+    def capabilities(self):
+        return Capabilities(
+            unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument"},
+            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+
+    def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="eager", **kwargs):
+        return (super().unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode, **kwargs)
+                or _jax.float16_jit_reason(dtype, device, mode))
+
+    def available_devices(self):
+        return _jax.available_devices()
