@@ -1,0 +1,101 @@
+"""Multi-head attention over sequence length, heads, adapter, mode and device.
+
+Each class is one attention pattern (self, causal self, cross with S = T/2);
+each method one measurement. Setup builds, compiles and calls the layer once;
+the timed bodies are one native call that ends with the framework's device
+sync. Peak memory is the rise during one call (``benchmarks.memory``), not
+the process's; GFLOP/s is ``benchmarks.flops`` over the median of a few calls.
+"""
+from . import common
+from .profiles import MODES, get_profile
+
+PROFILE = get_profile()
+common.preimport_for_forkserver()
+
+FORWARD_METHODS = ("time_forward", "track_peakmem_forward", "track_gflops_forward")
+BACKWARD_METHODS = ("time_forward_backward", "track_peakmem_forward_backward", "track_gflops_forward_backward")
+_current = {}  # the instance whose setup ran last in this process (asv runs one case per process)
+
+
+def _warm_backward(*params):
+    """Setup of the forward+backward methods only, so forward-only processes never build a backward."""
+    bench = _current["bench"]
+    try:
+        bench.prepared.warm_backward()
+    except common.Skip as exc:
+        common.record(bench.names(BACKWARD_METHODS), bench.prepared.case.params(), "skipped", str(exc))
+        raise
+    except Exception as exc:
+        common.record(bench.names(BACKWARD_METHODS), bench.prepared.case.params(), "failed",
+                      f"{type(exc).__name__}: {exc}")
+        raise
+
+
+class _AttentionBenchmark:
+    """Shared by the three classes below; the leading underscore keeps asv from collecting it."""
+
+    kind = "self"
+    param_names = ["adapter", "mode", "seq_len", "num_heads", "device"]
+    params = [list(PROFILE.adapters), list(MODES), list(PROFILE.seq_lens), list(PROFILE.num_heads),
+              list(PROFILE.devices)]
+    rounds = PROFILE.rounds
+    repeat = PROFILE.repeat
+    warmup_time = PROFILE.warmup_time
+    timeout = PROFILE.timeout
+
+    def names(self, methods):
+        return [f"bench_attention.{type(self).__name__}.{m}" for m in methods]
+
+    def setup(self, adapter, mode, seq_len, num_heads, device):
+        case = common.Case(self.kind, adapter, mode, int(seq_len), int(num_heads), device, PROFILE.batch,
+                           PROFILE.model_dim, PROFILE.cross_kv_ratio)
+        _current["bench"] = self
+        self.prepared = common.prepare(case, PROFILE, self.names(FORWARD_METHODS + BACKWARD_METHODS))
+        self.forward, self.inputs = self.prepared.native_forward, self.prepared.inputs
+
+    def time_forward(self, *params):
+        self.forward(self.inputs)
+
+    def time_forward_backward(self, *params):
+        self.prepared.native_forward_backward(self.prepared.inputs_grad)
+
+    def _track(self, method, measure):
+        try:
+            return measure()
+        except Exception as exc:
+            common.record(self.names([method]), self.prepared.case.params(), "failed",
+                          f"{type(exc).__name__}: {exc}")
+            raise
+
+    def track_peakmem_forward(self, *params):
+        return self._track("track_peakmem_forward", lambda: self.prepared.peak_bytes(backward=False))
+
+    def track_peakmem_forward_backward(self, *params):
+        return self._track("track_peakmem_forward_backward", lambda: self.prepared.peak_bytes(backward=True))
+
+    def track_gflops_forward(self, *params):
+        return self._track("track_gflops_forward", lambda: self.prepared.gflops(backward=False))
+
+    def track_gflops_forward_backward(self, *params):
+        return self._track("track_gflops_forward_backward", lambda: self.prepared.gflops(backward=True))
+
+    track_peakmem_forward.unit = track_peakmem_forward_backward.unit = "bytes"
+    track_gflops_forward.unit = track_gflops_forward_backward.unit = "GFLOP/s"
+    time_forward_backward.setup = _warm_backward
+    track_peakmem_forward_backward.setup = _warm_backward
+    track_gflops_forward_backward.setup = _warm_backward
+
+
+class SelfAttention(_AttentionBenchmark):
+    """query = key = value, length seq_len."""
+    kind = "self"
+
+
+class CausalSelfAttention(_AttentionBenchmark):
+    """Self-attention with a top-left causal mask (is_causal where the framework has it)."""
+    kind = "causal"
+
+
+class CrossAttention(_AttentionBenchmark):
+    """Query of length seq_len attending to a memory of length seq_len * cross_kv_ratio (key = value)."""
+    kind = "cross"

@@ -1,0 +1,317 @@
+"""What every attention benchmark shares: one case built once per process, the
+skip rules (each with its reason, also written to ``<results>/bench/skips.jsonl``)
+and the memory budget.
+
+asv runs every parameter combination in its own process and re-runs ``setup``
+before every timing sample, so a built case is cached per process: the layer
+is built, compiled and called once.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import flops as flops_mod
+from . import memory
+from .profiles import Profile
+
+ENV_RESULTS = "MHABENCH_RESULTS"
+ENV_BUDGET = "MHABENCH_MEMORY_BUDGET"
+ENV_PREIMPORT = "MHABENCH_PREIMPORT"
+BUDGET_FRACTION = 0.5          # default CPU budget: half the machine's RAM
+GPU_BUDGET_FRACTION = 0.9
+FLOAT_BYTES = 4                # the benchmarks run float32
+KINDS = ("self", "causal", "cross")
+
+
+class Skip(NotImplementedError):
+    """Raised in setup: asv records the case as skipped (NotImplementedError); ``reason`` says why."""
+
+
+# ---- where skips are written ------------------------------------------------------------------
+def results_dir() -> Path:
+    root = os.environ.get(ENV_RESULTS)
+    if root:
+        return Path(root)
+    return Path(os.environ.get("ASV_CONF_DIR", os.getcwd())) / "results"
+
+
+def skips_path() -> Path:
+    return results_dir() / "bench" / "skips.jsonl"
+
+
+def record(benchmarks, params: dict, status: str, reason: str) -> None:
+    """Append one line per benchmark name to skips.jsonl, unless that exact line is there already
+    (asv re-runs setup per sample and per method, so the same skip is seen many times)."""
+    path = skips_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        seen = set(path.read_text().splitlines()) if path.exists() else set()
+        lines = [json.dumps({"benchmark": b, "params": params, "status": status, "reason": reason},
+                            sort_keys=True) for b in benchmarks]
+        new = [line for line in lines if line not in seen]
+        if new:
+            with open(path, "a") as fh:
+                fh.write("".join(line + "\n" for line in new))
+    except OSError as exc:  # a read-only results dir must not turn a skip into a crash
+        print(f"mhabench: cannot write {path}: {exc}", file=sys.stderr)
+
+
+# ---- memory budget ------------------------------------------------------------------------------
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '500MB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{ENV_BUDGET}={text!r}: expected bytes such as 12GiB, 500MB or 1e9")
+    try:
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    except ValueError:
+        raise ValueError(f"{ENV_BUDGET}={text!r}: expected bytes such as 12GiB, 500MB or 1e9") from None
+    if value <= 0:
+        raise ValueError(f"{ENV_BUDGET}={text!r}: must be positive")
+    return int(value)
+
+
+def total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget(device: str = "cpu") -> int:
+    if os.environ.get(ENV_BUDGET):
+        return parse_bytes(os.environ[ENV_BUDGET])
+    if device == "cuda":
+        try:
+            import torch
+            return int(torch.cuda.get_device_properties(0).total_memory * GPU_BUDGET_FRACTION)
+        except Exception:
+            return int(1 << 62)
+    return int(total_ram() * BUDGET_FRACTION)
+
+
+# Adapters whose kernel never holds a [T, S] score matrix for these cases (torch SDPA's
+# flash/memory-efficient kernels: no mask, causal through is_causal).
+FUSED = {"torch_sdpa"}
+# How many [B, H, T, S] float32 arrays live at once at the forward peak (scores, exp, probs,
+# plus the masked copy the oracle makes). Conservative on purpose: the estimate gates a skip.
+SCORE_COPIES = {"numpy_oracle": 4}
+DEFAULT_SCORE_COPIES = 3
+
+
+def estimate_bytes(adapter: str, batch: int, q_len: int, kv_len: int, num_heads: int, model_dim: int,
+                   backward: bool = False) -> int:
+    activations = 8 * batch * (q_len + 2 * kv_len) * model_dim * FLOAT_BYTES
+    scores = batch * num_heads * q_len * kv_len * FLOAT_BYTES
+    copies = 0 if adapter in FUSED else SCORE_COPIES.get(adapter, DEFAULT_SCORE_COPIES)
+    forward = activations + copies * scores
+    return int(forward * (2.5 if backward else 1))
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+# ---- the case ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    kind: str           # self | causal | cross
+    adapter: str
+    mode: str
+    seq_len: int
+    num_heads: int
+    device: str
+    batch: int
+    model_dim: int
+    cross_kv_ratio: float
+
+    @property
+    def q_len(self) -> int:
+        return self.seq_len
+
+    @property
+    def kv_len(self) -> int:
+        return max(1, int(self.seq_len * self.cross_kv_ratio)) if self.kind == "cross" else self.seq_len
+
+    @property
+    def key_dim(self) -> int:
+        return max(1, self.model_dim // self.num_heads)
+
+    @property
+    def causal(self) -> bool:
+        return self.kind == "causal"
+
+    def params(self) -> dict:
+        return {"adapter": self.adapter, "mode": self.mode, "seq_len": self.seq_len,
+                "num_heads": self.num_heads, "device": self.device}
+
+    def flops(self, backward: bool) -> float:
+        return flops_mod.attention_flops(self.batch, self.q_len, self.kv_len, self.model_dim, self.num_heads,
+                                         self.key_dim, causal=self.causal, adapter=self.adapter,
+                                         backward=backward)
+
+
+def keras_backend(adapter: str) -> str | None:
+    if not adapter.startswith("keras"):
+        return None
+    return adapter.split("@", 1)[1] if "@" in adapter else "tensorflow"
+
+
+def framework_of(adapter: str) -> str:
+    """Which framework's GPU peak counter measures this adapter."""
+    backend = keras_backend(adapter)
+    if backend:
+        return backend
+    return "jax" if adapter in ("jax_dpa", "flax_mha") else "torch"
+
+
+class PreparedCase:
+    """A built layer with converted inputs; ``forward``/``forward_backward`` are the native calls."""
+
+    def __init__(self, case: Case, profile: Profile):
+        self.case, self.profile = case, profile
+        self._backward_state: BaseException | bool | None = None  # None: not tried; True: warm
+        self._check_and_build()
+
+    def _check_and_build(self):
+        case = self.case
+        backend = keras_backend(case.adapter)
+        if backend:
+            loaded = sys.modules.get("keras")
+            if loaded is not None and hasattr(loaded, "backend") and loaded.backend.backend() != backend:
+                raise Skip(f"Keras already runs the {loaded.backend.backend()} backend in this process and "
+                           f"cannot switch to {backend}")
+            os.environ["KERAS_BACKEND"] = backend  # read by Keras at import
+        import impls
+        if case.adapter not in impls.list_adapters():
+            raise Skip(f"adapter {case.adapter!r} is not registered")
+        adapter = impls.get_adapter(case.adapter)
+        ok, why = adapter.availability()
+        if not ok:
+            raise Skip(f"framework not installed: {why}")
+        if case.mode == "compiled" and not self.profile.keep_compiled(case.adapter):
+            raise Skip(f"the {self.profile.name} profile leaves out compiled mode for {case.adapter} "
+                       f"(compile time per shape)")
+        spec = impls.AttentionSpec(num_heads=case.num_heads, key_dim=case.key_dim)
+        dims = (case.model_dim,) * 3
+        reason = adapter.unsupported_reason(spec, dims, dtype="float32", device=case.device, mode=case.mode)
+        if reason:
+            raise Skip(reason)
+        if case.device not in adapter.available_devices():
+            raise Skip(f"device {case.device} absent: {adapter.framework} sees "
+                       f"{', '.join(adapter.available_devices())} only")
+        budget = memory_budget(case.device)
+        need = estimate_bytes(case.adapter, case.batch, case.q_len, case.kv_len, case.num_heads, case.model_dim)
+        if need > budget:
+            raise Skip(f"estimated forward peak {gib(need)} exceeds the memory budget {gib(budget)} "
+                       f"({ENV_BUDGET})")
+        rng = np.random.default_rng(0)
+        self.query = rng.standard_normal((case.batch, case.q_len, case.model_dim)).astype(np.float32)
+        self.value = (self.query if case.kind != "cross" else
+                      rng.standard_normal((case.batch, case.kv_len, case.model_dim)).astype(np.float32))
+        weights = impls.Weights.random(spec, query_dim=case.model_dim, value_dim=case.model_dim, seed=0)
+        self.layer = adapter.build(spec, weights, dtype="float32", device=case.device, mode=case.mode)
+        self.inputs = self.layer.native_inputs(self.query, self.value, causal=case.causal)
+        self.native_forward = self.layer.native_forward
+        self.native_forward(self.inputs)  # compile and warm up outside the timed region
+
+    def warm_backward(self):
+        """Prepare the backward call once; afterwards raise the same error every time."""
+        if self._backward_state is True:
+            return
+        if isinstance(self._backward_state, BaseException):
+            raise self._backward_state
+        case = self.case
+        try:
+            budget = memory_budget(case.device)
+            need = estimate_bytes(case.adapter, case.batch, case.q_len, case.kv_len, case.num_heads,
+                                  case.model_dim, backward=True)
+            if need > budget:
+                raise Skip(f"estimated forward+backward peak {gib(need)} exceeds the memory budget "
+                           f"{gib(budget)} ({ENV_BUDGET})")
+            self.inputs_grad = self.layer.native_inputs(self.query, self.value, causal=case.causal,
+                                                        requires_grad=True)
+            self.native_forward_backward = self.layer.native_forward_backward
+            self.native_forward_backward(self.inputs_grad)
+        except NotImplementedError as exc:
+            self._backward_state = exc if isinstance(exc, Skip) else Skip(str(exc) or "no backward path")
+            raise self._backward_state from None
+        except BaseException as exc:
+            self._backward_state = exc
+            raise
+        self._backward_state = True
+
+    # ---- measurements used by the track_ benchmarks ----
+    def peak_bytes(self, backward: bool) -> int:
+        fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward
+                      else (self.native_forward, self.inputs))
+        return memory.peak_rise(lambda: fn(inputs), self.case.device, framework_of(self.case.adapter))
+
+    def median_seconds(self, backward: bool, repeats: int) -> float:
+        fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward
+                      else (self.native_forward, self.inputs))
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(inputs)
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    def gflops(self, backward: bool) -> float:
+        seconds = self.median_seconds(backward, self.profile.gflops_repeats)
+        return self.case.flops(backward) / seconds / 1e9
+
+
+_CACHE: dict[Case, PreparedCase | BaseException] = {}
+
+
+def prepare(case: Case, profile: Profile, benchmark_names) -> PreparedCase:
+    """The case built once per process; a skip or failure is recorded once and raised every time."""
+    cached = _CACHE.get(case)
+    if cached is None:
+        try:
+            cached = PreparedCase(case, profile)
+        except Skip as exc:
+            record(benchmark_names, case.params(), "skipped", str(exc))
+            cached = exc
+        except NotImplementedError as exc:  # e.g. no native path
+            cached = Skip(str(exc))
+            record(benchmark_names, case.params(), "skipped", str(cached))
+        except Exception as exc:
+            record(benchmark_names, case.params(), "failed", f"{type(exc).__name__}: {exc}")
+            cached = exc
+        _CACHE.clear()  # one case per process; never keep two layers alive
+        _CACHE[case] = cached
+    if isinstance(cached, BaseException):
+        raise cached
+    return cached
+
+
+def preimport_for_forkserver() -> None:
+    """With asv's forkserver, modules imported here are inherited by every forked benchmark
+    process, which then skips the framework import. Only the server does it (not discovery),
+    and only for the modules ``mhabench bench`` names for the adapter being run."""
+    names = os.environ.get(ENV_PREIMPORT, "")
+    if not names or "run_server" not in sys.argv:
+        return
+    import importlib
+    for name in names.split(","):
+        try:
+            importlib.import_module(name.strip())
+        except Exception as exc:  # the benchmark itself will report the missing framework
+            print(f"mhabench: preimport of {name} failed: {exc}", file=sys.stderr)
+
+
+def is_finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
