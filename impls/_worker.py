@@ -1,0 +1,308 @@
+"""Host any adapter's layer in a child process, behind the ordinary Layer interface.
+
+Why: Keras fixes its backend once per process, and a crashing or hanging
+framework must not take the caller down. The child is a fresh interpreter
+started with its own environment (e.g. ``KERAS_BACKEND``); requests and
+replies are pickles on two private pipes (NumPy arrays, ml_dtypes bfloat16
+included). A request that outlives its timeout kills the child; a child that
+dies (``os._exit``, a segfault) turns the request into a :class:`WorkerError`
+carrying the tail of the child's stderr. The next request starts a fresh
+child, and layers hosted there are rebuilt from their recipe on first use.
+"""
+from __future__ import annotations
+
+import atexit
+import importlib
+import itertools
+import os
+import pickle
+import select
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+from .base import Layer
+
+BUILD_TIMEOUT = 300.0
+CALL_TIMEOUT = 120.0
+STARTUP_TIMEOUT = 60.0
+STDERR_TAIL = 4000
+_HEADER = struct.Struct("<Q")
+
+
+class WorkerError(RuntimeError):
+    """A request the worker process could not answer (timeout, crash, unpicklable failure)."""
+
+    def __init__(self, message: str, stderr_tail: str = "", returncode: int | None = None):
+        self.stderr_tail, self.returncode = stderr_tail, returncode
+        text = message if not stderr_tail else f"{message}\n--- worker stderr (last lines) ---\n{stderr_tail}"
+        super().__init__(text)
+
+
+class WorkerTimeout(WorkerError):
+    """The request ran past its timeout; the worker was killed."""
+
+
+class WorkerCrashed(WorkerError):
+    """The worker process died while serving the request."""
+
+
+# ---- framing: length-prefixed pickles on raw fds, with deadlines ---------------
+def _write(fd: int, obj, deadline: float | None = None) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                raise TimeoutError
+        view = view[os.write(fd, view[:1 << 20]):]
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read(fd: int, deadline: float | None = None):
+    (size,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
+    return pickle.loads(_read_exact(fd, size, deadline))
+
+
+# ---- the parent side --------------------------------------------------------
+class Worker:
+    """One child process serving requests one at a time. Restarts on the next request after a failure."""
+
+    def __init__(self, env: dict | None = None, name: str = "worker"):
+        self.env, self.name = dict(env or {}), name
+        self.generation = 0  # bumps at every (re)start; layers rebuild when it changes
+        self._proc = None
+        self._lock = threading.RLock()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _start(self):
+        env = dict(os.environ, **self.env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # import what the parent imports
+        self._stderr = tempfile.TemporaryFile(mode="w+b")
+        req_r, self._req = os.pipe()
+        self._rep, rep_w = os.pipe()
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", f"from impls._worker import serve; serve({req_r}, {rep_w})"],
+                env=env, pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=self._stderr,
+                stderr=self._stderr, start_new_session=True)
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
+        self.generation += 1
+        self._exchange(("ping",), STARTUP_TIMEOUT)
+
+    def stderr_tail(self) -> str:
+        try:
+            self._stderr.seek(0, os.SEEK_END)
+            size = self._stderr.tell()
+            self._stderr.seek(max(0, size - STDERR_TAIL))
+            return self._stderr.read().decode("utf-8", "replace")
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    def _stop(self):
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for fd in (self._req, self._rep):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
+        proc.wait()
+
+    def close(self):
+        with self._lock:
+            self._stop()
+
+    def _exchange(self, message, timeout: float):
+        deadline = time.monotonic() + timeout
+        try:
+            _write(self._req, message, deadline)
+            return _read(self._rep, deadline)
+        except TimeoutError:
+            tail = self.stderr_tail()
+            self._stop()
+            raise WorkerTimeout(f"{self.name}: {message[0]} request exceeded its {timeout:g} s timeout; "
+                                f"the worker was killed", tail) from None
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            proc = self._proc
+            try:
+                code = proc.wait(timeout=10) if proc is not None else None
+            except subprocess.TimeoutExpired:
+                code = None
+            tail = self.stderr_tail()
+            self._stop()
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            raise WorkerCrashed(f"{self.name}: the worker died during a {message[0]} request ({how})",
+                                tail, code) from None
+
+    def request(self, message: tuple, timeout: float):
+        """Send ``message`` and return the reply's value, re-raising the child's exception."""
+        with self._lock:
+            if not self.alive:
+                self._stop()
+                self._start()
+            status, payload = self._exchange(message, timeout)
+        if status == "ok":
+            return payload
+        exc_bytes, kind, text, tb = payload
+        try:
+            exc = pickle.loads(exc_bytes) if exc_bytes is not None else None
+        except Exception:
+            exc = None
+        if isinstance(exc, Exception):
+            exc.add_note(f"(raised in {self.name} process)\n{tb}")
+            raise exc
+        raise WorkerError(f"{self.name}: {kind}: {text}", tb)
+
+
+_shared: dict[tuple, Worker] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_worker(env: dict | None = None) -> Worker:
+    """The process-wide worker for this environment (started lazily, on first request)."""
+    key = tuple(sorted((env or {}).items()))
+    with _shared_lock:
+        if key not in _shared:
+            label = " ".join(f"{k}={v}" for k, v in key) or "default"
+            _shared[key] = Worker(env, name=f"worker[{label}]")
+        return _shared[key]
+
+
+@atexit.register
+def _close_all():
+    for worker in list(_shared.values()):
+        worker.close()
+
+
+class WorkerLayer(Layer):
+    """A layer living in a worker process. Inputs are validated here, so errors read the same."""
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode, *, target: str, worker: Worker,
+                 build_timeout: float = BUILD_TIMEOUT, call_timeout: float = CALL_TIMEOUT, options=None):
+        super().__init__(adapter, spec, weights, dtype, device, mode)
+        self.worker, self.build_timeout, self.call_timeout = worker, float(build_timeout), float(call_timeout)
+        self._recipe = (target, spec, weights, dtype, device, mode, dict(options or {}))
+        self._handle = self._generation = None
+        self._ensure_built()
+
+    def _ensure_built(self):
+        if self._handle is None or self._generation != self.worker.generation or not self.worker.alive:
+            self._handle = None
+            self._handle = self.worker.request(("build",) + self._recipe, self.build_timeout)
+            self._generation = self.worker.generation
+
+    def remote(self, method: str, *args, **kwargs):
+        """Call ``method`` on the hosted layer."""
+        self._ensure_built()
+        return self.worker.request(("call", self._handle, method, args, kwargs), self.call_timeout)
+
+    def _forward(self, call, return_scores, training, seed):
+        return self.remote("__call__", call.query, call.value, call.key if call.key_given else None, call.mask,
+                           call.causal, return_scores, training=training, seed=seed)
+
+    def _gradients(self, call, cotangent):
+        return self.remote("gradients", call.query, call.value, call.key if call.key_given else None, call.mask,
+                           call.causal, cotangent)
+
+    def export_weights(self):
+        return self.remote("export_weights")
+
+    def native_inputs(self, *args, **kwargs):
+        raise NotImplementedError(f"{self.adapter.name} is hosted in a worker process here: no native benchmark "
+                                  f"path (run it in a process where it runs in-process)")
+
+    native_forward = native_forward_backward = native_inputs
+
+
+def resolve(target):
+    """An adapter from a registered name or a "module:Class" path."""
+    from .registry import get_adapter, list_adapters
+    if target in list_adapters():
+        return get_adapter(target)
+    module, _, cls = str(target).partition(":")
+    if not cls:
+        raise ValueError(f"adapter target must be a registered name or 'module:Class', got {target!r}")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def host(target: str, spec, weights, dtype="float32", device="cpu", mode="eager", *, adapter=None,
+         env: dict | None = None, worker: Worker | None = None, build_timeout: float = BUILD_TIMEOUT,
+         call_timeout: float = CALL_TIMEOUT, **options) -> WorkerLayer:
+    """Build ``target``'s layer in a worker process (the shared one for ``env`` unless ``worker`` is given)."""
+    adapter = adapter if adapter is not None else resolve(target)
+    worker = worker if worker is not None else shared_worker(env)
+    return WorkerLayer(adapter, spec, weights, dtype, device, mode, target=target, worker=worker,
+                       build_timeout=build_timeout, call_timeout=call_timeout, options=options)
+
+
+# ---- the child side ---------------------------------------------------------
+def _error_payload(exc: BaseException):
+    try:
+        exc_bytes = pickle.dumps(exc)
+        pickle.loads(exc_bytes)
+    except Exception:
+        exc_bytes = None
+    return (exc_bytes, type(exc).__name__, str(exc), traceback.format_exc())
+
+
+def serve(req_fd: int, rep_fd: int) -> None:
+    """The child's loop: answer requests until the parent closes the pipe."""
+    import faulthandler
+    faulthandler.enable()  # a segfault leaves a traceback in the stderr tail
+    layers, ids = {}, itertools.count(1)
+    while True:
+        try:
+            message = _read(req_fd)
+        except EOFError:
+            return
+        try:
+            op = message[0]
+            if op == "ping":
+                result = os.getpid()
+            elif op == "build":
+                target, spec, weights, dtype, device, mode, options = message[1:]
+                handle = next(ids)
+                layers[handle] = resolve(target).build(spec, weights, dtype, device, mode, **options)
+                result = handle
+            elif op == "call":
+                handle, method, args, kwargs = message[1:]
+                result = getattr(layers[handle], method)(*args, **kwargs)
+            else:
+                raise ValueError(f"unknown worker request {op!r}")
+            reply = ("ok", result)
+            pickle.dumps(reply)  # an unpicklable result becomes an error reply, not a dead worker
+        except BaseException as exc:  # everything goes back to the caller
+            reply = ("err", _error_payload(exc))
+        _write(rep_fd, reply)
