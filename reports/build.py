@@ -26,6 +26,7 @@ class ReportData:
     headline: dict = field(default_factory=dict)
     comparison: Comparison | None = None
     notes: list = field(default_factory=list)
+    comparison_only: bool = False  # `report --compare A B` without --results: the page is about the change
 
     def summary(self) -> dict:
         """The figures of the verdict line."""
@@ -45,16 +46,23 @@ class ReportData:
 
 
 def collect(results_dir: Path | None, comparison: Comparison | None = None) -> ReportData:
-    """Everything the page and the summary show. ``results_dir`` may be None for a comparison-only report."""
-    if results_dir is not None:
-        conformance, benchmarks = load_results(Path(results_dir))
-    elif comparison is not None:
-        conformance, benchmarks = comparison.conf_b, comparison.bench_b
-    else:
-        raise ResultsError("nothing to report: give a results directory")
-    data = ReportData(results_dir=str(results_dir) if results_dir is not None else comparison.label_b,
-                      generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      conformance=conformance, benchmarks=benchmarks,
+    """Everything the page and the summary show. ``results_dir`` None: a comparison-only report."""
+    if results_dir is None:
+        if comparison is None:
+            raise ResultsError("nothing to report: give a results directory")
+        sides = [tables.environment(comparison.conf_a, comparison.bench_a).assign(side="A"),
+                 tables.environment(comparison.conf_b, comparison.bench_b).assign(side="B")]
+        environment = pd.concat(sides, ignore_index=True)
+        environment["source"] = environment["side"] + ": " + environment["source"]
+        data = ReportData(results_dir=f"A = {comparison.label_a}, B = {comparison.label_b}",
+                          generated=_now(), conformance=None, benchmarks=None,
+                          environment=environment.drop(columns="side"), comparison=comparison, comparison_only=True)
+        data.tables["comparison"] = comparison.table
+        data.tables["conformance_changes"] = comparison.conformance_changes
+        data.tables["environment"] = data.environment
+        return data
+    conformance, benchmarks = load_results(Path(results_dir))
+    data = ReportData(results_dir=str(results_dir), generated=_now(), conformance=conformance, benchmarks=benchmarks,
                       environment=tables.environment(conformance, benchmarks), comparison=comparison)
     if conformance is not None:
         rows = conformance.rows
@@ -77,6 +85,10 @@ def collect(results_dir: Path | None, comparison: Comparison | None = None) -> R
         data.tables["conformance_changes"] = comparison.conformance_changes
     data.tables["environment"] = data.environment
     return data
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_report(data: ReportData, out_dir: Path) -> dict:
@@ -110,6 +122,13 @@ def verdict(data: ReportData) -> list[str]:
     """A few plain lines: adapters, rows, divergences, fastest and leanest at the largest L."""
     s = data.summary()
     lines = []
+    if data.comparison is not None:
+        c = data.comparison
+        lines.append(f"comparison B/A: {len(c.regressions)} regressions, {len(c.improvements)} improvements "
+                     f"past ±{c.threshold:.0%} in {len(c.table)} shared benchmarks; "
+                     f"{len(c.conformance_changes)} conformance rows changed status")
+        if data.comparison_only:
+            return lines
     if data.conformance is not None:
         statuses = ", ".join(f"{s['statuses'].get(k, 0)} {k}" for k in ("pass", "fail", "divergence", "unsupported",
                                                                        "error", "skip") if s["statuses"].get(k))
@@ -120,10 +139,10 @@ def verdict(data: ReportData) -> list[str]:
     if data.benchmarks is not None:
         fastest, leanest = s.get("fastest"), s.get("leanest")
         if fastest:
-            lines.append(f"fastest at L={fastest['seq_len']}: {fastest['series']} "
+            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there): {fastest['series']} "
                          f"({format_value(fastest['value'], fastest['unit'])} per forward call)")
         if leanest:
-            lines.append(f"leanest at L={leanest['seq_len']}: {leanest['series']} "
+            lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}): {leanest['series']} "
                          f"({format_value(leanest['value'], leanest['unit'])} peak per forward call)")
         if not fastest and not leanest:
             lines.append("benchmarks: no attention timings in the results")

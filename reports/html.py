@@ -250,9 +250,12 @@ def section_comparison(data: ReportData) -> str:
 
 
 def render_html(data: ReportData) -> str:
-    sections = [section_environment(data), section_conformance(data), section_divergences(data),
-                section_benchmarks(data), section_comparison(data)]
-    nav = ["environment", "conformance", "divergences", "scaling"] + (["comparison"] if data.comparison else [])
+    if data.comparison_only:
+        sections, nav = [section_environment(data), section_comparison(data)], ["environment", "comparison"]
+    else:
+        sections = [section_environment(data), section_conformance(data), section_divergences(data),
+                    section_benchmarks(data), section_comparison(data)]
+        nav = ["environment", "conformance", "divergences", "scaling"] + (["comparison"] if data.comparison else [])
     verdict_items = "".join(f"<li>{esc(line)}</li>" for line in verdict(data))
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -122,7 +122,10 @@ def _tidy_conformance(records: list, source: Path) -> pd.DataFrame:
     rows["area"] = rows["area"].fillna("other").astype(str)
     rows["adapter"] = rows["adapter"].astype(str)
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
-    return rows.reset_index(drop=True)
+    # a rerun appends a newer row with the same id to the journal: the last one written is the verdict
+    with_id = rows["row_id"].notna()
+    rows = pd.concat([rows[with_id].drop_duplicates("row_id", keep="last"), rows[~with_id]])
+    return rows.sort_index().reset_index(drop=True)
 
 
 def load_catalogue(conformance_dir: Path, meta: dict) -> dict:

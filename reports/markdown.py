@@ -72,7 +72,9 @@ def render_markdown(data: ReportData) -> str:
         keep = env[env["item"].isin(["created", "commit", "python", "platform", "cpu", "gpu", "bench machine",
                                      "bench cpu"]) | env["item"].str.startswith("version: ")]
         out += ["## Environment", "", md_table(keep, ["item", "value"])]
-    if data.conformance is not None:
+    if data.comparison_only:
+        pass
+    elif data.conformance is not None:
         out += ["## Conformance", "",
                 md_table(data.tables["conformance_adapters"], ["adapter", "framework_version", *STATUSES, "pass_rate",
                                                               "divergences"], {"pass_rate": _percent}),
@@ -95,7 +97,7 @@ def render_markdown(data: ReportData) -> str:
                 md_table(data.tables["peak_fraction"],
                          ["class", "method", "series", "best_gflops", "best_fraction", "fraction_at_L_max"],
                          {"best_fraction": _percent, "fraction_at_L_max": _percent})]
-    elif data.benchmarks is None:
+    elif data.benchmarks is None and not data.comparison_only:
         out += ["## Benchmarks", "", "No benchmark results.", ""]
     if data.comparison is not None:
         comparison = data.comparison

@@ -73,7 +73,9 @@ def conformance_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     counts["error"] = counts["error"] + counts[others].sum(axis=1) if others else counts["error"]
     counts = counts[list(STATUSES)]
     counts["total"] = counts.sum(axis=1)
-    ratio = rows.groupby(["adapter", "area"])["error_ratio"].max()
+    # only numerically judged rows: a divergence or error row's ratio (often inf/NaN) says nothing of accuracy
+    judged = rows[rows["status"].isin(["pass", "fail"])]
+    ratio = judged.groupby(["adapter", "area"])["error_ratio"].max()
     counts["worst_error_ratio"] = ratio.reindex(counts.index)
     table = counts.reset_index()
     order = {area: i for i, area in enumerate(AREAS)}
@@ -331,14 +333,13 @@ def peak_fraction(frame: pd.DataFrame, peaks: dict) -> pd.DataFrame:
 
 
 def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:
-    """The fastest and leanest line at the largest L of the forward sweep (for the verdict)."""
+    """The fastest and leanest line at the largest L of the forward sweep, among the lines measured there."""
     result = {}
     for key, method in (("fastest", "time_forward"), ("leanest", "track_peakmem_forward")):
         rows = sweep(frame, klass, method) if not frame.empty else frame
         rows = rows[np.isfinite(rows["value"])] if not rows.empty else rows
         if rows.empty:
             continue
-        # compare lines only where every line was measured, else a line that stopped early would win
         largest = rows["seq_len"].max()
         at_largest = rows[rows["seq_len"] == largest]
         best = at_largest.loc[at_largest["value"].idxmin()]

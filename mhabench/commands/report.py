@@ -62,11 +62,9 @@ def printable(text: str) -> str:
 
 def _print_comparison(comparison) -> None:
     table = comparison.table
-    print(f"compare B/A: {len(comparison.regressions)} regressions, {len(comparison.improvements)} improvements "
-          f"(threshold {comparison.threshold:.0%}, CI-aware), {len(table)} benchmarks in common")
     flagged = table[table["change"].isin(["regression", "failed in B", "improvement", "fixed in B"])]
     for record in flagged.head(20).to_dict("records"):
         ratio = f"{record['ratio']:.2f}" if record["ratio"] == record["ratio"] else "n/a"
         print(printable(f"  {record['change']:<12} {ratio:>6}  {record['benchmark']}({record['params']})"))
-    if len(comparison.conformance_changes):
-        print(f"  {len(comparison.conformance_changes)} conformance rows changed status")
+    for record in comparison.conformance_changes.head(20).to_dict("records"):
+        print(printable(f"  {record['status_a']} -> {record['status_b']}  {record['row_id']}"))

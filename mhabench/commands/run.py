@@ -109,8 +109,8 @@ def main(args) -> int:
     stages = stages_for(args)
     log_dir = Path(args.results) / "logs"
     data = paths = None
-    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}", table_column=Column(width=8, no_wrap=True)),
-               TimeElapsedColumn(),
+    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}", table_column=Column(min_width=8, no_wrap=True)),
+               TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
                TextColumn("{task.fields[line]}", markup=False,
                           table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")))
     with Progress(*columns, console=console, transient=False) as progress:
