@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 
 from .base import Adapter
 
@@ -32,19 +33,24 @@ _BUILTIN = {
 _registered: dict[str, str | Adapter] = dict(_BUILTIN)
 _instances: dict[str, Adapter] = {}
 _plugins_discovered = False
+_discovery_lock = threading.RLock()  # the conformance runner looks adapters up from several threads
 
 
 def _discover_plugins() -> None:
     """Register the entry-point plugins once, on first listing (see impls.plugins)."""
     global _plugins_discovered
-    if not _plugins_discovered:
-        _plugins_discovered = True
+    if _plugins_discovered:
+        return
+    with _discovery_lock:
+        if _plugins_discovered:
+            return
         try:
             from .plugins import register_entry_points
             register_entry_points()
         except Exception as exc:  # broken packaging metadata must not break the built-in adapters
             register_adapter("plugins", BrokenAdapter("plugins", f"plugin discovery failed "
                                                                  f"({type(exc).__name__}: {exc})"))
+        _plugins_discovered = True
 
 
 def register_adapter(name: str, target) -> None:
