@@ -17,8 +17,8 @@ https://flax.readthedocs.io/en/latest/why.html
 * Weights: the ``query``/``key``/``value`` ``LinearGeneral`` kernels are
   ``[D, H, head_dim]`` with biases ``[H, head_dim]``, and ``out`` is
   ``[H, head_dim, *out]`` with bias ``[*out]``: the canonical layout itself.
-* Scores: the module returns none; with ``sow_weights=True`` it stores them in
-  the ``nnx.Intermediate`` collection. That switches the module to another
+* Scores: the module returns none; with ``sow_weights=True`` it sows them into
+  ``nnx.Intermediate``, collected here with ``nnx.capture``. That switches the module to another
   code path (``dot_product_attention_weights``: softmax in the layer's dtype,
   ``finfo(dtype).min`` fill) instead of ``jax.nn.dot_product_attention``
   (float32 softmax). So the output always comes from a normal call, and the
@@ -89,7 +89,8 @@ class FlaxMHALayer(Layer):
             nnx.replace_by_pure_dict(params, wanted)
             self.params = params
         jit = jax.jit if mode == "compiled" else (lambda f, **_: f)
-        self._apply_fn = jit(self._apply, static_argnames=("layout", "causal", "sow"))
+        self._apply_fn = jit(self._apply, static_argnames=("layout", "causal"))
+        self._with_scores_fn = jit(self._with_scores, static_argnames=("layout", "causal"))
         self._vjp_fn = jit(self._vjp, static_argnames=("layout", "causal"))
         self._loss_grad_fns = {}
 
@@ -100,10 +101,20 @@ class FlaxMHALayer(Layer):
         flat = lambda x: _jax.flatten(x, *layout)
         key = value if key is None else key
         training = {} if dropout_key is None else dict(deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
-        out = module(flat(query), flat(key), flat(value), mask=allowed, is_causal=causal, sow_weights=sow,
-                     decode=False, **training)
-        out = _jax.unflatten_query(out, query.shape, layout[0])
-        weights = self.jax.tree.leaves(nnx.pop(module, nnx.Intermediate))[0] if sow else None
+        args = (flat(query), flat(key), flat(value))
+        kwargs = dict(mask=allowed, is_causal=causal, decode=False, **training)
+        weights = None
+        if sow:  # nnx.capture collects what the module sows into nnx.Intermediate
+            out, sown = nnx.capture(module, nnx.Intermediate)(*args, sow_weights=True, **kwargs)
+            weights = self.jax.tree.leaves(sown)[0]
+        else:
+            out = module(*args, **kwargs)
+        return _jax.unflatten_query(out, query.shape, layout[0]), weights
+
+    def _with_scores(self, params, query, value, key, allowed, dropout_key, layout, causal):
+        """The output of a normal call and the weights sown by a second one (one compiled function)."""
+        out, _ = self._apply(params, query, value, key, allowed, dropout_key, layout, causal)
+        _, weights = self._apply(params, query, value, key, allowed, dropout_key, layout, causal, sow=True)
         return out, weights
 
     def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
@@ -126,14 +137,16 @@ class FlaxMHALayer(Layer):
             allowed = self._mask(call)
             dropout_key = None
             if training and self.spec.dropout > 0:
-                dropout_key = self.jax.random.key(0 if seed is None else seed)
-            out, _ = self._apply_fn(self.params, query, value, key, allowed, dropout_key, layout=layout, causal=causal)
-            scores = None
-            if return_scores:
-                _, weights = self._apply_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
-                                            causal=causal, sow=True)
-                scores = _jax.to_numpy(weights).reshape(call.scores_shape)
-            return _jax.to_numpy(out), scores
+                # rbg (XLA RngBitGenerator) compiles in a fraction of the time threefry takes on CPU;
+                # dropout is judged by its statistics, so the generator does not matter
+                dropout_key = self.jax.random.key(0 if seed is None else seed, impl="rbg")
+            if not return_scores:
+                out, _ = self._apply_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
+                                        causal=causal)
+                return _jax.to_numpy(out), None
+            out, weights = self._with_scores_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
+                                                causal=causal)
+            return _jax.to_numpy(out), _jax.to_numpy(weights).reshape(call.scores_shape)
 
     def _gradients(self, call, cotangent):
         with _jax.precision_scope(self.dtype):

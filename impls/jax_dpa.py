@@ -54,7 +54,7 @@ class JaxDPALayer(Layer):
             self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
         jit = jax.jit if mode == "compiled" else (lambda f, **_: f)
         self._output_fn = jit(self._output, static_argnames=("layout", "causal"))
-        self._scores_fn = jit(self._scores, static_argnames=("layout",))
+        self._with_scores_fn = jit(self._with_scores, static_argnames=("layout", "causal"))
         self._vjp_fn = jit(self._vjp, static_argnames=("layout", "causal"))
         self._loss_grad_fns = {}
 
@@ -94,6 +94,11 @@ class JaxDPALayer(Layer):
             logits = jnp.where(allowed, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
         return self.jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
 
+    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
+        """The output and, computed apart, the scores (one compiled function for a call that wants both)."""
+        out = self._output(params, query, value, key, allowed, layout, causal)
+        return out, self._scores(params, query, value if key is None else key, scores_allowed, layout)
+
     def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
         f = lambda p, q, v, k: self._output(p, q, v, k, allowed, layout, causal)
         _, pullback = self.jax.vjp(f, params, query, value, key)
@@ -109,17 +114,16 @@ class JaxDPALayer(Layer):
         return _jax.mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
 
     def _forward(self, call, return_scores, training, seed):
-        layout = _jax.layout(call)
+        layout, causal = _jax.layout(call), call.causal and call.mask is None
         with _jax.precision_scope(self.dtype):
             query, value, key = self._inputs(call)
-            out = self._output_fn(self.params, query, value, key, self._mask(call), layout=layout,
-                                  causal=call.causal and call.mask is None)
-            scores = None
-            if return_scores:
-                allowed = _jax.mask_array(call.flat_allowed(), self.jax_device)
-                probs = self._scores_fn(self.params, query, value if key is None else key, allowed, layout=layout)
-                scores = _jax.to_numpy(probs).reshape(call.scores_shape)
-            return _jax.to_numpy(out), scores
+            if not return_scores:
+                return _jax.to_numpy(self._output_fn(self.params, query, value, key, self._mask(call),
+                                                     layout=layout, causal=causal)), None
+            scores_allowed = _jax.mask_array(call.flat_allowed(), self.jax_device)  # causal included
+            out, probs = self._with_scores_fn(self.params, query, value, key, self._mask(call), scores_allowed,
+                                              layout=layout, causal=causal)
+            return _jax.to_numpy(out), _jax.to_numpy(probs).reshape(call.scores_shape)
 
     def _gradients(self, call, cotangent):
         with _jax.precision_scope(self.dtype):
