@@ -1,0 +1,148 @@
+"""Keras backend plumbing for the Keras adapters: which backend runs here, tensors, sync, compile, grads.
+
+Keras chooses its backend once per process, at import. Nothing here imports
+Keras or a framework at module import; ``active_backend`` never imports Keras.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from .base import to_numpy
+
+BACKENDS = ("tensorflow", "jax", "torch")
+FRAMEWORK_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+
+
+def active_backend() -> str:
+    """The backend Keras runs (or will run, once imported) in this process."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        return keras.backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+def jax_x64_enabled() -> bool:
+    jax = sys.modules.get("jax")
+    if jax is not None and hasattr(jax, "config"):
+        return bool(jax.config.jax_enable_x64)
+    return os.environ.get("JAX_ENABLE_X64", "").lower() in ("1", "true", "yes", "on")
+
+
+def device_name(device: str) -> str:
+    """Our device string -> the name ``keras.device`` takes."""
+    kind, _, index = device.partition(":")
+    return f"gpu:{index or 0}" if kind == "cuda" else "cpu:0"
+
+
+def available_devices(backend: str) -> tuple[str, ...]:
+    if backend == "tensorflow":
+        import tensorflow as tf
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+    elif backend == "jax":
+        import jax
+        try:
+            gpu = bool(jax.devices("gpu"))
+        except RuntimeError:
+            gpu = False
+    else:
+        import torch
+        gpu = torch.cuda.is_available()
+    return ("cpu", "cuda") if gpu else ("cpu",)
+
+
+class Ops:
+    """What differs between backends: conversion, sync, compilation and gradients.
+
+    ``fn(trainable, non_trainable, query, value, key, mask, static)`` is a
+    stateless forward returning ``((output, scores), non_trainable)``.
+    """
+
+    def __init__(self, backend: str, device: str):
+        import keras
+        if keras.backend.backend() != backend:
+            raise RuntimeError(f"Keras runs the {keras.backend.backend()} backend here, not {backend}")
+        self.keras, self.backend, self.device = keras, backend, device
+
+    def tensor(self, x, dtype: str, requires_grad: bool = False):
+        arr = to_numpy(x, dtype)
+        if arr.dtype.name == "bfloat16":  # exact through float32; not every backend reads ml_dtypes
+            arr = arr.astype(np.float32)
+        with self.keras.device(device_name(self.device)):
+            t = self.keras.ops.convert_to_tensor(np.ascontiguousarray(arr), dtype=dtype)
+        if requires_grad and self.backend == "torch":
+            t = t.detach().clone().requires_grad_(True)
+        return t
+
+    def mask(self, m):
+        if m is None:
+            return None
+        with self.keras.device(device_name(self.device)):
+            return self.keras.ops.convert_to_tensor(np.ascontiguousarray(m), dtype="bool")
+
+    def numpy(self, t) -> np.ndarray:
+        ops = self.keras.ops
+        if t.dtype in ("bfloat16", "float16") or str(t.dtype).endswith(("bfloat16", "float16")):
+            return ops.convert_to_numpy(ops.cast(t, "float32"))
+        return ops.convert_to_numpy(t)
+
+    def sync(self, t):
+        """Wait until ``t`` is computed on the device."""
+        if self.backend == "jax":
+            t.block_until_ready()
+        elif self.backend == "torch":
+            if self.device.startswith("cuda"):
+                import torch
+                torch.cuda.synchronize()
+        else:
+            t.numpy()  # TensorFlow has no public per-tensor wait: reading the value is the sync
+        return t
+
+    def compile(self, fn):
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+            return tf.function(fn, jit_compile=True)
+        if self.backend == "jax":
+            import jax
+            return jax.jit(fn, static_argnums=(6,))
+        import torch
+        return torch.compile(fn, dynamic=False)
+
+    def value_and_grads(self, fn, trainable, non_trainable, query, value, key, mask, static, cotangent):
+        """``(output, grads)``: grads of ``sum(output * cotangent)`` w.r.t. query, value, key (or None), trainable."""
+        if self.backend == "tensorflow":
+            import tensorflow as tf
+            watched = [query, value] + ([key] if key is not None else []) + list(trainable)
+            with tf.GradientTape() as tape:
+                tape.watch(watched)
+                (out, _), _ = fn(trainable, non_trainable, query, value, key, mask, static)
+                loss = tf.reduce_sum(out * tf.cast(cotangent, out.dtype))
+            grads = tape.gradient(loss, watched)
+        elif self.backend == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            def loss(trainable, query, value, key):
+                (out, _), _ = fn(trainable, non_trainable, query, value, key, mask, static)
+                return jnp.sum(out * cotangent.astype(out.dtype)), out
+            (_, out), g = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+                list(trainable), query, value, key)
+            grads = [g[1], g[2]] + ([g[3]] if key is not None else []) + list(g[0])
+        else:
+            import torch
+            trainable = [t.detach().clone().requires_grad_(True) for t in trainable]
+            inputs = [query, value] + ([key] if key is not None else [])
+            (out, _), _ = fn(trainable, non_trainable, query, value, key, mask, static)
+            grads = torch.autograd.grad((out * cotangent.to(out.dtype)).sum(), inputs + trainable)
+        n = 3 if key is not None else 2
+        return out, grads[:n], grads[n:]

@@ -1,0 +1,283 @@
+"""Keras: ``keras.layers.MultiHeadAttention``, the reference behaviour, on each Keras backend.
+
+* Weights: the canonical layout is Keras's einsum layout; loaded with
+  ``set_weights`` into a layer built with the requested dtype policy.
+* Keras builds its einsum equations for one input rank, so one Keras layer is
+  built per input rank met, all holding the same weights.
+* ``attention_axes`` are passed resolved (positive, sorted) so the scores'
+  layout is the canonical one.
+* Mask: Keras's ``attention_mask`` has our polarity (True = attend). A mask
+  without a head axis is passed without it (Keras inserts it itself).
+* Causal: Keras's ``use_causal_mask`` builds a ``[T, S]`` triangle from axis 1
+  of query and value. That is our causal mask only when axis 1 is the single
+  attended axis; otherwise the adapter passes the causal triangle over the
+  flattened attended positions as an explicit ``attention_mask``.
+* Keras picks its backend once per process: an adapter whose backend is not
+  the one running here hosts its layer in a worker process (``impls._worker``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import numpy as np
+
+from . import _keras, _worker
+from .base import Adapter, Capabilities, Layer, UnsupportedError
+from .spec import Weights
+
+WORKER_OPTIONS = ("build_timeout", "call_timeout")
+# torch.compile (what Keras's own jit_compile uses on torch) of the layer's stateless call spent over two
+# minutes tracing Keras on CPU and then failed, so "compiled" is not offered on the torch backend.
+X64_REASON = ("JAX runs with jax_enable_x64 off in this process, so Keras silently computes float64 in float32; "
+              "set JAX_ENABLE_X64=1 before importing jax")
+
+
+def keras_axes(spec, rank: int) -> tuple[int, ...]:
+    return spec.resolve_axes(rank)
+
+
+def default_rank(spec) -> int:
+    """The smallest input rank the spec's attention_axes fit (used to build the layer up front)."""
+    for rank in range(3, 12):
+        try:
+            spec.resolve_axes(rank)
+            return rank
+        except ValueError:
+            continue
+    raise ValueError(f"attention_axes={spec.attention_axes!r} fit no input rank below 12")
+
+
+def native_causal_ok(call) -> bool:
+    """Keras's own causal mask (a triangle over axis 1) is ours exactly when axis 1 is the only attended axis."""
+    return call.attention_axes == (1,)
+
+
+class KerasMHALayer(Layer):
+    backend = "tensorflow"
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", flash_attention=None,
+                 build_timeout=None, call_timeout=None, **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        if flash_attention not in (None, True, False):
+            raise TypeError(f"flash_attention must be None, True or False, got {flash_attention!r}")
+        self.flash_attention = flash_attention
+        self.ops = _keras.Ops(adapter.backend, device)
+        self.keras = self.ops.keras
+        self.weights = weights
+        self._layers: dict[int, tuple] = {}  # rank -> (keras layer, named variables, forward fn)
+        self._layer(default_rank(spec))
+
+    # ---- one Keras layer per input rank --------------------------------------
+    def _layer(self, rank: int):
+        if rank not in self._layers:
+            keras, spec = self.keras, self.spec
+            q_dim, k_dim, v_dim = self.dims
+            with keras.device(_keras.device_name(self.device)):
+                layer = keras.layers.MultiHeadAttention(
+                    num_heads=spec.num_heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
+                    dropout=spec.dropout, use_bias=spec.use_bias, output_shape=spec.output_shape,
+                    attention_axes=keras_axes(spec, rank), flash_attention=self.flash_attention, dtype=self.dtype)
+                free = (None,) * (rank - 1)
+                layer.build(free + (q_dim,), free + (v_dim,), free + (k_dim,))
+            named = self._named_variables(layer)
+            by_id = {id(v): n for n, v in named.items()}
+            arrays = self.weights.as_dict()
+            if set(by_id.values()) != set(arrays) or len(layer.weights) != len(arrays):
+                raise RuntimeError(f"{self.adapter.name}: Keras layer has weights {[v.path for v in layer.weights]}; "
+                                   f"expected {sorted(arrays)}")
+            layer.set_weights([arrays[by_id[id(v)]].astype(np.float64) for v in layer.weights])
+            self._layers[rank] = (layer, named, self._forward_fn(layer))
+        return self._layers[rank]
+
+    @staticmethod
+    def _named_variables(layer) -> dict:
+        named = {}
+        for prefix, dense in (("q", layer.query_dense), ("k", layer.key_dense), ("v", layer.value_dense),
+                              ("o", layer.output_dense)):
+            named["W" + prefix] = dense.kernel
+            if dense.bias is not None:
+                named["b" + prefix] = dense.bias
+        return named
+
+    def _forward_fn(self, layer):
+        def forward(trainable, non_trainable, query, value, key, mask, static):
+            causal, return_scores, training = static
+            result, non_trainable = layer.stateless_call(
+                trainable, non_trainable, query, value, key=key, attention_mask=mask, use_causal_mask=causal,
+                return_attention_scores=return_scores, training=training)
+            return (result if return_scores else (result, None)), non_trainable
+        return self.ops.compile(forward) if self.mode == "compiled" else forward
+
+    # ---- translating a call ---------------------------------------------------
+    def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False, training=False,
+                 gradients=False):
+        call = super().validate(query, value, key, mask, causal, return_scores=return_scores, training=training,
+                                gradients=gradients)
+        if self.flash_attention:
+            if return_scores:
+                raise UnsupportedError(self.adapter.name, "this call",
+                                       "Keras refuses return_attention_scores with flash_attention=True")
+            if len(call.attention_axes) > 1:
+                raise UnsupportedError(self.adapter.name, "this call",
+                                       "Keras's flash path takes one attended axis only (4-D projected inputs)")
+        return call
+
+    def _keras_mask(self, call):
+        """(mask for Keras or None, use_causal_mask)."""
+        native = call.causal and native_causal_ok(call)
+        allowed = call.mask if native or not call.causal else call.allowed()
+        if allowed is not None and allowed.shape[call.n_batch] == 1:
+            allowed = np.squeeze(allowed, axis=call.n_batch)  # Keras inserts the head axis itself
+        return allowed, native
+
+    def _native(self, call, requires_grad=False):
+        t = lambda x: self.ops.tensor(x, self.dtype, requires_grad)
+        mask, native_causal = self._keras_mask(call)
+        return dict(query=t(call.query), value=t(call.value), key=t(call.key) if call.key_given else None,
+                    mask=self.ops.mask(mask), causal=native_causal, call=call)
+
+    def _state(self, layer, seed=None):
+        if seed is not None and self.spec.dropout > 0:
+            layer._dropout_layer.seed_generator.state.assign(np.array([int(seed), 0]))
+        return ([v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables])
+
+    def _run(self, inputs, return_scores, training, seed=None):
+        layer, _, fn = self._layer(inputs["call"].rank)
+        trainable, non_trainable = self._state(layer, seed)
+        (out, scores), new_state = fn(trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"],
+                                      inputs["mask"], (inputs["causal"], return_scores, training))
+        if training:  # advance the dropout RNG as a stateful call would
+            for var, val in zip(layer.non_trainable_variables, new_state):
+                var.assign(val)
+        return out, scores
+
+    def _forward(self, call, return_scores, training, seed):
+        out, scores = self._run(self._native(call), return_scores, training, seed)
+        return self.ops.numpy(out), (self.ops.numpy(scores) if return_scores else None)
+
+    def _grads(self, inputs, cotangent):
+        layer, named, fn = self._layer(inputs["call"].rank)
+        trainable, non_trainable = self._state(layer)
+        return self.ops.value_and_grads(fn, trainable, non_trainable, inputs["query"], inputs["value"],
+                                        inputs["key"], inputs["mask"], (inputs["causal"], False, False), cotangent)
+
+    def _gradients(self, call, cotangent):
+        inputs = self._native(call, requires_grad=True)
+        _, input_grads, weight_grads = self._grads(inputs, self.ops.tensor(cotangent, self.dtype))
+        layer, named, _ = self._layer(call.rank)
+        names = {id(v): n for n, v in named.items()}
+        grads = dict(zip(("query", "value", "key"), input_grads))
+        grads.update({names[id(v)]: g for v, g in zip(layer.trainable_variables, weight_grads)})
+        return {k: self.ops.numpy(g).astype(np.float64) for k, g in grads.items()}
+
+    def export_weights(self) -> Weights:
+        layer, named, _ = self._layer(default_rank(self.spec))
+        return Weights(**{n: self.ops.numpy(v.value).astype(np.float64) for n, v in named.items()})
+
+    # ---- native path ----------------------------------------------------------
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        call = self.validate(query, value, key, mask, causal)
+        inputs = self._native(call, requires_grad)
+        self._layer(call.rank)
+        if requires_grad:
+            out_shape = call.output_shape
+            inputs["ones"] = self.ops.tensor(np.ones(out_shape), self.dtype)
+        return inputs
+
+    def native_forward(self, inputs):
+        out, _ = self._run(inputs, False, False)
+        return self.ops.sync(out)
+
+    def native_forward_backward(self, inputs):
+        ones = inputs.get("ones")
+        if ones is None:
+            ones = inputs["ones"] = self.ops.tensor(np.ones(inputs["call"].output_shape), self.dtype)
+        out, input_grads, _ = self._grads(inputs, ones)
+        self.ops.sync(input_grads[0])
+        return self.ops.sync(out)
+
+
+class KerasMHAAdapter(Adapter):
+    name = "keras_mha"
+    backend = "tensorflow"
+    framework = "Keras (TensorFlow)"
+    distributions = ("keras", "tensorflow")
+    install_hint = 'pip install "mhabench[tensorflow]"'
+    description = "keras.layers.MultiHeadAttention on the TensorFlow backend"
+    layer_class = KerasMHALayer
+
+    @property
+    def requires(self):
+        return ("keras", _keras.FRAMEWORK_MODULE[self.backend])
+
+    def availability(self):
+        # keras is located, never imported: importing it would fix this process's backend.
+        if self._available is None:
+            if importlib.util.find_spec("keras") is None:
+                self._available = (False, f"cannot import keras; install with: {self.install_hint}")
+            else:
+                module = _keras.FRAMEWORK_MODULE[self.backend]
+                try:
+                    importlib.import_module(module)
+                    self._available = (True, "")
+                except Exception as exc:
+                    self._available = (False, f"cannot import {module} ({type(exc).__name__}: {exc}); "
+                                              f"install with: {self.install_hint}")
+        return self._available
+
+    def in_process(self) -> bool:
+        """Whether this process's Keras runs (or will run) this adapter's backend."""
+        return _keras.active_backend() == self.backend
+
+    def capabilities(self):
+        return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"))
+
+    def available_devices(self):
+        return _keras.available_devices(self.backend)
+
+    def worker_env(self) -> dict:
+        return {"KERAS_BACKEND": self.backend}
+
+    def _build(self, spec, weights, dtype, device, mode, **options):
+        flash = options.get("flash_attention")
+        if flash not in (None, True, False):
+            raise TypeError(f"flash_attention must be None, True or False, got {flash!r}")
+        if flash is True and self.backend == "tensorflow":
+            raise UnsupportedError(self.name, "flash_attention=True",
+                                   "Keras's TensorFlow backend raises 'Flash attention is not supported'")
+        if self.in_process():
+            return KerasMHALayer(self, spec, weights, dtype, device, mode, **options)
+        timeouts = {k: options.pop(k) for k in WORKER_OPTIONS if options.get(k) is not None}
+        return _worker.host(self.name, spec, weights, dtype, device, mode, adapter=self,
+                            env=self.worker_env(), **timeouts, **options)
+
+
+class KerasMHAJaxAdapter(KerasMHAAdapter):
+    name = "keras_mha@jax"
+    backend = "jax"
+    framework = "Keras (JAX)"
+    distributions = ("keras", "jax", "jaxlib")
+    install_hint = 'pip install "mhabench[jax]"'
+    description = "keras.layers.MultiHeadAttention on the JAX backend"
+
+    def worker_env(self):
+        return {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"}  # so float64 is float64 in the worker
+
+    def capabilities(self):
+        caps = super().capabilities()
+        if self.in_process() and not _keras.jax_x64_enabled():
+            return Capabilities(unsupported_dtypes={"float64": X64_REASON}, devices=caps.devices, modes=caps.modes)
+        return caps
+
+
+class KerasMHATorchAdapter(KerasMHAAdapter):
+    name = "keras_mha@torch"
+    backend = "torch"
+    framework = "Keras (PyTorch)"
+    distributions = ("keras", "torch")
+    install_hint = 'pip install "mhabench[torch]" keras'
+    description = "keras.layers.MultiHeadAttention on the PyTorch backend"
+
+    def capabilities(self):
+        return Capabilities(devices=("cpu", "cuda"), modes=("eager",))  # see COMPILED_TORCH_REASON
