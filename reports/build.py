@@ -139,7 +139,8 @@ def verdict(data: ReportData) -> list[str]:
     if data.benchmarks is not None:
         fastest, leanest = s.get("fastest"), s.get("leanest")
         if fastest:
-            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there): {fastest['series']} "
+            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there): "
+                         f"{fastest['series']} "
                          f"({format_value(fastest['value'], fastest['unit'])} per forward call)")
         if leanest:
             lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}): {leanest['series']} "

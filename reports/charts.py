@@ -46,14 +46,21 @@ def _colours(series: list[str]) -> dict:
 
 
 def _log_axes(ax, unit: str, y_log: bool = True) -> None:
-    """Log axes with plain labels (L as integers, y in ms/MiB); no mathtext, which is slow to lay out."""
+    """Log axes with plain labels (L as integers, y in ms/MiB); no mathtext, which is slow to lay out.
+
+    Call after plotting: a y range within one decade gets its minor ticks labelled, else it has none.
+    """
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    if y_log:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: format_value(v, unit)))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+    if not y_log:
+        return
+    base = 2 if unit == "bytes" else 10  # powers of two read as whole KiB/MiB/GiB
+    ax.set_yscale("log", base=base)
+    label = FuncFormatter(lambda v, _: format_value(v, unit))
+    ax.yaxis.set_major_formatter(label)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(label if low > 0 and high / low < base else NullFormatter())
 
 
 def _guides(ax, lengths, values) -> None:
@@ -107,7 +114,8 @@ def heads_chart(frame: pd.DataFrame, klass: str, method: str) -> str | None:
         ax.plot(line["num_heads"], line["value"], marker="o", markersize=3.5, color=colours[series],
                 label=plain(series))
     _log_axes(ax, rows["unit"].iloc[0])
-    ax.set_title(plain(f"{klass}: {METHOD_TITLES.get(method, method)} against heads (L={_int(rows['seq_len'].iloc[0])})"),
+    length = _int(rows["seq_len"].iloc[0])
+    ax.set_title(plain(f"{klass}: {METHOD_TITLES.get(method, method)} against heads (L={length})"),
                  fontsize=10)
     ax.set_xlabel("number of heads")
     ax.set_ylabel(UNIT_LABELS.get(rows["unit"].iloc[0], plain(rows["unit"].iloc[0])))

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .load import Benchmarks, Conformance, ResultsError, load_benchmarks, load_conformance
@@ -93,29 +94,33 @@ def compare_benchmarks(bench_a: Benchmarks, bench_b: Benchmarks, threshold: floa
     if not 0 <= threshold < 10:
         raise ValueError(f"threshold must be a fraction in [0, 10), e.g. 0.1 for 10%; got {threshold!r}")
     factor = 1.0 + threshold
-    a = bench_a.results.set_index(KEY)
-    b = bench_b.results.set_index(KEY)
-    a = a[~a.index.duplicated(keep="last")]
-    b = b[~b.index.duplicated(keep="last")]
-    common = a.index.intersection(b.index)
+    # asv keeps a slot for every grid combination; one measured on neither side is not in common
+    a = bench_a.results.drop_duplicates(KEY, keep="last")
+    b = bench_b.results.drop_duplicates(KEY, keep="last")
+    merged = a.merge(b, on=KEY, suffixes=("_a", "_b"))
+    merged = merged[np.isfinite(merged["value_a"]) | np.isfinite(merged["value_b"])]
+    fields = ("value", "ci_low", "ci_high", "repeat", "method", "unit", "version")
     rows = []
-    for key in common:
-        rec_a = {**a.loc[key].to_dict(), "benchmark": key[0]}
-        rec_b = {**b.loc[key].to_dict(), "benchmark": key[0]}
+    for record in merged.to_dict("records"):
+        rec_a = {f: record[f"{f}_a"] for f in fields}
+        rec_b = {f: record[f"{f}_b"] for f in fields}
         change, ratio, worse = classify(rec_a, rec_b, factor)
         rows.append({
-            "benchmark": key[0], "params": key[1], "method": rec_a["method"], "unit": rec_a["unit"],
-            "a": rec_a["value"], "b": rec_b["value"], "ratio": ratio, "worse_by": worse, "change": change,
-            "a_ci": _interval(rec_a), "b_ci": _interval(rec_b),
+            "benchmark": record["benchmark"], "params": record["params_key"], "method": rec_a["method"],
+            "unit": rec_a["unit"], "a": rec_a["value"], "b": rec_b["value"], "ratio": ratio, "worse_by": worse,
+            "change": change, "a_ci": _interval(rec_a), "b_ci": _interval(rec_b),
             "better": "higher" if higher_is_better(rec_a["method"]) else "lower",
         })
+    common = set(map(tuple, merged[KEY].values))
+    only_a = len(set(map(tuple, a.loc[np.isfinite(a["value"]), KEY].values)) - common)
+    only_b = len(set(map(tuple, b.loc[np.isfinite(b["value"]), KEY].values)) - common)
     columns = ["benchmark", "params", "method", "unit", "a", "b", "ratio", "worse_by", "change", "a_ci", "b_ci",
                "better"]
     table = pd.DataFrame(rows, columns=columns)
     if not table.empty:
         table = table.sort_values(["worse_by", "benchmark", "params"], ascending=[False, True, True],
                                   na_position="last").reset_index(drop=True)
-    return table, len(a.index.difference(b.index)), len(b.index.difference(a.index))
+    return table, only_a, only_b
 
 
 def _interval(record: dict) -> str:

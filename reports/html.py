@@ -16,14 +16,16 @@ from .load import STATUSES
 DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them all
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d2329;background:#fff}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d2329;
+background:#fff}
 main{max-width:1320px;margin:0 auto;padding:18px 28px 60px}
 h1{font-size:1.6em;margin:.2em 0}h2{border-bottom:2px solid #dfe3e8;padding-bottom:4px;margin-top:1.8em}
 h3{margin-top:1.3em}.muted{color:#66707a}.note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px}
 nav a{margin-right:14px}table{border-collapse:collapse;margin:8px 0;font-size:.86em}
-th,td{border:1px solid #dfe3e8;padding:3px 7px;text-align:left;vertical-align:top}
+th,td{border:1px solid #dfe3e8;padding:3px 7px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#f3f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.msg{max-width:520px;white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,monospace;font-size:.92em}
+td.msg{min-width:340px;max-width:620px;white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,monospace;
+font-size:.92em}td.id{max-width:330px;overflow-wrap:anywhere}
 .verdict{background:#eef5ff;border:1px solid #c9dcf5;padding:10px 14px;border-radius:6px}
 .verdict li{margin:2px 0}
 .pass{background:#d8f0d9}.fail{background:#f8d0cf}.divergence{background:#ffe2bf}
@@ -132,9 +134,18 @@ def section_conformance(data: ReportData) -> str:
     out.append(matrix_html(data.tables["conformance_matrix"]))
     bad = data.tables["conformance_non_passing"]
     out.append(f"<h3>Rows that did not pass ({len(bad)})</h3>")
-    out.append(table(bad, limit=DRILL_DOWN_LIMIT, row_class=lambda r: None,
-                     cell=lambda c, v, r: f'<td class="{esc(v)}">{esc(v)}</td>' if c == "status" else None))
+    # the row id already names adapter, case, dtype and quantity; the CSV has every column
+    out.append(table(bad, ["row_id", "area", "status", "error_ratio", "max_abs_err", "divergence", "message"],
+                     limit=DRILL_DOWN_LIMIT, cell=_drill_down_cell))
     return "".join(out)
+
+
+def _drill_down_cell(column, value, record):
+    if column == "status":
+        return f'<td class="{esc(value)}">{esc(value)}</td>'
+    if column in ("row_id", "divergence"):
+        return f'<td class="id">{esc(value)}</td>'
+    return None
 
 
 def matrix_html(matrix: pd.DataFrame) -> str:
@@ -197,6 +208,9 @@ def section_benchmarks(data: ReportData) -> str:
         out.append("<h3>Fitted exponents</h3><p class='muted'>Least-squares slope of log(value) on log(L) over "
                    "the sweep at the default head count: 1 is O(L), 2 is O(L²).</p>")
         scaling = data.tables["scaling"].copy()
+        if not scaling.empty and scaling["exponent"].isna().all():
+            out.append("<p class='note'>Every sweep here has a single sequence length (the quick profile), so no "
+                       "exponent can be fitted; <code>mhabench bench</code> (default profile) sweeps L.</p>")
         scaling["value_at_L_max"] = [format_value(v, u) for v, u in zip(scaling["value_at_L_max"], scaling["unit"])]
         out.append(table(scaling, ["class", "method", "device", "series", "num_heads", "points", "L_min", "L_max",
                                    "exponent", "value_at_L_max"]))
@@ -214,6 +228,10 @@ def section_benchmarks(data: ReportData) -> str:
         peaks = ", ".join(f"{esc(d)}: {p:.1f} GFLOP/s" for d, p in data.peaks.items()) or "not measured"
         out.append(f"<p>Machine GEMM peak (Machine.track_gemm_gflops): {peaks}.</p>")
         fraction = data.tables["peak_fraction"]
+        if not fraction.empty and (fraction["best_fraction"] > 1).any():
+            out.append("<p class='note'>Some lines exceed 100% of the GEMM peak: the peak was measured low "
+                       "(a busy machine, or a GEMM size that does not reach this machine's best); read the "
+                       "fractions as relative to each other.</p>")
         out.append(table(fraction, ["class", "method", "device", "series", "L_max", "gflops_at_L_max", "best_gflops",
                                     "gemm_peak_gflops", "fraction_at_L_max", "best_fraction"],
                          cell=lambda c, v, r: f'<td class="num">{v:.1%}</td>'

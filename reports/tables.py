@@ -215,11 +215,15 @@ def series_label(record) -> str:
 
 
 def attention_results(benchmarks: Benchmarks | None) -> pd.DataFrame:
-    """The attention benchmarks (those parametrised by adapter), with a line label."""
+    """The measured attention benchmarks (those parametrised by adapter), with a line label.
+
+    asv keeps a slot for every combination of the grid; the ones not run here, skipped or failed
+    are NaN and left out (the skip log says why).
+    """
     if benchmarks is None or benchmarks.results.empty:
         return pd.DataFrame()
     frame = benchmarks.results
-    frame = frame[frame["adapter"].notna() & frame["seq_len"].notna()].copy()
+    frame = frame[frame["adapter"].notna() & frame["seq_len"].notna() & np.isfinite(frame["value"])].copy()
     if frame.empty:
         return frame
     frame["series"] = frame.apply(series_label, axis=1)
@@ -344,5 +348,6 @@ def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:
         at_largest = rows[rows["seq_len"] == largest]
         best = at_largest.loc[at_largest["value"].idxmin()]
         result[key] = {"series": best["series"], "seq_len": int(largest), "value": float(best["value"]),
-                       "unit": best["unit"], "num_heads": best["num_heads"], "lines": int(at_largest["series"].nunique())}
+                       "unit": best["unit"], "num_heads": best["num_heads"],
+                       "lines": int(at_largest["series"].nunique())}
     return result
