@@ -212,16 +212,16 @@ def _spec(heads=2, key_dim=4, **kw) -> dict:
 def _shapes() -> list[Case]:
     c = lambda id, **kw: Case(id=id, area="shapes", spec=kw.pop("spec", _spec()), **kw)
     cases = [
-        c("self_T8-heads2_kd4", quick=True),
-        c("cross_T8_S4-heads2", k_shape=(4,), quick=True),
+        c("self_T8-heads2_kd4"),
+        c("cross_T8_S4-heads2", k_shape=(4,)),
         c("cross_T4_S8-heads2", q_shape=(4,), k_shape=(8,)),
         c("cross_T8_S4-key_distinct", k_shape=(4,), key_distinct=True, quick=True),
         c("cross_T6_S5-dims_q8_k6_v5", q_shape=(6,), k_shape=(5,), key_dim=6, value_dim=5, key_distinct=True),
-        c("self_T8-value_dim6", spec=_spec(value_dim=6), quick=True),
+        c("self_T8-value_dim6", spec=_spec(value_dim=6)),
         c("self_T8-output_shape5", spec=_spec(output_shape=5)),
         c("self_T8-output_shape2x3", spec=_spec(output_shape=(2, 3)), quick=True),
         c("self_T8-heads3_kd5", spec=_spec(3, 5)),
-        c("self_T8-no_bias", spec=_spec(use_bias=False), quick=True),
+        c("self_T8-no_bias", spec=_spec(use_bias=False)),
         c("self_T8-batch1", batch=1),
         c("self_T1-len1", q_shape=(1,), k_shape=(1,)),
         c("cross_T1_S8-query_len1", q_shape=(1,)),
@@ -237,11 +237,11 @@ def _shapes() -> list[Case]:
 def _masks() -> list[Case]:
     c = lambda id, **kw: Case(id=id, area="masks", spec=_spec(), **kw)
     return [
-        c("self_T8-mask_full", mask="full", quick=True),
+        c("self_T8-mask_full", mask="full"),
         c("self_T8-mask_broadcast", mask="broadcast"),
         c("cross_T8_S4-heads2-mask_padding", k_shape=(4,), mask="padding", quick=True),
-        c("self_T8-mask_per_head", mask="per_head", quick=True),
-        c("self_T8-causal", causal=True, quick=True),
+        c("self_T8-mask_per_head", mask="per_head"),
+        c("self_T8-causal", causal=True),
         c("cross_T8_S4-causal", k_shape=(4,), causal=True),
         c("cross_T4_S8-causal", q_shape=(4,), causal=True),
         c("self_T8-causal-mask_padding", causal=True, mask="padding", quick=True),
@@ -257,8 +257,8 @@ def _axes() -> list[Case]:
     c = lambda id, axes, q, k, **kw: Case(id=id, area="axes", spec=_spec(attention_axes=axes), q_shape=q,
                                           k_shape=k, **kw)
     return [
-        c("rank4-axes_default", None, (3, 4), (2, 5), quick=True),
-        c("rank4-axes_1", (1,), (3, 4), (2, 4), quick=True),
+        c("rank4-axes_default", None, (3, 4), (2, 5)),
+        c("rank4-axes_1", (1,), (3, 4), (2, 4)),
         c("rank4-axes_2", (2,), (3, 4), (3, 5)),
         c("rank4-axes_neg2", (-2,), (3, 4), (3, 5)),
         c("rank4-axes_1_2", (1, 2), (3, 4), (2, 5)),
@@ -277,7 +277,7 @@ def _dtypes() -> list[Case]:
         c("self_T8-large_logits", scale=60.0, quick=True),
         c("self_T8-large_logits-mask_padding", scale=60.0, mask="padding"),
         c("self_T8-small_inputs", scale=1e-3),
-        c("cross_T16_S128-long_keys", q_shape=(16,), k_shape=(128,), quick=True),
+        c("cross_T16_S128-long_keys", q_shape=(16,), k_shape=(128,)),
     ]
 
 
@@ -285,7 +285,7 @@ def _special() -> list[Case]:
     c = lambda id, special, **kw: Case(id=id, area="special", spec=_spec(), special=special, **kw)
     return [
         c("self_T8-nan_query", "nan_query", quick=True),
-        c("cross_T8_S4-nan_key", "nan_key", k_shape=(4,), key_distinct=True, quick=True),
+        c("cross_T8_S4-nan_key", "nan_key", k_shape=(4,), key_distinct=True),
         c("self_T8-nan_value", "nan_value"),
         c("self_T8-inf_query", "inf_query"),
         c("cross_T8_S4-inf_key", "inf_key", k_shape=(4,), key_distinct=True),
@@ -297,13 +297,13 @@ def _special() -> list[Case]:
 def _gradients() -> list[Case]:
     c = lambda id, **kw: Case(id=id, area="gradients", spec=kw.pop("spec", _spec()), **kw)
     return [
-        c("grad-self_T8-heads2", quick=True),
+        c("grad-self_T8-heads2"),
         c("grad-cross_T8_S4-key_distinct", k_shape=(4,), key_distinct=True, quick=True),
         c("grad-cross_T6_S5-dims_q8_k6_v5", q_shape=(6,), k_shape=(5,), key_dim=6, value_dim=5,
           key_distinct=True),
         c("grad-self_T8-value_dim6-output_shape5", spec=_spec(value_dim=6, output_shape=5)),
         c("grad-self_T8-no_bias", spec=_spec(use_bias=False)),
-        c("grad-self_T8-mask_padding", mask="padding", quick=True),
+        c("grad-self_T8-mask_padding", mask="padding"),
         c("grad-self_T8-causal", causal=True),
         c("grad-self_T8-mask_fully_masked_row", mask="fully_masked_row", quick=True),
         c("grad-rank4-axes_default", spec=_spec(), q_shape=(3, 4), k_shape=(2, 5)),
@@ -373,7 +373,7 @@ def invalid_call(case: "Case") -> dict:
 
 def _invalid() -> list[Case]:
     return [Case(id=f"invalid_{name}", area="invalid", spec=_spec(), invalid=name,
-                 quick=name in ("value_batch_differs", "mask_not_broadcastable", "axes_repeated", "dtype_unknown"))
+                 quick=name in ("value_batch_differs", "mask_not_broadcastable"))
             for name in INVALID_INPUTS]
 
 

@@ -1,0 +1,22 @@
+"""The divergence catalogue stays true: every entry still reproduces exactly as described."""
+import pytest
+
+from conformance import catalogue
+
+ENTRIES = catalogue.load()
+
+
+def test_catalogue_loads_and_every_entry_is_checkable():
+    for entry in ENTRIES:
+        assert (entry.oracle_policy is None) != (entry.behaviour is None), entry.id
+        assert entry.observed.strip(), entry.id
+
+
+@pytest.mark.parametrize("catalogue_entry", ENTRIES, ids=[e.id for e in ENTRIES])
+def test_entry_reproduces(catalogue_entry, conformance_rows, request):
+    from conformance.conftest import catalogue_keys, selected_adapters
+    if not set(catalogue_entry.adapters) & set(selected_adapters(request.config)):
+        pytest.skip(f"none of {catalogue_entry.adapters} selected or installed")
+    rows = [r for key in catalogue_keys(request.config, catalogue_entry) for r in conformance_rows.get(key)]
+    [check] = catalogue.check([catalogue_entry], rows, selected_adapters(request.config), full_matrix=True)
+    assert check.status == "ok", f"{catalogue_entry.id} ({catalogue_entry.source}) is {check.status}: {check.message}"

@@ -1,0 +1,47 @@
+"""Conformance on random cases: hypothesis over shapes, heads, dims, axes, masks and causal.
+
+Examples per adapter: ``--examples N`` (default 10). A failure prints a reproducer: the case's spec,
+shapes and seed, as ``Case.from_dict(...)``.
+"""
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from conformance import strategies
+from conformance.conftest import describe, selected_adapters, selected_dtypes
+from conformance.worker import AdapterProcess
+
+
+def pytest_generate_tests(metafunc):
+    if "random_adapter" in metafunc.fixturenames:
+        metafunc.parametrize("random_adapter", selected_adapters(metafunc.config))
+
+
+@pytest.fixture(scope="module")
+def processes(request):
+    import sys
+    started = {}
+
+    def get(adapter):
+        if adapter not in started:
+            setup = {"sys_path": [p for p in sys.path if p]}
+            started[adapter] = AdapterProcess(adapter, setup, request.config.getoption("--conform-timeout"))
+        return started[adapter]
+    yield get
+    for process in started.values():
+        process.stop()
+
+
+def test_random_cases(random_adapter, processes, request):
+    dtypes = selected_dtypes(request.config)
+    process = processes(random_adapter)
+
+    @settings(max_examples=request.config.getoption("--examples"), deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategies.cases())
+    def check(case):
+        reply = process.request({"adapter": random_adapter, "case": case.to_dict(), "dtypes": dtypes})
+        assert "rows" in reply, f"harness error: {reply.get('error')}\nreproducer: {strategies.reproducer(case)}"
+        bad = [r for r in reply["rows"] if r["status"] in ("fail", "error")]
+        assert not bad, "\n".join(describe(r) for r in bad) + f"\nreproducer: {strategies.reproducer(case)}"
+
+    check()

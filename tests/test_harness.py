@@ -1,0 +1,187 @@
+"""Unit tests of the conformance harness itself: tolerance math, NaN-aware comparison, the catalogue's
+strictness, the case matrix, and results writing."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conformance import catalogue, results
+from conformance.cases import default_cases, find_case, row_id
+from conformance.compare import compare
+from conformance.evaluate import evaluate
+from conformance.strategies import random_case, random_case_from_id
+from conformance.tolerances import FLOOR, FUDGE, tolerance
+
+
+# ---- tolerances -------------------------------------------------------------------------------------
+def test_tolerance_is_the_larger_of_floor_and_fudged_reference_error():
+    assert tolerance("float32", "output", 0.0) == FLOOR["float32"]
+    assert tolerance("float16", "output", 1e-2) == pytest.approx(FUDGE["output"] * 1e-2)
+    assert tolerance("float32", "output", 1e-9) == FLOOR["float32"]  # fudged error below the floor
+    assert tolerance("float64", "output", 0.0, magnitude=1e3) == pytest.approx(1e-7)  # floor scales with size
+
+
+def test_query_gradient_gets_a_larger_fudge_than_value_gradient():
+    assert FUDGE["grad_query"] > FUDGE["grad_value"] and FUDGE["grad_key"] > FUDGE["grad_value"]
+    with pytest.raises(ValueError, match="quantity"):
+        tolerance("float32", "grad_nothing", 1.0)
+
+
+def test_compare_records_errors_ratio_and_passes_within_tolerance():
+    golden = np.array([1.0, 2.0, 3.0])
+    reference = golden + np.array([0.0, 1e-3, 0.0])
+    r = compare(golden, reference, golden + np.array([0.0, 0.0, 2e-3]), "float16", "output")
+    assert r.ok and r.reference_err == pytest.approx(1e-3) and r.max_abs_err == pytest.approx(2e-3)
+    assert r.error_ratio == pytest.approx(2.0) and r.tolerance == pytest.approx(4e-3)
+    assert r.max_rel_err == pytest.approx(2e-3 / 3)
+    bad = compare(golden, reference, golden + np.array([0.0, 0.0, 5e-2]), "float16", "output")
+    assert not bad.ok and "tolerance" in bad.message and "first at [2]" in bad.message
+
+
+def test_compare_is_nan_aware():
+    golden = np.array([1.0, np.nan, 3.0])
+    assert compare(golden, golden, golden.copy(), "float32", "output").ok  # NaN where the golden has NaN
+    extra = compare(np.array([1.0, 2.0]), np.array([1.0, 2.0]), np.array([1.0, np.nan]), "float32", "output")
+    assert not extra.ok and "NaN where the golden is not NaN" in extra.message
+    hidden = compare(golden, golden, np.array([1.0, 0.0, 3.0]), "float32", "output")
+    assert not hidden.ok and "no NaN where the golden is NaN" in hidden.message
+    inf = compare(np.array([np.inf]), np.array([np.inf]), np.array([-np.inf]), "float32", "output")
+    assert not inf.ok and "Inf" in inf.message
+    shape = compare(np.zeros(3), np.zeros(3), np.zeros(4), "float32", "output")
+    assert not shape.ok and "shape" in shape.message
+
+
+# ---- cases ------------------------------------------------------------------------------------------
+def test_case_ids_are_unique_readable_and_map_back():
+    cases = default_cases()
+    assert len({c.id for c in cases}) == len(cases)
+    assert {c.area for c in cases} >= {"shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients"}
+    case = find_case("cross_T8_S4-heads2-mask_padding")
+    assert case.mask == "padding" and case.k_shape == (4,)
+    assert row_id("torch_mha", case.id, "float32", "output") == "torch_mha-cross_T8_S4-heads2-mask_padding-float32-output"
+
+
+def test_inputs_are_reproducible_from_the_seed():
+    case = find_case("self_T8-mask_fully_masked_row")
+    a, b = case.inputs(), case.inputs()
+    assert np.array_equal(a.query, b.query) and a.weights == b.weights and np.array_equal(a.mask, b.mask)
+    assert not a.mask[0, 1].any(), "the fully masked row is row 1 of batch 0"
+    assert all(a.mask[0, i].any() for i in range(8) if i != 1)
+
+
+def test_special_values_are_planted_in_one_position_of_batch_zero():
+    i = find_case("self_T8-nan_query").inputs()
+    assert np.isnan(i.query).sum() == 1 and np.isnan(i.query[0, 1, 0])
+    assert np.isfinite(i.query[1]).all()
+
+
+def test_random_cases_rebuild_from_their_id():
+    case = random_case(7)
+    assert random_case_from_id(case.id) == case
+    assert find_case(case.id) == case
+    assert random_case_from_id("random7-not-its-id") is None
+
+
+# ---- catalogue --------------------------------------------------------------------------------------
+def _write_toml(path, body):
+    path.write_text(body)
+    return catalogue.load(path.parent)
+
+
+def test_catalogue_rejects_malformed_entries(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of oracle_policy and behaviour"):
+        _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["torch_mha"]\ncases=["*"]\n'
+                                         'observed="o"\n')
+    with pytest.raises(ValueError, match="unknown keys"):
+        _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["x"]\ncases=["*"]\nobserved="o"\n'
+                                         'oracle_policy="nan"\ntypo=1\n')
+    with pytest.raises(ValueError, match="https"):
+        _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["x"]\ncases=["*"]\nobserved="o"\n'
+                                         'oracle_policy="nan"\nupstream="github.com/x"\n')
+
+
+def test_a_divergence_that_reproduces_marks_the_row(tmp_path):
+    entries = _write_toml(tmp_path / "numpy.toml", '''
+[[divergence]]
+id = "planted-uniform"
+adapters = ["numpy_oracle"]
+cases = ["self_T8-mask_fully_masked_row"]
+observed = "planted: the layer is built with the uniform policy"
+oracle_policy = "uniform"
+''')
+    case = find_case("self_T8-mask_fully_masked_row")
+    rows = evaluate("numpy_oracle", case, ["float32"], entries)
+    # the oracle itself follows the canonical policy, so the planted entry does not reproduce: stale
+    assert all(r["status"] == "pass" and r["divergence"] is None for r in rows)
+    [check] = catalogue.check(entries, rows, ["numpy_oracle"])
+    assert check.status == "stale" and "no longer show" in check.message
+
+
+def test_an_entry_matching_no_case_is_stale_only_on_a_full_run(tmp_path):
+    entries = _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="ghost"\nadapters=["numpy_oracle"]\n'
+                                               'cases=["no_such_case*"]\nobserved="o"\noracle_policy="nan"\n')
+    assert catalogue.check(entries, [], ["numpy_oracle"], full_matrix=True)[0].status == "stale"
+    assert catalogue.check(entries, [], ["numpy_oracle"], full_matrix=False)[0].status == "unchecked"
+    assert catalogue.check(entries, [], ["torch_sdpa"], full_matrix=True)[0].status == "unchecked"
+
+
+def test_shipped_catalogue_is_valid_and_links_are_real_issue_urls():
+    for entry in catalogue.load():
+        assert entry.upstream is None or entry.upstream.startswith("https://github.com/")
+        assert entry.source.endswith(".toml")
+
+
+def test_torch_mha_fully_masked_row_is_the_catalogued_nan():
+    pytest.importorskip("torch")
+    rows = evaluate("torch_mha", find_case("self_T8-mask_fully_masked_row"), ["float32"])
+    assert {r["status"] for r in rows} == {"divergence"}
+    assert {r["divergence"] for r in rows} == {"torch_mha-fully_masked_row-nan"}
+
+
+# ---- results ----------------------------------------------------------------------------------------
+def _row(i, status="pass", **kw):
+    return {"row_id": f"a-c{i}-float32-output", "adapter": "a", "area": "shapes", "status": status,
+            "quantity": "output", "error_ratio": None, "spec": {"num_heads": 1}, "query_shape": [1, 2, 3], **kw}
+
+
+def test_results_written_atomically_as_json_and_csv(tmp_path):
+    rows = [_row(0), _row(1, "fail", error_ratio=3.0, reference_err=1e-3, tolerance=4e-3)]
+    meta = results.meta(["mhabench", "conform"])
+    assert {"created", "mhabench_version", "python", "platform", "cpu", "gpu", "commit", "argv",
+            "versions"} <= set(meta)
+    j, c = results.write_results(tmp_path, rows, meta)
+    data = json.loads(j.read_text())
+    assert data["rows"] == rows and data["meta"]["argv"] == ["mhabench", "conform"]
+    with open(c) as f:
+        flat = list(csv.DictReader(f))
+    assert flat[0]["row_id"] == rows[0]["row_id"] and json.loads(flat[0]["spec"]) == {"num_heads": 1}
+    assert not list(tmp_path.glob(".*.tmp"))
+    summary = results.summarise(rows)[("a", "shapes")]
+    assert summary["pass"] == 1 and summary["fail"] == 1 and summary["worst_ratio"] == 3.0
+
+
+def test_journal_appends_and_latest_row_wins(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    w = results.RowWriter(path)
+    w.write([_row(0), _row(1)])
+    w.write([_row(0, "fail")])
+    w.close()
+    journal = results.read_rows(path)
+    assert len(journal.rows) == 3 and not journal.warnings
+    assert [r["status"] for r in journal.latest()] == ["pass", "fail"]
+
+
+def test_truncated_last_line_is_reported_with_path_and_line_and_the_rest_kept(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(_row(0)) + "\n" + json.dumps(_row(1))[:30])
+    journal = results.read_rows(path)
+    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"]]
+    assert len(journal.warnings) == 1 and f"{path}:2: truncated last line" in journal.warnings[0]
+    w = results.RowWriter(path)  # appending later keeps the damaged line, on its own line
+    w.write([_row(2)])
+    w.close()
+    journal = results.read_rows(path)
+    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"], _row(2)["row_id"]]
+    assert f"{path}:2: corrupt line" in journal.warnings[0]
+    assert json.dumps(_row(1))[:30] in path.read_text()  # never overwritten
