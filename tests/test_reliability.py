@@ -1,0 +1,118 @@
+"""The conformance run survives its adapters: raising, hanging and crashing cases become error rows and
+the run goes on; a killed run resumes without losing or redoing finished rows; a damaged journal is
+reported with its path and line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conformance.cases import find_case
+from conformance.runner import run_rows
+
+PLANTED = Path(__file__).with_name("planted_adapters.py")
+FAULTY, GOOD = find_case("self_T1-len1"), find_case("self_T8-heads2_kd4")
+
+
+def _run(class_name, timeout=30.0):
+    import impls.plugins
+    name = impls.plugins.load_adhoc(f"{PLANTED}:{class_name}")
+    rows = run_rows([name], [FAULTY, GOOD], ["float32"], timeout=timeout, adhoc=[f"{PLANTED}:{class_name}"])
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r["case"], []).append(r)
+    return by_case
+
+
+def test_a_raising_case_is_an_error_row_with_the_message():
+    rows = _run("RaisingAdapter")
+    assert {r["status"] for r in rows[FAULTY.id]} == {"error"}
+    assert "RuntimeError: planted failure inside the framework" in rows[FAULTY.id][0]["message"]
+    assert {r["status"] for r in rows[GOOD.id]} == {"pass"}
+
+
+def test_a_hanging_case_times_out_and_the_run_goes_on():
+    started = time.monotonic()
+    rows = _run("HangingAdapter", timeout=3.0)
+    assert time.monotonic() - started < 60
+    assert {r["status"] for r in rows[FAULTY.id]} == {"error"}
+    assert "timed out after 3 s" in rows[FAULTY.id][0]["message"]
+    assert {r["status"] for r in rows[GOOD.id]} == {"pass"}, "the worker was restarted for the next case"
+
+
+@pytest.mark.parametrize("class_name, evidence", [("ExitingAdapter", "exit status 3"),
+                                                  ("SegfaultingAdapter", "Segmentation fault")])
+def test_a_crashing_case_is_an_error_with_the_stderr_tail(class_name, evidence):
+    rows = _run(class_name)
+    message = rows[FAULTY.id][0]["message"]
+    assert {r["status"] for r in rows[FAULTY.id]} == {"error"}
+    assert "worker died" in message and evidence in message
+    assert {r["status"] for r in rows[GOOD.id]} == {"pass"}
+
+
+def test_a_case_over_the_memory_budget_is_skipped_with_the_estimate():
+    rows = run_rows(["numpy_oracle"], [GOOD], ["float32"], isolate=False, memory_budget=1000)
+    assert {r["status"] for r in rows} == {"skip"} and "memory budget" in rows[0]["message"]
+
+
+def _conform(results, *extra):
+    return [sys.executable, "-m", "mhabench", "conform", "--adapters", "numpy_oracle",
+            "--adapter", f"{PLANTED}:SlowAdapter", "--areas", "masks", "--dtypes", "float32",
+            "--results", str(results), *extra]
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_kill_half_way_then_resume_recovers_every_finished_row(tmp_path):
+    journal = tmp_path / "conformance" / "rows.jsonl"
+    proc = subprocess.Popen(_conform(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_lines(journal)) < 20 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed half-way"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(journal, "ab") as f:  # as if the kill hit mid-write
+        f.write(b'{"row_id": "planted_slow-self_T8')
+    finished = [json.loads(line)["row_id"] for line in _lines(journal)[:-1]]
+    assert len(finished) >= 20
+
+    done = subprocess.run(_conform(tmp_path, "--resume"), capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, 1), done.stderr
+    assert f"{journal}:{len(finished) + 1}: truncated last line" in done.stderr
+    rows = json.loads((tmp_path / "conformance" / "results.json").read_text())["rows"]
+    ids = [r["row_id"] for r in rows]
+    assert set(finished) <= set(ids), "every row finished before the kill is in the results"
+    assert len(ids) == len(set(ids))
+    lines = _lines(journal)
+    rerun = [json.loads(x)["row_id"] for x in lines[len(finished) + 1:] if x.startswith("{") and x.endswith("}")]
+    assert not set(rerun) & set(finished), "no finished row was run again"
+    adapters = {r["adapter"] for r in rows}
+    assert adapters == {"numpy_oracle", "planted_slow"}
+    assert all(r["status"] in ("pass", "unsupported") for r in rows)
+
+
+def test_rerun_runs_exactly_that_row(tmp_path):
+    row_id = "numpy_oracle-cross_T8_S4-heads2-mask_padding-float16-output"
+    done = subprocess.run([sys.executable, "-m", "mhabench", "conform", "--rerun", row_id, "--results",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(x) for x in _lines(tmp_path / "conformance" / "rows.jsonl")]
+    assert row_id in {r["row_id"] for r in rows} and {r["dtype"] for r in rows} == {"float16"}
+    assert {r["case"] for r in rows} == {"cross_T8_S4-heads2-mask_padding"}
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    for args in (["--adapters", "nope"], ["--dtypes", "float8"], ["--areas", "everything"],
+                 ["--results", "/proc/no/such/dir"], ["--rerun", "not-a-row"]):
+        done = subprocess.run([sys.executable, "-m", "mhabench", "conform", *args], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
