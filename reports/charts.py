@@ -76,15 +76,24 @@ def _guides(ax, lengths, values) -> None:
     ax.plot(xs, anchor * (xs / l_min) ** 2, color="0.55", linestyle=":", linewidth=1.2, label="O(L²) guide")
 
 
-def scaling_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device) -> str | None:
-    """Log-log value against L, one line per adapter(+mode), fitted exponent in the legend."""
+def _panels(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device):
+    """One panel per method with measurements: (figure, [(axes, method, rows)], colour per line) or None."""
     panels = [(m, tables.sweep(frame[frame["device"] == device], klass, m)) for m in methods]
     panels = [(m, rows) for m, rows in panels if not rows.empty and np.isfinite(rows["value"]).any()]
     if not panels:
         return None
     colours = _colours(list({s for _, rows in panels for s in rows["series"]}))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
-    for ax, (method, rows) in zip(axes[0], panels):
+    return fig, [(ax, m, rows) for ax, (m, rows) in zip(axes[0], panels)], colours
+
+
+def scaling_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device) -> str | None:
+    """Log-log value against L, one line per adapter(+mode), fitted exponent in the legend."""
+    drawn = _panels(frame, klass, methods, device)
+    if drawn is None:
+        return None
+    fig, panels, colours = drawn
+    for ax, method, rows in panels:
         for series, line in rows.groupby("series", sort=True):
             line = line[np.isfinite(line["value"]) & (line["value"] > 0)]
             if line.empty:
@@ -125,13 +134,12 @@ def heads_chart(frame: pd.DataFrame, klass: str, method: str) -> str | None:
 
 
 def gflops_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device, peak: float | None) -> str | None:
-    panels = [(m, tables.sweep(frame[frame["device"] == device], klass, m)) for m in methods]
-    panels = [(m, rows) for m, rows in panels if not rows.empty and np.isfinite(rows["value"]).any()]
-    if not panels:
+    """GFLOP/s against L, with the machine's GEMM peak as a horizontal line."""
+    drawn = _panels(frame, klass, methods, device)
+    if drawn is None:
         return None
-    colours = _colours(list({s for _, rows in panels for s in rows["series"]}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
-    for ax, (method, rows) in zip(axes[0], panels):
+    fig, panels, colours = drawn
+    for ax, method, rows in panels:
         for series, line in rows.groupby("series", sort=True):
             line = line[np.isfinite(line["value"])]
             ax.plot(line["seq_len"], line["value"], marker="o", markersize=3.5, color=colours[series],
