@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from .base import Layer
+from .spec import Weights
 from .validation import Call, flatten_perm, inverse_perm, numpy_dtype
 
 
@@ -97,3 +99,93 @@ def block(tree):
     """Wait for every array in ``tree`` (the device sync that ends a timed call)."""
     import jax
     return jax.block_until_ready(tree)
+
+
+class JaxLayer(Layer):
+    """What the JAX layers share: inputs, gradients, weight export and the native benchmark path.
+
+    A subclass sets ``self.params`` (a pytree) and implements ``_output(params, query, value, key,
+    allowed, layout, causal)``, a pure function of jax arrays (``key`` None means the value serves as
+    key; ``allowed`` is ``[N, 1|H, T, S]`` or None; ``layout`` and ``causal`` are static), and
+    ``_canonical(tree)``, which names a params-shaped tree (the weights or their gradients) canonically.
+    """
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        import jax
+        self.jax = jax
+        self.jax_device = jax_device(device)
+        self._output_fn = self._compile(self._output)
+        self._vjp_fn = self._compile(self._vjp)
+        self._loss_grad_fns = {}
+
+    def _compile(self, fn):
+        """``jax.jit`` in compiled mode; the plain function (op-by-op dispatch) in eager mode."""
+        return self.jax.jit(fn, static_argnames=("layout", "causal")) if self.mode == "compiled" else fn
+
+    def _output(self, params, query, value, key, allowed, layout, causal):
+        raise NotImplementedError
+
+    def _canonical(self, tree) -> dict:
+        raise NotImplementedError
+
+    def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
+        f = lambda p, q, v, k: self._output(p, q, v, k, allowed, layout, causal)
+        _, pullback = self.jax.vjp(f, params, query, value, key)
+        return pullback(cotangent)
+
+    def _inputs(self, call):
+        a = lambda x: array(x, self.dtype, self.jax_device)
+        return a(call.query), a(call.value), (a(call.key) if call.key_given else None)
+
+    def _mask(self, call):
+        """The mask for the call, causal folded in; None when there is none (causal alone goes through
+        the framework's own ``is_causal``, see ``_causal``)."""
+        return mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
+
+    @staticmethod
+    def _causal(call) -> bool:
+        return call.causal and call.mask is None
+
+    def _gradients(self, call, cotangent):
+        with precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            ct = array(cotangent, self.dtype, self.jax_device)
+            g_params, g_query, g_value, g_key = self._vjp_fn(self.params, query, value, key, self._mask(call), ct,
+                                                             layout=layout(call), causal=self._causal(call))
+            grads = {"query": g_query, "value": g_value, **self._canonical(g_params)}
+            if call.key_given:
+                grads["key"] = g_key
+            return {k: to_numpy(v) for k, v in grads.items()}
+
+    def export_weights(self) -> Weights:
+        with precision_scope(self.dtype):
+            return Weights(**{k: to_numpy(v).astype(np.float64) for k, v in self._canonical(self.params).items()})
+
+    # ---- native path (conversion done once, in native_inputs) -----------------
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+        call = self.validate(query, value, key, mask, causal)
+        with precision_scope(self.dtype):
+            query, value, key = self._inputs(call)
+            return dict(query=query, value=value, key=key, allowed=self._mask(call), layout=layout(call),
+                        causal=self._causal(call), requires_grad=bool(requires_grad))
+
+    def native_forward(self, inputs):
+        with precision_scope(self.dtype):
+            return block(self._output_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
+                                         inputs["allowed"], layout=inputs["layout"], causal=inputs["causal"]))
+
+    def _loss_grad(self, requires_grad: bool):
+        """value_and_grad of sum(output): w.r.t. the weights, and the inputs when ``requires_grad``."""
+        if requires_grad not in self._loss_grad_fns:
+            loss = lambda params, query, value, key, allowed, layout, causal: self._output(
+                params, query, value, key, allowed, layout, causal).sum()
+            argnums = (0, 1, 2, 3) if requires_grad else 0
+            self._loss_grad_fns[requires_grad] = self._compile(self.jax.value_and_grad(loss, argnums=argnums))
+        return self._loss_grad_fns[requires_grad]
+
+    def native_forward_backward(self, inputs):
+        fn = self._loss_grad(inputs["requires_grad"])
+        with precision_scope(self.dtype):
+            return block(fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                            layout=inputs["layout"], causal=inputs["causal"]))

@@ -36,11 +36,8 @@ call (https://flax.readthedocs.io/en/latest/guides/performance.html);
 """
 from __future__ import annotations
 
-import numpy as np
-
 from . import _jax
-from .base import Adapter, Capabilities, Layer
-from .spec import Weights
+from .base import Adapter, Capabilities
 
 # canonical name -> (submodule, parameter) in nnx.MultiHeadAttention
 MODULE_NAMES = {
@@ -64,13 +61,11 @@ def module_to_canonical(tree: dict) -> dict:
             if sub in tree and param in tree[sub]}
 
 
-class FlaxMHALayer(Layer):
+class FlaxMHALayer(_jax.JaxLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
         super().__init__(adapter, spec, weights, dtype, device, mode, **options)
-        import jax
         from flax import nnx
-        self.jax, self.nnx = jax, nnx
-        self.jax_device = _jax.jax_device(device)
+        self.nnx = nnx
         out = spec.out_shape(weights.query_dim)
         with _jax.precision_scope(dtype):
             jdtype = _jax.jnp_dtype(dtype)
@@ -81,18 +76,16 @@ class FlaxMHALayer(Layer):
                 dtype=jdtype, param_dtype=jdtype, use_bias=spec.use_bias, dropout_rate=spec.dropout,
                 broadcast_dropout=False, deterministic=True, decode=False, keep_rngs=False, rngs=nnx.Rngs(0)))
             self.graphdef, params, self.rest = nnx.split(module, nnx.Param, ...)
-            wanted = canonical_to_module({k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()})
+            wanted = canonical_to_module({k: _jax.array(v, dtype, self.jax_device)
+                                          for k, v in weights.as_dict().items()})
             own = nnx.to_pure_dict(params)
             shapes = lambda t: {s: {p: tuple(a.shape) for p, a in d.items()} for s, d in t.items()}
             if shapes(own) != shapes(wanted):  # the module's layout changed under us: say so, never load half
                 raise RuntimeError(f"flax_mha: unexpected parameters {shapes(own)}; expected {shapes(wanted)}")
             nnx.replace_by_pure_dict(params, wanted)
             self.params = params
-        jit = jax.jit if mode == "compiled" else (lambda f, **_: f)
-        self._apply_fn = jit(self._apply, static_argnames=("layout", "causal"))
-        self._with_scores_fn = jit(self._with_scores, static_argnames=("layout", "causal"))
-        self._vjp_fn = jit(self._vjp, static_argnames=("layout", "causal"))
-        self._loss_grad_fns = {}
+        self._apply_fn = self._compile(self._apply)
+        self._with_scores_fn = self._compile(self._with_scores)
 
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _apply(self, params, query, value, key, allowed, dropout_key, layout, causal, sow=False):
@@ -111,27 +104,21 @@ class FlaxMHALayer(Layer):
             out = module(*args, **kwargs)
         return _jax.unflatten_query(out, query.shape, layout[0]), weights
 
+    def _output(self, params, query, value, key, allowed, layout, causal):
+        return self._apply(params, query, value, key, allowed, None, layout, causal)[0]
+
     def _with_scores(self, params, query, value, key, allowed, dropout_key, layout, causal):
         """The output of a normal call and the weights sown by a second one (one compiled function)."""
         out, _ = self._apply(params, query, value, key, allowed, dropout_key, layout, causal)
         _, weights = self._apply(params, query, value, key, allowed, dropout_key, layout, causal, sow=True)
         return out, weights
 
-    def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
-        f = lambda p, q, v, k: self._apply(p, q, v, k, allowed, None, layout, causal)[0]
-        _, pullback = self.jax.vjp(f, params, query, value, key)
-        return pullback(cotangent)
+    def _canonical(self, tree):
+        return module_to_canonical(self.nnx.to_pure_dict(tree))
 
     # ---- the public boundary ------------------------------------------------
-    def _inputs(self, call):
-        a = lambda x: _jax.array(x, self.dtype, self.jax_device)
-        return a(call.query), a(call.value), (a(call.key) if call.key_given else None)
-
-    def _mask(self, call):
-        return _jax.mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
-
     def _forward(self, call, return_scores, training, seed):
-        layout, causal = _jax.layout(call), call.causal and call.mask is None
+        layout, causal = _jax.layout(call), self._causal(call)
         with _jax.precision_scope(self.dtype):
             query, value, key = self._inputs(call)
             allowed = self._mask(call)
@@ -147,57 +134,6 @@ class FlaxMHALayer(Layer):
             out, weights = self._with_scores_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
                                                 causal=causal)
             return _jax.to_numpy(out), _jax.to_numpy(weights).reshape(call.scores_shape)
-
-    def _gradients(self, call, cotangent):
-        with _jax.precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            ct = _jax.array(cotangent, self.dtype, self.jax_device)
-            g_params, g_query, g_value, g_key = self._vjp_fn(self.params, query, value, key, self._mask(call), ct,
-                                                             layout=_jax.layout(call),
-                                                             causal=call.causal and call.mask is None)
-            grads = {"query": g_query, "value": g_value, **module_to_canonical(self.nnx.to_pure_dict(g_params))}
-            if call.key_given:
-                grads["key"] = g_key
-            return {k: _jax.to_numpy(v) for k, v in grads.items()}
-
-    def export_weights(self) -> Weights:
-        with _jax.precision_scope(self.dtype):
-            arrays = module_to_canonical(self.nnx.to_pure_dict(self.params))
-            return Weights(**{k: _jax.to_numpy(v).astype(np.float64) for k, v in arrays.items()})
-
-    # ---- native path ---------------------------------------------------------
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        call = self.validate(query, value, key, mask, causal)
-        with _jax.precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            return dict(query=query, value=value, key=key, allowed=self._mask(call), layout=_jax.layout(call),
-                        causal=call.causal and call.mask is None, requires_grad=bool(requires_grad))
-
-    def native_forward(self, inputs):
-        with _jax.precision_scope(self.dtype):
-            out, _ = self._apply_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                                    None, layout=inputs["layout"], causal=inputs["causal"])
-            return _jax.block(out)
-
-    def _loss_grad(self, requires_grad: bool):
-        """value_and_grad of sum(output): w.r.t. the parameters, and the inputs when ``requires_grad``."""
-        if requires_grad not in self._loss_grad_fns:
-            jax = self.jax
-
-            def loss(params, query, value, key, allowed, layout, causal):
-                return self._apply(params, query, value, key, allowed, None, layout, causal)[0].sum()
-
-            fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if requires_grad else 0)
-            self._loss_grad_fns[requires_grad] = (jax.jit(fn, static_argnames=("layout", "causal"))
-                                                  if self.mode == "compiled" else fn)
-        return self._loss_grad_fns[requires_grad]
-
-    def native_forward_backward(self, inputs):
-        fn = self._loss_grad(inputs["requires_grad"])
-        with _jax.precision_scope(self.dtype):
-            result = fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                        layout=inputs["layout"], causal=inputs["causal"])
-            return _jax.block(result)
 
 
 class FlaxMHAAdapter(Adapter):

@@ -31,32 +31,25 @@ from __future__ import annotations
 import math
 
 from . import _jax
-from .base import Adapter, Capabilities, Layer
-from .spec import Weights
+from .base import Adapter, Capabilities
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
-class JaxDPALayer(Layer):
+class JaxDPALayer(_jax.JaxLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", implementation=None, **options):
-        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         if implementation == "cudnn" and (not device.startswith("cuda") or dtype not in ("float16", "bfloat16")):
             raise ValueError(f"implementation='cudnn' (cuDNN flash attention) needs device='cuda' and dtype "
                              f"float16 or bfloat16, got device={device!r}, dtype={dtype!r}")
-        import jax
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
         import jax.numpy as jnp
-        self.jax, self.jnp = jax, jnp
+        self.jnp = jnp
         self.implementation = implementation
-        self.jax_device = _jax.jax_device(device)
         with _jax.precision_scope(dtype):
             self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
-        jit = jax.jit if mode == "compiled" else (lambda f, **_: f)
-        self._output_fn = jit(self._output, static_argnames=("layout", "causal"))
-        self._with_scores_fn = jit(self._with_scores, static_argnames=("layout", "causal"))
-        self._vjp_fn = jit(self._vjp, static_argnames=("layout", "causal"))
-        self._loss_grad_fns = {}
+        self._with_scores_fn = self._compile(self._with_scores)
 
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _project(self, x, W, b, layout, width):
@@ -99,22 +92,12 @@ class JaxDPALayer(Layer):
         out = self._output(params, query, value, key, allowed, layout, causal)
         return out, self._scores(params, query, value if key is None else key, scores_allowed, layout)
 
-    def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
-        f = lambda p, q, v, k: self._output(p, q, v, k, allowed, layout, causal)
-        _, pullback = self.jax.vjp(f, params, query, value, key)
-        return pullback(cotangent)
+    def _canonical(self, tree):
+        return dict(tree)  # the parameters are the canonical arrays
 
     # ---- the public boundary ------------------------------------------------
-    def _inputs(self, call):
-        a = lambda x: _jax.array(x, self.dtype, self.jax_device)
-        return a(call.query), a(call.value), (a(call.key) if call.key_given else None)
-
-    def _mask(self, call):
-        # Causal alone goes through is_causal; with a mask, the two are combined here.
-        return _jax.mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
-
     def _forward(self, call, return_scores, training, seed):
-        layout, causal = _jax.layout(call), call.causal and call.mask is None
+        layout, causal = _jax.layout(call), self._causal(call)
         with _jax.precision_scope(self.dtype):
             query, value, key = self._inputs(call)
             if not return_scores:
@@ -124,56 +107,6 @@ class JaxDPALayer(Layer):
             out, probs = self._with_scores_fn(self.params, query, value, key, self._mask(call), scores_allowed,
                                               layout=layout, causal=causal)
             return _jax.to_numpy(out), _jax.to_numpy(probs).reshape(call.scores_shape)
-
-    def _gradients(self, call, cotangent):
-        with _jax.precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            ct = _jax.array(cotangent, self.dtype, self.jax_device)
-            g_params, g_query, g_value, g_key = self._vjp_fn(self.params, query, value, key, self._mask(call), ct,
-                                                             layout=_jax.layout(call),
-                                                             causal=call.causal and call.mask is None)
-            grads = {"query": g_query, "value": g_value, **g_params}
-            if call.key_given:
-                grads["key"] = g_key
-            return {k: _jax.to_numpy(v) for k, v in grads.items()}
-
-    def export_weights(self) -> Weights:
-        with _jax.precision_scope(self.dtype):
-            return Weights(**{k: _jax.to_numpy(v).astype("float64") for k, v in self.params.items()})
-
-    # ---- native path ---------------------------------------------------------
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        call = self.validate(query, value, key, mask, causal)
-        with _jax.precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            return dict(query=query, value=value, key=key, allowed=self._mask(call), layout=_jax.layout(call),
-                        causal=call.causal and call.mask is None, requires_grad=bool(requires_grad))
-
-    def native_forward(self, inputs):
-        with _jax.precision_scope(self.dtype):
-            out = self._output_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                                  layout=inputs["layout"], causal=inputs["causal"])
-            return _jax.block(out)
-
-    def _loss_grad(self, requires_grad: bool):
-        """value_and_grad of sum(output): w.r.t. the weights, and the inputs when ``requires_grad``."""
-        if requires_grad not in self._loss_grad_fns:
-            jax = self.jax
-
-            def loss(params, query, value, key, allowed, layout, causal):
-                return self._output(params, query, value, key, allowed, layout, causal).sum()
-
-            fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if requires_grad else 0)
-            self._loss_grad_fns[requires_grad] = (jax.jit(fn, static_argnames=("layout", "causal"))
-                                                  if self.mode == "compiled" else fn)
-        return self._loss_grad_fns[requires_grad]
-
-    def native_forward_backward(self, inputs):
-        fn = self._loss_grad(inputs["requires_grad"])
-        with _jax.precision_scope(self.dtype):
-            result = fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                        layout=inputs["layout"], causal=inputs["causal"])
-            return _jax.block(result)
 
 
 class JaxDPAAdapter(Adapter):
