@@ -5,6 +5,7 @@ import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import tables
@@ -73,7 +74,8 @@ def collect(results_dir: Path | None, comparison: Comparison | None = None) -> R
     if benchmarks is not None:
         attention = tables.attention_results(benchmarks)
         data.peaks = tables.gemm_peaks(benchmarks)
-        data.tables["benchmarks"] = benchmarks.results.drop(columns=["samples", "file"], errors="ignore")
+        measured = benchmarks.results[np.isfinite(benchmarks.results["value"])]  # not asv's empty grid slots
+        data.tables["benchmarks"] = measured.drop(columns=["samples", "file"], errors="ignore")
         data.tables["scaling"] = tables.scaling_table(attention)
         data.tables["peak_fraction"] = tables.peak_fraction(attention, data.peaks)
         data.tables["bench_skips"] = benchmarks.skips

@@ -18,11 +18,11 @@ DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them al
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d2329;
 background:#fff}
-main{max-width:1320px;margin:0 auto;padding:18px 28px 60px}
+main{max-width:1320px;margin:0 auto;padding:18px 28px 60px;overflow-x:auto}
 h1{font-size:1.6em;margin:.2em 0}h2{border-bottom:2px solid #dfe3e8;padding-bottom:4px;margin-top:1.8em}
 h3{margin-top:1.3em}.muted{color:#66707a}.note{background:#fff8e1;border-left:4px solid #ffb300;padding:6px 10px}
 nav a{margin-right:14px}table{border-collapse:collapse;margin:8px 0;font-size:.86em}
-th,td{border:1px solid #dfe3e8;padding:3px 7px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th,td{border:1px solid #dfe3e8;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.msg{min-width:340px;max-width:620px;white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,monospace;
 font-size:.92em}td.id{max-width:330px;overflow-wrap:anywhere}
@@ -180,8 +180,11 @@ def section_divergences(data: ReportData) -> str:
     if not data.conformance.catalogue:
         out.append("<p class='muted'>The results carry no copy of the catalogue; entries are named by the ids "
                    "recorded on the rows.</p>")
-    out.append(table(catalogue, ["id", "framework", "summary", "adapters", "rows", "cases", "observed",
-                                 "expected", "upstream", "reproduced"],
+    columns = ["id", "framework", "summary", "adapters", "rows", "cases", "observed", "expected", "upstream",
+               "reproduced"]
+    # without a catalogue copy summary/expected/upstream are empty: leave them out rather than squeeze the rest
+    columns = [c for c in columns if c not in ("summary", "expected", "upstream") or catalogue[c].astype(bool).any()]
+    out.append(table(catalogue, columns,
                      cell=lambda c, v, r: f"<td>{link_list(v)}</td>" if c == "upstream" else None))
     return "".join(out)
 
