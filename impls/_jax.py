@@ -42,8 +42,13 @@ def jax_device(device: str):
 
 def precision_scope(dtype: str):
     """The x64 switch for float64 layers (thread-local, undone on exit); nothing for other dtypes."""
+    if dtype != "float64":
+        return contextlib.nullcontext()
     import jax
-    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    if hasattr(jax, "enable_x64"):  # jax >= 0.8
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older releases: the same thread-local switch
+    return enable_x64(True)
 
 
 def float16_jit_reason(dtype: str, device: str, mode: str) -> str | None:

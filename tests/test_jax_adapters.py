@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import impls
-from impls import oracle
+from impls import _jax, oracle
 from tests.feature_cases import CASES, FULLY_MASKED
 from tests.test_validation import BAD_CALLS, SPEC as BAD_SPEC, W as BAD_W
 
@@ -300,13 +300,18 @@ def test_native_path(layer_for, name):
 
 
 def test_x64_does_not_leak(layer_for):
+    """float64 layers switch x64 on only inside their own calls: other JAX code keeps its default."""
+    default, flag = jnp.ones(3).dtype, jax.config.jax_enable_x64
     case = BY_ID["mask_BTS"]
     for name in ADAPTERS:
         layer, (w, q, v, k, mask) = layer_for(name, case, "float64")
         assert layer(q, v, k, mask)[0].dtype == np.float64
         assert layer.export_weights() == w
-        assert jnp.ones(3).dtype == jnp.float32
-    assert not jax.config.jax_enable_x64
-    with pytest.raises(ValueError):  # an error inside the scope restores it too
-        layer(q, v[:1], return_scores=False)
-    assert jnp.ones(3).dtype == jnp.float32
+        assert jnp.ones(3).dtype == default
+    with pytest.raises(RuntimeError):  # an error inside the scope restores the setting too
+        with _jax.precision_scope("float64"):
+            assert jnp.ones(3).dtype == jnp.float64
+            raise RuntimeError("inside")
+    assert jnp.ones(3).dtype == default and jax.config.jax_enable_x64 == flag
+    if not flag:
+        assert default == jnp.float32
