@@ -9,7 +9,6 @@ is built, compiled and called once.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import statistics
@@ -200,9 +199,9 @@ class PreparedCase:
         ok, why = adapter.availability()
         if not ok:
             raise Skip(f"framework not installed: {why}")
-        if case.mode == "compiled" and not self.profile.keep_compiled(case.adapter):
-            raise Skip(f"the {self.profile.name} profile leaves out compiled mode for {case.adapter} "
-                       f"(compile time per shape)")
+        if not self.profile.keeps_mode(case.adapter, case.mode):
+            raise Skip(f"the {self.profile.name} profile runs {case.adapter} in "
+                       f"{' and '.join(dict(self.profile.modes_for)[case.adapter])} mode only")
         spec = impls.AttentionSpec(num_heads=case.num_heads, key_dim=case.key_dim)
         dims = (case.model_dim,) * 3
         reason = adapter.unsupported_reason(spec, dims, dtype="float32", device=case.device, mode=case.mode)
@@ -312,6 +311,3 @@ def preimport_for_forkserver() -> None:
         except Exception as exc:  # the benchmark itself will report the missing framework
             print(f"mhabench: preimport of {name} failed: {exc}", file=sys.stderr)
 
-
-def is_finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

@@ -29,9 +29,10 @@ class Profile:
     adapters: tuple[str, ...] = ADAPTERS
     modes: tuple[str, ...] = MODES
     devices: tuple[str, ...] = DEVICES
-    # compiled mode only for these adapters (None = all): the quick profile leaves out the
-    # compilers that take tens of seconds per shape (torch.compile/inductor, TF XLA)
-    compiled_adapters: tuple[str, ...] | None = None
+    # adapter -> the modes this profile runs (adapters not listed: every mode). The quick profile
+    # runs each adapter in its cheap-to-start mode: torch and TF eager (torch.compile and XLA take
+    # tens of seconds per shape), JAX jitted (JAX's eager mode compiles every primitive on first use).
+    modes_for: tuple[tuple[str, tuple[str, ...]], ...] | None = None
     # asv timing attributes
     rounds: int = 2
     repeat: tuple[int, int, float] = (5, 20, 10.0)   # (min, max samples, max seconds)
@@ -39,13 +40,16 @@ class Profile:
     gflops_repeats: int = 5                          # calls whose median gives GFLOP/s
     timeout: float = 600.0
 
-    def keep_compiled(self, adapter: str) -> bool:
-        return self.compiled_adapters is None or adapter in self.compiled_adapters
+    def keeps_mode(self, adapter: str, mode: str) -> bool:
+        return self.modes_for is None or mode in dict(self.modes_for).get(adapter, MODES)
 
 
 PROFILES = {
     "quick": Profile("quick", seq_lens=(256,), num_heads=(4,),
-                     compiled_adapters=("jax_dpa", "flax_mha", "keras_mha@jax"),
+                     modes_for=(("numpy_oracle", ("eager",)), ("torch_sdpa", ("eager",)), ("torch_mha", ("eager",)),
+                                ("keras_mha", ("eager",)), ("keras_mha@torch", ("eager",)),
+                                ("keras_mha@jax", ("compiled",)), ("jax_dpa", ("compiled",)),
+                                ("flax_mha", ("compiled",))),
                      rounds=1, repeat=(3, 10, 0.5), warmup_time=0.05, gflops_repeats=3, timeout=120.0),
     "default": Profile("default", seq_lens=tuple(2 ** p for p in range(7, 14)), num_heads=(1, 4, 8, 16)),
     "full": Profile("full", seq_lens=tuple(2 ** p for p in range(7, 16)), num_heads=(1, 4, 8, 16),

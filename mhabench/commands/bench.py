@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,18 +27,21 @@ HELP = "run the asv benchmarks (time, per-call peak memory, GFLOP/s) here; resul
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER_HASH = "0" * 40  # recorded when the sources are not a git checkout
-# modules the forkserver imports once per chunk, and the Keras backend it must see first
-PREIMPORT = {"torch_sdpa": "torch", "torch_mha": "torch", "keras_mha": "tensorflow",
-             "keras_mha@jax": "jax,keras", "keras_mha@torch": "torch,keras", "jax_dpa": "jax",
-             "flax_mha": "jax,flax", "machine": "torch"}
-
+# Adapters that share a forkserver: its modules are imported once per chunk (and Keras, which
+# picks its backend at import, is imported with that group's backend).
+GROUPS = {"numpy_oracle": "torch", "torch_sdpa": "torch", "torch_mha": "torch", "keras_mha@torch": "torch",
+          "machine": "torch", "keras_mha": "tensorflow", "keras_mha@jax": "jax", "jax_dpa": "jax",
+          "flax_mha": "jax"}
+PREIMPORT = {"torch": ("torch,keras", "torch"), "tensorflow": ("tensorflow", "tensorflow"),
+             "jax": ("jax,flax,keras", "jax"), "other": ("", None)}  # group -> (modules, KERAS_BACKEND)
 
 def register(parser):
     parser.add_argument("--profile", default=None, help="benchmark grid: quick, default or full "
                         "(default: $MHABENCH_PROFILE or 'default')")
     parser.add_argument("--quick", action="store_true", help="shorthand for --profile quick")
     parser.add_argument("--adapters", nargs="+", metavar="NAME", help="only these adapters (default: every one)")
-    parser.add_argument("--devices", nargs="+", metavar="DEVICE", help="only these devices (cpu, cuda)")
+    parser.add_argument("--devices", nargs="+", metavar="DEVICE", help="only these devices: cpu, cuda "
+                        "(default: cpu, and cuda where an NVIDIA driver is loaded)")
     parser.add_argument("--results", default="results", help="results directory (default: ./results); "
                         "asv results go to <results>/asv, skip reasons to <results>/bench/skips.jsonl")
     parser.add_argument("--bench", metavar="REGEX", help="only benchmarks whose asv name "
@@ -46,6 +50,8 @@ def register(parser):
                         "of the same commit, profile and machine finished")
     parser.add_argument("--memory-budget", metavar="BYTES", help="skip cases estimated above this "
                         "(e.g. 12GiB; default: half the RAM)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="all of asv's output, with the "
+                        "benchmarks' stderr")
     parser.add_argument("--dry-run", action="store_true", help="print the asv commands, run nothing")
 
 
@@ -66,40 +72,54 @@ def grid(profile_name: str) -> list[tuple[str, list[tuple[str, ...]]]]:
     return out
 
 
+def gpu_present() -> bool:
+    """An NVIDIA driver is loaded (checked without importing a framework)."""
+    return Path("/proc/driver/nvidia/version").exists()
+
+
 def chunk_plan(profile_name: str, adapters, devices, bench_regex) -> list[tuple[str, str, list[str]]]:
-    """[(chunk id, adapter or 'machine', [asv -b regexes])] in run order."""
+    """[(chunk id, forkserver group, [asv --bench regexes])] in run order.
+
+    The quick profile runs one chunk per group of adapters sharing a framework; longer sweeps one
+    chunk per adapter and class, so an interruption loses little. Combinations the profile leaves
+    out (modes_for) are not selected at all.
+    """
+    from benchmarks.profiles import get_profile
+    profile = get_profile(profile_name)
     chunks: dict[str, tuple[str, list[str]]] = {}
-    by_class = profile_name != "quick"  # long sweeps: finer chunks, less lost on interruption
     for name, combos in grid(profile_name):
         machine = name.startswith("bench_machine")
         selected = []
         for combo in combos:
-            device = combo[-1].strip("'")
-            if device not in devices:
+            if combo[-1].strip("'") not in devices:
                 continue
-            if not machine and combo[0].strip("'") not in adapters:
-                continue
+            if not machine:
+                adapter, mode = combo[0].strip("'"), combo[1].strip("'")
+                if adapter not in adapters or not profile.keeps_mode(adapter, mode):
+                    continue
             if bench_regex and not re.search(bench_regex, f"{name}({', '.join(combo)})"):
                 continue
             selected.append(combo)
         if machine:
             if selected:
-                regexes = [f"^{re.escape(name)}\\({re.escape(c[0])}\\)$" for c in selected]
-                chunks.setdefault("machine", ("machine", []))[1].extend(regexes)
+                group = GROUPS["machine"]
+                key = group if profile_name == "quick" else "machine"
+                chunks.setdefault(key, (group, []))[1].extend(
+                    f"^{re.escape(name)}\\({re.escape(c[0])}\\)$" for c in selected)
             continue
         cls = name.split(".")[1]
         for adapter in adapters:
             mine = [c for c in selected if c[0] == repr(adapter)]
             if not mine:
                 continue
-            key = f"{adapter}:{cls}" if by_class else adapter
-            regexes = chunks.setdefault(key, (adapter, []))[1]
-            everything = [c for c in combos if c[0] == repr(adapter)]
-            if len(mine) == len(everything):
+            group = GROUPS.get(adapter, "other")
+            key = group if profile_name == "quick" else f"{adapter}:{cls}"
+            regexes = chunks.setdefault(key, (group, []))[1]
+            if len(mine) == sum(c[0] == repr(adapter) for c in combos):
                 regexes.append(f"^{re.escape(name)}\\({re.escape(repr(adapter))}, ")
             else:
                 regexes.extend(f"^{re.escape(name)}\\({re.escape(', '.join(c))}\\)$" for c in mine)
-    return [(key, target, regexes) for key, (target, regexes) in chunks.items()]
+    return [(key, group, regexes) for key, (group, regexes) in chunks.items()]
 
 
 # ---- checks ---------------------------------------------------------------------------------------
@@ -115,7 +135,7 @@ def check_options(args) -> tuple[str, list[str], list[str], Path]:
     unknown = [a for a in adapters if a not in ADAPTERS]
     if unknown:
         raise CLIError(f"unknown adapter(s) {', '.join(unknown)}; the benchmark grid has {', '.join(ADAPTERS)}")
-    devices = list(args.devices or DEVICES)
+    devices = list(args.devices or (DEVICES if gpu_present() else ("cpu",)))
     unknown = [d for d in devices if d not in DEVICES]
     if unknown:
         raise CLIError(f"unknown device(s) {', '.join(unknown)}; expected {', '.join(DEVICES)}")
@@ -194,9 +214,11 @@ def mark_finished(results: Path, run_key: dict, chunk: str, seconds: float) -> N
 
 
 # ---- running ------------------------------------------------------------------------------------
-def asv_command(config: Path, commit: str, regexes: list[str]) -> list[str]:
+def asv_command(config: Path, commit: str, regexes: list[str], verbose: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "asv", "run", "--config", str(config), "--python=same",
-           "--set-commit-hash", commit, "--launch-method", "forkserver", "--show-stderr"]
+           "--set-commit-hash", commit, "--launch-method", "forkserver"]
+    if verbose:
+        cmd.append("--show-stderr")
     for regex in regexes:
         cmd += ["--bench", regex]
     return cmd
@@ -210,14 +232,26 @@ def ensure_machine(config: Path, env) -> None:
                    stdout=subprocess.DEVNULL, check=False)
 
 
-def stream(cmd: list[str], env, prefix: str) -> int:
-    """Run asv, echoing its progress lines with the chunk as prefix; stderr is merged."""
+_BORDER = re.compile(r"^[\s=\-·\[\]%.\d]*$")
+
+
+def worth_showing(line: str) -> bool:
+    """asv's progress lines and table rows that hold a value; not borders, unselected (n/a) rows
+    or the per-case skip chatter asv echoes with --show-stderr."""
+    text = line.strip()
+    if not text or _BORDER.match(text) or text.endswith("n/a") or text.startswith(("asv: skipped", "For parameters")):
+        return False
+    return not set(text.split("···")[-1].strip()) <= set("=- ")
+
+
+def stream(cmd: list[str], env, prefix: str, verbose: bool = False) -> int:
+    """Run asv, echoing its progress with the chunk as prefix; stderr is merged."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, cwd=ROOT)
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
-            if line.strip():
+            if verbose or worth_showing(line):
                 print(f"{prefix} {line}", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
@@ -238,12 +272,27 @@ def main(args) -> int:
     commit = commit_hash()
     run_key = {"commit": commit, "profile": profile}
     done = finished_chunks(results, run_key) if args.resume else set()
-    env = dict(os.environ, MHABENCH_PROFILE=profile, MHABENCH_RESULTS=str(results))
+    env = dict(os.environ, MHABENCH_PROFILE=profile, MHABENCH_RESULTS=str(results), PYTHONUNBUFFERED="1")
     if args.memory_budget:
         env["MHABENCH_MEMORY_BUDGET"] = args.memory_budget
+    # asv starts a process per case: a shared on-disk cache lets JAX compile each shape once per
+    # sweep instead of once per process (only setup gets faster; the timed calls are the same)
+    jax_cache = None
+    if "JAX_COMPILATION_CACHE_DIR" not in env:
+        jax_cache = tempfile.mkdtemp(prefix="mhabench-jax-cache-")
+        env.update(JAX_COMPILATION_CACHE_DIR=jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    try:
+        return run_chunks(args, plan, config, commit, run_key, done, env, results)
+    finally:
+        if jax_cache:
+            shutil.rmtree(jax_cache, ignore_errors=True)
+
+
+def run_chunks(args, plan, config, commit, run_key, done, env, results) -> int:
     if not args.dry_run:
         ensure_machine(config, env)
-    print(f"mhabench bench: profile {profile}, {len(plan)} chunks, commit {commit[:10]}, results {results / 'asv'}"
+    print(f"mhabench bench: profile {run_key['profile']}, {len(plan)} chunks, commit {commit[:10]}, results {results / 'asv'}"
           + (f" ({len(done & {c for c, _, _ in plan})} already finished)" if done else ""), flush=True)
     failures, started = 0, time.monotonic()
     for number, (chunk, target, regexes) in enumerate(plan, 1):
@@ -251,16 +300,16 @@ def main(args) -> int:
         if chunk in done:
             print(f"{prefix} finished earlier, skipped (--resume)", flush=True)
             continue
-        chunk_env = dict(env, MHABENCH_PREIMPORT=PREIMPORT.get(target, ""))
-        from benchmarks.common import keras_backend
-        if keras_backend(target):
-            chunk_env["KERAS_BACKEND"] = keras_backend(target)
-        cmd = asv_command(config, commit, regexes)
+        modules, keras_backend = PREIMPORT[target]
+        chunk_env = dict(env, MHABENCH_PREIMPORT=modules)
+        if keras_backend:
+            chunk_env["KERAS_BACKEND"] = keras_backend
+        cmd = asv_command(config, commit, regexes, args.verbose)
         if args.dry_run:
             print(prefix, " ".join(cmd[:12]), f"... ({len(regexes)} --bench regexes)")
             continue
         t0 = time.monotonic()
-        code = stream(cmd, chunk_env, prefix)
+        code = stream(cmd, chunk_env, prefix, args.verbose)
         if code not in (0, 2):  # 2: some benchmark failed, the results are written all the same
             raise CLIError(f"asv stopped with exit status {code} in chunk {chunk}; see its output above")
         failures += code == 2

@@ -1,0 +1,233 @@
+"""The asv suite's own logic: skips with reasons, the skips file, the CLI's checks and chunk plan,
+and one smallest-size call of every benchmark method, in-process."""
+import json
+
+import pytest
+
+import impls
+from benchmarks import bench_attention, bench_machine, common
+from benchmarks.profiles import Profile, get_profile
+from mhabench.cli import main as cli_main
+from mhabench.commands import bench as bench_cmd
+
+TINY = Profile("tiny", seq_lens=(16,), num_heads=(2,), model_dim=16, gflops_repeats=2)
+CLASSES = (bench_attention.SelfAttention, bench_attention.CausalSelfAttention, bench_attention.CrossAttention)
+METHODS = ("time_forward", "time_forward_backward", "track_peakmem_forward", "track_peakmem_forward_backward",
+           "track_gflops_forward", "track_gflops_forward_backward")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.ENV_RESULTS, str(tmp_path))
+    monkeypatch.delenv(common.ENV_BUDGET, raising=False)
+    monkeypatch.setattr(bench_attention, "PROFILE", TINY)
+    common._CACHE.clear()
+    yield
+    common._CACHE.clear()
+
+
+def skips(tmp_path):
+    path = tmp_path / "bench" / "skips.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_method(bench, method, params):
+    """What asv does for one method: setup(s), then the body."""
+    bench.setup(*params)
+    func = getattr(bench, method)
+    if hasattr(func, "setup"):
+        func.setup(*params)
+    return func(*params)
+
+
+@pytest.mark.parametrize("adapter", ["torch_sdpa", "numpy_oracle"])
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_every_method_runs_once(cls, adapter):
+    if not impls.get_adapter(adapter).is_available():
+        pytest.skip(impls.get_adapter(adapter).availability()[1])
+    params = (adapter, "eager", 16, 2, "cpu")
+    for method in METHODS:
+        bench = cls()
+        if adapter == "numpy_oracle" and method.endswith("forward_backward"):
+            with pytest.raises(NotImplementedError, match="no native backward"):
+                run_method(bench, method, params)
+            continue
+        value = run_method(bench, method, params)
+        if method.startswith("track_peakmem"):
+            assert isinstance(value, int) and value >= 0
+        elif method.startswith("track_gflops"):
+            assert value > 0
+        else:
+            assert value is None
+
+
+def test_units():
+    assert bench_attention.SelfAttention.track_peakmem_forward.unit == "bytes"
+    assert bench_attention.CrossAttention.track_gflops_forward_backward.unit == "GFLOP/s"
+    assert bench_machine.Machine.track_gemm_gflops.unit == "GFLOP/s"
+
+
+def test_case_shapes():
+    cross = common.Case("cross", "torch_sdpa", "eager", 64, 8, "cpu", 1, 512, 0.5)
+    assert (cross.q_len, cross.kv_len, cross.key_dim, cross.causal) == (64, 32, 64, False)
+    assert common.Case("causal", "x", "eager", 64, 16, "cpu", 1, 512, 0.5).causal
+
+
+def test_backward_skip_is_recorded_once_per_method(tmp_path):
+    if not impls.get_adapter("numpy_oracle").is_available():
+        pytest.skip("numpy_oracle unavailable")
+    params = ("numpy_oracle", "eager", 16, 2, "cpu")
+    for _ in range(3):  # asv re-runs setup for every sample: the file must not grow
+        with pytest.raises(NotImplementedError):
+            run_method(bench_attention.SelfAttention(), "time_forward_backward", params)
+    rows = skips(tmp_path)
+    assert {r["benchmark"] for r in rows} == {f"bench_attention.SelfAttention.{m}"
+                                              for m in bench_attention.BACKWARD_METHODS}
+    assert all(r["status"] == "skipped" and "backward" in r["reason"] for r in rows)
+    assert rows[0]["params"] == dict(zip(bench_attention.SelfAttention.param_names, params))
+
+
+def test_unsupported_case_is_skipped_with_the_adapters_reason(tmp_path):
+    # the oracle declares no compiled mode
+    with pytest.raises(NotImplementedError, match="mode compiled"):
+        bench_attention.SelfAttention().setup("numpy_oracle", "compiled", 16, 2, "cpu")
+    row = skips(tmp_path)[0]
+    assert row["status"] == "skipped" and "mode compiled" in row["reason"]
+    assert len(skips(tmp_path)) == len(METHODS)
+
+
+def test_missing_cuda_is_skipped(tmp_path):
+    if not impls.get_adapter("torch_sdpa").is_available():
+        pytest.skip("torch unavailable")
+    if "cuda" in impls.get_adapter("torch_sdpa").available_devices():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(NotImplementedError, match="device cuda absent"):
+        bench_attention.CausalSelfAttention().setup("torch_sdpa", "eager", 16, 2, "cuda")
+    assert "device cuda absent" in skips(tmp_path)[0]["reason"]
+    with pytest.raises(NotImplementedError, match="cuda"):
+        bench_machine.Machine().setup("cuda")
+
+
+def test_over_budget_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.ENV_BUDGET, "10KB")  # the tiny case needs ~33 kB
+    with pytest.raises(NotImplementedError, match="exceeds the memory budget"):
+        bench_attention.SelfAttention().setup("numpy_oracle", "eager", 16, 2, "cpu")
+    assert "MHABENCH_MEMORY_BUDGET" in skips(tmp_path)[0]["reason"]
+
+
+def test_estimate_grows_quadratically_unless_fused():
+    est = lambda adapter, L: common.estimate_bytes(adapter, 1, L, L, 8, 512)
+    assert est("jax_dpa", 16384) > 8 * 2 ** 30          # three 8 GiB score arrays
+    assert est("torch_sdpa", 16384) < 2 ** 30            # fused: activations only
+    assert common.estimate_bytes("jax_dpa", 1, 1024, 1024, 8, 512, backward=True) > est("jax_dpa", 1024)
+
+
+class MissingFramework(impls.Adapter):
+    name = "bench_test_missing"
+    framework = "Nothing"
+    requires = ("no_such_framework_module_xyz",)
+    install_hint = "pip install nothing"
+
+
+def test_missing_framework_is_skipped(tmp_path):
+    impls.register_adapter("bench_test_missing", MissingFramework)
+    with pytest.raises(NotImplementedError, match="framework not installed.*no_such_framework_module_xyz"):
+        bench_attention.SelfAttention().setup("bench_test_missing", "eager", 16, 2, "cpu")
+    assert skips(tmp_path)[0]["params"]["adapter"] == "bench_test_missing"
+
+
+class Exploding(impls.Adapter):
+    name = "bench_test_exploding"
+    framework = "NumPy"
+    requires = ("numpy",)
+
+    def _build(self, *args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+
+def test_failure_is_recorded_as_failed_and_raised_again(tmp_path):
+    impls.register_adapter("bench_test_exploding", Exploding)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="kernel exploded"):
+            bench_attention.CrossAttention().setup("bench_test_exploding", "eager", 16, 2, "cpu")
+    rows = skips(tmp_path)
+    assert len(rows) == len(METHODS) and all(r["status"] == "failed" for r in rows)
+    assert "RuntimeError: kernel exploded" in rows[0]["reason"]
+
+
+def test_keras_backend_names():
+    assert common.keras_backend("keras_mha") == "tensorflow"
+    assert common.keras_backend("keras_mha@jax") == "jax"
+    assert common.keras_backend("torch_sdpa") is None
+
+
+def test_profiles():
+    assert get_profile("quick").seq_lens == (256,)
+    assert get_profile("default").seq_lens == (128, 256, 512, 1024, 2048, 4096, 8192)
+    assert 16384 in get_profile("full").seq_lens
+    with pytest.raises(ValueError, match="MHABENCH_PROFILE"):
+        get_profile("huge")
+
+
+# ---- the CLI -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--profile", "huge"], "unknown profile"),
+    (["--adapters", "nope"], "unknown adapter"),
+    (["--devices", "tpu"], "unknown device"),
+    (["--bench", "("], "not a regular expression"),
+    (["--memory-budget", "lots"], "memory-budget"),
+    (["--quick", "--profile", "full"], "contradicts"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert cli_main(["bench", "--results", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_unwritable_results(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli_main(["bench", "--results", str(blocker / "sub")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def picked_names(profile, regexes):
+    import re
+    names = [f"{n}({', '.join(c)})" for n, combos in bench_cmd.grid(profile) for c in combos]
+    return [n for n in names if any(re.search(r, n) for r in regexes)]
+
+
+def test_quick_plan_groups_adapters_by_framework_and_keeps_each_in_one_mode():
+    plan = bench_cmd.chunk_plan("quick", ["torch_sdpa", "numpy_oracle", "jax_dpa"], ["cpu"], None)
+    assert [(c[0], c[1]) for c in plan] == [("torch", "torch"), ("jax", "jax")]
+    torch_names = picked_names("quick", plan[0][2])
+    assert all("'cuda'" not in n for n in torch_names)
+    per_adapter = 3 * len(METHODS)  # classes x methods, one mode, one size
+    assert len(torch_names) == 2 * per_adapter + 1  # + Machine on cpu
+    assert all("'eager'" in n for n in torch_names if "bench_attention" in n)
+    jax_names = picked_names("quick", plan[1][2])
+    assert len(jax_names) == per_adapter and all("('jax_dpa', 'compiled'," in n for n in jax_names)
+
+
+def test_chunk_plan_by_class_with_a_regex():
+    plan = bench_cmd.chunk_plan("default", ["jax_dpa"], ["cpu", "cuda"], r"time_forward\(.*, 4096, ")
+    assert [c[0] for c in plan] == ["jax_dpa:SelfAttention", "jax_dpa:CausalSelfAttention",
+                                    "jax_dpa:CrossAttention"]
+    picked = picked_names("default", plan[0][2])
+    assert len(picked) == 2 * 4 * 2  # modes x heads x devices
+    assert all(n.startswith("bench_attention.SelfAttention.time_forward('jax_dpa'") and ", 4096, " in n
+               for n in picked)
+
+
+def test_grid_matches_the_classes():
+    names = {n for n, _ in bench_cmd.grid("quick")}
+    expected = {f"bench_attention.{c.__name__}.{m}" for c in CLASSES for m in METHODS}
+    assert names == expected | {"bench_machine.Machine.track_gemm_gflops"}
+
+
+def test_resume_skips_finished_chunks(tmp_path):
+    key = {"commit": "abc", "profile": "quick"}
+    bench_cmd.progress_path(tmp_path).parent.mkdir(parents=True)
+    bench_cmd.mark_finished(tmp_path, key, "torch_sdpa", 1.0)
+    bench_cmd.mark_finished(tmp_path, {"commit": "other", "profile": "quick"}, "jax_dpa", 1.0)
+    assert bench_cmd.finished_chunks(tmp_path, key) == {"torch_sdpa"}
