@@ -41,7 +41,9 @@ def results_dir() -> Path:
     root = os.environ.get(ENV_RESULTS)
     if root:
         return Path(root)
-    return Path(os.environ.get("ASV_CONF_DIR", os.getcwd())) / "results"
+    # asv runs benchmarks in a temporary directory and sets ASV_CONF_DIR only in the environments
+    # it builds: fall back on the project root, where asv.conf.json keeps results/asv
+    return Path(os.environ.get("ASV_CONF_DIR") or Path(__file__).resolve().parents[1]) / "results"
 
 
 def skips_path() -> Path:
