@@ -3,7 +3,7 @@
 Options: ``--adapters a,b`` (default: every installed adapter), ``--dtypes``
 (default: float32; all four with ``--dtypes float64,float32,float16,bfloat16``), ``--full-matrix`` (default: the reduced matrix of cases
 marked ``quick``, so the whole project's tests stay fast), ``--examples N``
-(random cases, default 10), ``--conform-timeout S``.
+(random cases, default 3), ``--conform-timeout S``.
 
 Every selected test's rows are computed once, together, at the first test
 that needs them: one child process per adapter, adapters in parallel. A test
@@ -24,7 +24,7 @@ def pytest_addoption(parser):
     group.addoption("--adapters", default=None, help="comma-separated adapters (default: every installed one)")
     group.addoption("--dtypes", default=None, help="comma-separated dtypes (default: float32)")
     group.addoption("--full-matrix", action="store_true", help="every default case, not the reduced matrix")
-    group.addoption("--examples", type=int, default=10, help="hypothesis examples per adapter (default 10)")
+    group.addoption("--examples", type=int, default=3, help="hypothesis examples per adapter (default 3)")
     group.addoption("--conform-timeout", type=float, default=120.0, help="seconds one case may take")
 
 

@@ -1,6 +1,6 @@
 """Conformance on random cases: hypothesis over shapes, heads, dims, axes, masks and causal.
 
-Examples per adapter: ``--examples N`` (default 10). A failure prints a reproducer: the case's spec,
+Examples per adapter: ``--examples N`` (default 3). A failure prints a reproducer: the case's spec,
 shapes and seed, as ``Case.from_dict(...)``.
 """
 import pytest
