@@ -7,6 +7,8 @@ earlier calls back to the kernel, so the call's allocations show up as new
 pages instead of reused ones. GPU: the framework's own peak counter, reset
 before the call (``torch.cuda.reset_peak_memory_stats``); JAX cannot reset its
 counter, so the JAX probe reads ``peak_bytes_in_use`` and only reports a rise.
+TensorFlow pools freed memory on CPU as well (a repeated call raises no RSS), so
+for TensorFlow the allocator's own peak counter is used on both devices.
 """
 from __future__ import annotations
 
@@ -104,8 +106,23 @@ def jax_gpu_peak_rise(fn: Callable[[], object]) -> int:
     return max(peak - base, 0)
 
 
+def tensorflow_peak_rise(fn: Callable[[], object], device: str = "cpu") -> int:
+    """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
+    call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
+    import tensorflow as tf
+    name = "CPU:0" if device == "cpu" else "GPU:0"
+    tf.config.experimental.reset_memory_stats(name)
+    base = tf.config.experimental.get_memory_info(name)["current"]
+    result = fn()
+    peak = tf.config.experimental.get_memory_info(name)["peak"]
+    del result
+    return max(peak - base, 0)
+
+
 def peak_rise(fn: Callable[[], object], device: str = "cpu", framework: str = "torch") -> int:
     """Per-call peak memory of ``fn()`` on ``device`` ("cpu" or "cuda"), in bytes."""
+    if framework == "tensorflow":
+        return tensorflow_peak_rise(fn, device)
     if device == "cpu":
         return cpu_peak_rise(fn)
     if framework == "torch":
