@@ -37,7 +37,7 @@ def test_nothing_allocated_reads_near_zero():
 
 def test_unknown_gpu_framework():
     with pytest.raises(memory.MemoryProbeUnavailable, match="no GPU peak-memory probe"):
-        memory.peak_rise(lambda: None, "cuda", framework="tensorflow")
+        memory.peak_rise(lambda: None, "cuda", framework="mxnet")
 
 
 @pytest.mark.parametrize("text, value", [("12GiB", 12 * 2 ** 30), ("500MB", 500 * MB), ("1e9", 10 ** 9),
