@@ -200,7 +200,7 @@ class PreparedCase:
         adapter = impls.get_adapter(case.adapter)
         ok, why = adapter.availability()
         if not ok:
-            raise Skip(f"framework not installed: {why}")
+            raise Skip(f"unavailable here: {why}")
         if not self.profile.keeps_mode(case.adapter, case.mode):
             raise Skip(f"the {self.profile.name} profile runs {case.adapter} in "
                        f"{' and '.join(dict(self.profile.modes_for)[case.adapter])} mode only")
