@@ -49,11 +49,13 @@ def masked_softmax(scores: np.ndarray, allowed: np.ndarray | None, fully_masked:
     """Softmax over the last axis, restricted to allowed positions.
 
     Rows with no allowed position follow ``fully_masked``: ``zeros`` (all-zero
-    weights), ``uniform`` (1/S everywhere, what a large negative additive mask
-    gives) or ``nan``. NaN and Inf in allowed scores propagate as arithmetic
+    weights), ``uniform`` (1/S everywhere, what a large negative *replacement*
+    of masked logits gives), ``nan``, or ``unmasked`` (the softmax of the whole
+    row, what a large negative *added* to every logit of the row gives). NaN and Inf in allowed scores propagate as arithmetic
     dictates; masked scores are never read.
     """
     check_policy(fully_masked)
+    allowed = effective_allowed(allowed, fully_masked)
     if allowed is not None:
         scores = np.where(allowed, scores, -np.inf)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -67,6 +69,14 @@ def masked_softmax(scores: np.ndarray, allowed: np.ndarray | None, fully_masked:
             fill = {"zeros": 0.0, "uniform": 1.0 / scores.shape[-1], "nan": np.nan}[fully_masked]
             probs = np.where(empty, np.asarray(fill, dtype=probs.dtype), probs)
     return probs
+
+
+def effective_allowed(allowed: np.ndarray | None, fully_masked: str) -> np.ndarray | None:
+    """The ``unmasked`` policy lets a row with no allowed key attend to every key, as if unmasked (what an
+    additive mask gives when every position of the row gets the same finite fill); other policies keep it."""
+    if allowed is None or fully_masked != "unmasked":
+        return allowed
+    return allowed | ~np.any(allowed, axis=-1, keepdims=True)
 
 
 def prepare(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False) -> Call:
@@ -131,7 +141,7 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
     num = Numerics(dtype)
     H, vd = spec.num_heads, spec.value_head_dim
     w, _, q, k, v = _projections(spec, weights, call, num)
-    allowed = call.flat_allowed()
+    allowed = effective_allowed(call.flat_allowed(), fully_masked)
     values_finite = bool(np.all(np.isfinite(v)))
 
     def attend(rows: slice):

@@ -12,7 +12,8 @@ Fully masked query rows follow the forward's ``fully_masked`` policy:
 ``zeros`` and ``uniform`` rows are constants, so no gradient reaches their
 scores (a uniform row still passes gradient to the values it averages);
 ``nan`` rows carry NaN through the softmax backward, as a framework whose
-softmax produced the NaN would.
+softmax produced the NaN would; ``unmasked`` rows are an ordinary softmax over
+every key, and their gradient flows like one.
 
 With ``dtype`` other than float64 every intermediate is rounded like
 :class:`impls.oracle.Numerics`: the same-precision reference for gradients.
@@ -23,7 +24,7 @@ import math
 
 import numpy as np
 
-from .oracle import Numerics, _attention_weights, _flat_inputs, _projections, prepare
+from .oracle import Numerics, _attention_weights, _flat_inputs, _projections, effective_allowed, prepare
 from .spec import AttentionSpec, Weights
 from .validation import check_cotangent, check_policy, flatten_perm, inverse_perm
 
@@ -66,7 +67,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
 
     # Forward, keeping what the backward needs.
     w, x, q, k, v = _projections(spec, weights, call, num)
-    allowed = call.flat_allowed()
+    allowed = effective_allowed(call.flat_allowed(), fully_masked)
     probs = _attention_weights(num, q, k, allowed, fully_masked)
     with np.errstate(invalid="ignore"):
         o = num(np.einsum("nhts,nhsv->nhtv", probs, v))

@@ -14,7 +14,7 @@ from .spec import AttentionSpec, Weights
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 DEVICES = ("cpu", "cuda")
-FULLY_MASKED_POLICIES = ("zeros", "uniform", "nan")
+FULLY_MASKED_POLICIES = ("zeros", "uniform", "nan", "unmasked")
 
 
 def check_dtype(dtype) -> str:

@@ -60,6 +60,8 @@ def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fu
                             ok = False
                         allowed.append(ok)
                         values.append(v[tuple(ki)][h])
+                    if fully_masked == "unmasked" and not any(allowed):
+                        allowed = [True] * len(allowed)
                     if any(allowed):
                         m = max(l for l, ok in zip(logits, allowed) if ok)
                         e = [math.exp(l - m) if ok else 0.0 for l, ok in zip(logits, allowed)]

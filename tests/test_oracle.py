@@ -52,7 +52,7 @@ def test_oracle_matches_naive_loops(case):
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("policy", ["zeros", "uniform", "nan"])
+@pytest.mark.parametrize("policy", ["zeros", "uniform", "nan", "unmasked"])
 def test_fully_masked_policies_match_naive(policy):
     w, q, v, k, mask = FULLY_MASKED.build()
     out, scores = oracle.forward(FULLY_MASKED.spec, w, q, v, k, mask, fully_masked=policy)

@@ -80,6 +80,8 @@ CASES = {
     "fully_masked_zeros": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4), mask=_empty_row_mask()),
     "fully_masked_uniform": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4), mask=_empty_row_mask(),
                                  fully_masked="uniform"),
+    "fully_masked_unmasked": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4), mask=_empty_row_mask(),
+                                  fully_masked="unmasked"),
     "fully_masked_causal_zeros": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4),
                                       mask=_causal_empty_first_row(), causal=True),
     "fully_masked_causal_uniform": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4),
