@@ -126,6 +126,7 @@ class Adapter:
     install_hint: str = ""
     description: str = ""
     layer_class: type | None = None
+    default_mode: str = "eager"    # what a user of the framework runs by default (build's mode=None)
 
     def __init__(self):
         self._available: tuple[bool, str] | None = None
@@ -198,8 +199,18 @@ class Adapter:
         return self.extra_constraints(spec, dims, call)
 
     # ---- building -----------------------------------------------------------
+    def preferred_mode(self, spec: AttentionSpec, weights, *, dtype: str = "float32", device: str = "cpu",
+                       call: Call | None = None) -> str:
+        """``default_mode``, or the first other mode that supports this dtype and device where it does not."""
+        modes = [self.default_mode] + [m for m in self.capabilities().modes if m != self.default_mode]
+        for mode in modes:
+            if self.unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode, call=call) is None:
+                return mode
+        return self.default_mode
+
     def build(self, spec: AttentionSpec, weights: Weights, dtype: str = "float32", device: str = "cpu",
-              mode: str = "eager", **options) -> "Layer":
+              mode: str | None = None, **options) -> "Layer":
+        """A layer for ``spec`` with ``weights``; ``mode`` None means the adapter's ``default_mode``."""
         if not isinstance(spec, AttentionSpec):
             raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
         if not isinstance(weights, Weights):
@@ -209,6 +220,7 @@ class Adapter:
         ok, why = self.availability()
         if not ok:
             raise AdapterUnavailable(f"{self.name} is unavailable: {why}")
+        mode = self.default_mode if mode is None else mode
         reason = self.unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode)
         if reason:
             raise UnsupportedError(self.name, "this configuration", reason)

@@ -143,6 +143,7 @@ class FlaxMHAAdapter(Adapter):
     distributions = ("flax", "jax", "jaxlib")
     install_hint = 'pip install "mhabench[jax]"'
     description = "flax.nnx.MultiHeadAttention (jax.jit over nnx.split/merge)"
+    default_mode = "compiled"  # jax.jit is how JAX code runs; eager dispatch compiles every op on its own
     layer_class = FlaxMHALayer
 
     def capabilities(self):

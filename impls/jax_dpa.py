@@ -116,6 +116,7 @@ class JaxDPAAdapter(Adapter):
     distributions = ("jax", "jaxlib")
     install_hint = 'pip install "mhabench[jax]"'
     description = "jnp.einsum projections + jax.nn.dot_product_attention"
+    default_mode = "compiled"  # jax.jit is how JAX code runs; eager dispatch compiles every op on its own
     layer_class = JaxDPALayer
 
     def capabilities(self):

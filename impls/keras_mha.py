@@ -37,15 +37,19 @@ def keras_axes(spec, rank: int) -> tuple[int, ...]:
     return spec.resolve_axes(rank)
 
 
-def default_rank(spec) -> int:
-    """The smallest input rank the spec's attention_axes fit (used to build the layer up front)."""
+def default_rank(spec) -> int | None:
+    """The smallest input rank the spec's attention_axes fit (used to build the layer up front).
+
+    None when they fit none (repeated axes, say): the shared validation then
+    rejects every call with the same message as any other adapter's.
+    """
     for rank in range(3, 12):
         try:
             spec.resolve_axes(rank)
             return rank
         except ValueError:
             continue
-    raise ValueError(f"attention_axes={spec.attention_axes!r} fit no input rank below 12")
+    return None
 
 
 def native_causal_ok(call) -> bool:
@@ -66,7 +70,8 @@ class KerasMHALayer(Layer):
         self.keras = self.ops.keras
         self.weights = weights
         self._layers: dict[int, tuple] = {}  # rank -> (keras layer, named variables, forward fn)
-        self._layer(default_rank(spec))
+        if default_rank(spec) is not None:
+            self._layer(default_rank(spec))
 
     # ---- one Keras layer per input rank --------------------------------------
     def _layer(self, rank: int):
@@ -172,7 +177,9 @@ class KerasMHALayer(Layer):
         return {k: self.ops.numpy(g).astype(np.float64) for k, g in grads.items()}
 
     def export_weights(self) -> Weights:
-        layer, named, _ = self._layer(default_rank(self.spec))
+        if not self._layers:  # no rank fits the axes: the weights were never loaded, so they are unchanged
+            return self.weights
+        _, named, _ = next(iter(self._layers.values()))
         return Weights(**{n: self.ops.numpy(v.value).astype(np.float64) for n, v in named.items()})
 
     # ---- native path ----------------------------------------------------------
@@ -260,6 +267,7 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
     distributions = ("keras", "jax", "jaxlib")
     install_hint = 'pip install "mhabench[jax]"'
     description = "keras.layers.MultiHeadAttention on the JAX backend"
+    default_mode = "compiled"  # Keras jit-compiles on JAX by default (jit_compile="auto"); eager JAX is op by op
 
     def worker_env(self):
         return {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"}  # so float64 is float64 in the worker
