@@ -45,6 +45,7 @@ class Case:
     scale: float = 1.0
     special: str | None = None
     seed: int = 0
+    shared_input: bool = False  # query, key and value are one array (x attends to itself)
     quick: bool = False   # in the reduced matrix the pytest view runs by default
     invalid: str | None = None  # area "invalid": the name of the bad input in INVALID_INPUTS
 
@@ -55,6 +56,10 @@ class Case:
             raise ValueError(f"case {self.id}: mask must be one of {MASK_KINDS}, got {self.mask!r}")
         if self.area == "invalid" and self.invalid not in INVALID_INPUTS:
             raise ValueError(f"case {self.id}: invalid must name one of INVALID_INPUTS, got {self.invalid!r}")
+        if self.shared_input and (self.key_distinct or self.q_shape != self.k_shape
+                                  or self.value_dim != self.query_dim):
+            raise ValueError(f"case {self.id}: shared_input needs key_shape == query_shape, value_dim == query_dim "
+                             f"and no distinct key")
         if self.special not in SPECIALS:
             raise ValueError(f"case {self.id}: special must be one of {SPECIALS}, got {self.special!r}")
         object.__setattr__(self, "spec", AttentionSpec(**self.spec).to_dict())  # normalised, JSON-ready
@@ -127,7 +132,7 @@ class Case:
         weights = Weights.random(spec, q_dim, v_dim, k_dim, seed=self.seed)
         rng = np.random.default_rng(self.seed + 1)
         query = rng.standard_normal(self.query_shape) * self.scale
-        value = rng.standard_normal(self.value_shape) * self.scale
+        value = query if self.shared_input else rng.standard_normal(self.value_shape) * self.scale
         key = rng.standard_normal(self.key_shape) * self.scale if self.key_distinct else None
         call = self.shape_call()
         mask = make_mask(self.mask, call, spec.num_heads, rng)
@@ -377,9 +382,25 @@ def _invalid() -> list[Case]:
             for name in INVALID_INPUTS]
 
 
+def _later() -> list[Case]:
+    """Cases added after the first matrix, kept last so every earlier case keeps its seed."""
+    shared = lambda id, area, **kw: Case(id=id, area=area, spec=kw.pop("spec", _spec()), shared_input=True, **kw)
+    return [
+        # x attends to itself through one array: what a fused qkv projection (the textbook layer) can express
+        shared("shared_input_T8-heads2", "shapes", quick=True),
+        shared("shared_input_T8-causal", "masks"),
+        shared("shared_input_T8-mask_padding", "masks"),
+        shared("shared_input_T8-mask_fully_masked_row", "masks"),
+        shared("grad-shared_input_T8-causal", "gradients"),
+        # float16 accumulation error grows with the number of keys summed; from ~256 keys a float16 running
+        # sum no longer passes (the mutation check's float16 mutant escapes at 128)
+        Case(id="cross_T4_S512-long_keys", area="dtypes", spec=_spec(), q_shape=(4,), k_shape=(512,)),
+    ]
+
+
 def default_cases() -> list[Case]:
     """The default matrix (every area but ``random`` and ``plugin``); seeds recorded per case."""
-    cases = _shapes() + _masks() + _axes() + _dtypes() + _special() + _gradients() + _invalid()
+    cases = _shapes() + _masks() + _axes() + _dtypes() + _special() + _gradients() + _invalid() + _later()
     out = []
     for i, case in enumerate(cases):
         out.append(replace(case, seed=1000 + i))

@@ -9,15 +9,21 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
     dtypes = ["float32"]                     # optional: default every dtype
     quantities = ["output", "scores"]        # optional: default every quantity
     observed = "what the implementation does"
-    oracle_policy = "nan"                    # optional: the oracle's fully_masked policy that reproduces it
-    behaviour = "..."                        # optional: a named check in BEHAVIOURS, when no policy fits
+    oracle_policy = "nan"                    # the oracle's fully_masked policy that reproduces it, or
+    behaviour = "..."                        # a named transformation of the golden in BEHAVIOURS, or
+    check = "..."                            # a named predicate on (golden, actual) in CHECKS, or
+    max_error_ratio = 6.0                    # a precision shortfall: fails only on magnitude, ratio <= this
+    precision = "float32"                    # optional, alone or with a policy/behaviour: judged as computed
+                                             # in this dtype (reference and floor of that dtype)
     upstream = "https://github.com/..."      # optional: only a real issue
 
 A row an entry covers that fails against the canonical golden but passes
 against the entry's description becomes status ``divergence``. The check is
-strict: an entry is *stale* when a row it covers no longer shows the
-behaviour, or when it covers no row of a run that included its adapter and
-the whole default matrix, so the catalogue stays true as frameworks change.
+strict: an entry is *stale* when a row it covers fails in another way than
+described, when a covered row passes canonically although the description
+predicts a visibly different result there (the framework was fixed), or when
+it shows in no row of a run that included its adapter and the whole default
+matrix, so the catalogue stays true as frameworks change.
 """
 from __future__ import annotations
 
@@ -35,8 +41,10 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
-POLICIES = ("zeros", "uniform", "nan")
-_KEYS = {"id", "adapters", "cases", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "upstream"}
+from impls.validation import FULLY_MASKED_POLICIES as POLICIES
+_KEYS = {"id", "adapters", "cases", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "check",
+         "max_error_ratio", "precision", "upstream"}
+PRECISIONS = ("float32", "float16", "bfloat16")
 
 
 def _bad_batches(inputs) -> np.ndarray:
@@ -64,9 +72,62 @@ def _nan_row_output_is_bias(expected: np.ndarray, inputs, quantity: str) -> np.n
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
+def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
+    """The float64 result when the 1/sqrt(key_dim) scale is first rounded to float32 (float64 rows only).
+
+    Scaling the query by ``s32`` equals scaling Wq and bq by ``r = s32 / s64`` under the exact scale, so the
+    oracle computes it; the gradients of Wq and bq pick up the factor ``r`` once more (chain rule).
+    """
+    from impls import Weights, oracle, oracle_backward
+    kd = inputs.spec.key_dim
+    r = float(np.float32(1.0 / np.sqrt(kd))) / (1.0 / np.sqrt(kd))
+    arrays = dict(inputs.weights.as_dict())
+    arrays["Wq"] = arrays["Wq"] * r
+    if "bq" in arrays:
+        arrays["bq"] = arrays["bq"] * r
+    weights = Weights(**arrays)
+    args = (inputs.query, inputs.value, inputs.key, inputs.mask, inputs.causal)
+    if quantity in ("output", "scores"):
+        out, scores = oracle.forward(inputs.spec, weights, *args)
+        return out if quantity == "output" else scores
+    grads = oracle_backward.backward(inputs.spec, weights, *args, cotangent=inputs.cotangent)
+    name = quantity[len("grad_"):]
+    return grads[name] * (r if name in ("Wq", "bq") else 1.0)
+
+
+# Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
+# implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
 BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nonfinite_input_poisons_batch": _nonfinite_input_poisons_batch,
     "nan_row_output_is_bias": _nan_row_output_is_bias,
+    "scale_rounded_to_float32": _scale_rounded_to_float32,
+}
+
+
+def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+    """Scores: where the golden's row is NaN, the row has NaN somewhere and exactly 0 everywhere else (the
+    softmax of a row holding NaN/Inf logits zeroes the finite ones); every other row matches the golden."""
+    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
+    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    nan_rows = np.isnan(golden).any(axis=-1)
+    rows = actual[nan_rows]
+    shaped = rows.size > 0 and np.isnan(rows).any(axis=-1).all() and np.all(np.where(np.isnan(rows), 0.0, rows) == 0)
+    return bool(shaped) and compare(golden[~nan_rows], reference[~nan_rows], actual[~nan_rows], dtype, quantity).ok
+
+
+def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> bool:
+    """Finite everywhere, yet unlike what any fully-masked-row policy of the oracle gives."""
+    if not np.all(np.isfinite(actual)):
+        return False
+    return not any(compare(goldens.get(p, "float64")[quantity], goldens.get(p, dtype)[quantity], actual, dtype,
+                           quantity).ok for p in POLICIES)
+
+
+# Named predicates, for behaviours whose exact values no model here reproduces:
+# (actual, goldens, quantity, dtype, compare) -> whether the actual array shows the behaviour.
+CHECKS: dict[str, Callable] = {
+    "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
+    "finite_but_matches_no_policy": _finite_but_matches_no_policy,
 }
 
 
@@ -80,8 +141,21 @@ class Entry:
     quantities: tuple[str, ...] | None = None
     oracle_policy: str | None = None
     behaviour: str | None = None
+    check: str | None = None
+    max_error_ratio: float | None = None
+    precision: str | None = None
     upstream: str | None = None
     source: str = field(default="", compare=False)
+
+    @property
+    def how(self) -> str:
+        """How the entry is reproduced, in words (for reports)."""
+        parts = [f"oracle policy {self.oracle_policy}" if self.oracle_policy else None,
+                 f"behaviour {self.behaviour}" if self.behaviour else None,
+                 f"check {self.check}" if self.check else None,
+                 f"error ratio <= {self.max_error_ratio:g}" if self.max_error_ratio is not None else None,
+                 f"computed in {self.precision}" if self.precision else None]
+        return ", ".join(p for p in parts if p)
 
     def covers(self, adapter: str, case_id: str, dtype: str, quantity: str) -> bool:
         return (adapter in self.adapters
@@ -102,18 +176,29 @@ def _entry(raw: dict, source: str) -> Entry:
         if not raw.get(key):
             raise ValueError(f"{where}: '{key}' is required")
     policy, behaviour = raw.get("oracle_policy"), raw.get("behaviour")
+    check_name, ratio, precision = raw.get("check"), raw.get("max_error_ratio"), raw.get("precision")
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"{where}: oracle_policy must be one of {POLICIES}, got {policy!r}")
     if behaviour is not None and behaviour not in BEHAVIOURS:
         raise ValueError(f"{where}: behaviour must be one of {sorted(BEHAVIOURS)}, got {behaviour!r}")
-    if (policy is None) == (behaviour is None):
-        raise ValueError(f"{where}: give exactly one of oracle_policy and behaviour, so the entry can be checked")
+    if check_name is not None and check_name not in CHECKS:
+        raise ValueError(f"{where}: check must be one of {sorted(CHECKS)}, got {check_name!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"{where}: precision must be one of {PRECISIONS}, got {precision!r}")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 1):
+        raise ValueError(f"{where}: max_error_ratio must be a number > 1, got {ratio!r}")
+    kinds = [k for k, v in (("oracle_policy", policy), ("behaviour", behaviour), ("check", check_name),
+                            ("max_error_ratio", ratio)) if v is not None]
+    if len(kinds) > 1 or (not kinds and precision is None):
+        raise ValueError(f"{where}: give exactly one of oracle_policy, behaviour, check and max_error_ratio "
+                         f"(or precision alone), so the entry can be checked; got {kinds or 'none'}")
     upstream = raw.get("upstream")
     if upstream is not None and not str(upstream).startswith("https://"):
         raise ValueError(f"{where}: upstream must be an https:// link, got {upstream!r}")
     tup = lambda k: tuple(raw[k]) if raw.get(k) is not None else None
     return Entry(id=raw["id"], adapters=tuple(raw["adapters"]), cases=tuple(raw["cases"]), observed=raw["observed"],
                  dtypes=tup("dtypes"), quantities=tup("quantities"), oracle_policy=policy, behaviour=behaviour,
+                 check=check_name, max_error_ratio=float(ratio) if ratio is not None else None, precision=precision,
                  upstream=upstream, source=source)
 
 
@@ -155,16 +240,54 @@ def check(entries, rows, adapters_run=(), full_matrix: bool = False) -> list[Ent
     out = []
     for e in entries:
         covered = [r for r in rows if e.covers_row(r) and r["status"] not in ("unsupported", "skip", "error")]
-        missing = [r["row_id"] for r in covered if r.get("divergence") != e.id]
+        # a covered row contradicts the entry when it fails some other way, or passes although the entry
+        # predicts a visibly different result there; a pass the entry cannot tell apart is neutral
+        missing = [r["row_id"] for r in covered if r.get("divergence") != e.id
+                   and (r["status"] == "fail" or r.get("contradicts") == e.id)]
+        shown = [r for r in covered if r.get("divergence") == e.id]
         if missing:
             out.append(EntryCheck(e.id, "stale", f"{len(missing)}/{len(covered)} covered rows no longer show "
                                   f"'{e.observed}': {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
                                   len(covered)))
-        elif covered:
-            out.append(EntryCheck(e.id, "ok", f"reproduced in {len(covered)} rows", len(covered)))
+        elif shown:
+            out.append(EntryCheck(e.id, "ok", f"reproduced in {len(shown)} rows", len(shown)))
         elif full_matrix and set(e.adapters) & set(adapters_run):
-            out.append(EntryCheck(e.id, "stale", "covers no row of the full matrix (case pattern or dtype "
-                                  "filter matches nothing)", 0))
+            out.append(EntryCheck(e.id, "stale", "shows in no row of the full matrix (the behaviour is gone, or "
+                                  "the case pattern or dtype filter matches nothing)", 0))
         else:
             out.append(EntryCheck(e.id, "unchecked", "none of its rows ran", 0))
     return out
+
+
+def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonical, compare):
+    """Compare ``actual`` with what ``entry`` describes; a Comparison (``ok``: it shows), or None if the entry
+    cannot be applied to this quantity. ``goldens.get(policy, dtype)`` gives the oracle's arrays."""
+    policy = entry.oracle_policy or "zeros"
+    judged_as = entry.precision or dtype
+    golden = goldens.get(policy, "float64")[quantity]
+    reference = goldens.get(policy, judged_as)[quantity]
+    if entry.max_error_ratio is not None:
+        shows = (not canonical.ok and canonical.error_ratio is not None
+                 and canonical.error_ratio <= entry.max_error_ratio and "NaN" not in canonical.message
+                 and "Inf" not in canonical.message)
+        return _Shown(shows, canonical)
+    if entry.check is not None:
+        shows = CHECKS[entry.check](np.asarray(actual, np.float64), goldens, quantity, judged_as, compare)
+        return _Shown(bool(shows), canonical)
+    if entry.behaviour is not None:
+        expect = lambda arr: BEHAVIOURS[entry.behaviour](np.asarray(arr, np.float64), goldens.inputs, quantity)
+        try:
+            golden, reference = expect(golden), expect(reference)
+        except (ValueError, IndexError, KeyError):
+            return None
+    return compare(golden, reference, actual, judged_as, quantity)
+
+
+class _Shown:
+    """A verdict carrying the canonical comparison's figures."""
+
+    def __init__(self, ok: bool, canonical):
+        self.ok, self._canonical = ok, canonical
+
+    def figures(self) -> dict:
+        return self._canonical.figures()

@@ -37,7 +37,8 @@ def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
         "status": None, "max_abs_err": None, "max_rel_err": None, "tolerance": None, "reference_err": None,
         "error_ratio": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
         "query_shape": list(case.query_shape), "key_shape": list(case.key_shape) if case.key_shape else None,
-        "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal, "duration_s": None,
+        "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal, "mode": None, "contradicts": None,
+        "duration_s": None,
     }
 
 
@@ -79,29 +80,29 @@ def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entri
     golden, reference = goldens.get("zeros", "float64")[quantity], goldens.get("zeros", dtype)[quantity]
     result = compare(golden, reference, actual, dtype, quantity)
     row.update(result.figures())
+    covering = catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity)
     if result.ok:
         row.update(status="pass", message="")
+        for entry in covering:  # a pass where the entry predicts a visibly different result contradicts it
+            if entry.max_error_ratio is not None or entry.check is not None:
+                continue
+            predicted = catalogue_mod.reproduce(entry, quantity, dtype, golden, goldens, result, compare)
+            if predicted is not None and not predicted.ok:
+                row.update(contradicts=entry.id, message=f"passes canonically, so catalogue entry {entry.id} "
+                                                         f"no longer shows here")
         return
     row.update(status="fail", message=result.message)
-    for entry in catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity):
-        if entry.oracle_policy is not None:
-            alt = compare(goldens.get(entry.oracle_policy, "float64")[quantity],
-                          goldens.get(entry.oracle_policy, dtype)[quantity], actual, dtype, quantity)
-        else:
-            expect = lambda a: catalogue_mod.BEHAVIOURS[entry.behaviour](np.asarray(a, np.float64), goldens.inputs,
-                                                                          quantity)
-            try:
-                alt = compare(expect(golden), expect(reference), actual, dtype, quantity)
-            except (ValueError, IndexError) as exc:  # the behaviour does not apply to this quantity's shape
-                row["message"] += f" (catalogue behaviour {entry.behaviour} does not apply: {exc})"
-                continue
-        shows, figures = alt.ok, alt.figures()
-        if shows:
-            row.update(figures)
+    for entry in covering:
+        alt = catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare)
+        if alt is None:
+            row["message"] += f" (catalogue entry {entry.id} does not apply to {quantity})"
+            continue
+        if alt.ok:
+            row.update(alt.figures())
             row.update(status="divergence", divergence=entry.id,
                        message=f"{entry.observed} (canonical comparison: {result.message})")
             return
-    if catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity):
+    if covering:
         row["message"] += " (covered by a catalogue entry, but not as it describes)"
 
 
@@ -144,11 +145,16 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
         call = validate_call(i.spec, case.dims, *i.args())
         support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device,
                                                            call=call, **kw)
+        mode = adapter.preferred_mode(i.spec, case.dims, dtype=dtype, device=device, call=call)
+        for r in rows.values():
+            r["mode"] = mode
+        support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device, mode=mode,
+                                                           call=call, **kw)
         if case.is_gradient:
             reason = support(gradients=True)
             if reason:
                 return _finish(rows, "unsupported", reason, started)
-            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device)
+            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
             grads = layer.gradients(i.query, i.value, i.key, i.mask, i.causal, cotangent=i.cotangent)
             actual = {GRAD_NAME[k]: v for k, v in grads.items() if k in GRAD_NAME}
         else:
@@ -156,7 +162,7 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
             if reason:
                 return _finish(rows, "unsupported", reason, started)
             scores_reason = support(return_scores=True)
-            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device)
+            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
             with np.errstate(all="ignore"):
                 out, scores = layer(*i.args(), return_scores=scores_reason is None)
             actual = {"output": out, "scores": scores}

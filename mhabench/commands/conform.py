@@ -27,6 +27,8 @@ def register(parser):
                         help="also run an adapter class not in the registry (repeatable)")
     parser.add_argument("--quick", action="store_true", help="the reduced matrix the pytest view runs by default")
     parser.add_argument("--jobs", type=int, default=None, help="adapters run in parallel (default: CPU count)")
+    parser.add_argument("--self-check", action="store_true",
+                        help="run the deliberately broken mutant adapters and print which rows catch each")
     parser.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                         help="skip cases estimated to need more (default: a quarter of available memory)")
 
@@ -50,15 +52,29 @@ def _load_adhoc(targets) -> list[str]:
         from impls import plugins
     except ImportError as exc:
         raise CLIError(f"--adapter needs impls.plugins, which cannot be imported here ({exc})") from None
+    import impls
     names = []
     for target in targets:
-        name = plugins.load_adhoc(target)
-        import impls
+        try:
+            name = plugins.load_adhoc(target)
+        except ValueError as exc:  # not of the form module:Class
+            raise CLIError(f"--adapter {target}: {exc}") from None
         ok, why = impls.get_adapter(name).availability()
-        if not ok:
-            raise CLIError(f"--adapter {target}: {why}")
+        if not ok:  # a broken plugin is reported and skipped; the rest of the run goes on
+            print(f"mhabench conform: skipping --adapter {target}: {why}", file=sys.stderr)
+            continue
         names.append(name)
     return names
+
+
+def _report_broken_plugins(registered) -> None:
+    """Entry-point plugins that failed to load are left out of the run, but never silently."""
+    import impls
+    from impls.registry import BrokenAdapter
+    for name in registered:
+        adapter = impls.get_adapter(name)
+        if isinstance(adapter, BrokenAdapter):
+            print(f"mhabench conform: skipping {name}: {adapter.availability()[1]}", file=sys.stderr)
 
 
 def _writable(directory: Path):
@@ -88,8 +104,13 @@ def main(args) -> int:
     from conformance.strategies import random_cases
     from mhabench.cli import CLIError
 
+    if args.self_check:
+        from conformance import mutants
+        return 0 if mutants.print_catch_table(mutants.self_check()) else 1
     adhoc_names = _load_adhoc(args.adapter)
     registered = impls.list_adapters()
+    if not args.adapters:
+        _report_broken_plugins(registered)
     adapters = _csv(args.adapters, registered, "adapter") or \
         [n for n in registered if runner.looks_available(n) and n not in adhoc_names]
     adapters += [n for n in adhoc_names if n not in adapters]
