@@ -104,15 +104,45 @@ BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
 }
 
 
-def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
-    """Scores: where the golden's row is NaN, the row has NaN somewhere and exactly 0 everywhere else (the
-    softmax of a row holding NaN/Inf logits zeroes the finite ones); every other row matches the golden."""
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+def _nan_rows_only_at_nonfinite_logits(golden, reference, actual, quantity, dtype, compare) -> bool:
+    golden, reference = np.asarray(golden, np.float64), np.asarray(reference, np.float64)
     nan_rows = np.isnan(golden).any(axis=-1)
     rows = actual[nan_rows]
     shaped = rows.size > 0 and np.isnan(rows).any(axis=-1).all() and np.all(np.where(np.isnan(rows), 0.0, rows) == 0)
     return bool(shaped) and compare(golden[~nan_rows], reference[~nan_rows], actual[~nan_rows], dtype, quantity).ok
+
+
+def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+    """Scores: where the golden's row is NaN, the row has NaN somewhere and exactly 0 everywhere else (the
+    softmax of a row holding NaN/Inf logits zeroes the finite ones); every other row matches the golden."""
+    return _nan_rows_only_at_nonfinite_logits(goldens.get("zeros", "float64")[quantity],
+                                              goldens.get("zeros", dtype)[quantity], actual, quantity, dtype, compare)
+
+
+def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+    """As nan_rows_keep_nan_only_at_nonfinite_logits, after a NaN/Inf input anywhere (masked or not) has made
+    every row of its batch element NaN (nonfinite_input_poisons_batch)."""
+    poison = lambda a: _nonfinite_input_poisons_batch(np.asarray(a, np.float64), goldens.inputs, quantity)
+    return _nan_rows_only_at_nonfinite_logits(poison(goldens.get("zeros", "float64")[quantity]),
+                                              poison(goldens.get("zeros", dtype)[quantity]), actual, quantity,
+                                              dtype, compare)
+
+
+def _introduces_nan(actual, goldens, quantity, dtype, compare) -> bool:
+    """NaN where the golden is finite, and everywhere else within tolerance of the golden."""
+    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
+    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    new_nan = np.isnan(actual) & np.isfinite(golden)
+    rest = ~np.isnan(actual)
+    return bool(new_nan.any()) and compare(golden[rest], reference[rest], actual[rest], dtype, quantity).ok
+
+
+def _finite_and_off(actual, goldens, quantity, dtype, compare) -> bool:
+    """NaN and Inf exactly where the golden has them, but the values outside tolerance."""
+    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
+    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    result = compare(golden, reference, actual, dtype, quantity)
+    return not result.ok and "NaN" not in result.message and "Inf" not in result.message
 
 
 def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> bool:
@@ -128,6 +158,9 @@ def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> 
 CHECKS: dict[str, Callable] = {
     "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
     "finite_but_matches_no_policy": _finite_but_matches_no_policy,
+    "poisoned_batch_scores_nan_only_at_nonfinite_logits": _poisoned_batch_scores_nan_only_at_nonfinite_logits,
+    "introduces_nan": _introduces_nan,
+    "finite_and_off": _finite_and_off,
 }
 
 

@@ -38,7 +38,8 @@ def _describe(choose: Callable[[str, tuple], object], seed: int, prefix: str) ->
     mask, causal = choose("mask", MASKS), choose("causal", (False, True))
     batch = choose("batch", (1, 2, 3))
     shape = "x".join(map(str, q_shape)) + "_" + "x".join(map(str, k_shape))
-    case_id = f"{prefix}{seed}-{shape}-heads{spec['num_heads']}-mask_{mask}{'-causal' if causal else ''}"
+    case_id = (f"{prefix}{seed}-{shape}-heads{spec['num_heads']}_kd{spec['key_dim']}-mask_{mask}"
+               f"{'-causal' if causal else ''}")
     return Case(id=case_id, area="random", spec=spec, batch=batch, q_shape=q_shape, k_shape=k_shape,
                 query_dim=query_dim, key_dim=key_dim, value_dim=value_dim, key_distinct=key_distinct, mask=mask,
                 causal=causal, seed=seed)

@@ -13,12 +13,13 @@ import json
 import math
 import os
 import select
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+
+from impls._worker import kill
 
 STARTUP_TIMEOUT = 120.0
 STDERR_TAIL = 2000
@@ -114,12 +115,7 @@ class AdapterProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
-        proc.wait()
+        kill(proc)
         for stream in (proc.stdin, proc.stdout):
             try:
                 stream.close()

@@ -28,6 +28,16 @@ import traceback
 
 from .base import Layer
 
+
+def kill(proc: subprocess.Popen) -> None:
+    """Kill a child started in its own session, with everything it started, and reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    proc.wait()
+
 BUILD_TIMEOUT = 300.0
 CALL_TIMEOUT = 120.0
 STARTUP_TIMEOUT = 60.0
@@ -133,12 +143,7 @@ class Worker:
                 os.close(fd)
             except OSError:
                 pass
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
-        proc.wait()
+        kill(proc)
 
     def close(self):
         with self._lock:

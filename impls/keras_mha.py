@@ -267,7 +267,6 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
     distributions = ("keras", "jax", "jaxlib")
     install_hint = 'pip install "mhabench[jax]"'
     description = "keras.layers.MultiHeadAttention on the JAX backend"
-    default_mode = "compiled"  # Keras jit-compiles on JAX by default (jit_compile="auto"); eager JAX is op by op
 
     def worker_env(self):
         return {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"}  # so float64 is float64 in the worker

@@ -90,7 +90,7 @@ def _write_toml(path, body):
 
 
 def test_catalogue_rejects_malformed_entries(tmp_path):
-    with pytest.raises(ValueError, match="exactly one of oracle_policy and behaviour"):
+    with pytest.raises(ValueError, match="exactly one of oracle_policy, behaviour"):
         _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["torch_mha"]\ncases=["*"]\n'
                                          'observed="o"\n')
     with pytest.raises(ValueError, match="unknown keys"):
