@@ -271,6 +271,18 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
     def worker_env(self):
         return {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"}  # so float64 is float64 in the worker
 
+    def unsupported_reason(self, spec, weights, *, call=None, return_scores=False, gradients=False, **kwargs):
+        reason = super().unsupported_reason(spec, weights, call=call, return_scores=return_scores,
+                                            gradients=gradients, **kwargs)
+        # Keras takes its fused path for 3-D inputs when no scores are asked for (gradients included)
+        fused = gradients or (call is not None and not return_scores)
+        if reason is None and fused and (call is None or call.rank == 3) \
+                and spec.value_dim is not None and spec.value_dim != spec.key_dim:
+            return ("value_dim different from key_dim on Keras's fused path: Keras 3.15's jax backend "
+                    "dot_product_attention reshapes the values with key_dim and raises TypeError "
+                    "(cannot reshape array ...); the call with return_attention_scores=True works")
+        return reason
+
     def capabilities(self):
         caps = super().capabilities()
         if self.in_process() and not _keras.jax_x64_enabled():
