@@ -38,6 +38,8 @@ FEATURES: dict[str, str] = {
     "gradients": "gradients through the layer",
 }
 MODES = ("eager", "compiled")
+# the same framework under other distribution names (the CPU-only builds)
+DISTRIBUTION_ALTERNATIVES = {"tensorflow": ("tensorflow-cpu",)}
 
 
 class UnsupportedError(ValueError):
@@ -152,9 +154,13 @@ class Adapter:
     def versions(self) -> dict[str, str]:
         out = {}
         for dist in self.distributions:
-            try:
-                out[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
+            for name in (dist,) + DISTRIBUTION_ALTERNATIVES.get(dist, ()):
+                try:
+                    out[name] = importlib.metadata.version(name)
+                    break
+                except importlib.metadata.PackageNotFoundError:
+                    continue
+            else:
                 out[dist] = "not installed"
         return out
 
