@@ -143,8 +143,6 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
     started = time.perf_counter()
     try:
         call = validate_call(i.spec, case.dims, *i.args())
-        support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device,
-                                                           call=call, **kw)
         mode = adapter.preferred_mode(i.spec, case.dims, dtype=dtype, device=device, call=call)
         for r in rows.values():
             r["mode"] = mode
