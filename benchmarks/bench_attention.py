@@ -6,8 +6,8 @@ the timed bodies are one native call that ends with the framework's device
 sync. Peak memory is the rise during one call (``benchmarks.memory``), not
 the process's; GFLOP/s is ``benchmarks.flops`` over the median of a few calls.
 """
-from . import common
-from .profiles import MODES, get_profile
+from mhabench.benchmarks import common
+from mhabench.benchmarks.profiles import MODES, get_profile
 
 PROFILE = get_profile()
 common.preimport_for_forkserver()

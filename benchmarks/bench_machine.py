@@ -2,9 +2,9 @@
 import statistics
 import time
 
-from . import common
-from .flops import gemm_flops
-from .profiles import get_profile
+from mhabench.benchmarks import common
+from mhabench.benchmarks.flops import gemm_flops
+from mhabench.benchmarks.profiles import get_profile
 
 PROFILE = get_profile()
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}

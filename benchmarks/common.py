@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mhabench import results
+from mhabench.impls import memory
+
 from . import flops as flops_mod
-from . import memory
 from .profiles import Profile
 
 ENV_RESULTS = "MHABENCH_RESULTS"
@@ -47,7 +49,7 @@ def results_dir() -> Path:
 
 
 def skips_path() -> Path:
-    return results_dir() / "bench" / "skips.jsonl"
+    return results.Layout(results_dir()).skips
 
 
 def record(benchmarks, params: dict, status: str, reason: str) -> None:
@@ -102,21 +104,13 @@ def memory_budget(device: str = "cpu") -> int:
     return int(total_ram() * BUDGET_FRACTION)
 
 
-# Adapters whose kernel never holds a [T, S] score matrix for these cases (torch SDPA's
-# flash/memory-efficient kernels: no mask, causal through is_causal).
-FUSED = {"torch_sdpa"}
-# How many [B, H, T, S] float32 arrays live at once at the forward peak (scores, exp, probs,
-# plus the masked copy the oracle makes). Conservative on purpose: the estimate gates a skip.
-SCORE_COPIES = {"numpy_oracle": 4}
-DEFAULT_SCORE_COPIES = 3
-
-
-def estimate_bytes(adapter: str, batch: int, q_len: int, kv_len: int, num_heads: int, model_dim: int,
+def estimate_bytes(score_buffers: int, batch: int, q_len: int, kv_len: int, num_heads: int, model_dim: int,
                    backward: bool = False) -> int:
+    """Peak bytes of one float32 call, roughly: activations plus the adapter's declared ``score_buffers``
+    [B, H, T, S] arrays. Conservative on purpose: the estimate gates a skip."""
     activations = 8 * batch * (q_len + 2 * kv_len) * model_dim * FLOAT_BYTES
     scores = batch * num_heads * q_len * kv_len * FLOAT_BYTES
-    copies = 0 if adapter in FUSED else SCORE_COPIES.get(adapter, DEFAULT_SCORE_COPIES)
-    forward = activations + copies * scores
+    forward = activations + score_buffers * scores
     return int(forward * (2.5 if backward else 1))
 
 
@@ -158,23 +152,15 @@ class Case:
                 "num_heads": self.num_heads, "device": self.device}
 
     def flops(self, backward: bool) -> float:
+        from mhabench import impls
+        skips = impls.get_adapter(self.adapter).causal_skips_masked_blocks
         return flops_mod.attention_flops(self.batch, self.q_len, self.kv_len, self.model_dim, self.num_heads,
-                                         self.key_dim, causal=self.causal, adapter=self.adapter,
+                                         self.key_dim, causal=self.causal, skips_masked_blocks=skips,
                                          backward=backward)
 
-
-def keras_backend(adapter: str) -> str | None:
-    if not adapter.startswith("keras"):
-        return None
-    return adapter.split("@", 1)[1] if "@" in adapter else "tensorflow"
-
-
-def framework_of(adapter: str) -> str:
-    """Which framework's GPU peak counter measures this adapter."""
-    backend = keras_backend(adapter)
-    if backend:
-        return backend
-    return "jax" if adapter in ("jax_dpa", "flax_mha") else "torch"
+    def estimate(self, score_buffers: int, backward: bool = False) -> int:
+        return estimate_bytes(score_buffers, self.batch, self.q_len, self.kv_len, self.num_heads, self.model_dim,
+                              backward)
 
 
 class PreparedCase:
@@ -187,17 +173,15 @@ class PreparedCase:
 
     def _check_and_build(self):
         case = self.case
-        backend = keras_backend(case.adapter)
-        if backend:
-            loaded = sys.modules.get("keras")
-            if loaded is not None and hasattr(loaded, "backend") and loaded.backend.backend() != backend:
-                raise Skip(f"Keras already runs the {loaded.backend.backend()} backend in this process and "
-                           f"cannot switch to {backend}")
-            os.environ["KERAS_BACKEND"] = backend  # read by Keras at import
-        import impls
+        from mhabench import impls
         if case.adapter not in impls.list_adapters():
             raise Skip(f"adapter {case.adapter!r} is not registered")
-        adapter = impls.get_adapter(case.adapter)
+        adapter = self.adapter = impls.get_adapter(case.adapter)
+        for key, value in adapter.worker_env().items():  # e.g. KERAS_BACKEND, read at the framework's import
+            os.environ.setdefault(key, value)
+        if not adapter.in_process():
+            raise Skip(f"{case.adapter} needs {adapter.worker_env()} in its process, which already runs "
+                       f"another configuration (Keras picks its backend once per process)")
         ok, why = adapter.availability()
         if not ok:
             raise Skip(f"unavailable here: {why}")
@@ -213,7 +197,7 @@ class PreparedCase:
             raise Skip(f"device {case.device} absent: {adapter.framework} sees "
                        f"{', '.join(adapter.available_devices())} only")
         budget = memory_budget(case.device)
-        need = estimate_bytes(case.adapter, case.batch, case.q_len, case.kv_len, case.num_heads, case.model_dim)
+        need = case.estimate(adapter.score_buffers)
         if need > budget:
             raise Skip(f"estimated forward peak {gib(need)} exceeds the memory budget {gib(budget)} "
                        f"({ENV_BUDGET})")
@@ -236,8 +220,7 @@ class PreparedCase:
         case = self.case
         try:
             budget = memory_budget(case.device)
-            need = estimate_bytes(case.adapter, case.batch, case.q_len, case.kv_len, case.num_heads,
-                                  case.model_dim, backward=True)
+            need = case.estimate(self.adapter.score_buffers, backward=True)
             if need > budget:
                 raise Skip(f"estimated forward+backward peak {gib(need)} exceeds the memory budget "
                            f"{gib(budget)} ({ENV_BUDGET})")
@@ -255,9 +238,12 @@ class PreparedCase:
 
     # ---- measurements used by the track_ benchmarks ----
     def peak_bytes(self, backward: bool) -> int:
+        """The median of a few per-call peaks (one sample moves in allocator-sized steps), measured by the
+        probe the adapter declares."""
         fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward
                       else (self.native_forward, self.inputs))
-        return memory.peak_rise(lambda: fn(inputs), self.case.device, framework_of(self.case.adapter))
+        probe = lambda call: self.adapter.peak_memory(call, self.case.device)
+        return memory.median_peak(probe, lambda: fn(inputs), self.profile.memory_samples)
 
     def median_seconds(self, backward: bool, repeats: int) -> float:
         fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward

@@ -5,21 +5,15 @@ Forward: the four projections plus the attention core
 Softmax, bias and scaling are not counted (they are O(T*S), not O(T*S*k)).
 
 Causal: the core is halved only for an adapter whose kernel skips the
-masked blocks (``CAUSAL_SKIPS``); one that computes the full score matrix and
-masks it does the full work, so its useful-work rate is not flattered.
+masked blocks (it declares ``causal_skips_masked_blocks``); one that computes
+the full score matrix and masks it does the full work, so its useful-work rate
+is not flattered.
 
 Backward: 2x the forward for the projections (input and weight gradients),
 2.5x for the core (the FlashAttention convention: five matmuls against two,
 counting the recomputation of the scores).
 """
 from __future__ import annotations
-
-# adapter -> does its attention kernel skip fully masked blocks under causal masking?
-# torch SDPA: the flash kernels (CPU and CUDA) and the memory-efficient CUDA kernel
-# iterate only over key blocks at or below the diagonal when is_causal=True.
-# Everything else here (NumPy oracle, Keras, jax.nn.dot_product_attention's XLA path,
-# Flax, nn.MultiheadAttention with a mask) materialises the full scores and masks them.
-CAUSAL_SKIPS = {"torch_sdpa": True}
 
 BACKWARD_PROJECTION_FACTOR = 2.0
 BACKWARD_CORE_FACTOR = 2.5
@@ -44,10 +38,11 @@ def core_flops(batch: int, q_len: int, kv_len: int, num_heads: int, key_dim: int
 
 
 def attention_flops(batch: int, q_len: int, kv_len: int, model_dim: int, num_heads: int, key_dim: int,
-                    value_dim: int | None = None, *, causal: bool = False, adapter: str = "",
+                    value_dim: int | None = None, *, causal: bool = False, skips_masked_blocks: bool = False,
                     backward: bool = False) -> float:
-    """FLOPs of one forward call, or of forward + backward when ``backward``."""
-    skipped = causal and CAUSAL_SKIPS.get(adapter.split("@")[0], False)
+    """FLOPs of one forward call, or of forward + backward when ``backward``. ``skips_masked_blocks``: the
+    kernel's declared ``causal_skips_masked_blocks`` (only then does causal halve the core)."""
+    skipped = causal and skips_masked_blocks
     proj = projection_flops(batch, q_len, kv_len, model_dim, num_heads, key_dim, value_dim)
     core = core_flops(batch, q_len, kv_len, num_heads, key_dim, value_dim, skipped)
     if backward:

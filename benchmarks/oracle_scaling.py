@@ -44,8 +44,8 @@ def measure_one(seq_len: int, block_size: int | None) -> dict:
     """Runs in the child: one oracle call on fresh inputs."""
     import numpy as np
 
-    import impls
-    from benchmarks import memory
+    from mhabench import impls
+    from mhabench.benchmarks import memory
     spec = impls.AttentionSpec(num_heads=NUM_HEADS, key_dim=KEY_DIM)
     weights = impls.Weights.random(spec, query_dim=MODEL_DIM, value_dim=MODEL_DIM, seed=0)
     x = np.random.default_rng(0).standard_normal((BATCH, seq_len, MODEL_DIM))
@@ -70,7 +70,7 @@ def run_case(seq_len: int, block_size: int | None, budget: int, timeout: float) 
         return {**row, "status": "skipped",
                 "reason": f"estimated peak {row['estimated_peak_bytes'] / 2 ** 30:.1f} GiB exceeds the budget "
                           f"{budget / 2 ** 30:.1f} GiB"}
-    cmd = [sys.executable, "-m", "benchmarks.oracle_scaling", "--one", str(seq_len), str(block_size or 0)]
+    cmd = [sys.executable, "-m", "mhabench.benchmarks.oracle_scaling", "--one", str(seq_len), str(block_size or 0)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

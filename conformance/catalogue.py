@@ -40,8 +40,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from mhabench.impls.validation import FULLY_MASKED_POLICIES as POLICIES
+
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
-from impls.validation import FULLY_MASKED_POLICIES as POLICIES
 _KEYS = {"id", "adapters", "cases", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "check",
          "max_error_ratio", "precision", "upstream"}
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -78,7 +79,7 @@ def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np
     Scaling the query by ``s32`` equals scaling Wq and bq by ``r = s32 / s64`` under the exact scale, so the
     oracle computes it; the gradients of Wq and bq pick up the factor ``r`` once more (chain rule).
     """
-    from impls import Weights, oracle, oracle_backward
+    from mhabench.impls import Weights, oracle, oracle_backward
     kd = inputs.spec.key_dim
     r = float(np.float32(1.0 / np.sqrt(kd))) / (1.0 / np.sqrt(kd))
     arrays = dict(inputs.weights.as_dict())
@@ -289,6 +290,20 @@ def check(entries, rows, adapters_run=(), full_matrix: bool = False) -> list[Ent
                                   "the case pattern or dtype filter matches nothing)", 0))
         else:
             out.append(EntryCheck(e.id, "unchecked", "none of its rows ran", 0))
+    return out
+
+
+def export(entries, checks) -> list[dict]:
+    """The entries a run checked, each with its verdict: what ``catalogue.json`` in the results holds."""
+    verdicts = {c.id: c for c in checks}
+    out = []
+    for e in entries:
+        c = verdicts.get(e.id)
+        out.append({"id": e.id, "framework": Path(e.source).stem, "adapters": list(e.adapters),
+                    "cases": list(e.cases), "dtypes": list(e.dtypes) if e.dtypes else None,
+                    "quantities": list(e.quantities) if e.quantities else None, "observed": e.observed,
+                    "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
+                    "message": c.message if c else "", "rows": c.rows if c else 0})
     return out
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tolerances import tolerance
+from .tolerances import tolerance_and_source
 
 
 @dataclass
@@ -17,10 +17,11 @@ class Comparison:
     reference_err: float | None
     error_ratio: float | None
     message: str
+    tolerance_source: str | None = None  # "reference" or "floor": what set the tolerance
 
     def figures(self) -> dict:
         return {k: getattr(self, k) for k in ("max_abs_err", "max_rel_err", "tolerance", "reference_err",
-                                              "error_ratio")}
+                                              "error_ratio", "tolerance_source")}
 
 
 def _f64(x) -> np.ndarray:
@@ -56,7 +57,8 @@ def compare(golden, reference, actual, dtype: str, quantity: str) -> Comparison:
                           f"shape {list(actual.shape)} differs from the golden's {list(golden.shape)}")
     reference_err = max_abs_diff(golden, reference)
     finite = golden[np.isfinite(golden)]
-    tol = tolerance(dtype, quantity, reference_err, float(np.max(np.abs(finite))) if finite.size else 1.0)
+    tol, source = tolerance_and_source(dtype, quantity, reference_err,
+                                       float(np.max(np.abs(finite))) if finite.size else 1.0)
     abs_err = max_abs_diff(golden, actual)
     both = np.isfinite(golden) & np.isfinite(actual)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -72,4 +74,4 @@ def compare(golden, reference, actual, dtype: str, quantity: str) -> Comparison:
         first = [int(i) for i in where[0]] if len(where) else []
         problems.append(f"max |golden - {quantity}| = {abs_err:.3g} > tolerance {tol:.3g} "
                         f"({len(where)}/{golden.size} elements, first at {first})")
-    return Comparison(not problems, abs_err, rel_err, tol, reference_err, ratio, "; ".join(problems))
+    return Comparison(not problems, abs_err, rel_err, tol, reference_err, ratio, "; ".join(problems), source)

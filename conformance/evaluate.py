@@ -10,8 +10,8 @@ import traceback
 
 import numpy as np
 
-import impls
-from impls.base import UnsupportedError
+from mhabench import impls
+from mhabench.impls.base import UnsupportedError
 
 from . import catalogue as catalogue_mod
 from .cases import Case, row_id
@@ -23,7 +23,7 @@ GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", **
 
 def _oracle_backward():
     try:
-        from impls import oracle_backward
+        from mhabench.impls import oracle_backward
     except ImportError:
         return None
     return oracle_backward
@@ -35,7 +35,7 @@ def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
         "adapter": adapter.name, "framework": adapter.framework, "framework_version": adapter.version(),
         "case": case.id, "area": case.area, "dtype": dtype, "device": "cpu", "quantity": quantity,
         "status": None, "max_abs_err": None, "max_rel_err": None, "tolerance": None, "reference_err": None,
-        "error_ratio": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
+        "error_ratio": None, "tolerance_source": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
         "query_shape": list(case.query_shape), "key_shape": list(case.key_shape) if case.key_shape else None,
         "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal, "mode": None, "contradicts": None,
         "duration_s": None,
@@ -134,7 +134,7 @@ def evaluate_case(adapter_name: str, case: Case, dtypes, entries=None, memory_bu
 
 
 def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> list[dict]:
-    from impls.validation import validate_call
+    from mhabench.impls.validation import validate_call
     quantities = case.quantities()
     rows = {q: base_row(adapter, case, dtype, q) for q in quantities}
     for r in rows.values():
@@ -237,3 +237,27 @@ def evaluate(adapter_name: str, case: Case, dtypes, entries=None, memory_budget=
     if case.area == "invalid":
         return evaluate_invalid(adapter_name, case, device)
     return evaluate_case(adapter_name, case, dtypes, entries, memory_budget, device)
+
+
+# ---- inside a runner's worker process ----------------------------------------------------------------
+
+_child: dict = {}
+
+
+def setup_child(setup: dict) -> int:
+    """What every fresh worker runs first: the run's plugins registered, its catalogue loaded once."""
+    import os
+    import sys
+    from mhabench.impls import plugins
+    for path in setup.get("sys_path", []):
+        if path not in sys.path:
+            sys.path.append(path)
+    for target in setup.get("adhoc", []):
+        plugins.load_adhoc(target)
+    _child["entries"] = catalogue_mod.load(setup["catalogue"]) if setup.get("catalogue") else catalogue_mod.load()
+    return os.getpid()
+
+
+def evaluate_in_child(adapter_name: str, case: dict, dtypes, memory_budget=None, device="cpu") -> list[dict]:
+    """``evaluate`` for a case sent as a dict, with the catalogue ``setup_child`` loaded."""
+    return evaluate(adapter_name, Case.from_dict(case), dtypes, _child.get("entries"), memory_budget, device)

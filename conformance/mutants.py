@@ -19,11 +19,10 @@ import math
 
 import numpy as np
 
-from impls import oracle
-from impls.base import Capabilities
-from impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
-from impls.spec import Weights
-from impls.validation import causal_mask, flatten_perm, inverse_perm
+from mhabench.impls import oracle
+from mhabench.impls.base import Capabilities
+from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
+from mhabench.impls.spec import Weights
 
 CONTROL = "numpy_oracle"
 SELF_CHECK_DTYPES = ("float64", "float32", "float16")
@@ -110,26 +109,12 @@ class CausalOffByOne(MutantLayer):
 
 # ---- bugs inside the attention core ------------------------------------------------------------------
 
-def _core_output(spec, weights: Weights, call, num, o):
-    """Heads ``[N, H, T, vd]`` back to the query's layout and through the output projection, as the oracle."""
-    H, vd = spec.num_heads, spec.value_head_dim
-    perm = flatten_perm(call)
-    o = np.transpose(o, (0, 2, 1, 3)).reshape(tuple(call.query.shape[a] for a in perm[:-1]) + (H, vd))
-    inv = inverse_perm(perm[:-1])
-    o = np.transpose(o, inv + (len(inv), len(inv) + 1))
-    w = {k: num.cast(x) for k, x in weights.as_dict().items()}
-    out = num(np.einsum("...hv,hvo->...o", o, w["Wo"].reshape(H, vd, -1)))
-    if "bo" in w:
-        out = num(out + w["bo"].reshape(-1))
-    return out.reshape(o.shape[:-2] + tuple(spec.out_shape(weights.query_dim))).astype(np.float64)
-
-
 class CoreMutantLayer(MutantLayer):
     def _forward(self, call, return_scores, training, seed):
         num = oracle.Numerics(self.dtype)
-        _, _, q, k, v = oracle._projections(self.spec, self.weights, call, num)
+        w, _, q, k, v = oracle._projections(self.spec, self.weights, call, num)
         probs, o = self.core(num, q, k, v, call.flat_allowed())
-        out = _core_output(self.spec, self.weights, call, num, o)
+        out = oracle.output_projection(self.spec, w, call, num, o)
         return out, probs.reshape(call.scores_shape).astype(np.float64) if return_scores else None
 
     def core(self, num, q, k, v, allowed):
@@ -210,7 +195,7 @@ MUTANTS = {m.name: m for m in (
 
 def register_mutants() -> list[str]:
     """Register every mutant adapter in this process (they are never listed otherwise)."""
-    import impls
+    from mhabench import impls
     for name, cls in MUTANTS.items():
         impls.register_adapter(name, cls)
     return list(MUTANTS)

@@ -1,26 +1,27 @@
-"""Run adapters over cases and collect rows: the one entry point the CLI, pytest and self-checks share.
+"""Run adapters over cases and collect rows: the one engine the CLI, pytest and the self-check share.
 
-``run_rows(adapters, cases, dtypes)`` returns the rows; ``on_rows`` sees each
-batch as it is produced (the CLI appends them to rows.jsonl there). With
-``isolate=True`` (the default) each adapter runs in its own child process
-(``conformance.worker``), ``jobs`` of them at a time.
+``run_rows(adapters, cases, dtypes)`` returns the rows; ``on_rows`` sees each batch as it is produced
+(the session appends them to rows.jsonl there). With ``isolate=True`` (the default) each adapter runs
+in its own worker process (``mhabench.impls.worker``, the same protocol that hosts Keras layers),
+``jobs`` of them at a time: a case that hangs or crashes its framework costs that case, not the run.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import queue
 import sys
 import threading
 from typing import Callable, Iterable
 
-import impls
+from mhabench import impls
+from mhabench.impls import worker as worker_mod
 
 from .cases import Case, row_id
 from .evaluate import evaluate, status_rows
-from .worker import AdapterProcess, WorkerFailure
 
 DEFAULT_TIMEOUT = 120.0
+EVALUATE = "mhabench.conformance.evaluate:evaluate_in_child"
+SETUP = "mhabench.conformance.evaluate:setup_child"
 
 
 def default_memory_budget() -> int:
@@ -35,42 +36,37 @@ def default_memory_budget() -> int:
     return 4 << 30
 
 
-def looks_available(name: str) -> bool:
-    """Whether the adapter's framework is installed, without importing it (the child finds out for sure)."""
-    adapter = impls.get_adapter(name)
-    if adapter._available is not None:  # already known, e.g. a broken adapter module
-        return adapter._available[0]
-    try:
-        return all(importlib.util.find_spec(m) is not None for m in adapter.requires)
-    except (ImportError, ValueError):
-        return False
-
-
 def expected_row_ids(adapter: str, case: Case, dtypes) -> list[str]:
     if case.area == "invalid":
         return [row_id(adapter, case.id, "float32", "raises")]
     return [row_id(adapter, case.id, d, q) for d in dtypes for q in case.quantities()]
 
 
-def _tasks(adapter: str, cases, dtypes, skip: set) -> list[tuple[Case, list[str]]]:
-    tasks = []
+def tasks(adapter: str, cases, dtypes, skip: set) -> list[tuple[Case, list[str]]]:
+    """(case, dtypes still needed) for one adapter, leaving out the rows in ``skip``."""
+    out = []
     for case in cases:
         needed = [d for d in (("float32",) if case.area == "invalid" else dtypes)
                   if any(r not in skip for r in expected_row_ids(adapter, case, [d]))]
         if needed:
-            tasks.append((case, needed))
-    return tasks
+            out.append((case, needed))
+    return out
+
+
+def adapter_worker(name: str, setup: dict, timeout: float) -> worker_mod.Worker:
+    """The isolation worker for one adapter: its own environment, the run's plugins replayed at start."""
+    env = impls.get_adapter(name).worker_env()
+    return worker_mod.Worker(env=env, name=f"{name} worker", setup=[(SETUP, (setup,), {})])
 
 
 def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[str], *, isolate: bool = True,
              timeout: float = DEFAULT_TIMEOUT, jobs: int | None = None, memory_budget: int | None = None,
-             on_rows: Callable[[list[dict]], None] | None = None, skip: Iterable[str] = (),
-             registrations: Iterable[tuple[str, str]] = (), adhoc: Iterable[str] = (),
+             on_rows: Callable[[list[dict]], None] | None = None, skip: Iterable[str] = (), adhoc: Iterable[str] = (),
              catalogue_dir: str | None = None, entries=None) -> list[dict]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
-    ``registrations`` (name, "module:Class") and ``adhoc`` ("module:Class" for ``impls.plugins.load_adhoc``)
-    are replayed in each child so adapters defined outside the registry run there too.
+    ``adhoc`` ("module:Class" targets for ``impls.plugins.load_adhoc``) are replayed in each worker, so
+    adapters defined outside the registry run there too.
     """
     adapters, cases, dtypes, skip = list(adapters), list(cases), list(dtypes), set(skip)
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
@@ -88,11 +84,11 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
         from . import catalogue
         entries = entries if entries is not None else catalogue.load(catalogue_dir or catalogue.DIVERGENCE_DIR)
         for name in adapters:
-            for case, needed in _tasks(name, cases, dtypes, skip):
+            for case, needed in tasks(name, cases, dtypes, skip):
                 emit(evaluate(name, case, needed, entries, memory_budget))
         return collected
 
-    setup = {"registrations": [list(r) for r in registrations], "adhoc": list(adhoc),
+    setup = {"adhoc": list(adhoc),
              "sys_path": [p for p in sys.path if p], "catalogue": str(catalogue_dir) if catalogue_dir else None}
     work: queue.Queue = queue.Queue()
     for name in adapters:
@@ -104,20 +100,19 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
                 name = work.get_nowait()
             except queue.Empty:
                 return
-            process = AdapterProcess(name, setup, timeout)
+            child = adapter_worker(name, setup, timeout)
             try:
-                for case, needed in _tasks(name, cases, dtypes, skip):
-                    request = {"adapter": name, "case": case.to_dict(), "dtypes": needed,
-                               "memory_budget": memory_budget}
+                for case, needed in tasks(name, cases, dtypes, skip):
                     try:
-                        reply = process.request(request)
-                        rows = reply["rows"] if "rows" in reply else status_rows(
-                            impls.get_adapter(name), case, needed, "error", f"harness error: {reply.get('error')}")
-                    except WorkerFailure as exc:
-                        rows = status_rows(impls.get_adapter(name), case, needed, "error", str(exc))
+                        rows = child.run(EVALUATE, name, case.to_dict(), needed, memory_budget, timeout=timeout)
+                    except worker_mod.WorkerError as exc:
+                        rows = status_rows(impls.get_adapter(name), case, needed, "error", _one_line(exc))
+                    except Exception as exc:  # a harness bug: reported as the case's error, the run goes on
+                        rows = status_rows(impls.get_adapter(name), case, needed, "error",
+                                           f"harness error: {type(exc).__name__}: {exc}")
                     emit(rows)
             finally:
-                process.stop()
+                child.close()
 
     jobs = jobs or min(len(adapters), os.cpu_count() or 1) or 1
     threads = [threading.Thread(target=worker_loop, daemon=True) for _ in range(jobs)]
@@ -126,3 +121,12 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     for t in threads:
         t.join()
     return collected
+
+
+def _one_line(exc: BaseException) -> str:
+    """A worker failure for a row's message: what happened, then the child's stderr tail."""
+    text = str(exc)
+    tail = getattr(exc, "stderr_tail", "")
+    if tail:
+        text = text.split("\n--- worker stderr", 1)[0] + f"; stderr tail: {tail[-1500:]}"
+    return text

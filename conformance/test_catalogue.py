@@ -1,7 +1,7 @@
 """The divergence catalogue stays true: every entry still reproduces exactly as described."""
 import pytest
 
-from conformance import catalogue
+from mhabench.conformance import catalogue
 
 ENTRIES = catalogue.load()
 
@@ -14,7 +14,7 @@ def test_catalogue_loads_and_every_entry_is_checkable():
 
 @pytest.mark.parametrize("catalogue_entry", ENTRIES, ids=[e.id for e in ENTRIES])
 def test_entry_reproduces(catalogue_entry, conformance_rows, request):
-    from conformance.conftest import catalogue_keys, selected_adapters, selected_dtypes
+    from mhabench.conformance.pytest_view import catalogue_keys, selected_adapters, selected_dtypes
     if not set(catalogue_entry.adapters) & set(selected_adapters(request.config)):
         pytest.skip(f"none of {catalogue_entry.adapters} selected or installed")
     if catalogue_entry.dtypes and not set(catalogue_entry.dtypes) & set(selected_dtypes(request.config)):

@@ -6,9 +6,10 @@ shapes and seed, as ``Case.from_dict(...)``.
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from conformance import strategies
-from conformance.conftest import describe, selected_adapters, selected_dtypes
-from conformance.worker import AdapterProcess
+from mhabench.conformance import strategies
+from mhabench.conformance.cases import reproducer
+from mhabench.conformance.pytest_view import describe, selected_adapters, selected_dtypes
+from mhabench.conformance.runner import EVALUATE, adapter_worker
 
 
 def pytest_generate_tests(metafunc):
@@ -24,11 +25,11 @@ def processes(request):
     def get(adapter):
         if adapter not in started:
             setup = {"sys_path": [p for p in sys.path if p]}
-            started[adapter] = AdapterProcess(adapter, setup, request.config.getoption("--conform-timeout"))
+            started[adapter] = adapter_worker(adapter, setup, request.config.getoption("--conform-timeout"))
         return started[adapter]
     yield get
     for process in started.values():
-        process.stop()
+        process.close()
 
 
 def test_random_cases(random_adapter, processes, request):
@@ -39,9 +40,9 @@ def test_random_cases(random_adapter, processes, request):
               suppress_health_check=list(HealthCheck))
     @given(case=strategies.cases())
     def check(case):
-        reply = process.request({"adapter": random_adapter, "case": case.to_dict(), "dtypes": dtypes})
-        assert "rows" in reply, f"harness error: {reply.get('error')}\nreproducer: {strategies.reproducer(case)}"
-        bad = [r for r in reply["rows"] if r["status"] in ("fail", "error")]
-        assert not bad, "\n".join(describe(r) for r in bad) + f"\nreproducer: {strategies.reproducer(case)}"
+        rows = process.run(EVALUATE, random_adapter, case.to_dict(), dtypes,
+                           timeout=request.config.getoption("--conform-timeout"))
+        bad = [r for r in rows if r["status"] in ("fail", "error")]
+        assert not bad, "\n".join(describe(r) for r in bad) + f"\nreproducer: {reproducer(case)}"
 
     check()

@@ -48,6 +48,17 @@ def tolerance(dtype: str, quantity: str, reference_err: float, magnitude: float 
     largest finite value) when that exceeds one, as a rounding error does. It matters only where the
     reference error is zero or tiny (float64, or a lucky low-precision reference).
     """
+    return tolerance_and_source(dtype, quantity, reference_err, magnitude)[0]
+
+
+def tolerance_and_source(dtype: str, quantity: str, reference_err: float, magnitude: float = 1.0) -> tuple[float, str]:
+    """The tolerance, and what set it: ``"reference"`` (fudge x the reference's error) or ``"floor"``.
+
+    Only where the reference set it does the error ratio |golden - impl| / |golden - reference| say
+    something; where the floor did, the reference is exact by luck or symmetry and the ratio divides
+    by almost nothing."""
     if dtype not in FLOOR:
         raise ValueError(f"no tolerance floor for dtype {dtype!r}; known: {', '.join(FLOOR)}")
-    return max(FLOOR[dtype] * max(1.0, float(magnitude)), fudge(quantity) * float(reference_err))
+    floor = FLOOR[dtype] * max(1.0, float(magnitude))
+    fudged = fudge(quantity) * float(reference_err)
+    return (fudged, "reference") if fudged >= floor else (floor, "floor")

@@ -7,7 +7,7 @@
 """
 import numpy as np
 
-import impls
+from mhabench import impls
 
 
 class MyLayer(impls.Layer):

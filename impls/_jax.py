@@ -11,13 +11,14 @@ cached per x64 setting, so the scope is entered on every call.
 from __future__ import annotations
 
 import contextlib
-import math
+from typing import NamedTuple
 
 import numpy as np
 
-from .base import Layer
+from . import memory, validation
+from .base import Adapter, Layer
 from .spec import Weights
-from .validation import Call, flatten_perm, inverse_perm, numpy_dtype
+from .validation import Call, numpy_dtype
 
 
 def available_devices() -> tuple[str, ...]:
@@ -80,24 +81,29 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def layout(call: Call) -> tuple[tuple[int, ...], int]:
-    """What the jitted functions need to know about a call, hashable: (flatten permutation, batch axes)."""
-    return flatten_perm(call), call.n_batch
+class Layout(NamedTuple):
+    """What the jitted functions need to know about a call, hashable (a static argument): enough of a
+    Call for ``validation.flatten``/``unflatten``."""
+
+    batch_axes: tuple[int, ...]
+    attention_axes: tuple[int, ...]
+    rank: int
 
 
-def flatten(x, perm: tuple[int, ...], n_batch: int):
+def layout(call: Call) -> Layout:
+    return Layout(call.batch_axes, call.attention_axes, call.rank)
+
+
+def flatten(x, layout: Layout):
     """``[B, *A, D]`` -> ``[prod(batch axes), prod(attended axes), D]``."""
-    x = x.transpose(perm)
-    return x.reshape(math.prod(x.shape[:n_batch]), math.prod(x.shape[n_batch:-1]), x.shape[-1])
+    import jax.numpy as jnp
+    return validation.flatten(layout, x, jnp)
 
 
-def unflatten_query(o, query_shape: tuple[int, ...], perm: tuple[int, ...]):
+def unflatten_query(o, query_shape: tuple[int, ...], layout: Layout):
     """``[N, T, F...]`` back to ``[B, *Q, F...]`` for the query's layout."""
-    axes = perm[:-1]
-    extra = o.ndim - 2
-    o = o.reshape(tuple(query_shape[a] for a in axes) + tuple(o.shape[2:]))
-    inv = inverse_perm(axes)
-    return o.transpose(inv + tuple(range(len(inv), len(inv) + extra)))
+    import jax.numpy as jnp
+    return validation.unflatten(layout, o, jnp, like=query_shape)
 
 
 def block(tree):
@@ -106,10 +112,45 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-class JaxLayer(Layer):
-    """What the JAX layers share: inputs, gradients, weight export and the native benchmark path.
+def gpu_peak_rise(fn) -> int:
+    """JAX's peak counter never resets: a call below an earlier peak reports 0, so run this first."""
+    import jax
+    device = jax.devices("gpu")[0]
+    stats = device.memory_stats() or {}
+    if "peak_bytes_in_use" not in stats:
+        raise memory.MemoryProbeUnavailable("jax memory_stats() has no peak_bytes_in_use "
+                                            "(XLA_PYTHON_CLIENT_ALLOCATOR=platform?)")
+    base = stats["bytes_in_use"]
+    result = fn()
+    peak = device.memory_stats()["peak_bytes_in_use"]
+    del result
+    return max(peak - base, 0)
 
-    A subclass sets ``self.params`` (a pytree) and implements ``_output(params, query, value, key,
+
+class JaxAdapter(Adapter):
+    """The facts every JAX adapter shares."""
+
+    family = "jax"
+    requires = ("jax",)
+    distributions = ("jax", "jaxlib")
+    install_hint = 'pip install "mhabench[jax]"'
+    default_mode = "compiled"  # jax.jit is how JAX code runs; eager dispatch compiles every op on its own
+
+    def available_devices(self):
+        return available_devices()
+
+    def peak_memory(self, fn, device="cpu"):
+        return gpu_peak_rise(fn) if device.startswith("cuda") else memory.cpu_peak_rise(fn)
+
+    def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="eager", **kwargs):
+        return (super().unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode, **kwargs)
+                or float16_jit_reason(dtype, device, mode))
+
+
+class JaxLayer(Layer):
+    """What the JAX layers share: inputs, gradients, weight export and the device sync.
+
+    A subclass sets ``self.params`` (a pytree) and implements ``_apply(params, query, value, key,
     allowed, layout, causal)``, a pure function of jax arrays (``key`` None means the value serves as
     key; ``allowed`` is ``[N, 1|H, T, S]`` or None; ``layout`` and ``causal`` are static), and
     ``_canonical(tree)``, which names a params-shaped tree (the weights or their gradients) canonically.
@@ -120,77 +161,61 @@ class JaxLayer(Layer):
         import jax
         self.jax = jax
         self.jax_device = jax_device(device)
-        self._output_fn = self._compile(self._output)
+        self._apply_fn = self._compile(self._apply)
         self._vjp_fn = self._compile(self._vjp)
-        self._loss_grad_fns = {}
 
     def _compile(self, fn):
         """``jax.jit`` in compiled mode; the plain function (op-by-op dispatch) in eager mode."""
         return self.jax.jit(fn, static_argnames=("layout", "causal")) if self.mode == "compiled" else fn
 
-    def _output(self, params, query, value, key, allowed, layout, causal):
+    def _apply(self, params, query, value, key, allowed, layout, causal):
         raise NotImplementedError
 
     def _canonical(self, tree) -> dict:
         raise NotImplementedError
 
     def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
-        f = lambda p, q, v, k: self._output(p, q, v, k, allowed, layout, causal)
+        f = lambda p, q, v, k: self._apply(p, q, v, k, allowed, layout, causal)
         _, pullback = self.jax.vjp(f, params, query, value, key)
         return pullback(cotangent)
 
-    def _inputs(self, call):
-        a = lambda x: array(x, self.dtype, self.jax_device)
-        return a(call.query), a(call.value), (a(call.key) if call.key_given else None)
-
     def _mask(self, call):
         """The mask for the call, causal folded in; None when there is none (causal alone goes through
-        the framework's own ``is_causal``, see ``_causal``)."""
+        the framework's own ``is_causal``)."""
         return mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
 
-    @staticmethod
-    def _causal(call) -> bool:
-        return call.causal and call.mask is None
-
-    def _gradients(self, call, cotangent):
+    def _native(self, call, requires_grad=False):
         with precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            ct = array(cotangent, self.dtype, self.jax_device)
-            g_params, g_query, g_value, g_key = self._vjp_fn(self.params, query, value, key, self._mask(call), ct,
-                                                             layout=layout(call), causal=self._causal(call))
+            a = lambda x: array(x, self.dtype, self.jax_device)
+            return {"query": a(call.query), "value": a(call.value), "key": a(call.key) if call.key_given else None,
+                    "allowed": self._mask(call), "layout": layout(call), "causal": call.causal and call.mask is None,
+                    "call": call}
+
+    def _native_array(self, x):
+        with precision_scope(self.dtype):
+            return array(x, self.dtype, self.jax_device)
+
+    def _output(self, inputs):
+        with precision_scope(self.dtype):
+            return self._apply_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                                  layout=inputs["layout"], causal=inputs["causal"])
+
+    def _backward(self, inputs, cotangent):
+        with precision_scope(self.dtype):
+            g_params, g_query, g_value, g_key = self._vjp_fn(
+                self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"], cotangent,
+                layout=inputs["layout"], causal=inputs["causal"])
             grads = {"query": g_query, "value": g_value, **self._canonical(g_params)}
-            if call.key_given:
+            if g_key is not None:
                 grads["key"] = g_key
-            return {k: to_numpy(v) for k, v in grads.items()}
+            return grads
+
+    def _to_numpy(self, x):
+        return to_numpy(x)
+
+    def _sync(self, x):
+        return block(x)
 
     def export_weights(self) -> Weights:
         with precision_scope(self.dtype):
             return Weights(**{k: to_numpy(v).astype(np.float64) for k, v in self._canonical(self.params).items()})
-
-    # ---- native path (conversion done once, in native_inputs) -----------------
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        call = self.validate(query, value, key, mask, causal)
-        with precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            return dict(query=query, value=value, key=key, allowed=self._mask(call), layout=layout(call),
-                        causal=self._causal(call), requires_grad=bool(requires_grad))
-
-    def native_forward(self, inputs):
-        with precision_scope(self.dtype):
-            return block(self._output_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
-                                         inputs["allowed"], layout=inputs["layout"], causal=inputs["causal"]))
-
-    def _loss_grad(self, requires_grad: bool):
-        """value_and_grad of sum(output): w.r.t. the weights, and the inputs when ``requires_grad``."""
-        if requires_grad not in self._loss_grad_fns:
-            loss = lambda params, query, value, key, allowed, layout, causal: self._output(
-                params, query, value, key, allowed, layout, causal).sum()
-            argnums = (0, 1, 2, 3) if requires_grad else 0
-            self._loss_grad_fns[requires_grad] = self._compile(self.jax.value_and_grad(loss, argnums=argnums))
-        return self._loss_grad_fns[requires_grad]
-
-    def native_forward_backward(self, inputs):
-        fn = self._loss_grad(inputs["requires_grad"])
-        with precision_scope(self.dtype):
-            return block(fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                            layout=inputs["layout"], causal=inputs["causal"]))

@@ -5,13 +5,16 @@ Keras or a framework at module import; ``active_backend`` never imports Keras.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import sys
 
 import numpy as np
 
-from .base import to_numpy
+from . import memory
+from .base import Adapter, to_numpy
 
 BACKENDS = ("tensorflow", "jax", "torch")
 FRAMEWORK_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -97,15 +100,18 @@ class Ops:
         return ops.convert_to_numpy(t)
 
     def sync(self, t):
-        """Wait until ``t`` is computed on the device."""
+        """Wait until ``t`` (a tensor, or a dict or sequence of them) is computed on the device."""
         if self.backend == "jax":
-            t.block_until_ready()
+            import jax
+            jax.block_until_ready(t)
         elif self.backend == "torch":
             if self.device.startswith("cuda"):
                 import torch
                 torch.cuda.synchronize()
-        else:
-            t.numpy()  # TensorFlow has no public per-tensor wait: reading the value is the sync
+        else:  # TensorFlow has no public per-tensor wait: reading the value is the sync
+            for x in (t.values() if isinstance(t, dict) else t if isinstance(t, (list, tuple)) else [t]):
+                if x is not None:
+                    x.numpy()
         return t
 
     def compile(self, fn):
@@ -146,3 +152,59 @@ class Ops:
             grads = torch.autograd.grad((out * cotangent.to(out.dtype)).sum(), inputs + trainable)
         n = 3 if key is not None else 2
         return out, grads[:n], grads[n:]
+
+
+def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
+    """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
+    call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
+    import tensorflow as tf
+    name = "CPU:0" if device == "cpu" else "GPU:0"
+    tf.config.experimental.reset_memory_stats(name)
+    base = tf.config.experimental.get_memory_info(name)["current"]
+    result = fn()
+    peak = tf.config.experimental.get_memory_info(name)["peak"]
+    del result
+    return max(peak - base, 0)
+
+
+class KerasAdapter(Adapter):
+    """The facts every Keras adapter shares; a subclass sets ``backend`` (and ``family``, the same name)."""
+
+    backend = "tensorflow"
+
+    @property
+    def requires(self):
+        return ("keras", FRAMEWORK_MODULE[self.backend])
+
+    def availability(self):
+        # keras is located, never imported: importing it would fix this process's backend.
+        if self._available is None:
+            if importlib.util.find_spec("keras") is None:
+                self._available = (False, f"cannot import keras; install with: {self.install_hint}")
+            else:
+                module = FRAMEWORK_MODULE[self.backend]
+                try:
+                    importlib.import_module(module)
+                    self._available = (True, "")
+                except Exception as exc:
+                    self._available = (False, f"cannot import {module} ({type(exc).__name__}: {exc}); "
+                                              f"install with: {self.install_hint}")
+        return self._available
+
+    def in_process(self) -> bool:
+        """Whether this process's Keras runs (or will run) this adapter's backend."""
+        return active_backend() == self.backend
+
+    def available_devices(self):
+        return available_devices(self.backend)
+
+    def worker_env(self) -> dict:
+        return {"KERAS_BACKEND": self.backend}
+
+    def peak_memory(self, fn, device="cpu"):
+        if self.backend == "tensorflow":
+            return tensorflow_peak_rise(fn, device)
+        if device.startswith("cuda"):
+            from . import _jax, _torch
+            return (_jax.gpu_peak_rise if self.backend == "jax" else _torch.cuda_peak_rise)(fn)
+        return memory.cpu_peak_rise(fn)

@@ -1,17 +1,35 @@
-"""Helpers shared by the PyTorch adapters (torch is imported by the caller, lazily)."""
-from __future__ import annotations
+"""The PyTorch family: what every torch adapter shares (torch is imported lazily, on first use).
 
-import math
+``TorchAdapter`` declares the family's facts (distribution, install hint, devices, the CUDA peak
+counter); ``TorchLayer`` does the plumbing once: tensors in and out, flattened inputs, gradients
+through autograd and the device sync. A torch adapter then writes only its ``_compute`` (the
+framework's default call on native inputs) and what it translates (weights, mask).
+"""
+from __future__ import annotations
 
 import numpy as np
 
-from .validation import Call, flatten_perm, inverse_perm
+from . import memory
+from .base import Adapter, Layer
+from .validation import flatten, unflatten
 
 TORCH_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
 
 
 def torch_dtype(torch, name: str):
     return getattr(torch, TORCH_DTYPES[name])
+
+
+class XP:
+    """The two array functions ``validation.flatten``/``unflatten`` need, in torch's spelling."""
+
+    @staticmethod
+    def transpose(x, perm):
+        return x.permute(*perm)
+
+    @staticmethod
+    def reshape(x, shape):
+        return x.reshape(shape)
 
 
 def available_devices() -> tuple[str, ...]:
@@ -28,6 +46,10 @@ def tensor(torch, x, dtype: str, device: str, requires_grad: bool = False):
     return t.requires_grad_(requires_grad) if requires_grad else t
 
 
+def bool_tensor(torch, x, device: str):
+    return None if x is None else torch.from_numpy(np.array(x, dtype=bool, copy=True, order="C")).to(device)
+
+
 def to_numpy(t) -> np.ndarray:
     """A torch tensor back to NumPy; bfloat16 goes through float32 (exact)."""
     import torch
@@ -38,26 +60,22 @@ def to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def flatten(call: Call, x):
-    """``[B, *A, D]`` -> ``[prod(batch axes), prod(attended axes), D]`` (torch)."""
-    x = x.permute(*flatten_perm(call))
-    nb = call.n_batch
-    return x.reshape(math.prod(x.shape[:nb]), math.prod(x.shape[nb:-1]), x.shape[-1])
-
-
-def unflatten_query(call: Call, o):
-    """``[N, T, F...]`` back to ``[B, *Q, F...]`` for the query's layout."""
-    perm = flatten_perm(call)[:-1]
-    q_perm_shape = tuple(call.query.shape[a] for a in perm)
-    extra = tuple(o.shape[2:])
-    o = o.reshape(q_perm_shape + extra)
-    inv = inverse_perm(perm)
-    return o.permute(*inv, *range(len(inv), len(inv) + len(extra)))
-
-
 def sync(torch, device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def cuda_peak_rise(fn) -> int:
+    """torch's own CUDA peak counter, reset before the call."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del result
+    return max(peak - base, 0)
 
 
 def safe_softmax(torch, scores, allowed):
@@ -67,3 +85,87 @@ def safe_softmax(torch, scores, allowed):
     masked = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(masked, dim=-1)
     return torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
+
+
+class TorchAdapter(Adapter):
+    """The facts every PyTorch adapter shares."""
+
+    family = "torch"
+    requires = ("torch",)
+    distributions = ("torch",)
+    install_hint = 'pip install torch==2.13.0 "mhabench[torch]"'
+
+    def available_devices(self):
+        return available_devices()
+
+    def peak_memory(self, fn, device="cpu"):
+        return cuda_peak_rise(fn) if device.startswith("cuda") else memory.cpu_peak_rise(fn)
+
+
+class TorchLayer(Layer):
+    """Plumbing shared by the torch layers.
+
+    A subclass sets ``self.params`` (name -> tensor, canonical or its module's names) and implements
+    ``_compute(inputs, params)``: the framework's default call on the inputs ``_native`` built (the
+    ``query``/``value``/``key`` tensors, the translated ``mask``, ``call``).
+    """
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        import torch
+        self.torch = torch
+
+    def _tensor(self, x, requires_grad=False):
+        return tensor(self.torch, x, self.dtype, self.device, requires_grad)
+
+    def _native(self, call, requires_grad=False):
+        t = lambda x: self._tensor(x, requires_grad)
+        query, value = t(call.query), t(call.value)
+        key = t(call.key) if call.key_given else value  # without a key, value feeds both projections
+        return {"query": query, "value": value, "key": key, "mask": self._mask(call), "call": call}
+
+    def _mask(self, call):
+        """The mask in the form the framework takes it (None: no mask)."""
+        return None
+
+    def _native_array(self, x):
+        return self._tensor(x)
+
+    def _flat(self, call, x):
+        return flatten(call, x, XP)
+
+    def _unflat(self, call, o):
+        return unflatten(call, o, XP)
+
+    def _compute(self, inputs, params):
+        raise NotImplementedError
+
+    def _output(self, inputs):
+        with self.torch.no_grad():
+            return self._compute(inputs, self.params)
+
+    def _backward(self, inputs, cotangent):
+        torch = self.torch
+        call = inputs["call"]
+        names = ["query", "value"] + (["key"] if call.key_given else [])
+        leaves = {n: inputs[n] for n in names}
+        params = self._grad_leaves()
+        with torch.enable_grad():
+            out = self._compute(inputs, params)
+            grads = torch.autograd.grad(out, list(leaves.values()) + list(params.values()), cotangent,
+                                        allow_unused=True)
+        result = dict(zip(names, grads[:len(names)]))
+        result.update({k: (g if g is not None else torch.zeros_like(params[k]))
+                       for k, g in zip(params, grads[len(names):])})
+        return result
+
+    def _grad_leaves(self) -> dict:
+        """The parameter tensors autograd differentiates, under the names ``_compute`` reads."""
+        return {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+
+    def _to_numpy(self, x):
+        return to_numpy(x)
+
+    def _sync(self, x):
+        sync(self.torch, self.device)
+        return x

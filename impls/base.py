@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
+from . import memory
 from .spec import AttentionSpec, Weights
 from .validation import (DTYPES, Call, check_cotangent, check_device, check_dtype, numpy_dtype, validate_call,
                          weights_dims)
@@ -38,8 +40,6 @@ FEATURES: dict[str, str] = {
     "gradients": "gradients through the layer",
 }
 MODES = ("eager", "compiled")
-# the same framework under other distribution names (the CPU-only builds)
-DISTRIBUTION_ALTERNATIVES = {"tensorflow": ("tensorflow-cpu",)}
 
 
 class UnsupportedError(ValueError):
@@ -119,16 +119,32 @@ def to_numpy(x, dtype: str) -> np.ndarray:
 
 
 class Adapter:
-    """One wrapped implementation. Subclasses set the class attributes and implement ``_build``."""
+    """One wrapped implementation, declaring everything about itself.
+
+    Subclasses set the class attributes below and a ``layer_class`` (or override ``_build``).
+    Every table of adapters in the suite (the registry, the benchmark grid and its process groups,
+    FLOP and memory rules, the versions written with the results) is derived from these
+    declarations, for built-in and plugin adapters alike.
+    """
 
     name: str = ""
     framework: str = ""            # what the user sees, e.g. "PyTorch"
+    # The framework family whose device sync and memory counters measure this adapter ("numpy", "torch",
+    # "jax", "tensorflow", ...); adapters of one family share a benchmark process group.
+    family: str = "numpy"
     requires: tuple[str, ...] = ()  # modules that must import
-    distributions: tuple[str, ...] = ()  # packages whose versions are reported
+    # Distributions whose versions are reported; an entry may be a tuple of alternative names of one
+    # framework (the first one installed is reported), e.g. ("tensorflow", "tensorflow-cpu").
+    distributions: tuple = ()
     install_hint: str = ""
     description: str = ""
     layer_class: type | None = None
     default_mode: str = "eager"    # what a user of the framework runs by default (build's mode=None)
+    quick_mode: str | None = None  # the mode the quick benchmark profile runs; None: the default mode
+    baseline: bool = False         # the reference every other adapter is read against (listed first)
+    # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):
+    causal_skips_masked_blocks: bool = False  # does causal skip the masked half of the score work?
+    score_buffers: int = 3         # [B, H, T, S] float buffers alive at the forward peak (0: never holds them)
 
     def __init__(self):
         self._available: tuple[bool, str] | None = None
@@ -151,21 +167,56 @@ class Adapter:
     def is_available(self) -> bool:
         return self.availability()[0]
 
+    def looks_installed(self) -> bool:
+        """Whether the required modules are installed, without importing them (importing decides for sure)."""
+        if self._available is not None:
+            return self._available[0]
+        try:
+            return all(importlib.util.find_spec(m) is not None for m in self.requires)
+        except (ImportError, ValueError):
+            return False
+
+    def distribution_names(self) -> list[tuple[str, ...]]:
+        """Each reported distribution as its tuple of alternative names."""
+        return [(d,) if isinstance(d, str) else tuple(d) for d in self.distributions]
+
     def versions(self) -> dict[str, str]:
+        """Installed version per distribution, read from package metadata (nothing is imported)."""
         out = {}
-        for dist in self.distributions:
-            for name in (dist,) + DISTRIBUTION_ALTERNATIVES.get(dist, ()):
+        for names in self.distribution_names():
+            for name in names:
                 try:
                     out[name] = importlib.metadata.version(name)
                     break
                 except importlib.metadata.PackageNotFoundError:
                     continue
             else:
-                out[dist] = "not installed"
+                out[names[0]] = "not installed"
         return out
 
     def version(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.versions().items())
+
+    def preimport(self) -> tuple[str, ...]:
+        """Modules a benchmark process imports once, before it forks a process per case."""
+        return tuple(self.requires)
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment a process needs to run this adapter in-process (e.g. KERAS_BACKEND)."""
+        return {}
+
+    def in_process(self) -> bool:
+        """Whether this process can run the adapter's layers itself (else they live in a worker)."""
+        return True
+
+    def peak_memory(self, fn, device: str = "cpu") -> int:
+        """Bytes by which memory peaks during one ``fn()`` call, measured the way this framework allows.
+
+        CPU: the resident-set high-water mark. Frameworks that pool memory, and GPUs, override this
+        with the framework's own peak counter."""
+        if device.split(":")[0] == "cpu":
+            return memory.cpu_peak_rise(fn)
+        raise memory.MemoryProbeUnavailable(f"{self.name}: no peak-memory probe for device {device}")
 
     def capabilities(self) -> Capabilities:
         return Capabilities()
@@ -299,25 +350,79 @@ class Layer:
     def export_weights(self) -> Weights:
         raise NotImplementedError
 
-    # ---- what subclasses implement -----------------------------------------
+    # ---- what subclasses implement ---------------------------------------------------------
+    # A layer either implements ``_forward`` on NumPy arrays (the simplest plugin), or the native
+    # hooks below, from which ``_forward``, ``_gradients`` and the benchmarks' native path are all
+    # derived, so the call conformance judges and the call benchmarks time are one function.
     def _forward(self, call: Call, return_scores: bool, training: bool, seed) -> tuple[Any, Any]:
-        raise NotImplementedError
+        inputs = self._native(call)
+        if return_scores or training:
+            out, scores = self._run(inputs, return_scores, training, seed)
+        else:  # the default call, as a user of the framework makes it
+            out, scores = self._output(inputs), None
+        return self._to_numpy(out), (None if scores is None else self._to_numpy(scores))
 
     def _gradients(self, call: Call, cotangent: np.ndarray) -> dict[str, Any]:
-        raise UnsupportedError(self.adapter.name, "gradients", "not implemented by this adapter")
+        if not self._overrides("_backward"):
+            raise UnsupportedError(self.adapter.name, "gradients", "not implemented by this adapter")
+        inputs = self._native(call, requires_grad=True)
+        grads = self._backward(inputs, self._native_array(cotangent))
+        return self._canonical_gradients({k: self._to_numpy(v) for k, v in grads.items()})
+
+    def _canonical_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``_backward``'s gradients (NumPy) under canonical names and layouts; identity by default."""
+        return grads
+
+    def _native(self, call: Call, requires_grad: bool = False):
+        """The call's inputs as the framework's objects (converted once; the mask in the framework's form)."""
+        return call
+
+    def _native_array(self, x: np.ndarray):
+        """One array (a cotangent) in the framework's form, dtype and device."""
+        return x
+
+    def _output(self, inputs):
+        """The default call (no scores, not training) on native inputs: the path users run and benchmarks time."""
+        if self._overrides("_forward"):  # a NumPy-level layer: its _forward is the default call
+            return self._forward(inputs, False, False, None)[0]
+        raise NotImplementedError(f"{self.adapter.name} implements neither _forward nor _output")
+
+    def _run(self, inputs, return_scores: bool, training: bool, seed) -> tuple[Any, Any]:
+        """A call with scores and/or in training mode: ``(output, scores or None)``."""
+        raise UnsupportedError(self.adapter.name, "this call", "returning scores or training is not implemented")
+
+    def _backward(self, inputs, cotangent) -> dict[str, Any]:
+        """Gradients of ``sum(output * cotangent)``: query, value, key (when given) and every weight
+        (under the framework's names, which ``_canonical_gradients`` maps)."""
+        raise NotImplementedError
+
+    def _to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
+    def _sync(self, x):
+        """Wait until ``x`` is computed on the device (the end of every timed call)."""
+        return x
+
+    def _overrides(self, method: str) -> bool:
+        return getattr(type(self), method) is not getattr(Layer, method)
 
     # ---- the native path used by benchmarks (conversion not timed) ---------
     def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        """Inputs converted once to the framework's tensors on the layer's device."""
-        raise NotImplementedError(f"{self.adapter.name} has no native benchmark path")
+        """Inputs converted once to the framework's objects on the layer's device."""
+        call = self.validate(query, value, key, mask, causal, gradients=requires_grad)
+        cotangent = self._native_array(np.ones(call.output_shape)) if requires_grad else None
+        return {"inputs": self._native(call, requires_grad), "cotangent": cotangent}
 
     def native_forward(self, inputs):
-        """One forward call on native inputs, ending with the framework's device sync."""
-        raise NotImplementedError(f"{self.adapter.name} has no native benchmark path")
+        """One default call on native inputs, ending with the framework's device sync."""
+        return self._sync(self._output(inputs["inputs"]))
 
     def native_forward_backward(self, inputs):
-        """One forward and backward call on native inputs, ending with a device sync."""
-        raise NotImplementedError(f"{self.adapter.name} has no native backward path")
+        """One forward and backward call (inputs from ``native_inputs(..., requires_grad=True)``), synced."""
+        if not self._overrides("_backward"):
+            raise NotImplementedError(f"{self.adapter.name} has no native backward path")
+        grads = self._backward(inputs["inputs"], inputs["cotangent"])
+        return self._sync(grads)
 
     def __repr__(self):
         return f"<{self.adapter.name} layer {self.spec} {self.dtype} {self.device} {self.mode}>"

@@ -37,7 +37,7 @@ call (https://flax.readthedocs.io/en/latest/guides/performance.html);
 from __future__ import annotations
 
 from . import _jax
-from .base import Adapter, Capabilities
+from .base import Capabilities
 
 # canonical name -> (submodule, parameter) in nnx.MultiHeadAttention
 MODULE_NAMES = {
@@ -84,14 +84,14 @@ class FlaxMHALayer(_jax.JaxLayer):
                 raise RuntimeError(f"flax_mha: unexpected parameters {shapes(own)}; expected {shapes(wanted)}")
             nnx.replace_by_pure_dict(params, wanted)
             self.params = params
-        self._apply_fn = self._compile(self._apply)
+        self._training_fn = self._compile(self._training_call)
         self._with_scores_fn = self._compile(self._with_scores)
 
     # ---- the computation (pure functions of jax arrays) ---------------------
-    def _apply(self, params, query, value, key, allowed, dropout_key, layout, causal, sow=False):
+    def _module_call(self, params, query, value, key, allowed, dropout_key, layout, causal, sow=False):
         nnx = self.nnx
         module = nnx.merge(self.graphdef, params, self.rest)
-        flat = lambda x: _jax.flatten(x, *layout)
+        flat = lambda x: _jax.flatten(x, layout)
         key = value if key is None else key
         training = {} if dropout_key is None else dict(deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
         args = (flat(query), flat(key), flat(value))
@@ -102,48 +102,45 @@ class FlaxMHALayer(_jax.JaxLayer):
             weights = self.jax.tree.leaves(sown)[0]
         else:
             out = module(*args, **kwargs)
-        return _jax.unflatten_query(out, query.shape, layout[0]), weights
+        return _jax.unflatten_query(out, query.shape, layout), weights
 
-    def _output(self, params, query, value, key, allowed, layout, causal):
-        return self._apply(params, query, value, key, allowed, None, layout, causal)[0]
+    def _apply(self, params, query, value, key, allowed, layout, causal):
+        return self._module_call(params, query, value, key, allowed, None, layout, causal)[0]
 
     def _with_scores(self, params, query, value, key, allowed, dropout_key, layout, causal):
         """The output of a normal call and the weights sown by a second one (one compiled function)."""
-        out, _ = self._apply(params, query, value, key, allowed, dropout_key, layout, causal)
-        _, weights = self._apply(params, query, value, key, allowed, dropout_key, layout, causal, sow=True)
+        out, _ = self._module_call(params, query, value, key, allowed, dropout_key, layout, causal)
+        _, weights = self._module_call(params, query, value, key, allowed, dropout_key, layout, causal, sow=True)
         return out, weights
 
     def _canonical(self, tree):
         return module_to_canonical(self.nnx.to_pure_dict(tree))
 
-    # ---- the public boundary ------------------------------------------------
-    def _forward(self, call, return_scores, training, seed):
-        layout, causal = _jax.layout(call), self._causal(call)
+    def _training_call(self, params, query, value, key, allowed, dropout_key, layout, causal):
+        return self._module_call(params, query, value, key, allowed, dropout_key, layout, causal)[0]
+
+    def _run(self, inputs, return_scores, training, seed):
+        call = inputs["call"]
         with _jax.precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
-            allowed = self._mask(call)
             dropout_key = None
             if training and self.spec.dropout > 0:
                 # rbg (XLA RngBitGenerator) compiles in a fraction of the time threefry takes on CPU;
                 # dropout is judged by its statistics, so the generator does not matter
                 dropout_key = self.jax.random.key(0 if seed is None else seed, impl="rbg")
+            args = (self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"], dropout_key)
+            static = dict(layout=inputs["layout"], causal=inputs["causal"])
             if not return_scores:
-                out, _ = self._apply_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
-                                        causal=causal)
-                return _jax.to_numpy(out), None
-            out, weights = self._with_scores_fn(self.params, query, value, key, allowed, dropout_key, layout=layout,
-                                                causal=causal)
-            return _jax.to_numpy(out), _jax.to_numpy(weights).reshape(call.scores_shape)
+                return self._training_fn(*args, **static), None
+            out, weights = self._with_scores_fn(*args, **static)
+            return out, weights.reshape(call.scores_shape)
 
 
-class FlaxMHAAdapter(Adapter):
+class FlaxMHAAdapter(_jax.JaxAdapter):
     name = "flax_mha"
     framework = "Flax"
     requires = ("jax", "flax.nnx")
     distributions = ("flax", "jax", "jaxlib")
-    install_hint = 'pip install "mhabench[jax]"'
     description = "flax.nnx.MultiHeadAttention (jax.jit over nnx.split/merge)"
-    default_mode = "compiled"  # jax.jit is how JAX code runs; eager dispatch compiles every op on its own
     layer_class = FlaxMHALayer
 
     def capabilities(self):
@@ -160,10 +157,3 @@ class FlaxMHAAdapter(Adapter):
             return (f"key input width {k_dim} != value input width {v_dim}: nnx.MultiHeadAttention has one "
                     f"in_kv_features for both the key and value projections")
         return None
-
-    def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="eager", **kwargs):
-        return (super().unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode, **kwargs)
-                or _jax.float16_jit_reason(dtype, device, mode))
-
-    def available_devices(self):
-        return _jax.available_devices()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 
 from . import _jax
-from .base import Adapter, Capabilities
+from .base import Capabilities
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -54,13 +54,13 @@ class JaxDPALayer(_jax.JaxLayer):
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _project(self, x, W, b, layout, width):
         """``[B, *A, D]`` -> ``[N, L, H, width]`` (the function's BTNH layout), zero-padded to ``width``."""
-        y = self.jnp.einsum("nld,dhk->nlhk", _jax.flatten(x, *layout), W)
+        y = self.jnp.einsum("nld,dhk->nlhk", _jax.flatten(x, layout), W)
         if b is not None:
             y = y + b
         pad = width - y.shape[-1]
         return y if pad == 0 else self.jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, pad)))
 
-    def _output(self, params, query, value, key, allowed, layout, causal):
+    def _apply(self, params, query, value, key, allowed, layout, causal):
         kd, vd = self.spec.key_dim, self.spec.value_head_dim
         width = max(kd, vd)
         key = value if key is None else key
@@ -69,7 +69,7 @@ class JaxDPALayer(_jax.JaxLayer):
         v = self._project(value, params["Wv"], params.get("bv"), layout, width)
         o = self.jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=1.0 / math.sqrt(kd), is_causal=causal,
                                               implementation=self.implementation)
-        o = _jax.unflatten_query(o[..., :vd], query.shape, layout[0])  # [B, *Q, H, vd]
+        o = _jax.unflatten_query(o[..., :vd], query.shape, layout)  # [B, *Q, H, vd]
         Wo = params["Wo"]
         out = self.jnp.einsum("...hv,hvo->...o", o, Wo.reshape(Wo.shape[0], Wo.shape[1], -1))
         if "bo" in params:
@@ -89,44 +89,31 @@ class JaxDPALayer(_jax.JaxLayer):
 
     def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
         """The output and, computed apart, the scores (one compiled function for a call that wants both)."""
-        out = self._output(params, query, value, key, allowed, layout, causal)
+        out = self._apply(params, query, value, key, allowed, layout, causal)
         return out, self._scores(params, query, value if key is None else key, scores_allowed, layout)
 
     def _canonical(self, tree):
         return dict(tree)  # the parameters are the canonical arrays
 
-    # ---- the public boundary ------------------------------------------------
-    def _forward(self, call, return_scores, training, seed):
-        layout, causal = _jax.layout(call), self._causal(call)
+    def _run(self, inputs, return_scores, training, seed):
+        call = inputs["call"]
         with _jax.precision_scope(self.dtype):
-            query, value, key = self._inputs(call)
             if not return_scores:
-                return _jax.to_numpy(self._output_fn(self.params, query, value, key, self._mask(call),
-                                                     layout=layout, causal=causal)), None
+                return self._output(inputs), None
             scores_allowed = _jax.mask_array(call.flat_allowed(), self.jax_device)  # causal included
-            out, probs = self._with_scores_fn(self.params, query, value, key, self._mask(call), scores_allowed,
-                                              layout=layout, causal=causal)
-            return _jax.to_numpy(out), _jax.to_numpy(probs).reshape(call.scores_shape)
+            out, probs = self._with_scores_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
+                                              inputs["allowed"], scores_allowed, layout=inputs["layout"],
+                                              causal=inputs["causal"])
+            return out, probs.reshape(call.scores_shape)
 
 
-class JaxDPAAdapter(Adapter):
+class JaxDPAAdapter(_jax.JaxAdapter):
     name = "jax_dpa"
     framework = "JAX"
-    requires = ("jax",)
-    distributions = ("jax", "jaxlib")
-    install_hint = 'pip install "mhabench[jax]"'
     description = "jnp.einsum projections + jax.nn.dot_product_attention"
-    default_mode = "compiled"  # jax.jit is how JAX code runs; eager dispatch compiles every op on its own
     layer_class = JaxDPALayer
 
     def capabilities(self):
         return Capabilities(
             unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument"},
             devices=("cpu", "cuda"), modes=("eager", "compiled"))
-
-    def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="eager", **kwargs):
-        return (super().unsupported_reason(spec, weights, dtype=dtype, device=device, mode=mode, **kwargs)
-                or _jax.float16_jit_reason(dtype, device, mode))
-
-    def available_devices(self):
-        return _jax.available_devices()

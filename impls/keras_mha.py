@@ -13,17 +13,14 @@
   attended axis; otherwise the adapter passes the causal triangle over the
   flattened attended positions as an explicit ``attention_mask``.
 * Keras picks its backend once per process: an adapter whose backend is not
-  the one running here hosts its layer in a worker process (``impls._worker``).
+  the one running here hosts its layer in a worker process (``impls.worker``).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import numpy as np
 
-from . import _keras, _worker
-from .base import Adapter, Capabilities, Layer, UnsupportedError
+from . import _keras, worker
+from .base import Capabilities, Layer, UnsupportedError
 from .spec import Weights
 
 WORKER_OPTIONS = ("build_timeout", "call_timeout")
@@ -139,6 +136,7 @@ class KerasMHALayer(Layer):
     def _native(self, call, requires_grad=False):
         t = lambda x: self.ops.tensor(x, self.dtype, requires_grad)
         mask, native_causal = self._keras_mask(call)
+        self._layer(call.rank)
         return dict(query=t(call.query), value=t(call.value), key=t(call.key) if call.key_given else None,
                     mask=self.ops.mask(mask), causal=native_causal, call=call)
 
@@ -157,24 +155,28 @@ class KerasMHALayer(Layer):
                 var.assign(val)
         return out, scores
 
-    def _forward(self, call, return_scores, training, seed):
-        out, scores = self._run(self._native(call), return_scores, training, seed)
-        return self.ops.numpy(out), (self.ops.numpy(scores) if return_scores else None)
+    def _output(self, inputs):
+        return self._run(inputs, False, False)[0]
 
-    def _grads(self, inputs, cotangent):
+    def _native_array(self, x):
+        return self.ops.tensor(x, self.dtype)
+
+    def _backward(self, inputs, cotangent):
         layer, named, fn = self._layer(inputs["call"].rank)
         trainable, non_trainable = self._state(layer)
-        return self.ops.value_and_grads(fn, trainable, non_trainable, inputs["query"], inputs["value"],
-                                        inputs["key"], inputs["mask"], (inputs["causal"], False, False), cotangent)
-
-    def _gradients(self, call, cotangent):
-        inputs = self._native(call, requires_grad=True)
-        _, input_grads, weight_grads = self._grads(inputs, self.ops.tensor(cotangent, self.dtype))
-        layer, named, _ = self._layer(call.rank)
+        _, input_grads, weight_grads = self.ops.value_and_grads(
+            fn, trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"], inputs["mask"],
+            (inputs["causal"], False, False), cotangent)
         names = {id(v): n for n, v in named.items()}
         grads = dict(zip(("query", "value", "key"), input_grads))
         grads.update({names[id(v)]: g for v, g in zip(layer.trainable_variables, weight_grads)})
-        return {k: self.ops.numpy(g).astype(np.float64) for k, g in grads.items()}
+        return grads
+
+    def _to_numpy(self, x):
+        return self.ops.numpy(x)
+
+    def _sync(self, x):
+        return self.ops.sync(x)
 
     def export_weights(self) -> Weights:
         if not self._layers:  # no rank fits the axes: the weights were never loaded, so they are unchanged
@@ -182,69 +184,18 @@ class KerasMHALayer(Layer):
         _, named, _ = next(iter(self._layers.values()))
         return Weights(**{n: self.ops.numpy(v.value).astype(np.float64) for n, v in named.items()})
 
-    # ---- native path ----------------------------------------------------------
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        call = self.validate(query, value, key, mask, causal)
-        inputs = self._native(call, requires_grad)
-        self._layer(call.rank)
-        if requires_grad:
-            out_shape = call.output_shape
-            inputs["ones"] = self.ops.tensor(np.ones(out_shape), self.dtype)
-        return inputs
 
-    def native_forward(self, inputs):
-        out, _ = self._run(inputs, False, False)
-        return self.ops.sync(out)
-
-    def native_forward_backward(self, inputs):
-        ones = inputs.get("ones")
-        if ones is None:
-            ones = inputs["ones"] = self.ops.tensor(np.ones(inputs["call"].output_shape), self.dtype)
-        out, input_grads, _ = self._grads(inputs, ones)
-        self.ops.sync(input_grads[0])
-        return self.ops.sync(out)
-
-
-class KerasMHAAdapter(Adapter):
+class KerasMHAAdapter(_keras.KerasAdapter):
     name = "keras_mha"
-    backend = "tensorflow"
+    backend = family = "tensorflow"
     framework = "Keras (TensorFlow)"
-    distributions = ("keras", "tensorflow")
+    distributions = ("keras", ("tensorflow", "tensorflow-cpu"))
     install_hint = 'pip install "mhabench[tensorflow]"'
     description = "keras.layers.MultiHeadAttention on the TensorFlow backend"
     layer_class = KerasMHALayer
 
-    @property
-    def requires(self):
-        return ("keras", _keras.FRAMEWORK_MODULE[self.backend])
-
-    def availability(self):
-        # keras is located, never imported: importing it would fix this process's backend.
-        if self._available is None:
-            if importlib.util.find_spec("keras") is None:
-                self._available = (False, f"cannot import keras; install with: {self.install_hint}")
-            else:
-                module = _keras.FRAMEWORK_MODULE[self.backend]
-                try:
-                    importlib.import_module(module)
-                    self._available = (True, "")
-                except Exception as exc:
-                    self._available = (False, f"cannot import {module} ({type(exc).__name__}: {exc}); "
-                                              f"install with: {self.install_hint}")
-        return self._available
-
-    def in_process(self) -> bool:
-        """Whether this process's Keras runs (or will run) this adapter's backend."""
-        return _keras.active_backend() == self.backend
-
     def capabilities(self):
         return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"))
-
-    def available_devices(self):
-        return _keras.available_devices(self.backend)
-
-    def worker_env(self) -> dict:
-        return {"KERAS_BACKEND": self.backend}
 
     def _build(self, spec, weights, dtype, device, mode, **options):
         flash = options.get("flash_attention")
@@ -256,13 +207,14 @@ class KerasMHAAdapter(Adapter):
         if self.in_process():
             return KerasMHALayer(self, spec, weights, dtype, device, mode, **options)
         timeouts = {k: options.pop(k) for k in WORKER_OPTIONS if options.get(k) is not None}
-        return _worker.host(self.name, spec, weights, dtype, device, mode, adapter=self,
+        return worker.host(self.name, spec, weights, dtype, device, mode, adapter=self,
                             env=self.worker_env(), **timeouts, **options)
 
 
 class KerasMHAJaxAdapter(KerasMHAAdapter):
     name = "keras_mha@jax"
-    backend = "jax"
+    backend = family = "jax"
+    quick_mode = "compiled"  # JAX's eager mode compiles every primitive on first use
     framework = "Keras (JAX)"
     distributions = ("keras", "jax", "jaxlib")
     install_hint = 'pip install "mhabench[jax]"'
@@ -292,7 +244,7 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
 
 class KerasMHATorchAdapter(KerasMHAAdapter):
     name = "keras_mha@torch"
-    backend = "torch"
+    backend = family = "torch"
     framework = "Keras (PyTorch)"
     distributions = ("keras", "torch")
     install_hint = 'pip install "mhabench[torch]" keras'

@@ -1,8 +1,6 @@
 """The oracle behind the adapter interface, in any float dtype (the same-precision reference)."""
 from __future__ import annotations
 
-import numpy as np
-
 from . import oracle
 from .base import Adapter, Capabilities, Layer
 from .spec import Weights
@@ -32,13 +30,6 @@ class NumpyOracleLayer(Layer):
     def export_weights(self) -> Weights:
         return self.weights
 
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        call = self.validate(query, value, key, mask, causal)
-        return call
-
-    def native_forward(self, call):
-        return self._forward(call, False, False, None)[0]
-
 
 class NumpyOracleAdapter(Adapter):
     name = "numpy_oracle"
@@ -46,8 +37,10 @@ class NumpyOracleAdapter(Adapter):
     requires = ("numpy",)
     distributions = ("numpy",)
     install_hint = "pip install numpy"
-    description = "the float64 reference (impls.oracle) run in the requested dtype"
+    description = "the float64 reference (mhabench.impls.oracle) run in the requested dtype"
     layer_class = NumpyOracleLayer
+    baseline = True
+    score_buffers = 4  # scores, their exponentials, the probabilities and the masked copy
 
     def capabilities(self):
         return Capabilities(unsupported_features={"dropout": "the oracle is deterministic: dropout is not modelled"},

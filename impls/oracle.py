@@ -19,8 +19,7 @@ import math
 import numpy as np
 
 from .spec import AttentionSpec, Weights
-from .validation import (Call, check_dtype, check_policy, flatten_perm, inverse_perm, numpy_dtype,
-                         validate_call, weights_dims)
+from .validation import Call, check_dtype, check_policy, flatten, numpy_dtype, unflatten, validate_call, weights_dims
 
 __all__ = ["forward", "Numerics", "masked_softmax", "prepare"]
 
@@ -88,13 +87,6 @@ def prepare(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
     return validate_call(spec, weights_dims(weights), query, value, key, mask, causal)
 
 
-def _flat_inputs(call: Call, x: np.ndarray) -> np.ndarray:
-    """``[B, *A, D]`` -> ``[prod(batch axes), prod(attended axes), D]``."""
-    x = np.transpose(x, flatten_perm(call))
-    nb = call.n_batch
-    return x.reshape(math.prod(x.shape[:nb]), math.prod(x.shape[nb:-1]), x.shape[-1])
-
-
 def _projections(spec: AttentionSpec, weights: Weights, call: Call, num: Numerics):
     """The stages before the scores, shared with the backward pass.
 
@@ -108,12 +100,23 @@ def _projections(spec: AttentionSpec, weights: Weights, call: Call, num: Numeric
         y = num(np.einsum("nld,dhk->nhlk", x, W))
         return y if b is None else num(y + b[None, :, None, :])
 
-    x = {name: _flat_inputs(call, num.cast(getattr(call, name))) for name in ("query", "key", "value")}
+    x = {name: flatten(call, num.cast(getattr(call, name))) for name in ("query", "key", "value")}
     q = project(x["query"], w["Wq"], w.get("bq"))
     k = project(x["key"], w["Wk"], w.get("bk"))
     v = project(x["value"], w["Wv"], w.get("bv"))
     q = num(q * num(1.0 / math.sqrt(spec.key_dim)))
     return w, x, q, k, v
+
+
+def output_projection(spec: AttentionSpec, w: dict, call: Call, num: Numerics, o: np.ndarray) -> np.ndarray:
+    """Heads ``[N, H, T, vd]`` back to the query's layout and through the output projection (float64 out).
+    ``w``: the weights in ``num``'s precision, as ``_projections`` returns them."""
+    H, vd = spec.num_heads, spec.value_head_dim
+    o = unflatten(call, np.transpose(o, (0, 2, 1, 3)))  # [N, H, T, vd] -> [B, *Q, H, vd]
+    out = num(np.einsum("...hv,hvo->...o", o, w["Wo"].reshape(H, vd, -1)))
+    if "bo" in w:
+        out = num(out + w["bo"].reshape(-1))
+    return out.reshape(o.shape[:-2] + w["Wo"].shape[2:]).astype(np.float64)
 
 
 def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str):
@@ -166,17 +169,6 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
         for start in range(0, T, block_size):
             o[:, :, start:start + block_size] = attend(slice(start, start + block_size))[1]
 
-    # [N, H, T, vd] -> [*batch, *Q_att, H, vd] -> [B, *Q, H, vd]
-    perm = flatten_perm(call)
-    q_perm_shape = tuple(call.query.shape[a] for a in perm[:-1])
-    o = np.transpose(o, (0, 2, 1, 3)).reshape(q_perm_shape + (H, vd))
-    inv = inverse_perm(perm[:-1])
-    o = np.transpose(o, inv + (len(inv), len(inv) + 1))
-    out_dims = spec.out_shape(weights.query_dim)
-    Wo = w["Wo"].reshape(H, vd, -1)
-    out = num(np.einsum("...hv,hvo->...o", o, Wo))
-    if "bo" in w:
-        out = num(out + w["bo"].reshape(-1))
-    out = out.reshape(o.shape[:-2] + tuple(out_dims)).astype(np.float64)
+    out = output_projection(spec, w, call, num, o)
     scores_out = probs.reshape(call.scores_shape).astype(np.float64) if return_scores else None
     return out, scores_out

@@ -24,9 +24,9 @@ import math
 
 import numpy as np
 
-from .oracle import Numerics, _attention_weights, _flat_inputs, _projections, effective_allowed, prepare
+from .oracle import Numerics, _attention_weights, _projections, effective_allowed, prepare
 from .spec import AttentionSpec, Weights
-from .validation import check_cotangent, check_policy, flatten_perm, inverse_perm
+from .validation import check_cotangent, check_policy, flatten, unflatten
 
 __all__ = ["backward", "softmax_backward"]
 
@@ -45,12 +45,6 @@ def softmax_backward(num: Numerics, probs: np.ndarray, g_probs: np.ndarray, allo
         empty = ~np.any(allowed, axis=-1, keepdims=True)
         g_scores = np.where(empty, 0.0, g_scores)  # constant rows: the uniform policy needs this explicitly
     return g_scores
-
-
-def _unflatten(call, g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``[N, L, D]`` back to an input's ``[B, *A, D]`` layout (the inverse of ``_flat_inputs``)."""
-    perm = flatten_perm(call)
-    return np.transpose(g.reshape(tuple(shape[a] for a in perm)), inverse_perm(perm))
 
 
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
@@ -74,7 +68,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
 
     # Output projection: out[n, t, :] = sum_hv o[n, h, t, v] Wo[h, v, :] + bo.
     Wo = w["Wo"].reshape(H, vd, -1)
-    g_out = _flat_inputs(call, num.cast(cotangent).reshape(call.query.shape[:-1] + (Wo.shape[-1],)))
+    g_out = flatten(call, num.cast(cotangent).reshape(call.query.shape[:-1] + (Wo.shape[-1],)))
     grads = {}
     with np.errstate(invalid="ignore"):
         grads["Wo"] = num(np.einsum("nhtv,nto->hvo", o, g_out)).reshape(w["Wo"].shape)
@@ -104,6 +98,6 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
 
     if not call.key_given:  # value fed both projections
         g_inputs["value"] = num(g_inputs["value"] + g_inputs.pop("key"))
-    result = {name: _unflatten(call, g, getattr(call, name).shape) for name, g in g_inputs.items()}
+    result = {name: unflatten(call, g, like=getattr(call, name).shape) for name, g in g_inputs.items()}
     result.update({name: grads[name] for name in w})  # canonical weight order
     return {name: np.asarray(g, dtype=np.float64) for name, g in result.items()}

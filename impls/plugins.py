@@ -6,84 +6,31 @@ Installed plugins declare an entry point in the group ``mhabench.adapters``::
     my_attention = "my_package.attention:MyAdapter"
 
 The entry point's name is the adapter's name; its value names an
-:class:`impls.Adapter` subclass, an Adapter instance, or a callable returning
-one. Entry points are listed without importing anything; the plugin module is
-imported the first time the adapter is used.
+:class:`~mhabench.impls.Adapter` subclass, an Adapter instance, or a callable
+returning one. Entry points are listed without importing anything (the
+registry finds them); the plugin module is imported the first time the
+adapter is used, and one that fails to load is listed with its error.
 
 :func:`load_adhoc` registers one adapter without packaging: ``"module:Class"``
 where ``module`` is importable (``sys.path`` plus the current directory), or
-``"path/to/file.py:Class"``.
+``"path/to/file.py:Class"``. An adapter named this way that cannot be loaded
+raises :class:`PluginLoadError` with the reason: the user asked for it by name.
 
-A plugin that fails to import, or is not an Adapter, is never an exception
-for the caller: it is registered as a :class:`~impls.registry.BrokenAdapter`
-whose reason says what went wrong, so listings and runs report it and go on.
+Adapter names follow :data:`~mhabench.impls.registry.NAME_PATTERN`.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import os
 import sys
 
-import numpy as np
-
-from .base import Adapter
-
-ENTRY_POINT_GROUP = "mhabench.adapters"
+from . import interface, registry
+from .registry import ENTRY_POINT_GROUP  # noqa: F401  (documented here, defined where it is read)
 
 
-def as_adapter(obj, origin: str) -> Adapter:
-    """An Adapter from what a plugin exposes: an Adapter subclass, an instance, or a factory."""
-    if isinstance(obj, type) and issubclass(obj, Adapter):
-        obj = obj()
-    elif not isinstance(obj, Adapter) and callable(obj) and not isinstance(obj, type):
-        obj = obj()
-    if not isinstance(obj, Adapter):
-        raise TypeError(f"{origin} gives {obj!r}, expected an impls.Adapter subclass, an Adapter instance "
-                        f"or a callable returning one")
-    return obj
-
-
-class PluginInterfaceError(TypeError):
-    """A plugin's adapter imports but does not hold to the adapter interface."""
-
-
-def checked(adapter: Adapter) -> Adapter:
-    """``adapter`` if it passes :func:`interface_problem`; PluginInterfaceError with the problem otherwise."""
-    problem = interface_problem(adapter)
-    if problem:
-        raise PluginInterfaceError(f"{adapter.name or type(adapter).__name__} fails the interface check: {problem}")
-    return adapter
-
-
-def _entry_point_loader(entry_point):
-    def load() -> Adapter:
-        adapter = as_adapter(entry_point.load(), f"entry point {entry_point.name} = {entry_point.value!r}")
-        adapter.name = adapter.name or entry_point.name
-        return checked(adapter)
-    return load
-
-
-def register_entry_points() -> list[str]:
-    """Register every adapter declared in the ``mhabench.adapters`` group (not yet imported).
-
-    A name already taken by another adapter is registered as broken under
-    ``"<name>@<distribution>"`` so the clash is visible.
-    """
-    from .registry import BrokenAdapter, _registered, register_adapter
-    names = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
-        if ep.name in _registered:
-            clash = f"{ep.name}@{dist}"
-            register_adapter(clash, BrokenAdapter(clash, f"plugin {dist} declares adapter {ep.name!r} = "
-                                                         f"{ep.value!r}, but that name is already registered"))
-            names.append(clash)
-            continue
-        register_adapter(ep.name, _entry_point_loader(ep))
-        names.append(ep.name)
-    return names
+class PluginLoadError(ValueError):
+    """An adapter named by the user (``--adapter``) could not be loaded; the message says why."""
 
 
 def split_target(target) -> tuple[str, str]:
@@ -92,7 +39,8 @@ def split_target(target) -> tuple[str, str]:
         raise TypeError(f"adapter must be a 'module:Class' string, got {target!r}")
     module_part, sep, attr = target.rpartition(":")  # rpartition: a Windows path has a colon too
     if not sep or not module_part or not attr:
-        raise ValueError(f"adapter must be given as 'module:Class' or 'path/to/file.py:Class', got {target!r}")
+        raise ValueError(f"adapter must be given as 'module:Class' or 'path/to/file.py:Class', "
+                         f"got {interface.printable(target)!r}")
     return module_part, attr
 
 
@@ -123,69 +71,37 @@ def _import_target(module_part: str, attr: str):
 def load_adhoc(target: str) -> str:
     """Register the adapter named by ``"module:Class"`` (or ``"file.py:Class"``); return its name.
 
-    The adapter's own ``name`` attribute names it. If the target cannot be
-    imported or does not give a named Adapter, a broken placeholder is
-    registered under ``target`` itself, with the error as its reason, and
-    ``target`` is returned: the caller lists or runs it like any other and
-    sees why it is unavailable.
+    The adapter's own ``name`` attribute names it. PluginLoadError (a ValueError) when the target
+    cannot be imported, gives no named Adapter, takes a name already used by another adapter, or
+    fails the interface check.
     """
-    from .registry import BrokenAdapter, _registered, get_adapter, register_adapter
     module_part, attr = split_target(target)
+    shown = interface.printable(target)
     try:
-        adapter = as_adapter(_import_target(module_part, attr), target)
-        name = adapter.name
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{type(adapter).__name__} has no name: set the class attribute "
-                            f"name = '...' to the name its results should carry")
-        if name in _registered:
-            current = get_adapter(name)
-            if type(current) is not type(adapter):
-                raise ValueError(f"adapter name {name!r} is already taken by {current!r}")
-            return name  # the same class loaded twice
-        checked(adapter)
-    except Exception as exc:  # a plugin's own error: reported, never fatal
-        register_adapter(target, BrokenAdapter(target, f"could not load {target!r} "
-                                                       f"({type(exc).__name__}: {exc})"))
-        return target
-    register_adapter(name, adapter)
+        adapter = interface.as_adapter(_import_target(module_part, attr), shown)
+    except SyntaxError as exc:
+        raise PluginLoadError(f"could not load {shown}: SyntaxError at line {exc.lineno}: {exc.msg}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a plugin's own error, whatever it raised at import (SystemExit included)
+        raise PluginLoadError(f"could not load {shown} ({type(exc).__name__}: "
+                              f"{interface.printable(exc)})") from None
+    name = adapter.name
+    if not isinstance(name, str) or not name:
+        raise PluginLoadError(f"could not load {shown}: {type(adapter).__name__} has no name: set the class "
+                              f"attribute name = '...' to the name its results should carry")
+    try:
+        registry.check_name(name)
+    except (TypeError, ValueError) as exc:
+        raise PluginLoadError(f"could not load {shown}: {exc}") from None
+    if registry.is_registered(name):
+        current = registry.get_adapter(name)
+        if type(current) is not type(adapter):
+            raise PluginLoadError(f"could not load {shown}: adapter name {name!r} is already taken by {current!r}")
+        return name  # the same class loaded twice
+    try:
+        interface.checked(adapter)
+    except Exception as exc:
+        raise PluginLoadError(f"could not load {shown}: {interface.printable(exc)}") from None
+    registry.register_adapter(name, adapter)
     return name
-
-
-def interface_problem(adapter: Adapter) -> str | None:
-    """Smoke-test an adapter's side of the interface on a tiny self-attention; None if it holds.
-
-    Checks what a plugin most often gets wrong before any conformance case
-    runs: build, call, output shape and the ``export_weights`` round-trip.
-    An adapter whose framework is missing, or that declares the tiny case
-    unsupported, is not checked here (the listing and the rows say why).
-    Whether the numbers are right is the conformance run's business.
-    """
-    from .spec import AttentionSpec, Weights
-    if not adapter.is_available():
-        return None
-    dtype = "float64" if "float64" in adapter.capabilities().dtypes else adapter.capabilities().dtypes[-1]
-    spec = AttentionSpec(num_heads=2, key_dim=4)
-    weights = Weights.random(spec, query_dim=8, value_dim=8, seed=0)
-    x = np.random.default_rng(0).standard_normal((2, 3, 8))
-    try:
-        if adapter.unsupported_reason(spec, weights, dtype=dtype, call=None, return_scores=False):
-            return None
-    except Exception as exc:
-        return f"unsupported_reason raised {type(exc).__name__}: {exc}"
-    try:
-        layer = adapter.build(spec, weights, dtype=dtype)
-    except Exception as exc:
-        return f"build raised {type(exc).__name__}: {exc}"
-    try:
-        out, _ = layer(x, x, return_scores=False)
-    except Exception as exc:  # includes the wrong-output-shape RuntimeError of Layer.__call__
-        return f"calling the layer raised {type(exc).__name__}: {exc}"
-    try:
-        exported = layer.export_weights()
-    except Exception as exc:
-        return f"export_weights raised {type(exc).__name__}: {exc}"
-    if not isinstance(exported, Weights):
-        return f"export_weights returned {type(exported).__name__}, expected impls.Weights"
-    if dtype == "float64" and not exported.equals(weights):
-        return "export_weights does not give back the weights the layer was built from"
-    return None

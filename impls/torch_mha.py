@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _torch
-from .base import Adapter, Capabilities, Layer
+from .base import Capabilities
 from .spec import Weights
 
 
@@ -51,11 +51,10 @@ def module_to_canonical(state: dict[str, np.ndarray], num_heads: int) -> dict[st
     return out
 
 
-class TorchMHALayer(Layer):
+class TorchMHALayer(_torch.TorchLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", batch_first=False, **options):
         super().__init__(adapter, spec, weights, dtype, device, mode, **options)
-        import torch
-        self.torch = torch
+        torch = self.torch
         self.batch_first = bool(batch_first)
         E = weights.query_dim
         self.module = torch.nn.MultiheadAttention(
@@ -68,92 +67,60 @@ class TorchMHALayer(Layer):
             raise RuntimeError(f"torch_mha: unexpected state_dict keys {sorted(own)}; expected {sorted(state)}")
         self.module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         self.module.eval()
+        self.params = dict(self.module.named_parameters())  # the leaves autograd differentiates, in place
         self._fn = self.module if mode == "eager" else torch.compile(self.module, dynamic=False)
 
-    def _attn_mask(self, call):
+    def _mask(self, call):
         """Our allowed-mask -> torch's masked-mask: [T, S] if shared, else [N*H, T, S]."""
         allowed = call.flat_allowed()
         if allowed is None:
             return None
         N, Hm, T, S = allowed.shape
         if N == 1 and Hm == 1 or bool(np.all(allowed == allowed[:1, :1])):
-            m = ~allowed[0, 0]
+            masked = ~allowed[0, 0]
         else:
-            m = ~np.broadcast_to(allowed, (N, self.spec.num_heads, T, S)).reshape(-1, T, S)
-        return _torch.tensor(self.torch, m, "float32", self.device).bool()
+            masked = ~np.broadcast_to(allowed, (N, self.spec.num_heads, T, S)).reshape(-1, T, S)
+        return _torch.bool_tensor(self.torch, masked, self.device)
 
-    def _run(self, query, value, key, attn_mask, need_weights, call, fn=None):
-        seq = lambda x: _torch.flatten(call, x) if self.batch_first else _torch.flatten(call, x).transpose(0, 1)
-        out, weights = (fn or self._fn)(seq(query), seq(key), seq(value), attn_mask=attn_mask,
-                                        need_weights=need_weights, average_attn_weights=False)
+    def _call_module(self, inputs, need_weights, fn):
+        call = inputs["call"]
+        seq = lambda x: self._flat(call, x) if self.batch_first else self._flat(call, x).transpose(0, 1)
+        out, weights = fn(seq(inputs["query"]), seq(inputs["key"]), seq(inputs["value"]), attn_mask=inputs["mask"],
+                          need_weights=need_weights, average_attn_weights=False)
         if not self.batch_first:
             out = out.transpose(0, 1)
-        return _torch.unflatten_query(call, out), weights
+        return self._unflat(call, out), weights
 
-    def _inputs(self, call, requires_grad=False):
-        t = lambda x: _torch.tensor(self.torch, x, self.dtype, self.device, requires_grad)
-        query, value = t(call.query), t(call.value)
-        return query, value, (t(call.key) if call.key_given else value)
+    def _compute(self, inputs, params):
+        return self._call_module(inputs, False, self._fn)[0]  # ``params`` are the module's own (_grad_leaves)
 
-    def _forward(self, call, return_scores, training, seed):
-        torch = self.torch
+    def _run(self, inputs, return_scores, training, seed):
+        torch, call = self.torch, inputs["call"]
         if seed is not None:
             torch.manual_seed(seed)
         self.module.train(bool(training))
         try:
-            query, value, key = self._inputs(call)
             with torch.no_grad():
-                out, weights = self._run(query, value, key, self._attn_mask(call), return_scores, call)
+                out, weights = self._call_module(inputs, return_scores, self._fn)
         finally:
             self.module.eval()
-        scores = _torch.to_numpy(weights.reshape(call.scores_shape)) if return_scores else None
-        return _torch.to_numpy(out), scores
+        return out, (weights.reshape(call.scores_shape) if return_scores else None)
 
-    def _gradients(self, call, cotangent):
-        torch = self.torch
-        query, value, key = self._inputs(call, requires_grad=True)
-        self.module.zero_grad(set_to_none=True)
-        out, _ = self._run(query, value, key, self._attn_mask(call), False, call, fn=self.module)
-        out.backward(_torch.tensor(torch, cotangent, self.dtype, self.device))
-        state = {name: _torch.to_numpy(p.grad).astype(np.float64) for name, p in self.module.named_parameters()}
-        grads = module_to_canonical(state, self.spec.num_heads)
-        grads.update({"query": _torch.to_numpy(query.grad), "value": _torch.to_numpy(value.grad)})
-        if call.key_given:
-            grads["key"] = _torch.to_numpy(key.grad)
-        self.module.zero_grad(set_to_none=True)
-        return grads
+    def _grad_leaves(self):
+        return self.params
+
+    def _canonical_gradients(self, grads):
+        weights = {k: grads.pop(k) for k in list(grads) if k not in ("query", "key", "value")}
+        return {**grads, **module_to_canonical(weights, self.spec.num_heads)}
 
     def export_weights(self) -> Weights:
         state = {k: _torch.to_numpy(v).astype(np.float64) for k, v in self.module.state_dict().items()}
         return Weights(**module_to_canonical(state, self.spec.num_heads))
 
-    # ---- native path ---------------------------------------------------------
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
-        call = self.validate(query, value, key, mask, causal)
-        query, value, key = self._inputs(call, requires_grad)
-        return dict(query=query, value=value, key=key, attn_mask=self._attn_mask(call), call=call)
 
-    def native_forward(self, inputs):
-        with self.torch.no_grad():
-            out, _ = self._run(inputs["query"], inputs["value"], inputs["key"], inputs["attn_mask"], False,
-                               inputs["call"])
-        _torch.sync(self.torch, self.device)
-        return out
-
-    def native_forward_backward(self, inputs):
-        out, _ = self._run(inputs["query"], inputs["value"], inputs["key"], inputs["attn_mask"], False,
-                           inputs["call"])
-        out.sum().backward()
-        _torch.sync(self.torch, self.device)
-        return out
-
-
-class TorchMHAAdapter(Adapter):
+class TorchMHAAdapter(_torch.TorchAdapter):
     name = "torch_mha"
     framework = "PyTorch"
-    requires = ("torch",)
-    distributions = ("torch",)
-    install_hint = 'pip install torch==2.13.0 "mhabench[torch]"'
     description = "torch.nn.MultiheadAttention (batch_first=False, average_attn_weights=False)"
     layer_class = TorchMHALayer
 
@@ -167,6 +134,3 @@ class TorchMHAAdapter(Adapter):
                 "head_width": why_width,
             },
             devices=("cpu", "cuda"), modes=("eager", "compiled"))
-
-    def available_devices(self):
-        return _torch.available_devices()

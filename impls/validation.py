@@ -213,3 +213,27 @@ def inverse_perm(perm) -> tuple[int, ...]:
     for i, p in enumerate(perm):
         inv[p] = i
     return tuple(inv)
+
+
+# ---- one sequence: the attended axes flattened, the non-attended ones folded into the batch ----------
+# Written once for every array library: ``xp`` needs ``transpose(x, perm)`` and ``reshape(x, shape)``
+# (NumPy, jax.numpy and TensorFlow have both; torch's shim is ``_torch.XP``).
+
+def flatten(call: Call, x, xp=np):
+    """``[B, *A, D]`` -> ``[prod(batch axes), prod(attended axes), D]``."""
+    perm = flatten_perm(call)
+    shape = tuple(x.shape)
+    n_batch = math.prod(shape[a] for a in call.batch_axes)
+    length = math.prod(shape[a] for a in call.attention_axes)
+    return xp.reshape(xp.transpose(x, perm), (n_batch, length, shape[-1]))
+
+
+def unflatten(call: Call, o, xp=np, like=None):
+    """``[N, L, F...]`` back to ``[B, *A, F...]`` in the layout of the input shaped ``like`` (default: the
+    query's shape): the inverse of :func:`flatten`."""
+    axes = flatten_perm(call)[:-1]
+    like = tuple(call.query.shape if like is None else like)
+    extra = tuple(o.shape[2:])
+    o = xp.reshape(o, tuple(like[a] for a in axes) + extra)
+    inv = inverse_perm(axes)
+    return xp.transpose(o, inv + tuple(range(len(inv), len(inv) + len(extra))))

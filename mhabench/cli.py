@@ -21,6 +21,12 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def printable(text) -> str:
+    """Text for a terminal: control characters (escape and OSC sequences included) shown as '?'."""
+    from mhabench.impls.interface import printable as safe
+    return safe(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhabench", description="Cross-framework conformance and "
                                      "benchmarking suite for multi-head attention.")
@@ -44,7 +50,7 @@ def main(argv=None) -> int:
     try:
         return int(args._module.main(args) or 0)
     except CLIError as exc:
-        print(f"mhabench {args.command}: error: {exc}", file=sys.stderr)
+        print(printable(f"mhabench {args.command}: error: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mhabench {args.command}: interrupted", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 Reads only result files, so a report can be built where no framework is installed.
 """
-from .build import build_report, collect, verdict, write_report
+from .build import build_report, write_report
+from .collect import collect, verdict
 from .compare import compare
 from .load import ResultsError, load_benchmarks, load_conformance, load_results
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from . import charts, tables
-from .build import ReportData, verdict
+from .collect import ReportData, verdict
 from .units import format_value
-from .load import STATUSES
+from mhabench.results import STATUSES
 
 DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them all
 
@@ -178,12 +178,9 @@ def section_divergences(data: ReportData) -> str:
         return out[0] + "<p class='muted'>No conformance results.</p>"
     catalogue = data.tables["divergences"]
     if not data.conformance.catalogue:
-        out.append("<p class='muted'>The results carry no copy of the catalogue; entries are named by the ids "
-                   "recorded on the rows.</p>")
-    columns = ["id", "framework", "summary", "adapters", "rows", "cases", "observed", "expected", "upstream",
-               "reproduced"]
-    # without a catalogue copy summary/expected/upstream are empty: leave them out rather than squeeze the rest
-    columns = [c for c in columns if c not in ("summary", "expected", "upstream") or catalogue[c].astype(bool).any()]
+        out.append("<p class='muted'>The results carry no catalogue.json (an interrupted run); entries are named by "
+                   "the ids recorded on the rows.</p>")
+    columns = ["id", "framework", "adapters", "rows", "cases", "observed", "how", "upstream", "status"]
     out.append(table(catalogue, columns,
                      cell=lambda c, v, r: f"<td>{link_list(v)}</td>" if c == "upstream" else None))
     return "".join(out)
@@ -270,6 +267,14 @@ def section_comparison(data: ReportData) -> str:
     return "".join(out)
 
 
+def section_problems(data: ReportData) -> str:
+    if not data.problems:
+        return ""
+    items = "".join(f"<li><code>{esc(p)}</code></li>" for p in data.problems)
+    return (f"<div class='note' id='problems'><b>{len(data.problems)} line(s) of the results could not be read</b> "
+            f"(left in place; their rows count as not run)<ul>{items}</ul></div>")
+
+
 def render_html(data: ReportData) -> str:
     if data.comparison_only:
         sections, nav = [section_environment(data), section_comparison(data)], ["environment", "comparison"]
@@ -287,6 +292,6 @@ def render_html(data: ReportData) -> str:
         f"<p class='muted'>Results: <code>{esc(data.results_dir)}</code> · generated {esc(data.generated)}</p>"
         f"<nav>{''.join(f'<a href=#{n}>{n}</a>' for n in nav)}</nav>"
         f"<div class='verdict'><b>Verdict</b><ul>{verdict_items}</ul></div>"
-        + "".join(sections) +
+        + section_problems(data) + "".join(sections) +
         "</main></body></html>\n"
     )

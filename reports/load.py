@@ -1,9 +1,10 @@
 """Read result files into tidy pandas tables.
 
-Only files are read here: conformance results (JSON/JSONL/CSV), asv results
-(benchmarks.json, machine.json, <commit>-<env>.json) and the benchmark skip
-log. Nothing from the suite's other packages is imported, so a report can be
-built on a machine that has none of the frameworks installed.
+Only files are read here, through the one module that defines the results directory
+(``mhabench.results``): conformance results (results.json, or the journal of an interrupted run,
+with its plan and the catalogue it checked), asv results (benchmarks.json, machine.json,
+<commit>-<env>.json) and the benchmark skip log. No framework is imported, so a report can be
+built on a machine that has none installed.
 """
 from __future__ import annotations
 
@@ -16,13 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10: the catalogue copy is optional, the rest of the report still works
-    tomllib = None
+from mhabench import results
+from mhabench.results import AREAS, STATUSES  # noqa: F401  (the schema, defined once there)
 
-AREAS = ("shapes", "masks", "axes", "dtypes", "gradients", "invalid", "special", "random", "plugin")
-STATUSES = ("pass", "fail", "divergence", "unsupported", "error", "skip")
 BENCH_PARAMS = ("adapter", "mode", "seq_len", "num_heads", "device")
 
 
@@ -34,8 +31,15 @@ class ResultsError(ValueError):
 class Conformance:
     meta: dict
     rows: pd.DataFrame
-    catalogue: dict  # divergence id -> entry (dict), possibly empty
+    catalogue: dict  # divergence id -> the entry as the run checked it (catalogue.json), possibly empty
     source: Path
+    problems: list = field(default_factory=list)  # "path:line: ..." for everything that could not be read
+    complete: bool = True       # the run reached its end (results.json written)
+    planned: int | None = None  # rows the run planned, when it recorded a plan
+
+    @property
+    def missing(self) -> int | None:
+        return None if self.planned is None else max(0, int(self.planned) - len(self.rows))
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Benchmarks:
     skips: pd.DataFrame
     source: Path
     notes: list = field(default_factory=list)
+    problems: list = field(default_factory=list)  # "path:line: ..." for every skip-log line not read
 
 
 def _read_json(path: Path):
@@ -58,107 +63,33 @@ def _read_json(path: Path):
         raise ResultsError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                # rows.jsonl is append-only and may end in a half-written line when a run was cut off
-                continue
-    return rows
-
-
 # --- conformance --------------------------------------------------------------------------------
 
 def load_conformance(results_dir: Path) -> Conformance | None:
-    """The conformance rows under ``results_dir`` (or ``results_dir/conformance``); None if absent."""
-    results_dir = Path(results_dir)
-    base = results_dir / "conformance" if (results_dir / "conformance").is_dir() else results_dir
-    meta: dict = {}
-    if (base / "results.json").is_file():
-        data = _read_json(base / "results.json")
-        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-            raise ResultsError(f"{base / 'results.json'} has no 'rows' list")
-        meta = data.get("meta") or {}
-        records, source = data["rows"], base / "results.json"
-    elif (base / "rows.jsonl").is_file():
-        records, source = _read_jsonl(base / "rows.jsonl"), base / "rows.jsonl"
-        meta = {"partial": True}
-    elif (base / "results.csv").is_file():
-        try:
-            frame = pd.read_csv(base / "results.csv")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise ResultsError(f"{base / 'results.csv'} is not a readable CSV ({exc})") from None
-        records, source = frame.to_dict("records"), base / "results.csv"
-    else:
+    """The conformance results under a results directory (through ``mhabench.results``); None if absent."""
+    try:
+        found = results.read_results(results_dir)
+    except ValueError as exc:
+        raise ResultsError(str(exc)) from None
+    if found is None:
         return None
-    if not isinstance(meta, dict):
-        raise ResultsError(f"{source}: 'meta' is not an object")
-    rows = _tidy_conformance(records, source)
-    return Conformance(meta=meta, rows=rows, catalogue=load_catalogue(base, meta), source=source)
+    meta = dict(found.meta)
+    rows = _tidy_conformance(found.rows)
+    catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
+    return Conformance(meta=meta, rows=rows, catalogue=catalogue, source=found.source, problems=found.problems,
+                       complete=found.complete, planned=(found.plan or {}).get("rows"))
 
 
-def _tidy_conformance(records: list, source: Path) -> pd.DataFrame:
-    if not all(isinstance(r, dict) for r in records):
-        raise ResultsError(f"{source}: every row must be a JSON object")
-    rows = pd.DataFrame.from_records(records)
-    for column in ("row_id", "adapter", "framework", "case", "area", "dtype", "quantity", "status",
-                   "divergence", "message"):
+def _tidy_conformance(records: list) -> pd.DataFrame:
+    rows = pd.DataFrame.from_records(records, columns=list(results.FIELDS)) if not records else \
+        pd.DataFrame.from_records(records)
+    for column in results.FIELDS:
         if column not in rows:
             rows[column] = None
-    for column in ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s"):
-        rows[column] = pd.to_numeric(rows[column], errors="coerce") if column in rows else math.nan
-    if len(rows):
-        missing = rows["adapter"].isna() | rows["status"].isna()
-        if missing.all():
-            raise ResultsError(f"{source}: rows carry no 'adapter'/'status' fields")
-        rows = rows[~missing].copy()
-    rows["status"] = rows["status"].astype(str).str.lower()
-    rows["area"] = rows["area"].fillna("other").astype(str)
-    rows["adapter"] = rows["adapter"].astype(str)
+    for column in results.NUMERIC:
+        rows[column] = pd.to_numeric(rows[column], errors="coerce")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
-    # a rerun appends a newer row with the same id to the journal: the last one written is the verdict
-    with_id = rows["row_id"].notna()
-    rows = pd.concat([rows[with_id].drop_duplicates("row_id", keep="last"), rows[~with_id]])
-    return rows.sort_index().reset_index(drop=True)
-
-
-def load_catalogue(conformance_dir: Path, meta: dict) -> dict:
-    """Divergence entries by id, from meta (if the harness copied them) and any TOML files found."""
-    entries: dict = {}
-    for key in ("divergences", "catalogue", "divergence_catalogue"):
-        _collect_entries(meta.get(key), entries, source=None)
-    directory = Path(conformance_dir) / "divergences"
-    if directory.is_dir() and tomllib is not None:
-        for path in sorted(directory.glob("*.toml")):
-            try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, OSError, UnicodeDecodeError) as exc:
-                raise ResultsError(f"divergence catalogue {path} is not valid TOML ({exc})") from None
-            _collect_entries(data, entries, source=path.stem)
-    return entries
-
-
-def _collect_entries(data, entries: dict, source: str | None) -> None:
-    """Accept the shapes a catalogue may take: a list of entries with "id", or tables keyed by id."""
-    if isinstance(data, list):
-        for item in data:
-            if isinstance(item, dict) and item.get("id"):
-                entries[str(item["id"])] = {**({"framework": source} if source else {}), **item}
-            else:
-                _collect_entries(item, entries, source)
-    elif isinstance(data, dict):
-        for key, value in data.items():
-            if isinstance(value, dict) and ("observed" in value or "description" in value or "summary" in value):
-                entries[str(value.get("id", key))] = {**({"framework": source} if source else {}),
-                                                      "id": str(value.get("id", key)), **value}
-            elif isinstance(value, (list, dict)):
-                _collect_entries(value, entries, source)
+    return rows.reset_index(drop=True)
 
 
 # --- asv ----------------------------------------------------------------------------------------
@@ -204,18 +135,20 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
     if not runs:
         return None
     runs_frame = pd.DataFrame(runs)
-    results = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     notes = []
     if latest_only and len(runs_frame) > 1:
         latest = runs_frame.sort_values("date").groupby("machine").tail(1)
         dropped = len(runs_frame) - len(latest)
         if dropped:
             notes.append(f"{dropped} older asv result file(s) not shown; use --compare to set two runs side by side")
-        results = results[results["file"].isin(latest["file"])].reset_index(drop=True)
+        frame = frame[frame["file"].isin(latest["file"])].reset_index(drop=True)
         runs_frame = latest.reset_index(drop=True)
     skips_dir = path if path.is_dir() else asv_dir.parent
-    return Benchmarks(results=results, machines=machines, runs=runs_frame,
-                      skips=load_skips(skips_dir), source=asv_dir, notes=notes)
+    problems: list[str] = []
+    skips = load_skips(skips_dir, problems)
+    return Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir, notes=notes,
+                      problems=problems)
 
 
 def _run_info(data: dict, file: Path) -> dict:
@@ -296,12 +229,15 @@ def _num(value) -> float:
     return number
 
 
-def load_skips(results_dir: Path) -> pd.DataFrame:
-    path = Path(results_dir) / "bench" / "skips.jsonl"
+def load_skips(results_dir: Path, problems: list | None = None) -> pd.DataFrame:
+    """The benchmark skip log; every line that cannot be read is added to ``problems`` (path:line)."""
+    path = results.Layout(results_dir).skips
     columns = ["benchmark", "params", "status", "reason"]
     if not path.is_file():
         return pd.DataFrame(columns=columns)
-    rows = [r for r in _read_jsonl(path) if isinstance(r, dict)]
+    rows, bad = results.read_jsonl(path, results.skip_problem)
+    if problems is not None:
+        problems.extend(bad)
     frame = pd.DataFrame.from_records(rows)
     for column in columns:
         if column not in frame:

@@ -8,9 +8,9 @@ import re
 import pandas as pd
 
 from . import tables
-from .build import ReportData, verdict
+from .collect import ReportData, verdict
 from .units import format_value
-from .load import STATUSES
+from mhabench.results import STATUSES
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 SUMMARY_LIMIT = 30

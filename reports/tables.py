@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from .load import AREAS, STATUSES, Benchmarks, Conformance
+from mhabench import results
+from mhabench.results import AREAS, PROBLEM_STATUSES, STATUSES
 
-# the statuses that say something is wrong or different, worst first (drives cell colour)
-PROBLEM_STATUSES = ("error", "fail", "divergence", "unsupported", "skip")
+from .load import Benchmarks, Conformance
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -61,27 +61,22 @@ def _text(value) -> str:
 # --- conformance --------------------------------------------------------------------------------
 
 def conformance_matrix(rows: pd.DataFrame) -> pd.DataFrame:
-    """Adapter x area: a count per status and the worst error ratio, as a long table."""
+    """Adapter x area: a count per status and the worst meaningful error ratio, as a long table.
+
+    The cells are ``mhabench.results.summarise``'s, the same the terminal summary of ``conform`` shows."""
     columns = ["adapter", "area", *STATUSES, "total", "worst_error_ratio"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
-    counts = pd.crosstab([rows["adapter"], rows["area"]], rows["status"])
-    for status in STATUSES:
-        if status not in counts:
-            counts[status] = 0
-    others = [c for c in counts.columns if c not in STATUSES]
-    counts["error"] = counts["error"] + counts[others].sum(axis=1) if others else counts["error"]
-    counts = counts[list(STATUSES)]
-    counts["total"] = counts.sum(axis=1)
-    # only numerically judged rows: a divergence or error row's ratio (often inf/NaN) says nothing of accuracy
-    judged = rows[rows["status"].isin(["pass", "fail"])]
-    ratio = judged.groupby(["adapter", "area"])["error_ratio"].max()
-    counts["worst_error_ratio"] = ratio.reindex(counts.index)
-    table = counts.reset_index()
+    records = rows[["adapter", "area", "status", "error_ratio", "tolerance_source"]].to_dict("records")
+    summary = results.summarise(records)
     order = {area: i for i, area in enumerate(AREAS)}
-    table["_order"] = table["area"].map(lambda a: order.get(a, len(order)))
-    table = table.sort_values(["adapter", "_order", "area"]).drop(columns="_order")
-    return table[columns].reset_index(drop=True)
+    out = []
+    for (adapter, area), cell in sorted(summary.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
+                                                                          kv[0][1])):
+        out.append({"adapter": adapter, "area": area, **{s: cell[s] for s in STATUSES},
+                    "total": sum(cell[s] for s in STATUSES),
+                    "worst_error_ratio": math.nan if cell["worst_ratio"] is None else cell["worst_ratio"]})
+    return pd.DataFrame(out, columns=columns)
 
 
 def matrix_areas(matrix: pd.DataFrame) -> list[str]:
@@ -90,12 +85,7 @@ def matrix_areas(matrix: pd.DataFrame) -> list[str]:
     return [a for a in AREAS if a in seen] + [a for a in seen if a not in AREAS]
 
 
-def cell_state(cell: dict) -> str:
-    """The worst status present in one matrix cell (drives its colour)."""
-    for status in PROBLEM_STATUSES:
-        if cell.get(status, 0):
-            return status
-    return "pass" if cell.get("pass", 0) else "empty"
+cell_state = results.worst_status  # the worst status present in one matrix cell (drives its colour)
 
 
 def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
@@ -144,9 +134,8 @@ def non_passing(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
-    """One row per divergence id seen in the rows or listed in the catalogue copy."""
-    columns = ["id", "framework", "summary", "adapters", "rows", "cases", "observed", "expected", "upstream",
-               "reproduced"]
+    """One row per divergence id seen in the rows or checked by the run (``catalogue.json``)."""
+    columns = ["id", "framework", "adapters", "rows", "cases", "observed", "how", "upstream", "status"]
     seen = rows[rows["divergence"].notna()] if not rows.empty else rows
     ids = list(dict.fromkeys(list(seen["divergence"].astype(str)) if not seen.empty else []))
     ids += [i for i in catalogue if i not in ids]
@@ -155,42 +144,19 @@ def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
         entry = catalogue.get(div_id, {})
         group = seen[seen["divergence"].astype(str) == div_id] if not seen.empty else seen
         cases = sorted(set(group["case"].dropna().astype(str))) if not group.empty else []
-        observed = _entry_text(entry, "observed", "behaviour", "behavior", "actual")
-        if not observed and not group.empty:
-            observed = _first(group["message"])
         out.append({
             "id": div_id,
-            "framework": _entry_text(entry, "framework") or (_first(group["framework"]) if not group.empty else ""),
-            "summary": _entry_text(entry, "summary", "title", "description", "what"),
+            "framework": entry.get("framework") or (_first(group["framework"]) if not group.empty else ""),
             "adapters": ", ".join(sorted(set(group["adapter"]))) if not group.empty
-            else _entry_text(entry, "adapters", "adapter"),
+            else ", ".join(entry.get("adapters") or []),
             "rows": len(group),
             "cases": ", ".join(cases[:8]) + (f" (+{len(cases) - 8} more)" if len(cases) > 8 else ""),
-            "observed": observed or "",
-            "expected": _entry_text(entry, "expected", "canonical"),
-            "upstream": _links(entry),
-            "reproduced": "yes" if len(group) else "not in this run",
+            "observed": entry.get("observed") or (_first(group["message"]) if not group.empty else "") or "",
+            "how": entry.get("how") or "",
+            "upstream": entry.get("upstream") or "",
+            "status": entry.get("status") or ("ok" if len(group) else "not in this run"),
         })
     return pd.DataFrame(out, columns=columns)
-
-
-def _entry_text(entry: dict, *keys) -> str:
-    for key in keys:
-        value = entry.get(key)
-        if value not in (None, "", [], {}):
-            return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
-    return ""
-
-
-def _links(entry: dict) -> str:
-    links = []
-    for key in ("upstream", "upstream_issue", "issue", "issues", "links", "link", "url", "urls"):
-        value = entry.get(key)
-        if isinstance(value, str) and value:
-            links.append(value)
-        elif isinstance(value, list):
-            links.extend(str(v) for v in value if v)
-    return " ".join(dict.fromkeys(links))
 
 
 # --- benchmarks ---------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import impls
+from mhabench import impls
 
 
 @dataclass(frozen=True)

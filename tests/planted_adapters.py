@@ -7,7 +7,7 @@ import ctypes
 import os
 import time
 
-from impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
+from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
 
 
 def _fires(call) -> bool:

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-import impls
-from benchmarks import bench_attention, bench_machine, common
-from benchmarks.profiles import Profile, get_profile
+from mhabench import impls
+from mhabench.benchmarks import bench_attention, bench_machine, common
+from mhabench.benchmarks.profiles import Profile, get_profile
 from mhabench.cli import main as cli_main
-from mhabench.commands import bench as bench_cmd
+from mhabench.benchmarks import sweep
+from mhabench import results
 
 TINY = Profile("tiny", seq_lens=(16,), num_heads=(2,), model_dim=16, gflops_repeats=2)
 CLASSES = (bench_attention.SelfAttention, bench_attention.CausalSelfAttention, bench_attention.CrossAttention)
@@ -116,10 +117,11 @@ def test_over_budget_is_skipped(tmp_path, monkeypatch):
 
 
 def test_estimate_grows_quadratically_unless_fused():
-    est = lambda adapter, L: common.estimate_bytes(adapter, 1, L, L, 8, 512)
+    buffers = lambda adapter: impls.get_adapter(adapter).score_buffers
+    est = lambda adapter, L: common.estimate_bytes(buffers(adapter), 1, L, L, 8, 512)
     assert est("jax_dpa", 16384) > 8 * 2 ** 30          # three 8 GiB score arrays
     assert est("torch_sdpa", 16384) < 2 ** 30            # fused: activations only
-    assert common.estimate_bytes("jax_dpa", 1, 1024, 1024, 8, 512, backward=True) > est("jax_dpa", 1024)
+    assert common.estimate_bytes(buffers("jax_dpa"), 1, 1024, 1024, 8, 512, backward=True) > est("jax_dpa", 1024)
 
 
 class MissingFramework(impls.Adapter):
@@ -155,10 +157,11 @@ def test_failure_is_recorded_as_failed_and_raised_again(tmp_path):
     assert "RuntimeError: kernel exploded" in rows[0]["reason"]
 
 
-def test_keras_backend_names():
-    assert common.keras_backend("keras_mha") == "tensorflow"
-    assert common.keras_backend("keras_mha@jax") == "jax"
-    assert common.keras_backend("torch_sdpa") is None
+def test_process_groups_come_from_the_adapters():
+    assert sweep.group_of("keras_mha").env == (("KERAS_BACKEND", "tensorflow"),)
+    assert ("KERAS_BACKEND", "jax") in sweep.group_of("keras_mha@jax").env
+    assert sweep.group_of("torch_sdpa") == sweep.group_of("torch_mha") != sweep.group_of("keras_mha@torch")
+    assert sweep.group_of("jax_dpa").modules == ("jax",) and not sweep.group_of("jax_dpa").env
 
 
 def test_profiles():
@@ -173,6 +176,7 @@ def test_profiles():
 @pytest.mark.parametrize("argv, message", [
     (["--profile", "huge"], "unknown profile"),
     (["--adapters", "nope"], "unknown adapter"),
+    (["--adapters", "torch_sdpa jax_dpa"], "comma-separated"),
     (["--devices", "tpu"], "unknown device"),
     (["--bench", "("], "not a regular expression"),
     (["--memory-budget", "lots"], "memory-budget"),
@@ -193,41 +197,41 @@ def test_unwritable_results(capsys, tmp_path):
 
 def picked_names(profile, regexes):
     import re
-    names = [f"{n}({', '.join(c)})" for n, combos in bench_cmd.grid(profile) for c in combos]
+    names = [f"{n}({', '.join(c)})" for n, combos in sweep.grid(profile) for c in combos]
     return [n for n in names if any(re.search(r, n) for r in regexes)]
 
 
 def test_quick_plan_groups_adapters_by_framework_and_keeps_each_in_one_mode():
-    plan = bench_cmd.chunk_plan("quick", ["torch_sdpa", "numpy_oracle", "jax_dpa"], ["cpu"], None)
-    assert [(c[0], c[1]) for c in plan] == [("torch", "torch"), ("jax", "jax")]
-    torch_names = picked_names("quick", plan[0][2])
+    plan = sweep.chunk_plan("quick", ["torch_sdpa", "torch_mha", "jax_dpa"], ["cpu"], None)
+    assert [c.key for c in plan] == ["torch", "jax"]
+    torch_names = picked_names("quick", plan[0].regexes)
     assert all("'cuda'" not in n for n in torch_names)
     per_adapter = 3 * len(METHODS)  # classes x methods, one mode, one size
     assert len(torch_names) == 2 * per_adapter + 1  # + Machine on cpu
     assert all("'eager'" in n for n in torch_names if "bench_attention" in n)
-    jax_names = picked_names("quick", plan[1][2])
+    jax_names = picked_names("quick", plan[1].regexes)
     assert len(jax_names) == per_adapter and all("('jax_dpa', 'compiled'," in n for n in jax_names)
 
 
 def test_chunk_plan_by_class_with_a_regex():
-    plan = bench_cmd.chunk_plan("default", ["jax_dpa"], ["cpu", "cuda"], r"time_forward\(.*, 4096, ")
-    assert [c[0] for c in plan] == ["jax_dpa:SelfAttention", "jax_dpa:CausalSelfAttention",
-                                    "jax_dpa:CrossAttention"]
-    picked = picked_names("default", plan[0][2])
+    plan = sweep.chunk_plan("default", ["jax_dpa"], ["cpu", "cuda"], r"time_forward\(.*, 4096, ")
+    assert [c.key for c in plan] == ["jax_dpa:SelfAttention", "jax_dpa:CausalSelfAttention",
+                                     "jax_dpa:CrossAttention"]
+    picked = picked_names("default", plan[0].regexes)
     assert len(picked) == 2 * 4 * 2  # modes x heads x devices
     assert all(n.startswith("bench_attention.SelfAttention.time_forward('jax_dpa'") and ", 4096, " in n
                for n in picked)
 
 
 def test_grid_matches_the_classes():
-    names = {n for n, _ in bench_cmd.grid("quick")}
+    names = {n for n, _ in sweep.grid("quick")}
     expected = {f"bench_attention.{c.__name__}.{m}" for c in CLASSES for m in METHODS}
     assert names == expected | {"bench_machine.Machine.track_gemm_gflops"}
 
 
 def test_resume_skips_finished_chunks(tmp_path):
     key = {"commit": "abc", "profile": "quick"}
-    bench_cmd.progress_path(tmp_path).parent.mkdir(parents=True)
-    bench_cmd.mark_finished(tmp_path, key, "torch_sdpa", 1.0)
-    bench_cmd.mark_finished(tmp_path, {"commit": "other", "profile": "quick"}, "jax_dpa", 1.0)
-    assert bench_cmd.finished_chunks(tmp_path, key) == {"torch_sdpa"}
+    layout = results.Layout(tmp_path)
+    sweep.mark_finished(layout, key, "torch_sdpa", 1.0)
+    sweep.mark_finished(layout, {"commit": "other", "profile": "quick"}, "jax_dpa", 1.0)
+    assert sweep.finished_chunks(layout, key) == {"torch_sdpa"}

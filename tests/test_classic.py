@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import impls
-from impls import oracle
+from mhabench import impls
+from mhabench.impls import oracle
 
 TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 5e-2}
 
@@ -24,7 +24,7 @@ def _self_attention(spec, dim, seed=0, shape=(2, 5)):
 
 
 def test_fused_qkv_is_interleaved_per_head():
-    from impls.classic.torch_textbook import canonical_to_fused, fused_to_canonical
+    from mhabench.impls.classic.torch_textbook import canonical_to_fused, fused_to_canonical
     spec = impls.AttentionSpec(num_heads=2, key_dim=3)
     w = impls.Weights.random(spec, 5, 5, seed=1)
     fused = canonical_to_fused(w)["qkv_proj.weight"]  # [3 * H * hd, D]
@@ -150,8 +150,8 @@ def test_keras_float16_additive_mask_is_nan():
 
 def test_keras_through_the_harness_passes_and_diverges_as_catalogued():
     _adapter("classic_keras")
-    from conformance import catalogue, runner
-    from conformance.cases import default_cases
+    from mhabench.conformance import catalogue, runner
+    from mhabench.conformance.cases import default_cases
     wanted = {"self_T8-heads2_kd4", "cross_T8_S4-key_distinct", "rank5-axes_2_3", "self_T8-causal",
               "self_T8-mask_fully_masked_row", "self_T8-value_dim6"}
     rows = runner.run_rows(["classic_keras"], [c for c in default_cases() if c.id in wanted],

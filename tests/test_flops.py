@@ -1,7 +1,8 @@
 """FLOP formulas of the benchmarks, against counts worked out by hand."""
 import pytest
 
-from benchmarks import flops
+from mhabench import impls
+from mhabench.benchmarks import flops
 
 
 def test_projections_by_hand():
@@ -27,8 +28,9 @@ def test_attention_at_4096_heads_8():
 @pytest.mark.parametrize("adapter, halved", [("torch_sdpa", True), ("numpy_oracle", False), ("jax_dpa", False),
                                              ("keras_mha@jax", False), ("torch_mha", False)])
 def test_causal_halves_the_core_only_where_the_kernel_skips(adapter, halved):
-    full = flops.attention_flops(1, 64, 64, 32, 4, 8, adapter=adapter)
-    causal = flops.attention_flops(1, 64, 64, 32, 4, 8, causal=True, adapter=adapter)
+    skips = impls.get_adapter(adapter).causal_skips_masked_blocks
+    full = flops.attention_flops(1, 64, 64, 32, 4, 8, skips_masked_blocks=skips)
+    causal = flops.attention_flops(1, 64, 64, 32, 4, 8, causal=True, skips_masked_blocks=skips)
     core = flops.core_flops(1, 64, 64, 4, 8)
     assert full - causal == (core / 2 if halved else 0)
 

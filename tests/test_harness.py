@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from conformance import catalogue, results
-from conformance.cases import default_cases, find_case, row_id
-from conformance.compare import compare
-from conformance.evaluate import evaluate
-from conformance.strategies import random_case, random_case_from_id
-from conformance.tolerances import FLOOR, FUDGE, tolerance
+from mhabench.conformance import catalogue
+from mhabench.conformance.cases import default_cases, find_case, row_id
+from mhabench.conformance.compare import compare
+from mhabench.conformance.evaluate import evaluate
+from mhabench.conformance.cases import random_case, random_case_from_id
+from mhabench.conformance.tolerances import FLOOR, FUDGE, tolerance
 
 
 # ---- tolerances -------------------------------------------------------------------------------------
@@ -139,49 +139,3 @@ def test_torch_mha_fully_masked_row_is_the_catalogued_nan():
     assert {r["divergence"] for r in rows} == {"torch_mha-fully_masked_row-nan"}
 
 
-# ---- results ----------------------------------------------------------------------------------------
-def _row(i, status="pass", **kw):
-    return {"row_id": f"a-c{i}-float32-output", "adapter": "a", "area": "shapes", "status": status,
-            "quantity": "output", "error_ratio": None, "spec": {"num_heads": 1}, "query_shape": [1, 2, 3], **kw}
-
-
-def test_results_written_atomically_as_json_and_csv(tmp_path):
-    rows = [_row(0), _row(1, "fail", error_ratio=3.0, reference_err=1e-3, tolerance=4e-3)]
-    meta = results.meta(["mhabench", "conform"])
-    assert {"created", "mhabench_version", "python", "platform", "cpu", "gpu", "commit", "argv",
-            "versions"} <= set(meta)
-    j, c = results.write_results(tmp_path, rows, meta)
-    data = json.loads(j.read_text())
-    assert data["rows"] == rows and data["meta"]["argv"] == ["mhabench", "conform"]
-    with open(c) as f:
-        flat = list(csv.DictReader(f))
-    assert flat[0]["row_id"] == rows[0]["row_id"] and json.loads(flat[0]["spec"]) == {"num_heads": 1}
-    assert not list(tmp_path.glob(".*.tmp"))
-    summary = results.summarise(rows)[("a", "shapes")]
-    assert summary["pass"] == 1 and summary["fail"] == 1 and summary["worst_ratio"] == 3.0
-
-
-def test_journal_appends_and_latest_row_wins(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    w = results.RowWriter(path)
-    w.write([_row(0), _row(1)])
-    w.write([_row(0, "fail")])
-    w.close()
-    journal = results.read_rows(path)
-    assert len(journal.rows) == 3 and not journal.warnings
-    assert [r["status"] for r in journal.latest()] == ["pass", "fail"]
-
-
-def test_truncated_last_line_is_reported_with_path_and_line_and_the_rest_kept(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps(_row(0)) + "\n" + json.dumps(_row(1))[:30])
-    journal = results.read_rows(path)
-    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"]]
-    assert len(journal.warnings) == 1 and f"{path}:2: truncated last line" in journal.warnings[0]
-    w = results.RowWriter(path)  # appending later keeps the damaged line, on its own line
-    w.write([_row(2)])
-    w.close()
-    journal = results.read_rows(path)
-    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"], _row(2)["row_id"]]
-    assert f"{path}:2: corrupt line" in journal.warnings[0]
-    assert json.dumps(_row(1))[:30] in path.read_text()  # never overwritten

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import impls
-from impls import _jax, oracle
+from mhabench import impls
+from mhabench.impls import _jax, oracle
 from tests.feature_cases import CASES, FULLY_MASKED
 from tests.test_validation import BAD_CALLS, SPEC as BAD_SPEC, W as BAD_W
 
@@ -265,7 +265,7 @@ def test_gradients_match_torch_and_the_analytic_backward(layer_for, name, case_i
     assert ("key" in got) == (k is not None) and got["value"].shape == v.shape
     references = []
     try:
-        from impls.oracle_backward import backward
+        from mhabench.impls.oracle_backward import backward
         references.append(("oracle_backward", backward(case.spec, w, cotangent=cotangent, **inputs)))
     except ImportError:
         pass
@@ -294,9 +294,8 @@ def test_native_path(layer_for, name):
     out = layer.native_forward(inputs)
     assert isinstance(out, jax.Array) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), layer(q, v, k, mask)[0], rtol=1e-6, atol=1e-7)
-    value, grads = layer.native_forward_backward(inputs)
-    assert np.isclose(float(value), float(np.asarray(out, np.float64).sum()), rtol=1e-5)
-    assert len(grads) == 4 and grads[1].shape == q.shape and grads[3] is None  # (params, query, value, key)
+    grads = layer.native_forward_backward(inputs)
+    assert grads["query"].shape == q.shape and grads["Wq"].shape == w.Wq.shape and ("key" in grads) == (k is not None)
 
 
 def test_x64_does_not_leak(layer_for):

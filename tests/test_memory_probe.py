@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from benchmarks import memory
-from benchmarks.common import parse_bytes
+from mhabench import impls
+from mhabench.benchmarks.common import parse_bytes
+from mhabench.impls import memory
 
 ok, why = memory.cpu_probe_available()
 pytestmark = pytest.mark.skipif(not ok, reason=why)
@@ -21,23 +22,32 @@ def allocate_and_touch(nbytes):
 
 @pytest.mark.parametrize("nbytes", [200 * MB, 50 * MB])
 def test_known_allocation_within_ten_percent(nbytes):
-    measured = memory.peak_rise(allocate_and_touch(nbytes), "cpu")
+    measured = memory.cpu_peak_rise(allocate_and_touch(nbytes))
     assert abs(measured - nbytes) <= 0.1 * nbytes, measured
 
 
 def test_peak_of_one_call_not_of_the_process():
-    memory.peak_rise(allocate_and_touch(200 * MB), "cpu")  # an earlier, bigger peak
-    measured = memory.peak_rise(allocate_and_touch(20 * MB), "cpu")
+    memory.cpu_peak_rise(allocate_and_touch(200 * MB))  # an earlier, bigger peak
+    measured = memory.cpu_peak_rise(allocate_and_touch(20 * MB))
     assert abs(measured - 20 * MB) <= 0.1 * 20 * MB, measured
 
 
 def test_nothing_allocated_reads_near_zero():
-    assert memory.peak_rise(lambda: None, "cpu") < 2 * MB
+    assert memory.cpu_peak_rise(lambda: None) < 2 * MB
 
 
-def test_unknown_gpu_framework():
-    with pytest.raises(memory.MemoryProbeUnavailable, match="no GPU peak-memory probe"):
-        memory.peak_rise(lambda: None, "cuda", framework="mxnet")
+def test_median_of_samples_is_steady():
+    samples = iter([30 * MB, 10 * MB, 20 * MB])
+    assert memory.median_peak(lambda fn: next(samples), lambda: None, samples=3) == 20 * MB
+
+
+def test_an_adapter_without_a_gpu_probe_says_so():
+    class NoGPUProbe(impls.Adapter):
+        name = "no_gpu_probe"
+    adapter = NoGPUProbe()
+    assert adapter.peak_memory(allocate_and_touch(20 * MB), "cpu") > 15 * MB  # the default CPU probe
+    with pytest.raises(memory.MemoryProbeUnavailable, match="no_gpu_probe: no peak-memory probe for device cuda"):
+        adapter.peak_memory(lambda: None, "cuda")
 
 
 @pytest.mark.parametrize("text, value", [("12GiB", 12 * 2 ** 30), ("500MB", 500 * MB), ("1e9", 10 ** 9),

@@ -6,14 +6,14 @@ import io
 import numpy as np
 import pytest
 
-import impls
-from conformance import mutants
+from mhabench import impls
+from mhabench.conformance import mutants
 
 
 @pytest.fixture(scope="module")
 def catch_table():
     """The self-check on the quick matrix (what pytest runs by default) plus the self-check's own cases."""
-    from conformance.cases import default_cases, select
+    from mhabench.conformance.cases import default_cases, select
     cases = select(default_cases(), quick=True) + mutants.teeth_cases()
     return {s["adapter"]: s for s in mutants.self_check(cases)}
 

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-import impls
-from impls import oracle
+from mhabench import impls
+from mhabench.impls import oracle
 from tests.feature_cases import CASES, FULLY_MASKED
 from tests.naive import naive_attention
 
@@ -159,7 +159,7 @@ def test_low_precision_reference_is_close_but_not_exact(dtype, rng):
     eps = {"float32": 2 ** -23, "float16": 2 ** -10, "bfloat16": 2 ** -7}[dtype]
     assert 0 < err < 50 * eps
     # every value is representable in the dtype
-    from impls.validation import numpy_dtype
+    from mhabench.impls.validation import numpy_dtype
     np.testing.assert_array_equal(ref.astype(numpy_dtype(dtype)).astype(np.float64), ref)
 
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-import impls
-from impls import oracle
-from impls.oracle_backward import backward
-from impls.spec import AttentionSpec, Weights
+from mhabench import impls
+from mhabench.impls import oracle
+from mhabench.impls.oracle_backward import backward
+from mhabench.impls.spec import AttentionSpec, Weights
 
 EPS = 1e-6
 MAX_REL_ERR = 1e-6

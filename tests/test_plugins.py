@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import impls
-from impls import plugins, registry
-from impls.registry import BrokenAdapter
+from mhabench import impls
+from mhabench.impls import plugins, registry
+from mhabench.impls.registry import BrokenAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -32,8 +32,8 @@ def _fake_install(site: Path, dist: str, entry_points: dict[str, str]) -> None:
 
 BROKEN_MODULE = textwrap.dedent('''
     import numpy as np
-    import impls
-    from impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
+    from mhabench import impls
+    from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
 
     class NotAnAdapter:
         name = "not_an_adapter"
@@ -76,16 +76,16 @@ def plugin_env(tmp_path, monkeypatch):
     (site / "broken_plugins_mod.py").write_text(BROKEN_MODULE)
     for path in (str(site), str(PACKAGE / "src"), str(EXAMPLES)):
         monkeypatch.syspath_prepend(path)
-    saved = (dict(registry._registered), dict(registry._instances), registry._plugins_discovered)
-    registry._plugins_discovered = False
+    saved = (dict(registry._registered), dict(registry._instances), registry._discovered)
+    registry._discovered = False
     yield site
     registry._registered.clear(), registry._registered.update(saved[0])
     registry._instances.clear(), registry._instances.update(saved[1])
-    registry._plugins_discovered = saved[2]
+    registry._discovered = saved[2]
 
 
 def _quick_cases():
-    from conformance.cases import default_cases
+    from mhabench.conformance.cases import default_cases
     wanted = {"self_T8-heads2_kd4", "cross_T8_S4-key_distinct", "self_T8-mask_fully_masked_row", "rank5-axes_2_3"}
     return [c for c in default_cases() if c.id in wanted]
 
@@ -96,7 +96,7 @@ def test_entry_point_plugin_is_listed_lazily_and_runs(plugin_env):
     assert "mhabench_plugin_example" not in sys.modules  # listed without importing the plugin
     adapter = impls.get_adapter("example_loop")
     assert adapter.name == "example_loop" and adapter.is_available()
-    from conformance.runner import run_rows
+    from mhabench.conformance.runner import run_rows
     rows = run_rows(["example_loop"], _quick_cases(), ["float64", "float32"], isolate=False, entries=[])
     by_case = {}
     for r in rows:
@@ -142,7 +142,7 @@ def test_adhoc_module_and_file_path(plugin_env, monkeypatch):
 
 
 @pytest.mark.parametrize("target, needle", [
-    ("broken_plugins_mod:NotAnAdapter", "expected an impls.Adapter"),
+    ("broken_plugins_mod:NotAnAdapter", "expected an mhabench.impls.Adapter"),
     ("broken_plugins_mod:Nameless", "has no name"),
     ("broken_plugins_mod:BuildRaises", "build raised RuntimeError: cannot build today"),
     ("broken_plugins_mod:WrongShape", "returned shape"),
@@ -150,13 +150,12 @@ def test_adhoc_module_and_file_path(plugin_env, monkeypatch):
     ("broken_plugins_mod:Missing", "AttributeError"),
     ("does/not/exist.py:Thing", "no such file"),
 ])
-def test_broken_adhoc_is_registered_broken_with_its_error(plugin_env, target, needle):
-    name = plugins.load_adhoc(target)
-    assert name == target
-    adapter = impls.get_adapter(name)
-    assert isinstance(adapter, BrokenAdapter)
-    ok, why = adapter.availability()
-    assert not ok and needle in why
+def test_an_adhoc_plugin_that_cannot_load_raises_its_reason_and_registers_nothing(plugin_env, target, needle):
+    before = impls.list_adapters()
+    with pytest.raises(plugins.PluginLoadError, match="could not load") as err:
+        plugins.load_adhoc(target)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert impls.list_adapters() == before
 
 
 @pytest.mark.parametrize("target", ["no_colon", ":Class", "module:", 42])
@@ -166,36 +165,44 @@ def test_malformed_adhoc_target_is_a_user_error(target):
 
 
 def test_broken_plugins_are_skipped_and_the_run_goes_on(plugin_env):
-    from conformance.runner import run_rows
-    broken = plugins.load_adhoc("broken_plugins_mod:BuildRaises")
-    names = ["missing_module", broken, "example_loop"]
+    from broken_plugins_mod import BuildRaises
+    from mhabench.conformance.runner import run_rows
+    impls.register_adapter("build_raises", BuildRaises)  # registered directly, past the interface check
+    names = ["missing_module", "build_raises", "example_loop"]
     rows = run_rows(names, _quick_cases()[:1], ["float64"], isolate=False, entries=[])
     status = {r["adapter"]: r["status"] for r in rows}
-    assert status == {"missing_module": "unsupported", broken: "unsupported", "example_loop": "pass"}
+    assert status == {"missing_module": "unsupported", "build_raises": "error", "example_loop": "pass"}
     messages = {r["adapter"]: r["message"] for r in rows}
-    assert "ModuleNotFoundError" in messages["missing_module"] and "cannot build today" in messages[broken]
+    assert "ModuleNotFoundError" in messages["missing_module"] and "cannot build today" in messages["build_raises"]
 
 
 def test_cli_adapters_lists_entry_point_and_adhoc_plugins(plugin_env, monkeypatch, capsys):
     from mhabench.cli import build_parser
     from mhabench.commands import adapters
     monkeypatch.chdir(EXAMPLES)
-    shown = ("example_loop", "my_attention", "missing_module", "broken_plugins_mod:NotAnAdapter")
+    shown = ("example_loop", "my_attention", "missing_module")
     real = impls.list_adapters
-    monkeypatch.setattr(impls, "list_adapters", lambda: [n for n in real() if n in shown])  # skip framework imports
-    args = build_parser().parse_args(["adapters", "--json", "--adapter", "my_attention:MyAttention",
-                                      "--adapter", "broken_plugins_mod:NotAnAdapter"])
+    monkeypatch.setattr(impls, "list_adapters", lambda: [n for n in real() if n in shown])
+    args = build_parser().parse_args(["adapters", "--json", "--adapter", "my_attention:MyAttention"])
     assert adapters.main(args) == 0
     described = {d["adapter"]: d for d in json.loads(capsys.readouterr().out)}
     assert set(described) == set(shown)
     assert described["example_loop"]["available"] and described["my_attention"]["available"]
-    assert not described["missing_module"]["available"]
-    assert "expected an impls.Adapter" in described["broken_plugins_mod:NotAnAdapter"]["reason"]
+    assert not described["missing_module"]["available"] and "ModuleNotFoundError" in described["missing_module"]["reason"]
+
+
+def test_cli_refuses_a_named_plugin_that_cannot_load(plugin_env, monkeypatch, capsys):
+    from mhabench.cli import main
+    monkeypatch.chdir(EXAMPLES)
+    for command in (["adapters"], ["conform", "--adapters", "numpy_oracle"], ["bench", "--dry-run"]):
+        assert main([*command, "--adapter", "broken_plugins_mod:NotAnAdapter"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "expected an mhabench.impls.Adapter" in err and "\n" not in err
 
 
 def test_conform_rows_include_plugins_in_worker_processes(plugin_env, monkeypatch):
     """The isolated path `mhabench conform` takes: each child rediscovers entry points and replays --adapter."""
-    from conformance.runner import run_rows
+    from mhabench.conformance.runner import run_rows
     monkeypatch.chdir(EXAMPLES)
     assert plugins.load_adhoc("my_attention:MyAttention") == "my_attention"  # the parent loads it too, as the CLI
     rows = run_rows(["example_loop", "my_attention"], _quick_cases()[:2], ["float32"], isolate=True,

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from conformance.cases import find_case
-from conformance.runner import run_rows
+from mhabench.conformance.cases import find_case
+from mhabench.conformance.runner import run_rows
 
 PLANTED = Path(__file__).with_name("planted_adapters.py")
 FAULTY, GOOD = find_case("self_T1-len1"), find_case("self_T8-heads2_kd4")
 
 
 def _run(class_name, timeout=30.0):
-    import impls.plugins
-    name = impls.plugins.load_adhoc(f"{PLANTED}:{class_name}")
+    from mhabench.impls import plugins
+    name = plugins.load_adhoc(f"{PLANTED}:{class_name}")
     rows = run_rows([name], [FAULTY, GOOD], ["float32"], timeout=timeout, adhoc=[f"{PLANTED}:{class_name}"])
     by_case = {}
     for r in rows:
@@ -60,7 +60,7 @@ def test_a_case_over_the_memory_budget_is_skipped_with_the_estimate():
 
 
 def _conform(results, *extra):
-    return [sys.executable, "-m", "mhabench", "conform", "--adapters", "numpy_oracle",
+    return [sys.executable, "-m", "mhabench", "conform", "--adapters", "numpy_oracle,planted_slow",
             "--adapter", f"{PLANTED}:SlowAdapter", "--areas", "masks", "--dtypes", "float32",
             "--results", str(results), *extra]
 

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("matplotlib")
 Image = pytest.importorskip("PIL.Image")
 
-from test_reports import fixture_report  # noqa: E402
+from tests.test_reports import fixture_report  # noqa: E402
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 WIDTH, HEIGHT = 1400, 4000
 

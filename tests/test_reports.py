@@ -18,12 +18,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-import reports  # noqa: E402
+from mhabench import reports  # noqa: E402
 from mhabench import cli  # noqa: E402
-from reports import tables  # noqa: E402
-from reports.compare import classify  # noqa: E402
+from mhabench.reports import tables  # noqa: E402
+from mhabench.reports.compare import classify  # noqa: E402
 
-FIXTURE = Path(__file__).resolve().parent.parent / "reports" / "fixtures" / "sample"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sample"
 HOSTILE = "<script>alert('x')</script>\x1b[31m\x07&\"evil\""
 
 
@@ -91,12 +91,13 @@ def test_matrix_counts_match_the_rows(report):
     assert csv.splitlines()[0].startswith("adapter,area,pass,fail,divergence")
 
 
-def test_worst_error_ratio_is_over_judged_rows(report):
+def test_worst_error_ratio_is_over_judged_rows_whose_reference_set_the_tolerance(report):
     data, _ = report
     for record in data.tables["conformance_matrix"].to_dict("records"):
         cell = (record["adapter"], record["area"])
         ratios = [r["error_ratio"] for r in raw_rows() if (r["adapter"], r["area"]) == cell
-                  and r["status"] in ("pass", "fail") and r.get("error_ratio") is not None]
+                  and r["status"] in ("pass", "fail") and r.get("error_ratio") is not None
+                  and r["tolerance_source"] == "reference"]
         if ratios:
             assert record["worst_error_ratio"] == pytest.approx(max(ratios))
         else:
@@ -123,21 +124,24 @@ def test_divergences_listed_with_their_rows(report):
     catalogue = data.tables["divergences"].set_index("id")
     for div_id, count in ids.items():
         assert catalogue.at[div_id, "rows"] == count
-        assert catalogue.at[div_id, "reproduced"] == "yes"
+        assert catalogue.at[div_id, "status"] == "ok"
 
 
-def test_catalogue_copy_is_read(tmp_path):
+def test_the_catalogue_the_run_checked_is_read_as_written(tmp_path):
     results = tmp_path / "r"
     shutil.copytree(FIXTURE / "conformance", results / "conformance")
-    (results / "conformance" / "divergences").mkdir(exist_ok=True)
-    (results / "conformance" / "divergences" / "demo.toml").write_text(
-        '[[divergence]]\nid = "demo-never-seen"\nadapters = ["x"]\nobserved = "it differs"\n'
-        'upstream = "https://example.org/issue/1"\n')
+    written = json.loads((results / "conformance" / "catalogue.json").read_text())
+    written.append({"id": "demo-never-seen", "framework": "demo", "adapters": ["x"], "cases": ["*"], "dtypes": None,
+                    "quantities": None, "observed": "it differs", "how": "check finite_and_off",
+                    "upstream": "https://example.org/issue/1", "status": "unchecked", "message": "", "rows": 0})
+    (results / "conformance" / "catalogue.json").write_text(json.dumps(written))
     conformance = reports.load_conformance(results)
     table = tables.divergence_catalogue(conformance.rows, conformance.catalogue).set_index("id")
     assert table.at["demo-never-seen", "observed"] == "it differs"
-    assert table.at["demo-never-seen", "reproduced"] == "not in this run"
+    assert table.at["demo-never-seen", "status"] == "unchecked" and table.at["demo-never-seen", "rows"] == 0
     assert table.at["demo-never-seen", "upstream"] == "https://example.org/issue/1"
+    stale = [e["id"] for e in written if e["status"] == "stale"]
+    assert all(table.at[i, "status"] == "stale" for i in stale)
 
 
 # --- benchmarks ---------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-import impls
-from impls import oracle
+from mhabench import impls
+from mhabench.impls import oracle
 from tests.feature_cases import CASES, FULLY_MASKED
 
 torch = pytest.importorskip("torch")

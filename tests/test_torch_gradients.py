@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import impls
-from impls.oracle_backward import backward
-from impls.spec import AttentionSpec, Weights
-from impls.validation import validate_call, weights_dims
+from mhabench import impls
+from mhabench.impls.oracle_backward import backward
+from mhabench.impls.spec import AttentionSpec, Weights
+from mhabench.impls.validation import validate_call, weights_dims
 
 pytest.importorskip("torch")
 
@@ -112,7 +112,7 @@ def test_torch_mha_need_weights_true_gives_nan_policy_gradients_on_fully_masked_
     """
     import torch
 
-    from impls.torch_mha import module_to_canonical
+    from mhabench.impls.torch_mha import module_to_canonical
 
     adapter = impls.get_adapter("torch_mha")
     spec, weights, inputs, call, cotangent = make("fully_masked_rows")

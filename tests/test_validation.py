@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-import impls
-from impls import oracle
+from mhabench import impls
+from mhabench.impls import oracle
 
 SPEC = impls.AttentionSpec(num_heads=2, key_dim=4)
 W = impls.Weights.random(SPEC, 8, 8, seed=0)
@@ -150,12 +150,12 @@ def test_unknown_dtype_device_mode(kwargs, pattern):
 
 
 def test_unknown_adapter_lists_known_names():
-    with pytest.raises(ValueError, match="unknown adapter 'nope'; known adapters: numpy_oracle, torch_sdpa"):
+    with pytest.raises(ValueError, match=r"unknown adapter .nope.; known adapters: numpy_oracle, .*torch_sdpa"):
         impls.get_adapter("nope")
 
 
 def test_missing_framework_says_what_to_install(monkeypatch):
-    from impls.torch_sdpa import TorchSDPAAdapter
+    from mhabench.impls.torch_sdpa import TorchSDPAAdapter
     adapter = TorchSDPAAdapter()
     adapter.requires = ("a_framework_that_is_not_installed",)
     ok, why = adapter.availability()

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-import impls
-from impls import _worker, oracle
-from impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
+from mhabench import impls
+from mhabench.impls import worker as _worker, oracle
+from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
 
 TRAP_LENGTH = 7  # a query of this length springs the layer's trap
 

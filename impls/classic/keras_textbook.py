@@ -24,9 +24,10 @@ import functools
 
 import numpy as np
 
-from ..base import Adapter, Capabilities, Layer, to_numpy
+from .. import _keras
+from ..base import Capabilities, Layer, to_numpy
 from ..spec import Weights
-from . import flatten, unflatten
+from ..validation import flatten, unflatten
 
 NEG_INF_STANDIN = -1e9  # the textbook's "minus infinity" for masked logits
 
@@ -132,12 +133,24 @@ class ClassicKerasLayer(Layer):
         mask = None if allowed is None else tf.convert_to_tensor(to_numpy(~allowed, self.dtype))
         return query, value, key, mask
 
-    def _forward(self, call, return_scores, training, seed):
+    def _native(self, call, requires_grad=False):
         query, value, key, mask = self._tensors(call)
-        out, weights = self.layer(value, key, query, attention_mask=mask)
-        out = unflatten(call, to_numpy(out.numpy(), self.dtype), call.query.shape)
-        scores = to_numpy(weights.numpy(), self.dtype).reshape(call.scores_shape) if return_scores else None
-        return out, scores
+        return {"query": query, "value": value, "key": key, "mask": mask, "call": call}
+
+    def _run(self, inputs, return_scores, training, seed):
+        out, weights = self.layer(inputs["value"], inputs["key"], inputs["query"], attention_mask=inputs["mask"])
+        call = inputs["call"]
+        return unflatten(call, out, self.tf), (self.tf.reshape(weights, call.scores_shape) if return_scores else None)
+
+    def _output(self, inputs):
+        return self._run(inputs, False, False, None)[0]
+
+    def _to_numpy(self, x):
+        return to_numpy(x.numpy(), self.dtype)
+
+    def _sync(self, x):
+        x.numpy()  # TensorFlow has no public per-tensor wait: reading the value is the sync
+        return x
 
     def _gradients(self, call, cotangent):
         tf = self.tf
@@ -154,7 +167,7 @@ class ClassicKerasLayer(Layer):
         names = list(inputs) + list(variables)
         grads = tape.gradient(out, list(inputs.values()) + list(variables.values()), output_gradients=ct)
         grads = {n: to_numpy(g.numpy(), self.dtype).astype(np.float64) for n, g in zip(names, grads)}
-        result = {n: unflatten(call, grads[n], getattr(call, n).shape) for n in inputs}
+        result = {n: unflatten(call, grads[n], like=getattr(call, n).shape) for n in inputs}
         result.update(canonical_from_dense({n: grads[n] for n in variables}, self.spec.num_heads))
         return result
 
@@ -163,18 +176,18 @@ class ClassicKerasLayer(Layer):
         return Weights(**canonical_from_dense(arrays, self.spec.num_heads))
 
 
-class ClassicKerasAdapter(Adapter):
+class ClassicKerasAdapter(_keras.KerasAdapter):
     name = "classic_keras"
+    backend = family = "tensorflow"
     framework = "TensorFlow/Keras"
-    requires = ("tensorflow", "keras")
-    distributions = ("tensorflow", "keras")
+    distributions = ("keras", ("tensorflow", "tensorflow-cpu"))
     install_hint = 'pip install "mhabench[tensorflow]"'
     description = "the tutorial Keras layer: Dense wq/wk/wv, split_heads, additive mask * -1e9"
     layer_class = ClassicKerasLayer
 
     def availability(self):
         ok, why = super().availability()
-        if ok:
+        if ok and self._available[0]:
             import keras
             if keras.backend.backend() != "tensorflow":  # the layer body is TensorFlow ops
                 self._available = (False, f"the textbook layer is written in TensorFlow ops but Keras runs on "

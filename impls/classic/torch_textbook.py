@@ -26,10 +26,10 @@ import math
 import numpy as np
 
 from .. import _torch
-from ..base import Adapter, Capabilities, Layer
+from ..base import Capabilities
 from ..spec import Weights
 from ..validation import check_dtype
-from . import flatten, unflatten
+from ..validation import flatten, unflatten
 
 MASK_FILL = -1e9  # the textbook's "minus infinity" for masked logits
 
@@ -95,11 +95,10 @@ def fused_to_canonical(state: dict[str, np.ndarray], num_heads: int, out_shape: 
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-class ClassicTorchLayer(Layer):
+class ClassicTorchLayer(_torch.TorchLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
         super().__init__(adapter, spec, weights, dtype, device, mode, **options)
-        import torch
-        self.torch = torch
+        torch = self.torch
         self.out_shape = spec.out_shape(weights.query_dim)
         self.module = textbook_module_class()(
             weights.query_dim, spec.num_heads * spec.key_dim, spec.num_heads, output_dim=math.prod(self.out_shape),
@@ -110,22 +109,25 @@ class ClassicTorchLayer(Layer):
         self.module.eval()
 
     def _inputs(self, call, requires_grad=False):
-        torch = self.torch
-        x = _torch.tensor(torch, flatten(call, call.query), self.dtype, self.device, requires_grad)
-        allowed = call.flat_allowed()
-        mask = None if allowed is None else torch.from_numpy(np.array(allowed)).to(self.device)
-        return x, mask
+        x = self._tensor(flatten(call, call.query), requires_grad)
+        return x, _torch.bool_tensor(self.torch, call.flat_allowed(), self.device)
 
-    def _output(self, call, out):
-        out = _torch.to_numpy(out)
-        return unflatten(call, out.reshape(out.shape[:2] + tuple(self.out_shape)), call.query.shape)
+    def _native(self, call, requires_grad=False):
+        x, mask = self._inputs(call, requires_grad)
+        return {"x": x, "mask": mask, "call": call}
 
-    def _forward(self, call, return_scores, training, seed):
-        x, mask = self._inputs(call)
+    def _unflat_output(self, call, out):
+        return self._unflat(call, out.reshape(tuple(out.shape[:2]) + tuple(self.out_shape)))
+
+    def _output(self, inputs):
         with self.torch.no_grad():
-            out, attention = self.module(x, mask=mask, return_attention=True)
-        scores = _torch.to_numpy(attention).reshape(call.scores_shape) if return_scores else None
-        return self._output(call, out), scores
+            return self._unflat_output(inputs["call"], self.module(inputs["x"], mask=inputs["mask"]))
+
+    def _run(self, inputs, return_scores, training, seed):
+        call = inputs["call"]
+        with self.torch.no_grad():
+            out, attention = self.module(inputs["x"], mask=inputs["mask"], return_attention=True)
+        return self._unflat_output(call, out), (attention.reshape(call.scores_shape) if return_scores else None)
 
     def _gradients(self, call, cotangent):
         torch = self.torch
@@ -153,7 +155,7 @@ class ClassicTorchLayer(Layer):
         d_query = torch.einsum("nlhj,hjd->nld", d_qkv[:, :, :, 0], W[:, 0])
         d_value = torch.einsum("nlhsj,hsjd->nld", d_qkv[:, :, :, 1:], W[:, 1:])
         for name, g in (("query", d_query), ("value", d_value)):
-            grads[name] = unflatten(call, g.cpu().numpy(), call.query.shape)
+            grads[name] = unflatten(call, g.cpu().numpy())
         self.module.zero_grad(set_to_none=True)
         return grads
 
@@ -162,12 +164,9 @@ class ClassicTorchLayer(Layer):
         return Weights(**fused_to_canonical(state, self.spec.num_heads, self.out_shape))
 
 
-class ClassicTorchAdapter(Adapter):
+class ClassicTorchAdapter(_torch.TorchAdapter):
     name = "classic_torch"
     framework = "PyTorch"
-    requires = ("torch",)
-    distributions = ("torch",)
-    install_hint = 'pip install torch==2.13.0 "mhabench[torch]"'
     description = "the tutorial PyTorch self-attention module: fused per-head-interleaved qkv_proj, masked_fill(-1e9)"
     layer_class = ClassicTorchLayer
 
@@ -182,9 +181,6 @@ class ClassicTorchAdapter(Adapter):
                 "dropout": "the textbook module has no dropout",
             },
             devices=("cpu", "cuda"), modes=("eager",))
-
-    def available_devices(self):
-        return _torch.available_devices()
 
     def unsupported_reason(self, spec, weights, *, dtype="float32", call=None, **kwargs):
         reason = super().unsupported_reason(spec, weights, dtype=dtype, call=call, **kwargs)

@@ -1,4 +1,4 @@
-"""``mhabench adapters``: what is registered, what runs here, and what each cannot express."""
+"""``mhabench adapters``: what is registered, what is installed here, and what each cannot express."""
 from __future__ import annotations
 
 import json
@@ -9,24 +9,35 @@ HELP = "list every adapter: framework, version, installed or not and why, device
 def register(parser):
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="give the reason for each unsupported feature")
+    parser.add_argument("--check", action="store_true", help="import each framework to confirm it works and list "
+                        "the devices it sees (slower; by default the listing reads package metadata only)")
     parser.add_argument("--adapter", action="append", default=[], metavar="MODULE:CLASS",
                         help="also load this adapter ad hoc (an importable module or path/to/file.py); repeatable")
 
 
-def describe(name: str) -> dict:
-    import impls
+def describe(name: str, check: bool = False) -> dict:
+    from mhabench import impls
     adapter = impls.get_adapter(name)
-    ok, why = adapter.availability()
+    if check:
+        ok, why = adapter.availability()
+    elif adapter.looks_installed():
+        ok, why = True, ""
+    else:
+        ok, why = adapter.availability() if adapter._available is not None else \
+            (False, f"not installed; install with: {adapter.install_hint}")
     caps = adapter.capabilities()
     return {
         "adapter": name,
         "framework": adapter.framework,
+        "family": adapter.family,
         "version": adapter.version(),
         "available": ok,
+        "checked": bool(check),
         "reason": why,
-        "devices": list(adapter.available_devices()) if ok else [],
+        "devices": list(adapter.available_devices()) if ok and check else [],
         "declared_devices": list(caps.devices),
         "modes": list(caps.modes),
+        "default_mode": adapter.default_mode,
         "dtypes": list(caps.dtypes),
         "unsupported": {**caps.unsupported_features, **{f"dtype {k}": v for k, v in caps.unsupported_dtypes.items()}},
         "description": adapter.description,
@@ -34,31 +45,33 @@ def describe(name: str) -> dict:
 
 
 def main(args) -> int:
-    import impls
-    from impls import plugins
-    for target in args.adapter:
-        try:
-            plugins.load_adhoc(target)  # a plugin that fails to load is listed with its error
-        except (TypeError, ValueError) as exc:
-            from mhabench.cli import CLIError
-            raise CLIError(f"--adapter: {exc}") from exc
-    rows = [describe(n) for n in impls.list_adapters()]
+    from mhabench import impls
+    from mhabench.cli import CLIError, printable
+    from mhabench.options import SelectionError, load_plugins
+    try:
+        load_plugins(args.adapter)
+    except SelectionError as exc:
+        raise CLIError(str(exc)) from None
+    rows = [describe(n, args.check) for n in impls.list_adapters()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
     from rich.markup import escape
-    table = Table(title="mhabench adapters", show_lines=True)
+    from rich.table import Table
+    safe = lambda text: escape(printable(text))
+    table = Table(title="mhabench adapters" + ("" if args.check else " (from package metadata; --check imports each)"),
+                  show_lines=True)
     for col in ("adapter", "framework", "version", "installed", "devices", "dtypes", "unsupported"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col == "adapter")
     for r in rows:
-        installed = "[green]yes[/]" if r["available"] else f"[red]no[/]: {escape(r['reason'])}"
+        installed = "[green]yes[/]" if r["available"] else f"[red]no[/]: {safe(r['reason'])}"
         if args.verbose:
-            unsupported = "\n".join(f"{escape(k)}: {escape(v)}" for k, v in r["unsupported"].items()) or "-"
+            unsupported = "\n".join(f"{safe(k)}: {safe(v)}" for k, v in r["unsupported"].items()) or "-"
         else:
-            unsupported = ", ".join(escape(k) for k in r["unsupported"]) or "-"
-        table.add_row(escape(r["adapter"]), escape(r["framework"]), escape(r["version"]), installed,
-                      ", ".join(r["devices"]) or "-", ", ".join(r["dtypes"]), unsupported)
+            unsupported = ", ".join(safe(k) for k in r["unsupported"]) or "-"
+        devices = r["devices"] if r["checked"] else r["declared_devices"]
+        table.add_row(safe(r["adapter"]), safe(r["framework"]), safe(r["version"]), installed,
+                      ", ".join(devices) or "-", ", ".join(r["dtypes"]), unsupported)
     Console().print(table)
     return 0

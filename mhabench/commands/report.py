@@ -1,7 +1,10 @@
 """``mhabench report``: one self-contained HTML page, a Markdown summary and the tidy CSVs."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from mhabench.cli import printable
 
 HELP = "build the HTML report and Markdown summary from conformance and benchmark results (or compare two)"
 
@@ -32,7 +35,7 @@ def _percent(value: float) -> float:
 def build(results: str | Path | None, out: str | Path, compare=None, threshold: float = 0.10):
     """Build the report; a CLIError for anything wrong with the inputs. Returns (data, paths)."""
     from mhabench.cli import CLIError
-    import reports
+    from mhabench import reports
     try:
         comparison = reports.compare(Path(compare[0]), Path(compare[1]), threshold) if compare else None
         return reports.build_report(Path(results) if results is not None else None, Path(out), comparison)
@@ -45,19 +48,16 @@ def main(args) -> int:
     # --compare alone reports on A vs B (the page shows B); an explicit --results is shown instead
     results = args.results if args.compare else (args.results or DEFAULT_RESULTS)
     data, paths = build(results, args.out, args.compare, threshold)
-    import reports
+    from mhabench import reports
     for line in reports.verdict(data):
         print(printable(line))
+    for problem in data.problems:
+        print(printable(f"unreadable: {problem}"), file=sys.stderr)
     if data.comparison is not None:
         _print_comparison(data.comparison)
     print(f"report: {paths['html'].resolve()}")
     print(f"summary: {paths['markdown'].resolve()}")
     return 0
-
-
-def printable(text: str) -> str:
-    """Result text for a terminal: control characters (escape sequences included) shown as '?'."""
-    return "".join(ch if ch.isprintable() else "?" for ch in str(text))
 
 
 def _print_comparison(comparison) -> None:

@@ -13,7 +13,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from .report import DEFAULT_OUT, DEFAULT_RESULTS, printable
+from mhabench.cli import printable
+
+from .report import DEFAULT_OUT, DEFAULT_RESULTS
 
 HELP = "the main job: run the conformance suite, the quick benchmark profile and the report"
 
@@ -140,7 +142,7 @@ def main(args) -> int:
     console.print()
     if paths is not None:
         console.print(f"[bold]report:[/] {escape(str(paths['html'].resolve()))}")
-        import reports
+        from mhabench import reports
         for line in reports.verdict(data):
             console.print(f"  {escape(printable(line))}")
     for stage in stages:

@@ -5,7 +5,7 @@ After ``pip install ./examples/mhabench_plugin_example``, ``mhabench adapters`` 
 """
 import numpy as np
 
-import impls
+from mhabench import impls
 
 
 def _softmax_allowed(logits, allowed):

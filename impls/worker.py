@@ -1,13 +1,21 @@
-"""Host any adapter's layer in a child process, behind the ordinary Layer interface.
+"""The one worker protocol: a child process that serves requests, for whoever needs one.
 
 Why: Keras fixes its backend once per process, and a crashing or hanging
-framework must not take the caller down. The child is a fresh interpreter
-started with its own environment (e.g. ``KERAS_BACKEND``); requests and
-replies are pickles on two private pipes (NumPy arrays, ml_dtypes bfloat16
-included). A request that outlives its timeout kills the child; a child that
-dies (``os._exit``, a segfault) turns the request into a :class:`WorkerError`
+framework must not take the caller down. Two things use it: a layer hosted in
+another process behind the ordinary Layer interface (:func:`host`; Keras on a
+backend other than this process's), and the conformance runner's isolation of
+each adapter (:meth:`Worker.run` of ``mhabench.conformance.evaluate``).
+
+The child is a fresh interpreter started with its own environment (e.g.
+``KERAS_BACKEND``); requests and replies are pickles on two private pipes
+(NumPy arrays, ml_dtypes bfloat16 included), so whatever a framework prints
+cannot corrupt them. Requests: ``build`` a layer, ``call`` a method of a
+hosted layer, ``run`` an importable function. A request that outlives its
+timeout kills the child (its whole process group); a child that dies
+(``os._exit``, a segfault) turns the request into a :class:`WorkerError`
 carrying the tail of the child's stderr. The next request starts a fresh
-child, and layers hosted there are rebuilt from their recipe on first use.
+child, replays the worker's ``setup`` calls, and layers hosted there are
+rebuilt from their recipe on first use.
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ BUILD_TIMEOUT = 300.0
 CALL_TIMEOUT = 120.0
 STARTUP_TIMEOUT = 60.0
 STDERR_TAIL = 4000
+# Framework log noise a child would otherwise print (TensorFlow's C++ and absl INFO/WARNING lines)
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 _HEADER = struct.Struct("<Q")
 
 
@@ -98,8 +108,10 @@ def _read(fd: int, deadline: float | None = None):
 class Worker:
     """One child process serving requests one at a time. Restarts on the next request after a failure."""
 
-    def __init__(self, env: dict | None = None, name: str = "worker"):
+    def __init__(self, env: dict | None = None, name: str = "worker", setup=()):
+        """``setup``: ``("module:function", args, kwargs)`` calls every fresh child runs first."""
         self.env, self.name = dict(env or {}), name
+        self.setup = [tuple(call) for call in setup]
         self.generation = 0  # bumps at every (re)start; layers rebuild when it changes
         self._proc = None
         self._lock = threading.RLock()
@@ -109,14 +121,14 @@ class Worker:
         return self._proc is not None and self._proc.poll() is None
 
     def _start(self):
-        env = dict(os.environ, **self.env)
+        env = {**QUIET_ENV, **os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # import what the parent imports
         self._stderr = tempfile.TemporaryFile(mode="w+b")
         req_r, self._req = os.pipe()
         self._rep, rep_w = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", f"from impls._worker import serve; serve({req_r}, {rep_w})"],
+                [sys.executable, "-c", f"from mhabench.impls.worker import serve; serve({req_r}, {rep_w})"],
                 env=env, pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=self._stderr,
                 stderr=self._stderr, start_new_session=True)
         finally:
@@ -124,6 +136,11 @@ class Worker:
             os.close(rep_w)
         self.generation += 1
         self._exchange(("ping",), STARTUP_TIMEOUT)
+        for target, args, kwargs in self.setup:
+            status, payload = self._exchange(("run", target, args, kwargs), BUILD_TIMEOUT)
+            if status != "ok":
+                self._stop()
+                raise WorkerError(f"{self.name}: setup {target} failed: {payload[1]}: {payload[2]}", payload[3])
 
     def stderr_tail(self) -> str:
         try:
@@ -157,8 +174,8 @@ class Worker:
         except TimeoutError:
             tail = self.stderr_tail()
             self._stop()
-            raise WorkerTimeout(f"{self.name}: {message[0]} request exceeded its {timeout:g} s timeout; "
-                                f"the worker was killed", tail) from None
+            raise WorkerTimeout(f"{self.name}: timed out after {timeout:g} s ({message[0]} request); the worker "
+                                f"was killed and starts afresh on the next request", tail) from None
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             proc = self._proc
             try:
@@ -170,6 +187,10 @@ class Worker:
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
             raise WorkerCrashed(f"{self.name}: the worker died during a {message[0]} request ({how})",
                                 tail, code) from None
+
+    def run(self, target: str, *args, timeout: float = CALL_TIMEOUT, **kwargs):
+        """``module:function(*args, **kwargs)`` in the child; its result (pickled back)."""
+        return self.request(("run", target, args, kwargs), timeout)
 
     def request(self, message: tuple, timeout: float):
         """Send ``message`` and return the reply's value, re-raising the child's exception."""
@@ -191,7 +212,7 @@ class Worker:
         raise WorkerError(f"{self.name}: {kind}: {text}", tb)
 
 
-_shared: dict[tuple, Worker] = {}
+_shared: dict[tuple, Worker] = {}  # one child per environment, shared by the layers hosted there
 _shared_lock = threading.Lock()
 
 
@@ -251,6 +272,14 @@ class WorkerLayer(Layer):
     native_forward = native_forward_backward = native_inputs
 
 
+def import_target(target: str):
+    """The object a ``"module:attribute"`` string names."""
+    module, _, attr = str(target).partition(":")
+    if not attr:
+        raise ValueError(f"target must be 'module:attribute', got {target!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
 def resolve(target):
     """An adapter from a registered name or a "module:Class" path."""
     from .registry import get_adapter, list_adapters
@@ -304,6 +333,9 @@ def serve(req_fd: int, rep_fd: int) -> None:
             elif op == "call":
                 handle, method, args, kwargs = message[1:]
                 result = getattr(layers[handle], method)(*args, **kwargs)
+            elif op == "run":
+                target, args, kwargs = message[1:]
+                result = import_target(target)(*args, **kwargs)
             else:
                 raise ValueError(f"unknown worker request {op!r}")
             reply = ("ok", result)

@@ -1,0 +1,192 @@
+"""A conformance session: what to run, running it into a results directory, and what came of it.
+
+The CLI (``mhabench conform``) and the pytest view (``conformance/conftest.py``) both build their
+session here, so an option means the same in both: the adapters (built-in and plugin alike), the
+dtypes, the areas, the reduced matrix and the random cases.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from mhabench import impls, results
+from mhabench.impls import registry
+from mhabench.options import SelectionError, broken_plugins, load_plugins, runnable_adapters, split_list  # noqa: F401
+
+from . import catalogue as catalogue_mod
+from .cases import AREAS, DTYPES, Case, default_cases, find_case, random_cases, select
+from .runner import expected_row_ids, run_rows
+
+DEFAULT_EXAMPLES = 25
+SELECTABLE_AREAS = tuple(a for a in AREAS if a != "plugin")
+
+
+@dataclass
+class Plan:
+    """What a session runs."""
+
+    adapters: list[str]
+    cases: list[Case]
+    dtypes: list[str]
+    adhoc: list[str] = field(default_factory=list)
+    full_matrix: bool = False  # every default case in every dtype: only then can an entry be stale for absence
+
+    @property
+    def rows(self) -> int:
+        return sum(len(expected_row_ids(a, c, self.dtypes)) for a in self.adapters for c in self.cases)
+
+    def to_dict(self) -> dict:
+        return {"adapters": self.adapters, "dtypes": self.dtypes, "cases": len(self.cases), "rows": self.rows,
+                "full_matrix": self.full_matrix, "adhoc": self.adhoc}
+
+
+def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
+              default_dtypes=DTYPES) -> Plan:
+    """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
+
+    ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
+    without it, every installed adapter runs (plugins named with ``--adapter`` included).
+    """
+    if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
+        raise SelectionError(f"--examples must be an integer >= 0, got {examples!r}")
+    plugin_names = load_plugins(adhoc)
+    chosen = split_list(adapters, registry.list_adapters(), "adapter", "--adapters")
+    if chosen is None:
+        chosen = runnable_adapters(plugin_names)
+    dtype_list = split_list(dtypes, DTYPES, "dtype", "--dtypes") or list(default_dtypes)
+    area_list = split_list(areas, SELECTABLE_AREAS, "area", "--areas")
+    matrix = default_cases() + (random_cases(examples) if area_list is None or "random" in area_list else [])
+    matrix = select(matrix, area_list, quick=quick)
+    full = not quick and area_list is None and set(dtype_list) == set(DTYPES)
+    return Plan(chosen, matrix, dtype_list, list(adhoc), full)
+
+
+def versions(adapters) -> dict[str, str]:
+    """Installed versions of every distribution the adapters report (package metadata, nothing imported)."""
+    out = {"numpy": None, "ml_dtypes": None}
+    for name in adapters:
+        out.update(registry.get_adapter(name).versions())
+    import importlib.metadata
+    for dist in ("numpy", "ml_dtypes"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out.pop(dist)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+# ---- running into a results directory ----------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    rows: list[dict]
+    checks: list                       # catalogue verdicts (catalogue.EntryCheck)
+    elapsed: float
+    problems: list[str]                # lines of the journal that could not be read
+    layout: results.Layout
+    plan: Plan
+
+    @property
+    def failing(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] in ("fail", "error")]
+
+    @property
+    def stale(self) -> list:
+        return [c for c in self.checks if c.status == "stale"]
+
+    def summary(self) -> dict:
+        return results.summarise(self.rows)
+
+
+def rerun_target(row_id: str, layout: results.Layout, plan: Plan) -> tuple[str, Case, str]:
+    """(adapter, case, dtype) behind a row id, from the journal or by parsing it against the registry."""
+    previous = {r["row_id"]: r for r in results.read_rows(layout.rows).rows}
+    registered = registry.list_adapters()
+    if row_id in previous:
+        r = previous[row_id]
+        adapter, case_id, dtype = r["adapter"], r["case"], r["dtype"]
+    else:
+        parts = split_row_id(row_id, registered)
+        if parts is None:
+            raise SelectionError(f"--rerun {impls.interface.printable(row_id)}: not a row id of the form "
+                                 f"adapter-case-dtype-quantity (adapters: {', '.join(registered)})")
+        adapter, case_id, dtype, _ = parts
+    if adapter not in registered:
+        raise SelectionError(f"--rerun {row_id}: adapter {adapter!r} is not registered (pass --adapter MODULE:CLASS)")
+    case = find_case(case_id, extra=plan.cases)
+    if case is None:
+        raise SelectionError(f"--rerun {row_id}: no case {case_id!r} in the matrix")
+    return adapter, case, dtype
+
+
+def split_row_id(row_id: str, adapters) -> tuple[str, str, str, str] | None:
+    """``adapter-case-dtype-quantity`` -> its parts (adapter names may contain '-', so match the registry)."""
+    for name in sorted(adapters, key=len, reverse=True):
+        if row_id.startswith(name + "-"):
+            parts = row_id[len(name) + 1:].rsplit("-", 2)
+            if len(parts) == 3 and parts[1] in DTYPES:
+                return (name, *parts)
+    return None
+
+
+def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = None,
+        timeout: float = 120.0, jobs: int | None = None, memory_budget: int | None = None,
+        on_start=None, on_rows=None, warn=lambda text: None) -> Outcome:
+    """Run ``plan`` into ``results_dir``: the journal as rows come, then results.json/csv and catalogue.json.
+
+    ``resume`` keeps the journal's finished rows and runs the rest; ``rerun`` runs exactly the case
+    behind one row id again (its new rows are appended and win). Otherwise the old journal is kept
+    aside as rows.jsonl.prev. ``on_start(plan)`` sees the plan about to run, ``on_rows(rows)`` each batch
+    (progress), ``warn(text)`` each problem.
+    """
+    layout = results.Layout(results_dir)
+    layout.conformance.mkdir(parents=True, exist_ok=True)
+    try:
+        entries = catalogue_mod.load()
+    except ValueError as exc:
+        raise SelectionError(f"divergence catalogue: {exc}") from None
+    skip: set[str] = set()
+    if rerun:
+        adapter, case, dtype = rerun_target(rerun, layout, plan)
+        plan = Plan([adapter], [case], [dtype], plan.adhoc, False)
+    elif resume:
+        journal = results.read_rows(layout.rows)
+        for problem in journal.problems:
+            warn(problem)
+        skip = {r["row_id"] for r in journal.rows}
+    elif layout.rows.exists():
+        layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))  # a fresh run: the old journal is kept aside
+    if not rerun:
+        results.write_json(layout.plan, plan.to_dict())
+    if on_start is not None:
+        on_start(plan)
+
+    writer = results.RowWriter(layout.rows)
+
+    def write(rows):
+        writer.write(rows)
+        if on_rows is not None:
+            on_rows(rows)
+    started = time.perf_counter()
+    try:
+        run_rows(plan.adapters, plan.cases, plan.dtypes, timeout=timeout, jobs=jobs, memory_budget=memory_budget,
+                 on_rows=write, skip=skip, adhoc=plan.adhoc)
+    finally:
+        writer.close()
+    elapsed = time.perf_counter() - started
+
+    journal = results.read_rows(layout.rows)
+    for problem in journal.problems:
+        warn(problem)
+    rows = journal.latest()
+    adapters_run = sorted({r["adapter"] for r in rows}) if rerun else plan.adapters
+    checks = catalogue_mod.check(entries, rows, adapters_run, full_matrix=plan.full_matrix and not rerun)
+    results.write_results(layout.root, rows, results.meta(versions(adapters_run)))
+    results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
+    return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
+
+
+def eta(done: int, total: int, elapsed: float) -> float:
+    """Seconds left at the pace so far (NaN before anything is done)."""
+    return elapsed * (total - done) / done if done else math.nan

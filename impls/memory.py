@@ -1,0 +1,87 @@
+"""Peak memory of one call, not of the process: the CPU probe every adapter can use.
+
+CPU: the rise of the resident-set high-water mark (``VmHWM``) around the call.
+Writing "5" to ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS
+(Linux >= 4.0), and ``malloc_trim`` first hands memory that glibc kept from
+earlier calls back to the kernel, so the call's allocations show up as new
+pages instead of reused ones. Frameworks that pool memory (TensorFlow), and
+every GPU, are measured by the framework's own peak counter instead: each
+adapter declares which probe measures it (``Adapter.peak_memory``), and the
+family helpers (``_torch``, ``_jax``, ``_keras``) hold those probes.
+
+One sample moves in steps of a few MiB (the allocator's arenas), so
+:func:`median_peak` takes several and reports the median.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import statistics
+from typing import Callable
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+class MemoryProbeUnavailable(RuntimeError):
+    """This platform (or this framework on this device) offers no way to measure the peak of one call."""
+
+
+def _status_kib(field: str) -> int:
+    with open(_STATUS) as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise MemoryProbeUnavailable(f"{_STATUS} has no {field} line")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def hwm_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def _malloc_trim() -> None:
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            ctypes.CDLL(libc_name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            pass
+
+
+def cpu_probe_available() -> tuple[bool, str]:
+    if not (os.path.exists(_STATUS) and os.path.exists(_CLEAR_REFS)):
+        return False, "needs Linux /proc/self/status and /proc/self/clear_refs"
+    try:
+        reset_hwm()
+    except OSError as exc:
+        return False, f"cannot reset VmHWM through {_CLEAR_REFS}: {exc}"
+    return True, ""
+
+
+def reset_hwm() -> None:
+    with open(_CLEAR_REFS, "w") as fh:
+        fh.write("5")
+
+
+def cpu_peak_rise(fn: Callable[[], object]) -> int:
+    """Bytes by which the process's peak RSS rises during ``fn()`` (its result is dropped after)."""
+    ok, why = cpu_probe_available()
+    if not ok:
+        raise MemoryProbeUnavailable(why)
+    _malloc_trim()
+    reset_hwm()
+    base = rss_bytes()
+    result = fn()
+    peak = hwm_bytes()
+    del result
+    return max(peak - base, 0)
+
+
+def median_peak(probe: Callable[[Callable[[], object]], int], fn: Callable[[], object], samples: int = 5) -> int:
+    """The median of ``samples`` per-call peaks of ``fn`` measured by ``probe``."""
+    return int(statistics.median(probe(fn) for _ in range(max(1, samples))))

@@ -1,0 +1,140 @@
+"""What a report shows: the results loaded, the tables computed from them, and the verdict lines."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import tables
+from .compare import Comparison
+from .load import Benchmarks, Conformance, ResultsError, load_results
+from .units import format_value
+
+
+@dataclass
+class ReportData:
+    results_dir: str
+    generated: str
+    conformance: Conformance | None
+    benchmarks: Benchmarks | None
+    environment: pd.DataFrame
+    tables: dict = field(default_factory=dict)  # name -> DataFrame, each written as <name>.csv
+    attention: pd.DataFrame = field(default_factory=pd.DataFrame)  # the attention benchmarks, with line labels
+    peaks: dict = field(default_factory=dict)
+    headline: dict = field(default_factory=dict)
+    comparison: Comparison | None = None
+    notes: list = field(default_factory=list)
+    problems: list = field(default_factory=list)  # "path:line: ..." for every line or file that could not be read
+    comparison_only: bool = False  # `report --compare A B` without --results: the page is about the change
+
+    def summary(self) -> dict:
+        """The figures of the verdict line."""
+        out = {"adapters": [], "rows": 0, "divergences": 0, "statuses": {}}
+        if self.conformance is not None:
+            rows = self.conformance.rows
+            out["adapters"] = sorted(set(rows["adapter"]))
+            out["rows"] = len(rows)
+            out["statuses"] = {k: int(v) for k, v in rows["status"].value_counts().items()}
+            out["divergences"] = int(rows["divergence"].dropna().nunique())
+        attention = self.tables.get("benchmarks")
+        if attention is not None and not attention.empty and "adapter" in attention:
+            bench_adapters = set(attention["adapter"].dropna().astype(str))
+            out["adapters"] = sorted(set(out["adapters"]) | bench_adapters)
+        out.update(self.headline)
+        return out
+
+
+def collect(results_dir: Path | None, comparison: Comparison | None = None) -> ReportData:
+    """Everything the page and the summary show. ``results_dir`` None: a comparison-only report."""
+    if results_dir is None:
+        if comparison is None:
+            raise ResultsError("nothing to report: give a results directory")
+        sides = [tables.environment(comparison.conf_a, comparison.bench_a).assign(side="A"),
+                 tables.environment(comparison.conf_b, comparison.bench_b).assign(side="B")]
+        environment = pd.concat(sides, ignore_index=True)
+        environment["source"] = environment["side"] + ": " + environment["source"]
+        data = ReportData(results_dir=f"A = {comparison.label_a}, B = {comparison.label_b}",
+                          generated=_now(), conformance=None, benchmarks=None,
+                          environment=environment.drop(columns="side"), comparison=comparison, comparison_only=True)
+        data.tables["comparison"] = comparison.table
+        data.tables["conformance_changes"] = comparison.conformance_changes
+        data.tables["environment"] = data.environment
+        return data
+    conformance, benchmarks = load_results(Path(results_dir))
+    data = ReportData(results_dir=str(results_dir), generated=_now(), conformance=conformance, benchmarks=benchmarks,
+                      environment=tables.environment(conformance, benchmarks), comparison=comparison)
+    if conformance is not None:
+        data.problems.extend(conformance.problems)
+        rows = conformance.rows
+        data.tables["conformance_adapters"] = tables.adapter_summary(rows)
+        data.tables["conformance_matrix"] = tables.conformance_matrix(rows)
+        data.tables["conformance_non_passing"] = tables.non_passing(rows)
+        data.tables["divergences"] = tables.divergence_catalogue(rows, conformance.catalogue)
+    if benchmarks is not None:
+        attention = tables.attention_results(benchmarks)
+        data.peaks = tables.gemm_peaks(benchmarks)
+        measured = benchmarks.results[np.isfinite(benchmarks.results["value"])]  # not asv's empty grid slots
+        data.tables["benchmarks"] = measured.drop(columns=["samples", "file"], errors="ignore")
+        data.tables["scaling"] = tables.scaling_table(attention)
+        data.tables["peak_fraction"] = tables.peak_fraction(attention, data.peaks)
+        data.tables["bench_skips"] = benchmarks.skips
+        data.headline = tables.headline(attention) if not attention.empty else {}
+        data.notes.extend(benchmarks.notes)
+        data.problems.extend(benchmarks.problems)
+        data.attention = attention
+    if comparison is not None:
+        data.tables["comparison"] = comparison.table
+        data.tables["conformance_changes"] = comparison.conformance_changes
+    data.tables["environment"] = data.environment
+    return data
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def verdict(data: ReportData) -> list[str]:
+    """A few plain lines: adapters, rows, divergences, fastest and leanest at the largest L."""
+    s = data.summary()
+    lines = []
+    if data.comparison is not None:
+        c = data.comparison
+        lines.append(f"comparison B/A: {len(c.regressions)} regressions, {len(c.improvements)} improvements "
+                     f"past ±{c.threshold:.0%} in {len(c.table)} shared benchmarks; "
+                     f"{len(c.conformance_changes)} conformance rows changed status")
+        if data.comparison_only:
+            return lines
+    if data.conformance is not None:
+        c = data.conformance
+        if not c.complete:
+            planned = f"{len(c.rows)} of {c.planned} planned rows present" if c.planned is not None else \
+                f"{len(c.rows)} rows present, the number planned unknown"
+            lines.append(f"INCOMPLETE conformance run (no results.json: interrupted?): {planned}")
+        elif c.missing:
+            lines.append(f"INCOMPLETE conformance run: {len(c.rows)} of {c.planned} planned rows present")
+        if data.problems:
+            lines.append(f"{len(data.problems)} unreadable line(s) in the results, listed below: "
+                         f"{data.problems[0]}" + (" ..." if len(data.problems) > 1 else ""))
+        statuses = ", ".join(f"{s['statuses'].get(k, 0)} {k}" for k in ("pass", "fail", "divergence", "unsupported",
+                                                                       "error", "skip") if s["statuses"].get(k))
+        lines.append(f"conformance: {len(set(data.conformance.rows['adapter']))} adapters, {s['rows']} rows "
+                     f"({statuses or 'none'}), {s['divergences']} distinct known divergences")
+    else:
+        lines.append("conformance: no results")
+    if data.benchmarks is not None:
+        fastest, leanest = s.get("fastest"), s.get("leanest")
+        if fastest:
+            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there): "
+                         f"{fastest['series']} "
+                         f"({format_value(fastest['value'], fastest['unit'])} per forward call)")
+        if leanest:
+            lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}): {leanest['series']} "
+                         f"({format_value(leanest['value'], leanest['unit'])} peak per forward call)")
+        if not fastest and not leanest:
+            lines.append("benchmarks: no attention timings in the results")
+    else:
+        lines.append("benchmarks: no results")
+    return lines

@@ -1,0 +1,131 @@
+"""The results directory module: the journal's one reading policy, atomic files, the shared summary, the lock."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mhabench import results
+
+
+def _row(i, status="pass", **kw):
+    return {"row_id": f"a-c{i}-float32-output", "adapter": "a", "case": f"c{i}", "area": "shapes", "dtype": "float32",
+            "status": status, "quantity": "output", "error_ratio": None, "spec": {"num_heads": 1},
+            "query_shape": [1, 2, 3], **kw}
+
+
+def test_results_written_atomically_as_json_and_csv(tmp_path):
+    rows = [_row(0), _row(1, "fail", error_ratio=3.0, reference_err=1e-3, tolerance=4e-3, tolerance_source="reference")]
+    meta = results.meta({"numpy": "2.0"}, ["mhabench", "conform"])
+    assert {"created", "mhabench_version", "python", "platform", "cpu", "gpu", "commit", "argv",
+            "versions"} <= set(meta)
+    j, c = results.write_results(tmp_path, rows, meta)
+    assert j == results.Layout(tmp_path).results_json and c == results.Layout(tmp_path).results_csv
+    data = json.loads(j.read_text())
+    assert data["rows"] == rows and data["meta"]["argv"] == ["mhabench", "conform"]
+    with open(c) as f:
+        flat = list(csv.DictReader(f))
+    assert flat[0]["row_id"] == rows[0]["row_id"] and json.loads(flat[0]["spec"]) == {"num_heads": 1}
+    assert not list(tmp_path.rglob(".*.tmp"))
+    summary = results.summarise(rows)[("a", "shapes")]
+    assert summary["pass"] == 1 and summary["fail"] == 1 and summary["worst_ratio"] == 3.0
+
+
+def test_summary_ignores_ratios_the_floor_decided():
+    # tolerance set by the floor (1e-5 > 4 * 1e-9): the ratio divides by almost nothing and says nothing
+    rows = [_row(0, "pass", error_ratio=500.0, reference_err=1e-9, tolerance=1e-5, tolerance_source="floor"),
+            _row(1, "pass", error_ratio=2.0, reference_err=1e-3, tolerance=4e-3, tolerance_source="reference")]
+    assert results.summarise(rows)[("a", "shapes")]["worst_ratio"] == 2.0
+
+
+def test_journal_appends_and_latest_row_wins(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    w = results.RowWriter(path)
+    w.write([_row(0), _row(1)])
+    w.write([_row(0, "fail", max_abs_err=float("nan"))])  # a NaN figure is written as null, never as NaN
+    w.close()
+    journal = results.read_rows(path)
+    assert len(journal.rows) == 3 and not journal.problems
+    assert [r["status"] for r in journal.latest()] == ["pass", "fail"]
+    assert journal.latest()[1]["max_abs_err"] is None
+
+
+def test_truncated_last_line_is_reported_with_path_and_line_and_the_rest_kept(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(_row(0)) + "\n" + json.dumps(_row(1))[:30])
+    journal = results.read_rows(path)
+    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"]]
+    assert len(journal.problems) == 1 and f"{path}:2: truncated last line" in journal.problems[0]
+    w = results.RowWriter(path)  # appending later keeps the damaged line, on its own line
+    w.write([_row(2)])
+    w.close()
+    journal = results.read_rows(path)
+    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"], _row(2)["row_id"]]
+    assert f"{path}:2: corrupt line" in journal.problems[0]
+    assert json.dumps(_row(1))[:30] in path.read_text()  # never overwritten
+
+
+def test_a_valid_json_line_that_is_not_a_row_is_reported_not_dropped(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    mangled = {("stat" if k == "status" else k): v for k, v in _row(1).items()}
+    path.write_text("\n".join(json.dumps(r) for r in (_row(0), mangled, _row(2, status="maybe"), [1, 2])) + "\n")
+    journal = results.read_rows(path)
+    assert [r["row_id"] for r in journal.rows] == [_row(0)["row_id"]]
+    assert [p.split(": ", 2)[1] for p in journal.problems] == [
+        "not a valid record (missing field status)", "not a valid record (unknown status 'maybe')",
+        "not a valid record (not a JSON object)"]
+    assert all(p.startswith(f"{path}:") for p in journal.problems)
+
+
+def test_read_results_of_an_interrupted_run_counts_the_rows_missing(tmp_path):
+    layout = results.Layout(tmp_path)
+    results.write_json(layout.plan, {"rows": 5})
+    w = results.RowWriter(layout.rows)
+    w.write([_row(0), _row(1)])
+    w.close()
+    with open(layout.rows, "a") as f:
+        f.write('{"row_id": "a-c2-flo')
+    found = results.read_results(tmp_path)
+    assert not found.complete and len(found.rows) == 2 and found.missing == 3
+    assert len(found.problems) == 1 and "truncated last line" in found.problems[0]
+
+
+LOCK_HOLDER = """
+import sys, time
+from mhabench import results
+with results.locked(sys.argv[1], "holder test"):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def _hold(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_into_a_locked_directory_stops_naming_the_holder(tmp_path):
+    holder = _hold(tmp_path)
+    try:
+        with pytest.raises(results.ResultsLocked, match=rf"in use by pid {holder.pid} \(holder test\)"):
+            with results.locked(tmp_path, "second"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    holder = _hold(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with results.locked(tmp_path, "after the kill") as layout:
+        assert "after the kill" in layout.lock.read_text()
+    assert time.monotonic() - started < 1.0
