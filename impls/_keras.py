@@ -167,14 +167,33 @@ def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
     return max(peak - base, 0)
 
 
+# What a Keras adapter reports and how it is installed, per backend
+DISTRIBUTIONS = {"tensorflow": ("keras", ("tensorflow", "tensorflow-cpu")), "jax": ("keras", "jax", "jaxlib"),
+                 "torch": ("keras", "torch")}
+INSTALL_HINTS = {"tensorflow": 'pip install "mhabench[tensorflow]"', "jax": 'pip install "mhabench[jax]" keras',
+                 "torch": 'pip install torch==2.13.0 "mhabench[torch]" keras'}
+
+
 class KerasAdapter(Adapter):
-    """The facts every Keras adapter shares; a subclass sets ``backend`` (and ``family``, the same name)."""
+    """The facts every Keras adapter shares, from the backend its subclass sets."""
 
     backend = "tensorflow"
 
     @property
+    def family(self):
+        return self.backend
+
+    @property
     def requires(self):
         return ("keras", FRAMEWORK_MODULE[self.backend])
+
+    @property
+    def distributions(self):
+        return DISTRIBUTIONS[self.backend]
+
+    @property
+    def install_hint(self):
+        return INSTALL_HINTS[self.backend]
 
     def availability(self):
         # keras is located, never imported: importing it would fix this process's backend.

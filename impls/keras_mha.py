@@ -187,10 +187,8 @@ class KerasMHALayer(Layer):
 
 class KerasMHAAdapter(_keras.KerasAdapter):
     name = "keras_mha"
-    backend = family = "tensorflow"
+    backend = "tensorflow"
     framework = "Keras (TensorFlow)"
-    distributions = ("keras", ("tensorflow", "tensorflow-cpu"))
-    install_hint = 'pip install "mhabench[tensorflow]"'
     description = "keras.layers.MultiHeadAttention on the TensorFlow backend"
     layer_class = KerasMHALayer
 
@@ -213,11 +211,9 @@ class KerasMHAAdapter(_keras.KerasAdapter):
 
 class KerasMHAJaxAdapter(KerasMHAAdapter):
     name = "keras_mha@jax"
-    backend = family = "jax"
+    backend = "jax"
     quick_mode = "compiled"  # JAX's eager mode compiles every primitive on first use
     framework = "Keras (JAX)"
-    distributions = ("keras", "jax", "jaxlib")
-    install_hint = 'pip install "mhabench[jax]"'
     description = "keras.layers.MultiHeadAttention on the JAX backend"
 
     def worker_env(self):
@@ -244,10 +240,8 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
 
 class KerasMHATorchAdapter(KerasMHAAdapter):
     name = "keras_mha@torch"
-    backend = family = "torch"
+    backend = "torch"
     framework = "Keras (PyTorch)"
-    distributions = ("keras", "torch")
-    install_hint = 'pip install "mhabench[torch]" keras'
     description = "keras.layers.MultiHeadAttention on the PyTorch backend"
 
     def capabilities(self):

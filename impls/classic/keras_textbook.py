@@ -178,10 +178,8 @@ class ClassicKerasLayer(Layer):
 
 class ClassicKerasAdapter(_keras.KerasAdapter):
     name = "classic_keras"
-    backend = family = "tensorflow"
+    backend = "tensorflow"
     framework = "TensorFlow/Keras"
-    distributions = ("keras", ("tensorflow", "tensorflow-cpu"))
-    install_hint = 'pip install "mhabench[tensorflow]"'
     description = "the tutorial Keras layer: Dense wq/wk/wv, split_heads, additive mask * -1e9"
     layer_class = ClassicKerasLayer
 
