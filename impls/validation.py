@@ -60,8 +60,10 @@ class Call:
     """A validated call: arrays, resolved axes and the shapes everything has.
 
     ``scores_shape`` is ``[B, *non_attended, H, *Q_attended, *K_attended]``.
-    ``mask`` (if any) has been given the head axis: its rank equals the
-    scores' rank and it broadcasts to ``scores_shape``.
+    ``mask`` (if any) is the user's mask read by the canonical (Keras) rule and given every missing
+    axis: its rank equals the scores' rank and it broadcasts to ``scores_shape``. ``given_mask`` is
+    the mask exactly as the user passed it (what an adapter hands a framework that reads the mask
+    the canonical way, such as Keras).
     """
 
     query: np.ndarray
@@ -74,6 +76,7 @@ class Call:
     batch_axes: tuple[int, ...]  # 0 and the non-attended axes
     scores_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    given_mask: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -111,6 +114,31 @@ class Call:
         target = self.scores_shape[:nb] + (heads,) + self.scores_shape[nb + 1:]
         allowed = np.broadcast_to(allowed, target)
         return allowed.reshape(math.prod(self.scores_shape[:nb]), heads, self.q_len, self.k_len)
+
+    def flat_mask(self, with_causal: bool = False) -> np.ndarray | None:
+        """The mask (``with_causal``: mask AND causal) flattened to ``[N, H, T, S]`` the way a user of a
+        one-sequence framework writes it: each group of axes (batch-like, heads, attended query,
+        attended key) stays of size 1 where the mask is constant along all of it, so the framework's
+        own broadcasting does the rest. None when there is nothing to mask."""
+        mask = self.allowed() if with_causal else self.mask
+        if mask is None:
+            return None
+        nb, n = self.n_batch, len(self.attention_axes)
+        groups = [(0, nb), (nb, nb + 1), (nb + 1, nb + 1 + n), (nb + 1 + n, nb + 1 + 2 * n)]
+        shape = []
+        for start, stop in groups:
+            constant = all(mask.shape[a] == 1 for a in range(start, stop))
+            shape.extend(1 if constant else self.scores_shape[a] for a in range(start, stop))
+        mask = np.broadcast_to(mask, tuple(shape))
+        flat = [math.prod(shape[start:stop]) for start, stop in groups]
+        return np.ascontiguousarray(mask).reshape(flat)
+
+    def is_key_padding(self) -> bool:
+        """Whether the mask (causal aside) depends on the batch and the key positions only: a padding mask."""
+        if self.mask is None:
+            return False
+        nb = self.n_batch
+        return all(d == 1 for d in self.mask.shape[nb:nb + 1 + len(self.attention_axes)])
 
 
 def causal_mask(t: int, s: int) -> np.ndarray:
@@ -159,31 +187,42 @@ def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query
     scores_shape = batch_shape + (H,) + q_att + k_att
     output_shape = tuple(query.shape[:-1]) + tuple(spec.out_shape(q_dim))
 
+    given = None
     if mask is not None:
-        mask = np.asarray(mask)
-        if mask.dtype != np.bool_:
-            raise TypeError(f"mask must be a boolean array (True = may attend), got dtype {mask.dtype}")
-        nohead = batch_shape + q_att + k_att
-        if mask.ndim == len(scores_shape):
-            target, with_head = scores_shape, mask
-        elif mask.ndim < len(scores_shape):
-            target = nohead
-            padded = mask.reshape((1,) * (len(nohead) - mask.ndim) + mask.shape)
-            with_head = np.expand_dims(padded, len(batch_shape))
-        else:
-            raise ValueError(f"mask of shape {list(mask.shape)} has too many axes; expected a shape broadcastable "
-                             f"to {list(nohead)} (scores without the head axis) or {list(scores_shape)}")
-        try:
-            ok = np.broadcast_shapes(mask.shape, target) == tuple(target)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to {list(nohead)} "
-                             f"(scores without the head axis) or {list(scores_shape)} (with the head axis)")
-        mask = with_head
+        given = np.asarray(mask)
+        if given.dtype != np.bool_:
+            raise TypeError(f"mask must be a boolean array (True = may attend), got dtype {given.dtype}")
+        mask = read_mask(given, scores_shape, len(batch_shape), len(axes))
     return Call(query=query, value=value, key=key, key_given=key_given, mask=mask, causal=bool(causal),
                 attention_axes=axes, batch_axes=batch_axes, scores_shape=scores_shape,
-                output_shape=output_shape)
+                output_shape=output_shape, given_mask=given)
+
+
+def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_attended: int) -> np.ndarray:
+    """The canonical (Keras) reading of a mask, as a view of the scores' rank.
+
+    Its last ``2 * n_attended`` axes are the attended query axes, then the attended key axes; its
+    leading axes line up from the left with ``[batch, *non_attended, heads]``; the axes it lacks are
+    inserted just before the attended axes (where the head axis goes) and broadcast. So ``[B, T, S]``
+    on scores ``[B, F, H, T, S]`` means batch, not the free axis F; ``[T, S]`` broadcasts everywhere.
+    """
+    lead_axes = scores_shape[:n_batch + 1]
+    attended = scores_shape[n_batch + 1:]
+    rule = (f"its last {2 * n_attended} axes are the attended query then key axes {list(attended)}, its leading "
+            f"axes line up from the left with [batch, *non_attended, heads] = {list(lead_axes)}")
+    lead = mask.ndim - 2 * n_attended
+    if lead < 0 or lead > n_batch + 1:
+        raise ValueError(f"mask of shape {list(mask.shape)} has {mask.ndim} axes; expected {2 * n_attended} to "
+                         f"{len(scores_shape)} for scores of shape {list(scores_shape)}: {rule}")
+    full = mask.reshape(mask.shape[:lead] + (1,) * (n_batch + 1 - lead) + mask.shape[lead:])
+    try:
+        ok = np.broadcast_shapes(full.shape, scores_shape) == tuple(scores_shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to the scores {list(scores_shape)}: "
+                         f"{rule}")
+    return full
 
 
 def check_cotangent(call: Call, cotangent) -> np.ndarray:

@@ -27,14 +27,13 @@ def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fu
     combined = np.empty(query.shape[:-1] + (H, v.shape[-1]))
     scores_shape = [query.shape[0]] + [query.shape[a] for a in other] + [H] + q_att + k_att
     scores = np.zeros(scores_shape)
-    full_mask = None
-    if mask is not None:
-        if mask.ndim == len(scores_shape):
-            full_mask = np.broadcast_to(mask, scores_shape)
-        else:
-            nohead = scores_shape[:len(other) + 1] + scores_shape[len(other) + 2:]
-            m = np.broadcast_to(mask, nohead)
-            full_mask = np.broadcast_to(np.expand_dims(m, len(other) + 1), scores_shape)
+
+    def mask_at(lead_index, qp, kp):
+        """Keras's reading: the mask's last 2n axes are the attended query then key positions; its
+        leading axes are the first ones of (batch, *non-attended, head); size-1 axes broadcast."""
+        n_lead = mask.ndim - 2 * len(axes)
+        index = tuple(lead_index[:n_lead]) + tuple(qp) + tuple(kp)
+        return bool(mask[tuple(0 if size == 1 else i for i, size in zip(index, mask.shape))])
     for b in range(query.shape[0]):
         for rest in itertools.product(*[range(query.shape[a]) for a in other]):
             for h in range(H):
@@ -53,9 +52,7 @@ def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fu
                         for a, p in zip(axes, kp):
                             ki[a] = p
                         logits.append(float(np.dot(q[tuple(qi)][h], k[tuple(ki)][h])) / math.sqrt(kd))
-                        ok = True
-                        if full_mask is not None:
-                            ok = bool(full_mask[(b, *rest, h, *qp, *kp)])
+                        ok = True if mask is None else mask_at((b, *rest, h), qp, kp)
                         if causal and j > i:
                             ok = False
                         allowed.append(ok)

@@ -203,3 +203,50 @@ def test_fully_masked_row_with_nan_value_follows_policy(policy, rng):
         np.testing.assert_allclose(out[0, 1], w.bo)   # nothing attended: the output bias
     else:
         assert np.all(np.isnan(out[0, 1]))            # the uniform mean reads the NaN
+
+
+# ---- the mask rule: Keras's, not NumPy's -----------------------------------------------------------
+def test_a_short_mask_lines_up_from_the_left_with_the_batch():
+    """Scores [B=3, F=3, H, T=4, S=2] and a mask [3, 4, 2]: its first axis is the batch (Keras's rule),
+    not the free axis F (NumPy's right alignment would say F; both are 3, so only the values tell)."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(2,))
+    w = impls.Weights.random(spec, 8, 8, seed=5)
+    rng = np.random.default_rng(5)
+    q, v = rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(3, 3, 2, 8))
+    mask = rng.random((3, 4, 2)) < 0.6
+    mask[..., 0] = True
+    out, scores = oracle.forward(spec, w, q, v, mask=mask)
+    batch_read = np.broadcast_to(mask[:, None, None], (3, 3, 2, 4, 2))  # [B, 1, 1, T, S]
+    free_read = np.broadcast_to(mask[None, :, None], (3, 3, 2, 4, 2))   # [1, F, 1, T, S]
+    np.testing.assert_array_equal(scores == 0, ~batch_read)
+    assert not np.array_equal(scores == 0, ~free_read)
+    naive_out, naive_scores = naive_attention(spec, w, q, v, mask=mask)
+    np.testing.assert_allclose(out, naive_out, atol=1e-12)
+    np.testing.assert_allclose(scores, naive_scores, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (3, 4, 2), (3, 3, 4, 2), (3, 3, 2, 4, 2), (1, 1, 4, 1), (3, 1, 1, 2),
+                                   (1, 3, 1, 4, 2)])
+def test_every_mask_rank_agrees_with_the_naive_reading(shape):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(2,))
+    w = impls.Weights.random(spec, 8, 8, seed=6)
+    rng = np.random.default_rng(6)
+    q, v = rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(3, 3, 2, 8))
+    mask = rng.random(shape) < 0.7
+    out, scores = oracle.forward(spec, w, q, v, mask=mask)
+    naive_out, naive_scores = naive_attention(spec, w, q, v, mask=mask)
+    np.testing.assert_allclose(out, naive_out, atol=1e-12)
+    np.testing.assert_allclose(scores, naive_scores, atol=1e-12)
+
+
+def test_two_attended_axes_read_the_last_four_mask_axes():
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(2, 3))
+    w = impls.Weights.random(spec, 8, 8, seed=7)
+    rng = np.random.default_rng(7)
+    q, v = rng.normal(size=(3, 3, 4, 3, 8)), rng.normal(size=(3, 3, 3, 2, 8))
+    for shape in [(4, 3, 3, 2), (3, 4, 3, 3, 2), (3, 3, 4, 3, 3, 2)]:
+        mask = rng.random(shape) < 0.7
+        out, scores = oracle.forward(spec, w, q, v, mask=mask)
+        naive_out, naive_scores = naive_attention(spec, w, q, v, mask=mask)
+        np.testing.assert_allclose(out, naive_out, atol=1e-12)
+        np.testing.assert_allclose(scores, naive_scores, atol=1e-12)

@@ -59,7 +59,7 @@ CASES = {
     "output_shape_int": Case(dict(num_heads=2, key_dim=2, output_shape=6), (2, 3, 4), (2, 4)),
     "output_shape_tuple": Case(dict(num_heads=2, key_dim=2, output_shape=(2, 3)), (2, 3, 4), (2, 4)),
     "no_bias": Case(dict(num_heads=2, key_dim=3, use_bias=False), (2, 3, 4), (2, 5), key_width=4),
-    "mask_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(5,)),
+    "mask_1_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(1, 5)),
     "mask_T_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(3, 5)),
     "mask_B_1_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(2, 1, 5)),
     "mask_B_T_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(2, 3, 5)),
@@ -191,7 +191,7 @@ def test_everything_masked_leaves_only_the_output_bias():
     rng = np.random.default_rng(3)
     query, value = rng.normal(size=(2, 3, 4)), rng.normal(size=(2, 5, 4))
     cotangent = rng.normal(size=(2, 3, 4))
-    grads = backward(spec, weights, query, value, None, np.zeros((5,), bool), False, cotangent)
+    grads = backward(spec, weights, query, value, None, np.zeros((1, 5), bool), False, cotangent)
     for name, g in grads.items():
         if name == "bo":
             np.testing.assert_allclose(g, cotangent.sum(axis=(0, 1)), rtol=1e-14)

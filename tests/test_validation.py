@@ -21,9 +21,13 @@ BAD_CALLS = [
     ("key_value_lengths", dict(query=Q, value=V, key=V[:, :4]), ValueError,
      r"key and value must have the same \[B, \*K\] shape"),
     ("mask_not_broadcast", dict(query=Q, value=V, mask=np.ones((2, 3, 4), bool)), ValueError,
-     r"mask of shape \[2, 3, 4\] does not broadcast to \[2, 3, 5\]"),
+     r"mask of shape \[2, 3, 4\] does not broadcast to the scores \[2, 2, 3, 5\]: its last 2 axes are the "
+     r"attended query then key axes \[3, 5\], its leading axes line up from the left with "
+     r"\[batch, \*non_attended, heads\] = \[2, 2\]"),
     ("mask_too_many_axes", dict(query=Q, value=V, mask=np.ones((1, 2, 2, 3, 5), bool)), ValueError,
-     "mask of shape .* has too many axes"),
+     r"mask of shape \[1, 2, 2, 3, 5\] has 5 axes; expected 2 to 4 for scores of shape \[2, 2, 3, 5\]"),
+    ("mask_too_few_axes", dict(query=Q, value=V, mask=np.ones((5,), bool)), ValueError,
+     r"mask of shape \[5\] has 1 axes; expected 2 to 4"),
     ("mask_not_bool", dict(query=Q, value=V, mask=np.ones((2, 3, 5))), TypeError, "mask must be a boolean array"),
     ("mask_wrong_heads", dict(query=Q, value=V, mask=np.ones((2, 3, 3, 5), bool)), ValueError,
      r"does not broadcast to .*\[2, 2, 3, 5\]"),
