@@ -9,7 +9,9 @@ and mapped back to its case with :func:`find_case`.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -20,8 +22,12 @@ from mhabench.impls.validation import validate_call
 from mhabench.results import AREAS, DTYPES  # noqa: F401  (DTYPES: the dtypes a case runs in)
 
 MASK_KINDS = ("none", "full", "broadcast", "padding", "per_head", "fully_masked_row", "all_allowed")
-SPECIALS = (None, "nan_query", "nan_key", "nan_value", "inf_query", "inf_key", "ninf_value", "nan_masked_key")
-FORWARD_QUANTITIES = ("output", "scores")
+SPECIALS = (None, "nan_query", "nan_key", "nan_value", "inf_query", "inf_key", "ninf_value", "nan_masked_key",
+            "nan_masked_value", "inf_masked_value")
+# The forward quantities of a case, one per path a user takes: ``output`` from the framework's default call
+# (no scores asked for: the fused path users run and the benchmarks time), ``output_with_scores`` and
+# ``scores`` from the call that also returns the attention scores (often another code path).
+FORWARD_QUANTITIES = ("output", "output_with_scores", "scores")
 GRADIENT_QUANTITIES = ("grad_query", "grad_key", "grad_value", "grad_Wq", "grad_bq", "grad_Wk", "grad_bk",
                        "grad_Wv", "grad_bv", "grad_Wo", "grad_bo")
 
@@ -48,6 +54,10 @@ class Case:
     shared_input: bool = False  # query, key and value are one array (x attends to itself)
     quick: bool = False   # in the reduced matrix the pytest view runs by default
     invalid: str | None = None  # area "invalid": the name of the bad input in INVALID_INPUTS
+    # how many leading mask axes, from [batch, *non_attended, heads] (None: the kind's usual form)
+    mask_lead: int | None = None
+    gradients: bool = True  # gradient rows as well as the forward ones
+    dtypes: tuple[str, ...] | None = None  # only these dtypes (None: every dtype of the run)
 
     def __post_init__(self):
         if self.area not in AREAS:
@@ -65,6 +75,8 @@ class Case:
         object.__setattr__(self, "spec", AttentionSpec(**self.spec).to_dict())  # normalised, JSON-ready
         object.__setattr__(self, "q_shape", tuple(self.q_shape))
         object.__setattr__(self, "k_shape", tuple(self.k_shape))
+        if self.dtypes is not None:
+            object.__setattr__(self, "dtypes", tuple(self.dtypes))
 
     # ---- derived ------------------------------------------------------------
     @property
@@ -87,19 +99,24 @@ class Case:
     def dims(self) -> tuple[int, int, int]:
         return self.query_dim, (self.key_dim if self.key_distinct else self.value_dim), self.value_dim
 
-    @property
-    def is_gradient(self) -> bool:
-        return self.area == "gradients"
-
-    def quantities(self) -> tuple[str, ...]:
-        if self.area == "invalid":
-            return ("raises",)
-        if not self.is_gradient:
-            return FORWARD_QUANTITIES
+    def gradient_quantities(self) -> tuple[str, ...]:
+        if self.area == "invalid" or not self.gradients:
+            return ()
         names = ["grad_query"] + (["grad_key"] if self.key_distinct else []) + ["grad_value", "grad_Wq"]
         bias = self.attention_spec.use_bias
         names += [q for q in GRADIENT_QUANTITIES[3:] if q != "grad_Wq" and (bias or not q.startswith("grad_b"))]
         return tuple(names)
+
+    def quantities(self) -> tuple[str, ...]:
+        if self.area == "invalid":
+            return ("raises",)
+        return FORWARD_QUANTITIES + self.gradient_quantities()
+
+    def run_dtypes(self, dtypes) -> list[str]:
+        """The dtypes of a run this case takes part in."""
+        if self.area == "invalid":
+            return ["float32"]
+        return [d for d in dtypes if self.dtypes is None or d in self.dtypes]
 
     def shape_call(self):
         """A validated call on zero inputs: the scores' shape, the axes (no data drawn)."""
@@ -135,8 +152,8 @@ class Case:
         value = query if self.shared_input else rng.standard_normal(self.value_shape) * self.scale
         key = rng.standard_normal(self.key_shape) * self.scale if self.key_distinct else None
         call = self.shape_call()
-        mask = make_mask(self.mask, call, spec.num_heads, rng)
-        if self.special == "nan_masked_key":
+        mask = make_mask(self.mask, call, spec.num_heads, rng, self.mask_lead)
+        if self.special in ("nan_masked_key", "nan_masked_value", "inf_masked_value"):
             # padding masks the last key position of batch 0; a NaN there must stay invisible
             mask = make_mask("padding", call, spec.num_heads, rng)
         query, value, key = _plant_special(self.special, query, value, key)
@@ -159,8 +176,16 @@ class Inputs:
         return self.query, self.value, self.key, self.mask, self.causal
 
 
-def make_mask(kind: str, call, num_heads: int, rng) -> np.ndarray | None:
-    """A boolean may-attend mask of the given kind for the call's scores shape."""
+USUAL_LEAD = {"broadcast": 0, "per_head": None}  # None: every leading axis, heads included; else batch axes
+
+
+def make_mask(kind: str, call, num_heads: int, rng, lead: int | None = None) -> np.ndarray | None:
+    """A boolean may-attend mask of the given kind for the call's scores shape.
+
+    ``lead`` is how many leading axes it has, taken from ``[batch, *non_attended, heads]`` (the
+    canonical reading lines them up from the left); by default ``broadcast`` has none ([T, S]),
+    ``per_head`` has them all, the others have the batch-like ones.
+    """
     nb = call.n_batch
     batch_shape = call.scores_shape[:nb]
     q_att = call.scores_shape[nb + 1:nb + 1 + len(call.attention_axes)]
@@ -168,12 +193,16 @@ def make_mask(kind: str, call, num_heads: int, rng) -> np.ndarray | None:
     T, S = math.prod(q_att), math.prod(k_att)
     if kind == "none":
         return None
+    if lead is None:
+        lead = USUAL_LEAD.get(kind, nb)
+        lead = nb + 1 if lead is None else lead
+    lead_shape = (batch_shape + (num_heads,))[:lead]
     if kind == "all_allowed":
-        return np.ones(batch_shape + q_att + k_att, dtype=bool)
+        return np.ones(lead_shape + q_att + k_att, dtype=bool)
     if kind == "padding":  # [B, 1.., S..]: batch b sees its first lengths[b] keys
         lengths = np.maximum(1, S - 1 - np.arange(batch_shape[0]) % max(S - 1, 1))
         flat = np.arange(S)[None, :] < lengths[:, None]
-        shape = (batch_shape[0],) + (1,) * (len(batch_shape) - 1 + len(q_att)) + k_att
+        shape = (batch_shape[0],) + (1,) * (max(lead, 1) - 1 + len(q_att)) + k_att
         return flat.reshape(shape)
 
     def random_rows(lead):  # every row keeps the first key (so causal leaves one too) and one random key
@@ -183,14 +212,10 @@ def make_mask(kind: str, call, num_heads: int, rng) -> np.ndarray | None:
         m[..., 0] = True
         return m
 
-    if kind == "broadcast":
-        return random_rows(()).reshape(q_att + k_att)
-    if kind == "per_head":
-        return random_rows(batch_shape + (num_heads,)).reshape(batch_shape + (num_heads,) + q_att + k_att)
-    m = random_rows(batch_shape)
+    m = random_rows(lead_shape)
     if kind == "fully_masked_row":
-        m[(0,) * len(batch_shape) + (min(1, T - 1),)] = False
-    return m.reshape(batch_shape + q_att + k_att)
+        m[(0,) * len(lead_shape) + (min(1, T - 1),)] = False
+    return m.reshape(lead_shape + q_att + k_att)
 
 
 def _plant_special(special, query, value, key):
@@ -198,7 +223,7 @@ def _plant_special(special, query, value, key):
     if special is None:
         return query, value, key
     kind, _, where = special.partition("_")
-    target, index = ("key", -1) if where == "masked_key" else (where, 1)
+    target, index = {"masked_key": ("key", -1), "masked_value": ("value", -1)}.get(where, (where, 1))
     if target == "key" and key is None:
         target = "value"
     arrays = {"query": query, "value": value, "key": key}
@@ -401,12 +426,192 @@ def _later() -> list[Case]:
     ]
 
 
-def default_cases() -> list[Case]:
-    """The default matrix (every area but ``random`` and ``plugin``); seeds recorded per case."""
-    cases = _shapes() + _masks() + _axes() + _dtypes() + _special() + _gradients() + _invalid() + _later()
+def _more() -> list[Case]:
+    """Mask forms of every rank, decode, one head and key_dim 1, dropout while not training, NaN/Inf in a
+    masked value, special values at key lengths either side of a SIMD width, lengths across kernel tiles."""
     out = []
-    for i, case in enumerate(cases):
-        out.append(replace(case, seed=1000 + i))
+    masks = lambda id, spec, q, k, lead, **kw: Case(id=id, area="masks", spec=spec, q_shape=q, k_shape=k, mask="full",
+                                                    mask_lead=lead, **kw)
+    # [T, S] up to the full scores rank with a head axis; with a free axis whose size equals the batch's
+    # (batch 3, free 3), so a mask read NumPy-style (from the right) lines up without an error but wrongly
+    out += [masks("mask_rank2_TS-cross_T4_S6", _spec(), (4,), (6,), 0),
+            masks("mask_rank3_BTS-cross_T4_S6", _spec(), (4,), (6,), 1),
+            masks("mask_rank4_BHTS-cross_T4_S6", _spec(), (4,), (6,), 2)]
+    free = _spec(attention_axes=(2,))
+    out += [masks(f"mask_rank{2 + lead}_{name}-free3_batch3-cross_T4_S5", free, (3, 4), (3, 5), lead, batch=3,
+                  quick=lead == 1) for lead, name in ((0, "TS"), (1, "BTS"), (2, "BFTS"), (3, "BFHTS"))]
+    two = _spec(attention_axes=(2, 3))
+    out += [masks(f"mask_rank{4 + lead}_{name}-axes_2_3", two, (2, 3, 2), (2, 2, 3), lead)
+            for lead, name in ((0, "TTSS"), (1, "BTTSS"), (2, "BFTTSS"), (3, "BFHTTSS"))]
+    out.append(Case(id="mask_padding_rank3_B1S-free3_batch3", area="masks", spec=free, batch=3, q_shape=(3, 4),
+                    k_shape=(3, 5), mask="padding", mask_lead=1))
+    # decode: one query position against a cache of keys, with padding and causal (top-left: key 0 only)
+    decode = lambda id, **kw: Case(id=id, area="masks", spec=_spec(), q_shape=(1,), k_shape=(8,), **kw)
+    out += [decode("decode_T1_S8-causal", causal=True, quick=True), decode("decode_T1_S8-mask_padding", mask="padding"),
+            decode("decode_T1_S8-mask_padding-causal", mask="padding", causal=True)]
+    shapes = lambda id, spec, **kw: Case(id=id, area="shapes", spec=spec, **kw)
+    out += [shapes("self_T8-heads1_kd1", _spec(1, 1), query_dim=1, key_dim=1, value_dim=1),
+            shapes("self_T8-heads1_kd4", _spec(1, 4), query_dim=4, key_dim=4, value_dim=4),
+            shapes("cross_T6_S5-heads3_kd1", _spec(3, 1), q_shape=(6,), k_shape=(5,), query_dim=3, key_dim=3,
+                   value_dim=3),
+            shapes("self_T8-dropout0.3-not_training", _spec(dropout=0.3)),
+            shapes("cross_T6_S4-dropout0.5-causal", _spec(dropout=0.5), q_shape=(6,), k_shape=(4,), causal=True),
+            shapes("cross_T6_S4-output_shape3x2-mask_padding", _spec(output_shape=(3, 2)), q_shape=(6,), k_shape=(4,),
+                   mask="padding"),
+            Case(id="rank5-axes_2_3-causal", area="axes", spec=_spec(attention_axes=(2, 3)), q_shape=(2, 3, 2),
+                 k_shape=(2, 2, 3), causal=True)]
+    special = lambda id, s, **kw: Case(id=id, area="special", spec=_spec(), special=s, key_distinct=True, **kw)
+    out += [special("cross_T8_S4-nan_masked_value", "nan_masked_value", k_shape=(4,)),
+            special("cross_T8_S4-inf_masked_value", "inf_masked_value", k_shape=(4,))]
+    # a NaN query at key lengths below, between and above the CPU SIMD widths (8 and 16 float32 lanes):
+    # fused kernels treat a leftover tail of a row apart from its vectorised part
+    out += [special(f"cross_T5_S{n}-nan_query", "nan_query", q_shape=(5,), k_shape=(n,)) for n in (4, 12, 40)]
+    # lengths either side of the tile sizes fused kernels use (64, 128, 256, 1024, 2048), T != S,
+    # padding and causal, forward and gradients, in float32 and float16
+    tiles = [(63, 65, "none", False), (65, 63, "padding", True), (127, 129, "padding", False), (129, 127, "none", True),
+             (255, 257, "none", False), (257, 255, "padding", True), (1023, 1025, "padding", True),
+             (1025, 1023, "none", True), (2049, 1025, "padding", False)]
+    for t, s_len, mask, causal in tiles:
+        name = f"tiles-cross_T{t}_S{s_len}" + ("-mask_padding" if mask == "padding" else "") + ("-causal" if causal else "")
+        out.append(Case(id=name, area="dtypes", spec=_spec(), batch=1 if t > 500 else 2, q_shape=(t,),
+                        k_shape=(s_len,), mask=mask, causal=causal, dtypes=("float32", "float16")))
+    return out
+
+
+# ---- the pairwise covering design ---------------------------------------------------------------------
+# Every pair of levels of any two factors appears together in at least one case, for the forward and the
+# gradient quantities alike (every case has both): a bug that needs two features at once is met. The table
+# is data, made once by a greedy pairwise search and checked by tests/test_cases.py (pair_coverage).
+PAIR_FACTORS = {
+    "lengths": ("T=S", "T<S", "T>S", "T=1"),
+    "mask": ("none", "padding", "broadcast", "full", "per_head", "fully_masked_row"),
+    "causal": (False, True),
+    "heads": (1, 2, 3),
+    "key_dim": (1, 4),
+    "value_dim": ("same", "other"),
+    "output": ("default", "width5", "2x3"),
+    "axes": ("rank3", "rank4_axis2", "rank4_axes12", "rank5_axes23"),
+    "key": ("value", "distinct"),
+    "bias": (True, False),
+    "widths": ("equal", "mixed"),
+}
+PAIR_DESIGN = (
+    ('T<S', 'per_head', False, 2, 4, 'other', 'default', 'rank4_axis2', 'distinct', True, 'equal'),
+    ('T=1', 'none', True, 1, 1, 'same', '2x3', 'rank4_axes12', 'value', False, 'mixed'),
+    ('T>S', 'full', False, 3, 1, 'other', 'width5', 'rank3', 'distinct', False, 'mixed'),
+    ('T=S', 'fully_masked_row', True, 3, 4, 'other', '2x3', 'rank5_axes23', 'value', True, 'equal'),
+    ('T=1', 'padding', True, 2, 4, 'same', 'width5', 'rank3', 'distinct', True, 'equal'),
+    ('T>S', 'broadcast', True, 1, 1, 'same', 'default', 'rank4_axis2', 'value', False, 'mixed'),
+    ('T=S', 'broadcast', False, 1, 4, 'other', '2x3', 'rank4_axes12', 'distinct', True, 'mixed'),
+    ('T<S', 'padding', False, 2, 1, 'same', 'width5', 'rank5_axes23', 'distinct', False, 'mixed'),
+    ('T>S', 'full', False, 2, 1, 'same', '2x3', 'rank4_axes12', 'value', True, 'equal'),
+    ('T=S', 'per_head', False, 1, 1, 'same', 'width5', 'rank3', 'value', False, 'mixed'),
+    ('T=1', 'none', False, 3, 4, 'same', 'default', 'rank4_axes12', 'distinct', False, 'equal'),
+    ('T<S', 'fully_masked_row', True, 1, 1, 'other', 'width5', 'rank4_axes12', 'value', False, 'mixed'),
+    ('T<S', 'full', True, 1, 4, 'other', 'default', 'rank5_axes23', 'value', False, 'equal'),
+    ('T=1', 'none', True, 3, 4, 'other', 'width5', 'rank4_axis2', 'distinct', True, 'mixed'),
+    ('T<S', 'fully_masked_row', False, 2, 1, 'same', 'default', 'rank3', 'distinct', False, 'mixed'),
+    ('T>S', 'padding', True, 3, 4, 'other', 'default', 'rank4_axis2', 'value', False, 'equal'),
+    ('T<S', 'broadcast', False, 3, 4, 'same', '2x3', 'rank3', 'value', False, 'equal'),
+    ('T=1', 'per_head', True, 3, 1, 'same', '2x3', 'rank5_axes23', 'distinct', False, 'mixed'),
+    ('T=S', 'none', True, 2, 4, 'same', 'default', 'rank3', 'value', True, 'equal'),
+    ('T=S', 'padding', False, 2, 4, 'other', '2x3', 'rank4_axis2', 'distinct', True, 'equal'),
+    ('T=1', 'broadcast', False, 2, 4, 'other', 'width5', 'rank5_axes23', 'value', False, 'mixed'),
+    ('T>S', 'none', True, 3, 1, 'same', '2x3', 'rank5_axes23', 'value', False, 'equal'),
+    ('T=1', 'full', False, 3, 1, 'other', 'default', 'rank4_axis2', 'value', True, 'equal'),
+    ('T=S', 'padding', False, 1, 4, 'same', 'width5', 'rank4_axes12', 'value', False, 'mixed'),
+    ('T>S', 'fully_masked_row', True, 3, 4, 'same', 'default', 'rank4_axis2', 'value', True, 'equal'),
+    ('T>S', 'per_head', True, 2, 4, 'other', 'default', 'rank4_axes12', 'distinct', True, 'mixed'),
+    ('T=1', 'fully_masked_row', False, 3, 4, 'other', '2x3', 'rank3', 'distinct', False, 'mixed'),
+    ('T=S', 'full', True, 1, 1, 'same', '2x3', 'rank3', 'value', False, 'mixed'),
+    ('T<S', 'none', False, 2, 4, 'other', '2x3', 'rank4_axis2', 'distinct', True, 'equal'),
+)
+
+_LENGTHS = {"T=S": (6, 6), "T<S": (4, 7), "T>S": (7, 4), "T=1": (1, 6)}
+_SHAPES = {  # axes level -> (attention_axes, batch, lengths level -> (q_shape, k_shape))
+    "rank3": (None, 2, lambda t, s: ((t,), (s,))),
+    "rank4_axis2": ((2,), 3, lambda t, s: ((3, t), (3, s))),
+    "rank4_axes12": (None, 2, lambda t, s: ({6: (2, 3), 4: (2, 2), 7: (1, 7), 1: (1, 1)}[t],
+                                            {6: (2, 3), 7: (1, 7), 4: (2, 2)}[s])),
+    "rank5_axes23": ((2, 3), 2, lambda t, s: ((2,) + {6: (2, 3), 4: (2, 2), 7: (7, 1), 1: (1, 1)}[t],
+                                              (2,) + {6: (3, 2), 7: (1, 7), 4: (1, 4)}[s])),
+}
+
+
+def pair_case(index: int, row: tuple) -> Case:
+    level = dict(zip(PAIR_FACTORS, row))
+    axes, batch, shape = _SHAPES[level["axes"]]
+    q_shape, k_shape = shape(*_LENGTHS[level["lengths"]])
+    heads, key_dim = level["heads"], level["key_dim"]
+    spec = _spec(heads, key_dim, attention_axes=axes, use_bias=level["bias"],
+                 value_dim=key_dim + 2 if level["value_dim"] == "other" else None,
+                 output_shape={"default": None, "width5": 5, "2x3": (2, 3)}[level["output"]])
+    distinct = level["key"] == "distinct"
+    width = heads * key_dim
+    widths = dict(query_dim=width, value_dim=width, key_dim=width) if level["widths"] == "equal" else \
+        dict(query_dim=8, value_dim=5, key_dim=6 if distinct else 5)
+    name = (f"pairs{index:02d}-{level['axes']}-{level['lengths'].replace('=', 'eq').replace('<', 'lt').replace('>', 'gt')}"
+            f"-mask_{level['mask']}{'-causal' if level['causal'] else ''}-heads{heads}_kd{key_dim}"
+            f"{'-value_dim' if level['value_dim'] == 'other' else ''}-out_{level['output']}"
+            f"{'-key_distinct' if distinct else ''}{'' if level['bias'] else '-no_bias'}-widths_{level['widths']}")
+    return Case(id=name, area="pairs", spec=spec, batch=batch, q_shape=q_shape, k_shape=k_shape, key_distinct=distinct,
+                mask=level["mask"], causal=level["causal"], quick=index < 3, **widths)
+
+
+def case_factors(case: Case) -> dict:
+    """The levels of PAIR_FACTORS a case exercises, read from its fields (not from the design table)."""
+    spec = case.attention_spec
+    call = case.shape_call()
+    t, s = call.q_len, call.k_len
+    n_att = len(call.attention_axes)
+    axes = "rank3" if case.query_shape.__len__() == 3 else (
+        "rank4_axis2" if n_att == 1 else "rank4_axes12") if len(case.query_shape) == 4 else "rank5_axes23"
+    lead = case.mask_lead if case.mask_lead is not None else None
+    mask = {"all_allowed": "full"}.get(case.mask, case.mask)
+    if case.mask in ("full", "all_allowed") and lead == 0:
+        mask = "broadcast"
+    elif case.mask == "full" and lead == call.n_batch + 1:
+        mask = "per_head"
+    q_dim, k_dim, v_dim = case.dims
+    return {
+        "lengths": "T=1" if t == 1 else "T=S" if t == s else "T<S" if t < s else "T>S",
+        "mask": mask, "causal": case.causal, "heads": spec.num_heads if spec.num_heads <= 3 else 3,
+        "key_dim": 1 if spec.key_dim == 1 else 4,
+        "value_dim": "same" if spec.value_dim in (None, spec.key_dim) else "other",
+        "output": "default" if spec.output_shape is None else "width5" if len(spec.output_shape) == 1 else "2x3",
+        "axes": axes, "key": "distinct" if case.key_distinct else "value", "bias": spec.use_bias,
+        "widths": "equal" if q_dim == k_dim == v_dim == spec.num_heads * spec.key_dim else "mixed",
+    }
+
+
+def pair_coverage(cases) -> tuple[int, int, list]:
+    """(pairs met, pairs possible, the first few missing) over the cases, by PAIR_FACTORS."""
+    names = list(PAIR_FACTORS)
+    met = set()
+    for case in cases:
+        levels = case_factors(case)
+        for a, b in itertools.combinations(names, 2):
+            met.add((a, levels[a], b, levels[b]))
+    possible = {(a, x, b, y) for a, b in itertools.combinations(names, 2)
+                for x in PAIR_FACTORS[a] for y in PAIR_FACTORS[b]}
+    missing = sorted(possible - met, key=str)
+    return len(possible & met), len(possible), missing[:10]
+
+
+def _pairs() -> list[Case]:
+    return [pair_case(i, row) for i, row in enumerate(PAIR_DESIGN)]
+
+
+def case_seed(case_id: str) -> int:
+    """A case's seed comes from its id, so adding or reordering cases changes no other case's inputs."""
+    return zlib.crc32(case_id.encode()) % (2 ** 31 - 2)
+
+
+def default_cases() -> list[Case]:
+    """The default matrix (every area but ``random`` and ``plugin``); each case's seed comes from its id."""
+    cases = (_shapes() + _masks() + _axes() + _dtypes() + _special() + _gradients() + _invalid() + _later()
+             + _more() + _pairs())
+    out = [replace(case, seed=case_seed(case.id)) for case in cases]
     ids = [c.id for c in out]
     duplicates = {i for i in ids if ids.count(i) > 1}
     if duplicates:  # row ids must map back to exactly one case

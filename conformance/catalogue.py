@@ -88,9 +88,9 @@ def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np
         arrays["bq"] = arrays["bq"] * r
     weights = Weights(**arrays)
     args = (inputs.query, inputs.value, inputs.key, inputs.mask, inputs.causal)
-    if quantity in ("output", "scores"):
+    if not quantity.startswith("grad_"):
         out, scores = oracle.forward(inputs.spec, weights, *args)
-        return out if quantity == "output" else scores
+        return scores if quantity == "scores" else out
     grads = oracle_backward.backward(inputs.spec, weights, *args, cotangent=inputs.cotangent)
     name = quantity[len("grad_"):]
     return grads[name] * (r if name in ("Wq", "bq") else 1.0)

@@ -38,7 +38,7 @@ def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
         "error_ratio": None, "tolerance_source": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
         "query_shape": list(case.query_shape), "key_shape": list(case.key_shape) if case.key_shape else None,
         "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal, "mode": None, "contradicts": None,
-        "duration_s": None,
+        "emulated": None, "duration_s": None,
     }
 
 
@@ -54,25 +54,40 @@ def status_rows(adapter, case: Case, dtypes, status: str, message: str, quantiti
 
 
 class Goldens:
-    """The oracle's answers for one case, per (fully_masked policy, dtype), computed once."""
+    """The oracle's answers for one case, per (fully_masked policy, dtype), each part computed once, on demand:
+    the forward (``output``, which is also what ``output_with_scores`` must be, and ``scores``) and the
+    analytic backward (``grad_*``)."""
 
     def __init__(self, case: Case, inputs):
         self.case, self.inputs, self._cache = case, inputs, {}
 
-    def get(self, policy: str, dtype: str) -> dict[str, np.ndarray]:
-        key = (policy, dtype)
+    def get(self, policy: str, dtype: str) -> "_Lazy":
+        return _Lazy(self, policy, dtype)
+
+    def _part(self, policy: str, dtype: str, gradients: bool) -> dict[str, np.ndarray]:
+        key = (policy, dtype, gradients)
         if key not in self._cache:
             i = self.inputs
             with np.errstate(all="ignore"):
-                if self.case.is_gradient:
+                if gradients:
                     grads = _oracle_backward().backward(i.spec, i.weights, i.query, i.value, i.key, i.mask,
                                                         i.causal, i.cotangent, fully_masked=policy, dtype=dtype)
                     self._cache[key] = {GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
                 else:
                     out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
                                                        fully_masked=policy, dtype=dtype)
-                    self._cache[key] = {"output": out, "scores": scores}
+                    self._cache[key] = {"output": out, "output_with_scores": out, "scores": scores}
         return self._cache[key]
+
+
+class _Lazy:
+    """The goldens of one (policy, dtype), indexed by quantity: the backward runs only if a gradient is asked."""
+
+    def __init__(self, goldens: Goldens, policy: str, dtype: str):
+        self.goldens, self.policy, self.dtype = goldens, policy, dtype
+
+    def __getitem__(self, quantity: str) -> np.ndarray:
+        return self.goldens._part(self.policy, self.dtype, quantity.startswith("grad_"))[quantity]
 
 
 def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entries) -> None:
@@ -123,8 +138,6 @@ def evaluate_case(adapter_name: str, case: Case, dtypes, entries=None, memory_bu
     if memory_budget is not None and case.estimated_bytes() > memory_budget:
         return status_rows(adapter, case, dtypes, "skip", f"needs about {case.estimated_bytes() / 2**20:.1f} MiB, "
                            f"over the memory budget of {memory_budget / 2**20:.1f} MiB")
-    if case.is_gradient and _oracle_backward() is None:
-        return status_rows(adapter, case, dtypes, "skip", "no golden: impls.oracle_backward is not available")
     inputs = case.inputs()
     goldens = Goldens(case, inputs)
     rows = []
@@ -134,9 +147,11 @@ def evaluate_case(adapter_name: str, case: Case, dtypes, entries=None, memory_bu
 
 
 def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> list[dict]:
+    """One dtype of a case, along each path a user takes: the default call (``output``), the call with
+    scores (``output_with_scores``, ``scores``) and the gradients. A path the adapter cannot take, or
+    that raises, costs that path's rows only."""
     from mhabench.impls.validation import validate_call
-    quantities = case.quantities()
-    rows = {q: base_row(adapter, case, dtype, q) for q in quantities}
+    rows = {q: base_row(adapter, case, dtype, q) for q in case.quantities()}
     for r in rows.values():
         r["device"] = device
     i = inputs
@@ -144,35 +159,55 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
     try:
         call = validate_call(i.spec, case.dims, *i.args())
         mode = adapter.preferred_mode(i.spec, case.dims, dtype=dtype, device=device, call=call)
-        for r in rows.values():
-            r["mode"] = mode
         support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device, mode=mode,
                                                            call=call, **kw)
-        if case.is_gradient:
-            reason = support(gradients=True)
-            if reason:
-                return _finish(rows, "unsupported", reason, started)
-            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
-            grads = layer.gradients(i.query, i.value, i.key, i.mask, i.causal, cotangent=i.cotangent)
-            actual = {GRAD_NAME[k]: v for k, v in grads.items() if k in GRAD_NAME}
-        else:
-            reason = support()
-            if reason:
-                return _finish(rows, "unsupported", reason, started)
-            scores_reason = support(return_scores=True)
-            layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
-            with np.errstate(all="ignore"):
-                out, scores = layer(*i.args(), return_scores=scores_reason is None)
-            actual = {"output": out, "scores": scores}
-            if scores_reason:
-                rows["scores"].update(status="unsupported", message=scores_reason)
+        for r in rows.values():
+            r["mode"] = mode
+        reason = support()
+        if reason:
+            return _finish(rows, "unsupported", reason, started)
+        layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
+        emulated = ", ".join(layer.emulations(call)) or None
+        for r in rows.values():
+            r["emulated"] = emulated
     except UnsupportedError as exc:
         return _finish(rows, "unsupported", exc.reason, started)
     except Exception as exc:  # the adapter's fault, recorded in the row
         return _finish(rows, "error", _error_text(exc), started)
-    duration = time.perf_counter() - started
+
+    def default_call():
+        return {"output": layer(*i.args(), return_scores=False)[0]}
+
+    def with_scores():
+        out, scores = layer(*i.args(), return_scores=True)
+        return {"output_with_scores": out, "scores": scores}
+
+    def gradients():
+        grads = layer.gradients(i.query, i.value, i.key, i.mask, i.causal, cotangent=i.cotangent)
+        return {GRAD_NAME[k]: v for k, v in grads.items() if k in GRAD_NAME}
+
+    gradient_rows = [q for q in rows if q.startswith("grad_")]
+    paths = [(["output"], None, default_call), (["output_with_scores", "scores"], dict(return_scores=True), with_scores),
+             (gradient_rows, dict(gradients=True), gradients)]
+    actual = {}
+    for quantities, needs, compute in paths:
+        if not quantities:
+            continue
+        path_started = time.perf_counter()
+        reason = support(**needs) if needs else None
+        try:
+            if reason:
+                raise UnsupportedError(adapter.name, "this call", reason)
+            with np.errstate(all="ignore"):
+                actual.update(compute())
+        except UnsupportedError as exc:
+            _finish({q: rows[q] for q in quantities}, "unsupported", exc.reason, path_started)
+        except Exception as exc:  # the adapter's fault on this path, recorded in its rows
+            _finish({q: rows[q] for q in quantities}, "error", _error_text(exc), path_started)
+        else:
+            for q in quantities:
+                rows[q]["duration_s"] = time.perf_counter() - path_started
     for q, row in rows.items():
-        row["duration_s"] = duration
         if row["status"] is not None:
             continue
         if actual.get(q) is None:

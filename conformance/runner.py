@@ -37,17 +37,14 @@ def default_memory_budget() -> int:
 
 
 def expected_row_ids(adapter: str, case: Case, dtypes) -> list[str]:
-    if case.area == "invalid":
-        return [row_id(adapter, case.id, "float32", "raises")]
-    return [row_id(adapter, case.id, d, q) for d in dtypes for q in case.quantities()]
+    return [row_id(adapter, case.id, d, q) for d in case.run_dtypes(dtypes) for q in case.quantities()]
 
 
 def tasks(adapter: str, cases, dtypes, skip: set) -> list[tuple[Case, list[str]]]:
     """(case, dtypes still needed) for one adapter, leaving out the rows in ``skip``."""
     out = []
     for case in cases:
-        needed = [d for d in (("float32",) if case.area == "invalid" else dtypes)
-                  if any(r not in skip for r in expected_row_ids(adapter, case, [d]))]
+        needed = [d for d in case.run_dtypes(dtypes) if any(r not in skip for r in expected_row_ids(adapter, case, [d]))]
         if needed:
             out.append((case, needed))
     return out

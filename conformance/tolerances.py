@@ -20,6 +20,7 @@ FLOOR = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3}
 
 FUDGE = {
     "output": 4.0,
+    "output_with_scores": 4.0,
     "scores": 4.0,
     "grad_query": 32.0,
     "grad_key": 16.0,

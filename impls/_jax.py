@@ -180,15 +180,15 @@ class JaxLayer(Layer):
         return pullback(cotangent)
 
     def _mask(self, call):
-        """The mask for the call, causal folded in; None when there is none (causal alone goes through
-        the framework's own ``is_causal``)."""
-        return mask_array(call.flat_allowed() if call.mask is not None else None, self.jax_device)
+        """The mask as a JAX user passes it: ``[N or 1, H or 1, T or 1, S or 1]``, broadcast by the framework;
+        causal goes through its own ``is_causal``, which it combines with the mask."""
+        return mask_array(call.flat_mask(), self.jax_device)
 
     def _native(self, call, requires_grad=False):
         with precision_scope(self.dtype):
             a = lambda x: array(x, self.dtype, self.jax_device)
             return {"query": a(call.query), "value": a(call.value), "key": a(call.key) if call.key_given else None,
-                    "allowed": self._mask(call), "layout": layout(call), "causal": call.causal and call.mask is None,
+                    "allowed": self._mask(call), "layout": layout(call), "causal": call.causal,
                     "call": call}
 
     def _native_array(self, x):

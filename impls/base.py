@@ -350,6 +350,11 @@ class Layer:
     def export_weights(self) -> Weights:
         raise NotImplementedError
 
+    def emulations(self, call: Call) -> tuple[str, ...]:
+        """Features of ``call`` this layer emulates (e.g. by building a mask itself) because its framework
+        offers nothing to express them; recorded on every row of the call."""
+        return ()
+
     # ---- what subclasses implement ---------------------------------------------------------
     # A layer either implements ``_forward`` on NumPy arrays (the simplest plugin), or the native
     # hooks below, from which ``_forward``, ``_gradients`` and the benchmarks' native path are all

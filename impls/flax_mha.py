@@ -10,10 +10,10 @@ https://flax.readthedocs.io/en/latest/why.html
 * Inputs are ``[batch..., length, features]``: attended axes are flattened
   into ``length`` and non-attended axes into the batch, here.
 * ``mask``: boolean, True = may attend (our polarity), broadcastable to
-  ``[batch..., num_heads, T, S]``: passed as ``[N, 1 or H, T, S]``.
-  ``is_causal=True`` is used when there is no mask (its mask is
+  ``[batch..., num_heads, T, S]``: passed as ``[N, H, T, S]`` with each axis of
+  size 1 where the mask does not vary along it. ``is_causal=True`` (its mask is
   ``tril(ones(T, S))``, top-left aligned as ours; ``nnx.make_causal_mask``
-  builds the same for self-attention); with a mask, causal is folded in here.
+  builds the same for self-attention) is combined with it by the module.
 * Weights: the ``query``/``key``/``value`` ``LinearGeneral`` kernels are
   ``[D, H, head_dim]`` with biases ``[H, head_dim]``, and ``out`` is
   ``[H, head_dim, *out]`` with bias ``[*out]``: the canonical layout itself.

@@ -4,10 +4,11 @@ Every canonical feature is expressed:
 
 * multi-axis attention by flattening the attended axes into one sequence and
   the non-attended axes into the batch (the function takes ``[B, T, N, H]``);
-* masks through its boolean ``mask`` (True = takes part, our polarity), laid
-  out ``[B, N, T, S]`` with N = 1 or the head count;
-* causal-only calls through ``is_causal=True``, which builds ``tril(ones(T, S))``:
-  top-left aligned, as ours. With a mask, causal is folded into the mask;
+* masks through its boolean ``mask`` (True = takes part, our polarity), as a
+  JAX user passes it: ``[B, N, T, S]`` with each of B, N, T, S of size 1 where
+  the mask does not vary along it, broadcast by the function itself;
+* causal through ``is_causal=True``, which builds ``tril(ones(T, S))``:
+  top-left aligned, as ours, and combines it with the mask by AND;
 * ``value_dim != key_dim``: the function wants one head width for q, k and v,
   so the narrower side is zero-padded and the output sliced back. Zero
   columns add exact zeros to q·k, and the scale stays ``1/sqrt(key_dim)``.

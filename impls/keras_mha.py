@@ -6,12 +6,14 @@
   built per input rank met, all holding the same weights.
 * ``attention_axes`` are passed resolved (positive, sorted) so the scores'
   layout is the canonical one.
-* Mask: Keras's ``attention_mask`` has our polarity (True = attend). A mask
-  without a head axis is passed without it (Keras inserts it itself).
+* Mask: Keras's ``attention_mask`` has our polarity (True = attend), and the
+  canonical reading of a mask is Keras's own: it is passed exactly as given.
 * Causal: Keras's ``use_causal_mask`` builds a ``[T, S]`` triangle from axis 1
-  of query and value. That is our causal mask only when axis 1 is the single
-  attended axis; otherwise the adapter passes the causal triangle over the
-  flattened attended positions as an explicit ``attention_mask``.
+  of query and value. That is our causal mask when axis 1 is the single
+  attended axis, and is used then; Keras offers nothing for causal over other
+  axes, so there the adapter builds the causal triangle over the flattened
+  attended positions into an explicit ``attention_mask`` (recorded on the row
+  as emulated).
 * Keras picks its backend once per process: an adapter whose backend is not
   the one running here hosts its layer in a worker process (``impls.worker``).
 """
@@ -127,11 +129,15 @@ class KerasMHALayer(Layer):
 
     def _keras_mask(self, call):
         """(mask for Keras or None, use_causal_mask)."""
-        native = call.causal and native_causal_ok(call)
-        allowed = call.mask if native or not call.causal else call.allowed()
-        if allowed is not None and allowed.shape[call.n_batch] == 1:
+        if not call.causal or native_causal_ok(call):
+            return call.given_mask, call.causal
+        allowed = call.allowed()  # causal emulated: the triangle over the flattened attended positions
+        if allowed.shape[call.n_batch] == 1:
             allowed = np.squeeze(allowed, axis=call.n_batch)  # Keras inserts the head axis itself
-        return allowed, native
+        return allowed, False
+
+    def emulations(self, call):
+        return ("causal",) if call.causal and not native_causal_ok(call) else ()
 
     def _native(self, call, requires_grad=False):
         t = lambda x: self.ops.tensor(x, self.dtype, requires_grad)

@@ -16,14 +16,14 @@ class NumpyOracleLayer(Layer):
 
     def _forward(self, call, return_scores, training, seed):
         return oracle.forward(self.spec, self.weights, call.query, call.value,
-                              call.key if call.key_given else None, call.mask, call.causal, return_scores,
+                              call.key if call.key_given else None, call.given_mask, call.causal, return_scores,
                               fully_masked=self.fully_masked, dtype=self.dtype,
                               block_size=None if return_scores else self.block_size)
 
     def _gradients(self, call, cotangent):
         from . import oracle_backward
         return oracle_backward.backward(self.spec, self.weights, call.query, call.value,
-                                        call.key if call.key_given else None, call.mask, call.causal,
+                                        call.key if call.key_given else None, call.given_mask, call.causal,
                                         cotangent, fully_masked=self.fully_masked,
                                         dtype=self.dtype)
 

@@ -1,8 +1,12 @@
 """PyTorch: ``torch.nn.MultiheadAttention``, its conventions translated here.
 
 * ``batch_first=False`` (the module's default): inputs are ``[L, N, E]``.
-* Boolean ``attn_mask`` True means *masked*: ours is inverted. A mask that
-  varies per batch or head is passed as ``[N * H, T, S]``.
+* Boolean masks: True means *masked*, ours is inverted. A padding mask (one
+  that depends on the batch and the key positions only) is passed as
+  ``key_padding_mask [N, S]``, as torch users pass padding; any other mask as
+  ``attn_mask``: ``[T, S]`` when one mask serves every batch and head, else
+  ``[N * H, T, S]``. Causal is the boolean ``[T, S]`` triangle as ``attn_mask``
+  (the module's ``is_causal`` is only a hint that needs that mask anyway).
 * ``average_attn_weights=False`` so the scores stay per head.
 * Weights: ``in_proj_weight [3E, E]`` (or separate ``q/k/v_proj_weight`` when
   the key/value widths differ from E), ``y = x @ W.T + b``; head ``h`` owns
@@ -14,6 +18,7 @@ import numpy as np
 
 from . import _torch
 from .base import Capabilities
+from .validation import causal_mask
 from .spec import Weights
 
 
@@ -71,22 +76,28 @@ class TorchMHALayer(_torch.TorchLayer):
         self._fn = self.module if mode == "eager" else torch.compile(self.module, dynamic=False)
 
     def _mask(self, call):
-        """Our allowed-mask -> torch's masked-mask: [T, S] if shared, else [N*H, T, S]."""
-        allowed = call.flat_allowed()
+        """Our may-attend mask -> the module's (key_padding_mask, attn_mask), both True = masked."""
+        tensor = lambda m: _torch.bool_tensor(self.torch, m, self.device)
+        T, S = call.q_len, call.k_len
+        if call.is_key_padding():
+            padding = call.flat_mask()  # [N or 1, 1, 1, S or 1]
+            key_padding = ~np.broadcast_to(padding[:, 0, 0, :], (call.n_flat, S))
+            return tensor(key_padding), tensor(~causal_mask(T, S)) if call.causal else None
+        allowed = call.flat_mask(with_causal=call.causal)
         if allowed is None:
-            return None
-        N, Hm, T, S = allowed.shape
-        if N == 1 and Hm == 1 or bool(np.all(allowed == allowed[:1, :1])):
-            masked = ~allowed[0, 0]
-        else:
-            masked = ~np.broadcast_to(allowed, (N, self.spec.num_heads, T, S)).reshape(-1, T, S)
-        return _torch.bool_tensor(self.torch, masked, self.device)
+            return None, None
+        N, Hm = allowed.shape[:2]
+        if N == 1 and Hm == 1:
+            return None, tensor(~np.broadcast_to(allowed[0, 0], (T, S)))
+        full = np.broadcast_to(allowed, (call.n_flat, self.spec.num_heads, T, S))
+        return None, tensor(~full.reshape(-1, T, S))
 
     def _call_module(self, inputs, need_weights, fn):
         call = inputs["call"]
         seq = lambda x: self._flat(call, x) if self.batch_first else self._flat(call, x).transpose(0, 1)
-        out, weights = fn(seq(inputs["query"]), seq(inputs["key"]), seq(inputs["value"]), attn_mask=inputs["mask"],
-                          need_weights=need_weights, average_attn_weights=False)
+        key_padding, attn = inputs["mask"]
+        out, weights = fn(seq(inputs["query"]), seq(inputs["key"]), seq(inputs["value"]), key_padding_mask=key_padding,
+                          attn_mask=attn, need_weights=need_weights, average_attn_weights=False)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return self._unflat(call, out), weights

@@ -2,8 +2,11 @@
 
 Every canonical feature is expressed: multi-axis attention by flattening the
 attended axes into one sequence (non-attended axes into the batch), masks as
-SDPA's boolean ``attn_mask`` (True = take part, the same polarity as ours),
-causal-only calls through ``is_causal=True`` (top-left aligned, as ours).
+SDPA's boolean ``attn_mask`` (True = take part, the same polarity as ours) in
+the form a torch user writes it: ``[T, S]`` when one mask serves every batch
+and head, else ``[N, 1 or H, T or 1, S]``, broadcast by SDPA itself;
+causal-only calls through ``is_causal=True`` (top-left aligned, as ours); SDPA
+takes either is_causal or a mask, so causal with a mask is folded into it.
 The attention scores are computed explicitly, only when asked for.
 """
 from __future__ import annotations
@@ -21,8 +24,10 @@ class TorchSDPALayer(_torch.TorchLayer):
         self._core = self._attention if mode == "eager" else self.torch.compile(self._attention, dynamic=False)
 
     def _mask(self, call):
-        # Causal alone goes through is_causal (the fused path); with a mask, the two are combined.
-        return None if call.mask is None else _torch.bool_tensor(self.torch, call.flat_allowed(), self.device)
+        if call.mask is None:  # causal alone goes through is_causal
+            return None
+        mask = call.flat_mask(with_causal=call.causal)
+        return _torch.bool_tensor(self.torch, mask[0, 0] if mask.shape[:2] == (1, 1) else mask, self.device)
 
     def _project(self, call, x, W, b):
         y = self.torch.einsum("nld,dhk->nhlk", self._flat(call, x), W)

@@ -88,6 +88,11 @@ class Call:
         return len(self.batch_axes)
 
     @property
+    def n_flat(self) -> int:
+        """The flattened batch: the product of the batch and non-attended axes."""
+        return math.prod(self.scores_shape[:self.n_batch])
+
+    @property
     def q_len(self) -> int:
         return math.prod(self.query.shape[a] for a in self.attention_axes)
 

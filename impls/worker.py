@@ -255,15 +255,18 @@ class WorkerLayer(Layer):
         return self.worker.request(("call", self._handle, method, args, kwargs), self.call_timeout)
 
     def _forward(self, call, return_scores, training, seed):
-        return self.remote("__call__", call.query, call.value, call.key if call.key_given else None, call.mask,
+        return self.remote("__call__", call.query, call.value, call.key if call.key_given else None, call.given_mask,
                            call.causal, return_scores, training=training, seed=seed)
 
     def _gradients(self, call, cotangent):
-        return self.remote("gradients", call.query, call.value, call.key if call.key_given else None, call.mask,
-                           call.causal, cotangent)
+        return self.remote("gradients", call.query, call.value, call.key if call.key_given else None,
+                           call.given_mask, call.causal, cotangent)
 
     def export_weights(self):
         return self.remote("export_weights")
+
+    def emulations(self, call):
+        return self.remote("emulations", call)
 
     def native_inputs(self, *args, **kwargs):
         raise NotImplementedError(f"{self.adapter.name} is hosted in a worker process here: no native benchmark "

@@ -35,12 +35,12 @@ from .impls.validation import DTYPES
 
 STATUSES = ("pass", "fail", "divergence", "unsupported", "error", "skip")
 PROBLEM_STATUSES = ("error", "fail", "divergence", "unsupported", "skip")  # worst first: a cell's colour
-AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "random", "plugin")
+AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "pairs", "random", "plugin")
 FIELDS = ("row_id", "adapter", "framework", "framework_version", "case", "area", "dtype", "device", "quantity",
           "status", "max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "tolerance_source",
           "divergence",
-          "contradicts", "message", "mode", "seed", "spec", "query_shape", "key_shape", "value_shape", "mask",
-          "causal", "duration_s")
+          "contradicts", "message", "mode", "emulated", "seed", "spec", "query_shape", "key_shape", "value_shape",
+          "mask", "causal", "duration_s")
 REQUIRED = ("row_id", "adapter", "case", "area", "dtype", "quantity", "status")
 NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
 

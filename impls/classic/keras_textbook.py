@@ -129,7 +129,7 @@ class ClassicKerasLayer(Layer):
         t = lambda x: tf.convert_to_tensor(to_numpy(flatten(call, x), self.dtype))
         query, value = t(call.query), t(call.value)
         key = t(call.key) if call.key_given else value
-        allowed = call.flat_allowed()
+        allowed = call.flat_mask(with_causal=True)  # [N, H, T, S], size 1 where it does not vary: tf broadcasts
         mask = None if allowed is None else tf.convert_to_tensor(to_numpy(~allowed, self.dtype))
         return query, value, key, mask
 

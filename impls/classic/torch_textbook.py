@@ -110,7 +110,7 @@ class ClassicTorchLayer(_torch.TorchLayer):
 
     def _inputs(self, call, requires_grad=False):
         x = self._tensor(flatten(call, call.query), requires_grad)
-        return x, _torch.bool_tensor(self.torch, call.flat_allowed(), self.device)
+        return x, _torch.bool_tensor(self.torch, call.flat_mask(with_causal=True), self.device)  # broadcast by torch
 
     def _native(self, call, requires_grad=False):
         x, mask = self._inputs(call, requires_grad)
