@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -296,18 +295,9 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
                                             if t.rpartition(":")[0].endswith(".py") else t for t in options.adhoc)
     if options.memory_budget:
         env["MHABENCH_MEMORY_BUDGET"] = options.memory_budget
-    # asv starts a process per case: a shared on-disk cache lets JAX compile each shape once per
-    # sweep instead of once per process (only setup gets faster; the timed calls are the same)
-    jax_cache = None
-    if "JAX_COMPILATION_CACHE_DIR" not in env:
-        jax_cache = tempfile.mkdtemp(prefix="mhabench-jax-cache-")
-        env.update(JAX_COMPILATION_CACHE_DIR=jax_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    try:
-        return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say)
-    finally:
-        if jax_cache:
-            shutil.rmtree(jax_cache, ignore_errors=True)
+    # asv starts a process per case: the adapters' persistent compilation cache (impls.cache) lets JAX
+    # compile each shape once, not once per process (only setup gets faster; the timed calls are the same)
+    return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say)
 
 
 def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say) -> int:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import memory, validation
+from . import cache, memory, validation
 from .base import Adapter, Layer
 from .spec import Weights
 from .validation import Call, numpy_dtype
@@ -74,6 +74,11 @@ def array(x, dtype: str, device):
 def mask_array(allowed, device):
     import jax
     return None if allowed is None else jax.device_put(np.ascontiguousarray(allowed), device)
+
+
+def to_numpy_dtype(x, dtype: str) -> np.ndarray:
+    """A result in the layer's dtype, as ``Layer.__call__`` returns it."""
+    return np.asarray(x).astype(numpy_dtype(dtype))
 
 
 def to_numpy(x) -> np.ndarray:
@@ -159,10 +164,13 @@ class JaxLayer(Layer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
         super().__init__(adapter, spec, weights, dtype, device, mode, **options)
         import jax
+        cache.enable_jax()
         self.jax = jax
         self.jax_device = jax_device(device)
         self._apply_fn = self._compile(self._apply)
         self._vjp_fn = self._compile(self._vjp)
+        self._all_fn = self.jax.jit(self._all, static_argnames=("layout", "causal", "scores", "gradients")) \
+            if self.mode == "compiled" else self._all
 
     def _compile(self, fn):
         """``jax.jit`` in compiled mode; the plain function (op-by-op dispatch) in eager mode."""
@@ -173,6 +181,44 @@ class JaxLayer(Layer):
 
     def _canonical(self, tree) -> dict:
         raise NotImplementedError
+
+    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
+        """(output, scores) of the call that returns the scores (a pure function of jax arrays)."""
+        raise NotImplementedError
+
+    def _all(self, params, query, value, key, allowed, scores_allowed, cotangent, layout, causal, scores, gradients):
+        """The default output, the with-scores output and scores, and the VJP: one program per case."""
+        result = {"output": self._apply(params, query, value, key, allowed, layout, causal)}
+        if scores:
+            result["output_with_scores"], result["scores"] = self._with_scores(
+                params, query, value, key, allowed, scores_allowed, layout, causal)
+        if gradients:
+            result["vjp"] = self._vjp(params, query, value, key, allowed, cotangent, layout, causal)
+        return result
+
+    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True):
+        call = self.validate(query, value, key, mask, causal, return_scores=scores, gradients=cotangent is not None)
+        inputs = self._native(call)
+        with precision_scope(self.dtype):
+            ct = None if cotangent is None else array(cotangent, self.dtype, self.jax_device)
+            scores_allowed = mask_array(call.flat_allowed(), self.jax_device) if scores else None
+            found = self._all_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
+                                 scores_allowed, ct, layout=inputs["layout"], causal=inputs["causal"], scores=scores,
+                                 gradients=cotangent is not None)
+            result = {"output": self._to_numpy(found["output"])}
+            if scores:
+                result["output_with_scores"] = self._to_numpy(found["output_with_scores"])
+                result["scores"] = self._to_numpy(found["scores"]).reshape(call.scores_shape)
+            if cotangent is not None:
+                g_params, g_query, g_value, g_key = found["vjp"]
+                grads = {"query": g_query, "value": g_value, **self._canonical(g_params)}
+                if g_key is not None:
+                    grads["key"] = g_key
+                result["gradients"] = {k: self._to_numpy(v).astype(np.float64) for k, v in grads.items()}
+        for name in ("output", "output_with_scores", "scores"):
+            if name in result:
+                result[name] = to_numpy_dtype(result[name], self.dtype)
+        return result
 
     def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
         f = lambda p, q, v, k: self._apply(p, q, v, k, allowed, layout, causal)

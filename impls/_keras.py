@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import memory
+from . import cache, memory
 from .base import Adapter, to_numpy
 
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -75,6 +75,8 @@ class Ops:
         import keras
         if keras.backend.backend() != backend:
             raise RuntimeError(f"Keras runs the {keras.backend.backend()} backend here, not {backend}")
+        if backend == "jax":
+            cache.enable_jax()
         self.keras, self.backend, self.device = keras, backend, device
 
     def tensor(self, x, dtype: str, requires_grad: bool = False):

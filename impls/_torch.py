@@ -7,9 +7,11 @@ framework's default call on native inputs) and what it translates (weights, mask
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from . import memory
+from . import cache, memory
 from .base import Adapter, Layer
 from .validation import flatten, unflatten
 
@@ -112,6 +114,9 @@ class TorchLayer(Layer):
 
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
         super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        if mode == "compiled":
+            for key, value in cache.torch_environment().items():
+                os.environ.setdefault(key, value)
         import torch
         self.torch = torch
 

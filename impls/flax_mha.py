@@ -85,7 +85,7 @@ class FlaxMHALayer(_jax.JaxLayer):
             nnx.replace_by_pure_dict(params, wanted)
             self.params = params
         self._training_fn = self._compile(self._training_call)
-        self._with_scores_fn = self._compile(self._with_scores)
+        self._with_scores_fn = self._compile(self._with_scores_training)
 
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _module_call(self, params, query, value, key, allowed, dropout_key, layout, causal, sow=False):
@@ -107,7 +107,10 @@ class FlaxMHALayer(_jax.JaxLayer):
     def _apply(self, params, query, value, key, allowed, layout, causal):
         return self._module_call(params, query, value, key, allowed, None, layout, causal)[0]
 
-    def _with_scores(self, params, query, value, key, allowed, dropout_key, layout, causal):
+    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
+        return self._with_scores_training(params, query, value, key, allowed, None, layout, causal)
+
+    def _with_scores_training(self, params, query, value, key, allowed, dropout_key, layout, causal):
         """The output of a normal call and the weights sown by a second one (one compiled function)."""
         out, _ = self._module_call(params, query, value, key, allowed, dropout_key, layout, causal)
         _, weights = self._module_call(params, query, value, key, allowed, dropout_key, layout, causal, sow=True)

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if getattr(args, "cache_dir", None):
+        import os
+        from mhabench.impls import cache
+        os.environ[cache.ENV] = args.cache_dir  # read by every process the command starts
     try:
         return int(args._module.main(args) or 0)
     except CLIError as exc:

@@ -22,6 +22,8 @@ def register(parser):
                         "'bench_attention.SelfAttention.time_forward(...params)' matches")
     parser.add_argument("--resume", action="store_true", help="skip the chunks an earlier interrupted run "
                         "of the same commit, profile and machine finished")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where compiled programs are kept between runs "
+                        "(default: $MHABENCH_CACHE_DIR or ~/.cache/mhabench; 'off' keeps nothing)")
     parser.add_argument("--memory-budget", metavar="BYTES", help="skip cases estimated above this "
                         "(e.g. 12GiB; default: half the RAM)")
     parser.add_argument("-v", "--verbose", action="store_true", help="all of asv's output, with the "

@@ -29,6 +29,8 @@ def register(parser):
     parser.add_argument("--jobs", type=int, default=None, help="adapters run in parallel (default: CPU count)")
     parser.add_argument("--self-check", action="store_true",
                         help="run the deliberately broken mutant adapters and print which rows catch each")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where compiled programs are kept between runs "
+                        "(default: $MHABENCH_CACHE_DIR or ~/.cache/mhabench; 'off' keeps nothing)")
     parser.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                         help="skip cases estimated to need more (default: a quarter of available memory)")
 
