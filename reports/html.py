@@ -244,8 +244,9 @@ def section_drill_down(data: ReportData) -> str:
     if failures.empty:
         out.append("<p class='pass-note'>No row failed and no adapter raised an error.</p>")
     else:
-        columns = [c for c in failures.columns if c not in ("rerun", "message", "adapter", "device", "case",
-                                                            "quantity") and not (c == "machine" and _machines(data) < 2)]
+        left_out = ("rerun", "message", "adapter", "device", "case", "quantity") + \
+            (("machine",) if _machines(data) < 2 else ())  # the row id names adapter, case and quantity
+        columns = [c for c in failures.columns if c not in left_out]
         columns.append("message")
         shown = failures.head(DRILL_DOWN_LIMIT).to_dict("records")
         out.append(_sortable(columns, [_row(r, columns, cell=_failure_cell) for r in shown], len(failures),
@@ -291,7 +292,7 @@ def section_drill_down(data: ReportData) -> str:
     for group in groups_table.to_dict("records"):
         part = by_reason[(group["status"], group["reason"])]
         detail = part.groupby(["adapter", "machine", "area", "dtype"], sort=True).agg(
-            rows=("row_id", "size"), cases=("case", lambda c: tables._join(c, limit=6))).reset_index()
+            rows=("row_id", "size"), cases=("case", lambda c: tables.join_values(c, limit=6))).reset_index()
         detail["status"] = group["status"]
         rendered = [_row(r, columns, count=r["rows"]) for r in detail.to_dict("records")]
         out.append(f"<details class='fg'><summary><span class='{esc(group['status'])}'>{esc(group['status'])}"
@@ -348,8 +349,10 @@ def section_agreement(data: ReportData) -> str:
         row = [f"<th>{esc(a)}</th>"]
         for b in adapters:
             record = cells.get((a, b))
-            row.append("<td class='cell empty'>—</td>" if a == b else
-                       "<td class='cell empty muted'>no shared rows</td>" if record is None else _agreement_cell(record))
+            if a == b:
+                row.append("<td class='cell empty'>—</td>")
+            else:
+                row.append(_agreement_cell(record) if record else "<td class='cell empty'>no shared rows</td>")
         body.append(f"<tr>{''.join(row)}</tr>")
     out.append(f"<table class='agree'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
     out.append("<h3>Each pair, with the computation that differs most</h3>")
@@ -381,9 +384,9 @@ def _agreement_cell(record: dict) -> str:
     link = _pair_anchor(record)
     parts = []
     if record["compared"]:
+        worst = " ".join(esc(record[k]) for k in ("worst_case", "worst_dtype", "worst_quantity"))
         parts.append(f"<a href='#{link}' title='lower bound {fmt(record['lower_tol'])} tol; the computation that "
-                     f"differs most: {esc(record['worst_case'])} {esc(record['worst_dtype'])} "
-                     f"{esc(record['worst_quantity'])}'>≤ {fmt(record['upper_tol'])} tol</a> · n={record['compared']}")
+                     f"differs most: {worst}'>≤ {fmt(record['upper_tol'])} tol</a> · n={record['compared']}")
     else:
         parts.append(f"<a href='#{link}'>no shared judged rows</a>")
     if record["fails"]:

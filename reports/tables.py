@@ -169,7 +169,8 @@ def failures(rows: pd.DataFrame, plugins: dict | None = None) -> pd.DataFrame:
     return bad[columns].reset_index(drop=True)
 
 
-def _join(values, limit=None) -> str:
+def join_values(values, limit=None) -> str:
+    """Distinct values, sorted and comma-separated (blanks left out; past ``limit``, a count of the rest)."""
     values = sorted({str(v) for v in values if v is not None and v == v and v != ""})
     if limit and len(values) > limit:
         return ", ".join(values[:limit]) + f" (+{len(values) - limit} more)"
@@ -193,12 +194,12 @@ def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
         out.append({
             "id": div_id,
             "framework": entry.get("framework") or (_first(group["framework"]) if shown else "") or "",
-            "adapters": _join(group["adapter"]) if shown else _join(entry.get("adapters") or []),
-            "dtypes": _join(group["dtype"]) if shown else _join(entry.get("dtypes") or []),
-            "quantities": _join(group["quantity"]) if shown else _join(entry.get("quantities") or []),
-            "machines": _join(group["machine"]) if shown and "machine" in group else "",
+            "adapters": join_values(group["adapter"] if shown else entry.get("adapters") or []),
+            "dtypes": join_values(group["dtype"] if shown else entry.get("dtypes") or []),
+            "quantities": join_values(group["quantity"] if shown else entry.get("quantities") or []),
+            "machines": join_values(group["machine"]) if shown and "machine" in group else "",
             "rows": len(group),
-            "cases": _join(group["case"], limit=8) if shown else _join(entry.get("cases") or []),
+            "cases": join_values(group["case"], limit=8) if shown else join_values(entry.get("cases") or []),
             "observed": entry.get("observed") or (_first(group["message"]) if shown else "") or "",
             "how": entry.get("how") or "",
             "upstream": entry.get("upstream") or "",
@@ -224,8 +225,9 @@ def not_run_groups(rows: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     out = []
     for (status, reason), group in part.groupby(["status", part["message"].fillna("").astype(str)], sort=False):
-        out.append({"status": status, "reason": reason, "rows": len(group), "adapters": _join(group["adapter"]),
-                    "areas": _join(group["area"]), "dtypes": _join(group["dtype"]), "cases": group["case"].nunique()})
+        out.append({"status": status, "reason": reason, "rows": len(group),
+                    "adapters": join_values(group["adapter"]), "areas": join_values(group["area"]),
+                    "dtypes": join_values(group["dtype"]), "cases": group["case"].nunique()})
     table = pd.DataFrame(out, columns=columns)
     return table.sort_values(["status", "rows", "reason"], ascending=[False, False, True]).reset_index(drop=True)
 
@@ -291,7 +293,7 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
     for (a, b, text), count in explained.most_common():
         texts[(a, b)] = (texts[(a, b)] + "; " if (a, b) in texts else "") + f"{text} ({count})"
     summary = pairs.groupby(["adapter_a", "adapter_b"]).agg(
-        compared=("_upper", "count"), cases=("_case", "nunique"), dtypes=("_dtype", _join),
+        compared=("_upper", "count"), cases=("_case", "nunique"), dtypes=("_dtype", join_values),
         upper_tol=("_upper", "max"), lower_tol=("_lower", "max"), upper_abs=("_upper_abs", "max"),
         fails=("_fail", "sum"), not_compared=("_not_compared", "sum"), divergent=("_divergent", "sum"),
         worst=("_upper", lambda u: u.idxmax() if u.notna().any() else -1))
@@ -325,6 +327,7 @@ def cross_machine(rows: pd.DataFrame) -> pd.DataFrame:
     key = ["row_id", "adapter", "case", "dtype", "quantity", *(["path"] if "path" in rows else [])]
     if rows.empty or rows.groupby(["machine", rows["device"].fillna("")]).ngroups < 2:
         return pd.DataFrame(columns=key)
+    rows = rows.assign(**{k: rows[k].fillna("") for k in key if k == "path"})  # pivot_table drops NaN keys
     where = rows["machine"].astype(str) + " / " + rows["device"].fillna("").astype(str)
     outcome = rows["status"] + rows["divergence"].map(lambda d: f" ({d})" if isinstance(d, str) else "")
     wide = rows.assign(_where=where, _outcome=outcome).pivot_table(index=key, columns="_where", values="_outcome",

@@ -6,6 +6,7 @@ ending in NUL on file descriptors 3 and 4), with the standard library only.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -27,7 +28,8 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 WIDTH, HEIGHT = 1400, 4000
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (Debian: apt-get install -y chromium)")
+NO_CHROMIUM = "no chromium on PATH (Debian: apt-get install -y chromium)"
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 
 
 class Browser:
@@ -36,16 +38,22 @@ class Browser:
     def __init__(self, profile: Path):
         to_chromium, from_us = os.pipe()
         to_us, from_chromium = os.pipe()
-
-        def on_fds_3_and_4():  # where --remote-debugging-pipe reads and writes
-            os.dup2(to_chromium, 3)
-            os.dup2(from_chromium, 4)
-        self.process = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
-                                         f"--window-size={WIDTH},1200", "about:blank"],
-                                        pass_fds=(3, 4, to_chromium, from_chromium), preexec_fn=on_fds_3_and_4,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # --remote-debugging-pipe reads fd 3 and writes fd 4. The ends move to 10 and up first, so that neither
+        # is 3 or 4 already; they are not inheritable, so only 3 and 4 reach chromium (close_fds=False keeps
+        # those two, which the child makes after the fork)
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_chromium, from_chromium)]
         os.close(to_chromium)
         os.close(from_chromium)
+
+        def on_fds_3_and_4():
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+        self.process = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe",
+                                         f"--window-size={WIDTH},1200", "about:blank"], close_fds=False,
+                                        preexec_fn=on_fds_3_and_4, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        for fd in ends:
+            os.close(fd)
         self.writer, self.reader = os.fdopen(from_us, "wb"), to_us
         self.buffer, self.events, self.last_id = b"", [], 0
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
@@ -158,7 +166,7 @@ def test_rendered_page_is_not_blank(built, tmp_path):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+        pytest.skip(NO_CHROMIUM)
     chromium = Browser(tmp_path_factory.mktemp("chromium-profile"))
     yield chromium
     chromium.close()
