@@ -100,7 +100,8 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
     return Conformance(meta=meta, rows=rows, catalogue=catalogue, source=found.source, problems=found.problems,
-                       complete=found.complete, planned=plan.get("rows"), plan=plan)
+                       complete=found.complete, planned=plan.get("rows"), plan=plan,
+                       machine=conformance_machine(meta, [], None))
 
 
 def _tidy_conformance(records: list) -> pd.DataFrame:
