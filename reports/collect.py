@@ -164,7 +164,9 @@ def completeness(conformance: Conformance) -> list[str]:
     lines += [f"INCOMPLETE: {note}" for note in conformance.missing_shards]
     if not lines:
         present = sum(len(p.rows) for p in parts)
-        planned = conformance.planned if conformance.planned is not None else "an unknown number of"
-        lines.append(f"conformance run complete: {present} of {planned} planned rows present"
-                     + (f" in {len(parts)} directories" if len(parts) > 1 else ""))
+        where = f" in {len(parts)} directories" if len(parts) > 1 else ""
+        lines.append(f"conformance run complete: {present} of {conformance.planned} planned rows present{where}"
+                     if conformance.planned is not None else
+                     f"conformance run finished (results.json written): {present} rows{where}; the number planned "
+                     f"was not recorded (no plan.json)")
     return lines
