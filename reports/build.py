@@ -29,8 +29,9 @@ def write_report(data: ReportData, out_dir: Path) -> dict:
     return paths
 
 
-def build_report(results_dir: Path | None, out_dir: Path, comparison: Comparison | None = None):
-    data = collect(results_dir, comparison)
+def build_report(results_dir, out_dir: Path, comparison: Comparison | None = None, machines=None):
+    """Collect and write a report of one results directory, or of several merged (see :func:`collect`)."""
+    data = collect(results_dir, comparison, machines)
     return data, write_report(data, out_dir)
 
 

@@ -133,8 +133,8 @@ def heads_chart(frame: pd.DataFrame, klass: str, method: str) -> str | None:
     return to_data_uri(fig)
 
 
-def gflops_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device, peak: float | None) -> str | None:
-    """GFLOP/s against L, with the machine's GEMM peak as a horizontal line."""
+def gflops_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device, peaks: dict) -> str | None:
+    """GFLOP/s against L, with each machine's GEMM peak (``peaks``: label -> GFLOP/s) as a horizontal line."""
     drawn = _panels(frame, klass, methods, device)
     if drawn is None:
         return None
@@ -144,8 +144,10 @@ def gflops_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], devi
             line = line[np.isfinite(line["value"])]
             ax.plot(line["seq_len"], line["value"], marker="o", markersize=3.5, color=colours[series],
                     label=plain(series))
-        if peak and math.isfinite(peak):
-            ax.axhline(peak, color="black", linestyle="--", linewidth=1, label=f"GEMM peak {peak:.1f} GFLOP/s")
+        for (label, peak), style in zip(sorted(peaks.items()), ("--", ":", "-.", (0, (5, 1)))):
+            if peak and math.isfinite(peak):
+                ax.axhline(peak, color="black", linestyle=style, linewidth=1,
+                           label=plain(f"GEMM peak {label if len(peaks) > 1 else ''} {peak:.1f} GFLOP/s"))
         _log_axes(ax, "GFLOP/s", y_log=False)
         ax.set_title(plain(f"{klass}: {METHOD_TITLES.get(method, method)} ({device})"), fontsize=10)
         ax.set_xlabel("sequence length L")

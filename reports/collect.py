@@ -47,8 +47,12 @@ class ReportData:
         return out
 
 
-def collect(results_dir: Path | None, comparison: Comparison | None = None) -> ReportData:
-    """Everything the page and the summary show. ``results_dir`` None: a comparison-only report."""
+def collect(results_dir, comparison: Comparison | None = None, machines=None) -> ReportData:
+    """Everything the page and the summary show.
+
+    ``results_dir``: one results directory or a list of them (merged: shards, machines, nights); None for a
+    comparison-only report. ``machines``: the machine name for every directory, or one per directory.
+    """
     if results_dir is None:
         if comparison is None:
             raise ResultsError("nothing to report: give a results directory")
@@ -63,16 +67,24 @@ def collect(results_dir: Path | None, comparison: Comparison | None = None) -> R
         data.tables["conformance_changes"] = comparison.conformance_changes
         data.tables["environment"] = data.environment
         return data
-    conformance, benchmarks = load_results(Path(results_dir))
-    data = ReportData(results_dir=str(results_dir), generated=_now(), conformance=conformance, benchmarks=benchmarks,
+    conformance, benchmarks = load_results(results_dir, machines)
+    label = results_dir if isinstance(results_dir, (str, Path)) else " + ".join(str(d) for d in results_dir)
+    data = ReportData(results_dir=str(label), generated=_now(), conformance=conformance, benchmarks=benchmarks,
                       environment=tables.environment(conformance, benchmarks), comparison=comparison)
     if conformance is not None:
         data.problems.extend(conformance.problems)
+        data.notes.extend(conformance.notes)
         rows = conformance.rows
+        plugins = {str(p.source.parent.parent): p.plan.get("adhoc") or [] for p in conformance.parts or [conformance]}
         data.tables["conformance_adapters"] = tables.adapter_summary(rows)
         data.tables["conformance_matrix"] = tables.conformance_matrix(rows)
         data.tables["conformance_non_passing"] = tables.non_passing(rows)
+        data.tables["failures"] = tables.failures(rows, plugins)
         data.tables["divergences"] = tables.divergence_catalogue(rows, conformance.catalogue)
+        data.tables["not_run"] = tables.not_run_groups(rows)
+        data.tables["agreement"] = tables.agreement(rows, conformance.catalogue)
+        data.tables["machines"] = tables.machine_matrix(rows)
+        data.tables["cross_machine"] = tables.cross_machine(rows)
     if benchmarks is not None:
         attention = tables.attention_results(benchmarks)
         data.peaks = tables.gemm_peaks(benchmarks)
@@ -80,6 +92,8 @@ def collect(results_dir: Path | None, comparison: Comparison | None = None) -> R
         data.tables["benchmarks"] = measured.drop(columns=["samples", "file"], errors="ignore")
         data.tables["scaling"] = tables.scaling_table(attention)
         data.tables["peak_fraction"] = tables.peak_fraction(attention, data.peaks)
+        data.tables["scaling_winners"] = tables.scaling_winners(attention)
+        data.tables["scaling_lines"] = tables.scaling_lines(data.tables["scaling"], data.tables["peak_fraction"])
         data.tables["bench_skips"] = benchmarks.skips
         data.headline = tables.headline(attention) if not attention.empty else {}
         data.notes.extend(benchmarks.notes)
@@ -108,13 +122,7 @@ def verdict(data: ReportData) -> list[str]:
         if data.comparison_only:
             return lines
     if data.conformance is not None:
-        c = data.conformance
-        if not c.complete:
-            planned = f"{len(c.rows)} of {c.planned} planned rows present" if c.planned is not None else \
-                f"{len(c.rows)} rows present, the number planned unknown"
-            lines.append(f"INCOMPLETE conformance run (no results.json: interrupted?): {planned}")
-        elif c.missing:
-            lines.append(f"INCOMPLETE conformance run: {len(c.rows)} of {c.planned} planned rows present")
+        lines.extend(completeness(data.conformance))
         if data.problems:
             lines.append(f"{len(data.problems)} unreadable line(s) in the results, listed below: "
                          f"{data.problems[0]}" + (" ..." if len(data.problems) > 1 else ""))
@@ -137,4 +145,28 @@ def verdict(data: ReportData) -> list[str]:
             lines.append("benchmarks: no attention timings in the results")
     else:
         lines.append("benchmarks: no results")
+    return lines + [f"note: {note}" for note in data.notes]
+
+
+def completeness(conformance: Conformance) -> list[str]:
+    """Whether the conformance run is complete: rows present against rows planned (plan.json), per
+    directory, and the shards that are missing. "INCOMPLETE" starts every line that says it is not."""
+    parts = conformance.parts or [conformance]
+    lines = []
+    for part in parts:
+        where = "" if len(parts) == 1 else f" in {part.source.parent.parent}"
+        present = f"{len(part.rows)} of {part.planned} planned rows present" if part.planned is not None else \
+            f"{len(part.rows)} rows present, the number planned unknown (no plan.json)"
+        if not part.complete:
+            lines.append(f"INCOMPLETE conformance run{where} (no results.json: interrupted?): {present}")
+        elif part.missing:
+            lines.append(f"INCOMPLETE conformance run{where}: {present}")
+    lines += [f"INCOMPLETE: {note}" for note in conformance.missing_shards]
+    if not lines:
+        present = sum(len(p.rows) for p in parts)
+        where = f" in {len(parts)} directories" if len(parts) > 1 else ""
+        lines.append(f"conformance run complete: {present} of {conformance.planned} planned rows present{where}"
+                     if conformance.planned is not None else
+                     f"conformance run finished (results.json written): {present} rows{where}; the number planned "
+                     f"was not recorded (no plan.json)")
     return lines

@@ -34,6 +34,14 @@ td.cell{min-width:88px;font-size:.92em}td.cell b{font-size:1.05em}
 .regression{background:#f8d0cf}.improvement{background:#d8f0d9}.insignificant{color:#66707a}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border:1px solid #dfe3e8}
 figure{margin:10px 0}img.chart{max-width:100%;border:1px solid #eceff1}
+details.fg,details{margin:4px 0;border:1px solid #dfe3e8;border-radius:4px;padding:4px 8px}
+summary{cursor:pointer}.observed{color:#3d4650;font-size:.9em}.fault{background:#fff3e0;color:#8a4b00}
+.filters{position:sticky;top:0;background:#f8fafc;border:1px solid #dfe3e8;padding:6px 10px;z-index:1}
+.filters label{margin-right:12px}.filters button{border:1px solid #b0bac4;border-radius:10px;margin:0 2px;
+padding:1px 8px;cursor:pointer}.filters button[aria-pressed=false]{opacity:.35;text-decoration:line-through}
+table.sortable th{cursor:pointer}th[data-sort=asc]:after{content:" ▲"}th[data-sort=desc]:after{content:" ▼"}
+.rerun{margin-top:4px;color:#3d4650}.rerun code{background:#f3f5f7;padding:0 3px}
+tr:target{outline:2px solid #1e88e5}table.agree td.cell{max-width:220px}.why{font-size:.85em}
 """
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -104,10 +112,11 @@ def table(frame: pd.DataFrame, columns=None, *, limit: int | None = None, row_cl
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
 
 
-def figure(uri: str | None, caption: str) -> str:
+def figure(uri: str | None, caption: str, anchor: str | None = None) -> str:
     if not uri:
         return ""
-    return f'<figure><img class="chart" src="{uri}" alt="{esc(caption)}"><figcaption class="muted">' \
+    where = f' id="{esc(anchor)}"' if anchor else ""
+    return f'<figure{where}><img class="chart" src="{uri}" alt="{esc(caption)}"><figcaption class="muted">' \
            f"{esc(caption)}</figcaption></figure>"
 
 
@@ -130,22 +139,14 @@ def section_conformance(data: ReportData) -> str:
     out.append("<h3>Matrix: adapter × area</h3>")
     out.append("<p class='legend'>" + "".join(f"<span class='{s}'>{s}</span>" for s in STATUSES)
                + " · a cell is coloured by its worst status; r = worst error ratio "
-               "(|golden − impl| / |golden − reference|).</p>")
+               "(|golden − impl| / |golden − reference|)"
+               + (", over every machine" if _machines(data) > 1 else "") + ".</p>")
     out.append(matrix_html(data.tables["conformance_matrix"]))
-    bad = data.tables["conformance_non_passing"]
-    out.append(f"<h3>Rows that did not pass ({len(bad)})</h3>")
-    # the row id already names adapter, case, dtype and quantity; the CSV has every column
-    out.append(table(bad, ["row_id", "area", "status", "error_ratio", "max_abs_err", "divergence", "message"],
-                     limit=DRILL_DOWN_LIMIT, cell=_drill_down_cell))
     return "".join(out)
 
 
-def _drill_down_cell(column, value, record):
-    if column == "status":
-        return f'<td class="{esc(value)}">{esc(value)}</td>'
-    if column in ("row_id", "divergence"):
-        return f'<td class="id">{esc(value)}</td>'
-    return None
+def _machines(data: ReportData) -> int:
+    return data.conformance.rows["machine"].nunique() if data.conformance is not None else 0
 
 
 def matrix_html(matrix: pd.DataFrame) -> str:
@@ -172,17 +173,293 @@ def matrix_html(matrix: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def section_divergences(data: ReportData) -> str:
-    out = ["<h2 id='divergences'>Divergence catalogue</h2>"]
+# --- the drill-down: what did not pass, most important first ----------------------------------------
+
+FILTERS = ("machine", "adapter", "area", "dtype")
+
+
+def _data_attrs(record: dict, count: int | None = None) -> str:
+    """The attributes the filter script reads (one per filter, and the row's status)."""
+    attrs = "".join(f' data-{k}="{esc(record.get(k))}"' for k in (*FILTERS, "status"))
+    return attrs + (f' data-n="{count}"' if count is not None else "")
+
+
+def _row(record: dict, columns, count=None, cell=None, filterable=True, anchor=None) -> str:
+    cells = []
+    for column in columns:
+        value = record.get(column)
+        custom = cell(column, value, record) if cell else None
+        if custom is not None:
+            cells.append(custom)
+        elif isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool):
+            number = "" if value != value else f' data-v="{float(value)!r}"'
+            cells.append(f'<td class="num"{number}>{fmt(value)}</td>')
+        elif column in ("message", "observed", "reason"):
+            cells.append(f'<td class="msg">{esc(value)}</td>')
+        else:
+            cells.append(f"<td>{fmt(value)}</td>")
+    attrs = f' class="f"{_data_attrs(record, count)}' if filterable else ""
+    attrs += f' id="{anchor}"' if anchor else ""
+    return f'<tr{attrs}>{"".join(cells)}</tr>'
+
+
+def _sortable(columns, rows_html: list[str], total: int, csv: str) -> str:
+    head = "".join(f'<th title="sort">{esc(c)}</th>' for c in columns)
+    more = f'<p class="muted">{total - len(rows_html)} more rows in {esc(csv)}.</p>' if total > len(rows_html) else ""
+    return f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(rows_html)}</tbody></table>{more}"
+
+
+def filter_bar(data: ReportData) -> str:
+    """Selects and status toggles; hidden until the script runs, so the page reads the same without it."""
+    rows = data.conformance.rows
+    bad = rows[rows["status"] != "pass"]
+    selects = []
+    for name in FILTERS:
+        values = sorted(set(bad[name].dropna().astype(str))) if name in bad else []
+        if len(values) < 2:
+            continue
+        options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+        selects.append(f'<label>{name} <select name="{name}"><option value="">all</option>{options}</select></label>')
+    counts = bad["status"].value_counts()
+    chips = "".join(f'<button type="button" class="{s}" data-status="{s}" aria-pressed="true">{s} '
+                    f'{int(counts[s])}</button>' for s in PROBLEM_ORDER if counts.get(s))
+    return (f"<div id='filters' class='filters' hidden>{''.join(selects)} <span>status {chips}</span> "
+            f"<span id='fcount' class='muted'></span></div>")
+
+
+PROBLEM_ORDER = ("error", "fail", "divergence", "unsupported", "skip")
+
+
+def section_drill_down(data: ReportData) -> str:
+    out = ["<h2 id='drill-down'>What did not pass</h2>"]
     if data.conformance is None:
         return out[0] + "<p class='muted'>No conformance results.</p>"
-    catalogue = data.tables["divergences"]
+    out.append("<p class='muted'>Most important first: failures and errors one by one, then one line per "
+               "catalogued divergence (click to expand its rows), then what could not run, grouped by reason. "
+               "Click a column heading to sort; every row is in the CSV next to this page.</p>")
+    out.append(filter_bar(data))
+    rows = data.conformance.rows
+    failures = data.tables["failures"]
+    out.append(f"<h3 id='failures'>Failures and errors ({len(failures)})</h3>")
+    if failures.empty:
+        out.append("<p class='pass-note'>No row failed and no adapter raised an error.</p>")
+    else:
+        left_out = ("rerun", "message", "adapter", "device", "case", "quantity") + \
+            (("machine",) if _machines(data) < 2 else ())  # the row id names adapter, case and quantity
+        columns = [c for c in failures.columns if c not in left_out]
+        columns.append("message")
+        shown = failures.head(DRILL_DOWN_LIMIT).to_dict("records")
+        out.append(_sortable(columns, [_row(r, columns, cell=_failure_cell) for r in shown], len(failures),
+                             "failures.csv"))
+    divergences = data.tables["divergences"]
+    stale = divergences[divergences["status"] == "stale"]
+    if not stale.empty:
+        out.append(f"<h3 id='stale'>Stale catalogue entries ({len(stale)})</h3><p>A stale entry no longer "
+                   "describes what its framework does (fixed upstream, or different now): update the catalogue.</p>")
+        out.append(table(stale, ["id", "adapters", "rows", "message", "upstream"],
+                         cell=lambda c, v, r: f"<td>{link_list(v)}</td>" if c == "upstream" else None))
+    shown_entries = divergences[divergences["rows"] > 0]
+    out.append(f"<h3 id='divergences'>Catalogued divergences ({len(shown_entries)} entries, "
+               f"{int(shown_entries['rows'].sum())} rows)</h3>")
     if not data.conformance.catalogue:
         out.append("<p class='muted'>The results carry no catalogue.json (an interrupted run); entries are named by "
                    "the ids recorded on the rows.</p>")
-    columns = ["id", "framework", "adapters", "rows", "cases", "observed", "how", "upstream", "status"]
-    out.append(table(catalogue, columns,
-                     cell=lambda c, v, r: f"<td>{link_list(v)}</td>" if c == "upstream" else None))
+    groups = dict(list(rows[rows["divergence"].notna()].groupby("divergence", sort=False)))
+    columns = ["row_id", *(["machine"] if _machines(data) > 1 else []), "device", "dtype", "quantity",
+               *tables.present(rows, tables.OPTIONAL), "error_ratio", "max_abs_err"]
+    for entry in shown_entries.to_dict("records"):
+        group = groups.get(entry["id"], rows.iloc[0:0])
+        rendered = [_row(r, columns) for r in group.head(DRILL_DOWN_LIMIT).to_dict("records")]
+        upstream = f" · upstream: {link_list(entry['upstream'])}" if entry["upstream"] else " · no upstream issue"
+        out.append(
+            f"<details class='fg' id='{_anchor('div', entry['id'])}'><summary><b>{esc(entry['id'])}</b> · "
+            f"{esc(entry['adapters'])} · {esc(entry['dtypes'])} · <span class='shown'>{entry['rows']}</span> of "
+            f"{entry['rows']} rows{upstream}<br><span class='observed'>{esc(entry['observed'])}</span></summary>"
+            + _sortable(columns, rendered, len(group), "conformance_non_passing.csv") + "</details>")
+    absent = divergences[(divergences["rows"] == 0) & (divergences["status"] != "stale")]
+    if not absent.empty:
+        out.append(f"<details><summary>{len(absent)} catalogue entries with no row in this run (their adapter, "
+                   "case or dtype was not selected)</summary>"
+                   + table(absent, ["id", "adapters", "dtypes", "status", "message"]) + "</details>")
+    not_run = rows[rows["status"].isin(tables.NOT_RUN)]
+    groups_table = data.tables["not_run"]
+    out.append(f"<h3 id='not-run'>Unsupported or skipped, by reason ({len(not_run)} rows, "
+               f"{len(groups_table)} reasons)</h3>")
+    if groups_table.empty:
+        out.append("<p class='muted'>Every adapter ran every selected case.</p>")
+    columns = ["adapter", *(["machine"] if _machines(data) > 1 else []), "area", "dtype", "rows", "cases"]
+    by_reason = dict(list(not_run.groupby(["status", not_run["message"].fillna("").astype(str)], sort=False)))
+    for group in groups_table.to_dict("records"):
+        part = by_reason[(group["status"], group["reason"])]
+        detail = part.groupby(["adapter", "machine", "area", "dtype"], sort=True).agg(
+            rows=("row_id", "size"), cases=("case", lambda c: tables.join_values(c, limit=6))).reset_index()
+        detail["status"] = group["status"]
+        rendered = [_row(r, columns, count=r["rows"]) for r in detail.to_dict("records")]
+        out.append(f"<details class='fg'><summary><span class='{esc(group['status'])}'>{esc(group['status'])}"
+                   f"</span> · <span class='shown'>{group['rows']}</span> of {group['rows']} rows · "
+                   f"{esc(group['adapters'])}<br><span class='observed'>{esc(group['reason'])}</span></summary>"
+                   + _sortable(columns, rendered, len(detail), "not_run.csv") + "</details>")
+    return "".join(out)
+
+
+def _anchor(prefix: str, name) -> str:
+    return f"{prefix}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
+
+
+def _failure_cell(column, value, record):
+    if column == "status":
+        return f'<td class="{esc(value)}">{esc(value)}</td>'
+    if column == "row_id":
+        return f'<td class="id">{esc(value)}</td>'
+    if column == "message":  # the rerun command under the message: the cell a reader acts on
+        return f'<td class="msg">{esc(value)}<div class="rerun">rerun: <code>{esc(record["rerun"])}</code></div></td>'
+    return None
+
+
+# --- frameworks side by side --------------------------------------------------------------------------
+
+AGREEMENT_METHOD = (
+    "A conformance row records e = max|impl − golden| over the output's finite elements, not the output itself, so "
+    "for two adapters a and b on the same computation (machine, device, case, dtype, quantity) the triangle "
+    "inequality bounds their difference: |e<sub>a</sub> − e<sub>b</sub>| ≤ max|a − b| ≤ e<sub>a</sub> + "
+    "e<sub>b</sub>. A cell gives the upper bound's maximum over every computation both judged against the golden, "
+    "in units of the row's tolerance (the error a faithful implementation in that dtype may have; both rows share "
+    "it), and n, the number of computations compared. <b>≤ 1</b>: the two agree within the tolerance (green). "
+    "A lower bound above 1: they certainly differ (red). Otherwise the rows cannot tell (amber). It is an upper "
+    "bound, not the difference: the exact figure needs both outputs, which the results do not keep. Not an "
+    "element-wise relative difference: golden elements that are exactly zero (many gradients) make that "
+    "unbounded. Divergence rows are measured against the catalogued behaviour, so they are named in the cell "
+    "instead (for example \"oracle policy nan vs canonical\": a fully masked row gives NaN in one and zeros in "
+    "the other).")
+
+
+def section_agreement(data: ReportData) -> str:
+    out = ["<h2 id='agreement'>Frameworks side by side</h2>"]
+    agreement = data.tables.get("agreement")
+    if agreement is None or agreement.empty:
+        return out[0] + "<p class='muted'>Fewer than two adapters ran the same cases.</p>"
+    out.append(f"<p class='muted'>{AGREEMENT_METHOD}</p>")
+    adapters = sorted(set(agreement["adapter_a"]) | set(agreement["adapter_b"]))
+    cells = {}
+    for record in agreement.to_dict("records"):
+        cells[(record["adapter_a"], record["adapter_b"])] = cells[(record["adapter_b"], record["adapter_a"])] = record
+    head = "<th></th>" + "".join(f"<th>{esc(a)}</th>" for a in adapters)
+    body = []
+    for a in adapters:
+        row = [f"<th>{esc(a)}</th>"]
+        for b in adapters:
+            record = cells.get((a, b))
+            if a == b:
+                row.append("<td class='cell empty'>—</td>")
+            else:
+                row.append(_agreement_cell(record) if record else "<td class='cell empty'>no shared rows</td>")
+        body.append(f"<tr>{''.join(row)}</tr>")
+    out.append(f"<table class='agree'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    out.append("<h3>Each pair, with the computation that differs most</h3>")
+    columns = ["adapter_a", "adapter_b", "compared", "cases", "dtypes", "upper_tol", "lower_tol", "upper_abs",
+               "differs_most", "fails", "divergences", "not_compared"]
+    records = [{**r, "differs_most": " · ".join(str(r[k]) for k in ("worst_case", "worst_dtype", "worst_quantity",
+                                                                     "worst_machine", "worst_device")
+                                                 if isinstance(r[k], str))}
+               for r in agreement.to_dict("records")]
+    rendered = [_row(r, columns, filterable=False, anchor=_pair_anchor(r)) for r in records]
+    out.append(_sortable(columns, rendered, len(rendered), "agreement.csv"))
+    return "".join(out)
+
+
+def agreement_state(record: dict) -> str:
+    """green (agree within the tolerance), red (certainly differ), amber (the rows cannot tell)."""
+    if not record["compared"]:
+        return "empty"
+    if record["lower_tol"] > 1:
+        return "fail"
+    return "pass" if record["upper_tol"] <= 1 else "divergence"
+
+
+def _pair_anchor(record: dict) -> str:
+    return _anchor("pair", f"{record['adapter_a']}--{record['adapter_b']}")
+
+
+def _agreement_cell(record: dict) -> str:
+    link = _pair_anchor(record)
+    parts = []
+    if record["compared"]:
+        worst = " ".join(esc(record[k]) for k in ("worst_case", "worst_dtype", "worst_quantity"))
+        parts.append(f"<a href='#{link}' title='lower bound {fmt(record['lower_tol'])} tol; the computation that "
+                     f"differs most: {worst}'>≤ {fmt(record['upper_tol'])} tol</a> · n={record['compared']}")
+    else:
+        parts.append(f"<a href='#{link}'>no shared judged rows</a>")
+    if record["fails"]:
+        parts.append(f"{record['fails']} with a fail")
+    if record["divergences"]:
+        first, _, rest = str(record["divergences"]).partition("; ")
+        parts.append(f"<span class='why'>{esc(first)}</span>" + (f" <a href='#{link}'>+more</a>" if rest else ""))
+    return f"<td class='cell {agreement_state(record)}'>{'<br>'.join(parts)}</td>"
+
+
+# --- machines -------------------------------------------------------------------------------------
+
+def section_machines(data: ReportData) -> str:
+    if data.conformance is None:
+        return ""
+    matrix = data.tables["machines"]
+    places = matrix[["machine", "device"]].drop_duplicates()
+    out = ["<h2 id='machines'>Machines</h2>"]
+    if len(places) < 2:
+        place = places.iloc[0] if not places.empty else {"machine": "unknown", "device": ""}
+        return out[0] + (f"<p>Every row comes from one machine and device: <b>{esc(place['machine'])}</b> "
+                         f"({esc(place['device'])}). Merge several results directories with "
+                         "<code>mhabench report --results DIR DIR ...</code> to set machines side by side.</p>")
+    cross = data.tables["cross_machine"]
+    out.append(f"<h3 id='cross-machine'>The same adapter and case, a different verdict per machine ({len(cross)})</h3>")
+    out.append(table(cross, limit=DRILL_DOWN_LIMIT, row_class=None) if not cross.empty else
+               "<p class='muted'>Every adapter gives the same verdict on every case on every machine and device.</p>")
+    out.append("<h3>Per machine × device</h3>")
+    adapters = sorted(set(matrix["adapter"]))
+    head = "<th>machine</th><th>device</th>" + "".join(f"<th>{esc(a)}</th>" for a in adapters)
+    body = []
+    for (machine, device), group in matrix.groupby(["machine", "device"], sort=True):
+        cells = {r["adapter"]: r for r in group.to_dict("records")}
+        row = [f"<th>{esc(machine)}</th><td>{esc(device)}</td>"]
+        for adapter in adapters:
+            record = cells.get(adapter)
+            if record is None:
+                row.append("<td class='cell empty'></td>")
+                continue
+            extra = "".join(f"<br>{record[s]} {s}" for s in STATUSES if s != "pass" and record[s])
+            row.append(f"<td class='cell {tables.cell_state(record)}'><b>{record['pass']}</b>/{record['total']} pass"
+                       f"{extra}</td>")
+        body.append(f"<tr>{''.join(row)}</tr>")
+    out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    return "".join(out)
+
+
+def section_scaling_summary(data: ReportData) -> str:
+    """Who wins where, above the charts: each row links to the chart it summarises."""
+    winners, lines = data.tables.get("scaling_winners"), data.tables.get("scaling_lines")
+    if winners is None or (winners.empty and lines.empty):
+        return ""
+    out = ["<h3 id='scaling-summary'>Summary: who is fastest and leanest</h3>",
+           "<p class='muted'>Forward pass at the sweep's head count. Per class and L: the fastest and the leanest "
+           "line among those measured there. Per line: the fitted exponent of L (1 is O(L), 2 is O(L²)) for time "
+           "and per-call memory, and GFLOP/s as a fraction of the machine's GEMM peak at the largest L.</p>"]
+    shown = winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
+                           memory=[format_value(v, "bytes") for v in winners["memory"]])
+    link = lambda c, v, r: f"<td><a href='#{esc(r['chart'])}'>{esc(v)}</a></td>" if c == "class" else None
+    out.append(table(shown, ["class", "device", "L", "fastest", "time", "leanest", "memory", "lines"], cell=link))
+
+    def line_cell(column, value, record):
+        if column == "class":
+            return link(column, value, record)
+        if column == "fraction_of_peak_at_L_max":
+            if record["fault"]:
+                return f"<td class='fault'>{esc(record['fault'])}</td>"
+            return f'<td class="num">{value:.1%}</td>' if value == value else "<td></td>"
+        if column in ("time_exponent", "memory_exponent"):
+            return f'<td class="num">{value:.2f}</td>' if value == value else "<td class='muted'>one L</td>"
+        return None
+    out.append(table(lines, ["class", "device", "series", "L_max", "time_exponent", "memory_exponent",
+                             "fraction_of_peak_at_L_max"], cell=line_cell))
     return "".join(out)
 
 
@@ -190,21 +467,22 @@ def section_benchmarks(data: ReportData) -> str:
     out = ["<h2 id='scaling'>Scaling</h2>"]
     if data.benchmarks is None:
         return out[0] + "<p class='note'>No benchmark results (run <code>mhabench bench</code>).</p>"
-    for note in data.notes:
-        out.append(f"<p class='note'>{esc(note)}</p>")
     attention = data.attention
     if attention.empty:
         out.append("<p class='muted'>No attention benchmarks in the results.</p>")
     else:
+        out.append(section_scaling_summary(data))
         devices = list(dict.fromkeys(attention["device"]))
         classes = list(dict.fromkeys(attention["class"]))
         for klass in classes:
             for device in devices:
                 out.append(figure(charts.scaling_chart(attention, klass, ("time_forward", "time_forward_backward"),
-                                                       device), f"{klass} time against L ({device})"))
+                                                       device), f"{klass} time against L ({device})",
+                                  tables.chart_id(klass, device, "time")))
                 out.append(figure(charts.scaling_chart(attention, klass, ("track_peakmem_forward",
                                                                           "track_peakmem_forward_backward"), device),
-                                  f"{klass} peak memory per call against L ({device})"))
+                                  f"{klass} peak memory per call against L ({device})",
+                                  tables.chart_id(klass, device, "memory")))
         out.append("<h3>Fitted exponents</h3><p class='muted'>Least-squares slope of log(value) on log(L) over "
                    "the sweep at the default head count: 1 is O(L), 2 is O(L²).</p>")
         scaling = data.tables["scaling"].copy()
@@ -221,21 +499,28 @@ def section_benchmarks(data: ReportData) -> str:
         out.append("<h3 id='gflops'>Throughput</h3>")
         for klass in classes:
             for device in devices:
+                peaks = {tables.peak_label(k, data.peaks): v for k, v in data.peaks.items() if k[1] == str(device)}
                 out.append(figure(charts.gflops_chart(attention, klass, ("track_gflops_forward",
                                                                          "track_gflops_forward_backward"),
-                                                      device, data.peaks.get(str(device))),
-                                  f"{klass} GFLOP/s against L ({device})"))
-        peaks = ", ".join(f"{esc(d)}: {p:.1f} GFLOP/s" for d, p in data.peaks.items()) or "not measured"
+                                                      device, peaks),
+                                  f"{klass} GFLOP/s against L ({device})", tables.chart_id(klass, device, "gflops")))
+        peaks = ", ".join(f"{esc(tables.peak_label(k, data.peaks))}: {p:.1f} GFLOP/s"
+                          for k, p in data.peaks.items()) or "not measured"
         out.append(f"<p>Machine GEMM peak (Machine.track_gemm_gflops): {peaks}.</p>")
         fraction = data.tables["peak_fraction"]
-        if not fraction.empty and (fraction["best_fraction"] > 1).any():
-            out.append("<p class='note'>Some lines exceed 100% of the GEMM peak: the peak was measured low "
-                       "(a busy machine, or a GEMM size that does not reach this machine's best); read the "
-                       "fractions as relative to each other.</p>")
+        if not fraction.empty and (fraction["fault"] != "").any():
+            out.append("<p class='note'>A fraction of the GEMM peak above 100% is a measurement fault, not a "
+                       "result: the peak was measured low (a busy machine, or a GEMM size that does not reach this "
+                       "machine's best). Those fractions are left out below.</p>")
+
+        def fraction_cell(column, value, record):
+            if "fraction" in column:
+                if record["fault"]:
+                    return f"<td class='fault'>{'fault' if column == 'best_fraction' else esc(record['fault'])}</td>"
+                return f'<td class="num">{value:.1%}</td>' if value == value else "<td></td>"
+            return None
         out.append(table(fraction, ["class", "method", "device", "series", "L_max", "gflops_at_L_max", "best_gflops",
-                                    "gemm_peak_gflops", "fraction_at_L_max", "best_fraction"],
-                         cell=lambda c, v, r: f'<td class="num">{v:.1%}</td>'
-                         if "fraction" in c and v == v else None))
+                                    "gemm_peak_gflops", "fraction_at_L_max", "best_fraction"], cell=fraction_cell))
     skips = data.tables.get("bench_skips")
     out.append(f"<h3>Skipped or failed benchmark cases ({0 if skips is None else len(skips)})</h3>")
     out.append(table(skips, limit=DRILL_DOWN_LIMIT))
@@ -275,13 +560,43 @@ def section_problems(data: ReportData) -> str:
             f"(left in place; their rows count as not run)<ul>{items}</ul></div>")
 
 
+SCRIPT = """(function(){
+var bar=document.getElementById('filters');if(!bar)return;bar.hidden=false;
+var sels=bar.querySelectorAll('select'),chips=bar.querySelectorAll('button[data-status]');
+function apply(){var want={},off={},shown=0,total=0;
+sels.forEach(function(s){if(s.value)want[s.name]=s.value;});
+chips.forEach(function(c){if(c.getAttribute('aria-pressed')==='false')off[c.dataset.status]=1;});
+document.querySelectorAll('tr.f').forEach(function(tr){var ok=!off[tr.dataset.status],n=+(tr.dataset.n||1);
+for(var k in want)if(tr.dataset[k]!==want[k])ok=false;tr.hidden=!ok;total+=n;if(ok)shown+=n;});
+document.querySelectorAll('.fg').forEach(function(g){var v=0;
+g.querySelectorAll('tr.f').forEach(function(tr){if(!tr.hidden)v+=+(tr.dataset.n||1);});
+g.hidden=v===0;var c=g.querySelector('.shown');if(c)c.textContent=v;});
+document.getElementById('fcount').textContent=shown+' of '+total+' rows shown';}
+sels.forEach(function(s){s.addEventListener('change',apply);});
+chips.forEach(function(c){c.addEventListener('click',function(){
+c.setAttribute('aria-pressed',c.getAttribute('aria-pressed')==='false'?'true':'false');apply();});});
+function key(td){var t=td?(td.dataset.v!==undefined?td.dataset.v:td.textContent.trim()):'';var n=Number(t);
+return t!==''&&!isNaN(n)?[0,n]:[1,t.toLowerCase()];}
+document.querySelectorAll('table.sortable th').forEach(function(th){th.addEventListener('click',function(){
+var tr=th.parentNode,i=Array.prototype.indexOf.call(tr.children,th),body=th.closest('table').tBodies[0];
+var asc=th.dataset.sort!=='asc';tr.querySelectorAll('th').forEach(function(h){delete h.dataset.sort;});
+th.dataset.sort=asc?'asc':'desc';var rows=Array.prototype.slice.call(body.rows);
+rows.sort(function(a,b){var x=key(a.cells[i]),y=key(b.cells[i]);
+var d=x[0]-y[0]||(x[1]<y[1]?-1:x[1]>y[1]?1:0);return asc?d:-d;});
+rows.forEach(function(r){body.appendChild(r);});});});
+apply();})();"""
+
+
 def render_html(data: ReportData) -> str:
     if data.comparison_only:
         sections, nav = [section_environment(data), section_comparison(data)], ["environment", "comparison"]
     else:
-        sections = [section_environment(data), section_conformance(data), section_divergences(data),
-                    section_benchmarks(data), section_comparison(data)]
-        nav = ["environment", "conformance", "divergences", "scaling"] + (["comparison"] if data.comparison else [])
+        sections = [section_conformance(data), section_drill_down(data), section_agreement(data),
+                    section_machines(data), section_benchmarks(data), section_comparison(data),
+                    section_environment(data)]
+        nav = ["conformance", "drill-down", "agreement", "machines", "scaling"] + \
+            (["comparison"] if data.comparison else []) + ["environment"]
+        nav = [n for n in nav if f"id='{n}'" in "".join(sections)]
     verdict_items = "".join(f"<li>{esc(line)}</li>" for line in verdict(data))
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -293,5 +608,5 @@ def render_html(data: ReportData) -> str:
         f"<nav>{''.join(f'<a href=#{n}>{n}</a>' for n in nav)}</nav>"
         f"<div class='verdict'><b>Verdict</b><ul>{verdict_items}</ul></div>"
         + section_problems(data) + "".join(sections) +
-        "</main></body></html>\n"
+        f"</main><script>{SCRIPT}</script></body></html>\n"
     )

@@ -12,9 +12,11 @@ import ast
 import itertools
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from mhabench import results
@@ -30,16 +32,35 @@ class ResultsError(ValueError):
 @dataclass
 class Conformance:
     meta: dict
-    rows: pd.DataFrame
+    rows: pd.DataFrame  # the rows, with a ``machine`` and a ``results`` (directory) column added
     catalogue: dict  # divergence id -> the entry as the run checked it (catalogue.json), possibly empty
     source: Path
     problems: list = field(default_factory=list)  # "path:line: ..." for everything that could not be read
     complete: bool = True       # the run reached its end (results.json written)
     planned: int | None = None  # rows the run planned, when it recorded a plan
+    plan: dict = field(default_factory=dict)
+    machine: str = "unknown"
+    parts: list = field(default_factory=list)  # merged: the Conformance of each directory, in the order given
+    notes: list = field(default_factory=list)  # merged: overlapping rows, repeated shards
+    missing_shards: list = field(default_factory=list)  # "machine M: shard 2/3 missing ..." per gap
 
     @property
     def missing(self) -> int | None:
+        """Planned rows absent (per directory when merged: an overlap elsewhere does not hide a gap)."""
+        if self.parts:
+            counts = [p.missing for p in self.parts]
+            return None if any(c is None for c in counts) else sum(counts)
         return None if self.planned is None else max(0, int(self.planned) - len(self.rows))
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(K, N) when the run was shard K of N (plan.json's optional "shard")."""
+        shard = self.plan.get("shard")
+        try:
+            k, n = (int(v) for v in shard)
+        except (TypeError, ValueError):
+            return None
+        return (k, n) if 1 <= k <= n else None
 
 
 @dataclass
@@ -75,9 +96,12 @@ def load_conformance(results_dir: Path) -> Conformance | None:
         return None
     meta = dict(found.meta)
     rows = _tidy_conformance(found.rows)
+    rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
+    plan = found.plan if isinstance(found.plan, dict) else {}
     return Conformance(meta=meta, rows=rows, catalogue=catalogue, source=found.source, problems=found.problems,
-                       complete=found.complete, planned=(found.plan or {}).get("rows"))
+                       complete=found.complete, planned=plan.get("rows"), plan=plan,
+                       machine=conformance_machine(meta, [], None))
 
 
 def _tidy_conformance(records: list) -> pd.DataFrame:
@@ -106,8 +130,8 @@ def find_asv_dir(path: Path) -> Path | None:
 def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | None:
     """asv results under ``path`` (a results dir, an asv results dir, or one result file); None if absent.
 
-    With ``latest_only`` only the most recent result file of each machine is kept, so repeated
-    nightly runs do not mix in one chart (``--compare`` is the way to set two runs side by side).
+    With ``latest_only`` each measurement is kept once per machine, the newest (see
+    :func:`newest_measurements`), so repeated runs are never counted twice.
     """
     path = Path(path)
     if path.is_file():
@@ -136,19 +160,36 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
         return None
     runs_frame = pd.DataFrame(runs)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    notes = []
-    if latest_only and len(runs_frame) > 1:
-        latest = runs_frame.sort_values("date").groupby("machine").tail(1)
-        dropped = len(runs_frame) - len(latest)
-        if dropped:
-            notes.append(f"{dropped} older asv result file(s) not shown; use --compare to set two runs side by side")
-        frame = frame[frame["file"].isin(latest["file"])].reset_index(drop=True)
-        runs_frame = latest.reset_index(drop=True)
     skips_dir = path if path.is_dir() else asv_dir.parent
     problems: list[str] = []
     skips = load_skips(skips_dir, problems)
-    return Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir, notes=notes,
-                      problems=problems)
+    bench = Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir,
+                       problems=problems)
+    return newest_measurements(bench) if latest_only else bench
+
+
+def newest_measurements(bench: Benchmarks) -> Benchmarks:
+    """One measurement per machine, benchmark and parameters: the newest finite one, else the newest slot.
+
+    Shards of one run measure disjoint parameters, so they merge whole; a measurement present in more
+    than one result file of a machine (an overlapping shard, an older night) is shown once, and counted
+    in a note. (``--compare`` is the way to set two runs side by side.)
+    """
+    frame = bench.results
+    if frame.empty:
+        return bench
+    dates = dict(zip(bench.runs["file"], bench.runs["date"]))
+    key = ["machine", "benchmark", "params_key"]
+    frame = frame.assign(_finite=np.isfinite(frame["value"]), _date=frame["file"].map(dates).fillna(0))
+    frame = frame.sort_values(["_finite", "_date"], kind="stable")
+    finite = frame[frame["_finite"]]
+    repeated = finite[finite.duplicated(key, keep="last")]
+    for machine, group in repeated.groupby("machine", sort=True):
+        bench.notes.append(f"machine {machine}: {len(group)} measurement(s) appear in more than one asv result "
+                           f"file (overlapping shards or several runs); each is shown once, the newest")
+    kept = frame.drop_duplicates(key, keep="last").sort_index()
+    bench.results = kept.drop(columns=["_finite", "_date"]).reset_index(drop=True)
+    return bench
 
 
 def _run_info(data: dict, file: Path) -> dict:
@@ -247,9 +288,42 @@ def load_skips(results_dir: Path, problems: list | None = None) -> pd.DataFrame:
     return frame[columns].drop_duplicates().reset_index(drop=True)
 
 
-def load_results(results_dir: Path) -> tuple[Conformance | None, Benchmarks | None]:
-    """Both halves of a results directory; a ResultsError when neither is there."""
-    results_dir = Path(results_dir)
+def load_results(results_dirs, machines=None) -> tuple[Conformance | None, Benchmarks | None]:
+    """Both halves of one or several results directories, merged; a ResultsError when a directory holds neither.
+
+    ``machines``: None, one name for every directory, or one per directory (``report --machine``).
+    """
+    dirs = [Path(results_dirs)] if isinstance(results_dirs, (str, Path)) else [Path(d) for d in results_dirs]
+    if not dirs:
+        raise ResultsError("--results needs at least one directory")
+    overrides = _overrides(dirs, machines)
+    conformances, benches = [], []
+    for directory, override in zip(dirs, overrides):
+        conformance, benchmarks = _load_one(directory, override)
+        if conformance is not None:
+            conformances.append(conformance)
+        if benchmarks is not None:
+            benches.append(benchmarks)
+    return merge_conformance(conformances), merge_benchmarks(benches)
+
+
+def _overrides(dirs: list[Path], machines) -> list[str | None]:
+    if machines is None or (isinstance(machines, (list, tuple)) and not machines):
+        return [None] * len(dirs)
+    names = [machines] if isinstance(machines, str) else list(machines)
+    for name in names:
+        if not str(name).strip() or any(not ch.isprintable() for ch in str(name)):
+            raise ResultsError(f"--machine {name!r}: a machine name must be printable and not empty")
+    if len(names) == 1:
+        return names * len(dirs)
+    if len(names) != len(dirs):
+        raise ResultsError(f"--machine takes one name (for every directory) or one per --results directory: "
+                           f"got {len(names)} names for {len(dirs)} directories")
+    return names
+
+
+def _load_one(results_dir: Path, override: str | None):
+    """One directory's conformance and asv results, each row labelled with its machine."""
     if not results_dir.exists():
         raise ResultsError(f"results directory {results_dir} does not exist "
                            "(run `mhabench conform` and `mhabench bench` first, or `mhabench run`)")
@@ -260,4 +334,126 @@ def load_results(results_dir: Path) -> tuple[Conformance | None, Benchmarks | No
     if conformance is None and benchmarks is None:
         raise ResultsError(f"no conformance or benchmark results in {results_dir} "
                            "(expected conformance/results.json or asv/<machine>/*.json)")
+    asv_machines = sorted(set(benchmarks.runs["machine"].astype(str))) if benchmarks is not None else []
+    if benchmarks is not None:
+        if override is not None:
+            if len(asv_machines) > 1:
+                raise ResultsError(f"--machine cannot give {results_dir} one name: its asv results hold several "
+                                   f"machines ({', '.join(asv_machines)})")
+            benchmarks.results["machine"] = override
+            benchmarks.runs["machine"] = override
+            benchmarks.machines = {override: m for m in benchmarks.machines.values()}
+        local = override or (asv_machines[0] if len(asv_machines) == 1 else "unknown")
+        benchmarks.skips["machine"] = local
+    if conformance is not None:
+        conformance.machine = conformance_machine(conformance.meta, asv_machines, override)
+        rows = conformance.rows
+        if override is None and len(asv_machines) != 1 and "machine" in rows:  # a row's own machine, if any
+            rows["machine"] = rows["machine"].where(rows["machine"].notna() & (rows["machine"] != ""),
+                                                    conformance.machine).astype(str)
+        else:
+            rows["machine"] = conformance.machine
     return conformance, benchmarks
+
+
+def conformance_machine(meta: dict, asv_machines: list[str], override: str | None) -> str:
+    """The machine of a directory's conformance rows: ``--machine``; else asv's machine name where asv ran
+    in the same directory (so both halves of one box line up); else the host the run recorded
+    (``meta["machine"]``); else its CPU (and GPU); else "unknown"."""
+    if override:
+        return str(override)
+    if len(asv_machines) == 1:
+        return asv_machines[0]
+    if meta.get("machine"):
+        return str(meta["machine"])
+    return " + ".join(str(meta[k]) for k in ("cpu", "gpu") if meta.get(k)) or "unknown"
+
+
+def merge_conformance(parts: list[Conformance]) -> Conformance | None:
+    """Several directories' conformance results as one: each row once per (machine, device, row id).
+
+    Where two directories hold the same row (overlapping shards, two nights), the newer run's row is kept
+    (meta ``created``; else the directory given later) and the overlap is reported in ``notes``.
+    """
+    if not parts:
+        return None
+    if len(parts) == 1:
+        part = parts[0]
+        part.missing_shards, repeated = shard_notes(parts)
+        part.notes.extend(repeated)
+        part.complete = part.complete and not part.missing_shards
+        return part
+    ordered = sorted(parts, key=lambda p: str(p.meta.get("created") or ""))  # stable: the given order breaks ties
+    combined = pd.concat([p.rows for p in ordered], ignore_index=True)
+    key = ["machine", "device", "row_id"]
+    dropped = combined.duplicated(key, keep="last")
+    notes = []
+    for (machine, where), group in combined[dropped].groupby(["machine", "results"], sort=False):
+        notes.append(f"machine {machine}: {len(group)} row(s) of {where} also appear in a newer results directory "
+                     f"(overlapping shards or runs); each is counted once, the newer")
+    missing_shards, repeated = shard_notes(parts)
+    notes.extend(repeated)
+    rows = combined[~dropped].reset_index(drop=True)
+    planned = [p.planned for p in parts]
+    return Conformance(meta=dict(parts[0].meta), rows=rows, catalogue=_merge_catalogues(parts), source=parts[0].source,
+                       problems=[q for p in parts for q in p.problems],
+                       complete=all(p.complete for p in parts) and not missing_shards,
+                       planned=None if any(n is None for n in planned) else sum(int(n) for n in planned),
+                       plan={}, machine=", ".join(dict.fromkeys(p.machine for p in parts)), parts=list(parts),
+                       notes=notes, missing_shards=missing_shards)
+
+
+def shard_notes(parts: list[Conformance]) -> tuple[list[str], list[str]]:
+    """(shards missing, shards given twice), per machine and shard count (plan.json's optional "shard")."""
+    groups: dict[tuple[str, int], list] = {}
+    for part in parts:
+        if part.shard is not None:
+            groups.setdefault((part.machine, part.shard[1]), []).append(part)
+    missing, repeated = [], []
+    for (machine, count), members in sorted(groups.items()):
+        seen = Counter(p.shard[0] for p in members)
+        absent = [f"{k}/{count}" for k in range(1, count + 1) if k not in seen]
+        if absent:
+            missing.append(f"machine {machine}: shard{'s' if len(absent) > 1 else ''} {', '.join(absent)} missing "
+                         f"(present: {', '.join(f'{k}/{count}' for k in sorted(seen))}): their rows are not in this "
+                         f"report")
+        for k, times in sorted(seen.items()):
+            if times > 1:
+                where = ", ".join(str(p.source.parent.parent) for p in members if p.shard[0] == k)
+                repeated.append(f"machine {machine}: shard {k}/{count} given {times} times ({where}); "
+                                f"its rows are counted once")
+    return missing, repeated
+
+
+def _merge_catalogues(parts: list[Conformance]) -> dict:
+    """One entry per id; where machines disagree on an entry's verdict, the worst wins and each is named."""
+    rank = {"stale": 0, "ok": 1, "unchecked": 2}
+    merged: dict[str, dict] = {}
+    verdicts: dict[str, dict] = {}
+    for part in parts:
+        for div_id, entry in part.catalogue.items():
+            verdicts.setdefault(div_id, {})[part.machine] = entry.get("status")
+            if div_id not in merged or rank.get(entry.get("status"), 3) < rank.get(merged[div_id].get("status"), 3):
+                merged[div_id] = dict(entry)
+    for div_id, by_machine in verdicts.items():
+        if len(set(by_machine.values())) > 1:
+            merged[div_id]["message"] = "; ".join(f"{m}: {v}" for m, v in by_machine.items()) + \
+                (f" ({merged[div_id]['message']})" if merged[div_id].get("message") else "")
+    return merged
+
+
+def merge_benchmarks(parts: list[Benchmarks]) -> Benchmarks | None:
+    """Several directories' asv results as one (machines side by side; see :func:`newest_measurements`)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    machines = {}
+    for part in parts:
+        machines.update(part.machines)
+    skips = pd.concat([p.skips for p in parts], ignore_index=True).drop_duplicates().reset_index(drop=True)
+    merged = Benchmarks(results=pd.concat([p.results for p in parts], ignore_index=True), machines=machines,
+                        runs=pd.concat([p.runs for p in parts], ignore_index=True), skips=skips,
+                        source=parts[0].source, notes=[n for p in parts for n in p.notes],
+                        problems=[q for p in parts for q in p.problems])
+    return newest_measurements(merged)

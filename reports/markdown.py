@@ -27,6 +27,11 @@ def md(value) -> str:
         .replace("_", "\\_").replace("[", "\\[").replace("]", "\\]")
 
 
+def md_code(value) -> str:
+    """Result text inside a code span: one line, no backtick to end the span early."""
+    return _CONTROL.sub(" ", str(value)).replace("`", "'")
+
+
 def md_table(frame: pd.DataFrame, columns, formats=None, limit=None) -> str:
     if frame is None or frame.empty:
         return "_(none)_\n"
@@ -64,27 +69,108 @@ def _matrix(matrix: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _failures(data: ReportData) -> list[str]:
+    failures = data.tables["failures"]
+    out = [f"### Failures and errors ({len(failures)})", ""]
+    if failures.empty:
+        return out + ["None.", ""]
+    for record in failures.head(SUMMARY_LIMIT).to_dict("records"):
+        where = f" on {md(record['machine'])}" if data.conformance.rows["machine"].nunique() > 1 else ""
+        out.append(f"- **{md(record['status'])}** {md(record['row_id'])}{where}: {md(record['message'])}  ")
+        out.append(f"  rerun: `{md_code(record['rerun'])}`")
+    if len(failures) > SUMMARY_LIMIT:
+        out.append(f"\n_{len(failures) - SUMMARY_LIMIT} more in failures.csv._")
+    return out + [""]
+
+
+def _divergences(data: ReportData) -> list[str]:
+    table = data.tables["divergences"]
+    stale, shown = table[table["status"] == "stale"], table[table["rows"] > 0]
+    out = []
+    if not stale.empty:
+        out += [f"### Stale catalogue entries ({len(stale)})", ""]
+        out += [f"- **{md(r['id'])}**: {md(r['message'])}" for r in stale.to_dict("records")] + [""]
+    out += [f"## Known divergences ({len(shown)} entries, {int(shown['rows'].sum())} rows)", ""]
+    for r in shown.to_dict("records"):
+        upstream = f" ({md(r['upstream'])})" if r["upstream"] else ""
+        out.append(f"- **{md(r['id'])}** ({md(r['adapters'])}; {md(r['dtypes'])}; {r['rows']} rows): "
+                   f"{md(r['observed'])}{upstream}")
+    out.append("")
+    not_run = data.tables["not_run"]
+    out += [f"### Unsupported or skipped, by reason ({int(not_run['rows'].sum()) if not not_run.empty else 0} rows)",
+            "", md_table(not_run, ["status", "rows", "adapters", "reason"], limit=SUMMARY_LIMIT)]
+    return out
+
+
+def _agreement(data: ReportData) -> list[str]:
+    agreement = data.tables.get("agreement")
+    if agreement is None or agreement.empty:
+        return []
+    adapters = sorted(set(agreement["adapter_a"]) | set(agreement["adapter_b"]))
+    cells = {}
+    for r in agreement.to_dict("records"):
+        text = f"≤{r['upper_tol']:.2g} (n={r['compared']})" if r["compared"] else "n=0"
+        if r["divergences"]:
+            text += "; " + md(r["divergences"])
+        cells[(r["adapter_a"], r["adapter_b"])] = cells[(r["adapter_b"], r["adapter_a"])] = text
+    lines = ["## Frameworks side by side", "",
+             "Upper bound of max\\|a − b\\| over the computations both adapters judged against the golden, in "
+             "units of the row's tolerance (triangle inequality over each row's max\\|impl − golden\\|; ≤ 1 "
+             "means they agree within the tolerance); catalogued divergences named. agreement.csv has the lower "
+             "bound and the computation that differs most.", "",
+             "| | " + " | ".join(md(a) for a in adapters) + " |", "|---|" + "---|" * len(adapters)]
+    for a in adapters:
+        lines.append(f"| {md(a)} | " + " | ".join("—" if a == b else cells.get((a, b), "") for b in adapters) + " |")
+    return lines + [""]
+
+
+def _machines(data: ReportData) -> list[str]:
+    matrix = data.tables["machines"]
+    if len(matrix[["machine", "device"]].drop_duplicates()) < 2:
+        return []
+    cross = data.tables["cross_machine"]
+    return ["## Machines", "", f"### The same adapter and case, a different verdict per machine ({len(cross)})", "",
+            md_table(cross, list(cross.columns), limit=SUMMARY_LIMIT), "### Per machine × device", "",
+            md_table(matrix, list(matrix.columns))]
+
+
+def _scaling(data: ReportData) -> list[str]:
+    winners, lines = data.tables["scaling_winners"], data.tables["scaling_lines"]
+    exponent = lambda v: f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else ""
+    shown = lines.assign(fraction_of_peak_at_L_max=[md(f) if f else _percent(v) for v, f in
+                                                    zip(lines["fraction_of_peak_at_L_max"], lines["fault"])])
+    return ["## Scaling summary", "",
+            md_table(winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
+                                    memory=[format_value(v, "bytes") for v in winners["memory"]]),
+                     ["class", "device", "L", "fastest", "time", "leanest", "memory"]),
+            md_table(shown, ["class", "device", "series", "time_exponent", "memory_exponent",
+                             "fraction_of_peak_at_L_max"],
+                     {"time_exponent": exponent, "memory_exponent": exponent})]
+
+
 def render_markdown(data: ReportData) -> str:
     out = ["# mhabench summary", "", f"Results: `{md(data.results_dir)}`, generated {md(data.generated)}", ""]
     out += [f"- {md(line)}" for line in verdict(data)] + [""]
+    if data.problems:
+        out += ["## Unreadable lines", ""] + [f"- `{md_code(p)}`" for p in data.problems] + [""]
     env = data.environment
     if not env.empty:
-        keep = env[env["item"].isin(["created", "commit", "python", "platform", "cpu", "gpu", "bench machine",
-                                     "bench cpu"]) | env["item"].str.startswith("version: ")]
-        out += ["## Environment", "", md_table(keep, ["item", "value"])]
+        keep = env[env["item"].isin(["machine", "created", "commit", "python", "platform", "cpu", "gpu",
+                                     "bench machine", "bench cpu"]) | env["item"].str.startswith("version: ")]
+        out += ["## Environment", "", md_table(keep, ["item", "value", "source"])]
     if data.comparison_only:
         pass
     elif data.conformance is not None:
         out += ["## Conformance", "",
                 md_table(data.tables["conformance_adapters"], ["adapter", "framework_version", *STATUSES, "pass_rate",
                                                               "divergences"], {"pass_rate": _percent}),
-                "### Adapter × area (pass/total)", "", _matrix(data.tables["conformance_matrix"])]
-        divergences = data.tables["divergences"]
-        out += ["## Known divergences", "",
-                md_table(divergences, ["id", "adapters", "rows", "summary", "upstream", "reproduced"])]
+                "### Adapter × area (pass/total)", "", _matrix(data.tables["conformance_matrix"]),
+                "## What did not pass", ""]
+        out += _failures(data) + _divergences(data) + _agreement(data) + _machines(data)
     else:
         out += ["## Conformance", "", "No conformance results.", ""]
     if data.benchmarks is not None and not data.attention.empty:
+        out += _scaling(data)
         scaling = data.tables["scaling"]
         exps = scaling[scaling["method"].isin(["time_forward", "track_peakmem_forward"])]
         shown = exps.assign(value_at_L_max=[format_value(v, u) for v, u in zip(exps["value_at_L_max"], exps["unit"])])
@@ -92,11 +178,13 @@ def render_markdown(data: ReportData) -> str:
                 md_table(shown, ["class", "method", "series", "L_max", "exponent", "value_at_L_max"],
                          {"exponent": lambda v: f"{v:.2f}" if math.isfinite(v) else "",
                           "L_max": lambda v: f"{v:.0f}" if math.isfinite(v) else ""})]
-        peaks = ", ".join(f"{md(d)} {p:.1f} GFLOP/s" for d, p in data.peaks.items()) or "not measured"
+        peaks = ", ".join(f"{md(tables.peak_label(k, data.peaks))} {p:.1f} GFLOP/s" for k, p in data.peaks.items()) \
+            or "not measured"
+        fraction = data.tables["peak_fraction"]
         out += [f"## Fraction of GEMM peak ({peaks})", "",
-                md_table(data.tables["peak_fraction"],
-                         ["class", "method", "series", "best_gflops", "best_fraction", "fraction_at_L_max"],
-                         {"best_fraction": _percent, "fraction_at_L_max": _percent})]
+                "A fraction above 100% is a measurement fault (the peak was measured low), not a result.", "",
+                md_table(fraction, ["class", "method", "series", "best_gflops", "best_fraction", "fraction_at_L_max",
+                                    "fault"], {"best_fraction": _percent, "fraction_at_L_max": _percent})]
     elif data.benchmarks is None and not data.comparison_only:
         out += ["## Benchmarks", "", "No benchmark results.", ""]
     if data.comparison is not None:

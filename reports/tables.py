@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -23,16 +26,19 @@ def environment(conformance: Conformance | None, benchmarks: Benchmarks | None) 
         if value not in (None, "", {}, []):
             rows.append({"item": item, "value": _text(value), "source": source})
 
-    if conformance is not None:
-        meta = conformance.meta
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    for part in parts:
+        where = "conformance" if len(parts) == 1 else f"conformance ({part.machine}: {part.source.parent.parent})"
+        meta = part.meta
+        add("machine", part.machine, where)
         for key in ("created", "commit", "mhabench_version", "python", "platform", "cpu", "gpu"):
-            add(key, meta.get(key), "conformance")
+            add(key, meta.get(key), where)
         versions = meta.get("versions") or {}
         if isinstance(versions, dict):
             for name, version in sorted(versions.items()):
-                add(f"version: {name}", version, "conformance")
-        if meta.get("partial"):
-            add("note", "results.json missing: read the partial rows.jsonl of an interrupted run", "conformance")
+                add(f"version: {name}", version, where)
+        if part.shard is not None:
+            add("shard", f"{part.shard[0]}/{part.shard[1]}", where)
     if benchmarks is not None:
         for name, machine in sorted(benchmarks.machines.items()):
             if not isinstance(machine, dict):
@@ -133,30 +139,202 @@ def non_passing(rows: pd.DataFrame) -> pd.DataFrame:
     return bad[columns].reset_index(drop=True)
 
 
+OPTIONAL = ("path", "kernel", "mode")  # row fields shown where a run recorded them
+
+
+def present(rows: pd.DataFrame, names) -> list[str]:
+    """The columns among ``names`` that hold a value in some row (fields a newer harness adds)."""
+    return [n for n in names if n in rows and rows[n].notna().any() and (rows[n].astype(str) != "").any()]
+
+
+def rerun_command(row_id: str, results_dir: str, plugins=()) -> str:
+    """The command that runs exactly this row again into its own results directory."""
+    adapters = "".join(f"--adapter {shlex.quote(str(t))} " for t in plugins)
+    return f"mhabench conform {adapters}--rerun {shlex.quote(str(row_id))} --results {shlex.quote(str(results_dir))}"
+
+
+def failures(rows: pd.DataFrame, plugins: dict | None = None) -> pd.DataFrame:
+    """Every ``error`` and ``fail`` row, errors first, each with the command that reruns it.
+
+    ``plugins``: results directory -> the ``--adapter`` targets its run loaded (plan.json's "adhoc"),
+    so the command also works for a plugin adapter."""
+    columns = ["status", "row_id", "machine", "device", "adapter", "area", "case", "dtype", "quantity",
+               *present(rows, OPTIONAL), "error_ratio", "max_abs_err", "tolerance", "message", "rerun"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    bad = rows[rows["status"].isin(["error", "fail"])].copy()
+    bad["_rank"] = bad["status"].map({"error": 0, "fail": 1})
+    bad = bad.sort_values(["_rank", "adapter", "row_id"])
+    bad["rerun"] = [rerun_command(r, d, (plugins or {}).get(d, ())) for r, d in zip(bad["row_id"], bad["results"])]
+    return bad[columns].reset_index(drop=True)
+
+
+def join_values(values, limit=None) -> str:
+    """Distinct values, sorted and comma-separated (blanks left out; past ``limit``, a count of the rest)."""
+    values = sorted({str(v) for v in values if v is not None and v == v and v != ""})
+    if limit and len(values) > limit:
+        return ", ".join(values[:limit]) + f" (+{len(values) - limit} more)"
+    return ", ".join(values)
+
+
 def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
-    """One row per divergence id seen in the rows or checked by the run (``catalogue.json``)."""
-    columns = ["id", "framework", "adapters", "rows", "cases", "observed", "how", "upstream", "status"]
+    """One line per divergence entry: the ones the rows show, stale entries first, then those not shown here.
+
+    ``rows`` counts the rows that carry the id, so an entry's line and its expanded rows agree."""
+    columns = ["id", "framework", "adapters", "dtypes", "quantities", "machines", "rows", "cases", "observed", "how",
+               "upstream", "status", "message"]
     seen = rows[rows["divergence"].notna()] if not rows.empty else rows
-    ids = list(dict.fromkeys(list(seen["divergence"].astype(str)) if not seen.empty else []))
+    ids = list(dict.fromkeys(seen["divergence"].astype(str))) if not seen.empty else []
     ids += [i for i in catalogue if i not in ids]
     out = []
     for div_id in ids:
         entry = catalogue.get(div_id, {})
         group = seen[seen["divergence"].astype(str) == div_id] if not seen.empty else seen
-        cases = sorted(set(group["case"].dropna().astype(str))) if not group.empty else []
+        shown = not group.empty
         out.append({
             "id": div_id,
-            "framework": entry.get("framework") or (_first(group["framework"]) if not group.empty else ""),
-            "adapters": ", ".join(sorted(set(group["adapter"]))) if not group.empty
-            else ", ".join(entry.get("adapters") or []),
+            "framework": entry.get("framework") or (_first(group["framework"]) if shown else "") or "",
+            "adapters": join_values(group["adapter"] if shown else entry.get("adapters") or []),
+            "dtypes": join_values(group["dtype"] if shown else entry.get("dtypes") or []),
+            "quantities": join_values(group["quantity"] if shown else entry.get("quantities") or []),
+            "machines": join_values(group["machine"]) if shown and "machine" in group else "",
             "rows": len(group),
-            "cases": ", ".join(cases[:8]) + (f" (+{len(cases) - 8} more)" if len(cases) > 8 else ""),
-            "observed": entry.get("observed") or (_first(group["message"]) if not group.empty else "") or "",
+            "cases": join_values(group["case"], limit=8) if shown else join_values(entry.get("cases") or []),
+            "observed": entry.get("observed") or (_first(group["message"]) if shown else "") or "",
             "how": entry.get("how") or "",
             "upstream": entry.get("upstream") or "",
-            "status": entry.get("status") or ("ok" if len(group) else "not in this run"),
+            "status": entry.get("status") or ("ok" if shown else "not in this run"),
+            "message": entry.get("message") or "",
         })
+    table = pd.DataFrame(out, columns=columns)
+    if table.empty:
+        return table
+    order = table["status"].map(lambda s: 0 if s == "stale" else 1) * 2 + (table["rows"] == 0).astype(int)
+    return table.assign(_o=order).sort_values(["_o", "framework", "id"], kind="stable") \
+        .drop(columns="_o").reset_index(drop=True)
+
+
+NOT_RUN = ("unsupported", "skip")
+
+
+def not_run_groups(rows: pd.DataFrame) -> pd.DataFrame:
+    """``unsupported`` and ``skip`` rows grouped by reason (the row's message), largest group first."""
+    columns = ["status", "reason", "rows", "adapters", "areas", "dtypes", "cases"]
+    part = rows[rows["status"].isin(NOT_RUN)] if not rows.empty else rows
+    if part.empty:
+        return pd.DataFrame(columns=columns)
+    out = []
+    for (status, reason), group in part.groupby(["status", part["message"].fillna("").astype(str)], sort=False):
+        out.append({"status": status, "reason": reason, "rows": len(group),
+                    "adapters": join_values(group["adapter"]), "areas": join_values(group["area"]),
+                    "dtypes": join_values(group["dtype"]), "cases": group["case"].nunique()})
+    table = pd.DataFrame(out, columns=columns)
+    return table.sort_values(["status", "rows", "reason"], ascending=[False, False, True]).reset_index(drop=True)
+
+
+# --- frameworks side by side ------------------------------------------------------------------------
+
+JUDGED = ("pass", "fail")  # rows whose figures are against the canonical golden (a divergence's are not)
+
+
+def pair_key(rows: pd.DataFrame) -> list[str]:
+    """What makes two adapters' rows the same computation: machine, device, case, dtype, quantity, call path."""
+    return [c for c in ("machine", "device", "case", "dtype", "quantity", "path") if c in rows]
+
+
+def _explain(div_id, catalogue: dict) -> str:
+    if div_id is None or div_id != div_id:
+        return "canonical"
+    entry = catalogue.get(str(div_id), {})
+    return str(entry.get("how") or div_id)
+
+
+def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame:
+    """Adapter x adapter: how far apart two adapters' outputs can be, from their rows alone.
+
+    A row holds e = max|impl - golden| over the finite elements, not the output, so for adapters a and b
+    on the same computation the triangle inequality bounds max|a - b| to [|e_a - e_b|, e_a + e_b]. Both
+    ends are given relative to the row's tolerance (the error a faithful implementation in that dtype
+    may have; both rows share it), maximised over every computation both judged against the golden.
+    Upper <= 1: they agree within the tolerance; lower > 1: they certainly differ. Divergence rows are
+    measured against the catalogued behaviour, not the golden, so they are named instead of bounded.
+    """
+    columns = ["adapter_a", "adapter_b", "compared", "cases", "dtypes", "upper_tol", "lower_tol", "upper_abs",
+               "worst_case", "worst_dtype", "worst_quantity", "worst_machine", "worst_device", "worst_row_a",
+               "worst_row_b", "fails", "divergent", "divergences", "not_compared"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    catalogue = catalogue or {}
+    key = pair_key(rows)
+    fields = ["adapter", "row_id", "status", "max_abs_err", "tolerance", "divergence"]
+    ran = rows[rows["status"].isin(STATUSES) & (rows["quantity"] != "raises")][key + fields]
+    pairs = ran.merge(ran, on=key, suffixes=("_a", "_b"))
+    pairs = pairs[pairs["adapter_a"] < pairs["adapter_b"]].reset_index(drop=True)
+    if pairs.empty:
+        return pd.DataFrame(columns=columns)
+    ea, eb, ta, tb = (pairs[c] for c in ("max_abs_err_a", "max_abs_err_b", "tolerance_a", "tolerance_b"))
+    judged = pairs["status_a"].isin(JUDGED) & pairs["status_b"].isin(JUDGED) & np.isfinite(ea) & np.isfinite(eb) \
+        & (ta > 0) & (tb > 0)
+    # conservative both ways should the two rows' tolerances ever differ: the smaller for the upper bound
+    pairs["_upper_abs"] = (ea + eb).where(judged)
+    pairs["_upper"] = pairs["_upper_abs"] / np.minimum(ta, tb)
+    pairs["_lower"] = ((ea - eb).abs() / np.maximum(ta, tb)).where(judged)
+    pairs["_fail"] = judged & ((pairs["status_a"] == "fail") | (pairs["status_b"] == "fail"))
+    ran_both = pairs["status_a"].isin([*JUDGED, "divergence"]) & pairs["status_b"].isin([*JUDGED, "divergence"])
+    divergent = ran_both & ((pairs["status_a"] == "divergence") | (pairs["status_b"] == "divergence"))
+    pairs["_not_compared"] = ~ran_both
+    pairs["_divergent"] = divergent
+    pairs["_case"] = pairs["case"].where(judged)
+    pairs["_dtype"] = pairs["dtype"].where(judged)
+    texts = {}
+    shown = pairs[divergent]
+    explained = Counter((a, b, f"{_explain(x, catalogue)} vs {_explain(y, catalogue)}") for a, b, x, y in
+                        zip(shown["adapter_a"], shown["adapter_b"], shown["divergence_a"], shown["divergence_b"]))
+    for (a, b, text), count in explained.most_common():
+        texts[(a, b)] = (texts[(a, b)] + "; " if (a, b) in texts else "") + f"{text} ({count})"
+    summary = pairs.groupby(["adapter_a", "adapter_b"]).agg(
+        compared=("_upper", "count"), cases=("_case", "nunique"), dtypes=("_dtype", join_values),
+        upper_tol=("_upper", "max"), lower_tol=("_lower", "max"), upper_abs=("_upper_abs", "max"),
+        fails=("_fail", "sum"), not_compared=("_not_compared", "sum"), divergent=("_divergent", "sum"),
+        worst=("_upper", lambda u: u.idxmax() if u.notna().any() else -1))
+    out = []
+    for (a, b), record in summary.iterrows():
+        worst = pairs.loc[record["worst"]] if record["worst"] >= 0 else {}
+        out.append({"adapter_a": a, "adapter_b": b, **record.drop("worst").to_dict(),
+                    **{k: int(record[k]) for k in ("compared", "fails", "not_compared", "divergent")},
+                    "divergences": texts.get((a, b), ""),
+                    **{f"worst_{k}": worst.get(k) for k in ("case", "dtype", "quantity", "machine", "device")},
+                    "worst_row_a": worst.get("row_id_a"), "worst_row_b": worst.get("row_id_b")})
     return pd.DataFrame(out, columns=columns)
+
+
+# --- machines -------------------------------------------------------------------------------------
+
+def machine_matrix(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per machine x device x adapter: a count per status (conformance per machine)."""
+    columns = ["machine", "device", "adapter", *STATUSES, "total"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    counts = rows.groupby(["machine", rows["device"].fillna(""), "adapter", "status"]).size().unstack(fill_value=0)
+    counts = counts.reindex(columns=list(STATUSES), fill_value=0)
+    counts["total"] = counts.sum(axis=1)
+    return counts.reset_index()[columns]
+
+
+def cross_machine(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the same adapter on the same case, dtype and quantity whose verdict differs between machines
+    (or devices): one line each, the outcome per machine / device side by side."""
+    key = ["row_id", "adapter", "case", "dtype", "quantity", *(["path"] if "path" in rows else [])]
+    if rows.empty or rows.groupby(["machine", rows["device"].fillna("")]).ngroups < 2:
+        return pd.DataFrame(columns=key)
+    rows = rows.assign(**{k: rows[k].fillna("") for k in key if k == "path"})  # pivot_table drops NaN keys
+    where = rows["machine"].astype(str) + " / " + rows["device"].fillna("").astype(str)
+    outcome = rows["status"] + rows["divergence"].map(lambda d: f" ({d})" if isinstance(d, str) else "")
+    wide = rows.assign(_where=where, _outcome=outcome).pivot_table(index=key, columns="_where", values="_outcome",
+                                                                  aggfunc="last")
+    differs = wide.apply(lambda r: r.dropna().nunique() > 1, axis=1)
+    wide = wide[differs].fillna("(not run)")
+    return wide.reset_index().rename_axis(columns=None)
 
 
 # --- benchmarks ---------------------------------------------------------------------------------
@@ -193,6 +371,8 @@ def attention_results(benchmarks: Benchmarks | None) -> pd.DataFrame:
     if frame.empty:
         return frame
     frame["series"] = frame.apply(series_label, axis=1)
+    if frame["machine"].nunique() > 1:  # one line per machine x adapter
+        frame["series"] = frame["machine"].astype(str) + ": " + frame["series"]
     frame["seq_len"] = pd.to_numeric(frame["seq_len"], errors="coerce")
     frame["num_heads"] = pd.to_numeric(frame["num_heads"], errors="coerce")
     return frame
@@ -234,8 +414,8 @@ def heads_sweep(frame: pd.DataFrame, klass: str, method: str) -> pd.DataFrame:
 
 def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per benchmark and line: the fitted exponent in L and the value at the largest L."""
-    columns = ["class", "method", "device", "series", "adapter", "mode", "num_heads", "points", "L_min", "L_max",
-               "exponent", "value_at_L_max", "unit"]
+    columns = ["class", "method", "device", "machine", "series", "adapter", "mode", "num_heads", "points", "L_min",
+               "L_max", "exponent", "value_at_L_max", "unit"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -248,8 +428,8 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
                 finite = line[np.isfinite(line["value"])]
                 largest = finite.loc[finite["seq_len"].idxmax()] if not finite.empty else None
                 out.append({
-                    "class": klass, "method": method, "device": device, "series": series,
-                    "adapter": line["adapter"].iloc[0], "mode": line["mode"].iloc[0],
+                    "class": klass, "method": method, "device": device, "machine": line["machine"].iloc[0],
+                    "series": series, "adapter": line["adapter"].iloc[0], "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "points": len(finite),
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,
                     "L_max": finite["seq_len"].max() if len(finite) else math.nan,
@@ -261,7 +441,7 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def gemm_peaks(benchmarks: Benchmarks | None) -> dict:
-    """device -> the machine's measured GEMM GFLOP/s (Machine.track_gemm_gflops)."""
+    """(machine, device) -> that machine's measured GEMM GFLOP/s (Machine.track_gemm_gflops), the best."""
     if benchmarks is None or benchmarks.results.empty:
         return {}
     frame = benchmarks.results
@@ -269,14 +449,26 @@ def gemm_peaks(benchmarks: Benchmarks | None) -> dict:
     result = {}
     for record in peak.to_dict("records"):
         device = record.get("device") or record.get("param0") or "cpu"
-        result[str(device)] = max(result.get(str(device), 0.0), float(record["value"]))
+        key = (str(record["machine"]), str(device))
+        result[key] = max(result.get(key, 0.0), float(record["value"]))
     return result
 
 
+def peak_label(key: tuple[str, str], peaks: dict) -> str:
+    """A peak's name: the device alone on one machine, "machine device" across several."""
+    return key[1] if len({m for m, _ in peaks}) <= 1 else f"{key[0]} {key[1]}"
+
+
+FAULT = "measurement fault: {value:.0%} of the GEMM peak (the peak was measured low); not a result"
+
+
 def peak_fraction(frame: pd.DataFrame, peaks: dict) -> pd.DataFrame:
-    """Per GFLOP/s benchmark and line: best and largest-L GFLOP/s, and their fraction of GEMM peak."""
-    columns = ["class", "method", "device", "series", "adapter", "mode", "num_heads", "L_max", "gflops_at_L_max",
-               "best_gflops", "gemm_peak_gflops", "fraction_at_L_max", "best_fraction"]
+    """Per GFLOP/s benchmark and line: best and largest-L GFLOP/s, and their fraction of its machine's GEMM peak.
+
+    A fraction above 1 cannot be a result (nothing beats the machine's GEMM); it is blanked and named a
+    measurement fault in ``fault``."""
+    columns = ["class", "method", "device", "machine", "series", "adapter", "mode", "num_heads", "L_max",
+               "gflops_at_L_max", "best_gflops", "gemm_peak_gflops", "fraction_at_L_max", "best_fraction", "fault"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -284,22 +476,88 @@ def peak_fraction(frame: pd.DataFrame, peaks: dict) -> pd.DataFrame:
     for (klass, method), part in flops.groupby(["class", "method"], sort=True):
         for device, by_device in part.groupby("device", dropna=False):
             rows = sweep(by_device, klass, method)
-            peak = peaks.get(str(device), math.nan)
             for series, line in rows.groupby("series", sort=True):
                 finite = line[np.isfinite(line["value"])]
                 if finite.empty:
                     continue
+                machine = str(line["machine"].iloc[0])
+                peak = peaks.get((machine, str(device)), math.nan)
                 largest = finite.loc[finite["seq_len"].idxmax()]
                 best = float(finite["value"].max())
+                at_max = float(largest["value"]) / peak if peak and peak > 0 else math.nan
+                best_fraction = best / peak if peak and peak > 0 else math.nan
+                fault = FAULT.format(value=best_fraction) if best_fraction > 1 else ""
                 out.append({
-                    "class": klass, "method": method, "device": device, "series": series,
+                    "class": klass, "method": method, "device": device, "machine": machine, "series": series,
                     "adapter": line["adapter"].iloc[0], "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "L_max": largest["seq_len"],
                     "gflops_at_L_max": float(largest["value"]), "best_gflops": best, "gemm_peak_gflops": peak,
-                    "fraction_at_L_max": float(largest["value"]) / peak if peak and peak > 0 else math.nan,
-                    "best_fraction": best / peak if peak and peak > 0 else math.nan,
+                    "fraction_at_L_max": math.nan if fault else at_max,
+                    "best_fraction": math.nan if fault else best_fraction, "fault": fault,
                 })
     return pd.DataFrame(out, columns=columns)
+
+
+def chart_id(klass: str, device, what: str) -> str:
+    """The page anchor of one chart, so a summary row can link to it."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", f"chart-{klass}-{device}-{what}")
+
+
+def scaling_winners(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per class, device and L of the forward sweep: the fastest and the leanest line, among those measured."""
+    columns = ["class", "device", "L", "fastest", "time", "leanest", "memory", "lines", "chart"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    out = {}
+    for what, method in (("time", "time_forward"), ("memory", "track_peakmem_forward")):
+        for (klass, device), part in frame.groupby(["class", "device"], sort=False, dropna=False):
+            rows = sweep(part, klass, method)
+            rows = rows[np.isfinite(rows["value"])] if not rows.empty else rows
+            for length, at_length in rows.groupby("seq_len"):
+                best = at_length.loc[at_length["value"].idxmin()]
+                record = out.setdefault((klass, device, length), {
+                    "class": klass, "device": device, "L": int(length), "fastest": "", "time": math.nan,
+                    "leanest": "", "memory": math.nan, "lines": 0, "chart": chart_id(klass, device, "time")})
+                record["fastest" if what == "time" else "leanest"] = best["series"]
+                record[what] = float(best["value"])
+                record["lines"] = max(record["lines"], int(at_length["series"].nunique()))
+    table = pd.DataFrame(list(out.values()), columns=columns)
+    return table.assign(_o=table["class"].map(class_rank)).sort_values(["_o", "class", "device", "L"]) \
+        .drop(columns="_o").reset_index(drop=True)
+
+
+def class_rank(klass: str) -> int:
+    """Self, causal, cross: the order a reader meets them in; any other class after."""
+    order = ("SelfAttention", "CausalSelfAttention", "CrossAttention")
+    return order.index(klass) if klass in order else len(order)
+
+
+def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame:
+    """Per class, device and line: fitted time and memory exponents, and the fraction of peak at the largest L."""
+    columns = ["class", "device", "series", "L_max", "time_exponent", "memory_exponent", "fraction_of_peak_at_L_max",
+               "fault", "chart"]
+    if scaling.empty:
+        return pd.DataFrame(columns=columns)
+    out = {}
+    for record in scaling.to_dict("records"):
+        what = {"time_forward": "time_exponent", "track_peakmem_forward": "memory_exponent"}.get(record["method"])
+        if what is None:
+            continue
+        line = out.setdefault((record["class"], record["device"], record["series"]), {
+            "class": record["class"], "device": record["device"], "series": record["series"], "L_max": math.nan,
+            "time_exponent": math.nan, "memory_exponent": math.nan, "fraction_of_peak_at_L_max": math.nan,
+            "fault": "", "chart": chart_id(record["class"], record["device"], "time")})
+        line[what] = record["exponent"]
+        line["L_max"] = np.nanmax([line["L_max"], record["L_max"]])
+    for record in fraction[fraction["method"] == "track_gflops_forward"].to_dict("records") if not fraction.empty \
+            else []:
+        line = out.get((record["class"], record["device"], record["series"]))
+        if line is not None:
+            line["fraction_of_peak_at_L_max"] = record["fraction_at_L_max"]
+            line["fault"] = record["fault"]
+    table = pd.DataFrame(list(out.values()), columns=columns)
+    return table.assign(_o=table["class"].map(class_rank)).sort_values(["_o", "class", "device", "series"]) \
+        .drop(columns="_o").reset_index(drop=True)
 
 
 def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:

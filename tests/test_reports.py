@@ -5,15 +5,18 @@ package), so a loader or table bug shows up as a mismatch.
 """
 from __future__ import annotations
 
+import html
 import itertools
 import json
 import math
 import re
+import shlex
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -24,13 +27,14 @@ from mhabench.reports import tables  # noqa: E402
 from mhabench.reports.compare import classify  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sample"
+MIXED = FIXTURE.parent / "mixed"  # fail, error and unsupported rows; asv over three classes and four lengths
 HOSTILE = "<script>alert('x')</script>\x1b[31m\x07&\"evil\""
 
 
 # --- raw readers (independent of reports.load) ---------------------------------------------------
 
-def raw_rows():
-    with open(FIXTURE / "conformance" / "results.json") as fh:
+def raw_rows(root=FIXTURE):
+    with open(root / "conformance" / "results.json") as fh:
         rows = json.load(fh)["rows"]
     latest = {}
     for row in rows:
@@ -144,6 +148,337 @@ def test_the_catalogue_the_run_checked_is_read_as_written(tmp_path):
     assert all(table.at[i, "status"] == "stale" for i in stale)
 
 
+# --- the drill-down: failures first, then divergences, then what could not run -------------------
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """The report of the fixture with fail, error and unsupported rows (and asv over three classes)."""
+    return reports.build_report(MIXED, tmp_path_factory.mktemp("mixed-report"))
+
+
+def test_failures_come_first_each_with_its_rerun_command(mixed):
+    data, paths = mixed
+    page = paths["html"].read_text()
+    starts = [page.index(f"id='{anchor}'") for anchor in ("failures", "divergences", "not-run", "agreement")]
+    assert starts == sorted(starts), "failures, then divergences, then unsupported, then the side-by-side view"
+    expected = [r for r in raw_rows(MIXED) if r["status"] in ("fail", "error")]
+    assert {r["status"] for r in expected} == {"fail", "error"}, "the fixture must hold both"
+    failures = data.tables["failures"]
+    assert sorted(failures["row_id"]) == sorted(r["row_id"] for r in expected)
+    assert list(failures["status"]) == sorted(failures["status"], key=["error", "fail"].index)  # errors first
+    section = page[starts[0]:starts[1]]
+    assert section.count('<tr class="f"') == len(expected) == section.count("rerun: <code>")
+    for r in expected:
+        assert f">{html.escape(r['row_id'])}<" in section and html.escape(r["message"]) in section
+
+
+def test_rerun_command_names_exactly_the_row_and_its_plugins(mixed):
+    data, _ = mixed
+    plan = json.loads((MIXED / "conformance" / "plan.json").read_text())
+    for record in data.tables["failures"].to_dict("records"):
+        argv = shlex.split(record["rerun"])
+        assert argv[0] == "mhabench"
+        args = cli.build_parser().parse_args(argv[1:])
+        assert args.command == "conform" and args.rerun == record["row_id"] and args.results == str(MIXED)
+        assert args.adapter == plan["adhoc"]  # a plugin adapter's row reruns only with its --adapter
+
+
+@pytest.mark.parametrize("which", ["report", "mixed"])
+def test_each_divergence_entry_is_one_line_that_expands_to_its_rows(which, request):
+    data, paths = request.getfixturevalue(which)
+    page = paths["html"].read_text()
+    counts = Counter(r["divergence"] for r in raw_rows(FIXTURE if which == "report" else MIXED) if r["divergence"])
+    assert counts
+    table = data.tables["divergences"].set_index("id")
+    for div_id, count in counts.items():
+        assert table.at[div_id, "rows"] == count
+        block = page.split(f"id='div-{div_id}'>", 1)[1].split("</details>", 1)[0]
+        summary, rows = block.split("</summary>", 1)
+        assert f"<span class='shown'>{count}</span> of {count} rows" in summary
+        assert rows.count('<tr class="f"') == count  # expanded: exactly the rows the line counts
+        assert set(re.findall(r'data-status="(\w+)"', rows)) == {"divergence"}
+    assert page.index("id='failures'") < page.index("id='div-")
+
+
+def test_unsupported_rows_grouped_by_reason(mixed):
+    data, paths = mixed
+    expected = Counter(r["message"] for r in raw_rows(MIXED) if r["status"] == "unsupported")
+    assert len(expected) > 1
+    groups = data.tables["not_run"]
+    assert dict(zip(groups["reason"], groups["rows"])) == dict(expected)
+    page = paths["html"].read_text()
+    section = page[page.index("id='not-run'"):page.index("id='agreement'")]
+    for block in section.split("<details class='fg'>")[1:]:
+        reason = html.unescape(block.split("<span class='observed'>", 1)[1].split("</span>", 1)[0])
+        counts = [int(n) for n in re.findall(r'data-n="(\d+)"', block)]
+        assert sum(counts) == expected[reason]  # the group's rows add up to the reason's rows
+
+
+def test_page_reads_without_javascript(mixed):
+    _, paths = mixed
+    page = paths["html"].read_text()
+    # the filter bar is the only thing hidden; expanding is <details>, which needs no script
+    assert page.count(" hidden") == 1 and "<div id='filters' class='filters' hidden>" in page
+    assert "<details" in page and not re.search(r"<(?:script|link|img|iframe)[^>]*\s(?:src|href)=\"?https?:", page)
+
+
+# --- frameworks side by side ---------------------------------------------------------------------
+
+def hand_agreement(rows, a, b):
+    """The agreement of two adapters computed straight from their rows: the bound's maximum and n."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["case"], r["dtype"], r["quantity"]), {})[r["adapter"]] = r
+    upper, lower = [], []
+    for pair in by_key.values():
+        if a in pair and b in pair:
+            x, y = pair[a], pair[b]
+            if {x["status"], y["status"]} <= {"pass", "fail"} and x["max_abs_err"] is not None \
+                    and y["max_abs_err"] is not None and x["tolerance"] and y["tolerance"]:
+                upper.append((x["max_abs_err"] + y["max_abs_err"]) / x["tolerance"])
+                lower.append(abs(x["max_abs_err"] - y["max_abs_err"]) / x["tolerance"])
+                assert x["tolerance"] == y["tolerance"]  # the tolerance is the computation's, not the adapter's
+    return len(upper), max(upper), max(lower)
+
+
+@pytest.mark.parametrize("a,b", [("numpy_oracle", "torch_sdpa"), ("jax_dpa", "torch_mha"), ("jax_dpa", "torch_sdpa")])
+def test_agreement_matrix_matches_the_rows(report, a, b):
+    data, paths = report
+    n, upper, lower = hand_agreement(raw_rows(), a, b)
+    record = data.tables["agreement"].set_index(["adapter_a", "adapter_b"]).loc[(a, b)]
+    assert record["compared"] == n and n > 20
+    assert record["upper_tol"] == pytest.approx(upper) and record["lower_tol"] == pytest.approx(lower)
+    csv = pd.read_csv(paths["agreement"]).set_index(["adapter_a", "adapter_b"]).loc[(a, b)]
+    assert csv["upper_tol"] == pytest.approx(upper) and csv["compared"] == n
+    page = paths["html"].read_text()
+    anchor = f"pair-{a}--{b}"
+    assert f"href='#{anchor}'" in page and f'id="{anchor}"' in page  # the worst case is one click away
+    assert f"≤ {reports.html.fmt(upper)} tol</a> · n={n}" in page
+    assert f"≤{upper:.2g} (n={n})" in paths["markdown"].read_text()
+
+
+def test_catalogued_divergences_are_named_in_the_cell(report):
+    data, paths = report
+    rows, catalogue = raw_rows(), json.loads((FIXTURE / "conformance" / "catalogue.json").read_text())
+    how = {e["id"]: e["how"] for e in catalogue}
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["case"], r["dtype"], r["quantity"]), {})[r["adapter"]] = r
+    both = Counter((how[p["jax_dpa"]["divergence"]], how[p["torch_mha"]["divergence"]]) for p in by_key.values()
+                   if p.get("jax_dpa", {}).get("divergence") and p.get("torch_mha", {}).get("divergence"))
+    assert both, "the fixture has rows where both diverge, each its own way"
+    (x, y), count = both.most_common(1)[0]
+    text = f"{x} vs {y} ({count})"  # e.g. uniform weights in JAX against NaN in torch for a fully masked row
+    assert text in data.tables["agreement"].set_index(["adapter_a", "adapter_b"]).at[("jax_dpa", "torch_mha"),
+                                                                                     "divergences"]
+    assert html.escape(text) in paths["html"].read_text()
+
+
+def test_agreement_bound_contains_the_true_difference_of_real_arrays():
+    """The method, checked where the outputs are known: the interval the table gives from two rows'
+    errors contains max|a - b| of the arrays behind them."""
+    rng = np.random.default_rng(0)
+    rows, truth = [], {}
+    for case in range(40):
+        golden = rng.normal(size=64)
+        out = {name: golden + rng.normal(scale=rng.uniform(0, 2e-5), size=64) for name in ("x", "y")}
+        truth[f"c{case}"] = float(np.max(np.abs(out["x"] - out["y"])))
+        for name, actual in out.items():
+            rows.append({"row_id": f"{name}-c{case}", "adapter": name, "machine": "m", "device": "cpu",
+                         "case": f"c{case}", "dtype": "float32", "quantity": "output", "status": "pass",
+                         "max_abs_err": float(np.max(np.abs(actual - golden))), "tolerance": 1e-5,
+                         "divergence": None})
+    record = tables.agreement(pd.DataFrame(rows)).iloc[0]
+    assert record["compared"] == 40
+    worst = max(truth.values()) / 1e-5
+    assert record["lower_tol"] <= worst <= record["upper_tol"]
+    assert truth[record["worst_case"]] <= record["upper_tol"] * 1e-5
+
+
+# --- completeness and unreadable lines (issue 15) -------------------------------------------------
+
+def test_a_complete_run_says_so(report):
+    data, _ = report
+    planned = json.loads((FIXTURE / "conformance" / "plan.json").read_text())["rows"]
+    assert f"conformance run complete: {len(raw_rows())} of {planned} planned rows present" in reports.verdict(data)
+
+
+def test_killed_run_with_bad_lines_is_reported_incomplete_with_every_line(tmp_path, capsys):
+    root = tmp_path / "killed"
+    (root / "conformance").mkdir(parents=True)
+    shutil.copy(MIXED / "conformance" / "plan.json", root / "conformance" / "plan.json")
+    rows = raw_rows(MIXED)
+    mangled = {("stat" if k == "status" else k): v for k, v in rows[50].items()}  # valid JSON, a key mangled
+    lines = [json.dumps(r) for r in rows[:50]] + ['{"row_id": "x", "adapter": corrupt'] + [json.dumps(mangled)] \
+        + [json.dumps(r) for r in rows[51:60]]
+    journal = root / "conformance" / "rows.jsonl"
+    journal.write_text("\n".join(lines) + "\n" + json.dumps(rows[60])[:40])  # killed mid-write: no newline
+    code = cli.main(["report", "--results", str(root), "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0
+    planned = json.loads((MIXED / "conformance" / "plan.json").read_text())["rows"]
+    assert f"INCOMPLETE conformance run (no results.json: interrupted?): 59 of {planned} planned rows present" in out
+    expected = [f"{journal}:51: corrupt line", f"{journal}:52: not a valid record (missing field status)",
+                f"{journal}:62: truncated last line"]
+    unreadable = [line for line in err.splitlines() if line.startswith("unreadable: ")]
+    assert len(unreadable) == 3 and all(e in u for e, u in zip(expected, unreadable))
+    page = (tmp_path / "out" / "index.html").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "INCOMPLETE conformance run" in page and "59 of" in summary
+    for e in expected:
+        assert html.escape(e) in page and e in summary
+
+
+def test_a_bad_row_in_results_json_is_listed(tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(MIXED / "conformance", root / "conformance")
+    data = json.loads((root / "conformance" / "results.json").read_text())
+    del data["rows"][7]["status"]
+    (root / "conformance" / "results.json").write_text(json.dumps(data))
+    report = reports.collect(root)
+    assert any(p.endswith("results.json: row 7: missing field status") for p in report.problems)
+    assert any("INCOMPLETE conformance run: 221 of 222" in line for line in reports.verdict(report))
+
+
+# --- several results directories: machines, shards, nights (issue 19) -----------------------------
+
+def _copy(source: Path, target: Path, parts=("conformance", "asv")) -> Path:
+    for part in parts:
+        shutil.copytree(source / part, target / part)
+    return target
+
+
+def test_two_machines_merge_with_the_machine_dimension(tmp_path, capsys):
+    a, b = _copy(MIXED, tmp_path / "a"), _copy(MIXED, tmp_path / "b")
+    results = json.loads((b / "conformance" / "results.json").read_text())
+    changed = next(r for r in results["rows"] if r["status"] == "pass" and r["adapter"] == "torch_mha")
+    changed.update(status="fail", message="differs on this machine")
+    (b / "conformance" / "results.json").write_text(json.dumps(results))
+    data = reports.collect([a, b], machines=["cpu-box", "gpu-box"])
+    rows = data.conformance.rows
+    assert len(rows) == 2 * len(raw_rows(MIXED)) and set(rows["machine"]) == {"cpu-box", "gpu-box"}
+    per_machine = data.tables["machines"].groupby("machine")["total"].sum()
+    assert dict(per_machine) == {"cpu-box": len(raw_rows(MIXED)), "gpu-box": len(raw_rows(MIXED))}
+    cross = data.tables["cross_machine"]
+    assert list(cross["row_id"]) == [changed["row_id"]]
+    assert cross.iloc[0]["cpu-box / cpu"] == "pass" and cross.iloc[0]["gpu-box / cpu"] == "fail"
+    # one line per machine x adapter in the charts; both machines' measurements kept
+    series = set(data.attention["series"])
+    assert {"cpu-box: torch_sdpa", "gpu-box: torch_sdpa"} <= series
+    single = reports.collect(MIXED).attention
+    assert len(data.attention) == 2 * len(single)
+    assert f"conformance run complete: {2 * len(raw_rows(MIXED))} of {2 * 222} planned rows present in 2 " \
+           "directories" in reports.verdict(data)
+    # the CLI takes the same
+    code = cli.main(["report", "--results", str(a), str(b), "--machine", "cpu-box", "gpu-box",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0 and "in 2 directories" in capsys.readouterr().out
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert page.index("id='cross-machine'") < page.index("Per machine × device") < page.index("id='scaling'")
+    assert html.escape(changed["row_id"]) in page.split("id='cross-machine'")[1].split("Per machine")[0]
+    assert "cpu-box" in page and "gpu-box" in page
+
+
+def test_the_same_results_twice_are_counted_once(tmp_path):
+    a, b = _copy(MIXED, tmp_path / "a"), _copy(MIXED, tmp_path / "b")
+    data = reports.collect([a, b])
+    assert len(data.conformance.rows) == len(raw_rows(MIXED))
+    assert len(data.attention) == len(reports.collect(MIXED).attention)
+    notes = " ".join(data.notes)
+    assert f"{len(raw_rows(MIXED))} row(s) of {a} also appear in a newer results directory" in notes
+    assert "appear in more than one asv result file" in notes
+
+
+def _shards(tmp_path: Path, count: int) -> list[Path]:
+    """The fixture's rows split into ``count`` shard directories, each with its plan."""
+    source = json.loads((MIXED / "conformance" / "results.json").read_text())
+    plan = json.loads((MIXED / "conformance" / "plan.json").read_text())
+    dirs = []
+    for k in range(1, count + 1):
+        rows = source["rows"][k - 1::count]
+        root = tmp_path / f"shard{k}"
+        (root / "conformance").mkdir(parents=True)
+        (root / "conformance" / "results.json").write_text(json.dumps({"meta": source["meta"], "rows": rows}))
+        (root / "conformance" / "plan.json").write_text(json.dumps({**plan, "rows": len(rows), "shard": [k, count]}))
+        dirs.append(root)
+    return dirs
+
+
+def test_shards_merge_whole_and_a_missing_one_is_named(tmp_path):
+    dirs = _shards(tmp_path, 3)
+    whole = reports.collect(dirs)
+    merged = whole.conformance.rows.set_index("row_id")["status"].sort_index()
+    original = pd.Series({r["row_id"]: r["status"] for r in raw_rows(MIXED)}).sort_index()
+    assert merged.to_dict() == original.to_dict()
+    assert any(line.startswith("conformance run complete: 222 of 222") for line in reports.verdict(whole))
+    machine = whole.conformance.machine
+    gap = reports.verdict(reports.collect([dirs[0], dirs[2]]))
+    assert f"INCOMPLETE: machine {machine}: shard 2/3 missing (present: 1/3, 3/3): their rows are not in this " \
+           "report" in gap
+    twice = reports.collect([*dirs, dirs[1]])
+    assert len(twice.conformance.rows) == 222
+    assert any("shard 2/3 given 2 times" in note for note in twice.notes)
+
+
+def test_asv_results_of_several_machines_in_one_tree_are_read_together(tmp_path):
+    root = _copy(MIXED, tmp_path / "r", parts=("asv",))
+    shutil.copytree(root / "asv" / "vm", root / "asv" / "other")
+    for path in (root / "asv" / "other").glob("*.json"):
+        data = json.loads(path.read_text())
+        (data.get("params") or data)["machine"] = "other"
+        path.write_text(json.dumps(data))
+    report = reports.collect(root)
+    assert set(report.benchmarks.results["machine"]) == {"vm", "other"}
+    assert {"vm: torch_sdpa", "other: torch_sdpa"} <= set(report.attention["series"])
+    assert set(report.peaks) == {("vm", "cpu"), ("other", "cpu")}
+    code = cli.main(["report", "--results", str(root), "--machine", "one", "--out", str(tmp_path / "o")])
+    assert code == 2  # one name cannot cover a tree of two machines
+
+
+def test_machine_option_errors_are_one_line(tmp_path, capsys):
+    a, b = _copy(MIXED, tmp_path / "a", ("conformance",)), _copy(MIXED, tmp_path / "b", ("conformance",))
+    code = cli.main(["report", "--results", str(a), str(b), "--machine", "x", "y", "z", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--machine" in err and "3 names for 2 directories" in err
+
+
+# --- the scaling summary --------------------------------------------------------------------------
+
+def test_scaling_summary_names_the_fastest_and_leanest_per_class_and_length(mixed):
+    data, paths = mixed
+    winners = data.tables["scaling_winners"]
+    assert set(winners["class"]) == {"SelfAttention", "CausalSelfAttention", "CrossAttention"}
+    for suffix, column in (("time_forward", "fastest"), ("track_peakmem_forward", "leanest")):
+        for klass in set(winners["class"]):
+            raw, names = raw_asv(f".{klass}.{suffix}", MIXED / "asv")
+            for record in winners[winners["class"] == klass].to_dict("records"):
+                measured = {p[names.index("adapter")]: v for p, v in raw.items()
+                            if p[names.index("seq_len")] == record["L"] and p[names.index("num_heads")] == 4
+                            and v is not None and v == v}
+                assert record[column] == min(measured, key=measured.get), (klass, record["L"], column)
+    assert sorted(set(winners["L"])) == [128, 256, 512, 1024]
+    lines = data.tables["scaling_lines"].set_index(["class", "series"])
+    scaling = data.tables["scaling"]
+    for record in scaling[scaling["method"] == "time_forward"].to_dict("records"):
+        assert lines.at[(record["class"], record["series"]), "time_exponent"] == pytest.approx(record["exponent"])
+    page = paths["html"].read_text()
+    summary = page[page.index("id='scaling-summary'"):]
+    assert summary.index("id='scaling-summary'") < summary.index("<figure")  # above the charts
+    links = set(re.findall(r"href='#(chart-[^']+)'", summary))
+    assert links and all(f'id="{link}"' in page for link in links)
+
+
+def test_a_fraction_of_peak_above_one_is_flagged_not_shown(report):
+    data, paths = report
+    faults = data.tables["peak_fraction"][data.tables["peak_fraction"]["fault"] != ""]
+    assert not faults.empty
+    page = paths["html"].read_text()
+    for record in faults.to_dict("records"):
+        raw = record["best_gflops"] / record["gemm_peak_gflops"]
+        assert raw > 1 and f"{raw:.1%}" not in page  # never printed as a fraction
+        assert html.escape(record["fault"]) in page
+
+
 # --- benchmarks ---------------------------------------------------------------------------------
 
 def test_fit_exponent_recovers_a_power_law():
@@ -187,7 +522,11 @@ def test_fraction_of_peak_matches_the_raw_values(report):
                   and p[names.index("mode")] == record["mode"] and p[names.index("num_heads")] == record["num_heads"]
                   and v is not None and v == v]
         assert record["gemm_peak_gflops"] == pytest.approx(peak)
-        assert record["best_fraction"] == pytest.approx(max(values) / peak)
+        if max(values) / peak > 1:  # no attention kernel beats the machine's GEMM: a fault, not a result
+            assert math.isnan(record["best_fraction"]) and f"{max(values) / peak:.0%}" in record["fault"]
+        else:
+            assert record["best_fraction"] == pytest.approx(max(values) / peak) and not record["fault"]
+    assert (rows["fault"] != "").any(), "the fixture holds a fraction above 1 (jax_dpa); it must be flagged"
 
 
 def test_verdict_names_the_fastest_line(report):
@@ -364,7 +703,7 @@ def _hostile_results(root: Path) -> Path:
 def test_hostile_strings_are_escaped(tmp_path):
     data, paths = reports.build_report(_hostile_results(tmp_path / "r"), tmp_path / "out")
     page = paths["html"].read_text()
-    assert "<script" not in page.lower()
+    assert page.lower().count("<script") == 1 and f"<script>{reports.html.SCRIPT}</script>" in page  # ours only
     # the only images are the report's own inline charts
     assert all(tag.startswith('<img class="chart" src="data:image/png;base64,')
                for tag in re.findall(r"<img[^>]*>", page, flags=re.I))

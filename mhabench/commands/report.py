@@ -13,9 +13,14 @@ DEFAULT_OUT = "reports/out"
 
 
 def register(parser):
-    parser.add_argument("--results", default=None, metavar="DIR",
-                        help=f"results directory written by conform and bench (default: {DEFAULT_RESULTS}; "
-                             "with --compare, only when given)")
+    parser.add_argument("--results", default=None, nargs="+", metavar="DIR",
+                        help=f"results directories written by conform and bench (default: {DEFAULT_RESULTS}; "
+                             "with --compare, only when given); several are merged into one report (shards, "
+                             "machines, nights), each row once per machine and device")
+    parser.add_argument("--machine", nargs="+", metavar="NAME",
+                        help="the machine name of the results: one name for every --results directory, or one per "
+                             "directory in order (default: asv's machine name where asv ran, else the host "
+                             "the conformance run recorded, else its CPU)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"where index.html, summary.md and the CSVs go (default: {DEFAULT_OUT})")
     parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
@@ -32,13 +37,20 @@ def _percent(value: float) -> float:
     return value / 100
 
 
-def build(results: str | Path | None, out: str | Path, compare=None, threshold: float = 0.10):
-    """Build the report; a CLIError for anything wrong with the inputs. Returns (data, paths)."""
+def build(results, out: str | Path, compare=None, threshold: float = 0.10, machines=None):
+    """Build the report; a CLIError for anything wrong with the inputs. Returns (data, paths).
+
+    ``results``: a results directory, a list of them (merged), or None (a comparison only)."""
     from mhabench.cli import CLIError
     from mhabench import reports
+    if isinstance(results, (str, Path)):
+        results = [results]
+    if machines and not results:
+        raise CLIError("--machine names the machines of --results directories; give --results too")
     try:
         comparison = reports.compare(Path(compare[0]), Path(compare[1]), threshold) if compare else None
-        return reports.build_report(Path(results) if results is not None else None, Path(out), comparison)
+        dirs = [Path(r) for r in results] if results is not None else None
+        return reports.build_report(dirs, Path(out), comparison, machines)
     except reports.ResultsError as exc:
         raise CLIError(str(exc)) from None
 
@@ -46,8 +58,8 @@ def build(results: str | Path | None, out: str | Path, compare=None, threshold: 
 def main(args) -> int:
     threshold = _percent(args.threshold)
     # --compare alone reports on A vs B (the page shows B); an explicit --results is shown instead
-    results = args.results if args.compare else (args.results or DEFAULT_RESULTS)
-    data, paths = build(results, args.out, args.compare, threshold)
+    results = args.results if args.compare else (args.results or [DEFAULT_RESULTS])
+    data, paths = build(results, args.out, args.compare, threshold, args.machine)
     from mhabench import reports
     for line in reports.verdict(data):
         print(printable(line))
