@@ -290,6 +290,7 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     run_key = {"commit": commit, "profile": options.profile}
     done = finished_chunks(layout, run_key) if resume else set()
     env = dict(os.environ, MHABENCH_PROFILE=options.profile, MHABENCH_RESULTS=str(layout.root), PYTHONUNBUFFERED="1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ log lines stay out of the sweep's output
     if options.adhoc:
         env[ENV_ADAPTERS] = os.pathsep.join(os.path.abspath(t.rpartition(":")[0]) + ":" + t.rpartition(":")[2]
                                             if t.rpartition(":")[0].endswith(".py") else t for t in options.adhoc)

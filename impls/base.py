@@ -171,8 +171,8 @@ class Adapter:
         """Whether the required modules are installed, without importing them (importing decides for sure)."""
         if self._available is not None:
             return self._available[0]
-        try:
-            return all(importlib.util.find_spec(m) is not None for m in self.requires)
+        try:  # top-level names only: finding "flax.nnx" would import flax
+            return all(importlib.util.find_spec(m.partition(".")[0]) is not None for m in self.requires)
         except (ImportError, ValueError):
             return False
 
@@ -307,6 +307,8 @@ class Layer:
         self.has_bias = weights.has_bias
 
     # ---- the public boundary: NumPy in, NumPy out --------------------------
+    check_memory = True  # refuse a call estimated not to fit in the memory available (set False to try anyway)
+
     def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False,
                  training=False, gradients=False) -> Call:
         call = validate_call(self.spec, self.dims, query, value, key, mask, causal)
@@ -315,6 +317,8 @@ class Layer:
                                                  training=training, gradients=gradients)
         if reason:
             raise UnsupportedError(self.adapter.name, "this call", reason)
+        if self.check_memory:
+            memory.check_call_fits(call, self.spec, numpy_dtype(self.dtype).itemsize, gradients)
         return call
 
     def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=True, *,

@@ -85,3 +85,58 @@ def cpu_peak_rise(fn: Callable[[], object]) -> int:
 def median_peak(probe: Callable[[Callable[[], object]], int], fn: Callable[[], object], samples: int = 5) -> int:
     """The median of ``samples`` per-call peaks of ``fn`` measured by ``probe``."""
     return int(statistics.median(probe(fn) for _ in range(max(1, samples))))
+
+
+# ---- refusing a call that cannot fit ----------------------------------------------------------------
+ENV_CHECK = "MHABENCH_MEMORY_CHECK"  # "off": let every call through, however large
+
+
+class CallTooLarge(ValueError):
+    """A call estimated to need more memory than the machine has available; refused before any framework
+    sees it (each framework fails its own way otherwise, or hangs)."""
+
+
+def available_bytes() -> int | None:
+    """Memory available now (psutil where installed, else /proc/meminfo); None when unknown."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def call_bytes(call, spec, itemsize: int, gradients: bool = False) -> int:
+    """Bytes one call needs at its peak, roughly and on the high side: a few score-sized buffers (scores,
+    their exponentials, the weights, a mask), the inputs and their projections, the output; a backward
+    pass keeps about two and a half times as much."""
+    import math
+    n, t, s = call.n_flat, call.q_len, call.k_len
+    heads, width = spec.num_heads, max(spec.key_dim, spec.value_head_dim)
+    scores = n * heads * t * s
+    projections = n * (t + 2 * s) * heads * width
+    inputs = sum(math.prod(a.shape) for a in (call.query, call.value, call.key))
+    output = math.prod(call.output_shape)
+    total = itemsize * (3 * scores + 2 * projections + 2 * inputs + output) + scores  # + a boolean mask
+    return int(total * (2.5 if gradients else 1))
+
+
+def check_call_fits(call, spec, itemsize: int, gradients: bool = False) -> None:
+    """CallTooLarge when the call's estimate exceeds the memory available (unless MHABENCH_MEMORY_CHECK=off)."""
+    if os.environ.get(ENV_CHECK, "").lower() in ("off", "0", "no"):
+        return
+    limit = available_bytes()
+    need = call_bytes(call, spec, itemsize, gradients)
+    if limit is not None and need > limit:
+        gib = lambda b: f"{b / 2 ** 30:.1f} GiB"
+        raise CallTooLarge(f"this call needs about {gib(need)} (scores {list(call.scores_shape)}, key_dim "
+                           f"{spec.key_dim}, {itemsize}-byte elements{', with gradients' if gradients else ''}) but "
+                           f"{gib(limit)} of memory are available; use smaller inputs, or set "
+                           f"{ENV_CHECK}=off (or layer.check_memory = False) to attempt it anyway")

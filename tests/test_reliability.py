@@ -116,3 +116,50 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
                               text=True, timeout=60, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+# ---- huge inputs are refused before any framework sees them ----------------------------------------
+HUGE_ADAPTERS = ["numpy_oracle", "torch_sdpa", "torch_mha", "jax_dpa", "flax_mha"]
+
+
+def test_a_call_that_cannot_fit_is_refused_with_the_same_message_everywhere():
+    import numpy as np
+    from mhabench import impls
+    from mhabench.impls.memory import CallTooLarge
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    weights = impls.Weights.random(spec, 8, 8, seed=0)
+    x = np.zeros((1, 60_000, 8), dtype=np.float32)  # scores 2 x 60000^2 float32: about 27 GiB
+    messages = {}
+    for name in HUGE_ADAPTERS:
+        adapter = impls.get_adapter(name)
+        if not adapter.is_available():
+            continue
+        layer = adapter.build(spec, weights, dtype="float32")
+        started = time.monotonic()
+        with pytest.raises(CallTooLarge) as err:
+            layer(x, x, return_scores=False)
+        assert time.monotonic() - started < 5, f"{name} took long to refuse"
+        messages[name] = str(err.value)
+    import re
+    live = lambda text: re.sub(r"but [0-9.]+ GiB of memory", "but N GiB of memory", text)  # memory free right now
+    assert len({live(m) for m in messages.values()}) == 1, messages
+    text = next(iter(messages.values()))
+    assert "this call needs about" in text and "GiB of memory are available" in text and "MHABENCH_MEMORY_CHECK" in text
+    assert isinstance(CallTooLarge("x"), ValueError)
+
+
+def test_the_memory_check_can_be_switched_off(monkeypatch):
+    import numpy as np
+    from mhabench import impls
+    from mhabench.impls import memory
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)  # a tiny machine
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    layer = impls.get_adapter("numpy_oracle").build(spec, impls.Weights.random(spec, 8, 8, seed=0))
+    x = np.zeros((1, 6, 8))
+    with pytest.raises(memory.CallTooLarge):
+        layer(x, x)
+    layer.check_memory = False
+    assert layer(x, x)[0].shape == (1, 6, 8)
+    layer.check_memory = True
+    monkeypatch.setenv(memory.ENV_CHECK, "off")
+    assert layer(x, x)[0].shape == (1, 6, 8)

@@ -60,18 +60,24 @@ def main(args) -> int:
     from rich.markup import escape
     from rich.table import Table
     safe = lambda text: escape(printable(text))
-    table = Table(title="mhabench adapters" + ("" if args.check else " (from package metadata; --check imports each)"),
-                  show_lines=True)
-    for col in ("adapter", "framework", "version", "installed", "devices", "dtypes", "unsupported"):
-        table.add_column(col, overflow="fold", no_wrap=col == "adapter")
+    console = Console()
+    table = Table(title="mhabench adapters" + ("" if args.check else " (package metadata; --check imports each)"))
+    table.add_column("adapter", no_wrap=True)
+    table.add_column("framework", overflow="fold")
+    table.add_column("installed", no_wrap=True)
+    table.add_column("modes", no_wrap=True)
+    table.add_column("cannot express")
     for r in rows:
-        installed = "[green]yes[/]" if r["available"] else f"[red]no[/]: {safe(r['reason'])}"
-        if args.verbose:
-            unsupported = "\n".join(f"{safe(k)}: {safe(v)}" for k, v in r["unsupported"].items()) or "-"
-        else:
-            unsupported = ", ".join(safe(k) for k in r["unsupported"]) or "-"
+        installed = "[green]yes[/]" if r["available"] else "[red]no[/]"
+        table.add_row(safe(r["adapter"]), safe(r["framework"]), installed, ", ".join(r["modes"]),
+                      str(len(r["unsupported"])) if r["unsupported"] else "-")
+    console.print(table)
+    for r in rows:  # the details, one block per adapter, so they read at any terminal width
         devices = r["devices"] if r["checked"] else r["declared_devices"]
-        table.add_row(safe(r["adapter"]), safe(r["framework"]), safe(r["version"]), installed,
-                      ", ".join(devices) or "-", ", ".join(r["dtypes"]), unsupported)
-    Console().print(table)
+        console.print(f"[bold]{safe(r['adapter'])}[/]: {safe(r['version'])}; devices {', '.join(devices) or '-'}; "
+                      f"dtypes {', '.join(r['dtypes'])}")
+        if not r["available"]:
+            console.print(f"  [red]not installed[/]: {safe(r['reason'])}")
+        for feature, reason in r["unsupported"].items():
+            console.print(f"  cannot express {safe(feature)}" + (f": {safe(reason)}" if args.verbose else ""))
     return 0

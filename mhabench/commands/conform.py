@@ -87,34 +87,41 @@ def main(args) -> int:
     return print_summary(outcome, args.rerun)
 
 
-def print_summary(outcome, rerun) -> int:
+def print_summary(outcome, rerun, console=None) -> int:
+    """The adapter x area summary, failing rows and stale entries; 1 when anything failed."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
     from mhabench.cli import printable
     from mhabench.results import AREAS, STATUSES
     rows = outcome.rows
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     table_data = outcome.summary()
     adapters = sorted({a for a, _ in table_data})
     areas = [a for a in AREAS if any(k[1] == a for k in table_data)]
-    table = Table(title=f"conformance: {len(rows)} rows in {outcome.elapsed:.1f} s "
-                        f"(p=pass f=fail d=divergence u=unsupported e=error s=skip; r=worst error ratio)")
+    def cell(adapter, area):
+        c = table_data.get((adapter, area))
+        if c is None:
+            return "-"
+        counts = " ".join(f"{c[s]}{s[0]}" for s in STATUSES if c[s])
+        ratio = f" r{c['worst_ratio']:.2g}" if c["worst_ratio"] is not None else ""
+        return f"[{'red' if c['fail'] or c['error'] else 'green'}]{counts}[/]{ratio}"
+
+    title = (f"conformance: {len(rows)} rows in {outcome.elapsed:.1f} s "
+             f"(p=pass f=fail d=divergence u=unsupported e=error s=skip; r=worst error ratio)")
+    wide = console.width >= 22 + 16 * len(areas)
+    table = Table(title=title)
     table.add_column("adapter", no_wrap=True)
-    for area in areas:
-        table.add_column(area, justify="right")
-    for adapter in adapters:
-        cells = []
+    if wide:  # one column per area
         for area in areas:
-            c = table_data.get((adapter, area))
-            if c is None:
-                cells.append("-")
-                continue
-            counts = " ".join(f"{c[s]}{s[0]}" for s in STATUSES if c[s])
-            bad = c["fail"] or c["error"]
-            ratio = f" r{c['worst_ratio']:.2g}" if c["worst_ratio"] is not None else ""
-            cells.append(f"[{'red' if bad else 'green'}]{counts}[/]{ratio}")
-        table.add_row(escape(printable(adapter)), *cells)
+            table.add_column(area, justify="right")
+        for adapter in adapters:
+            table.add_row(escape(printable(adapter)), *[cell(adapter, a) for a in areas])
+    else:  # a narrow terminal: the areas of an adapter as wrapping text, so no name is ever cut
+        table.add_column("areas")
+        for adapter in adapters:
+            table.add_row(escape(printable(adapter)),
+                          " · ".join(f"{area} {cell(adapter, area)}" for area in areas if (adapter, area) in table_data))
     console.print(table)
     failing = [r for r in outcome.failing if not rerun or r["row_id"] == rerun]
     for r in failing[:25]:
