@@ -32,6 +32,8 @@ BUDGET_FRACTION = 0.5          # default CPU budget: half the machine's RAM
 GPU_BUDGET_FRACTION = 0.9
 FLOAT_BYTES = 4                # the benchmarks run float32
 KINDS = ("self", "causal", "cross")
+WARMUP_SECONDS = 0.3   # calls before a GFLOP/s window, so it measures the steady state
+MAX_WARMUP_CALLS = 20
 
 
 class Skip(NotImplementedError):
@@ -185,14 +187,14 @@ class PreparedCase:
         ok, why = adapter.availability()
         if not ok:
             raise Skip(f"unavailable here: {why}")
-        if not self.profile.keeps_mode(case.adapter, case.mode):
-            raise Skip(f"the {self.profile.name} profile runs {case.adapter} in "
-                       f"{' and '.join(dict(self.profile.modes_for)[case.adapter])} mode only")
         spec = impls.AttentionSpec(num_heads=case.num_heads, key_dim=case.key_dim)
         dims = (case.model_dim,) * 3
         reason = adapter.unsupported_reason(spec, dims, dtype="float32", device=case.device, mode=case.mode)
         if reason:
             raise Skip(reason)
+        if not self.profile.keeps_mode(case.adapter, case.mode):
+            raise Skip(f"the {self.profile.name} profile runs {case.adapter} in "
+                       f"{adapter.quick_mode or adapter.default_mode} mode only")
         if case.device not in adapter.available_devices():
             raise Skip(f"device {case.device} absent: {adapter.framework} sees "
                        f"{', '.join(adapter.available_devices())} only")
@@ -245,9 +247,16 @@ class PreparedCase:
         probe = lambda call: self.adapter.peak_memory(call, self.case.device)
         return memory.median_peak(probe, lambda: fn(inputs), self.profile.memory_samples)
 
-    def median_seconds(self, backward: bool, repeats: int) -> float:
+    def median_seconds(self, backward: bool, repeats: int, warmup: float = WARMUP_SECONDS) -> float:
+        """The median of ``repeats`` calls in the steady state: first, calls for ``warmup`` seconds (the first
+        calls after setup pay page faults and cold caches and run several percent slow), then the window."""
         fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward
                       else (self.native_forward, self.inputs))
+        started = time.perf_counter()
+        for _ in range(MAX_WARMUP_CALLS):
+            fn(inputs)
+            if time.perf_counter() - started >= warmup:
+                break
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -49,6 +49,3 @@ def attention_flops(batch: int, q_len: int, kv_len: int, model_dim: int, num_hea
         return proj * (1 + BACKWARD_PROJECTION_FACTOR) + core * (1 + BACKWARD_CORE_FACTOR)
     return proj + core
 
-
-def gemm_flops(n: int) -> float:
-    return 2.0 * n ** 3

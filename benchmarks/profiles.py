@@ -58,13 +58,13 @@ class Profile:
         return adapter_names()
 
     def keeps_mode(self, adapter: str, mode: str) -> bool:
-        """Whether this profile runs ``adapter`` in ``mode``: the quick profile one mode per adapter, the one
-        its users usually run fastest (the adapter's ``quick_mode``, else its default mode)."""
-        if not self.one_mode:
-            return True
+        """Whether this profile runs ``adapter`` in ``mode``: a mode the adapter has, and in the quick profile
+        only the one its users usually run fastest (its ``quick_mode``, else its default mode)."""
         from mhabench import impls
         a = impls.get_adapter(adapter)
-        return mode == (a.quick_mode or a.default_mode)
+        if self.one_mode:
+            return mode == (a.quick_mode or a.default_mode)
+        return mode in a.capabilities().modes
 
 
 PROFILES = {

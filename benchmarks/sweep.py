@@ -279,6 +279,15 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print) -
         raise
 
 
+def measure_peak(layout: results.Layout, env, label: str, say, prefix: str, devices=("cpu",)) -> None:
+    """The GEMM peak next to the benchmarks it divides (benchmarks.peak, in its own process)."""
+    for device in devices:
+        done = subprocess.run([sys.executable, "-m", "mhabench.benchmarks.peak", "--results", str(layout.root),
+                               "--device", device, "--label", label], env=env, capture_output=True, text=True)
+        line = (done.stdout.strip().splitlines() or [done.stderr.strip()[-200:]])[-1]
+        say(f"{prefix} {line}")
+
+
 def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=print) -> int:
     """Run the sweep; 0 when every chunk ran clean, 1 when some benchmark failed (results written all the same)."""
     plan = chunk_plan(options.profile, options.adapters, options.devices, options.bench)
@@ -298,10 +307,10 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
         env["MHABENCH_MEMORY_BUDGET"] = options.memory_budget
     # asv starts a process per case: the adapters' persistent compilation cache (impls.cache) lets JAX
     # compile each shape once, not once per process (only setup gets faster; the timed calls are the same)
-    return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say)
+    return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, options.devices)
 
 
-def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say) -> int:
+def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, devices=("cpu",)) -> int:
     if not dry_run:
         ensure_machine(config, env)
     say(f"mhabench bench: profile {run_key['profile']}, {len(plan)} chunks, commit {commit[:10]}, "
@@ -318,7 +327,9 @@ def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_r
             say(f"{prefix} {' '.join(cmd[:12])} ... ({len(chunk.regexes)} --bench regexes)")
             continue
         t0 = time.monotonic()
+        measure_peak(layout, env, f"before {chunk.key}", say, prefix, devices)
         code = stream(cmd, chunk_env, prefix, verbose, say)
+        measure_peak(layout, env, f"after {chunk.key}", say, prefix, devices)
         if code not in (0, 2):  # 2: some benchmark failed, the results are written all the same
             raise SweepError(f"asv stopped with exit status {code} in chunk {chunk.key}; see its output above")
         failures += code == 2

@@ -413,10 +413,10 @@ def _later() -> list[Case]:
     return [
         # x attends to itself through one array: what a fused qkv projection (the textbook layer) can express
         shared("shared_input_T8-heads2", "shapes", quick=True),
-        shared("shared_input_T8-causal", "masks"),
-        shared("shared_input_T8-mask_padding", "masks"),
-        shared("shared_input_T8-mask_fully_masked_row", "masks"),
-        shared("grad-shared_input_T8-causal", "gradients"),
+        shared("shared_input_T8-causal", "masks", causal=True),
+        shared("shared_input_T8-mask_padding", "masks", mask="padding"),
+        shared("shared_input_T8-mask_fully_masked_row", "masks", mask="fully_masked_row"),
+        shared("grad-shared_input_T8-causal", "gradients", causal=True),
         # float16 accumulation error grows with the number of keys summed; from ~256 keys a float16 running
         # sum no longer passes (the mutation check's float16 mutant escapes at 128)
         Case(id="cross_T4_S512-long_keys", area="dtypes", spec=_spec(), q_shape=(4,), k_shape=(512,)),
@@ -454,6 +454,10 @@ def _more() -> list[Case]:
             shapes("self_T8-heads1_kd4", _spec(1, 4), query_dim=4, key_dim=4, value_dim=4),
             shapes("cross_T6_S5-heads3_kd1", _spec(3, 1), q_shape=(6,), k_shape=(5,), query_dim=3, key_dim=3,
                    value_dim=3),
+            # a per-head bias [H, 1] on inputs whose first inner axis has length H: Keras's TensorFlow ops.add
+            # takes its bias_add shortcut along the wrong axis there (the catalogue's keras_tf_bias_add_shortcut)
+            shapes("cross_T4_S3-heads3_kd1", _spec(3, 1), q_shape=(4,), k_shape=(3,)),
+            shapes("cross_T4_S2-heads2_kd1", _spec(2, 1), q_shape=(4,), k_shape=(2,)),
             shapes("self_T8-dropout0.3-not_training", _spec(dropout=0.3)),
             shapes("cross_T6_S4-dropout0.5-causal", _spec(dropout=0.5), q_shape=(6,), k_shape=(4,), causal=True),
             shapes("cross_T6_S4-output_shape3x2-mask_padding", _spec(output_shape=(3, 2)), q_shape=(6,), k_shape=(4,),

@@ -5,7 +5,8 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
     [[divergence]]
     id = "torch_mha-fully_masked_row-nan"    # unique, appears in the rows it explains
     adapters = ["torch_mha"]
-    cases = ["*fully_masked_row*"]           # fnmatch patterns on case ids
+    cases = ["*fully_masked_row*"]           # fnmatch patterns on case ids (default: every case)
+    when = ["empty_rows"]                    # optional: properties every covered case has (CASE_PROPERTIES)
     dtypes = ["float32"]                     # optional: default every dtype
     quantities = ["output", "scores"]        # optional: default every quantity
     observed = "what the implementation does"
@@ -16,6 +17,7 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
     precision = "float32"                    # optional, alone or with a policy/behaviour: judged as computed
                                              # in this dtype (reference and floor of that dtype)
     upstream = "https://github.com/..."      # optional: only a real issue
+    varies = "why it shows on some machines only"   # optional: then its absence is not stale
 
 A row an entry covers that fails against the canonical golden but passes
 against the entry's description becomes status ``divergence``. The check is
@@ -43,8 +45,77 @@ else:  # pragma: no cover - Python 3.10
 from mhabench.impls.validation import FULLY_MASKED_POLICIES as POLICIES
 
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
-_KEYS = {"id", "adapters", "cases", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "check",
-         "max_error_ratio", "precision", "upstream"}
+_KEYS = {"id", "adapters", "cases", "when", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "check",
+         "max_error_ratio", "precision", "upstream", "varies"}
+
+
+# ---- properties of a case, for entries that follow a behaviour wherever it arises -----------------------
+def _allowed(case):
+    """The case's may-attend mask as [N, 1|H, T, S] (causal folded in), and its inputs."""
+    i = case.inputs()
+    from mhabench.impls.validation import validate_call
+    return validate_call(i.spec, case.dims, *i.args()).flat_allowed(), i
+
+
+def _empty_rows(case) -> bool:
+    allowed, _ = _allowed(case)
+    return allowed is not None and not np.all(np.any(allowed, axis=-1))
+
+
+def _nonfinite(case) -> bool:
+    i = case.inputs()
+    return any(a is not None and not np.all(np.isfinite(a)) for a in (i.query, i.key, i.value))
+
+
+def _masked_nonfinite(case) -> bool:
+    """A NaN/Inf in a key or value position that the mask hides from some query."""
+    allowed, i = _allowed(case)
+    if allowed is None:
+        return False
+    bad_keys = [a for a in (i.key, i.value) if a is not None and not np.all(np.isfinite(a))]
+    return bool(bad_keys) and case.special in ("nan_masked_key", "nan_masked_value", "inf_masked_value")
+
+
+def _keras_tf_bias_add_shortcut(case) -> bool:
+    """Shapes on which Keras's TensorFlow ``ops.add`` takes its ``tf.nn.bias_add`` shortcut along the wrong axis
+    inside MultiHeadAttention's projections (keras/src/backend/tensorflow/numpy.py ``add``; the report is
+    conformance/divergences/reports/keras-tensorflow-ops-add-bias-add.md): a per-head bias ``[H, 1]`` (key_dim or
+    value_dim 1, H > 1) meets an input whose first inner axis has length H, or a multi-axis output_shape
+    ``(n, 1)`` meets a query whose first inner axis has length n."""
+    spec = case.attention_spec
+    if not spec.use_bias:
+        return False
+    heads, q1 = spec.num_heads, case.query_shape[1]
+    k1, v1 = (case.key_shape or case.value_shape)[1], case.value_shape[1]
+    projections = heads > 1 and ((spec.key_dim == 1 and heads in (q1, k1)) or (spec.value_head_dim == 1 and v1 == heads))
+    out = spec.output_shape or ()
+    wide = [d for d in out if d > 1]
+    output = len(out) > 1 and out[-1] == 1 and len(wide) == 1 and wide[0] == q1
+    return projections or output
+
+
+CASE_PROPERTIES = {
+    "keras_tf_bias_add_shortcut": _keras_tf_bias_add_shortcut,
+    "masked": lambda case: case.mask != "none" or case.causal,  # a mask or causal: anything masked at all
+    "causal": lambda case: case.causal,
+    "empty_rows": _empty_rows,                  # a query row with no allowed key
+    "nonfinite": _nonfinite,                    # a NaN or Inf in an input
+    "masked_nonfinite": _masked_nonfinite,      # a NaN or Inf where the mask hides it
+    "rank3": lambda case: len(case.q_shape) == 1,  # one sequence axis: [batch, length, features]
+    "value_dim": lambda case: case.attention_spec.value_dim not in (None, case.attention_spec.key_dim),
+}
+_property_cache: dict[tuple[str, str], bool] = {}
+
+
+def case_has(case_id: str, name: str) -> bool:
+    """Whether the case behind ``case_id`` has property ``name`` (False for a case that cannot be rebuilt)."""
+    key = (case_id, name)
+    if key not in _property_cache:
+        from .cases import find_case
+        case = find_case(case_id)
+        with np.errstate(all="ignore"):
+            _property_cache[key] = bool(case is not None and CASE_PROPERTIES[name](case))
+    return _property_cache[key]
 PRECISIONS = ("float32", "float16", "bfloat16")
 
 
@@ -129,6 +200,25 @@ def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantit
                                               dtype, compare)
 
 
+def _nan_rows_nan_or_bias(actual, goldens, quantity, dtype, compare) -> bool:
+    """Each output row the golden makes NaN is either NaN (canonical) or the output bias (zero weights), and
+    every other row matches: a kernel whose handling of a NaN row depends on the machine."""
+    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
+    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    as_bias = _nan_row_output_is_bias(golden, goldens.inputs, quantity)
+    out_dims = goldens.inputs.weights.Wo.ndim - 2
+    flat = lambda a: a.reshape(a.shape[:a.ndim - out_dims] + (-1,))
+    nan_rows = np.isnan(flat(golden)).any(axis=-1)
+    got = flat(actual)[nan_rows]
+    from .tolerances import FLOOR
+    bias = flat(as_bias)[nan_rows]
+    close = np.abs(got - bias) <= FLOOR[dtype] * np.maximum(1.0, np.abs(bias))  # the bias, rounded to dtype
+    ok_rows = np.isnan(got).all(axis=-1) | np.all(close, axis=-1)
+    rest = ~nan_rows
+    return bool(ok_rows.all()) and compare(flat(golden)[rest], flat(reference)[rest], flat(actual)[rest], dtype,
+                                           quantity).ok
+
+
 def _introduces_nan(actual, goldens, quantity, dtype, compare) -> bool:
     """NaN where the golden is finite, and everywhere else within tolerance of the golden."""
     golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
@@ -157,6 +247,7 @@ def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> 
 # Named predicates, for behaviours whose exact values no model here reproduces:
 # (actual, goldens, quantity, dtype, compare) -> whether the actual array shows the behaviour.
 CHECKS: dict[str, Callable] = {
+    "nan_rows_nan_or_bias": _nan_rows_nan_or_bias,
     "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
     "finite_but_matches_no_policy": _finite_but_matches_no_policy,
     "poisoned_batch_scores_nan_only_at_nonfinite_logits": _poisoned_batch_scores_nan_only_at_nonfinite_logits,
@@ -171,6 +262,7 @@ class Entry:
     adapters: tuple[str, ...]
     cases: tuple[str, ...]
     observed: str
+    when: tuple[str, ...] = ()
     dtypes: tuple[str, ...] | None = None
     quantities: tuple[str, ...] | None = None
     oracle_policy: str | None = None
@@ -179,6 +271,7 @@ class Entry:
     max_error_ratio: float | None = None
     precision: str | None = None
     upstream: str | None = None
+    varies: str | None = None
     source: str = field(default="", compare=False)
 
     @property
@@ -194,6 +287,7 @@ class Entry:
     def covers(self, adapter: str, case_id: str, dtype: str, quantity: str) -> bool:
         return (adapter in self.adapters
                 and any(fnmatch.fnmatchcase(case_id, p) for p in self.cases)
+                and all(case_has(case_id, name) for name in self.when)
                 and (self.dtypes is None or dtype in self.dtypes)
                 and (self.quantities is None or quantity in self.quantities))
 
@@ -206,9 +300,13 @@ def _entry(raw: dict, source: str) -> Entry:
     unknown = set(raw) - _KEYS
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(_KEYS)}")
-    for key in ("id", "adapters", "cases", "observed"):
+    for key in ("id", "adapters", "observed"):
         if not raw.get(key):
             raise ValueError(f"{where}: '{key}' is required")
+    unknown_when = set(raw.get("when") or ()) - set(CASE_PROPERTIES)
+    if unknown_when:
+        raise ValueError(f"{where}: 'when' names unknown properties {sorted(unknown_when)}; known: "
+                         f"{sorted(CASE_PROPERTIES)}")
     policy, behaviour = raw.get("oracle_policy"), raw.get("behaviour")
     check_name, ratio, precision = raw.get("check"), raw.get("max_error_ratio"), raw.get("precision")
     if policy is not None and policy not in POLICIES:
@@ -230,10 +328,11 @@ def _entry(raw: dict, source: str) -> Entry:
     if upstream is not None and not str(upstream).startswith("https://"):
         raise ValueError(f"{where}: upstream must be an https:// link, got {upstream!r}")
     tup = lambda k: tuple(raw[k]) if raw.get(k) is not None else None
-    return Entry(id=raw["id"], adapters=tuple(raw["adapters"]), cases=tuple(raw["cases"]), observed=raw["observed"],
+    return Entry(id=raw["id"], adapters=tuple(raw["adapters"]), cases=tuple(raw.get("cases") or ("*",)),
+                 when=tuple(raw.get("when") or ()), observed=raw["observed"],
                  dtypes=tup("dtypes"), quantities=tup("quantities"), oracle_policy=policy, behaviour=behaviour,
                  check=check_name, max_error_ratio=float(ratio) if ratio is not None else None, precision=precision,
-                 upstream=upstream, source=source)
+                 upstream=upstream, varies=raw.get("varies"), source=source)
 
 
 def load(directory=DIVERGENCE_DIR) -> list[Entry]:
@@ -279,15 +378,23 @@ def check(entries, rows, adapters_run=(), full_matrix: bool = False) -> list[Ent
         missing = [r["row_id"] for r in covered if r.get("divergence") != e.id
                    and (r["status"] == "fail" or r.get("contradicts") == e.id)]
         shown = [r for r in covered if r.get("divergence") == e.id]
+        # on the full matrix every adapter the entry names must show it somewhere: an entry never over-claims
+        silent = sorted(a for a in set(e.adapters) & set(adapters_run) if not any(r["adapter"] == a for r in shown)) \
+            if full_matrix else []
         if missing:
             out.append(EntryCheck(e.id, "stale", f"{len(missing)}/{len(covered)} covered rows no longer show "
                                   f"'{e.observed}': {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
                                   len(covered)))
+        elif silent and e.varies:
+            out.append(EntryCheck(e.id, "ok" if shown else "unchecked",
+                                  f"reproduced in {len(shown)} rows; not on this machine for {', '.join(silent)} "
+                                  f"({e.varies})", len(shown)))
+        elif silent:
+            out.append(EntryCheck(e.id, "stale", f"{', '.join(silent)} show it in no row of the full matrix (the "
+                                  f"behaviour is gone there, or the entry names an adapter it never applied to)",
+                                  len(shown)))
         elif shown:
             out.append(EntryCheck(e.id, "ok", f"reproduced in {len(shown)} rows", len(shown)))
-        elif full_matrix and set(e.adapters) & set(adapters_run):
-            out.append(EntryCheck(e.id, "stale", "shows in no row of the full matrix (the behaviour is gone, or "
-                                  "the case pattern or dtype filter matches nothing)", 0))
         else:
             out.append(EntryCheck(e.id, "unchecked", "none of its rows ran", 0))
     return out
@@ -300,7 +407,7 @@ def export(entries, checks) -> list[dict]:
     for e in entries:
         c = verdicts.get(e.id)
         out.append({"id": e.id, "framework": Path(e.source).stem, "adapters": list(e.adapters),
-                    "cases": list(e.cases), "dtypes": list(e.dtypes) if e.dtypes else None,
+                    "cases": list(e.cases), "when": list(e.when), "dtypes": list(e.dtypes) if e.dtypes else None,
                     "quantities": list(e.quantities) if e.quantities else None, "observed": e.observed,
                     "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
                     "message": c.message if c else "", "rows": c.rows if c else 0})

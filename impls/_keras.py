@@ -35,13 +35,6 @@ def active_backend() -> str:
         return "tensorflow"
 
 
-def jax_x64_enabled() -> bool:
-    jax = sys.modules.get("jax")
-    if jax is not None and hasattr(jax, "config"):
-        return bool(jax.config.jax_enable_x64)
-    return os.environ.get("JAX_ENABLE_X64", "").lower() in ("1", "true", "yes", "on")
-
-
 def device_name(device: str) -> str:
     """Our device string -> the name ``keras.device`` takes."""
     kind, _, index = device.partition(":")
@@ -116,10 +109,11 @@ class Ops:
                     x.numpy()
         return t
 
-    def compile(self, fn):
+    def compile(self, fn, mode: str = "compiled"):
+        """``fn`` traced ("graph": TensorFlow without XLA) or compiled (XLA, jax.jit, torch.compile)."""
         if self.backend == "tensorflow":
             import tensorflow as tf
-            return tf.function(fn, jit_compile=True)
+            return tf.function(fn, jit_compile=mode == "compiled")
         if self.backend == "jax":
             import jax
             return jax.jit(fn, static_argnums=(6,))

@@ -39,7 +39,9 @@ FEATURES: dict[str, str] = {
     "dropout": "dropout while training",
     "gradients": "gradients through the layer",
 }
-MODES = ("eager", "compiled")
+# How a layer runs: op by op ("eager"); traced into a graph the framework runs without an optimising compiler
+# ("graph": TensorFlow's tf.function without XLA); compiled (jax.jit, XLA, torch.compile).
+MODES = ("eager", "graph", "compiled")
 
 
 class UnsupportedError(ValueError):

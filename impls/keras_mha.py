@@ -28,8 +28,6 @@ from .spec import Weights
 WORKER_OPTIONS = ("build_timeout", "call_timeout")
 # torch.compile (what Keras's own jit_compile uses on torch) of the layer's stateless call spent over two
 # minutes tracing Keras on CPU and then failed, so "compiled" is not offered on the torch backend.
-X64_REASON = ("JAX runs with jax_enable_x64 off in this process, so Keras silently computes float64 in float32; "
-              "set JAX_ENABLE_X64=1 before importing jax")
 
 
 def keras_axes(spec, rank: int) -> tuple[int, ...]:
@@ -111,7 +109,7 @@ class KerasMHALayer(Layer):
                 trainable, non_trainable, query, value, key=key, attention_mask=mask, use_causal_mask=causal,
                 return_attention_scores=return_scores, training=training)
             return (result if return_scores else (result, None)), non_trainable
-        return self.ops.compile(forward) if self.mode == "compiled" else forward
+        return forward if self.mode == "eager" else self.ops.compile(forward, self.mode)
 
     # ---- translating a call ---------------------------------------------------
     def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False, training=False,
@@ -197,9 +195,13 @@ class KerasMHAAdapter(_keras.KerasAdapter):
     framework = "Keras (TensorFlow)"
     description = "keras.layers.MultiHeadAttention on the TensorFlow backend"
     layer_class = KerasMHALayer
+    # the usual mode that runs fastest on CPU: a tf.function graph without XLA (what many Keras users on
+    # TensorFlow run), faster here than XLA's compiled graph and than eager execution
+    quick_mode = "graph"
 
     def capabilities(self):
-        return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"))
+        modes = ("eager", "graph", "compiled") if self.backend == "tensorflow" else ("eager", "compiled")
+        return Capabilities(devices=("cpu", "cuda"), modes=modes)
 
     def _build(self, spec, weights, dtype, device, mode, **options):
         flash = options.get("flash_attention")
@@ -222,9 +224,6 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
     framework = "Keras (JAX)"
     description = "keras.layers.MultiHeadAttention on the JAX backend"
 
-    def worker_env(self):
-        return {"KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "1"}  # so float64 is float64 in the worker
-
     def unsupported_reason(self, spec, weights, *, call=None, return_scores=False, gradients=False, **kwargs):
         reason = super().unsupported_reason(spec, weights, call=call, return_scores=return_scores,
                                             gradients=gradients, **kwargs)
@@ -237,16 +236,12 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
                     "(cannot reshape array ...); the call with return_attention_scores=True works")
         return reason
 
-    def capabilities(self):
-        caps = super().capabilities()
-        if self.in_process() and not _keras.jax_x64_enabled():
-            return Capabilities(unsupported_dtypes={"float64": X64_REASON}, devices=caps.devices, modes=caps.modes)
-        return caps
 
 
 class KerasMHATorchAdapter(KerasMHAAdapter):
     name = "keras_mha@torch"
     backend = "torch"
+    quick_mode = None  # eager, its only mode
     framework = "Keras (PyTorch)"
     description = "keras.layers.MultiHeadAttention on the PyTorch backend"
 

@@ -12,6 +12,7 @@ Layout of a results directory::
     conformance/catalogue.json  the divergence entries the run checked, each with its verdict
     bench/skips.jsonl           why a benchmark case did not run
     bench/progress.jsonl        the benchmark chunks finished (for --resume)
+    bench/peaks.jsonl           the machine's GEMM rate, measured before and after each chunk
     asv/                        asv's own results (one folder per machine)
     logs/                       the main job's per-stage logs
     .lock                       held by the run writing into the directory
@@ -62,6 +63,7 @@ class Layout:
         self.bench = self.root / "bench"
         self.skips = self.bench / "skips.jsonl"
         self.progress = self.bench / "progress.jsonl"
+        self.peaks = self.bench / "peaks.jsonl"
         self.asv_config = self.bench / "asv.conf.json"
         self.asv = self.root / "asv"
         self.asv_html = self.root / "asv-html"

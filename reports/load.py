@@ -72,6 +72,7 @@ class Benchmarks:
     source: Path
     notes: list = field(default_factory=list)
     problems: list = field(default_factory=list)  # "path:line: ..." for every skip-log line not read
+    peaks: list = field(default_factory=list)  # GEMM peaks measured next to the chunks: {machine, device, gflops}
 
 
 def _read_json(path: Path):
@@ -164,8 +165,21 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
     problems: list[str] = []
     skips = load_skips(skips_dir, problems)
     bench = Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir,
-                       problems=problems)
+                       problems=problems, peaks=load_peaks(skips_dir, runs_frame, problems))
     return newest_measurements(bench) if latest_only else bench
+
+
+def load_peaks(results_dir: Path, runs: pd.DataFrame, problems: list) -> list[dict]:
+    """bench/peaks.jsonl: the GEMM rate measured before and after each chunk, under this directory's asv
+    machine name (none when the directory holds several machines' asv results: a peak is one machine's)."""
+    path = results.Layout(results_dir).peaks
+    if not path.is_file() or runs.empty or runs["machine"].nunique() != 1:
+        return []
+    check = lambda r: None if isinstance(r, dict) and "device" in r and "gflops" in r else "needs device and gflops"
+    records, bad = results.read_jsonl(path, check)
+    problems.extend(bad)
+    machine = str(runs["machine"].iloc[0])
+    return [{"machine": machine, "device": str(r["device"]), "gflops": float(r["gflops"])} for r in records]
 
 
 def newest_measurements(bench: Benchmarks) -> Benchmarks:
@@ -455,5 +469,5 @@ def merge_benchmarks(parts: list[Benchmarks]) -> Benchmarks | None:
     merged = Benchmarks(results=pd.concat([p.results for p in parts], ignore_index=True), machines=machines,
                         runs=pd.concat([p.runs for p in parts], ignore_index=True), skips=skips,
                         source=parts[0].source, notes=[n for p in parts for n in p.notes],
-                        problems=[q for p in parts for q in p.problems])
+                        problems=[q for p in parts for q in p.problems], peaks=[k for p in parts for k in p.peaks])
     return newest_measurements(merged)
