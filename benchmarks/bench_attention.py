@@ -3,8 +3,10 @@
 Each class is one attention pattern (self, causal self, cross with S = T/2);
 each method one measurement. Setup builds, compiles and calls the layer once;
 the timed bodies are one native call that ends with the framework's device
-sync. Peak memory is the rise during one call (``benchmarks.memory``), not
-the process's; GFLOP/s is ``benchmarks.flops`` over the median of a few calls.
+sync. Peak memory is the rise during one call (the adapter's own probe: VmHWM
+on CPU, the framework's counter where it pools memory or on GPU), not the
+process's. GFLOP/s is not a measurement of its own: setup records each case's
+FLOPs (``benchmarks.flops``) and the report divides them by asv's timings.
 """
 from mhabench.benchmarks import common
 from mhabench.benchmarks.profiles import MODES, get_profile
@@ -12,8 +14,8 @@ from mhabench.benchmarks.profiles import MODES, get_profile
 PROFILE = get_profile()
 common.preimport_for_forkserver()
 
-FORWARD_METHODS = ("time_forward", "track_peakmem_forward", "track_gflops_forward")
-BACKWARD_METHODS = ("time_forward_backward", "track_peakmem_forward_backward", "track_gflops_forward_backward")
+FORWARD_METHODS = ("time_forward", "track_peakmem_forward")
+BACKWARD_METHODS = ("time_forward_backward", "track_peakmem_forward_backward")
 _current = {}  # the instance whose setup ran last in this process (asv runs one case per process)
 
 
@@ -51,6 +53,7 @@ class _AttentionBenchmark:
                            PROFILE.model_dim, PROFILE.cross_kv_ratio)
         _current["bench"] = self
         self.prepared = common.prepare(case, PROFILE, self.names(FORWARD_METHODS + BACKWARD_METHODS))
+        common.record_flops(f"bench_attention.{type(self).__name__}", case)
         self.forward, self.inputs = self.prepared.native_forward, self.prepared.inputs
 
     def time_forward(self, *params):
@@ -73,17 +76,9 @@ class _AttentionBenchmark:
     def track_peakmem_forward_backward(self, *params):
         return self._track("track_peakmem_forward_backward", lambda: self.prepared.peak_bytes(backward=True))
 
-    def track_gflops_forward(self, *params):
-        return self._track("track_gflops_forward", lambda: self.prepared.gflops(backward=False))
-
-    def track_gflops_forward_backward(self, *params):
-        return self._track("track_gflops_forward_backward", lambda: self.prepared.gflops(backward=True))
-
     track_peakmem_forward.unit = track_peakmem_forward_backward.unit = "bytes"
-    track_gflops_forward.unit = track_gflops_forward_backward.unit = "GFLOP/s"
     time_forward_backward.setup = _warm_backward
     track_peakmem_forward_backward.setup = _warm_backward
-    track_gflops_forward_backward.setup = _warm_backward
 
 
 class SelfAttention(_AttentionBenchmark):

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +30,6 @@ BUDGET_FRACTION = 0.5          # default CPU budget: half the machine's RAM
 GPU_BUDGET_FRACTION = 0.9
 FLOAT_BYTES = 4                # the benchmarks run float32
 KINDS = ("self", "causal", "cross")
-WARMUP_SECONDS = 0.3   # calls before a GFLOP/s window, so it measures the steady state
-MAX_WARMUP_CALLS = 20
 
 
 class Skip(NotImplementedError):
@@ -54,21 +50,32 @@ def skips_path() -> Path:
     return results.Layout(results_dir()).skips
 
 
-def record(benchmarks, params: dict, status: str, reason: str) -> None:
-    """Append one line per benchmark name to skips.jsonl, unless that exact line is there already
-    (asv re-runs setup per sample and per method, so the same skip is seen many times)."""
-    path = skips_path()
+def _append_once(path: Path, records: list[dict]) -> None:
+    """Append each record as a JSON line unless that exact line is there already (asv re-runs setup per
+    sample and per method, so the same record is seen many times)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         seen = set(path.read_text().splitlines()) if path.exists() else set()
-        lines = [json.dumps({"benchmark": b, "params": params, "status": status, "reason": reason},
-                            sort_keys=True) for b in benchmarks]
-        new = [line for line in lines if line not in seen]
+        new = [line for line in (json.dumps(r, sort_keys=True) for r in records) if line not in seen]
         if new:
             with open(path, "a") as fh:
                 fh.write("".join(line + "\n" for line in new))
     except OSError as exc:  # a read-only results dir must not turn a skip into a crash
         print(f"mhabench: cannot write {path}: {exc}", file=sys.stderr)
+
+
+def record(benchmarks, params: dict, status: str, reason: str) -> None:
+    """One line per benchmark name in skips.jsonl: why it did not run."""
+    _append_once(skips_path(), [{"benchmark": b, "params": params, "status": status, "reason": reason}
+                                for b in benchmarks])
+
+
+def record_flops(benchmark_class: str, case: "Case") -> None:
+    """The FLOPs of a case's forward and forward+backward calls (bench/flops.jsonl): the report divides them
+    by asv's own steady-state timings to give GFLOP/s, so throughput and time come from one measurement."""
+    _append_once(results.Layout(results_dir()).flops,
+                 [{"benchmark": benchmark_class, "params": case.params(), "forward": case.flops(False),
+                   "forward_backward": case.flops(True)}])
 
 
 # ---- memory budget ------------------------------------------------------------------------------
@@ -246,27 +253,6 @@ class PreparedCase:
                       else (self.native_forward, self.inputs))
         probe = lambda call: self.adapter.peak_memory(call, self.case.device)
         return memory.median_peak(probe, lambda: fn(inputs), self.profile.memory_samples)
-
-    def median_seconds(self, backward: bool, repeats: int, warmup: float = WARMUP_SECONDS) -> float:
-        """The median of ``repeats`` calls in the steady state: first, calls for ``warmup`` seconds (the first
-        calls after setup pay page faults and cold caches and run several percent slow), then the window."""
-        fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward
-                      else (self.native_forward, self.inputs))
-        started = time.perf_counter()
-        for _ in range(MAX_WARMUP_CALLS):
-            fn(inputs)
-            if time.perf_counter() - started >= warmup:
-                break
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(inputs)
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-
-    def gflops(self, backward: bool) -> float:
-        seconds = self.median_seconds(backward, self.profile.gflops_repeats)
-        return self.case.flops(backward) / seconds / 1e9
 
 
 _CACHE: dict[Case, PreparedCase | BaseException] = {}

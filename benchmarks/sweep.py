@@ -106,7 +106,8 @@ def chunk_plan(profile_name: str, adapters, devices, bench_regex) -> list[Chunk]
                 continue
             if not machine:
                 adapter, mode = combo[0].strip("'"), combo[1].strip("'")
-                if adapter not in adapters or not profile.keeps_mode(adapter, mode):
+                if adapter not in adapters or not profile.keeps_mode(adapter, mode) \
+                        or not profile.keeps(name, adapter, int(combo[2])):
                     continue
             if bench_regex and not re.search(bench_regex, f"{name}({', '.join(combo)})"):
                 continue

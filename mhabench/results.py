@@ -13,6 +13,7 @@ Layout of a results directory::
     bench/skips.jsonl           why a benchmark case did not run
     bench/progress.jsonl        the benchmark chunks finished (for --resume)
     bench/peaks.jsonl           the machine's GEMM rate, measured before and after each chunk
+    bench/flops.jsonl           the FLOPs of each benchmark case (GFLOP/s = FLOPs / asv's time)
     asv/                        asv's own results (one folder per machine)
     logs/                       the main job's per-stage logs
     .lock                       held by the run writing into the directory
@@ -64,6 +65,7 @@ class Layout:
         self.skips = self.bench / "skips.jsonl"
         self.progress = self.bench / "progress.jsonl"
         self.peaks = self.bench / "peaks.jsonl"
+        self.flops = self.bench / "flops.jsonl"
         self.asv_config = self.bench / "asv.conf.json"
         self.asv = self.root / "asv"
         self.asv_html = self.root / "asv-html"

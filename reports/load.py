@@ -164,9 +164,49 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
     skips_dir = path if path.is_dir() else asv_dir.parent
     problems: list[str] = []
     skips = load_skips(skips_dir, problems)
+    frame = with_throughput(frame, load_flops(skips_dir, problems))
     bench = Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir,
                        problems=problems, peaks=load_peaks(skips_dir, runs_frame, problems))
     return newest_measurements(bench) if latest_only else bench
+
+
+THROUGHPUT = {"time_forward": ("track_gflops_forward", "forward"),
+              "time_forward_backward": ("track_gflops_forward_backward", "forward_backward")}
+
+
+def load_flops(results_dir: Path, problems: list) -> dict:
+    """bench/flops.jsonl: (benchmark class, adapter, mode, seq_len, num_heads, device) -> FLOPs per call kind."""
+    path = results.Layout(results_dir).flops
+    if not path.is_file():
+        return {}
+    check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "forward"} <= set(r) else \
+        "needs benchmark, params and forward"
+    records, bad = results.read_jsonl(path, check)
+    problems.extend(bad)
+    return {(r["benchmark"], *(r["params"].get(k) for k in BENCH_PARAMS)): r for r in records}
+
+
+def with_throughput(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
+    """GFLOP/s rows (``track_gflops_forward``, ``..._backward``) derived from each time row: the recorded FLOPs
+    over asv's steady-state time, so throughput is the same measurement as the time, never a second one."""
+    if frame.empty or not flops:
+        return frame
+    timed = frame[frame["method"].isin(list(THROUGHPUT))]
+    derived = []
+    for record in timed.to_dict("records"):
+        prefix = record["benchmark"].rpartition(".")[0]
+        found = flops.get((prefix, *(record.get(k) for k in BENCH_PARAMS)))
+        if not found:
+            continue
+        method, kind = THROUGHPUT[record["method"]]
+        count = found.get(kind)
+        to_rate = lambda seconds: count / seconds / 1e9 if count and seconds and seconds > 0 else math.nan
+        derived.append({**record, "benchmark": f"{prefix}.{method}", "method": method, "kind": "track",
+                        "unit": "GFLOP/s", "value": to_rate(record["value"]),
+                        # a faster time is a higher rate: the interval's ends swap
+                        "ci_low": to_rate(record.get("ci_high")), "ci_high": to_rate(record.get("ci_low")),
+                        "q25": to_rate(record.get("q75")), "q75": to_rate(record.get("q25"))})
+    return pd.concat([frame, pd.DataFrame(derived)], ignore_index=True) if derived else frame
 
 
 def load_peaks(results_dir: Path, runs: pd.DataFrame, problems: list) -> list[dict]:

@@ -747,3 +747,17 @@ def test_run_keeps_going_when_a_stage_fails(tmp_path, monkeypatch, capsys):
     assert "conform: failed" in out and "bench: skipped" in out and "report: ok" in out
     assert (tmp_path / "out" / "index.html").is_file()
     assert (results / "logs" / "conform.log").is_file()
+
+
+def test_throughput_is_the_recorded_flops_over_asvs_time():
+    from mhabench.reports import load
+    frame = pd.DataFrame([{"benchmark": "bench_attention.SelfAttention.time_forward", "method": "time_forward",
+                           "kind": "time", "unit": "seconds", "value": 0.5, "ci_low": 0.4, "ci_high": 0.8,
+                           "q25": 0.45, "q75": 0.6, "adapter": "a", "mode": "eager", "seq_len": 128, "num_heads": 8,
+                           "device": "cpu"}])
+    flops = {("bench_attention.SelfAttention", "a", "eager", 128, 8, "cpu"): {"forward": 2e9, "forward_backward": 7e9}}
+    out = load.with_throughput(frame, flops)
+    rate = out[out["method"] == "track_gflops_forward"].iloc[0]
+    assert rate["value"] == pytest.approx(4.0) and rate["unit"] == "GFLOP/s"
+    assert (rate["ci_low"], rate["ci_high"]) == (pytest.approx(2.5), pytest.approx(5.0))  # ends swap
+    assert load.with_throughput(frame, {}).equals(frame)
