@@ -435,7 +435,9 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
             golden, reference = expect(golden), expect(reference)
         except (ValueError, IndexError, KeyError):
             return None
-    return compare(golden, reference, actual, judged_as, quantity)
+        return compare(golden, reference, actual, judged_as, quantity)
+    return compare(golden, reference, actual, judged_as, quantity,
+                   lambda: goldens.sensitivity(judged_as, quantity, policy))
 
 
 class _Shown:

@@ -17,7 +17,7 @@ class Comparison:
     reference_err: float | None
     error_ratio: float | None
     message: str
-    tolerance_source: str | None = None  # "reference" or "floor": what set the tolerance
+    tolerance_source: str | None = None  # "reference", "floor" or "rounding": what set the tolerance
 
     def figures(self) -> dict:
         return {k: getattr(self, k) for k in ("max_abs_err", "max_rel_err", "tolerance", "reference_err",
@@ -49,17 +49,22 @@ def nonfinite_mismatch(golden: np.ndarray, actual: np.ndarray) -> str | None:
     return "; ".join(problems) or None
 
 
-def compare(golden, reference, actual, dtype: str, quantity: str) -> Comparison:
-    """Compare ``actual`` against ``golden``, with the tolerance the ``reference`` error allows."""
+def compare(golden, reference, actual, dtype: str, quantity: str, sensitivity=None) -> Comparison:
+    """Compare ``actual`` against ``golden``, with the tolerance the ``reference`` error allows.
+
+    ``sensitivity``: a callable giving the quantity's rounding sensitivity (``tolerances``), called only when
+    the error exceeds the tolerance without it."""
     golden, reference, actual = _f64(golden), _f64(reference), _f64(actual)
     if actual.shape != golden.shape:
         return Comparison(False, None, None, None, None, None,
                           f"shape {list(actual.shape)} differs from the golden's {list(golden.shape)}")
     reference_err = max_abs_diff(golden, reference)
     finite = golden[np.isfinite(golden)]
-    tol, source = tolerance_and_source(dtype, quantity, reference_err,
-                                       float(np.max(np.abs(finite))) if finite.size else 1.0)
+    magnitude = float(np.max(np.abs(finite))) if finite.size else 1.0
+    tol, source = tolerance_and_source(dtype, quantity, reference_err, magnitude)
     abs_err = max_abs_diff(golden, actual)
+    if abs_err > tol and sensitivity is not None:
+        tol, source = tolerance_and_source(dtype, quantity, reference_err, magnitude, sensitivity())
     both = np.isfinite(golden) & np.isfinite(actual)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.abs(golden - actual)[both] / np.maximum(np.abs(golden[both]), np.finfo(np.float64).tiny)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import traceback
+import zlib
 
 import numpy as np
 
@@ -15,7 +16,7 @@ from mhabench.impls.base import UnsupportedError
 
 from . import catalogue as catalogue_mod
 from .cases import Case, row_id
-from .compare import compare
+from .compare import compare, max_abs_diff
 
 GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", **{
     n: f"grad_{n}" for n in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")}}
@@ -64,6 +65,32 @@ class Goldens:
     def get(self, policy: str, dtype: str) -> "_Lazy":
         return _Lazy(self, policy, dtype)
 
+    def sensitivity(self, dtype: str, quantity: str, policy: str = "zeros") -> float:
+        """How far from the golden the reference lands when every intermediate is perturbed by up to one ulp
+        (the largest of two draws, seeded by the case): the rounding sensitivity ``tolerances`` describes.
+        0 for float64, whose reference is the golden."""
+        if dtype == "float64":
+            return 0.0
+        gradients = quantity.startswith("grad_")
+        key = ("noise", policy, dtype, gradients)
+        if key not in self._cache:
+            i, draws = self.inputs, []
+            with np.errstate(all="ignore"):
+                for draw in range(2):
+                    seed = zlib.crc32(f"{self.case.id}/{dtype}/{draw}".encode())
+                    if gradients:
+                        grads = _oracle_backward().backward(i.spec, i.weights, i.query, i.value, i.key, i.mask,
+                                                            i.causal, i.cotangent, fully_masked=policy, dtype=dtype,
+                                                            rounding_noise=seed)
+                        draws.append({GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()})
+                    else:
+                        out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
+                                                           fully_masked=policy, dtype=dtype, rounding_noise=seed)
+                        draws.append({"output": out, "output_with_scores": out, "scores": scores})
+            self._cache[key] = draws
+        golden = self.get(policy, "float64")[quantity]
+        return max(max_abs_diff(np.asarray(golden, np.float64), d[quantity]) for d in self._cache[key])
+
     def _part(self, policy: str, dtype: str, gradients: bool) -> dict[str, np.ndarray]:
         key = (policy, dtype, gradients)
         if key not in self._cache:
@@ -93,7 +120,7 @@ class _Lazy:
 def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entries) -> None:
     """Fill the row's figures and status: pass, fail, or divergence (a catalogued behaviour that shows)."""
     golden, reference = goldens.get("zeros", "float64")[quantity], goldens.get("zeros", dtype)[quantity]
-    result = compare(golden, reference, actual, dtype, quantity)
+    result = compare(golden, reference, actual, dtype, quantity, lambda: goldens.sensitivity(dtype, quantity))
     row.update(result.figures())
     covering = catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity)
     if result.ok:

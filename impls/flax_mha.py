@@ -97,6 +97,12 @@ class FlaxMHALayer(_jax.JaxLayer):
         args = (flat(query), flat(key), flat(value))
         kwargs = dict(mask=allowed, is_causal=causal, decode=False, **training)
         weights = None
+        if sow and causal and allowed is not None:
+            # with sow_weights, Flax broadcasts its causal [T, S] to the mask's own shape, so a mask that
+            # broadcasts along the query axis (a padding mask [N, 1, 1, S]) raises there although the default
+            # call accepts it: give that call the query axis it documents ([..., heads, T, S])
+            t, s = args[0].shape[-2], args[1].shape[-2]
+            kwargs["mask"] = self.jax.numpy.broadcast_to(allowed, allowed.shape[:-2] + (t, s))
         if sow:  # nnx.capture collects what the module sows into nnx.Intermediate
             out, sown = nnx.capture(module, nnx.Intermediate)(*args, sow_weights=True, **kwargs)
             weights = self.jax.tree.leaves(sown)[0]

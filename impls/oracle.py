@@ -25,23 +25,37 @@ __all__ = ["forward", "Numerics", "masked_softmax", "prepare"]
 
 
 class Numerics:
-    """Arithmetic in a given dtype: compute in ``compute`` precision, round each result to ``dtype``."""
+    """Arithmetic in a given dtype: compute in ``compute`` precision, round each result to ``dtype``.
 
-    def __init__(self, dtype: str = "float64"):
+    ``rounding_noise`` (a seed) perturbs every intermediate result by up to one unit in the last place of
+    ``dtype``, at random, after rounding it: an implementation that rounds each step differently (another
+    order of operations, an exp or reciprocal accurate to one ulp rather than half). Inputs are not perturbed.
+    """
+
+    def __init__(self, dtype: str = "float64", rounding_noise: int | None = None):
         self.name = check_dtype(dtype)
         self.dtype = numpy_dtype(self.name)
         self.compute = np.float64 if self.name == "float64" else np.float32
         self.rounds = self.name in ("float16", "bfloat16")
+        self._noise = None if rounding_noise is None else np.random.default_rng(rounding_noise)
+        self._eps = 2.0 ** -7 if self.name == "bfloat16" else float(np.finfo(self.dtype).eps)
+
+    def _round(self, x):
+        x = np.asarray(x, dtype=self.compute)
+        return x.astype(self.dtype).astype(self.compute) if self.rounds else x
 
     def __call__(self, x):
         """Round ``x`` to the storage dtype, returned in the compute dtype."""
-        x = np.asarray(x, dtype=self.compute)
-        return x.astype(self.dtype).astype(self.compute) if self.rounds else x
+        x = self._round(x)
+        if self._noise is None or x.ndim == 0:
+            return x
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self._round(x * (1.0 + self._noise.uniform(-self._eps, self._eps, x.shape)))
 
     def cast(self, x):
         if x is None:
             return None
-        return self(np.asarray(x).astype(np.float64))
+        return self._round(np.asarray(x).astype(np.float64))
 
 
 def masked_softmax(scores: np.ndarray, allowed: np.ndarray | None, fully_masked: str = "zeros") -> np.ndarray:
@@ -127,11 +141,12 @@ def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str):
 
 def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
             return_scores=True, *, fully_masked: str = "zeros", dtype: str = "float64",
-            block_size: int | None = None):
+            block_size: int | None = None, rounding_noise: int | None = None):
     """Canonical MHA. Returns ``(output, scores)``; ``scores`` is None unless requested.
 
     ``output``: ``[B, *Q, *out]``; ``scores``: ``[B, *non_attended, H, *Q_att, *K_att]``,
-    both float64 (values rounded to ``dtype`` when a lower precision is chosen).
+    both float64 (values rounded to ``dtype`` when a lower precision is chosen). ``rounding_noise``: see
+    ``Numerics``.
     """
     call = prepare(spec, weights, query, value, key, mask, causal)
     check_policy(fully_masked)
@@ -141,7 +156,7 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
         if return_scores:
             raise ValueError("return_scores=True needs the full scores, which the blockwise mode "
                              "(block_size set) never materialises; pass return_scores=False")
-    num = Numerics(dtype)
+    num = Numerics(dtype, rounding_noise)
     H, vd = spec.num_heads, spec.value_head_dim
     w, _, q, k, v = _projections(spec, weights, call, num)
     allowed = effective_allowed(call.flat_allowed(), fully_masked)

@@ -48,15 +48,17 @@ def softmax_backward(num: Numerics, probs: np.ndarray, g_probs: np.ndarray, allo
 
 
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
-             cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64") -> dict[str, np.ndarray]:
+             cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64",
+             rounding_noise: int | None = None) -> dict[str, np.ndarray]:
     """Gradients of ``sum(output * cotangent)``: ``query``, ``value``, ``key`` (only when a key
-    was given; otherwise ``value`` holds the total through both uses) and every weight."""
+    was given; otherwise ``value`` holds the total through both uses) and every weight. ``rounding_noise``:
+    see ``oracle.Numerics``."""
     call = prepare(spec, weights, query, value, key, mask, causal)
     check_policy(fully_masked)
     if cotangent is None:
         raise TypeError(f"cotangent must be an array of the output's shape {list(call.output_shape)}, got None")
     cotangent = check_cotangent(call, cotangent)
-    num = Numerics(dtype)
+    num = Numerics(dtype, rounding_noise)
     H, vd = spec.num_heads, spec.value_head_dim
 
     # Forward, keeping what the backward needs.

@@ -22,6 +22,39 @@ def test_tolerance_is_the_larger_of_floor_and_fudged_reference_error():
     assert tolerance("float64", "output", 0.0, magnitude=1e3) == pytest.approx(1e-7)  # floor scales with size
 
 
+def test_rounding_noise_moves_each_intermediate_by_at_most_one_ulp_and_is_seeded():
+    from mhabench.impls.oracle import Numerics
+    x = np.linspace(0.5, 3.0, 1001)
+    plain = Numerics("float32")(x)
+    a, b = Numerics("float32", rounding_noise=7)(x), Numerics("float32", rounding_noise=7)(x)
+    assert np.array_equal(a, b) and not np.array_equal(a, plain)
+    assert np.all(np.abs(a - plain) <= np.spacing(plain.astype(np.float32)) * 2)
+    assert np.array_equal(Numerics("float32", rounding_noise=7).cast(x), plain)  # inputs are not perturbed
+
+
+def test_sensitivity_covers_a_reference_exact_by_luck_and_leaves_a_well_conditioned_tolerance_alone():
+    from mhabench.conformance.evaluate import Goldens
+    from mhabench.conformance.tolerances import tolerance_and_source
+    lucky = find_case("grad-self_T8-large_logits")  # logits ~1e4: float32 softmax rows round to one-hot
+    g = Goldens(lucky, lucky.inputs())
+    golden, reference = g.get("zeros", "float64")["grad_query"], g.get("zeros", "float32")["grad_query"]
+    assert np.max(np.abs(golden - reference)) < 1e-15  # the reference's query gradient is exact by luck
+    assert g.sensitivity("float32", "grad_query") > 1e-4  # one ulp anywhere moves it by 1e-3
+    assert g.sensitivity("float64", "grad_query") == 0.0
+    plain = find_case("grad-self_T8-heads2")
+    g = Goldens(plain, plain.inputs())
+    for q in ("output", "grad_query", "grad_value", "grad_Wk"):
+        ref_err = np.max(np.abs(g.get("zeros", "float64")[q] - g.get("zeros", "float32")[q]))
+        tol, source = tolerance_and_source("float32", q, ref_err, 1.0, g.sensitivity("float32", q))
+        assert source != "rounding", q
+    # the sensitivity is consulted only for a result that fails without it
+    calls = []
+    ok = compare(np.ones(3), np.ones(3), np.ones(3), "float32", "output", lambda: calls.append(1) or 1.0)
+    assert ok.ok and not calls
+    bad = compare(np.ones(3), np.ones(3), np.ones(3) + 0.5, "float32", "output", lambda: calls.append(1) or 1.0)
+    assert bad.ok and bad.tolerance_source == "rounding" and calls == [1]
+
+
 def test_query_gradient_gets_a_larger_fudge_than_value_gradient():
     assert FUDGE["grad_query"] > FUDGE["grad_value"] and FUDGE["grad_key"] > FUDGE["grad_value"]
     with pytest.raises(ValueError, match="quantity"):
