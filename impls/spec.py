@@ -27,6 +27,27 @@ def _positive_int(name: str, value, allow_none: bool = False):
     return int(value)
 
 
+def _output_shape(value) -> tuple[int, ...] | None:
+    """``output_shape`` as a tuple of positive ints.
+
+    A value of the wrong *type* (a float, a string, a tuple holding one) raises TypeError; the right type
+    with a wrong *value* (an empty tuple, a size < 1) raises ValueError. Keras raises ValueError for
+    both; we follow Python's own convention instead, as NumPy (``np.zeros((2.5,))``) and PyTorch
+    (``torch.empty(2.5)``) do, and as every other field of this spec does (``num_heads=2.5`` is a
+    TypeError here, a ValueError in Keras). The validation runs before any adapter, so the type is the
+    same whichever framework is behind it.
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"output_shape must be an int or a non-empty tuple of ints, got {value!r}")
+    if len(value) == 0:
+        raise ValueError(f"output_shape must be an int or a non-empty tuple of ints, got {value!r}")
+    return tuple(_positive_int("output_shape", d) for d in value)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """What a layer computes; the same fields as ``keras.layers.MultiHeadAttention``.
@@ -50,14 +71,7 @@ class AttentionSpec:
         set_(self, "num_heads", _positive_int("num_heads", self.num_heads))
         set_(self, "key_dim", _positive_int("key_dim", self.key_dim))
         set_(self, "value_dim", _positive_int("value_dim", self.value_dim, allow_none=True))
-        out = self.output_shape
-        if out is not None:
-            if isinstance(out, numbers.Integral) and not isinstance(out, bool):
-                out = (out,)
-            if not isinstance(out, (tuple, list)) or len(out) == 0:
-                raise TypeError(f"output_shape must be an int or a non-empty tuple of ints, got {self.output_shape!r}")
-            out = tuple(_positive_int("output_shape", d) for d in out)
-        set_(self, "output_shape", out)
+        set_(self, "output_shape", _output_shape(self.output_shape))
         axes = self.attention_axes
         if axes is not None:
             if isinstance(axes, numbers.Integral) and not isinstance(axes, bool):
