@@ -37,9 +37,11 @@ from .validation import Call, check_dtype, check_policy, flatten, numpy_dtype, u
 
 __all__ = ["forward", "Numerics", "masked_softmax", "prepare"]
 
-# Below this many score elements a chunk is not worth a thread hand-off.
+# Below this many score elements the softmax runs as one set of whole-array NumPy calls; above, in
+# cache-sized pieces (each about _PIECE_ELEMENTS, so its five passes stay in L2) spread over the cores.
 _PARALLEL_MIN_ELEMENTS = 1 << 18
-_pool: ThreadPoolExecutor | None = None
+_PIECE_ELEMENTS = 1 << 16
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it: a forked child makes its own)
 
 
 def _workers() -> int:
@@ -49,19 +51,24 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _row_chunks(fn, arrays_rows: int, size: int) -> None:
-    """Run ``fn(start, stop)`` over row chunks of ``0..arrays_rows``, in parallel when the work is large."""
+def _run_parallel(jobs: list) -> None:
+    """Run the zero-argument ``jobs``, split in contiguous runs over the cores (NumPy releases the GIL in
+    its loops, so the runs overlap); exceptions propagate."""
     global _pool
-    workers = _workers()
-    if workers == 1 or size < _PARALLEL_MIN_ELEMENTS or arrays_rows < 2:
-        fn(0, arrays_rows)
+    workers = min(_workers(), len(jobs))
+    if workers <= 1:
+        for job in jobs:
+            job()
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mhabench-oracle")
-    step = -(-arrays_rows // workers)
-    futures = [_pool.submit(fn, start, min(start + step, arrays_rows)) for start in range(0, arrays_rows, step)]
-    for f in futures:
-        f.result()
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="mhabench-oracle"))
+    step = -(-len(jobs) // workers)
+
+    def run(part):
+        for job in part:
+            job()
+    for future in [_pool[1].submit(run, jobs[i:i + step]) for i in range(0, len(jobs), step)]:
+        future.result()
 
 
 class Numerics:
@@ -102,31 +109,45 @@ def masked_softmax(scores: np.ndarray, allowed: np.ndarray | None, fully_masked:
 
 def _softmax_inplace(scores: np.ndarray, allowed: np.ndarray | None, fully_masked: str) -> np.ndarray:
     """:func:`masked_softmax` computed in ``scores`` itself (an array the caller owns); ``allowed`` already
-    passed through :func:`effective_allowed`, and broadcastable to ``scores``."""
+    passed through :func:`effective_allowed`, and broadcastable to ``scores``.
+
+    Large ``[N, H, rows, S]`` scores are processed in pieces of a few rows of one head, on every core:
+    each row's arithmetic is exactly what it would be alone, so the pieces change no value."""
     if scores.shape[-1] == 0:
         return scores
-    rows = scores.shape[-2] if scores.ndim >= 2 else 1
+    if scores.ndim != 4 or scores.size < _PARALLEL_MIN_ELEMENTS:
+        _softmax_rows(scores, allowed, fully_masked)
+        return scores
+    N, H, R, S = scores.shape
+    if allowed is not None:
+        allowed = allowed.reshape((1,) * (4 - allowed.ndim) + allowed.shape)
+    rows = max(1, _PIECE_ELEMENTS // S)
 
-    def chunk(start, stop):
-        s = scores[..., start:stop, :] if scores.ndim >= 2 else scores
-        a = None
-        if allowed is not None:
-            a = allowed[..., start:stop, :] if allowed.ndim >= 2 and allowed.shape[-2] != 1 else allowed
-            np.copyto(s, -np.inf, where=np.logical_not(a))
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            row_max = np.max(s, axis=-1, keepdims=True)
-            row_max[row_max == -np.inf] = 0.0
-            np.subtract(s, row_max, out=s)
-            np.exp(s, out=s)
-            np.divide(s, np.sum(s, axis=-1, keepdims=True), out=s)
-        if a is not None:
-            empty = np.logical_not(np.any(a, axis=-1, keepdims=True))
-            if np.any(empty):
-                fill = {"zeros": 0.0, "uniform": 1.0 / s.shape[-1], "nan": np.nan}[fully_masked]
-                np.copyto(s, np.asarray(fill, dtype=s.dtype), where=empty)
-
-    _row_chunks(chunk, rows, scores.size)
+    def piece(n, h, a, b):
+        if allowed is None:
+            return lambda: _softmax_rows(scores[n, h, a:b], None, fully_masked)
+        part = allowed[n % allowed.shape[0], h % allowed.shape[1]]
+        part = part if part.shape[0] == 1 else part[a:b]
+        return lambda: _softmax_rows(scores[n, h, a:b], part, fully_masked)
+    _run_parallel([piece(n, h, a, min(a + rows, R)) for n in range(N) for h in range(H) for a in range(0, R, rows)])
     return scores
+
+
+def _softmax_rows(s: np.ndarray, allowed: np.ndarray | None, fully_masked: str) -> None:
+    """The masked softmax of ``s`` over its last axis, in place (``allowed`` broadcastable to ``s``)."""
+    if allowed is not None:
+        np.copyto(s, -np.inf, where=np.logical_not(allowed))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        row_max = np.max(s, axis=-1, keepdims=True)
+        row_max[row_max == -np.inf] = 0.0
+        np.subtract(s, row_max, out=s)
+        np.exp(s, out=s)
+        np.divide(s, np.sum(s, axis=-1, keepdims=True), out=s)
+    if allowed is not None:
+        empty = np.logical_not(np.any(allowed, axis=-1, keepdims=True))
+        if np.any(empty):
+            fill = {"zeros": 0.0, "uniform": 1.0 / s.shape[-1], "nan": np.nan}[fully_masked]
+            np.copyto(s, np.asarray(fill, dtype=s.dtype), where=empty)
 
 
 def effective_allowed(allowed: np.ndarray | None, fully_masked: str) -> np.ndarray | None:
@@ -177,16 +198,18 @@ def _projections(spec: AttentionSpec, weights: Weights, call: Call, num: Numeric
     return w, x, q, k, v
 
 
-def grouped_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def grouped_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``a [N, H, r, m] @ b [N, Hkv, m, c] -> [N, H, r, c]`` where query head h uses b's head h // (H // Hkv).
 
     The ``H // Hkv`` query heads of a group are stacked into one ``[G * r, m]`` matrix, so each group is a
-    single BLAS call whatever the grouping (G = 1: classic attention)."""
+    single BLAS call whatever the grouping (G = 1: classic attention). ``out``: a C-contiguous
+    ``[N, H, r, c]`` array to write into."""
     N, H, r, m = a.shape
-    Hkv = b.shape[1]
+    Hkv, c = b.shape[1], b.shape[-1]
     G = H // Hkv
-    out = np.matmul(a.reshape(N, Hkv, G * r, m), b)
-    return out.reshape(N, H, r, b.shape[-1])
+    stacked = None if out is None else out.reshape(N, Hkv, G * r, c)
+    result = np.matmul(a.reshape(N, Hkv, G * r, m), b, out=stacked)
+    return result.reshape(N, H, r, c)
 
 
 def expand_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
@@ -212,20 +235,22 @@ def output_projection(spec: AttentionSpec, w: dict, call: Call, num: Numerics, o
     return out.reshape(lead + w["Wo"].shape[2:]).astype(np.float64)
 
 
-def logits(num: Numerics, q: np.ndarray, k: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+def logits(num: Numerics, q: np.ndarray, k: np.ndarray, bias: np.ndarray | None,
+           out: np.ndarray | None = None) -> np.ndarray:
     """Scaled scores ``q . k`` (``q`` pre-scaled), plus the bias where given: ``[N, H, r, S]``, rounded after
-    the product and again after the sum, as a framework adding a bias to its scores does."""
-    scores = num(grouped_matmul(q, np.swapaxes(k, -1, -2)))
+    the product and again after the sum, as a framework adding a bias to its scores does. ``out``: a buffer
+    of the compute dtype to reuse (see :func:`forward`)."""
+    scores = num(grouped_matmul(q, np.swapaxes(k, -1, -2), out=out))
     if bias is not None:
         with np.errstate(invalid="ignore"):
             scores = num(np.add(scores, num.cast(bias), out=scores if not num.rounds else None))
     return scores
 
 
-def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str, bias=None):
+def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str, bias=None, out=None):
     """Scores ``q . k`` (+ bias) and their masked softmax, ``[N, H, T, S]``. ``allowed`` has passed through
-    :func:`effective_allowed`."""
-    scores = logits(num, q, k, bias)
+    :func:`effective_allowed`; ``out`` as :func:`logits`."""
+    scores = logits(num, q, k, bias, out=out)
     return num(_softmax_inplace(scores, allowed, fully_masked))
 
 
@@ -291,20 +316,30 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
     vd = spec.value_head_dim
     w, _, q, k, v = _projections(spec, weights, call, num)
     values_finite = bool(np.all(np.isfinite(v)))
+    N, H, T, _ = q.shape
+    S = k.shape[2]
+    # The blockwise mode reuses one score buffer for every block: fresh memory costs its page faults on
+    # every block otherwise, which at long lengths takes longer than the arithmetic. (The 16-bit
+    # references round into new arrays at every stage, so they take no buffer.)
+    buffer = None
+    if block_size is not None and not num.rounds:
+        buffer = np.empty(N * H * min(block_size, T) * S, dtype=num.compute)
 
     def attend(start: int, stop: int):
         allowed = effective_allowed(call.allowed_block(start, stop), fully_masked)
-        probs = _attention_weights(num, q[:, :, start:stop], k, allowed, fully_masked, call.flat_bias(start, stop))
+        out = None if buffer is None else buffer[:N * H * (stop - start) * S].reshape(N, H, stop - start, S)
+        probs = _attention_weights(num, q[:, :, start:stop], k, allowed, fully_masked, call.flat_bias(start, stop),
+                                   out=out)
         return probs, weighted_values(num, probs, v, allowed, fully_masked, values_finite)
 
-    T = q.shape[2]
     if block_size is None:
         probs, o = attend(0, T)
     else:
         probs = None
         o = np.empty(q.shape[:3] + (vd,), dtype=num.compute)
         for start in range(0, T, block_size):
-            o[:, :, start:start + block_size] = attend(start, start + block_size)[1]
+            stop = min(start + block_size, T)
+            o[:, :, start:stop] = attend(start, stop)[1]
 
     out = output_projection(spec, w, call, num, o)
     scores_out = probs.reshape(call.scores_shape).astype(np.float64) if return_scores else None

@@ -538,3 +538,30 @@ def test_key_value_length_zero_outputs_the_output_bias(policy, dtype, rng):
     blocked, _ = oracle.forward(spec, w, q, np.zeros((2, 0, 8)), return_scores=False, block_size=2,
                                 fully_masked=policy, dtype=dtype)
     np.testing.assert_array_equal(blocked, out)
+
+
+# ---- speed: the parallel, piecewise softmax computes exactly what the whole-array one does --------------
+@pytest.mark.parametrize("policy", ["zeros", "uniform", "nan", "unmasked"])
+def test_piecewise_parallel_softmax_is_bit_identical(policy, monkeypatch):
+    rng = np.random.default_rng(11)
+    scores = rng.normal(size=(2, 3, 40, 700)) * 4
+    allowed = rng.random((2, 1, 40, 700)) < 0.5
+    allowed[0, 0, 3] = False  # a fully masked row
+    allowed = oracle.effective_allowed(allowed, policy)
+    whole = scores.copy()
+    oracle._softmax_rows(whole, allowed, policy)
+    monkeypatch.setattr(oracle, "_PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(oracle, "_PIECE_ELEMENTS", 1500)  # two rows a piece, over every worker
+    monkeypatch.setattr(oracle, "_workers", lambda: 3)
+    pieces = scores.copy()
+    oracle._softmax_inplace(pieces, allowed, policy)
+    np.testing.assert_array_equal(pieces, whole)
+    spec = impls.AttentionSpec(num_heads=3, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=1)
+    q, v = rng.normal(size=(2, 40, 8)), rng.normal(size=(2, 70, 8))
+    mask = rng.random((2, 40, 70)) < 0.6
+    got = oracle.forward(spec, w, q, v, mask=mask, causal="bottom_right", fully_masked=policy)
+    monkeypatch.setattr(oracle, "_PARALLEL_MIN_ELEMENTS", 1 << 40)
+    want = oracle.forward(spec, w, q, v, mask=mask, causal="bottom_right", fully_masked=policy)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
