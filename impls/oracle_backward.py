@@ -69,22 +69,28 @@ def _stacked(x: np.ndarray, kv_heads: int) -> np.ndarray:
     return x.reshape(N, kv_heads, (H // kv_heads) * r, c)
 
 
-def _safe_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` in which a term with an exactly zero factor is absent, even when the other factor is NaN/Inf.
+def _safe_matmul(a: np.ndarray, b: np.ndarray, guard: str) -> np.ndarray:
+    """``a @ b`` in which a term is absent when the ``guard`` operand's factor (``"a"`` or ``"b"``, the
+    forward's input) is NaN/Inf and the other factor is exactly zero.
 
     In this pass the coefficient of an input at a position the forward never reads is exactly zero (the
     masked softmax's backward gives nothing there), so this is how an unread NaN/Inf stays out of every
-    gradient. Finite operands take the plain matmul; otherwise only the contraction positions that hold a
-    non-finite entry are expanded term by term."""
-    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
-    if finite_a.all() and finite_b.all():
+    gradient. Non-finite values in the other operand are arithmetic (a NaN policy's gradient) and
+    propagate as usual. A finite guarded operand takes the plain matmul; otherwise only the contraction
+    positions where it is not finite are expanded term by term."""
+    guarded = a if guard == "a" else b
+    finite = np.isfinite(guarded)
+    if finite.all():
         return a @ b
-    bad = ~finite_a.all(axis=tuple(range(a.ndim - 1))) | ~finite_b.all(axis=tuple(range(b.ndim - 2)) + (b.ndim - 1,))
+    if guard == "a":
+        bad = ~finite.all(axis=tuple(range(a.ndim - 1)))
+    else:
+        bad = ~finite.all(axis=tuple(range(b.ndim - 2)) + (b.ndim - 1,))
     columns = np.nonzero(bad)[0]
-    keep = ~bad
-    out = a[..., keep] @ b[..., keep, :]
+    out = a[..., ~bad] @ b[..., ~bad, :]
     a_bad, b_bad = a[..., columns][..., :, :, None], b[..., columns, :][..., None, :, :]  # [.., I, nb, 1], [.., 1, nb, J]
-    terms = np.where((a_bad == 0) | (b_bad == 0), 0.0, a_bad * b_bad)
+    other = b_bad if guard == "a" else a_bad
+    terms = np.where(other == 0, 0.0, a_bad * b_bad)
     return out + terms.sum(axis=-2)
 
 
@@ -148,9 +154,9 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
 
     # Scores = (q * scale) . k; ``q`` from _projections is already scaled.
     with np.errstate(invalid="ignore"):
-        g_q = _safe_matmul(_stacked(g_scores, Hkv), k).reshape(q.shape)
+        g_q = _safe_matmul(_stacked(g_scores, Hkv), k, guard="b").reshape(q.shape)
         g_q = num(num(g_q) * num(1.0 / math.sqrt(spec.key_dim)))
-        g_k = num(_safe_matmul(np.swapaxes(_stacked(g_scores, Hkv), -1, -2), _stacked(q, Hkv)))
+        g_k = num(_safe_matmul(np.swapaxes(_stacked(g_scores, Hkv), -1, -2), _stacked(q, Hkv), guard="b"))
 
     # Input projections: y = x . W + b, contracted over the flattened (N, L) rows.
     g_inputs = {}
@@ -159,7 +165,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
             n, h, L, c = g.shape
             D = x[name].shape[-1]
             g_rows = np.transpose(g, (0, 2, 1, 3)).reshape(n * L, h * c)
-            grads[W] = num(_safe_matmul(x[name].reshape(n * L, D).T, g_rows)).reshape(w[W].shape)
+            grads[W] = num(_safe_matmul(x[name].reshape(n * L, D).T, g_rows, guard="a")).reshape(w[W].shape)
             if b in w:
                 grads[b] = num(g.sum(axis=(0, 2)))
             g_inputs[name] = num(g_rows @ w[W].reshape(D, h * c).T).reshape(n, L, D)
