@@ -418,3 +418,14 @@ def test_numpy_oracle_adapter_passes_every_feature_through(dtype):
     assert set(grads) == set(expected) and grads["bias"].shape == bias.shape
     for name in expected:
         np.testing.assert_array_equal(grads[name], expected[name], err_msg=name)
+
+
+def test_num_kv_heads_round_trips_and_defaults():
+    spec = impls.AttentionSpec(num_heads=6, key_dim=2, num_kv_heads=3)
+    assert spec.kv_heads == 3 and spec.group_size == 2
+    assert impls.AttentionSpec.from_dict(spec.to_dict()) == spec
+    classic = impls.AttentionSpec(num_heads=6, key_dim=2)
+    assert classic.num_kv_heads is None and classic.kv_heads == 6 and classic.group_size == 1
+    old = {k: v for k, v in classic.to_dict().items() if k != "num_kv_heads"}  # a dict written before GQA
+    assert impls.AttentionSpec.from_dict(old) == classic
+    assert impls.AttentionSpec(6, 2, None, None, None, True, 0.0, 2).num_kv_heads == 2  # the last positional field
