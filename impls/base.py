@@ -444,16 +444,20 @@ class Layer:
         return {k: np.asarray(v).astype(np.float64) for k, v in grads.items()}
 
     def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None,
-                 scores: bool = True) -> dict[str, np.ndarray]:
+                 scores: bool = True, window=None, bias=None, query_lengths=None,
+                 key_value_lengths=None) -> dict[str, np.ndarray]:
         """Everything conformance judges about one call, in one go: ``output`` (the default call),
         ``output_with_scores`` and ``scores`` (when ``scores``) and, when a ``cotangent`` is given,
         ``gradients`` (a dict as :meth:`gradients` returns). A framework that compiles can override
-        this to build one program for all of them; by default, one call per path."""
-        result = {"output": self(query, value, key, mask, causal, return_scores=False)[0]}
+        this to build one program for all of them; by default, one call per path. The call-level
+        features mean what :meth:`__call__` says."""
+        features = _given(window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+        result = {"output": self(query, value, key, mask, causal, return_scores=False, **features)[0]}
         if scores:
-            result["output_with_scores"], result["scores"] = self(query, value, key, mask, causal, return_scores=True)
+            result["output_with_scores"], result["scores"] = self(query, value, key, mask, causal,
+                                                                  return_scores=True, **features)
         if cotangent is not None:
-            result["gradients"] = self.gradients(query, value, key, mask, causal, cotangent=cotangent)
+            result["gradients"] = self.gradients(query, value, key, mask, causal, cotangent=cotangent, **features)
         return result
 
     def export_weights(self) -> Weights:

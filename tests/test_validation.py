@@ -429,3 +429,14 @@ def test_num_kv_heads_round_trips_and_defaults():
     old = {k: v for k, v in classic.to_dict().items() if k != "num_kv_heads"}  # a dict written before GQA
     assert impls.AttentionSpec.from_dict(old) == classic
     assert impls.AttentionSpec(6, 2, None, None, None, True, 0.0, 2).num_kv_heads == 2  # the last positional field
+
+
+def test_evaluate_threads_the_call_features():
+    layer = impls.get_adapter("numpy_oracle").build(SPEC, W, dtype="float64")
+    kwargs = dict(window=(1, 0), bias=np.ones((3, 5)) * np.arange(5), key_value_lengths=[4, 5])
+    ct = np.ones((2, 3, 8))
+    found = layer.evaluate(Q, V, None, None, "bottom_right", cotangent=ct, **kwargs)
+    want, want_scores = oracle.forward(SPEC, W, Q, V, causal="bottom_right", **kwargs)
+    np.testing.assert_array_equal(found["output"], want)
+    np.testing.assert_array_equal(found["scores"], want_scores)
+    assert found["gradients"]["bias"].shape == (3, 5)
