@@ -7,9 +7,11 @@ adapters never imports a framework the user did not ask for.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -38,7 +40,19 @@ FEATURES: dict[str, str] = {
     "scores": "returning the attention scores",
     "dropout": "dropout while training",
     "gradients": "gradients through the layer",
+    # Modern attention (see validate_call for the exact semantics). Opt-in: an adapter runs these only when
+    # its Capabilities list them in supported_extensions, so an adapter written before they existed never
+    # silently ignores one.
+    "gqa": "grouped-query attention (num_kv_heads < num_heads)",
+    "causal_bottom_right": "causal aligned bottom-right with T != S",
+    "window": "a sliding window (left, right)",
+    "bias": "an additive float bias on the logits",
+    "lengths": "padding given as query / key-value lengths",
 }
+# The features an adapter must opt into (Capabilities.supported_extensions); any other unlisted one is supported.
+EXTENSION_FEATURES: tuple[str, ...] = ("gqa", "causal_bottom_right", "window", "bias", "lengths")
+# The call-level keyword arguments of validate_call, oracle.forward and Layer.__call__ beyond the classic ones.
+CALL_FEATURE_ARGS: tuple[str, ...] = ("window", "bias", "query_lengths", "key_value_lengths")
 # How a layer runs: op by op ("eager"); traced into a graph the framework runs without an optimising compiler
 # ("graph": TensorFlow's tf.function without XLA); compiled (jax.jit, XLA, torch.compile).
 MODES = ("eager", "graph", "compiled")
@@ -58,17 +72,41 @@ class AdapterUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What an adapter can do. Unsupported things map to the reason they are unsupported."""
+    """What an adapter can do. Unsupported things map to the reason they are unsupported.
+
+    ``supported_extensions`` lists the features of :data:`EXTENSION_FEATURES` the adapter expresses. Those
+    are opt-in: one not listed is unsupported with the reason "<adapter> does not map <feature> yet"
+    (``unsupported_features`` may give a real reason instead), so an adapter that predates a feature
+    refuses it rather than running the call without it.
+    """
 
     unsupported_features: Mapping[str, str] = field(default_factory=dict)
     unsupported_dtypes: Mapping[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ("cpu",)
     modes: tuple[str, ...] = ("eager",)
+    supported_extensions: frozenset = frozenset()
 
     def __post_init__(self):
         unknown = set(self.unsupported_features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown feature names {sorted(unknown)}; known: {sorted(FEATURES)}")
+        extensions = frozenset(self.supported_extensions)
+        if not extensions <= set(EXTENSION_FEATURES):
+            raise ValueError(f"supported_extensions {sorted(extensions - set(EXTENSION_FEATURES))} are not "
+                             f"opt-in features; expected a subset of {list(EXTENSION_FEATURES)}")
+        both = extensions & set(self.unsupported_features)
+        if both:
+            raise ValueError(f"features {sorted(both)} are listed both as supported_extensions and as "
+                             f"unsupported_features")
+        object.__setattr__(self, "supported_extensions", extensions)
+
+    def unsupported(self, adapter: str, feature: str) -> str | None:
+        """Why ``adapter`` cannot run ``feature``, or None if it can."""
+        if feature in self.unsupported_features:
+            return self.unsupported_features[feature]
+        if feature in EXTENSION_FEATURES and feature not in self.supported_extensions:
+            return f"{adapter} does not map {feature} yet"
+        return None
 
     @property
     def dtypes(self) -> tuple[str, ...]:
@@ -77,7 +115,11 @@ class Capabilities:
 
 def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | None = None,
                   return_scores: bool = False, training: bool = False) -> set[str]:
-    """The FEATURES a spec (and, if given, a validated call) relies on."""
+    """The FEATURES a spec (and, if given, a validated call) relies on.
+
+    ``gqa`` is a spec feature (the weights' shapes depend on it), so ``build`` already refuses it; the other
+    modern features are call features: ``causal_bottom_right`` only where T != S (elsewhere it is plain
+    ``causal``, which a bottom-right call also uses), ``window``, ``bias``, ``lengths``."""
     q_dim, k_dim, v_dim = dims
     used = set()
     if k_dim != q_dim or v_dim != q_dim:
@@ -95,6 +137,8 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
         used.add("no_bias")
     if training and spec.dropout > 0:
         used.add("dropout")
+    if spec.kv_heads != spec.num_heads:
+        used.add("gqa")
     if return_scores:
         used.add("scores")
     if call is not None:
@@ -112,7 +156,29 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
                 used.add("per_head_mask")
         if call.causal:
             used.add("causal")
+            # Bottom-right equals top-left when T == S: only a call where they differ relies on the alignment.
+            if call.causal_alignment == "bottom_right" and call.q_len != call.k_len:
+                used.add("causal_bottom_right")
+        if call.window is not None:
+            used.add("window")
+        if call.bias is not None:
+            used.add("bias")
+        if call.query_lengths is not None or call.key_value_lengths is not None:
+            used.add("lengths")
     return used
+
+
+def _given(**features) -> dict:
+    """The call-level feature arguments that were given. Only those reach ``Layer.validate``, so a subclass
+    whose ``validate`` override predates them keeps working for every call that uses none."""
+    return {k: v for k, v in features.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_call_features(validate) -> bool:
+    """Whether a ``validate`` method accepts the call-level feature keywords (named, or through **kwargs)."""
+    params = inspect.signature(validate).parameters
+    return any(p.kind is p.VAR_KEYWORD for p in params.values()) or all(a in params for a in CALL_FEATURE_ARGS)
 
 
 def to_numpy(x, dtype: str) -> np.ndarray:
@@ -253,8 +319,9 @@ class Adapter:
         if gradients:
             used.add("gradients")
         for feat in sorted(used):
-            if feat in caps.unsupported_features:
-                return f"{FEATURES[feat]}: {caps.unsupported_features[feat]}"
+            why = caps.unsupported(self.name, feat)
+            if why:
+                return f"{FEATURES[feat]}: {why}"
         return self.extra_constraints(spec, dims, call)
 
     # ---- building -----------------------------------------------------------
@@ -311,9 +378,25 @@ class Layer:
     # ---- the public boundary: NumPy in, NumPy out --------------------------
     check_memory = True  # refuse a call estimated not to fit in the memory available (set False to try anyway)
 
+    def _validated(self, query, value, key, mask, causal, features: dict, **flags) -> Call:
+        """``self.validate`` with the call-level ``features`` that were given.
+
+        A subclass's ``validate`` override written before those features existed cannot take them; the
+        shared checks then run alone, and refuse (UnsupportedError) every feature the adapter does not list
+        as supported. An adapter that lists one must let its override take it: a TypeError says so."""
+        features = _given(**features)
+        if features and not _takes_call_features(type(self).validate):
+            Layer.validate(self, query, value, key, mask, causal, **flags, **features)
+            raise TypeError(f"{type(self).__name__}.validate must accept the keyword arguments "
+                            f"{', '.join(CALL_FEATURE_ARGS)}: {self.adapter.name} declares {sorted(features)} "
+                            f"supported")
+        return self.validate(query, value, key, mask, causal, **flags, **features)
+
     def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False,
-                 training=False, gradients=False) -> Call:
-        call = validate_call(self.spec, self.dims, query, value, key, mask, causal)
+                 training=False, gradients=False, window=None, bias=None, query_lengths=None,
+                 key_value_lengths=None) -> Call:
+        call = validate_call(self.spec, self.dims, query, value, key, mask, causal, window=window, bias=bias,
+                             query_lengths=query_lengths, key_value_lengths=key_value_lengths)
         reason = self.adapter.unsupported_reason(self.spec, self.dims, dtype=self.dtype, device=self.device,
                                                  mode=self.mode, call=call, return_scores=return_scores,
                                                  training=training, gradients=gradients)
@@ -324,10 +407,13 @@ class Layer:
         return call
 
     def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=True, *,
-                 training=False, seed=None):
+                 training=False, seed=None, window=None, bias=None, query_lengths=None, key_value_lengths=None):
         """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype;
-        ``scores`` is None unless ``return_scores``."""
-        call = self.validate(query, value, key, mask, causal, return_scores=return_scores, training=training)
+        ``scores`` is None unless ``return_scores``. ``causal`` (False, True, "top_left", "bottom_right"),
+        ``window``, ``bias`` and the lengths mean what :func:`impls.validation.validate_call` says."""
+        call = self._validated(query, value, key, mask, causal, dict(
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
+            return_scores=return_scores, training=training)
         out, scores = self._forward(call, bool(return_scores), bool(training), seed)
         out = to_numpy(out, self.dtype)
         if out.shape != call.output_shape:
@@ -340,13 +426,17 @@ class Layer:
             return out, scores
         return out, None
 
-    def gradients(self, query, value, key=None, mask=None, causal=False, cotangent=None) -> dict[str, np.ndarray]:
+    def gradients(self, query, value, key=None, mask=None, causal=False, cotangent=None, *, window=None,
+                  bias=None, query_lengths=None, key_value_lengths=None) -> dict[str, np.ndarray]:
         """Gradients of ``sum(output * cotangent)`` in the canonical layout, float64.
 
         Keys: ``query``, ``value``, ``key`` (only when a key was given; otherwise
-        ``value`` holds the total through both uses) and every weight name.
+        ``value`` holds the total through both uses), every weight name, and ``bias`` where
+        the adapter differentiates a given bias (the oracle does).
         """
-        call = self.validate(query, value, key, mask, causal, gradients=True)
+        call = self._validated(query, value, key, mask, causal, dict(
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
+            gradients=True)
         if cotangent is None:
             raise TypeError(f"cotangent must be an array of the output's shape {list(call.output_shape)}, got None")
         ct = check_cotangent(call, cotangent)
@@ -354,16 +444,20 @@ class Layer:
         return {k: np.asarray(v).astype(np.float64) for k, v in grads.items()}
 
     def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None,
-                 scores: bool = True) -> dict[str, np.ndarray]:
+                 scores: bool = True, window=None, bias=None, query_lengths=None,
+                 key_value_lengths=None) -> dict[str, np.ndarray]:
         """Everything conformance judges about one call, in one go: ``output`` (the default call),
         ``output_with_scores`` and ``scores`` (when ``scores``) and, when a ``cotangent`` is given,
         ``gradients`` (a dict as :meth:`gradients` returns). A framework that compiles can override
-        this to build one program for all of them; by default, one call per path."""
-        result = {"output": self(query, value, key, mask, causal, return_scores=False)[0]}
+        this to build one program for all of them; by default, one call per path. The call-level
+        features mean what :meth:`__call__` says."""
+        features = _given(window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+        result = {"output": self(query, value, key, mask, causal, return_scores=False, **features)[0]}
         if scores:
-            result["output_with_scores"], result["scores"] = self(query, value, key, mask, causal, return_scores=True)
+            result["output_with_scores"], result["scores"] = self(query, value, key, mask, causal,
+                                                                  return_scores=True, **features)
         if cotangent is not None:
-            result["gradients"] = self.gradients(query, value, key, mask, causal, cotangent=cotangent)
+            result["gradients"] = self.gradients(query, value, key, mask, causal, cotangent=cotangent, **features)
         return result
 
     def export_weights(self) -> Weights:
@@ -431,9 +525,12 @@ class Layer:
         return getattr(type(self), method) is not getattr(Layer, method)
 
     # ---- the native path used by benchmarks (conversion not timed) ---------
-    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False):
+    def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False, window=None,
+                      bias=None, query_lengths=None, key_value_lengths=None):
         """Inputs converted once to the framework's objects on the layer's device."""
-        call = self.validate(query, value, key, mask, causal, gradients=requires_grad)
+        call = self._validated(query, value, key, mask, causal, dict(
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
+            gradients=requires_grad)
         cotangent = self._native_array(np.ones(call.output_shape)) if requires_grad else None
         return {"inputs": self._native(call, requires_grad), "cotangent": cotangent}
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import oracle
-from .base import Adapter, Capabilities, Layer
+from .base import EXTENSION_FEATURES, Adapter, Capabilities, Layer
 from .spec import Weights
 
 
@@ -16,16 +16,16 @@ class NumpyOracleLayer(Layer):
 
     def _forward(self, call, return_scores, training, seed):
         return oracle.forward(self.spec, self.weights, call.query, call.value,
-                              call.key if call.key_given else None, call.given_mask, call.causal, return_scores,
+                              call.key if call.key_given else None, call.given_mask, call.causal_argument, return_scores,
                               fully_masked=self.fully_masked, dtype=self.dtype,
-                              block_size=None if return_scores else self.block_size)
+                              block_size=None if return_scores else self.block_size, **call.feature_kwargs())
 
     def _gradients(self, call, cotangent):
         from . import oracle_backward
         return oracle_backward.backward(self.spec, self.weights, call.query, call.value,
-                                        call.key if call.key_given else None, call.given_mask, call.causal,
+                                        call.key if call.key_given else None, call.given_mask, call.causal_argument,
                                         cotangent, fully_masked=self.fully_masked,
-                                        dtype=self.dtype)
+                                        dtype=self.dtype, **call.feature_kwargs())
 
     def export_weights(self) -> Weights:
         return self.weights
@@ -44,4 +44,4 @@ class NumpyOracleAdapter(Adapter):
 
     def capabilities(self):
         return Capabilities(unsupported_features={"dropout": "the oracle is deterministic: dropout is not modelled"},
-                            devices=("cpu",), modes=("eager",))
+                            devices=("cpu",), modes=("eager",), supported_extensions=frozenset(EXTENSION_FEATURES))

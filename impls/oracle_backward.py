@@ -3,17 +3,30 @@
 ``backward`` returns the gradients of ``sum(output * cotangent)`` with respect
 to the inputs and every weight, in the canonical layout (float64). The
 forward stages come from :mod:`impls.oracle` itself, so both passes share one
-definition of the projections, the scaling and the masked softmax. Everything
-runs on the flattened layout ``[N, H, L, k]`` (N = batch and non-attended axes,
-L = flattened attended positions); only the input gradients are put back
-into the inputs' layout.
+definition of the projections, the scaling, the may-attend positions and the
+masked softmax. Everything runs on the flattened layout ``[N, H, L, k]`` (N =
+batch and non-attended axes, L = flattened attended positions) with every
+contraction a BLAS matmul; only the input gradients are put back into the
+inputs' layout.
+
+The call-level features: causal alignment, window and lengths only choose
+positions (no gradient of their own); a ``bias`` gets its gradient under the
+key ``"bias"``, in the shape it was given (the scores' gradient summed over the
+axes it broadcasts along; zero at masked and ``-inf`` positions, which no
+perturbation of the bias can unmask). Grouped-query attention: a key/value
+head's gradient is the sum over the query heads of its group.
 
 Fully masked query rows follow the forward's ``fully_masked`` policy:
 ``zeros`` and ``uniform`` rows are constants, so no gradient reaches their
 scores (a uniform row still passes gradient to the values it averages);
 ``nan`` rows carry NaN through the softmax backward, as a framework whose
 softmax produced the NaN would; ``unmasked`` rows are an ordinary softmax over
-every key, and their gradient flows like one.
+every key, and their gradient flows like one. With S = 0 every row is fully
+masked and the output is ``bo``: only ``bo`` has a non-zero gradient.
+
+Masked positions are never read, in this pass too: a NaN/Inf key or value at a
+position no row reads, or a NaN/Inf query in a row that reads nothing (a query
+padded away by ``query_lengths``), reaches no gradient.
 
 With ``dtype`` other than float64 every intermediate is rounded like
 :class:`impls.oracle.Numerics`: the same-precision reference for gradients.
@@ -24,9 +37,10 @@ import math
 
 import numpy as np
 
-from .oracle import Numerics, _attention_weights, _projections, effective_allowed, prepare
+from .oracle import (Numerics, _attention_weights, _projections, effective_allowed, expand_heads, prepare,
+                     read_positions, split_nonfinite, weighted_values)
 from .spec import AttentionSpec, Weights
-from .validation import check_cotangent, check_policy, flatten, unflatten
+from .validation import Call, check_cotangent, check_policy, flatten, unflatten
 
 __all__ = ["backward", "softmax_backward"]
 
@@ -43,63 +57,125 @@ def softmax_backward(num: Numerics, probs: np.ndarray, g_probs: np.ndarray, allo
         g_scores = num(probs * num(g_probs - inner))
     if allowed is not None and fully_masked != "nan":
         empty = ~np.any(allowed, axis=-1, keepdims=True)
-        g_scores = np.where(empty, 0.0, g_scores)  # constant rows: the uniform policy needs this explicitly
+        if np.any(empty):
+            g_scores = np.where(empty, 0.0, g_scores)  # constant rows: the uniform policy needs this explicitly
     return g_scores
 
 
+def _stacked(x: np.ndarray, kv_heads: int) -> np.ndarray:
+    """``[N, H, r, c] -> [N, Hkv, G * r, c]``: a group's query heads stacked, so a contraction over the rows
+    sums over the group too (the gradient of a key/value head shared by G query heads)."""
+    N, H, r, c = x.shape
+    return x.reshape(N, kv_heads, (H // kv_heads) * r, c)
+
+
+def _safe_matmul(a: np.ndarray, b: np.ndarray, guard: str) -> np.ndarray:
+    """``a @ b`` in which a term is absent when the ``guard`` operand's factor (``"a"`` or ``"b"``, the
+    forward's input) is NaN/Inf and the other factor is exactly zero.
+
+    In this pass the coefficient of an input at a position the forward never reads is exactly zero (the
+    masked softmax's backward gives nothing there), so this is how an unread NaN/Inf stays out of every
+    gradient. Non-finite values in the other operand are arithmetic (a NaN policy's gradient) and
+    propagate as usual. A finite guarded operand takes the plain matmul; otherwise only the contraction
+    positions where it is not finite are expanded term by term."""
+    guarded = a if guard == "a" else b
+    finite = np.isfinite(guarded)
+    if finite.all():
+        return a @ b
+    if guard == "a":
+        bad = ~finite.all(axis=tuple(range(a.ndim - 1)))
+    else:
+        bad = ~finite.all(axis=tuple(range(b.ndim - 2)) + (b.ndim - 1,))
+    columns = np.nonzero(bad)[0]
+    out = a[..., ~bad] @ b[..., ~bad, :]
+    a_bad, b_bad = a[..., columns][..., :, :, None], b[..., columns, :][..., None, :, :]  # [.., I, nb, 1], [.., 1, nb, J]
+    other = b_bad if guard == "a" else a_bad
+    terms = np.where(other == 0, 0.0, a_bad * b_bad)
+    return out + terms.sum(axis=-2)
+
+
+def _bias_gradient(call: Call, g_scores: np.ndarray) -> np.ndarray:
+    """The scores' gradient summed over the axes the bias broadcasts along, in the bias's given shape."""
+    g = g_scores.reshape(call.scores_shape)
+    axes = tuple(a for a, size in enumerate(call.bias.shape) if size == 1 and call.scores_shape[a] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(call.given_bias.shape)
+
+
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
-             cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64",
+             cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64", window=None, bias=None,
+             query_lengths=None, key_value_lengths=None,
              rounding_noise: int | None = None) -> dict[str, np.ndarray]:
     """Gradients of ``sum(output * cotangent)``: ``query``, ``value``, ``key`` (only when a key
-    was given; otherwise ``value`` holds the total through both uses) and every weight. ``rounding_noise``:
-    see ``oracle.Numerics``."""
-    call = prepare(spec, weights, query, value, key, mask, causal)
+    was given; otherwise ``value`` holds the total through both uses), ``bias`` (only when a bias was
+    given) and every weight. The call-level arguments mean what :func:`impls.oracle.forward` says;
+    ``rounding_noise``: see ``oracle.Numerics``."""
+    call = prepare(spec, weights, query, value, key, mask, causal, window=window, bias=bias,
+                   query_lengths=query_lengths, key_value_lengths=key_value_lengths)
     check_policy(fully_masked)
     if cotangent is None:
         raise TypeError(f"cotangent must be an array of the output's shape {list(call.output_shape)}, got None")
     cotangent = check_cotangent(call, cotangent)
     num = Numerics(dtype, rounding_noise)
-    H, vd = spec.num_heads, spec.value_head_dim
+    H, Hkv, vd = spec.num_heads, spec.kv_heads, spec.value_head_dim
 
     # Forward, keeping what the backward needs.
     w, x, q, k, v = _projections(spec, weights, call, num)
-    allowed = effective_allowed(call.flat_allowed(), fully_masked)
-    probs = _attention_weights(num, q, k, allowed, fully_masked)
-    with np.errstate(invalid="ignore"):
-        o = num(np.einsum("nhts,nhsv->nhtv", probs, v))
+    N, _, T, _ = q.shape
+    allowed = effective_allowed(call.allowed_block(), fully_masked)
+    probs = _attention_weights(num, q, k, allowed, fully_masked, call.flat_bias())
+    values_finite = bool(np.all(np.isfinite(v)))
+    o = weighted_values(num, probs, v, allowed, fully_masked, values_finite)
 
     # Output projection: out[n, t, :] = sum_hv o[n, h, t, v] Wo[h, v, :] + bo.
-    Wo = w["Wo"].reshape(H, vd, -1)
-    g_out = flatten(call, num.cast(cotangent).reshape(call.query.shape[:-1] + (Wo.shape[-1],)))
+    Wo = w["Wo"].reshape(H * vd, -1)
+    g_out = flatten(call, num.cast(cotangent).reshape(call.query.shape[:-1] + (Wo.shape[-1],)))  # [N, T, O]
+    g_out_rows = g_out.reshape(N * T, -1)
     grads = {}
     with np.errstate(invalid="ignore"):
-        grads["Wo"] = num(np.einsum("nhtv,nto->hvo", o, g_out)).reshape(w["Wo"].shape)
+        o_rows = np.transpose(o, (0, 2, 1, 3)).reshape(N * T, H * vd)
+        grads["Wo"] = num(o_rows.T @ g_out_rows).reshape(w["Wo"].shape)
     if "bo" in w:
         grads["bo"] = num(g_out.sum(axis=(0, 1))).reshape(w["bo"].shape)
-    g_o = num(np.einsum("nto,hvo->nhtv", g_out, Wo))
+    g_o = np.ascontiguousarray(num(g_out_rows @ Wo.T).reshape(N, T, H, vd).transpose(0, 2, 1, 3))
 
-    # Weighted sum and softmax.
-    g_probs = num(np.einsum("nhtv,nhsv->nhts", g_o, v))
+    # Weighted sum: o = probs @ v, reading allowed positions only.
     with np.errstate(invalid="ignore"):
-        g_v = num(np.einsum("nhts,nhtv->nhsv", probs, g_o))
+        if values_finite or allowed is None:
+            g_probs = np.matmul(_stacked(g_o, Hkv), np.swapaxes(v, -1, -2)).reshape(probs.shape)
+        else:
+            clean, columns, _ = split_nonfinite(v)
+            g_probs = np.matmul(_stacked(g_o, Hkv), np.swapaxes(clean, -1, -2)).reshape(probs.shape)
+            read = read_positions(allowed, probs.shape, fully_masked, columns)
+            full = np.einsum("nhtc,nhsc->nhts", g_o, expand_heads(v[:, :, columns, :], H))
+            g_probs[..., columns] = np.where(read, full, g_probs[..., columns])
+        g_probs = num(g_probs)
+        g_v = num(np.matmul(np.swapaxes(_stacked(probs, Hkv), -1, -2), _stacked(g_o, Hkv)))
     g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked)
+    if call.bias is not None:
+        grads["bias"] = num(_bias_gradient(call, g_scores))
 
     # Scores = (q * scale) . k; ``q`` from _projections is already scaled.
     with np.errstate(invalid="ignore"):
-        g_q = num(num(np.einsum("nhts,nhsk->nhtk", g_scores, k)) * num(1.0 / math.sqrt(spec.key_dim)))
-        g_k = num(np.einsum("nhts,nhtk->nhsk", g_scores, q))
+        g_q = _safe_matmul(_stacked(g_scores, Hkv), k, guard="b").reshape(q.shape)
+        g_q = num(num(g_q) * num(1.0 / math.sqrt(spec.key_dim)))
+        g_k = num(_safe_matmul(np.swapaxes(_stacked(g_scores, Hkv), -1, -2), _stacked(q, Hkv), guard="b"))
 
-    # Input projections: y = x . W + b.
+    # Input projections: y = x . W + b, contracted over the flattened (N, L) rows.
     g_inputs = {}
     with np.errstate(invalid="ignore"):
         for name, g, W, b in (("query", g_q, "Wq", "bq"), ("key", g_k, "Wk", "bk"), ("value", g_v, "Wv", "bv")):
-            grads[W] = num(np.einsum("nld,nhlk->dhk", x[name], g))
+            n, h, L, c = g.shape
+            D = x[name].shape[-1]
+            g_rows = np.transpose(g, (0, 2, 1, 3)).reshape(n * L, h * c)
+            grads[W] = num(_safe_matmul(x[name].reshape(n * L, D).T, g_rows, guard="a")).reshape(w[W].shape)
             if b in w:
                 grads[b] = num(g.sum(axis=(0, 2)))
-            g_inputs[name] = num(np.einsum("nhlk,dhk->nld", g, w[W]))
+            g_inputs[name] = num(g_rows @ w[W].reshape(D, h * c).T).reshape(n, L, D)
 
     if not call.key_given:  # value fed both projections
         g_inputs["value"] = num(g_inputs["value"] + g_inputs.pop("key"))
     result = {name: unflatten(call, g, like=getattr(call, name).shape) for name, g in g_inputs.items()}
     result.update({name: grads[name] for name in w})  # canonical weight order
+    if "bias" in grads:
+        result["bias"] = grads["bias"]
     return {name: np.asarray(g, dtype=np.float64) for name, g in result.items()}

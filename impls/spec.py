@@ -1,8 +1,11 @@
 """The canonical description of one multi-head attention layer: its spec and weights.
 
 Weights use Keras's einsum layout (see DESIGN.md):
-``Wq [Dq, H, key_dim]``, ``Wk [Dk, H, key_dim]``, ``Wv [Dv, H, value_dim]``,
-``Wo [H, value_dim, *out]`` and biases without the input feature axis.
+``Wq [Dq, H, key_dim]``, ``Wk [Dk, Hkv, key_dim]``, ``Wv [Dv, Hkv, value_dim]``,
+``Wo [H, value_dim, *out]`` and biases without the input feature axis
+(``bq [H, key_dim]``, ``bk [Hkv, key_dim]``, ``bv [Hkv, value_dim]``, ``bo [*out]``).
+``Hkv`` is ``num_kv_heads``: equal to ``H`` for classic multi-head attention,
+a divisor of ``H`` for grouped-query attention (1: multi-query attention).
 """
 from __future__ import annotations
 
@@ -27,6 +30,27 @@ def _positive_int(name: str, value, allow_none: bool = False):
     return int(value)
 
 
+def _output_shape(value) -> tuple[int, ...] | None:
+    """``output_shape`` as a tuple of positive ints.
+
+    A value of the wrong *type* (a float, a string, a tuple holding one) raises TypeError; the right type
+    with a wrong *value* (an empty tuple, a size < 1) raises ValueError. Keras raises ValueError for
+    both; we follow Python's own convention instead, as NumPy (``np.zeros((2.5,))``) and PyTorch
+    (``torch.empty(2.5)``) do, and as every other field of this spec does (``num_heads=2.5`` is a
+    TypeError here, a ValueError in Keras). The validation runs before any adapter, so the type is the
+    same whichever framework is behind it.
+    """
+    if value is None:
+        return None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(f"output_shape must be an int or a non-empty tuple of ints, got {value!r}")
+    if len(value) == 0:
+        raise ValueError(f"output_shape must be an int or a non-empty tuple of ints, got {value!r}")
+    return tuple(_positive_int("output_shape", d) for d in value)
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """What a layer computes; the same fields as ``keras.layers.MultiHeadAttention``.
@@ -35,6 +59,12 @@ class AttentionSpec:
     the last axis is the feature axis); negative indices are allowed. ``None``
     means every axis between batch and features. Axes are resolved against a
     concrete input rank with :meth:`resolve_axes`.
+
+    ``num_kv_heads`` (grouped-query attention): the number of key/value heads, ``None`` for
+    ``num_heads`` (classic multi-head attention). It must divide ``num_heads``; query head ``h`` reads
+    key/value head ``h // (num_heads // num_kv_heads)``, so consecutive query heads share one key/value
+    head (the layout of PyTorch's ``enable_gqa`` and of JAX's ``dot_product_attention``). ``1`` is
+    multi-query attention. It is the last field so positional construction keeps its meaning.
     """
 
     num_heads: int
@@ -44,20 +74,14 @@ class AttentionSpec:
     attention_axes: int | tuple[int, ...] | None = None
     use_bias: bool = True
     dropout: float = 0.0
+    num_kv_heads: int | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__
         set_(self, "num_heads", _positive_int("num_heads", self.num_heads))
         set_(self, "key_dim", _positive_int("key_dim", self.key_dim))
         set_(self, "value_dim", _positive_int("value_dim", self.value_dim, allow_none=True))
-        out = self.output_shape
-        if out is not None:
-            if isinstance(out, numbers.Integral) and not isinstance(out, bool):
-                out = (out,)
-            if not isinstance(out, (tuple, list)) or len(out) == 0:
-                raise TypeError(f"output_shape must be an int or a non-empty tuple of ints, got {self.output_shape!r}")
-            out = tuple(_positive_int("output_shape", d) for d in out)
-        set_(self, "output_shape", out)
+        set_(self, "output_shape", _output_shape(self.output_shape))
         axes = self.attention_axes
         if axes is not None:
             if isinstance(axes, numbers.Integral) and not isinstance(axes, bool):
@@ -75,6 +99,21 @@ class AttentionSpec:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
         set_(self, "dropout", float(self.dropout))
+        kv = _positive_int("num_kv_heads", self.num_kv_heads, allow_none=True)
+        if kv is not None and self.num_heads % kv:
+            raise ValueError(f"num_kv_heads must divide num_heads={self.num_heads} (query head h reads key/value "
+                             f"head h // (num_heads // num_kv_heads)), got num_kv_heads={kv}")
+        set_(self, "num_kv_heads", kv)
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads (``num_kv_heads`` or ``num_heads``)."""
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head: query head ``h`` reads key/value head ``h // group_size``."""
+        return self.num_heads // self.kv_heads
 
     @property
     def value_head_dim(self) -> int:
@@ -115,7 +154,7 @@ class AttentionSpec:
             "num_heads": self.num_heads, "key_dim": self.key_dim, "value_dim": self.value_dim,
             "output_shape": list(self.output_shape) if self.output_shape else None,
             "attention_axes": list(self.attention_axes) if self.attention_axes else None,
-            "use_bias": self.use_bias, "dropout": self.dropout,
+            "use_bias": self.use_bias, "dropout": self.dropout, "num_kv_heads": self.num_kv_heads,
         }
 
     @classmethod
@@ -171,15 +210,18 @@ class Weights:
                 raise ValueError(f"Weights: {name} must have rank {want}, got shape {a.shape}")
         need("Wq", 3); need("Wk", 3); need("Wv", 3); need("Wo", 3, 99)
         H, kd = self.Wq.shape[1:]
-        if self.Wk.shape[1:] != (H, kd):
-            raise ValueError(f"Weights: Wk must have shape [Dk, {H}, {kd}] to match Wq {self.Wq.shape}, got {self.Wk.shape}")
+        Hkv = self.Wk.shape[1]
+        if self.Wk.shape[2] != kd or Hkv < 1 or H % Hkv:
+            raise ValueError(f"Weights: Wk must have shape [Dk, Hkv, {kd}] with Hkv dividing the {H} heads of "
+                             f"Wq {self.Wq.shape} (Hkv = {H} unless grouped-query), got {self.Wk.shape}")
         vd = self.Wv.shape[2]
-        if self.Wv.shape[1] != H:
-            raise ValueError(f"Weights: Wv must have shape [Dv, {H}, value_dim], got {self.Wv.shape}")
+        if self.Wv.shape[1] != Hkv:
+            raise ValueError(f"Weights: Wv must have shape [Dv, {Hkv}, value_dim] (as many heads as Wk "
+                             f"{self.Wk.shape}), got {self.Wv.shape}")
         if self.Wo.shape[:2] != (H, vd):
             raise ValueError(f"Weights: Wo must have shape [{H}, {vd}, *out], got {self.Wo.shape}")
         if self.has_bias:
-            expected = {"bq": (H, kd), "bk": (H, kd), "bv": (H, vd), "bo": self.Wo.shape[2:]}
+            expected = {"bq": (H, kd), "bk": (Hkv, kd), "bv": (Hkv, vd), "bo": self.Wo.shape[2:]}
             for n, shp in expected.items():
                 if getattr(self, n).shape != shp:
                     raise ValueError(f"Weights: {n} must have shape {list(shp)}, got {list(getattr(self, n).shape)}")
@@ -187,6 +229,11 @@ class Weights:
     @property
     def has_bias(self) -> bool:
         return self.bq is not None
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (``Wk.shape[1]``): the query heads' count unless grouped-query."""
+        return self.Wk.shape[1]
 
     @property
     def query_dim(self) -> int:
@@ -202,14 +249,14 @@ class Weights:
 
     def check_spec(self, spec: AttentionSpec) -> None:
         """Raise ValueError unless these weights are the right shapes for ``spec``."""
-        H, kd, vd = spec.num_heads, spec.key_dim, spec.value_head_dim
+        H, Hkv, kd, vd = spec.num_heads, spec.kv_heads, spec.key_dim, spec.value_head_dim
         out = spec.out_shape(self.query_dim)
         expected = {
-            "Wq": (self.query_dim, H, kd), "Wk": (self.key_input_dim, H, kd),
-            "Wv": (self.value_input_dim, H, vd), "Wo": (H, vd, *out),
+            "Wq": (self.query_dim, H, kd), "Wk": (self.key_input_dim, Hkv, kd),
+            "Wv": (self.value_input_dim, Hkv, vd), "Wo": (H, vd, *out),
         }
         if spec.use_bias:
-            expected.update({"bq": (H, kd), "bk": (H, kd), "bv": (H, vd), "bo": tuple(out)})
+            expected.update({"bq": (H, kd), "bk": (Hkv, kd), "bv": (Hkv, vd), "bo": tuple(out)})
         for name, shp in expected.items():
             got = getattr(self, name)
             if got is None:
@@ -232,7 +279,7 @@ class Weights:
         value_dim = _positive_int("value_dim", value_dim)
         key_dim = _positive_int("key_dim", key_dim if key_dim is not None else value_dim)
         rng = np.random.default_rng(seed)
-        H, kd, vd = spec.num_heads, spec.key_dim, spec.value_head_dim
+        H, Hkv, kd, vd = spec.num_heads, spec.kv_heads, spec.key_dim, spec.value_head_dim
         out = spec.out_shape(query_dim)
 
         def kernel(fan_in, shape):
@@ -242,14 +289,14 @@ class Weights:
 
         arrays = {
             "Wq": kernel(query_dim, (query_dim, H, kd)),
-            "Wk": kernel(key_dim, (key_dim, H, kd)),
-            "Wv": kernel(value_dim, (value_dim, H, vd)),
+            "Wk": kernel(key_dim, (key_dim, Hkv, kd)),
+            "Wv": kernel(value_dim, (value_dim, Hkv, vd)),
             "Wo": kernel(H * vd, (H, vd, *out)),
         }
         if spec.use_bias:
             arrays.update({
-                "bq": rng.uniform(-0.1, 0.1, (H, kd)), "bk": rng.uniform(-0.1, 0.1, (H, kd)),
-                "bv": rng.uniform(-0.1, 0.1, (H, vd)), "bo": rng.uniform(-0.1, 0.1, out),
+                "bq": rng.uniform(-0.1, 0.1, (H, kd)), "bk": rng.uniform(-0.1, 0.1, (Hkv, kd)),
+                "bv": rng.uniform(-0.1, 0.1, (Hkv, vd)), "bo": rng.uniform(-0.1, 0.1, out),
             })
         return cls(**arrays)
 

@@ -5,7 +5,9 @@ TypeError, naming the argument and the shape that was expected.
 """
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +42,16 @@ def numpy_dtype(name: str):
     return np.dtype(name)
 
 
-def _as_array(name: str, x) -> np.ndarray:
+def _as_array(name: str, x, floating_only: str | None = None) -> np.ndarray:
+    """``x`` as a NumPy array of real numbers. ``floating_only``: refuse integer and boolean arrays too, with
+    this text saying what the argument is for (checked before a framework tensor is converted)."""
     if x is None:
         raise TypeError(f"{name} must be an array, got None")
+    if floating_only is not None:
+        dtype = getattr(x, "dtype", None)
+        dtype = str(np.asarray(x).dtype if dtype is None else dtype).replace("torch.", "")
+        if not (dtype.startswith("float") or dtype.startswith("bfloat")):
+            raise TypeError(f"{name} must be a floating-point array ({floating_only}), got dtype {dtype}")
     if hasattr(x, "detach") or hasattr(x, "numpy") and not isinstance(x, np.ndarray):
         # A framework tensor: accept it through NumPy, so the checks below apply.
         try:
@@ -55,6 +64,9 @@ def _as_array(name: str, x) -> np.ndarray:
     return arr
 
 
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
 @dataclass(frozen=True)
 class Call:
     """A validated call: arrays, resolved axes and the shapes everything has.
@@ -64,6 +76,19 @@ class Call:
     axis: its rank equals the scores' rank and it broadcasts to ``scores_shape``. ``given_mask`` is
     the mask exactly as the user passed it (what an adapter hands a framework that reads the mask
     the canonical way, such as Keras).
+
+    The call-level features of modern attention (see :func:`validate_call` for their exact meaning):
+
+    - ``causal`` is True for either alignment (so code written for top-left causal still sees a causal
+      call); ``causal_alignment`` says which: None, ``"top_left"`` or ``"bottom_right"``.
+    - ``window``: ``(left, right)`` (either side None = unbounded) or None.
+    - ``bias``: the additive float bias read by the mask rule (scores' rank, broadcasts to
+      ``scores_shape``); ``given_bias`` as the user passed it.
+    - ``query_lengths`` / ``key_value_lengths``: int64 ``[B]`` or None.
+
+    Every position restriction (mask, causal, window, lengths, a ``-inf`` bias) is combined by AND in
+    :meth:`allowed` and its flattened forms, which take keyword flags to leave out the parts an adapter
+    hands its framework natively.
     """
 
     query: np.ndarray
@@ -77,6 +102,12 @@ class Call:
     scores_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     given_mask: np.ndarray | None = None
+    causal_alignment: str | None = None
+    window: tuple[int | None, int | None] | None = None
+    bias: np.ndarray | None = None
+    given_bias: np.ndarray | None = None
+    query_lengths: np.ndarray | None = None
+    key_value_lengths: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -100,43 +131,133 @@ class Call:
     def k_len(self) -> int:
         return math.prod(self.key.shape[a] for a in self.attention_axes)
 
-    def allowed(self) -> np.ndarray | None:
-        """The boolean may-attend mask (mask AND causal), broadcastable to ``scores_shape``; None if all allowed."""
-        allowed = self.mask
-        if self.causal:
-            c = causal_mask(self.q_len, self.k_len).reshape(
-                (1,) * (self.n_batch + 1) + self.scores_shape[self.n_batch + 1:])
-            allowed = c if allowed is None else np.logical_and(allowed, c)
+    @property
+    def diagonal_offset(self) -> int:
+        """Query row i's diagonal is key ``i + diagonal_offset``: 0 (top-left), or ``S - T`` when the call
+        is causal with ``"bottom_right"`` alignment. Causal and the window are both measured from it."""
+        return self.k_len - self.q_len if self.causal_alignment == "bottom_right" else 0
+
+    @property
+    def causal_argument(self):
+        """The ``causal`` argument that re-issues this call: False, True (top-left) or ``"bottom_right"``."""
+        return "bottom_right" if self.causal_alignment == "bottom_right" else self.causal
+
+    def feature_kwargs(self) -> dict:
+        """The keyword arguments (``window``, ``bias`` as given, ``query_lengths``, ``key_value_lengths``) that
+        re-issue this call's call-level features; only those given, so a callee that knows none of them still
+        works for a call that uses none."""
+        given = {"window": self.window, "bias": self.given_bias, "query_lengths": self.query_lengths,
+                 "key_value_lengths": self.key_value_lengths}
+        return {k: v for k, v in given.items() if v is not None}
+
+    # ---- the may-attend positions -------------------------------------------------------------------
+    def _groups(self) -> list[tuple[int, int]]:
+        nb, n = self.n_batch, len(self.attention_axes)
+        return [(0, nb), (nb, nb + 1), (nb + 1, nb + 1 + n), (nb + 1 + n, nb + 1 + 2 * n)]
+
+    def _grouped(self, array: np.ndarray) -> np.ndarray:
+        """A scores-rank array (mask or bias) as ``[N|1, H|1, T|1, S|1]``: each group of axes (batch-like,
+        heads, attended query, attended key) stays of size 1 where the array is constant along all of it."""
+        shape = []
+        for start, stop in self._groups():
+            constant = all(array.shape[a] == 1 for a in range(start, stop))
+            shape.extend(1 if constant else self.scores_shape[a] for a in range(start, stop))
+        array = np.broadcast_to(array, tuple(shape))
+        flat = [math.prod(shape[start:stop]) for start, stop in self._groups()]
+        return np.ascontiguousarray(array).reshape(flat)
+
+    @functools.cached_property
+    def _grouped_mask(self):
+        return None if self.mask is None else self._grouped(self.mask)
+
+    @functools.cached_property
+    def _grouped_bias(self):
+        return None if self.bias is None else self._grouped(self.bias)
+
+    def _flat_lengths(self, lengths: np.ndarray) -> np.ndarray:
+        """``[B]`` lengths repeated over the non-attended axes: ``[N]`` (the batch axis is the slowest)."""
+        B = self.scores_shape[0]
+        return np.repeat(lengths, self.n_flat // B if B else 0)
+
+    def allowed_block(self, start: int = 0, stop: int | None = None, *, mask: bool = True, causal: bool = True,
+                      window: bool = True, lengths: bool = True, bias: bool = True) -> np.ndarray | None:
+        """May-attend for query rows ``start:stop`` of the flattened layout, compact: a boolean
+        ``[N|1, H|1, rows|1, S|1]`` (size 1 where constant, so it broadcasts), None if nothing restricts.
+
+        The parts, combined by AND (each flag leaves its part out): the mask; causal (key j <= i + d);
+        the window (i + d - left <= j <= i + d + right); the lengths (j < key_value_lengths[b] and
+        i < query_lengths[b]); the bias (a ``-inf`` bias position is masked). ``d`` is
+        :attr:`diagonal_offset`. This is the one definition the oracle and every flattened form use.
+        """
+        T, S = self.q_len, self.k_len
+        stop = T if stop is None else min(stop, T)
+        parts = []
+        if mask and self._grouped_mask is not None:
+            m = self._grouped_mask
+            parts.append(m if m.shape[2] == 1 else m[:, :, start:stop])
+        if bias and self._grouped_bias is not None:
+            b = self._grouped_bias
+            b = b if b.shape[2] == 1 else b[:, :, start:stop]
+            if np.any(b == -np.inf):  # (== works for bfloat16 too)
+                parts.append(b != -np.inf)
+        restrict_causal = causal and self.causal
+        restrict_window = window and self.window is not None
+        if restrict_causal or restrict_window:
+            parts.append(band_mask(start, stop, S, offset=self.diagonal_offset, causal=restrict_causal,
+                                   window=self.window if restrict_window else None)[None, None])
+        if lengths and self.key_value_lengths is not None:
+            n = self._flat_lengths(self.key_value_lengths)
+            parts.append(np.arange(S)[None, None, None, :] < n[:, None, None, None])
+        if lengths and self.query_lengths is not None:
+            n = self._flat_lengths(self.query_lengths)
+            parts.append(np.arange(start, stop)[None, None, :, None] < n[:, None, None, None])
+        if not parts:
+            return None
+        allowed = parts[0]
+        for part in parts[1:]:
+            allowed = np.logical_and(allowed, part)
         return allowed
 
-    def flat_allowed(self) -> np.ndarray | None:
-        """``allowed()`` broadcast over batch axes and flattened to ``[prod(batch), 1 or H, T, S]``."""
-        allowed = self.allowed()
-        if allowed is None:
+    def allowed(self, *, mask: bool = True, causal: bool = True, window: bool = True, lengths: bool = True,
+                bias: bool = True) -> np.ndarray | None:
+        """The boolean may-attend mask (mask AND causal AND window AND lengths AND bias > -inf; the flags
+        leave parts out), of the scores' rank and broadcastable to ``scores_shape``; None if all allowed."""
+        only_mask = self.mask is not None and mask and self.allowed_block(
+            mask=False, causal=causal, window=window, lengths=lengths, bias=bias) is None
+        if only_mask:
+            return self.mask  # as read: keeps the user's broadcast axes
+        flat = self.allowed_block(mask=mask, causal=causal, window=window, lengths=lengths, bias=bias)
+        if flat is None:
             return None
-        nb = self.n_batch
-        heads = allowed.shape[nb]
-        target = self.scores_shape[:nb] + (heads,) + self.scores_shape[nb + 1:]
-        allowed = np.broadcast_to(allowed, target)
-        return allowed.reshape(math.prod(self.scores_shape[:nb]), heads, self.q_len, self.k_len)
-
-    def flat_mask(self, with_causal: bool = False) -> np.ndarray | None:
-        """The mask (``with_causal``: mask AND causal) flattened to ``[N, H, T, S]`` the way a user of a
-        one-sequence framework writes it: each group of axes (batch-like, heads, attended query,
-        attended key) stays of size 1 where the mask is constant along all of it, so the framework's
-        own broadcasting does the rest. None when there is nothing to mask."""
-        mask = self.allowed() if with_causal else self.mask
-        if mask is None:
-            return None
-        nb, n = self.n_batch, len(self.attention_axes)
-        groups = [(0, nb), (nb, nb + 1), (nb + 1, nb + 1 + n), (nb + 1 + n, nb + 1 + 2 * n)]
         shape = []
-        for start, stop in groups:
-            constant = all(mask.shape[a] == 1 for a in range(start, stop))
-            shape.extend(1 if constant else self.scores_shape[a] for a in range(start, stop))
-        mask = np.broadcast_to(mask, tuple(shape))
-        flat = [math.prod(shape[start:stop]) for start, stop in groups]
-        return np.ascontiguousarray(mask).reshape(flat)
+        for g, (start, stop) in enumerate(self._groups()):
+            shape.extend(1 if flat.shape[g] == 1 else self.scores_shape[a] for a in range(start, stop))
+        return flat.reshape(shape)
+
+    def flat_allowed(self, **parts) -> np.ndarray | None:
+        """``allowed()`` broadcast over batch axes and flattened to ``[prod(batch), 1 or H, T, S]``
+        (keyword flags as :meth:`allowed`)."""
+        flat = self.allowed_block(**parts)
+        if flat is None:
+            return None
+        return np.ascontiguousarray(np.broadcast_to(flat, (self.n_flat, flat.shape[1], self.q_len, self.k_len)))
+
+    def flat_mask(self, with_causal: bool = False, *, window: bool = False, lengths: bool = False,
+                  bias: bool = False) -> np.ndarray | None:
+        """The mask (``with_causal``: mask AND causal; the other flags AND those parts in too) flattened to
+        ``[N, H, T, S]`` the way a user of a one-sequence framework writes it: each group of axes
+        (batch-like, heads, attended query, attended key) stays of size 1 where the mask is constant
+        along all of it, so the framework's own broadcasting does the rest. None when there is nothing
+        to mask."""
+        return self.allowed_block(causal=with_causal, window=window, lengths=lengths, bias=bias)
+
+    def flat_bias(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """The bias flattened like :meth:`flat_mask` (``[N|1, H|1, T|1, S|1]``, in the dtype it was given),
+        for query rows ``start:stop``; None without a bias. ``-inf`` entries are kept: they mean masked."""
+        b = self._grouped_bias
+        if b is None or b.shape[2] == 1:
+            return b
+        return b[:, :, start:stop]
 
     def is_key_padding(self) -> bool:
         """Whether the mask (causal aside) depends on the batch and the key positions only: a padding mask."""
@@ -146,21 +267,120 @@ class Call:
         return all(d == 1 for d in self.mask.shape[nb:nb + 1 + len(self.attention_axes)])
 
 
-def causal_mask(t: int, s: int) -> np.ndarray:
-    """Top-left aligned causal mask: query i may attend key j iff j <= i."""
-    return np.tril(np.ones((t, s), dtype=bool))
+def band_mask(start: int, stop: int, s: int, *, offset: int = 0, causal: bool = False,
+              window: tuple[int | None, int | None] | None = None) -> np.ndarray:
+    """``[stop - start, s]`` booleans for query rows ``start:stop``: key j is allowed iff
+    ``j <= i + offset`` (causal) and ``i + offset - left <= j <= i + offset + right`` (window)."""
+    rel = np.arange(s)[None, :] - np.arange(start, stop)[:, None] - offset  # j - diagonal(i)
+    ok = np.ones(rel.shape, dtype=bool)
+    if causal:
+        ok &= rel <= 0
+    if window is not None:
+        left, right = window
+        if left is not None:
+            ok &= rel >= -left
+        if right is not None:
+            ok &= rel <= right
+    return ok
+
+
+def causal_mask(t: int, s: int, alignment: str = "top_left") -> np.ndarray:
+    """Causal mask: query i may attend key j iff j <= i (top-left) or j <= i + s - t (bottom-right)."""
+    alignment = check_causal(alignment)
+    return band_mask(0, t, s, offset=s - t if alignment == "bottom_right" else 0, causal=True)
+
+
+def check_causal(causal) -> str | None:
+    """The causal alignment a ``causal`` argument asks for: None, ``"top_left"`` or ``"bottom_right"``.
+
+    True means ``"top_left"`` (Keras's and today's default). A bool or one of the two names is accepted;
+    another string is a ValueError, any other type a TypeError.
+    """
+    if isinstance(causal, (bool, np.bool_)):
+        return "top_left" if causal else None
+    if isinstance(causal, str):
+        if causal in CAUSAL_ALIGNMENTS:
+            return causal
+        raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
+    raise TypeError(f"causal must be a bool or one of 'top_left', 'bottom_right', got {causal!r}")
+
+
+def check_window(window) -> tuple[int | None, int | None] | None:
+    """``window`` as ``(left, right)``: each an int >= 0, or None for unbounded on that side.
+
+    A bare int is refused: JAX reads ``w`` as ``(w, w)`` and Keras's ``sliding_window=w`` as ``|i - j| < w``,
+    i.e. ``(w - 1, w - 1)``, so there is no reading both would agree with. ``(None, None)`` restricts
+    nothing and is the same as None.
+    """
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be None or a pair (left, right) of ints >= 0 or None, got {window!r}")
+    out = []
+    for side, value in zip(("left", "right"), window):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"window {side} must be an int >= 0 or None, got {value!r} in window={window!r}")
+        if value < 0:
+            raise ValueError(f"window {side} must be an int >= 0 or None, got {value!r} in window={window!r}")
+        out.append(int(value))
+    return None if out == [None, None] else (out[0], out[1])
+
+
+def check_lengths(name: str, lengths, batch: int, limit: int, what: str) -> np.ndarray | None:
+    """Lengths as an int64 ``[batch]`` array of values in ``0..limit`` (the flattened attended length)."""
+    if lengths is None:
+        return None
+    if hasattr(lengths, "detach") or hasattr(lengths, "numpy") and not isinstance(lengths, np.ndarray):
+        lengths = lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else lengths.numpy()
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array of shape [B] = [{batch}], got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"{name} must have shape [B] = [{batch}] (one length per batch element), "
+                         f"got shape {list(arr.shape)}")
+    bad = np.nonzero((arr < 0) | (arr > limit))[0]
+    if bad.size:
+        raise ValueError(f"{name} must be in 0..{limit} (the number of {what} positions, attended axes "
+                         f"flattened), got {arr[bad[0]]} at index {bad[0]}")
+    return arr.astype(np.int64)
 
 
 def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query, value, key=None,
-                  mask=None, causal=False) -> Call:
-    """Check one call against the spec and the weights' feature widths (Dq, Dk, Dv)."""
+                  mask=None, causal=False, *, window=None, bias=None, query_lengths=None,
+                  key_value_lengths=None) -> Call:
+    """Check one call against the spec and the weights' feature widths (Dq, Dk, Dv).
+
+    Positions are those of the flattened attended axes: query row i in ``0..T-1``, key j in ``0..S-1``.
+
+    - ``causal``: False; True or ``"top_left"`` (key j <= i); ``"bottom_right"`` (j <= i + S - T: the
+      last query row sees every key, as in decoding with a key/value cache; PyTorch's
+      ``causal_lower_right``, FlashAttention's causal). With T > S bottom-right, rows i < T - S have no
+      allowed key: they are fully masked rows (canonically all-zero weights, output ``bo``). The
+      alignment is by the call's shapes T and S, not by any lengths.
+    - ``window=(left, right)``: key j allowed iff ``i + d - left <= j <= i + d + right`` where ``d`` is the
+      causal diagonal's offset (0, or ``S - T`` for ``causal="bottom_right"``). Without bottom-right
+      causal it is JAX's ``local_window_size``; Keras's ``sliding_window=w`` is ``(w - 1, w - 1)``; with it,
+      FlashAttention's ``window_size``. ``None`` on a side: unbounded.
+    - ``bias``: a float array read by the mask rule (:func:`read_mask`), added to the scaled logits. A
+      position masked by anything else stays masked whatever its bias; a ``-inf`` bias masks its position
+      (a row whose every position is masked or ``-inf`` is fully masked); NaN and ``+inf`` at an allowed
+      position propagate as arithmetic dictates (the row is NaN).
+    - ``query_lengths`` / ``key_value_lengths``: int arrays ``[B]``, broadcast over non-attended axes. Key j
+      of batch b is allowed iff ``j < key_value_lengths[b]``; query rows ``i >= query_lengths[b]`` attend
+      to nothing, so they are fully masked (output ``bo``), as JAX's ``query_seq_lengths`` gives.
+
+    All restrictions combine with the mask by AND.
+    """
     q_dim, k_dim, v_dim = weights_dims
     query = _as_array("query", query)
     value = _as_array("value", value)
     key_given = key is not None
     key = _as_array("key", key) if key_given else value
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    alignment = check_causal(causal)
+    window = check_window(window)
     if query.ndim < 3:
         raise ValueError(f"query must have shape [B, *Q, {q_dim}] (rank >= 3), got shape {list(query.shape)}")
     for name, arr in (("value", value), ("key", key)):
@@ -198,13 +418,25 @@ def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query
         if given.dtype != np.bool_:
             raise TypeError(f"mask must be a boolean array (True = may attend), got dtype {given.dtype}")
         mask = read_mask(given, scores_shape, len(batch_shape), len(axes))
-    return Call(query=query, value=value, key=key, key_given=key_given, mask=mask, causal=bool(causal),
+    given_bias = None
+    if bias is not None:
+        given_bias = _as_array("bias", bias, floating_only="added to the scaled logits; a boolean may-attend "
+                                                         "mask goes in mask=")
+        bias = read_mask(given_bias, scores_shape, len(batch_shape), len(axes), name="bias")
+    B = query.shape[0]
+    q_len, k_len = math.prod(q_att), math.prod(k_att)
+    query_lengths = check_lengths("query_lengths", query_lengths, B, q_len, "query")
+    key_value_lengths = check_lengths("key_value_lengths", key_value_lengths, B, k_len, "key/value")
+    return Call(query=query, value=value, key=key, key_given=key_given, mask=mask, causal=alignment is not None,
                 attention_axes=axes, batch_axes=batch_axes, scores_shape=scores_shape,
-                output_shape=output_shape, given_mask=given)
+                output_shape=output_shape, given_mask=given, causal_alignment=alignment, window=window,
+                bias=bias, given_bias=given_bias, query_lengths=query_lengths,
+                key_value_lengths=key_value_lengths)
 
 
-def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_attended: int) -> np.ndarray:
-    """The canonical (Keras) reading of a mask, as a view of the scores' rank.
+def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_attended: int,
+              name: str = "mask") -> np.ndarray:
+    """The canonical (Keras) reading of a mask (or of a bias: ``name``), as a view of the scores' rank.
 
     Its last ``2 * n_attended`` axes are the attended query axes, then the attended key axes; its
     leading axes line up from the left with ``[batch, *non_attended, heads]``; the axes it lacks are
@@ -217,7 +449,7 @@ def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_a
             f"axes line up from the left with [batch, *non_attended, heads] = {list(lead_axes)}")
     lead = mask.ndim - 2 * n_attended
     if lead < 0 or lead > n_batch + 1:
-        raise ValueError(f"mask of shape {list(mask.shape)} has {mask.ndim} axes; expected {2 * n_attended} to "
+        raise ValueError(f"{name} of shape {list(mask.shape)} has {mask.ndim} axes; expected {2 * n_attended} to "
                          f"{len(scores_shape)} for scores of shape {list(scores_shape)}: {rule}")
     full = mask.reshape(mask.shape[:lead] + (1,) * (n_batch + 1 - lead) + mask.shape[lead:])
     try:
@@ -225,8 +457,8 @@ def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_a
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"mask of shape {list(mask.shape)} does not broadcast to the scores {list(scores_shape)}: "
-                         f"{rule}")
+        raise ValueError(f"{name} of shape {list(mask.shape)} does not broadcast to the scores "
+                         f"{list(scores_shape)}: {rule}")
     return full
 
 

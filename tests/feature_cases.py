@@ -91,3 +91,98 @@ CASES = [
 ]
 # A fully masked row has no well-defined softmax: adapters may differ (see the divergence catalogue).
 FULLY_MASKED = FeatureCase("fully_masked_row", S(2, 4), (2, 4, 8), (2, 6, 8), mask="fully_masked_row")
+
+
+# ---- modern attention: grouped-query, causal alignment, window, bias, lengths ------------------------
+@dataclass(frozen=True)
+class ModernCase(FeatureCase):
+    """A FeatureCase with the call-level features of modern attention (``causal`` may be an alignment)."""
+
+    window: tuple | None = None
+    bias: str | None = None  # "TS", "BHTS", "B1S", "neg_inf", "neg_inf_row", "nan_where_masked"
+    query_lengths: tuple | None = None
+    key_value_lengths: tuple | None = None
+
+    def feature_kwargs(self, seed=0) -> dict:
+        """``window``, ``bias``, ``query_lengths``, ``key_value_lengths`` for this case (None where unused)."""
+        return {"window": self.window, "bias": self.make_bias(seed),
+                "query_lengths": None if self.query_lengths is None else np.array(self.query_lengths),
+                "key_value_lengths": None if self.key_value_lengths is None else np.array(self.key_value_lengths)}
+
+    def make_bias(self, seed):
+        if self.bias is None:
+            return None
+        rng = np.random.default_rng([seed, 17])
+        spec = self.spec
+        axes = spec.resolve_axes(len(self.query))
+        q_att = tuple(self.query[a] for a in axes)
+        k_att = tuple(self.value[a] for a in axes)
+        B, H = self.query[0], spec.num_heads
+        free = tuple(self.query[a] for a in range(1, len(self.query) - 1) if a not in axes)
+        if self.bias == "TS":
+            return rng.normal(size=q_att + k_att)
+        if self.bias == "BHTS":
+            return rng.normal(size=(B,) + free + (H,) + q_att + k_att)
+        if self.bias == "B1S":  # a per-key bias, like ALiBi-free padding penalties: [B, 1.., S..]
+            return rng.normal(size=(B,) + (1,) * len(q_att) + k_att)
+        if self.bias == "neg_inf":  # some -inf positions, never a whole row
+            b = rng.normal(size=(B,) + q_att + k_att)
+            b[rng.random(b.shape) < 0.3] = -np.inf
+            b[..., *(0,) * len(k_att)] = 0.5  # the first key of every row stays finite
+            return b
+        if self.bias == "neg_inf_row":  # query row 1 of batch 0 is -inf everywhere: fully masked
+            b = rng.normal(size=(B,) + q_att + k_att)
+            b[0, 1] = -np.inf
+            return b
+        if self.bias == "nan_where_masked":  # NaN and +inf only where the mask already masks
+            b = rng.normal(size=(B,) + q_att + k_att)
+            masked = ~np.broadcast_to(self.build(seed)[4], b.shape)  # the mask build(seed) gives
+            b[masked] = np.where(rng.random(b[masked].shape) < 0.5, np.nan, np.inf)
+            return b
+        raise ValueError(self.bias)
+
+
+M = ModernCase
+MODERN_CASES = [
+    M("gqa_2of4", S(4, 3, num_kv_heads=2), (2, 5, 12), (2, 6, 12)),
+    M("mqa_per_head_mask", S(4, 2, num_kv_heads=1), (2, 4, 8), (2, 5, 8), mask="per_head"),
+    M("gqa_cross_causal_mask_value_dim", S(6, 2, value_dim=3, num_kv_heads=3), (2, 4, 12), (2, 7, 10),
+      key=(2, 7, 5), mask="BTS", causal=True),
+    M("gqa_no_bias_axes_1_4d", S(4, 2, num_kv_heads=2, use_bias=False, attention_axes=(1,)), (2, 3, 2, 8),
+      (2, 5, 2, 8)),
+    M("bottom_right_T4_S7", S(2, 4), (2, 4, 8), (2, 7, 8), causal="bottom_right"),
+    M("bottom_right_T6_S3", S(2, 4), (2, 6, 8), (2, 3, 8), causal="bottom_right"),  # rows 0..2 see nothing
+    M("bottom_right_T5_S5", S(2, 4), (2, 5, 8), (2, 5, 8), causal="bottom_right"),
+    M("bottom_right_decode_T1_S6_mask", S(2, 4), (2, 1, 8), (2, 6, 8), causal="bottom_right", mask="padding"),
+    M("bottom_right_axes_23_5d", S(2, 4, attention_axes=(2, 3)), (2, 2, 2, 2, 8), (2, 2, 3, 2, 8),
+      causal="bottom_right"),
+    M("window_1_0_self", S(2, 4), (2, 6, 8), (2, 6, 8), window=(1, 0)),
+    M("window_2_1_cross", S(2, 4), (2, 4, 8), (2, 7, 8), window=(2, 1)),
+    M("window_unbounded_left_causal", S(2, 4), (2, 5, 8), (2, 5, 8), window=(None, 1), causal=True),
+    M("window_1_none_T6_S3", S(2, 4), (2, 6, 8), (2, 3, 8), window=(1, None)),  # rows past S+1 see nothing
+    M("window_bottom_right_decode", S(2, 4), (2, 2, 8), (2, 7, 8), window=(2, 0), causal="bottom_right"),
+    M("window_mask_axes_23_5d", S(2, 4, attention_axes=(2, 3)), (2, 2, 2, 3, 8), (2, 2, 3, 2, 8),
+      mask="multi", window=(2, 2)),
+    M("bias_TS", S(2, 4), (2, 4, 8), (2, 6, 8), bias="TS"),
+    M("bias_BHTS_mask", S(3, 4), (2, 4, 12), (2, 6, 12), bias="BHTS", mask="BTS"),
+    M("bias_B1S_causal", S(2, 4), (2, 5, 8), (2, 5, 8), bias="B1S", causal=True),
+    M("bias_neg_inf", S(2, 4), (2, 4, 8), (2, 6, 8), bias="neg_inf"),
+    M("bias_neg_inf_row", S(2, 4), (2, 4, 8), (2, 6, 8), bias="neg_inf_row"),
+    M("bias_nan_where_masked", S(2, 4), (2, 4, 8), (2, 6, 8), bias="nan_where_masked", mask="BTS"),
+    M("bias_axes_2_4d", S(2, 4, attention_axes=(2,)), (2, 3, 4, 8), (2, 3, 5, 8), bias="BHTS"),
+    M("kv_lengths", S(2, 4), (2, 4, 8), (2, 6, 8), key_value_lengths=(6, 2)),
+    M("query_lengths", S(2, 4), (2, 4, 8), (2, 6, 8), query_lengths=(1, 4)),
+    M("lengths_both_causal_mask", S(2, 4), (2, 5, 8), (2, 5, 8), query_lengths=(5, 3), key_value_lengths=(2, 5),
+      causal=True, mask="BTS"),
+    M("lengths_zero", S(2, 4), (2, 3, 8), (2, 4, 8), query_lengths=(0, 3), key_value_lengths=(4, 0)),
+    M("lengths_free_axis", S(2, 4, attention_axes=(2,)), (2, 3, 4, 8), (2, 3, 5, 8), query_lengths=(2, 4),
+      key_value_lengths=(5, 3)),
+    M("lengths_axes_23_5d", S(2, 4, attention_axes=(2, 3)), (2, 2, 2, 3, 8), (2, 2, 3, 2, 8),
+      query_lengths=(5, 6), key_value_lengths=(4, 6)),
+    M("modern_everything", S(4, 2, value_dim=3, output_shape=(2, 3), num_kv_heads=2, attention_axes=(1,)),
+      (2, 5, 3, 8), (2, 7, 3, 6), key=(2, 7, 3, 5), mask="BTS", causal="bottom_right", window=(3, None),
+      bias="TS", query_lengths=(5, 4), key_value_lengths=(7, 6)),
+    M("key_value_length_0", S(2, 4), (2, 3, 8), (2, 0, 8)),
+    M("key_value_length_0_everything", S(4, 2, num_kv_heads=2), (2, 3, 8), (2, 0, 8), causal="bottom_right",
+      window=(1, 1), bias="TS", query_lengths=(3, 1), key_value_lengths=(0, 0)),
+]

@@ -250,3 +250,318 @@ def test_two_attended_axes_read_the_last_four_mask_axes():
         naive_out, naive_scores = naive_attention(spec, w, q, v, mask=mask)
         np.testing.assert_allclose(out, naive_out, atol=1e-12)
         np.testing.assert_allclose(scores, naive_scores, atol=1e-12)
+
+
+# ---- modern attention: each feature against the naive loops and its defining properties ------------------
+from tests.feature_cases import MODERN_CASES  # noqa: E402
+
+
+def _modern(case, seed=3, **extra):
+    w, q, v, k, mask = case.build(seed=seed)
+    kwargs = {**case.feature_kwargs(seed), **extra}
+    return w, q, v, k, mask, kwargs
+
+
+@pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
+def test_modern_features_match_naive_loops(case):
+    w, q, v, k, mask, kwargs = _modern(case)
+    out, scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    ref_out, ref_scores = naive_attention(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("policy", ["uniform", "nan", "unmasked"])
+@pytest.mark.parametrize("case", [c for c in MODERN_CASES if c.id in (
+    "bottom_right_T6_S3", "window_1_none_T6_S3", "bias_neg_inf_row", "lengths_zero", "modern_everything",
+    "key_value_length_0_everything")], ids=lambda c: c.id)
+def test_modern_fully_masked_rows_follow_every_policy(case, policy):
+    w, q, v, k, mask, kwargs = _modern(case)
+    out, scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, fully_masked=policy, **kwargs)
+    ref_out, ref_scores = naive_attention(case.spec, w, q, v, k, mask, case.causal, policy, **kwargs)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+@pytest.mark.parametrize("case", [c for c in MODERN_CASES if c.id in (
+    "gqa_cross_causal_mask_value_dim", "bottom_right_T6_S3", "window_2_1_cross", "bias_BHTS_mask",
+    "lengths_both_causal_mask", "lengths_axes_23_5d", "modern_everything", "key_value_length_0")],
+    ids=lambda c: c.id)
+def test_modern_blockwise_equals_dense(case, block):
+    w, q, v, k, mask, kwargs = _modern(case, seed=7)
+    dense, _ = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    blocked, _ = oracle.forward(case.spec, w, q, v, k, mask, case.causal, False, block_size=block, **kwargs)
+    np.testing.assert_allclose(blocked, dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_modern_low_precision_reference_is_rounded_and_close(dtype):
+    case = next(c for c in MODERN_CASES if c.id == "modern_everything")
+    w, q, v, k, mask, kwargs = _modern(case)
+    golden, _ = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    ref, _ = oracle.forward(case.spec, w, q, v, k, mask, case.causal, dtype=dtype, **kwargs)
+    from mhabench.impls.validation import numpy_dtype
+    np.testing.assert_array_equal(ref.astype(numpy_dtype(dtype)).astype(np.float64), ref)
+    eps = {"float32": 2 ** -23, "float16": 2 ** -10, "bfloat16": 2 ** -7}[dtype]
+    assert 0 < np.max(np.abs(ref - golden)) / np.max(np.abs(golden)) < 50 * eps
+
+
+# -- grouped-query attention
+def _expanded_to_classic(spec, w):
+    """The same layer as classic MHA: each key/value head's weights repeated for its query heads."""
+    G = spec.group_size
+    arrays = dict(w.as_dict())
+    for name in ("Wk", "Wv"):
+        arrays[name] = np.repeat(arrays[name], G, axis=1)
+    for name in ("bk", "bv"):
+        if name in arrays:
+            arrays[name] = np.repeat(arrays[name], G, axis=0)
+    classic = impls.AttentionSpec(spec.num_heads, spec.key_dim, spec.value_dim, spec.output_shape,
+                                  spec.attention_axes, spec.use_bias, spec.dropout)
+    return classic, impls.Weights(**arrays)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 3, 6])
+def test_gqa_is_classic_attention_with_repeated_kv_heads(kv_heads, rng):
+    spec = impls.AttentionSpec(num_heads=6, key_dim=2, value_dim=3, num_kv_heads=kv_heads)
+    w = impls.Weights.random(spec, 8, 5, seed=kv_heads)
+    assert w.Wk.shape == (5, kv_heads, 2) and w.bv.shape == (kv_heads, 3) and w.num_kv_heads == kv_heads
+    q, v = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 5))
+    mask = rng.random((2, 6, 4, 6)) < 0.7
+    out, scores = oracle.forward(spec, w, q, v, mask=mask, causal="bottom_right")
+    classic, wc = _expanded_to_classic(spec, w)
+    out_c, scores_c = oracle.forward(classic, wc, q, v, mask=mask, causal="bottom_right")
+    np.testing.assert_allclose(out, out_c, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(scores, scores_c, rtol=1e-13, atol=1e-15)
+    if 1 < kv_heads < 6:  # another grouping (head h reading kv head h % Hkv) really differs
+        wrong = impls.Weights(**{**wc.as_dict(), "Wk": np.tile(w.Wk, (1, 6 // kv_heads, 1))})
+        assert not np.allclose(oracle.forward(classic, wrong, q, v, mask=mask)[1],
+                               oracle.forward(classic, wc, q, v, mask=mask)[1])
+
+
+def test_num_kv_heads_equal_to_num_heads_is_classic_attention(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, num_kv_heads=2)
+    classic = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=1)
+    assert w == impls.Weights.random(classic, 8, 8, seed=1)  # the same draws: seeds keep their meaning
+    q = rng.normal(size=(2, 3, 8))
+    np.testing.assert_array_equal(oracle.forward(spec, w, q, q)[0], oracle.forward(classic, w, q, q)[0])
+
+
+def test_gqa_weights_must_match_the_spec():
+    spec = impls.AttentionSpec(num_heads=4, key_dim=2, num_kv_heads=2)
+    w = impls.Weights.random(impls.AttentionSpec(num_heads=4, key_dim=2), 8, 8)
+    with pytest.raises(ValueError, match=r"weights: Wk has shape \[8, 4, 2\], expected \[8, 2, 2\]"):
+        oracle.forward(spec, w, np.ones((1, 2, 8)), np.ones((1, 2, 8)))
+    with pytest.raises(ValueError, match=r"Wk must have shape \[Dk, Hkv, 2\] with Hkv dividing the 4 heads"):
+        impls.Weights(**{**w.as_dict(), "Wk": np.ones((8, 3, 2)), "bk": np.ones((3, 2))})
+
+
+# -- causal alignment
+def test_bottom_right_rows_with_no_key_output_the_output_bias(rng):
+    """T = 6 > S = 3 bottom-right: query i sees keys j <= i - 3, so rows 0..2 see nothing: zero weights,
+    output bo (the canonical fully masked row); rows 3..5 see 1, 2, 3 keys."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=2)
+    q, v = rng.normal(size=(2, 6, 8)), rng.normal(size=(2, 3, 8))
+    out, scores = oracle.forward(spec, w, q, v, causal="bottom_right")
+    np.testing.assert_array_equal(scores[:, :, :3], 0.0)
+    np.testing.assert_array_equal(out[:, :3], np.broadcast_to(w.bo, (2, 3, 8)))
+    np.testing.assert_array_equal((scores[0, 0, 3:] > 0).sum(axis=-1), [1, 2, 3])
+
+
+def test_bottom_right_last_query_sees_every_key_and_equals_top_left_when_square(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=2)
+    q, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 8))
+    _, scores = oracle.forward(spec, w, q, v, causal="bottom_right")
+    np.testing.assert_array_equal((scores[0, 0] > 0).sum(axis=-1), [5, 6, 7])
+    _, top_left = oracle.forward(spec, w, q, v, causal=True)
+    np.testing.assert_array_equal((top_left[0, 0] > 0).sum(axis=-1), [1, 2, 3])
+    x = rng.normal(size=(2, 5, 8))
+    for alias in (True, "top_left"):
+        np.testing.assert_array_equal(oracle.forward(spec, w, x, x, causal="bottom_right")[0],
+                                      oracle.forward(spec, w, x, x, causal=alias)[0])
+    decode = rng.normal(size=(2, 1, 8))  # one new token against the whole cache: nothing masked
+    np.testing.assert_array_equal(oracle.forward(spec, w, decode, v, causal="bottom_right")[0],
+                                  oracle.forward(spec, w, decode, v)[0])
+
+
+# -- sliding window
+def test_window_selects_a_band_around_the_diagonal(rng):
+    spec = impls.AttentionSpec(num_heads=1, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=4)
+    q, v = rng.normal(size=(1, 5, 8)), rng.normal(size=(1, 8, 8))
+    _, scores = oracle.forward(spec, w, q, v, window=(1, 2))
+    expected = np.array([[i - 1 <= j <= i + 2 for j in range(8)] for i in range(5)])
+    np.testing.assert_array_equal(scores[0, 0] > 0, expected)
+    # bottom-right causal moves the window's diagonal to i + S - T = i + 3
+    _, scores = oracle.forward(spec, w, q, v, causal="bottom_right", window=(1, 2))
+    expected = np.array([[i + 3 - 1 <= j <= i + 3 for j in range(8)] for i in range(5)])
+    np.testing.assert_array_equal(scores[0, 0] > 0, expected)
+
+
+def test_window_agrees_with_jax_local_window_size():
+    """JAX's local_window_size=(left, right) is our window (top-left, without bottom-right causal)."""
+    jax_functions = pytest.importorskip("jax._src.nn.functions")
+    from mhabench.impls.validation import band_mask
+    for T, S, window in [(5, 8, (1, 2)), (6, 3, (0, 0)), (4, 4, (3, 1)), (7, 2, (2, 5))]:
+        theirs = np.asarray(jax_functions._get_window_mask(T, S, window))[0, 0]
+        np.testing.assert_array_equal(band_mask(0, T, S, window=window), theirs)
+
+
+def test_window_edge_values(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=4)
+    x = rng.normal(size=(2, 6, 8))
+    plain, _ = oracle.forward(spec, w, x, x)
+    np.testing.assert_array_equal(oracle.forward(spec, w, x, x, window=(None, None))[0], plain)
+    np.testing.assert_array_equal(oracle.forward(spec, w, x, x, window=(6, 6))[0], plain)  # covers every key
+    np.testing.assert_array_equal(oracle.forward(spec, w, x, x, window=(2, 0))[0],
+                                  oracle.forward(spec, w, x, x, window=(2, 0), causal=True)[0])
+    _, diagonal = oracle.forward(spec, w, x, x, window=(0, 0))
+    np.testing.assert_array_equal(diagonal[0, 0], np.eye(6))
+
+
+# -- additive bias
+def test_bias_shifting_a_whole_row_changes_nothing(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=5)
+    q, v = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 8))
+    plain, _ = oracle.forward(spec, w, q, v)
+    row_constant = np.broadcast_to(rng.normal(size=(2, 1, 4, 1)) * 5, (2, 1, 4, 6))
+    np.testing.assert_allclose(oracle.forward(spec, w, q, v, bias=row_constant)[0], plain, rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(oracle.forward(spec, w, q, v, bias=np.zeros((4, 6)))[0], plain)
+    per_key = rng.normal(size=(6,)) * 3  # a bias varying along keys does change the result
+    assert not np.allclose(oracle.forward(spec, w, q, v, bias=np.broadcast_to(per_key, (4, 6)))[0], plain)
+
+
+def test_bias_is_added_after_scaling(rng):
+    """One head, identity projections: weights = softmax(q.k / sqrt(d) + bias)."""
+    spec = impls.AttentionSpec(num_heads=1, key_dim=2, use_bias=False)
+    eye = np.eye(2).reshape(2, 1, 2)
+    w = impls.Weights(Wq=eye, Wk=eye, Wv=eye, Wo=np.eye(2).reshape(1, 2, 2))
+    q, v = np.array([[[1.0, 0.0]]]), np.array([[[1.0, 0.0], [0.0, 1.0]]])
+    _, scores = oracle.forward(spec, w, q, v, bias=np.array([[0.25, -0.5]]))
+    logits = np.array([1 / math.sqrt(2) + 0.25, 0.0 - 0.5])
+    np.testing.assert_allclose(scores[0, 0, 0], np.exp(logits) / np.exp(logits).sum(), rtol=1e-15)
+
+
+def test_neg_inf_bias_is_a_mask_and_masked_positions_ignore_the_bias(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=6)
+    q, v = rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 6, 8))
+    mask = rng.random((2, 4, 6)) < 0.6
+    mask[..., 0] = True
+    mask[0, 2] = False  # a fully masked row
+    bias = rng.normal(size=(2, 4, 6))
+    as_mask, _ = oracle.forward(spec, w, q, v, mask=mask, bias=bias)
+    neg_inf = np.where(mask, bias, -np.inf)
+    as_bias, scores = oracle.forward(spec, w, q, v, bias=neg_inf)
+    np.testing.assert_array_equal(as_bias, as_mask)
+    np.testing.assert_array_equal(as_bias[0, 2], w.bo)  # every position -inf: fully masked, zeros policy
+    for poison in (np.nan, np.inf, -np.inf):  # whatever sits at a masked position is never read
+        dirty = np.where(mask, bias, poison)
+        np.testing.assert_array_equal(oracle.forward(spec, w, q, v, mask=mask, bias=dirty)[0], as_mask)
+
+
+def test_nan_or_inf_bias_at_an_allowed_position_makes_its_row_nan(rng):
+    spec = impls.AttentionSpec(num_heads=1, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=6)
+    q, v = rng.normal(size=(1, 3, 8)), rng.normal(size=(1, 5, 8))
+    for poison in (np.nan, np.inf):
+        bias = np.zeros((3, 5))
+        bias[1, 2] = poison
+        out, scores = oracle.forward(spec, w, q, v, bias=bias)
+        assert np.all(np.isnan(out[0, 1])) and np.all(np.isnan(scores[0, 0, 1]))
+        assert np.all(np.isfinite(out[0, [0, 2]]))
+
+
+def test_bias_reads_like_a_mask_from_the_left(rng):
+    """Scores [B=3, F=3, H, T, S] and a bias [3, T, S]: the 3 is the batch (Keras's rule), not F."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(2,))
+    w = impls.Weights.random(spec, 8, 8, seed=5)
+    q, v = rng.normal(size=(3, 3, 4, 8)), rng.normal(size=(3, 3, 2, 8))
+    bias = rng.normal(size=(3, 4, 2)) * 3
+    out, _ = oracle.forward(spec, w, q, v, bias=bias)
+    np.testing.assert_array_equal(out, oracle.forward(spec, w, q, v, bias=bias[:, None, None])[0])
+    assert not np.allclose(out, oracle.forward(spec, w, q, v, bias=bias[None, :, None])[0])
+
+
+# -- lengths
+def test_key_value_lengths_are_a_padding_mask_and_query_lengths_give_the_output_bias(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=8)
+    q, v = rng.normal(size=(3, 4, 8)), rng.normal(size=(3, 6, 8))
+    kv_lengths, q_lengths = np.array([6, 1, 3]), np.array([4, 2, 0])
+    padding = np.arange(6)[None, None, :] < kv_lengths[:, None, None]  # [B, 1, S]
+    by_lengths, scores = oracle.forward(spec, w, q, v, key_value_lengths=kv_lengths, query_lengths=q_lengths)
+    by_mask, _ = oracle.forward(spec, w, q, v, mask=padding)
+    for b, n in enumerate(q_lengths):
+        np.testing.assert_array_equal(by_lengths[b, :n], by_mask[b, :n])
+        np.testing.assert_array_equal(by_lengths[b, n:], np.broadcast_to(w.bo, (4 - n, 8)))
+        np.testing.assert_array_equal(scores[b, :, n:], 0.0)
+    full, _ = oracle.forward(spec, w, q, v, key_value_lengths=[6, 6, 6], query_lengths=np.array([4, 4, 4], np.int8))
+    np.testing.assert_array_equal(full, oracle.forward(spec, w, q, v)[0])
+
+
+def test_lengths_count_flattened_positions_and_broadcast_over_free_axes(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(1, 2))
+    w = impls.Weights.random(spec, 8, 8, seed=9)
+    q, v = rng.normal(size=(2, 2, 3, 8)), rng.normal(size=(2, 3, 2, 8))
+    kv_lengths = np.array([5, 2])
+    padding = (np.arange(6) < kv_lengths[:, None]).reshape(2, 1, 1, 3, 2)  # [B, 1, 1, *K]
+    np.testing.assert_array_equal(oracle.forward(spec, w, q, v, key_value_lengths=kv_lengths)[0],
+                                  oracle.forward(spec, w, q, v, mask=padding)[0])
+    free = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(2,))
+    q, v = rng.normal(size=(2, 3, 4, 8)), rng.normal(size=(2, 3, 5, 8))
+    padding = np.arange(5)[None, None, None, :] < kv_lengths[:, None, None, None]  # [B, 1, 1, S]: every F
+    np.testing.assert_array_equal(oracle.forward(free, w, q, v, key_value_lengths=kv_lengths)[0],
+                                  oracle.forward(free, w, q, v, mask=padding)[0])
+
+
+# -- key/value length S = 0 (issue 13, section 6)
+@pytest.mark.parametrize("policy", ["zeros", "uniform", "nan", "unmasked"])
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+def test_key_value_length_zero_outputs_the_output_bias(policy, dtype, rng):
+    """Every row is fully masked: its weight vector is empty whatever the policy, the sum over no values
+    is 0, so the output is bo (rounded to the dtype); scores have shape [..., 0]."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, output_shape=(2, 3))
+    w = impls.Weights.random(spec, 8, 8, seed=10)
+    q = rng.normal(size=(2, 3, 8))
+    out, scores = oracle.forward(spec, w, q, np.zeros((2, 0, 8)), mask=np.ones((3, 0), bool), causal=True,
+                                 fully_masked=policy, dtype=dtype)
+    assert scores.shape == (2, 2, 3, 0) and out.shape == (2, 3, 2, 3)
+    bo = w.bo.astype(np.float16).astype(np.float64) if dtype == "float16" else w.bo
+    np.testing.assert_array_equal(out, np.broadcast_to(bo, out.shape))
+    blocked, _ = oracle.forward(spec, w, q, np.zeros((2, 0, 8)), return_scores=False, block_size=2,
+                                fully_masked=policy, dtype=dtype)
+    np.testing.assert_array_equal(blocked, out)
+
+
+# ---- speed: the parallel, piecewise softmax computes exactly what the whole-array one does --------------
+@pytest.mark.parametrize("policy", ["zeros", "uniform", "nan", "unmasked"])
+def test_piecewise_parallel_softmax_is_bit_identical(policy, monkeypatch):
+    rng = np.random.default_rng(11)
+    scores = rng.normal(size=(2, 3, 40, 700)) * 4
+    allowed = rng.random((2, 1, 40, 700)) < 0.5
+    allowed[0, 0, 3] = False  # a fully masked row
+    allowed = oracle.effective_allowed(allowed, policy)
+    whole = scores.copy()
+    oracle._softmax_rows(whole, allowed, policy)
+    monkeypatch.setattr(oracle, "_PARALLEL_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(oracle, "_PIECE_ELEMENTS", 1500)  # two rows a piece, over every worker
+    monkeypatch.setattr(oracle, "_workers", lambda: 3)
+    pieces = scores.copy()
+    oracle._softmax_inplace(pieces, allowed, policy)
+    np.testing.assert_array_equal(pieces, whole)
+    spec = impls.AttentionSpec(num_heads=3, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=1)
+    q, v = rng.normal(size=(2, 40, 8)), rng.normal(size=(2, 70, 8))
+    mask = rng.random((2, 40, 70)) < 0.6
+    got = oracle.forward(spec, w, q, v, mask=mask, causal="bottom_right", fully_masked=policy)
+    monkeypatch.setattr(oracle, "_PARALLEL_MIN_ELEMENTS", 1 << 40)
+    want = oracle.forward(spec, w, q, v, mask=mask, causal="bottom_right", fully_masked=policy)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

@@ -28,9 +28,10 @@ class Case:
     value_width: int = 4
     key_width: int | None = None  # None: no key input (value is used for both)
     mask: object = None           # None, a shape (random mask) or a bool array
-    causal: bool = False
+    causal: bool | str = False
     fully_masked: str = "zeros"
     seed: int = 0
+    # window, query_lengths, key_value_lengths as given; bias as a shape (random normal) or an array
     extra: dict = field(default_factory=dict)
 
 
@@ -86,6 +87,45 @@ CASES = {
                                       mask=_causal_empty_first_row(), causal=True),
     "fully_masked_causal_uniform": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4),
                                         mask=_causal_empty_first_row(), causal=True, fully_masked="uniform"),
+    # ---- modern attention
+    "gqa_2of4_mask": Case(dict(num_heads=4, key_dim=2, num_kv_heads=2), (2, 3, 4), (2, 5), key_width=3,
+                          mask=(2, 3, 5)),
+    "mqa_causal_value_dim": Case(dict(num_heads=3, key_dim=2, value_dim=3, num_kv_heads=1), (1, 4, 4), (1, 4),
+                                 causal=True),
+    "bottom_right_T3_S5": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), causal="bottom_right"),
+    "bottom_right_T5_S3": Case(dict(num_heads=2, key_dim=2), (1, 5, 4), (1, 3), causal="bottom_right"),
+    "bottom_right_T5_S3_uniform": Case(dict(num_heads=2, key_dim=2), (1, 5, 4), (1, 3), causal="bottom_right",
+                                       fully_masked="uniform"),
+    "window_1_1_cross": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), extra=dict(window=(1, 1))),
+    "window_bottom_right": Case(dict(num_heads=2, key_dim=2), (2, 2, 4), (2, 5), causal="bottom_right",
+                                extra=dict(window=(1, 0))),
+    "bias_T_S": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), extra=dict(bias=(3, 5))),
+    "bias_per_head_with_mask": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), mask=(2, 3, 5),
+                                    extra=dict(bias=(2, 2, 3, 5))),
+    "bias_neg_inf": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4),
+                         extra=dict(bias=np.array([[0.3, -np.inf, 0.1, -0.2], [-np.inf] * 4, [0.5, 0.0, -np.inf, 1.0]]))),
+    "bias_neg_inf_unmasked": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 4), mask=_empty_row_mask(),
+                                  fully_masked="unmasked",
+                                  extra=dict(bias=np.array([[0.3, -np.inf, 0.1, -0.2], [0.2, 0.4, -0.5, -np.inf],
+                                                            [0.5, 0.0, -np.inf, 1.0]]))),
+    "bias_axes_2_rank4": Case(dict(num_heads=2, key_dim=2, attention_axes=2), (2, 2, 3, 4), (2, 2, 4),
+                              extra=dict(bias=(2, 1, 3, 4))),
+    "lengths": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5),
+                    extra=dict(query_lengths=np.array([3, 1]), key_value_lengths=np.array([2, 5]))),
+    "lengths_axes_1_3_rank5": Case(dict(num_heads=2, key_dim=2, attention_axes=(1, 3)), (2, 2, 2, 2, 4), (2, 3, 2, 2),
+                                   extra=dict(query_lengths=np.array([3, 4]), key_value_lengths=np.array([5, 2]))),
+    # NaN/Inf where nothing reads: key/value positions masked for every row, a query row padded away
+    "non_finite_never_read": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 5), key_width=4,
+                                  mask=np.array([[True, True, True, False, True]]),
+                                  extra=dict(query_lengths=np.array([3, 2]),
+                                             poison={"value": [(0, 3, 1), (1, 3, 0)], "key": [(1, 3, 2)],
+                                                     "query": [(1, 2, 0)]})),
+    "key_value_length_0": Case(dict(num_heads=2, key_dim=2), (2, 3, 4), (2, 0), key_width=3, causal=True),
+    "modern_everything": Case(dict(num_heads=4, key_dim=2, value_dim=3, output_shape=(3, 2), num_kv_heads=2,
+                                   attention_axes=(1, 3)), (2, 2, 2, 2, 4), (2, 3, 2, 2), value_width=3, key_width=5,
+                              mask=(2, 1, 2, 2, 3, 2), causal="bottom_right",
+                              extra=dict(window=(None, 1), bias=(2, 2, 2, 3, 2), query_lengths=np.array([4, 3]),
+                                         key_value_lengths=np.array([6, 5]))),
     "everything": Case(dict(num_heads=2, key_dim=2, value_dim=3, output_shape=(3, 2), attention_axes=(1, 3),
                             use_bias=False), (1, 2, 2, 2, 4), (1, 3, 2, 2), value_width=3, key_width=5,
                        mask=(1, 1, 2, 2, 1, 3, 2), causal=True, fully_masked="uniform"),
@@ -106,12 +146,25 @@ def setup(case_id: str):
     mask = case.mask
     if isinstance(mask, tuple):
         mask = rng.random(mask) < 0.7
-    out, _ = oracle.forward(spec, weights, inputs["query"], inputs["value"], inputs.get("key"), mask, case.causal,
-                            False, fully_masked=case.fully_masked)
+    features = dict(case.extra)
+    for name, positions in features.pop("poison", {}).items():
+        for index, poison in zip(positions, (np.nan, np.inf, -np.inf) * 3):
+            inputs[name][index] = poison
+    if isinstance(features.get("bias"), tuple):
+        features["bias"] = rng.normal(size=features["bias"])
+    if "bias" in features:  # differentiated like an input
+        inputs["bias"] = features.pop("bias")
+    out, _ = oracle.forward(spec, weights, mask=mask, causal=case.causal, return_scores=False,
+                            fully_masked=case.fully_masked, **inputs, **features)
     cotangent = rng.normal(size=out.shape)
-    grads = backward(spec, weights, inputs["query"], inputs["value"], inputs.get("key"), mask, case.causal,
-                     cotangent, fully_masked=case.fully_masked)
+    grads = backward(spec, weights, mask=mask, causal=case.causal, cotangent=cotangent,
+                     fully_masked=case.fully_masked, **inputs, **features)
     return spec, weights, inputs, mask, cotangent, grads
+
+
+def features_of(case_id: str) -> dict:
+    """The case's window and lengths (the bias travels with the inputs)."""
+    return {k: v for k, v in CASES[case_id].extra.items() if k not in ("bias", "poison")}
 
 
 def loss(case_id: str, name: str, array: np.ndarray) -> float:
@@ -123,8 +176,8 @@ def loss(case_id: str, name: str, array: np.ndarray) -> float:
         inputs[name] = array
     else:
         weights = Weights(**{**weights.as_dict(), name: array})
-    out, _ = oracle.forward(spec, weights, inputs["query"], inputs["value"], inputs.get("key"), mask, case.causal,
-                            False, fully_masked=case.fully_masked)
+    out, _ = oracle.forward(spec, weights, mask=mask, causal=case.causal, return_scores=False,
+                            fully_masked=case.fully_masked, **inputs, **features_of(case_id))
     return float(np.sum(out * cotangent))
 
 
@@ -153,9 +206,17 @@ def check_against_fd(case_id: str, name: str) -> float:
     """Assert the analytic gradient matches finite differences; return the relative error (0 for a true zero)."""
     spec, weights, inputs, mask, cotangent, grads = setup(case_id)
     at = inputs[name] if name in inputs else getattr(weights, name)
-    numeric = finite_difference(case_id, name, at)
     analytic = grads[name]
     assert analytic.shape == at.shape and analytic.dtype == np.float64
+    if at.size == 0:  # S = 0: the key and value inputs are empty, and so are their gradients
+        return 0.0
+    unread = ~np.isfinite(at)  # poisoned where nothing reads: exactly zero gradient, and finite everywhere
+    if np.any(unread) and name != "bias":
+        assert np.all(analytic[unread] == 0.0) and np.all(np.isfinite(analytic)), name
+        at = np.where(unread, 0.0, at)
+    if name == "bias":  # a -inf bias is a mask: no perturbation unmasks it, so its gradient is 0
+        assert np.all(analytic[np.isneginf(at)] == 0.0)
+    numeric = finite_difference(case_id, name, at)
     if np.max(np.abs(numeric)) < FD_NOISE:
         assert np.max(np.abs(analytic)) < ANALYTIC_ZERO, f"{name}: finite differences say zero"
         return 0.0

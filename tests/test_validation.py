@@ -32,7 +32,10 @@ BAD_CALLS = [
     ("mask_wrong_heads", dict(query=Q, value=V, mask=np.ones((2, 3, 3, 5), bool)), ValueError,
      r"does not broadcast to .*\[2, 2, 3, 5\]"),
     ("query_not_float", dict(query=Q.astype(str), value=V), TypeError, "query must be a real floating-point array"),
-    ("causal_not_bool", dict(query=Q, value=V, causal="yes"), TypeError, "causal must be a bool"),
+    ("causal_unknown_alignment", dict(query=Q, value=V, causal="yes"), ValueError,
+     "causal must be False, True, 'top_left' or 'bottom_right', got 'yes'"),
+    ("causal_not_bool", dict(query=Q, value=V, causal=1), TypeError,
+     "causal must be a bool or one of 'top_left', 'bottom_right', got 1"),
 ]
 
 AXES_CASES = [
@@ -92,7 +95,16 @@ def test_non_attended_axes_must_match():
     (dict(num_heads=2, key_dim=0), ValueError, r"key_dim must be an int >= 1, got 0"),
     (dict(num_heads=2.5, key_dim=2), TypeError, "num_heads must be an int"),
     (dict(num_heads=2, key_dim=2, value_dim=-1), ValueError, "value_dim must be an int >= 1"),
-    (dict(num_heads=2, key_dim=2, output_shape=()), TypeError, "output_shape must be"),
+    # output_shape: a wrong type is a TypeError, a wrong value of the right type a ValueError (see spec.py).
+    (dict(num_heads=2, key_dim=2, output_shape=()), ValueError, r"output_shape must be .*non-empty.*got \(\)"),
+    (dict(num_heads=2, key_dim=2, output_shape=2.5), TypeError, "output_shape must be an int or a non-empty tuple"),
+    (dict(num_heads=2, key_dim=2, output_shape="8"), TypeError, "output_shape must be an int or a non-empty tuple"),
+    (dict(num_heads=2, key_dim=2, output_shape=(2, 2.5)), TypeError, r"output_shape must be an int >= 1, got 2.5"),
+    (dict(num_heads=2, key_dim=2, output_shape=(2, 0)), ValueError, r"output_shape must be an int >= 1, got 0"),
+    (dict(num_heads=2, key_dim=2, output_shape=-3), ValueError, r"output_shape must be an int >= 1, got -3"),
+    (dict(num_heads=4, key_dim=2, num_kv_heads=3), ValueError, r"num_kv_heads must divide num_heads=4"),
+    (dict(num_heads=4, key_dim=2, num_kv_heads=0), ValueError, r"num_kv_heads must be an int >= 1, got 0"),
+    (dict(num_heads=4, key_dim=2, num_kv_heads=2.0), TypeError, r"num_kv_heads must be an int"),
     (dict(num_heads=2, key_dim=2, attention_axes="1"), TypeError, "attention_axes must be"),
     (dict(num_heads=2, key_dim=2, dropout=1.5), ValueError, r"dropout must be a float in \[0, 1\)"),
     (dict(num_heads=2, key_dim=2, use_bias=1), TypeError, "use_bias must be a bool"),
@@ -119,7 +131,8 @@ def test_non_finite_inputs_are_allowed():
 
 
 @pytest.mark.parametrize("mutate,pattern", [
-    (lambda d: d.update(Wk=d["Wk"][:, :1]), "Wk must have shape"),
+    (lambda d: d.update(Wk=d["Wk"][..., :3]), "Wk must have shape"),
+    (lambda d: d.update(Wv=d["Wv"][:, :1]), r"Wv must have shape \[Dv, 2, value_dim\]"),
     (lambda d: d.update(bo=d["bo"][:3]), r"bo must have shape \[8\]"),
     (lambda d: d.pop("bq"), "biases must be all present or all absent"),
     (lambda d: d.update(Wo=d["Wo"][0]), "Wo must have rank"),
@@ -191,3 +204,239 @@ def test_weights_are_read_only_copies():
     assert w.Wq[0, 0, 0] != 99.0
     with pytest.raises(ValueError):
         w.Wq[0, 0, 0] = 1.0
+
+
+# ---- the call-level features of modern attention -----------------------------------------------------
+BAD_FEATURE_CALLS = [
+    ("window_int", dict(window=2), TypeError, r"window must be None or a pair \(left, right\) of ints >= 0 or None, got 2"),
+    ("window_triple", dict(window=(1, 2, 3)), TypeError, "window must be None or a pair"),
+    ("window_negative", dict(window=(1, -1)), ValueError, r"window right must be an int >= 0 or None, got -1"),
+    ("window_float", dict(window=(1.5, 0)), TypeError, r"window left must be an int >= 0 or None, got 1.5"),
+    ("window_bool", dict(window=(True, 0)), TypeError, "window left must be an int"),
+    ("bias_bool", dict(bias=np.ones((3, 5), bool)), TypeError,
+     "bias must be a floating-point array .*a boolean may-attend mask goes in mask=.*got dtype bool"),
+    ("bias_int", dict(bias=np.ones((3, 5), np.int32)), TypeError, "bias must be a floating-point array"),
+    ("bias_not_broadcast", dict(bias=np.ones((2, 3, 4))), ValueError,
+     r"bias of shape \[2, 3, 4\] does not broadcast to the scores \[2, 2, 3, 5\]: its last 2 axes are"),
+    ("bias_too_many_axes", dict(bias=np.ones((1, 2, 2, 3, 5))), ValueError, r"bias of shape \[1, 2, 2, 3, 5\] has 5 axes"),
+    ("query_lengths_float", dict(query_lengths=np.array([1.0, 2.0])), TypeError,
+     r"query_lengths must be an integer array of shape \[B\] = \[2\], got dtype float64"),
+    ("query_lengths_bool", dict(query_lengths=np.array([True, False])), TypeError, "query_lengths must be an integer"),
+    ("query_lengths_shape", dict(query_lengths=np.array([[1, 2]])), ValueError,
+     r"query_lengths must have shape \[B\] = \[2\] \(one length per batch element\), got shape \[1, 2\]"),
+    ("query_lengths_scalar", dict(query_lengths=3), ValueError, r"query_lengths must have shape \[B\] = \[2\]"),
+    ("query_lengths_too_long", dict(query_lengths=[3, 4]), ValueError,
+     r"query_lengths must be in 0..3 \(the number of query positions, attended axes flattened\), got 4 at index 1"),
+    ("key_value_lengths_negative", dict(key_value_lengths=[-1, 5]), ValueError,
+     r"key_value_lengths must be in 0..5 \(the number of key/value positions.*got -1 at index 0"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_FEATURE_CALLS, ids=lambda b: b[0])
+def test_bad_call_features(bad):
+    _, kwargs, exc, pattern = bad
+    with pytest.raises(exc, match=pattern):
+        oracle.forward(SPEC, W, Q, V, **kwargs)
+    with pytest.raises(exc, match=pattern):  # validation runs before the support check: same error
+        impls.get_adapter("numpy_oracle").build(SPEC, W)(Q, V, **kwargs)
+
+
+def test_call_features_are_read_into_the_call():
+    from mhabench.impls.validation import validate_call
+    call = validate_call(SPEC, (8, 8, 8), Q, V, causal="bottom_right", window=[2, None],
+                         bias=np.zeros((3, 5), np.float32), query_lengths=[3, 1], key_value_lengths=np.array([5, 0]))
+    assert call.causal is True and call.causal_alignment == "bottom_right" and call.diagonal_offset == 2
+    assert call.window == (2, None)
+    assert call.bias.shape == (1, 1, 3, 5) and call.given_bias.shape == (3, 5) and call.bias.dtype == np.float32
+    assert call.query_lengths.dtype == np.int64 and list(call.key_value_lengths) == [5, 0]
+    assert call.causal_argument == "bottom_right"
+    assert set(call.feature_kwargs()) == {"window", "bias", "query_lengths", "key_value_lengths"}
+    plain = validate_call(SPEC, (8, 8, 8), Q, V, causal=True, window=(None, None))
+    assert plain.causal_alignment == "top_left" and plain.causal_argument is True and plain.window is None
+    assert plain.feature_kwargs() == {} and plain.diagonal_offset == 0
+    assert validate_call(SPEC, (8, 8, 8), Q, V).causal_alignment is None
+
+
+def test_allowed_combines_every_restriction_and_its_flags_leave_parts_out():
+    from mhabench.impls.validation import validate_call
+    mask = np.ones((2, 3, 5), bool)
+    mask[0, 0, 4] = False
+    bias = np.zeros((3, 5))
+    bias[1, 0] = -np.inf
+    call = validate_call(SPEC, (8, 8, 8), Q, V, mask=mask, causal="bottom_right", window=(1, None), bias=bias,
+                         key_value_lengths=[5, 4], query_lengths=[3, 2])
+    allowed = call.allowed()
+    assert allowed.shape == (2, 1, 3, 5)
+    i, j = np.arange(3)[:, None], np.arange(5)[None, :]
+    band = (j <= i + 2) & (j >= i + 2 - 1)
+    expected = mask[:, None] & band & (bias != -np.inf) & (j < np.array([5, 4])[:, None, None, None]) \
+        & (i < np.array([3, 2])[:, None, None, None])
+    np.testing.assert_array_equal(allowed, expected)
+    np.testing.assert_array_equal(call.flat_allowed(), expected)  # no free axes: the same layout
+    np.testing.assert_array_equal(call.allowed(mask=False, bias=False, lengths=False), np.broadcast_to(band, (1, 1, 3, 5)))
+    np.testing.assert_array_equal(call.flat_mask(), mask[:, None])
+    np.testing.assert_array_equal(call.flat_mask(with_causal=True, window=True),
+                                  mask[:, None] & band)
+    assert call.allowed(mask=False, causal=False, window=False, lengths=False, bias=False) is None
+    assert call.allowed(causal=False, window=False, lengths=False, bias=False) is call.mask  # as read
+    np.testing.assert_array_equal(call.allowed_block(1, 3), expected[:, :, 1:3])
+    np.testing.assert_array_equal(call.flat_bias(), bias[None, None])
+
+
+def test_flattened_forms_of_lengths_repeat_over_free_axes():
+    from mhabench.impls.validation import validate_call
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, attention_axes=(2,))
+    call = validate_call(spec, (8, 8, 8), np.zeros((2, 3, 4, 8)), np.zeros((2, 3, 5, 8)),
+                         key_value_lengths=[5, 2])
+    flat = call.flat_allowed()
+    assert flat.shape == (6, 1, 4, 5)
+    np.testing.assert_array_equal(flat[:3].all(axis=(1, 2, 3)), True)
+    np.testing.assert_array_equal(flat[3:, 0, 0], np.broadcast_to([True, True, False, False, False], (3, 5)))
+    assert call.allowed().shape == (2, 3, 1, 1, 5)  # constant along the query axis: kept of size 1
+
+
+def test_key_value_length_zero_is_valid_input():
+    from mhabench.impls.validation import validate_call
+    call = validate_call(SPEC, (8, 8, 8), Q, V[:, :0], mask=np.ones((3, 0), bool), key_value_lengths=[0, 0])
+    assert call.k_len == 0 and call.scores_shape == (2, 2, 3, 0)
+    with pytest.raises(ValueError, match=r"key_value_lengths must be in 0..0"):
+        validate_call(SPEC, (8, 8, 8), Q, V[:, :0], key_value_lengths=[1, 0])
+
+
+# ---- features: detection, and the opt-in for the modern ones -----------------------------------------
+def _used(spec=SPEC, q=Q, v=V, **kwargs):
+    from mhabench.impls.base import features_used
+    from mhabench.impls.validation import validate_call
+    dims = (q.shape[-1], v.shape[-1], v.shape[-1])
+    return features_used(spec, dims, validate_call(spec, dims, q, v, **kwargs))
+
+
+def test_features_used_detects_every_modern_feature():
+    assert not _used() & set(impls.base.EXTENSION_FEATURES)
+    gqa = impls.AttentionSpec(num_heads=2, key_dim=4, num_kv_heads=1)
+    assert "gqa" in _used(gqa)
+    assert "gqa" not in _used(impls.AttentionSpec(num_heads=2, key_dim=4, num_kv_heads=2))
+    assert {"causal", "causal_bottom_right"} <= _used(causal="bottom_right")         # T = 3, S = 5
+    x = np.zeros((2, 5, 8))
+    assert "causal_bottom_right" not in _used(q=x, v=x, causal="bottom_right")       # T = S: top-left too
+    assert "causal" in _used(q=x, v=x, causal="bottom_right")
+    assert "window" in _used(window=(1, 0)) and "window" not in _used(window=(None, None))
+    assert "bias" in _used(bias=np.zeros((3, 5)))
+    assert "lengths" in _used(query_lengths=[1, 2]) and "lengths" in _used(key_value_lengths=[1, 2])
+    assert "mask" not in _used(key_value_lengths=[1, 2])
+
+
+def test_modern_features_are_opt_in():
+    from mhabench.impls.base import Adapter, Capabilities, EXTENSION_FEATURES
+
+    class Old(Adapter):
+        name = "old_adapter"
+
+    reason = Old().unsupported_reason(SPEC, W, call=oracle.prepare(SPEC, W, Q, V, window=(1, 1)))
+    assert reason == "a sliding window (left, right): old_adapter does not map window yet"
+    gqa = impls.AttentionSpec(num_heads=2, key_dim=4, num_kv_heads=1)
+    assert Old().unsupported_reason(gqa, (8, 8, 8)).endswith("old_adapter does not map gqa yet")
+    assert Old().unsupported_reason(SPEC, W, call=oracle.prepare(SPEC, W, Q, V, causal="bottom_right")) \
+        .endswith("old_adapter does not map causal_bottom_right yet")
+
+    class Some(Adapter):
+        name = "some_adapter"
+
+        def capabilities(self):
+            return Capabilities(supported_extensions={"window"},
+                                unsupported_features={"bias": "the framework takes boolean masks only"})
+
+    assert Some().capabilities().supported_extensions == frozenset({"window"})
+    assert Some().unsupported_reason(SPEC, W, call=oracle.prepare(SPEC, W, Q, V, window=(1, 1))) is None
+    assert Some().unsupported_reason(SPEC, W, call=oracle.prepare(SPEC, W, Q, V, bias=np.zeros((3, 5)))) \
+        == "an additive float bias on the logits: the framework takes boolean masks only"
+    with pytest.raises(ValueError, match=r"supported_extensions \['mask'\] are not opt-in features"):
+        Capabilities(supported_extensions={"mask"})
+    with pytest.raises(ValueError, match=r"features \['window'\] are listed both"):
+        Capabilities(supported_extensions={"window"}, unsupported_features={"window": "no"})
+    assert impls.get_adapter("numpy_oracle").capabilities().supported_extensions == frozenset(EXTENSION_FEATURES)
+
+
+@pytest.mark.parametrize("name", ["torch_sdpa", "torch_mha"])
+def test_an_adapter_that_does_not_map_a_feature_refuses_it(name):
+    adapter = impls.get_adapter(name)
+    if not adapter.is_available():
+        pytest.skip(adapter.availability()[1])
+    if "window" in adapter.capabilities().supported_extensions:
+        pytest.skip(f"{name} maps the window now")
+    layer = adapter.build(SPEC, W, dtype="float32")
+    with pytest.raises(impls.UnsupportedError, match=f"{name} does not map window yet"):
+        layer(Q, V, window=(1, 1))
+    with pytest.raises(impls.UnsupportedError, match=f"{name} does not map lengths yet"):
+        layer.gradients(Q, V, cotangent=np.ones((2, 3, 8)), key_value_lengths=[5, 5])
+    gqa = impls.AttentionSpec(num_heads=2, key_dim=4, num_kv_heads=1)
+    with pytest.raises(impls.UnsupportedError, match="does not map gqa yet"):
+        adapter.build(gqa, impls.Weights.random(gqa, 8, 8))
+
+
+def test_a_validate_override_that_predates_the_features_still_refuses_them():
+    """A Layer subclass whose validate() override has no feature keywords: a call using none works; one
+    using a feature its adapter does not map is refused by the shared checks, not a TypeError."""
+    from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
+
+    class OldLayer(NumpyOracleLayer):
+        def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False,
+                     training=False, gradients=False):
+            return super().validate(query, value, key, mask, causal, return_scores=return_scores,
+                                    training=training, gradients=gradients)
+
+    class OldAdapter(NumpyOracleAdapter):
+        name = "old_oracle"
+        layer_class = OldLayer
+
+        def capabilities(self):
+            return impls.Capabilities(devices=("cpu",), modes=("eager",))
+
+    layer = OldAdapter().build(SPEC, W, dtype="float64")
+    np.testing.assert_array_equal(layer(Q, V)[0], oracle.forward(SPEC, W, Q, V)[0])
+    with pytest.raises(impls.UnsupportedError, match="old_oracle does not map bias yet"):
+        layer(Q, V, bias=np.zeros((3, 5)))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_numpy_oracle_adapter_passes_every_feature_through(dtype):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, num_kv_heads=1)
+    w = impls.Weights.random(spec, 8, 8, seed=3)
+    rng = np.random.default_rng(3)
+    bias = rng.normal(size=(2, 3, 5))
+    kwargs = dict(window=(1, None), bias=bias, query_lengths=[3, 2], key_value_lengths=[5, 3])
+    layer = impls.get_adapter("numpy_oracle").build(spec, w, dtype=dtype)
+    out, scores = layer(Q, V, None, None, "bottom_right", **kwargs)
+    want, want_scores = oracle.forward(spec, w, Q, V, causal="bottom_right", dtype=dtype, **kwargs)
+    np.testing.assert_array_equal(out, want.astype(dtype))
+    np.testing.assert_array_equal(scores, want_scores.astype(dtype))
+    assert not np.array_equal(want, oracle.forward(spec, w, Q, V, causal=True, dtype=dtype)[0])
+    ct = rng.normal(size=out.shape)
+    grads = layer.gradients(Q, V, None, None, "bottom_right", ct, **kwargs)
+    from mhabench.impls.oracle_backward import backward
+    expected = backward(spec, w, Q, V, None, None, "bottom_right", ct, dtype=dtype, **kwargs)
+    assert set(grads) == set(expected) and grads["bias"].shape == bias.shape
+    for name in expected:
+        np.testing.assert_array_equal(grads[name], expected[name], err_msg=name)
+
+
+def test_num_kv_heads_round_trips_and_defaults():
+    spec = impls.AttentionSpec(num_heads=6, key_dim=2, num_kv_heads=3)
+    assert spec.kv_heads == 3 and spec.group_size == 2
+    assert impls.AttentionSpec.from_dict(spec.to_dict()) == spec
+    classic = impls.AttentionSpec(num_heads=6, key_dim=2)
+    assert classic.num_kv_heads is None and classic.kv_heads == 6 and classic.group_size == 1
+    old = {k: v for k, v in classic.to_dict().items() if k != "num_kv_heads"}  # a dict written before GQA
+    assert impls.AttentionSpec.from_dict(old) == classic
+    assert impls.AttentionSpec(6, 2, None, None, None, True, 0.0, 2).num_kv_heads == 2  # the last positional field
+
+
+def test_evaluate_threads_the_call_features():
+    layer = impls.get_adapter("numpy_oracle").build(SPEC, W, dtype="float64")
+    kwargs = dict(window=(1, 0), bias=np.ones((3, 5)) * np.arange(5), key_value_lengths=[4, 5])
+    ct = np.ones((2, 3, 8))
+    found = layer.evaluate(Q, V, None, None, "bottom_right", cotangent=ct, **kwargs)
+    want, want_scores = oracle.forward(SPEC, W, Q, V, causal="bottom_right", **kwargs)
+    np.testing.assert_array_equal(found["output"], want)
+    np.testing.assert_array_equal(found["scores"], want_scores)
+    assert found["gradients"]["bias"].shape == (3, 5)
