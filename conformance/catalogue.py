@@ -96,6 +96,11 @@ def _masked_nonfinite_key(case) -> bool:
     return _hidden_nonfinite(case, ("key",))
 
 
+def _masked_nonfinite_value(case) -> bool:
+    """The same, in the value (which ``weights @ values`` reads as ``0 * NaN``)."""
+    return _hidden_nonfinite(case, ("value",))
+
+
 def _nonfinite_query(case) -> bool:
     return bool(np.any(_bad_positions(_call(case), "query")))
 
@@ -126,6 +131,7 @@ CASE_PROPERTIES = {
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
     "masked_nonfinite": _masked_nonfinite,      # a NaN or Inf in a key or value where the mask hides it
     "masked_nonfinite_key": _masked_nonfinite_key,  # the same, in the key (so in the logits)
+    "masked_nonfinite_value": _masked_nonfinite_value,  # the same, in the value
     "nonfinite_query": _nonfinite_query,        # a NaN or Inf in the query
     "rank3": lambda case: len(case.q_shape) == 1,  # one sequence axis: [batch, length, features]
     # Keras's MultiHeadAttention calls ops.dot_product_attention (its fused path) only for rank-3 inputs

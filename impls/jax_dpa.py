@@ -20,9 +20,8 @@ Behaviours of the function itself, kept (the harness reports them):
 * the softmax always runs in float32, float64 inputs included, so a float64
   layer is only float32-accurate.
 
-The scores are computed explicitly, only when asked, exactly as the function's
-"xla" implementation forms its probabilities (float32 softmax, the same finite
-fill), so they agree with the output. Build option ``implementation``
+The function returns no attention weights, so the adapter declares scores
+unsupported (computing them apart would judge our code, not JAX's). Build option ``implementation``
 (None, "xla" or "cudnn") is passed through; "cudnn" needs a GPU and float16 or
 bfloat16. Modes: "compiled" wraps each entry point in ``jax.jit``; "eager"
 runs the same functions without the outer jit (JAX dispatches op by op).
@@ -50,7 +49,6 @@ class JaxDPALayer(_jax.JaxLayer):
         self.implementation = implementation
         with _jax.precision_scope(dtype):
             self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
-        self._with_scores_fn = self._compile(self._with_scores)
 
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _project(self, x, W, b, layout, width):
@@ -77,35 +75,12 @@ class JaxDPALayer(_jax.JaxLayer):
             out = out + params["bo"].reshape(-1)
         return out.reshape(query.shape[:-1] + Wo.shape[2:])
 
-    def _scores(self, params, query, key, allowed, layout):
-        jnp = self.jnp
-        kd = self.spec.key_dim
-        q = self._project(query, params["Wq"], params.get("bq"), layout, kd)
-        k = self._project(key, params["Wk"], params.get("bk"), layout, kd)
-        logits = jnp.einsum("nthk,nshk->nhts", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-        logits = logits * jnp.asarray(1.0 / math.sqrt(kd), logits.dtype)
-        if allowed is not None:  # the function's fill for masked logits: finite, within float32
-            logits = jnp.where(allowed, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
-        return self.jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-
-    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
-        """The output and, computed apart, the scores (one compiled function for a call that wants both)."""
-        out = self._apply(params, query, value, key, allowed, layout, causal)
-        return out, self._scores(params, query, value if key is None else key, scores_allowed, layout)
-
     def _canonical(self, tree):
         return dict(tree)  # the parameters are the canonical arrays
 
     def _run(self, inputs, return_scores, training, seed):
-        call = inputs["call"]
         with _jax.precision_scope(self.dtype):
-            if not return_scores:
-                return self._output(inputs), None
-            scores_allowed = _jax.mask_array(call.flat_allowed(), self.jax_device)  # causal included
-            out, probs = self._with_scores_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
-                                              inputs["allowed"], scores_allowed, layout=inputs["layout"],
-                                              causal=inputs["causal"])
-            return out, probs.reshape(call.scores_shape)
+            return self._output(inputs), None
 
 
 class JaxDPAAdapter(_jax.JaxAdapter):
@@ -116,5 +91,7 @@ class JaxDPAAdapter(_jax.JaxAdapter):
 
     def capabilities(self):
         return Capabilities(
-            unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument"},
+            unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument",
+                                  "scores": "jax.nn.dot_product_attention returns the output only; the weights "
+                                            "it used are never exposed"},
             devices=("cpu", "cuda"), modes=("eager", "compiled"))

@@ -57,14 +57,9 @@ class TorchSDPALayer(_torch.TorchLayer):
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad():
-            out, (q, k) = self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], call.causal,
-                                     self.params, self.spec.dropout if training else 0.0, call)
-            scores = None
-            if return_scores:
-                s = torch.einsum("nhtk,nhsk->nhts", q, k) / math.sqrt(self.spec.key_dim)
-                allowed = _torch.bool_tensor(torch, call.flat_allowed(), self.device)
-                scores = _torch.safe_softmax(torch, s, allowed).reshape(call.scores_shape)
-        return out, scores
+            out, _ = self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], call.causal,
+                                self.params, self.spec.dropout if training else 0.0, call)
+        return out, None
 
     def export_weights(self):
         from .spec import Weights
@@ -82,4 +77,7 @@ class TorchSDPAAdapter(_torch.TorchAdapter):
     score_buffers = 0
 
     def capabilities(self):
-        return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"))
+        return Capabilities(
+            unsupported_features={"scores": "F.scaled_dot_product_attention returns the output only; the weights "
+                                            "its kernel used are never exposed"},
+            devices=("cpu", "cuda"), modes=("eager", "compiled"))
