@@ -7,8 +7,10 @@ marked ``quick``, so the whole project's tests stay fast), ``--examples N`` (ran
 ``--conform-timeout S``.
 
 Every selected test's rows are computed once, together, at the first test
-that needs them: one worker process per adapter, adapters in parallel. A test
+that needs them: worker processes per adapter, adapters in parallel. A test
 then only looks its rows up, so ``-k`` selections run only what they select.
+Under pytest-xdist (``pytest -n 2``) each adapter's tests run in one xdist
+worker, which computes that adapter's rows at its first test.
 """
 from __future__ import annotations
 
@@ -74,43 +76,102 @@ def catalogue_keys(config, entry) -> list[tuple[str, str, str]]:
 
 
 class ConformanceRows:
-    """Rows for the selected tests, computed in one batch on first use."""
+    """Rows for the selected tests, computed in batches on first use.
 
-    def __init__(self, config, keys):
-        self.config, self.keys, self._rows = config, keys, None
+    ``batches``: batch name -> the (adapter, case id, dtype) keys its tests read. A serial run has one
+    batch, computed at the first test with every core busy (``runner.run_rows``). Under pytest-xdist
+    each adapter's tests form one batch, and all of them go to one xdist worker (``xdist_group``,
+    ``--dist loadgroup``): that worker computes the batch at its first test, with one worker process
+    for the adapter, so no key is computed twice and no adapter's process starts once per test.
+    """
 
-    def _compute(self):
+    def __init__(self, config, batches: dict[str, set], jobs: int | None = None):
+        self.config, self.batches, self.jobs = config, batches, jobs
+        self._rows: dict = {}
+        self._done: set = set()
+
+    def _batch_of(self, key) -> str | None:
+        adapter = key[0]
+        if key in self.batches.get(adapter, ()):
+            return adapter
+        return next((name for name in sorted(self.batches) if key in self.batches[name]), None)
+
+    def _compute(self, keys: set):
         from mhabench.conformance.runner import run_rows
-        by_adapter: dict[str, dict[str, set]] = {}
-        for adapter, case_id, dtype in self.keys:
-            by_adapter.setdefault(adapter, {}).setdefault(case_id, set()).add(dtype)
+        keys = set(keys) - self._done
+        if not keys:
+            return
         all_cases = {c.id: c for c in cases_mod.default_cases()}
-        rows = []
-        # one run per adapter set, cases x dtypes merged: the children compute each case once per dtype
-        dtypes = sorted({d for cases in by_adapter.values() for ds in cases.values() for d in ds})
-        case_ids = sorted({c for cases in by_adapter.values() for c in cases})
-        rows = run_rows(list(by_adapter), [all_cases[c] for c in case_ids], dtypes,
+        adapters = sorted({a for a, _, _ in keys})
+        case_ids = sorted({c for _, c, _ in keys})
+        dtypes = sorted({d for _, _, d in keys})
+        rows = run_rows(adapters, [all_cases[c] for c in case_ids], dtypes, include=keys, jobs=self.jobs,
                         timeout=self.config.getoption("--conform-timeout"))
-        self._rows = {}
         for row in rows:
             self._rows.setdefault((row["adapter"], row["case"], row["dtype"]), []).append(row)
+        self._done |= keys
 
     def get(self, key) -> list[dict]:
-        if self._rows is None:
-            self._compute()
+        if key not in self._done:
+            batch = self._batch_of(key)
+            self._compute(self.batches[batch] if batch is not None else {key})
         return self._rows.get(key, [])
+
+
+def under_xdist(config) -> bool:
+    """Whether this process is a pytest-xdist worker."""
+    return hasattr(config, "workerinput")
+
+
+def xdist_group(item) -> str | None:
+    """The adapter whose batch a test reads (its xdist group), or None for a test that reads no rows."""
+    params = getattr(item, "callspec", None) and item.callspec.params or {}
+    if "conformance_key" in params:
+        return params["conformance_key"][0]
+    if "random_adapter" in params:
+        return params["random_adapter"]
+    if "catalogue_entry" in params:
+        selected = selected_adapters(item.config)
+        return next((a for a in params["catalogue_entry"].adapters if a in selected), None)
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test of one adapter in one xdist group, so one xdist worker runs them all."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N`` alone means ``--dist load``, which would scatter an adapter's tests over every xdist worker
+    (each then starting that adapter's process and computing its rows): keep each adapter's tests together."""
+    if config.getoption("dist") == "load":
+        from xdist.scheduler import LoadGroupScheduling
+        return LoadGroupScheduling(config, log)
+    return None
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session):
-    keys = set()
+    config = session.config
+    xdist = under_xdist(config)
+    batches: dict[str, set] = {}
     for item in session.items:
         params = getattr(item, "callspec", None) and item.callspec.params or {}
+        keys = set()
         if "conformance_key" in params:
             keys.add(params["conformance_key"])
         if "catalogue_entry" in params:
-            keys |= set(catalogue_keys(session.config, params["catalogue_entry"]))
-    session.config._conformance_rows = ConformanceRows(session.config, keys)
+            keys |= set(catalogue_keys(config, params["catalogue_entry"]))
+        if keys:
+            batches.setdefault((xdist_group(item) or "") if xdist else "all", set()).update(keys)
+    # an xdist worker is one of several processes sharing the cores: its batches run one process at a time
+    config._conformance_rows = ConformanceRows(config, batches, jobs=1 if xdist else None)
 
 
 @pytest.fixture(scope="session")
