@@ -81,3 +81,43 @@ def test_meta_names_the_machine_the_host_unless_overridden():
     from mhabench import results
     assert results.meta({})["machine"] == platform.node()
     assert results.meta({}, machine="gpu-a100")["machine"] == "gpu-a100"
+
+
+@pytest.mark.parametrize("profile", ["quick", "default"])
+def test_benchmark_shards_cover_the_selection_exactly_once(profile):
+    from mhabench.benchmarks import sweep
+    adapters = ["torch_sdpa", "jax_dpa", "keras_mha", "numpy_oracle"]
+    selected = sweep.selection(profile, adapters, ["cpu", "cuda"], None)
+    total = sum(sweep.estimated_ms(profile, *b) for b in selected)
+    for count in (1, 2, 3, 4):
+        parts = [sweep.chunk_plan(profile, adapters, ["cpu", "cuda"], None, (k, count)) for k in range(1, count + 1)]
+        every = Counter(b for part in parts for chunk in part for b in chunk.benchmarks)
+        assert set(every) == set(selected) and set(every.values()) == {1}
+        loads = [sum(sweep.estimated_ms(profile, *b) for chunk in part for b in chunk.benchmarks) for part in parts]
+        assert max(loads) - total / count < max(sweep.estimated_ms(profile, *b) for b in selected)
+
+
+def test_a_benchmark_shard_selects_exactly_its_benchmarks_with_asv_regexes():
+    """The --bench regexes a shard's chunks pass to asv match its benchmarks and no other shard's."""
+    import re
+    from mhabench.benchmarks import sweep
+    adapters = ["torch_sdpa", "jax_dpa"]
+    selected = sweep.selection("quick", adapters, ["cpu"], None)
+    for k in (1, 2):
+        plan = sweep.chunk_plan("quick", adapters, ["cpu"], None, (k, 2))
+        mine = {b for chunk in plan for b in chunk.benchmarks}
+        regexes = [r for chunk in plan for r in chunk.regexes]
+        matched = {(name, combo) for name, combo in selected
+                   if any(re.search(r, f"{name}({', '.join(combo)})") for r in regexes)}
+        assert matched == mine and mine
+
+
+def test_an_empty_benchmark_shard_runs_nothing_and_says_so(tmp_path):
+    from mhabench.benchmarks import sweep
+    options = sweep.make_options("quick", "torch_sdpa", "cpu", tmp_path, r"^bench_attention\.SelfAttention\."
+                                 r"time_forward\('torch_sdpa', '\w+', 128, ", shard="2/2")
+    said = []
+    assert sweep.run(options, say=said.append) == 0
+    assert "has none of the 1 selected benchmarks" in said[-1]
+    plan = json.loads((tmp_path / "bench" / "plan.json").read_text())
+    assert plan["shard"] == [2, 2] and plan["benchmarks"] == 0 and plan["benchmarks_all_shards"] == 1

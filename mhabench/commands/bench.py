@@ -29,6 +29,11 @@ def register(parser):
     parser.add_argument("-v", "--verbose", action="store_true", help="all of asv's output, with the "
                         "benchmarks' stderr")
     parser.add_argument("--dry-run", action="store_true", help="print the asv commands, run nothing")
+    parser.add_argument("--shard", metavar="K/N", help="run part K of N of the selected benchmarks, split evenly "
+                        "by estimated cost and the same on every machine; bench/plan.json records it")
+    parser.add_argument("--machine", metavar="NAME", help="the machine name asv files these results under "
+                        "(default: asv's own, the host name); give every shard of one kind of machine the "
+                        "same name, and conform the same --machine")
 
 
 def main(args) -> int:
@@ -39,7 +44,8 @@ def main(args) -> int:
         raise CLIError(f"--quick contradicts --profile {args.profile}")
     try:
         options = sweep.make_options("quick" if args.quick else args.profile, args.adapters, args.devices,
-                                     args.results, args.bench, args.memory_budget, args.adapter)
+                                     args.results, args.bench, args.memory_budget, args.adapter, args.shard,
+                                     args.machine)
         say = lambda line: print(printable(line), flush=True)
         if args.dry_run:
             return sweep.run(options, resume=args.resume, verbose=args.verbose, dry_run=True, say=say)
