@@ -96,3 +96,28 @@ def test_conform_in_a_log_writes_progress_lines(tmp_path):
     rows = sum(1 for _ in (tmp_path / "conformance" / "rows.jsonl").open())
     assert len(counts) >= 3 and counts[-1] == (rows, rows, "rows")
     assert "\x1b[" not in out.stderr  # no terminal codes in a log
+
+
+def test_mhabench_run_moves_a_stage_bar_with_its_childs_progress_lines():
+    from rich.console import Console
+    from rich.progress import Progress
+    from mhabench.commands import run as run_command
+    out = io.StringIO()
+    with Progress(*run_command.stage_columns(), console=Console(file=out, force_terminal=True, width=150)) as bars:
+        task = bars.add_task("conform", total=None, counts="", line="waiting")
+        run_command.follow(bars, task, "mhabench conform: 30 cases x 2 adapters x 1 dtypes = 782 rows -> x")
+        assert bars.tasks[0].total is None  # no progress line yet: a pulsing bar
+        run_command.follow(bars, task, "mhabench conform: progress: 391/782 rows (12% of the estimated work), "
+                                       "3 s elapsed, about 22 s left; torch_sdpa 0/391")
+        assert (bars.tasks[0].completed, bars.tasks[0].total) == (391, 782)
+        run_command.follow(bars, task, "[2/4 torch] bench_attention.SelfAttention.time_forward ok")
+        assert bars.tasks[0].completed == 391 and "time_forward" in bars.tasks[0].fields["line"]
+        bars.refresh()
+    assert "391/782 rows" in out.getvalue() and "━" in out.getvalue()
+
+
+def test_the_main_job_asks_its_conform_stage_for_progress_lines():
+    from argparse import Namespace
+    from mhabench.commands import run as run_command
+    [conform, bench, _] = run_command.stages_for(Namespace(results="r", skip_conform=False, skip_bench=False))
+    assert "--progress-every" in conform.argv and bench.argv[:2] == ["bench", "--quick"]
