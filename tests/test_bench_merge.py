@@ -1,6 +1,7 @@
 """Shards of one machine write asv result files of the same name; merged, every measurement is kept."""
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -86,10 +87,11 @@ def test_a_directory_without_benchmarks_is_an_error_naming_it(tmp_path):
 def test_bench_merge_command_writes_a_config_asv_publish_reads(tmp_path):
     shards = _split(tmp_path, 2)
     out = subprocess.run([sys.executable, "-m", "mhabench", "bench", "--merge", *map(str, shards), "--results",
-                          str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+                          "merged"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.returncode == 0, out.stderr
     config = tmp_path / "merged" / "bench" / "asv.conf.json"
-    assert f"asv publish --config {config}" in out.stdout
+    assert f"asv publish --config {config}" in out.stdout  # absolute: asv reads it from the config's folder
     assert json.loads(config.read_text())["results_dir"] == str((tmp_path / "merged" / "asv").resolve())
     bad = subprocess.run([sys.executable, "-m", "mhabench", "bench", "--merge", str(tmp_path / "nothing"),
                           "--results", str(tmp_path / "x")], capture_output=True, text=True, timeout=300)

@@ -73,7 +73,7 @@ def merge(args) -> int:
     missing = [d for d in args.merge if not os.path.isdir(d)]
     if missing:
         raise CLIError(f"--merge: {', '.join(missing)}: no such directory")
-    layout = results.Layout(args.results)
+    layout = results.Layout(os.path.abspath(args.results))  # asv reads the config's paths from its own folder
     try:
         with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
             lines = merge_mod.merge(args.merge, layout.root)
