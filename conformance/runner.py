@@ -26,16 +26,31 @@ EVALUATE = "mhabench.conformance.evaluate:evaluate_in_child"
 SETUP = "mhabench.conformance.evaluate:setup_child"
 
 
-def default_memory_budget() -> int:
-    """A quarter of the memory available now (a case estimated above it is skipped, not run into OOM)."""
+WORKER_BYTES = 2 << 30  # a worker process with its framework imported and its compile caches, roughly
+
+
+def available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 4 << 30
+    return None
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (a case estimated above it is skipped, not run into OOM)."""
+    available = available_memory()
+    return available // 4 if available is not None else 4 << 30
+
+
+def default_jobs() -> int:
+    """One worker process per core, as many as the memory available holds (``WORKER_BYTES`` each)."""
+    cores = os.cpu_count() or 1
+    available = available_memory()
+    return max(1, min(cores, available // WORKER_BYTES)) if available is not None else cores
 
 
 def expected_row_ids(adapter: str, case: Case, dtypes) -> list[str]:
@@ -70,7 +85,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     ("module:Class" targets for ``impls.plugins.load_adhoc``) are replayed in each worker, so adapters
     defined outside the registry run there too. ``history``: {(adapter, case id, dtype): ms} measured
     by an earlier run, which orders the work better than the prior (``schedule``). ``jobs`` worker
-    threads (default: one per core) each drive one worker process at a time; an adapter with much
+    threads (default: ``default_jobs()``) each drive one worker process at a time; an adapter with much
     work left gets several (see ``schedule.Scheduler``). Which process evaluates a case never changes
     its rows.
     """
@@ -125,7 +140,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
             if child is not None:
                 child.close()
 
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or default_jobs()
     threads = [threading.Thread(target=worker_loop, daemon=True) for _ in range(jobs)]
     for t in threads:
         t.start()

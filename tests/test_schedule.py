@@ -130,3 +130,13 @@ def test_scheduled_rows_equal_serial_rows(monkeypatch):
     assert {r["status"] for r in serial} >= {"pass"}
     expected = {rid for a in adapters for c in selection for rid in runner.expected_row_ids(a, c, dtypes)}
     assert set(strip(serial)) == expected
+
+
+def test_default_jobs_is_one_per_core_within_the_memory_available(monkeypatch):
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(runner, "available_memory", lambda: 9 << 30)
+    assert runner.default_jobs() == 4  # 2 GiB a worker process
+    monkeypatch.setattr(runner, "available_memory", lambda: 1 << 30)
+    assert runner.default_jobs() == 1
+    monkeypatch.setattr(runner, "available_memory", lambda: None)
+    assert runner.default_jobs() == 64

@@ -29,7 +29,7 @@ def register(parser):
                              "loaded stops the run")
     parser.add_argument("--quick", action="store_true", help="the reduced matrix the pytest view runs by default")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes at a time; an adapter with much "
-                        "work left gets several (default: CPU count)")
+                        "work left gets several (default: one per core, 2 GiB of available memory each)")
     parser.add_argument("--self-check", action="store_true",
                         help="run the deliberately broken mutant adapters and print which rows catch each")
     parser.add_argument("--cache-dir", metavar="DIR", help="where compiled programs are kept between runs "
