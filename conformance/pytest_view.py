@@ -80,9 +80,9 @@ class ConformanceRows:
 
     ``batches``: batch name -> the (adapter, case id, dtype) keys its tests read. A serial run has one
     batch, computed at the first test with every core busy (``runner.run_rows``). Under pytest-xdist
-    each adapter's tests form one batch, and all of them go to one xdist worker (``xdist_group``,
-    ``--dist loadgroup``): that worker computes the batch at its first test, with one worker process
-    for the adapter, so no key is computed twice and no adapter's process starts once per test.
+    each adapter's tests form one batch, and all of them go to one xdist worker
+    (``pytest_xdist_make_scheduler``): that worker computes the batch at its first test, with one worker
+    process for the adapter, so no key is computed twice and no adapter's process starts once per test.
     """
 
     def __init__(self, config, batches: dict[str, set], jobs: int | None = None):
@@ -123,37 +123,49 @@ def under_xdist(config) -> bool:
     return hasattr(config, "workerinput")
 
 
-def xdist_group(item) -> str | None:
-    """The adapter whose batch a test reads (its xdist group), or None for a test that reads no rows."""
-    params = getattr(item, "callspec", None) and item.callspec.params or {}
-    if "conformance_key" in params:
-        return params["conformance_key"][0]
-    if "random_adapter" in params:
-        return params["random_adapter"]
-    if "catalogue_entry" in params:
-        selected = selected_adapters(item.config)
-        return next((a for a in params["catalogue_entry"].adapters if a in selected), None)
+def adapter_of(config, nodeid: str) -> str | None:
+    """The adapter whose rows a test reads, from its node id (``...::test_conformance[<adapter>-<case>-<dtype>]``,
+    ``test_random_cases[<adapter>]``, ``test_entry_reproduces[<entry>]``: the entry's first selected adapter),
+    or None for a test that reads none. Node ids are all the process scheduling the tests sees."""
+    function, _, param = nodeid.rpartition("::")[2].partition("[")
+    param = param[:-1] if param.endswith("]") else param
+    selected = selected_adapters(config)
+    if function == "test_entry_reproduces":
+        entry = _catalogue(config).get(param)
+        return next((a for a in entry.adapters if a in selected), None) if entry is not None else None
+    if function in ("test_conformance", "test_random_cases"):
+        for name in sorted(selected, key=len, reverse=True):  # names may share a prefix (keras_mha, keras_mha@jax)
+            if param == name or param.startswith(name + "-"):
+                return name
     return None
 
 
-def pytest_collection_modifyitems(config, items):
-    """Every test of one adapter in one xdist group, so one xdist worker runs them all."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = xdist_group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+def _catalogue(config) -> dict:
+    if not hasattr(config, "_conformance_entries"):
+        from mhabench.conformance import catalogue
+        config._conformance_entries = {e.id: e for e in catalogue.load()}
+    return config._conformance_entries
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """``-n N`` alone means ``--dist load``, which would scatter an adapter's tests over every xdist worker
-    (each then starting that adapter's process and computing its rows): keep each adapter's tests together."""
-    if config.getoption("dist") == "load":
-        from xdist.scheduler import LoadGroupScheduling
-        return LoadGroupScheduling(config, log)
-    return None
+    """Under pytest-xdist (``-n N``, whose default is ``--dist load``, or ``--dist loadgroup``) all tests of one
+    adapter are one unit of work, sent to one xdist worker: that worker starts the adapter's process and
+    computes its rows once. Other tests are distributed one by one.
+
+    xdist's own grouping (``xdist_group`` marks with ``--dist loadgroup``) renames node ids inside the
+    workers, which pytest 9.2 no longer lets it do (pytest-xdist issue 1386): the groups are silently
+    lost. Here the scheduler reads the adapter from each node id itself."""
+    if config.getoption("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByAdapter(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            adapter = adapter_of(config, nodeid)
+            return f"adapter {adapter}" if adapter is not None else nodeid
+
+    return ByAdapter(config, log)
 
 
 @pytest.hookimpl(trylast=True)
@@ -169,7 +181,7 @@ def pytest_collection_finish(session):
         if "catalogue_entry" in params:
             keys |= set(catalogue_keys(config, params["catalogue_entry"]))
         if keys:
-            batches.setdefault((xdist_group(item) or "") if xdist else "all", set()).update(keys)
+            batches.setdefault((adapter_of(config, item.nodeid) or "") if xdist else "all", set()).update(keys)
     # an xdist worker is one of several processes sharing the cores: its batches run one process at a time
     config._conformance_rows = ConformanceRows(config, batches, jobs=1 if xdist else None)
 
