@@ -180,7 +180,8 @@ def test_the_nightly_steps_run_here_and_the_merge_equals_the_unsharded_run(tmp_p
     outcomes = {}
 
     def shard_job(k):
-        outcomes[k] = local.job("measure", {"machine": "cpu", "shard": k, "runner": "local", "extras": "all"},
+        outcomes[k] = local.job("measure", {"machine": "cpu", "shard": k, "runner": "local", "extras": "all",
+                                            "packages": ""},
                                 tmp_path / f"runner-{k}")
     threads = [threading.Thread(target=shard_job, args=(k,)) for k in range(1, shards + 1)]
     for thread in threads:
