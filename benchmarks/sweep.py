@@ -225,8 +225,10 @@ def make_options(profile=None, adapters=None, devices=None, results_dir="results
         shard = shards.parse(shard) if shard is not None else None
     except SelectionError as exc:
         raise SweepError(str(exc)) from None
-    if machine is not None and (not str(machine).strip() or not str(machine).isprintable() or "/" in str(machine)):
-        raise SweepError(f"--machine {machine!r}: a machine name must be printable, not empty, without '/'")
+    try:
+        machine = results.machine_name(machine) if machine is not None else None
+    except ValueError as exc:
+        raise SweepError(str(exc)) from None
     if chosen is None:  # the grid keeps every adapter, installed here or not: absent ones are skipped with the reason
         chosen = runnable_adapters(plugin_names, installed_only=False)
     if device_list is None:  # the default grids skip an absent GPU; one named explicitly must be there

@@ -392,8 +392,15 @@ def machine_name(override: str | None = None) -> str:
     """The machine results are keyed by: ``override`` (``--machine``), else the host name.
 
     Shards of one run that land on different hosts of one kind (CI runners with random host names) all
-    name the same machine with ``--machine``, so a merge sees them as one machine's shards."""
-    return str(override) if override else (platform.node() or "unknown")
+    name the same machine with ``--machine``, so a merge sees them as one machine's shards. A name is a
+    folder of asv's results too: ValueError (naming ``--machine``) for one that is empty, not printable or
+    holds a '/'."""
+    if override is None:
+        return platform.node() or "unknown"
+    name = str(override)
+    if not name.strip() or not name.isprintable() or "/" in name:
+        raise ValueError(f"--machine {name!r}: a machine name must be printable, not empty, without '/'")
+    return name
 
 
 def meta(versions: dict, argv=None, machine: str | None = None) -> dict:

@@ -121,3 +121,15 @@ def test_an_empty_benchmark_shard_runs_nothing_and_says_so(tmp_path):
     assert "has none of the 1 selected benchmarks" in said[-1]
     plan = json.loads((tmp_path / "bench" / "plan.json").read_text())
     assert plan["shard"] == [2, 2] and plan["benchmarks"] == 0 and plan["benchmarks_all_shards"] == 1
+
+
+@pytest.mark.parametrize("command", ["conform", "bench"])
+@pytest.mark.parametrize("bad", ["", "  ", "a/b", "tab\there", "--shard=x"])
+def test_bad_machine_or_shard_is_a_one_line_error_naming_the_option(command, bad, tmp_path):
+    option, value = ("--shard", "x") if bad == "--shard=x" else ("--machine", bad)
+    out = subprocess.run([sys.executable, "-m", "mhabench", command, option, value, "--results", str(tmp_path),
+                          *(["--dry-run"] if command == "bench" else [])], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mhabench {command}: error: {option}")

@@ -65,8 +65,11 @@ def check_options(args) -> None:
         raise CLIError(f"--examples must be an integer >= 0, got {args.examples}")
     if not args.progress_every >= 0:
         raise CLIError(f"--progress-every must be a number of seconds >= 0, got {args.progress_every}")
-    if args.machine is not None and (not args.machine.strip() or not args.machine.isprintable()):
-        raise CLIError(f"--machine {args.machine!r}: a machine name must be printable and not empty")
+    from mhabench.results import machine_name
+    try:
+        machine_name(args.machine)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def main(args) -> int:
