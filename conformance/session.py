@@ -34,6 +34,7 @@ class Plan:
     full_matrix: bool = False  # every default case in every dtype: only then can an entry be stale for absence
     shard: tuple[int, int] | None = None  # (K, N): this run is shard K of N
     include: set | None = None  # the (adapter, case id, dtype) tasks of that shard; None: every task
+    reduced: dict = field(default_factory=dict)  # adapter -> why it runs only the reduced (quick) matrix
 
     def tasks(self) -> list[tuple[str, Case, str]]:
         """(adapter, case, dtype) of every task this plan runs."""
@@ -53,24 +54,30 @@ class Plan:
 
     @property
     def rows_all_shards(self) -> int:
-        return sum(len(expected_row_ids(a, c, self.dtypes)) for a in self.adapters for c in self.cases)
+        return sum(len(expected_row_ids(a, c, self.dtypes)) for a in self.adapters for c in self.cases
+                   if a not in self.reduced or c.quick)
 
     def to_dict(self) -> dict:
         out = {"adapters": self.adapters, "dtypes": self.dtypes, "cases": len(self.cases), "rows": self.rows,
                "full_matrix": self.full_matrix, "adhoc": self.adhoc}
         if self.shard is not None:  # the report names a missing shard from these
             out.update(shard=list(self.shard), rows_all_shards=self.rows_all_shards)
+        if self.reduced:
+            out["reduced"] = dict(self.reduced)
         return out
 
 
 def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
-              default_dtypes=DTYPES, shard=None) -> Plan:
+              default_dtypes=DTYPES, shard=None, every_case=False) -> Plan:
     """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
 
     ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
     without it, every installed adapter runs (plugins named with ``--adapter`` included). ``shard``
     ("K/N" or (K, N)) keeps part K of N of the tasks, split by their prior cost (``schedule``), the same
     on every machine given the same selection.
+
+    An adapter that declares ``reduced_matrix`` (each new shape costs it a compilation or an export of
+    seconds) runs only the reduced matrix's cases (``quick``) unless ``every_case``; the plan records why.
     """
     if shard is not None and not isinstance(shard, tuple):
         shard = shards.parse(shard)
@@ -86,8 +93,14 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     matrix = select(matrix, area_list, quick=quick)
     full = not quick and area_list is None and set(dtype_list) == set(DTYPES)
     plan = Plan(chosen, matrix, dtype_list, list(adhoc), full)
+    if not quick and not every_case:
+        plan.reduced = {a: why for a in chosen if (why := getattr(registry.get_adapter(a), "reduced_matrix", None))}
+    if plan.reduced:
+        plan.include = {(a, c.id, d) for a in chosen for c in matrix for d in c.run_dtypes(dtype_list)
+                        if a not in plan.reduced or c.quick}
     if shard is not None:
-        plan.shard, plan.include = shard, shard_tasks(plan, shard)
+        plan.shard = shard
+        plan.include = shard_tasks(plan, shard) if plan.include is None else shard_tasks(plan, shard) & plan.include
     return plan
 
 
@@ -230,7 +243,8 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     adapters_run = sorted({r["adapter"] for r in rows}) if rerun else plan.adapters
     # a shard holds part of the matrix: an entry showing in none of its rows may show in another shard's
     full = plan.full_matrix and plan.shard is None and not rerun
-    checks = catalogue_mod.check(entries, rows, adapters_run, full_matrix=full)
+    # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
+    checks = catalogue_mod.check(entries, rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
     results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine))
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)

@@ -209,6 +209,9 @@ class Adapter:
     layer_class: type | None = None
     default_mode: str = "eager"    # what a user of the framework runs by default (build's mode=None)
     quick_mode: str | None = None  # the mode the quick benchmark profile runs; None: the default mode
+    # Why conformance runs only the reduced matrix for this adapter by default (each new shape costs it a
+    # compilation or an export of seconds); None: the whole matrix. ``mhabench conform --every-case`` overrides.
+    reduced_matrix: str | None = None
     baseline: bool = False         # the reference every other adapter is read against (listed first)
     # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):
     causal_skips_masked_blocks: bool = False  # does causal skip the masked half of the score work?

@@ -28,6 +28,9 @@ def register(parser):
                         help="also run an adapter class not in the registry (repeatable); one that cannot be "
                              "loaded stops the run")
     parser.add_argument("--quick", action="store_true", help="the reduced matrix the pytest view runs by default")
+    parser.add_argument("--every-case", action="store_true",
+                        help="run the whole matrix also for adapters that declare reduced_matrix (each new shape "
+                             "costs them a compilation or an export of seconds)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes at a time; an adapter with much "
                         "work left gets several (default: one per core, 2 GiB of available memory each)")
     parser.add_argument("--self-check", action="store_true",
@@ -83,7 +86,7 @@ def main(args) -> int:
         return 0 if mutants.print_catch_table(mutants.self_check()) else 1
     try:
         plan = session.make_plan(args.adapters, args.dtypes, args.areas, quick=args.quick, examples=args.examples,
-                                 adhoc=args.adapter, shard=args.shard)
+                                 adhoc=args.adapter, shard=args.shard, every_case=args.every_case)
     except session.SelectionError as exc:
         raise CLIError(str(exc)) from None
     if not args.adapters:
@@ -102,6 +105,8 @@ def main(args) -> int:
             if plan.shard else ""
         print(f"mhabench conform: {len(plan.cases)} cases x {len(plan.adapters)} adapters x {len(plan.dtypes)} "
               f"dtypes = {plan.rows_all_shards} rows{shard} -> {layout.rows}", file=sys.stderr, flush=True)
+        for name, why in plan.reduced.items():
+            print(f"  {name}: the reduced matrix only (--every-case for all): {why}", file=sys.stderr, flush=True)
         display.start(tally)
     try:
         with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
