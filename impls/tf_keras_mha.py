@@ -151,5 +151,8 @@ class TfKerasMHAAdapter(Adapter):
     def available_devices(self):
         return _keras.available_devices("tensorflow")
 
+    def worker_env(self):
+        return dict(_keras.TENSORFLOW_ENV)
+
     def peak_memory(self, fn, device="cpu"):
         return _keras.tensorflow_peak_rise(fn, device)
