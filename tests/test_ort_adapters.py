@@ -233,6 +233,29 @@ def test_exported_mha_float64_default_call_has_the_function_body_scale(exported_
 
 @needs_export
 @pytest.mark.slow
+def test_exported_mha_float64_weights_call_holds_a_float32_rounded_scale():
+    """The cause of torch_mha@ort-float64-scale-constant-float32: the exported float64 need_weights=True graph
+    scales q by a constant holding float32(sqrt(1/head_dim)); eager float64 uses the exact Python float."""
+    from onnx import numpy_helper
+    from mhabench.impls import torch_mha_ort
+    spec = impls.AttentionSpec(3, 2)
+    w = impls.Weights.random(spec, 6, 6, seed=1)
+    layer = EXPORTED.build(spec, w, dtype="float64")
+    x = np.random.default_rng(1).normal(size=(2, 5, 6))
+    out, _ = layer(x, x, return_scores=True)
+    [model] = [m for key, m in torch_mha_ort._templates.items() if key[0] == layer.structure and "True" in str(key)]
+    scalars = [numpy_helper.to_array(i) for i in model.graph.initializer if numpy_helper.to_array(i).dtype == np.float64
+               and numpy_helper.to_array(i).size == 1]
+    assert float(np.float32(np.sqrt(0.5))) in [float(a) for a in scalars]
+    inputs = as_inputs(spec, w, x, x, None, None, False)
+    golden, _ = oracle.forward(spec, w, x, x)
+    assert rel_err(out, catalogue.BEHAVIOURS["scale_rounded_to_float32"](golden, inputs, "output")) < 1e-13
+    eager, _ = impls.get_adapter("torch_mha").build(spec, w, dtype="float64")(x, x)
+    assert rel_err(eager, golden) < 1e-13
+
+
+@needs_export
+@pytest.mark.slow
 def test_exported_mha_fully_masked_row_default_bias_with_weights_nan(exported_layers):
     """As eager: need_weights=False gives the output bias (ORT's Attention zero row; eager's SDPA zero row),
     need_weights=True NaN (an explicit softmax of an all -inf row, in both)."""
