@@ -130,6 +130,8 @@ class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     description = ("torch.nn.MultiheadAttention as torch_mha calls it, exported by torch.onnx.export (dynamo, "
                    "opset 25, dynamic axes) and run by onnxruntime")
     layer_class = TorchMHAOrtLayer
+    reduced_matrix = ("each new module structure, dtype and mask form is a torch.onnx.export (3-15 s on a small CPU): "
+                      "the full matrix took 10.5 minutes on a busy 2-core machine")
 
     def unsupported_features(self):
         eager = torch_mha.TorchMHAAdapter().capabilities().unsupported_features
