@@ -213,7 +213,8 @@ def test_exported_mha_matches_eager_and_oracle_in_float32(exported_layers):
         eager_default, _ = eager(q, v, None, mask, return_scores=False)
         assert rel_err(default, golden) < F32 and rel_err(out, golden) < F32 and rel_err(scores, golden_scores) < F32
         assert np.max(np.abs(default - eager_default)) < 1e-5
-    assert layer.export_weights().equals(w)
+    layer64, _, w64 = exported_layers["float64"]
+    assert layer64.export_weights().equals(w64)
 
 
 @needs_export
