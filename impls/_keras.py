@@ -154,6 +154,18 @@ class Ops:
         return out, grads[:n], grads[n:]
 
 
+def dense_variables(layer, attributes: dict) -> dict:
+    """Canonical name -> variable of a Keras attention layer whose projections are EinsumDense sublayers:
+    ``attributes`` maps "q", "k", "v", "o" to the sublayer attribute; biases only where the layer has them."""
+    named = {}
+    for p, attr in attributes.items():
+        dense = getattr(layer, attr)
+        named["W" + p] = dense.kernel
+        if dense.bias is not None:
+            named["b" + p] = dense.bias
+    return named
+
+
 # TensorFlow keeps allocator statistics for the CPU (what tensorflow_peak_rise reads) only with its BFC allocator;
 # without it reset_memory_stats("CPU:0") raises "Cannot reset memory stats for device 'CPU:0'"
 TENSORFLOW_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}

@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from . import keras_mha
+from . import _keras, keras_mha
 from .validation import flatten, unflatten
 
 UNSUPPORTED = {
@@ -44,13 +44,7 @@ class KerasGQALayer(keras_mha.KerasMHALayer):
 
     @staticmethod
     def _named_variables(layer) -> dict:
-        named = {}
-        for p, attr in DENSE.items():
-            dense = getattr(layer, attr)
-            named["W" + p] = dense.kernel
-            if dense.bias is not None:
-                named["b" + p] = dense.bias
-        return named
+        return _keras.dense_variables(layer, DENSE)
 
     def _layer(self, rank):
         return super()._layer(3)  # every call is [N, L, D] once flattened

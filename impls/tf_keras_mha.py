@@ -48,12 +48,7 @@ class TfKerasMHALayer(Layer):
                     dtype=self.dtype)
                 zeros = lambda d: tf.zeros((1,) * (rank - 1) + (d,), self.dtype)
                 layer(zeros(q_dim), zeros(v_dim), zeros(k_dim))  # builds the sublayers from this signature
-            named = {}
-            for p, attr in DENSE.items():
-                dense = getattr(layer, attr)
-                named["W" + p] = dense.kernel
-                if dense.bias is not None:
-                    named["b" + p] = dense.bias
+            named = _keras.dense_variables(layer, DENSE)
             arrays = self.weights.as_dict()
             if set(named) != set(arrays) or len(layer.weights) != len(arrays):
                 raise RuntimeError(f"{self.adapter.name}: the tf_keras layer has weights "

@@ -16,7 +16,7 @@ from mhabench import impls
 from mhabench.conformance import catalogue
 from mhabench.conformance.cases import Inputs
 from mhabench.impls import oracle
-from tests.feature_cases import CASES, FULLY_MASKED
+from tests.feature_cases import CASES, FULLY_MASKED, nan_in_masked_key
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -126,13 +126,7 @@ def test_ort_attention_fully_masked_row_gets_zero_weights(dtype):
 def test_ort_attention_nan_in_a_masked_key_poisons_its_batch_element(dtype):
     """The cause of ort_attention-masked_nan_poisons_batch: the boolean mask becomes an additive -inf bias,
     and NaN + -inf = NaN, so the masked key's NaN reaches every query of its batch element."""
-    spec = impls.AttentionSpec(2, 4)
-    w = impls.Weights.random(spec, 8, 8, seed=1)
-    rng = np.random.default_rng(0)
-    q, k, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 4, 8))
-    k[0, 3, 0] = np.nan
-    mask = np.ones((2, 1, 4), bool)
-    mask[0, 0, 3] = False
+    spec, w, q, v, k, mask = nan_in_masked_key()
     out, scores = ORT.build(spec, w, dtype=dtype)(q, v, k, mask)
     assert np.isnan(out[0]).all() and np.isnan(scores[0]).all()
     assert not np.isnan(out[1]).any()

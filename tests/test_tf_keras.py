@@ -12,7 +12,7 @@ import pytest
 
 from mhabench import impls
 from mhabench.impls import oracle, oracle_backward
-from tests.feature_cases import CASES, FULLY_MASKED
+from tests.feature_cases import CASES, FULLY_MASKED, nan_in_masked_key
 
 pytest.importorskip("tf_keras")
 
@@ -130,13 +130,7 @@ def test_keras_3_gives_the_fully_masked_row_zero_weights_with_scores():
 def test_keras_2_nan_in_a_masked_key_poisons_its_batch_element():
     """The cause of tf_keras_mha-masked_nan_poisons_batch: the mask is an additive -1e9, so NaN * 1 - 1e9 is
     still NaN at the masked key and the softmax spreads it over its row."""
-    spec = impls.AttentionSpec(2, 4)
-    w = impls.Weights.random(spec, 8, 8, seed=1)
-    rng = np.random.default_rng(0)
-    q, k, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 4, 8))
-    k[0, 3, 0] = np.nan
-    mask = np.ones((2, 1, 4), bool)
-    mask[0, 0, 3] = False
+    spec, w, q, v, k, mask = nan_in_masked_key()
     out, scores = ADAPTER.build(spec, w, dtype="float32")(q, v, k, mask)
     assert np.isnan(out[0]).all() and np.isnan(scores[0]).all() and not np.isnan(out[1]).any()
 
