@@ -104,3 +104,18 @@ def test_inductor_cpu_flex_fails_on_dynamic_shapes_with_a_captured_mask():
     run(2, 7, 9)
     with pytest.raises(Exception, match="cur_kvSplitSize"):
         run(3, 12, 6)
+
+
+@pytest.mark.slow
+def test_flex_compiled_nan_query_row_gets_zero_weights():
+    """The cause of torch_flex-cpu_compiled_nan_query_row_zero_weights: compiled on the CPU, a query row whose
+    logits are all NaN comes out as the output bias (zero weights); the eager path gives NaN, as canonical."""
+    spec = impls.AttentionSpec(2, 4)
+    w = impls.Weights.random(spec, 8, 8, seed=2)
+    rng = np.random.default_rng(2)
+    q, v = rng.normal(size=(2, 8, 8)), rng.normal(size=(2, 8, 8))
+    q[0, 1, 0] = np.nan
+    compiled, _ = ADAPTER.build(spec, w, dtype="float32")(q, v, return_scores=False)
+    eager, _ = ADAPTER.build(spec, w, dtype="float32", mode="eager")(q, v, return_scores=False)
+    np.testing.assert_allclose(compiled[0, 1], w.bo, atol=1e-6)
+    assert np.isnan(eager[0, 1]).all()
