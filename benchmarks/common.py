@@ -19,6 +19,7 @@ import numpy as np
 
 from mhabench import results
 from mhabench.impls import memory
+from mhabench.impls.base import UnsupportedError
 
 from . import flops as flops_mod
 from .profiles import Profile
@@ -237,7 +238,7 @@ class PreparedCase:
                                                         requires_grad=True)
             self.native_forward_backward = self.layer.native_forward_backward
             self.native_forward_backward(self.inputs_grad)
-        except NotImplementedError as exc:
+        except (NotImplementedError, UnsupportedError) as exc:  # no backward path, or gradients declared unsupported
             self._backward_state = exc if isinstance(exc, Skip) else Skip(str(exc) or "no backward path")
             raise self._backward_state from None
         except BaseException as exc:

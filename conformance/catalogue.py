@@ -138,6 +138,7 @@ CASE_PROPERTIES = {
     # without dropout (keras/src/layers/attention/multi_head_attention.py, _compute_attention); a layer with
     # dropout > 0 takes the einsum-and-softmax path even when training=False
     "keras_fused": lambda case: len(case.q_shape) == 1 and not case.attention_spec.dropout,
+    "dropout_free": lambda case: not case.attention_spec.dropout,
     "value_dim": lambda case: case.attention_spec.value_dim not in (None, case.attention_spec.key_dim),
 }
 _property_cache: dict[tuple[str, str], bool] = {}
@@ -180,15 +181,14 @@ def _nan_row_output_is_bias(expected: np.ndarray, inputs, quantity: str) -> np.n
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
-def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 result when the 1/sqrt(key_dim) scale is first rounded to float32 (float64 rows only).
+def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
+    """The float64 result when the logits are scaled by ``scale`` instead of 1/sqrt(key_dim).
 
-    Scaling the query by ``s32`` equals scaling Wq and bq by ``r = s32 / s64`` under the exact scale, so the
-    oracle computes it; the gradients of Wq and bq pick up the factor ``r`` once more (chain rule).
+    Scaling the query by ``scale`` equals scaling Wq and bq by ``r = scale * sqrt(key_dim)`` under the exact
+    scale, so the oracle computes it; the gradients of Wq and bq pick up the factor ``r`` once more (chain rule).
     """
     from mhabench.impls import Weights, oracle, oracle_backward
-    kd = inputs.spec.key_dim
-    r = float(np.float32(1.0 / np.sqrt(kd))) / (1.0 / np.sqrt(kd))
+    r = scale * np.sqrt(inputs.spec.key_dim)
     arrays = dict(inputs.weights.as_dict())
     arrays["Wq"] = arrays["Wq"] * r
     if "bq" in arrays:
@@ -203,12 +203,27 @@ def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np
     return grads[name] * (r if name in ("Wq", "bq") else 1.0)
 
 
+def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
+    """The float64 result when the 1/sqrt(key_dim) scale is first rounded to float32 (float64 rows only)."""
+    return _with_scale(inputs, quantity, float(np.float32(1.0 / np.sqrt(inputs.spec.key_dim))))
+
+
+def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
+    """The float64 result of the ONNX Attention operator's function body (onnx 1.23): it computes
+    ``sqrt(1 / sqrt(key_dim))`` in float32 (from the head size cast to float32) and multiplies q and k by it,
+    so the logits are scaled by that float32 number squared (float64 rows only)."""
+    f32 = np.float32
+    root = f32(np.sqrt(f32(f32(1) / f32(np.sqrt(f32(inputs.spec.key_dim))))))
+    return _with_scale(inputs, quantity, float(root) ** 2)
+
+
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
 BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nonfinite_input_poisons_batch": _nonfinite_input_poisons_batch,
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
+    "sqrt_scale_rounded_to_float32": _sqrt_scale_rounded_to_float32,
 }
 
 

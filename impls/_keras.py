@@ -159,6 +159,23 @@ class Ops:
         return out, grads[:n], grads[n:]
 
 
+def dense_variables(layer, attributes: dict) -> dict:
+    """Canonical name -> variable of a Keras attention layer whose projections are EinsumDense sublayers:
+    ``attributes`` maps "q", "k", "v", "o" to the sublayer attribute; biases only where the layer has them."""
+    named = {}
+    for p, attr in attributes.items():
+        dense = getattr(layer, attr)
+        named["W" + p] = dense.kernel
+        if dense.bias is not None:
+            named["b" + p] = dense.bias
+    return named
+
+
+# TensorFlow keeps allocator statistics for the CPU (what tensorflow_peak_rise reads) only with its BFC allocator;
+# without it reset_memory_stats("CPU:0") raises "Cannot reset memory stats for device 'CPU:0'"
+TENSORFLOW_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
+
+
 def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
     """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
     call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
@@ -223,7 +240,10 @@ class KerasAdapter(Adapter):
         return available_devices(self.backend)
 
     def worker_env(self) -> dict:
-        return {"KERAS_BACKEND": self.backend}
+        env = {"KERAS_BACKEND": self.backend}
+        if self.backend == "tensorflow":
+            env.update(TENSORFLOW_ENV)
+        return env
 
     def peak_memory(self, fn, device="cpu"):
         if self.backend == "tensorflow":

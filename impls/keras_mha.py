@@ -73,17 +73,22 @@ class KerasMHALayer(Layer):
             self._layer(default_rank(spec))
 
     # ---- one Keras layer per input rank --------------------------------------
+    def _new_layer(self, rank: int):
+        """The Keras layer for inputs of ``rank``, built (its weights not yet loaded)."""
+        keras, spec = self.keras, self.spec
+        q_dim, k_dim, v_dim = self.dims
+        layer = keras.layers.MultiHeadAttention(
+            num_heads=spec.num_heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
+            dropout=spec.dropout, use_bias=spec.use_bias, output_shape=spec.output_shape,
+            attention_axes=keras_axes(spec, rank), flash_attention=self.flash_attention, dtype=self.dtype)
+        free = (None,) * (rank - 1)
+        layer.build(free + (q_dim,), free + (v_dim,), free + (k_dim,))
+        return layer
+
     def _layer(self, rank: int):
         if rank not in self._layers:
-            keras, spec = self.keras, self.spec
-            q_dim, k_dim, v_dim = self.dims
-            with _keras.placement(keras, self.device):
-                layer = keras.layers.MultiHeadAttention(
-                    num_heads=spec.num_heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
-                    dropout=spec.dropout, use_bias=spec.use_bias, output_shape=spec.output_shape,
-                    attention_axes=keras_axes(spec, rank), flash_attention=self.flash_attention, dtype=self.dtype)
-                free = (None,) * (rank - 1)
-                layer.build(free + (q_dim,), free + (v_dim,), free + (k_dim,))
+            with _keras.placement(self.keras, self.device):
+                layer = self._new_layer(rank)
             named = self._named_variables(layer)
             by_id = {id(v): n for n, v in named.items()}
             arrays = self.weights.as_dict()
@@ -265,7 +270,7 @@ class KerasMHAAdapter(_keras.KerasAdapter):
             raise UnsupportedError(self.name, "flash_attention=True",
                                    "Keras's TensorFlow backend raises 'Flash attention is not supported'")
         if self.in_process():
-            return KerasMHALayer(self, spec, weights, dtype, device, mode, **options)
+            return self.layer_class(self, spec, weights, dtype, device, mode, **options)
         timeouts = {k: options.pop(k) for k in WORKER_OPTIONS if options.get(k) is not None}
         return worker.host(self.name, spec, weights, dtype, device, mode, adapter=self,
                             env=self.worker_env(), **timeouts, **options)

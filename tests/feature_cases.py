@@ -186,3 +186,16 @@ MODERN_CASES = [
     M("key_value_length_0_everything", S(4, 2, num_kv_heads=2), (2, 3, 8), (2, 0, 8), causal="bottom_right",
       window=(1, 1), bias="TS", query_lengths=(3, 1), key_value_lengths=(0, 0)),
 ]
+
+
+def nan_in_masked_key(seed=0):
+    """(spec, weights, query, value, key, mask): batch 0's last key holds a NaN and is masked for every query,
+    so the canonical output has no NaN."""
+    spec = impls.AttentionSpec(2, 4)
+    w = impls.Weights.random(spec, 8, 8, seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    q, k, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 4, 8)), rng.normal(size=(2, 4, 8))
+    k[0, 3, 0] = np.nan
+    mask = np.ones((2, 1, 4), bool)
+    mask[0, 0, 3] = False
+    return spec, w, q, v, k, mask

@@ -164,7 +164,9 @@ def test_failure_is_recorded_as_failed_and_raised_again(tmp_path):
 
 
 def test_process_groups_come_from_the_adapters():
-    assert sweep.group_of("keras_mha").env == (("KERAS_BACKEND", "tensorflow"),)
+    # TensorFlow keeps CPU allocator stats (the peak-memory probe) only with its BFC allocator
+    assert sweep.group_of("keras_mha").env == (("KERAS_BACKEND", "tensorflow"), ("TF_CPU_ALLOCATOR_USE_BFC", "true"))
+    assert sweep.group_of("tf_keras_mha").env == (("TF_CPU_ALLOCATOR_USE_BFC", "true"),)
     assert ("KERAS_BACKEND", "jax") in sweep.group_of("keras_mha@jax").env
     assert sweep.group_of("torch_sdpa") == sweep.group_of("torch_mha") != sweep.group_of("keras_mha@torch")
     assert sweep.group_of("jax_dpa").modules == ("jax",) and not sweep.group_of("jax_dpa").env

@@ -1,0 +1,112 @@
+"""The ONNX Runtime family: what every adapter that runs an ONNX graph in onnxruntime shares.
+
+onnx and onnxruntime are imported lazily, on first use. ``OrtAdapter`` declares the family's facts
+(distributions, install hint, the one mode, the execution provider); ``OrtLayer`` holds the sessions
+a layer builds (one per graph structure it meets) and the NumPy plumbing: ORT takes and returns
+NumPy arrays and runs synchronously, so conversion is a cast and the device sync is nothing.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import memory
+from .base import Adapter, Capabilities, Layer, to_numpy
+
+PROVIDER = "CPUExecutionProvider"
+ELEMENT_TYPES = {"float16": "FLOAT16", "bfloat16": "BFLOAT16", "float32": "FLOAT", "float64": "DOUBLE"}
+
+
+def element_type(dtype: str) -> int:
+    """The ONNX TensorProto element type of a dtype name."""
+    import onnx
+    return getattr(onnx.TensorProto, ELEMENT_TYPES[dtype])
+
+
+def session(model):
+    """An inference session on the CPU provider for ``model`` (a ModelProto, or its serialized bytes)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    # errors only: onnx 1.23's shape inference gives Attention's qk_matmul_output a last dimension of 0 when the
+    # key length is symbolic, and ORT would warn about it on every run (the values are right)
+    options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=[PROVIDER])
+
+
+_measuring = threading.local()
+
+
+def run(session, feeds: dict) -> list:
+    """``session.run`` on ``feeds``; while a peak is measured, each run hands its arena's free memory back."""
+    options = None
+    if getattr(_measuring, "on", False):
+        import onnxruntime as ort
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return session.run(None, feeds, options)
+
+
+def arena_peak_rise(fn) -> int:
+    """ORT keeps freed memory in its CPU arena, so a repeated call raises no RSS. While measuring, every run
+    shrinks the arena afterwards (run option ``memory.enable_memory_arena_shrinkage``): one call empties what
+    earlier calls left, and the measured call's allocations then show as new pages."""
+    _measuring.on = True
+    try:
+        fn()
+        return memory.cpu_peak_rise(fn)
+    finally:
+        _measuring.on = False
+
+
+class OrtAdapter(Adapter):
+    """The facts every ONNX Runtime adapter shares. ``opset`` is the ONNX opset of the graphs it runs."""
+
+    family = "onnxruntime"
+    requires = ("onnxruntime", "onnx")
+    distributions = ("onnxruntime", "onnx")
+    install_hint = 'pip install "mhabench[onnx]"'
+    # An InferenceSession optimises the whole graph when it is created and then only runs it
+    default_mode = "compiled"
+    opset: int = 0
+
+    def version(self) -> str:
+        return f"{super().version()}; ONNX opset {self.opset} on {PROVIDER}"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(unsupported_features=self.unsupported_features(), unsupported_dtypes=self.unsupported_dtypes(),
+                            modes=("compiled",))
+
+    def peak_memory(self, fn, device="cpu"):
+        return arena_peak_rise(fn)
+
+    def unsupported_features(self) -> dict:
+        return {"gradients": "onnxruntime runs inference graphs only (gradients need onnxruntime-training)"}
+
+    def unsupported_dtypes(self) -> dict:
+        return {}
+
+
+class OrtLayer(Layer):
+    """A layer whose calls run ONNX graphs in onnxruntime, one session per graph structure met."""
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode="compiled", **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        self.np_dtype = to_numpy(np.zeros(()), dtype).dtype
+        self._sessions: dict = {}
+
+    def _run_graph(self, key, make_model, feeds: dict) -> list:
+        """Run the graph of structure ``key`` (its session built from ``make_model()`` on first use) on ``feeds``."""
+        if key not in self._sessions:
+            self._sessions[key] = session(make_model())
+        return run(self._sessions[key], feeds)
+
+    def _array(self, x):
+        return np.ascontiguousarray(to_numpy(x, self.dtype))
+
+    def _native_array(self, x):
+        return self._array(x)
+
+    def _to_numpy(self, x):
+        return np.asarray(x)

@@ -1,0 +1,121 @@
+"""torch_flex (FlexAttention) against the oracle, what it refuses, and the Inductor bug that keeps it on
+static shapes. Compiling costs 5-30 s per shape on a small CPU: the compiled tests are marked slow and
+share shapes; the eager path (float64) is cheap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mhabench import impls
+from mhabench.impls import oracle
+from tests.feature_cases import CASES, FULLY_MASKED, FeatureCase
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("torch.nn.attention.flex_attention")
+
+ADAPTER = impls.get_adapter("torch_flex")
+BY_ID = {c.id: c for c in CASES}
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.mark.parametrize("case_id", ["kv_widths", "value_dim", "output_tuple", "axes_2_4d", "mask_TS", "mask_padding",
+                                     "mask_per_head", "causal_cross_T4_S7", "causal_cross_T6_S3",
+                                     "axes_23_5d_mask_causal", "everything"])
+def test_flex_eager_float64_matches_the_oracle(case_id):
+    case = BY_ID[case_id]
+    w, q, v, k, mask = case.build(seed=1)
+    mode = ADAPTER.preferred_mode(case.spec, w, dtype="float64")
+    assert mode == "eager"  # compiled float64 is refused on the CPU
+    layer = ADAPTER.build(case.spec, w, dtype="float64", mode=mode)
+    out, scores = layer(q, v, k, mask, case.causal, return_scores=False)
+    assert scores is None and rel_err(out, oracle.forward(case.spec, w, q, v, k, mask, case.causal)[0]) < 1e-12
+    assert layer.export_weights().equals(w)
+
+
+def test_flex_block_mask_reads_the_mask_in_the_layout_a_user_writes():
+    spec = impls.AttentionSpec(2, 4)
+    layer = ADAPTER.build(spec, impls.Weights.random(spec, 8, 8), dtype="float64", mode="eager")
+    x = np.zeros((3, 5, 8))
+    block = lambda m, causal=False: layer._native(layer.validate(x, x, mask=m, causal=causal))["mask"]
+    assert block(None) is None
+    shared = block(np.ones((5, 5), bool), causal=True)             # [T, S]: one block mask for every batch and head
+    assert shared.kv_num_blocks.shape[:2] == (1, 1)
+    padding = block(np.ones((3, 1, 5), bool))                        # per batch element
+    assert padding.kv_num_blocks.shape[:2] == (3, 1)
+    per_head = block(np.ones((3, 2, 5, 5), bool))
+    assert per_head.kv_num_blocks.shape[:2] == (3, 2)
+
+
+def test_flex_declares_what_it_refuses_with_the_framework_reason():
+    spec = impls.AttentionSpec(2, 4, dropout=0.1)
+    w = impls.Weights.random(spec, 8, 8)
+    assert "backward on CPU" in ADAPTER.unsupported_reason(spec, w, mode="compiled", gradients=True)
+    assert "supported in FlexAttention for CPU" in ADAPTER.unsupported_reason(spec, w, dtype="float64", mode="compiled")
+    assert ADAPTER.unsupported_reason(spec, w, dtype="float64", mode="eager") is None
+    assert "probabilities" in ADAPTER.unsupported_reason(spec, w, mode="compiled", return_scores=True)
+    assert "dropout" in ADAPTER.unsupported_reason(spec, w, mode="compiled", training=True)
+    assert ADAPTER.reduced_matrix
+
+
+def test_flex_cpu_backward_is_refused_by_flex_attention_itself():
+    """Keeps the declared gradients reason true."""
+    from torch.nn.attention.flex_attention import flex_attention
+    q = torch.randn(1, 1, 4, 4, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        flex_attention(q, q, q).sum().backward()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flex_compiled_matches_the_oracle(dtype):
+    """One shape, four mask layouts (a compile each): masks with causal, a fully masked row (zero weights)."""
+    tol = 2e-6 if dtype == "float32" else 3e-2
+    spec = FULLY_MASKED.spec
+    for mask_kind, causal in (("fully_masked_row", False), ("BTS", True), ("TS", True), ("per_head", False)):
+        case = FeatureCase("flex", spec, FULLY_MASKED.query, FULLY_MASKED.value, mask=mask_kind,
+                           causal=causal)
+        w, q, v, k, mask = case.build(seed=6)
+        layer = ADAPTER.build(spec, w, dtype=dtype)
+        assert layer.mode == "compiled"
+        out, _ = layer(q, v, k, mask, causal, return_scores=False)
+        assert rel_err(out, oracle.forward(spec, w, q, v, k, mask, causal)[0]) < tol, (mask_kind, causal)
+
+
+@pytest.mark.slow
+def test_inductor_cpu_flex_fails_on_dynamic_shapes_with_a_captured_mask():
+    """Why the adapter compiles with dynamic=False. With automatic dynamic shapes, a mask_mod reading a
+    captured [B, T, S] mask compiles for the first two shapes and fails once the batch size changes too:
+    Inductor's CPU template emits C++ naming an undeclared cur_kvSplitSize<n>. When this test fails, the
+    bug is fixed and the adapter can compile as torch.compile(flex_attention) again."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention)
+
+    def run(B, T, S):
+        q, k, v = torch.randn(B, 2, T, 4), torch.randn(B, 2, S, 4), torch.randn(B, 2, S, 4)
+        M = torch.rand(B, T, S) > 0.3
+        block = create_block_mask(lambda b, h, qi, kv: M[b, qi, kv], B, None, T, S, device="cpu")
+        return compiled(q, k, v, block_mask=block)
+    run(2, 5, 6)
+    run(2, 7, 9)
+    with pytest.raises(Exception, match="cur_kvSplitSize"):
+        run(3, 12, 6)
+
+
+@pytest.mark.slow
+def test_flex_compiled_nan_query_row_gets_zero_weights():
+    """The cause of torch_flex-cpu_compiled_nan_query_row_zero_weights: compiled on the CPU, a query row whose
+    logits are all NaN comes out as the output bias (zero weights); the eager path gives NaN, as canonical."""
+    spec = impls.AttentionSpec(2, 4)
+    w = impls.Weights.random(spec, 8, 8, seed=2)
+    rng = np.random.default_rng(2)
+    q, v = rng.normal(size=(2, 8, 8)), rng.normal(size=(2, 8, 8))
+    q[0, 1, 0] = np.nan
+    compiled, _ = ADAPTER.build(spec, w, dtype="float32")(q, v, return_scores=False)
+    eager, _ = ADAPTER.build(spec, w, dtype="float32", mode="eager")(q, v, return_scores=False)
+    np.testing.assert_allclose(compiled[0, 1], w.bo, atol=1e-6)
+    assert np.isnan(eager[0, 1]).all()
