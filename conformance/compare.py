@@ -66,7 +66,7 @@ def compare(golden, reference, actual, dtype: str, quantity: str, sensitivity=No
     if abs_err > tol and sensitivity is not None:
         tol, source = tolerance_and_source(dtype, quantity, reference_err, magnitude, sensitivity())
     both = np.isfinite(golden) & np.isfinite(actual)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = np.abs(golden - actual)[both] / np.maximum(np.abs(golden[both]), np.finfo(np.float64).tiny)
     rel_err = float(np.max(rel)) if rel.size else 0.0
     ratio = abs_err / reference_err if reference_err > 0 else (0.0 if abs_err == 0 else None)
