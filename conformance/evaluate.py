@@ -18,7 +18,7 @@ from . import catalogue as catalogue_mod
 from .cases import Case, row_id
 from .compare import compare, max_abs_diff
 
-GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", **{
+GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", "bias": "grad_bias", **{
     n: f"grad_{n}" for n in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")}}
 
 

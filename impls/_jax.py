@@ -196,8 +196,11 @@ class JaxLayer(Layer):
             result["vjp"] = self._vjp(params, query, value, key, allowed, cotangent, layout, causal)
         return result
 
-    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True):
-        call = self.validate(query, value, key, mask, causal, return_scores=scores, gradients=cotangent is not None)
+    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True, window=None,
+                 bias=None, query_lengths=None, key_value_lengths=None):
+        call = self._validated(query, value, key, mask, causal, dict(
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
+            return_scores=scores, gradients=cotangent is not None)
         inputs = self._native(call)
         with precision_scope(self.dtype):
             ct = None if cotangent is None else array(cotangent, self.dtype, self.jax_device)
