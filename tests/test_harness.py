@@ -167,8 +167,10 @@ def test_shipped_catalogue_is_valid_and_links_are_real_issue_urls():
 
 def test_torch_mha_fully_masked_row_is_the_catalogued_nan():
     pytest.importorskip("torch")
-    rows = evaluate("torch_mha", find_case("self_T8-mask_fully_masked_row"), ["float32"])
-    assert {r["status"] for r in rows} == {"divergence"}
-    assert {r["divergence"] for r in rows} == {"torch_mha-fully_masked_row-nan"}
+    rows = {r["quantity"]: r for r in evaluate("torch_mha", find_case("self_T8-mask_fully_masked_row"), ["float32"])}
+    with_weights = ("output_with_scores", "scores")  # need_weights=True; the default call takes the fused path
+    assert {rows[q]["status"] for q in with_weights} == {"divergence"}
+    assert {rows[q]["divergence"] for q in with_weights} == {"torch_mha-fully_masked_row-nan"}
+    assert {r["status"] for q, r in rows.items() if q not in with_weights} == {"pass"}
 
 
