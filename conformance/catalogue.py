@@ -54,7 +54,7 @@ def _allowed(case):
     """The case's may-attend mask as [N, 1|H, T, S] (causal folded in), and its inputs."""
     i = case.inputs()
     from mhabench.impls.validation import validate_call
-    return validate_call(i.spec, case.dims, *i.args()).flat_allowed(), i
+    return validate_call(i.spec, case.dims, *i.args(), **i.features()).flat_allowed(), i
 
 
 def _empty_rows(case) -> bool:
@@ -96,7 +96,9 @@ def _keras_tf_bias_add_shortcut(case) -> bool:
 
 CASE_PROPERTIES = {
     "keras_tf_bias_add_shortcut": _keras_tf_bias_add_shortcut,
-    "masked": lambda case: case.mask != "none" or case.causal,  # a mask or causal: anything masked at all
+    # a mask, causal, a window, lengths or a bias with -inf: anything masked at all
+    "masked": lambda case: case.mask != "none" or case.causal or case.window is not None or case.lengths is not None
+    or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
@@ -158,11 +160,11 @@ def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np
     if "bq" in arrays:
         arrays["bq"] = arrays["bq"] * r
     weights = Weights(**arrays)
-    args = (inputs.query, inputs.value, inputs.key, inputs.mask, inputs.causal)
     if not quantity.startswith("grad_"):
-        out, scores = oracle.forward(inputs.spec, weights, *args)
+        out, scores = oracle.forward(inputs.spec, weights, *inputs.args(), **inputs.features())
         return scores if quantity == "scores" else out
-    grads = oracle_backward.backward(inputs.spec, weights, *args, cotangent=inputs.cotangent)
+    grads = oracle_backward.backward(inputs.spec, weights, *inputs.args(), cotangent=inputs.cotangent,
+                                     **inputs.features())
     name = quantity[len("grad_"):]
     return grads[name] * (r if name in ("Wq", "bq") else 1.0)
 

@@ -210,6 +210,10 @@ class Adapter:
     default_mode: str = "eager"    # what a user of the framework runs by default (build's mode=None)
     quick_mode: str | None = None  # the mode the quick benchmark profile runs; None: the default mode
     baseline: bool = False         # the reference every other adapter is read against (listed first)
+    # The attention kernel this adapter forces: "default" lets the framework choose (what users run); a kernel
+    # variant (registered as "<adapter>+<kernel>") restricts the framework to one kernel, so a case that kernel
+    # refuses is unsupported with the framework's reason instead of silently running another kernel.
+    kernel: str = "default"
     # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):
     causal_skips_masked_blocks: bool = False  # does causal skip the masked half of the score work?
     score_buffers: int = 3         # [B, H, T, S] float buffers alive at the forward peak (0: never holds them)
