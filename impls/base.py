@@ -488,8 +488,10 @@ class Layer:
         if not self._overrides("_backward"):
             raise UnsupportedError(self.adapter.name, "gradients", "not implemented by this adapter")
         inputs = self._native(call, requires_grad=True)
-        grads = self._backward(inputs, self._native_array(cotangent))
-        return self._canonical_gradients({k: self._to_numpy(v) for k, v in grads.items()})
+        grads = {k: self._to_numpy(v) for k, v in self._backward(inputs, self._native_array(cotangent)).items()}
+        if "bias" in grads:  # with respect to the bias as _native passed it: back to the bias as given
+            grads["bias"] = call.bias_gradient(grads["bias"])
+        return self._canonical_gradients(grads)
 
     def _canonical_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``_backward``'s gradients (NumPy) under canonical names and layouts; identity by default."""
@@ -514,8 +516,10 @@ class Layer:
         raise UnsupportedError(self.adapter.name, "this call", "returning scores or training is not implemented")
 
     def _backward(self, inputs, cotangent) -> dict[str, Any]:
-        """Gradients of ``sum(output * cotangent)``: query, value, key (when given) and every weight
-        (under the framework's names, which ``_canonical_gradients`` maps)."""
+        """Gradients of ``sum(output * cotangent)``: query, value, key (when given), every weight (under the
+        framework's names, which ``_canonical_gradients`` maps) and, where the call has a bias, ``bias``: with
+        respect to the bias as ``_native`` passed it (``Call.flat_bias``'s compact form; ``_gradients`` sums it
+        back to the shape the bias was given in)."""
         raise NotImplementedError
 
     def _to_numpy(self, x) -> np.ndarray:

@@ -94,13 +94,6 @@ def _safe_matmul(a: np.ndarray, b: np.ndarray, guard: str) -> np.ndarray:
     return out + terms.sum(axis=-2)
 
 
-def _bias_gradient(call: Call, g_scores: np.ndarray) -> np.ndarray:
-    """The scores' gradient summed over the axes the bias broadcasts along, in the bias's given shape."""
-    g = g_scores.reshape(call.scores_shape)
-    axes = tuple(a for a, size in enumerate(call.bias.shape) if size == 1 and call.scores_shape[a] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(call.given_bias.shape)
-
-
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
              cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64", window=None, bias=None,
              query_lengths=None, key_value_lengths=None,
@@ -152,7 +145,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
         g_v = num(np.matmul(np.swapaxes(_stacked(probs, Hkv), -1, -2), _stacked(g_o, Hkv)))
     g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked)
     if call.bias is not None:
-        grads["bias"] = num(_bias_gradient(call, g_scores))
+        grads["bias"] = num(call.bias_gradient(g_scores))  # the scores' gradient, summed to the bias's shape
 
     # Scores = (q * scale) . k; ``q`` from _projections is already scaled.
     with np.errstate(invalid="ignore"):
