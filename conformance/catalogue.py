@@ -16,6 +16,8 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
     max_error_ratio = 6.0                    # a precision shortfall: fails only on magnitude, ratio <= this
     precision = "float32"                    # optional, alone or with a policy/behaviour: judged as computed
                                              # in this dtype (reference and floor of that dtype)
+    backward_form = "flash"                  # optional, alone or with the above: gradients judged against a
+                                             # reference whose softmax backward has that form (FlashAttention's)
     upstream = "https://github.com/..."      # optional: only a real issue
     varies = "why it shows on some machines only"   # optional: then its absence is not stale
 
@@ -46,20 +48,27 @@ from mhabench.impls.validation import FULLY_MASKED_POLICIES as POLICIES
 
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
 _KEYS = {"id", "adapters", "cases", "when", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "check",
-         "max_error_ratio", "precision", "upstream", "varies"}
+         "max_error_ratio", "precision", "backward_form", "upstream", "varies"}
 
 
 # ---- properties of a case, for entries that follow a behaviour wherever it arises -----------------------
-def _allowed(case):
-    """The case's may-attend mask as [N, 1|H, T, S] (causal folded in), and its inputs."""
+def _call(case):
+    """The validated call of the case (flattened views, the may-attend mask)."""
     i = case.inputs()
     from mhabench.impls.validation import validate_call
-    return validate_call(i.spec, case.dims, *i.args(), **i.features()).flat_allowed(), i
+    return validate_call(i.spec, case.dims, *i.args(), **i.features())
 
 
 def _empty_rows(case) -> bool:
-    allowed, _ = _allowed(case)
+    allowed = _call(case).flat_allowed()
     return allowed is not None and not np.all(np.any(allowed, axis=-1))
+
+
+def _bad_positions(call, name: str) -> np.ndarray:
+    """``[N, L]``: flattened positions of input ``name`` holding a NaN or Inf."""
+    from mhabench.impls.validation import flatten
+    x = getattr(call, name)
+    return ~np.all(np.isfinite(flatten(call, np.asarray(x, np.float64))), axis=-1)
 
 
 def _nonfinite(case) -> bool:
@@ -67,13 +76,28 @@ def _nonfinite(case) -> bool:
     return any(a is not None and not np.all(np.isfinite(a)) for a in (i.query, i.key, i.value))
 
 
-def _masked_nonfinite(case) -> bool:
-    """A NaN/Inf in a key or value position that the mask hides from some query."""
-    allowed, i = _allowed(case)
+def _hidden_nonfinite(case, names) -> bool:
+    """A NaN/Inf at a key position of one of the inputs ``names`` that the mask hides from some query."""
+    call = _call(case)
+    allowed = call.flat_allowed()
     if allowed is None:
         return False
-    bad_keys = [a for a in (i.key, i.value) if a is not None and not np.all(np.isfinite(a))]
-    return bool(bad_keys) and case.special in ("nan_masked_key", "nan_masked_value", "inf_masked_value")
+    hidden = ~np.all(allowed, axis=(1, 2))  # [N, S]: masked for some head and query
+    return any(np.any(_bad_positions(call, n) & hidden) for n in names)
+
+
+def _masked_nonfinite(case) -> bool:
+    """A NaN/Inf in a key or value position that the mask hides from some query."""
+    return _hidden_nonfinite(case, ("key", "value"))
+
+
+def _masked_nonfinite_key(case) -> bool:
+    """A NaN/Inf in a key position the mask hides from some query (the key: it reaches the logits)."""
+    return _hidden_nonfinite(case, ("key",))
+
+
+def _nonfinite_query(case) -> bool:
+    return bool(np.any(_bad_positions(_call(case), "query")))
 
 
 def _keras_tf_bias_add_shortcut(case) -> bool:
@@ -102,8 +126,14 @@ CASE_PROPERTIES = {
     "causal": lambda case: case.causal,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
-    "masked_nonfinite": _masked_nonfinite,      # a NaN or Inf where the mask hides it
+    "masked_nonfinite": _masked_nonfinite,      # a NaN or Inf in a key or value where the mask hides it
+    "masked_nonfinite_key": _masked_nonfinite_key,  # the same, in the key (so in the logits)
+    "nonfinite_query": _nonfinite_query,        # a NaN or Inf in the query
     "rank3": lambda case: len(case.q_shape) == 1,  # one sequence axis: [batch, length, features]
+    # Keras's MultiHeadAttention calls ops.dot_product_attention (its fused path) only for rank-3 inputs
+    # without dropout (keras/src/layers/attention/multi_head_attention.py, _compute_attention); a layer with
+    # dropout > 0 takes the einsum-and-softmax path even when training=False
+    "keras_fused": lambda case: len(case.q_shape) == 1 and not case.attention_spec.dropout,
     "value_dim": lambda case: case.attention_spec.value_dim not in (None, case.attention_spec.key_dim),
 }
 _property_cache: dict[tuple[str, str], bool] = {}
@@ -272,6 +302,7 @@ class Entry:
     check: str | None = None
     max_error_ratio: float | None = None
     precision: str | None = None
+    backward_form: str | None = None
     upstream: str | None = None
     varies: str | None = None
     source: str = field(default="", compare=False)
@@ -283,7 +314,8 @@ class Entry:
                  f"behaviour {self.behaviour}" if self.behaviour else None,
                  f"check {self.check}" if self.check else None,
                  f"error ratio <= {self.max_error_ratio:g}" if self.max_error_ratio is not None else None,
-                 f"computed in {self.precision}" if self.precision else None]
+                 f"computed in {self.precision}" if self.precision else None,
+                 f"{self.backward_form}-form backward" if self.backward_form else None]
         return ", ".join(p for p in parts if p)
 
     def covers(self, adapter: str, case_id: str, dtype: str, quantity: str) -> bool:
@@ -311,6 +343,9 @@ def _entry(raw: dict, source: str) -> Entry:
                          f"{sorted(CASE_PROPERTIES)}")
     policy, behaviour = raw.get("oracle_policy"), raw.get("behaviour")
     check_name, ratio, precision = raw.get("check"), raw.get("max_error_ratio"), raw.get("precision")
+    form = raw.get("backward_form")
+    if form is not None and form != "flash":
+        raise ValueError(f"{where}: backward_form must be 'flash', got {form!r}")
     if policy is not None and policy not in POLICIES:
         raise ValueError(f"{where}: oracle_policy must be one of {POLICIES}, got {policy!r}")
     if behaviour is not None and behaviour not in BEHAVIOURS:
@@ -323,9 +358,10 @@ def _entry(raw: dict, source: str) -> Entry:
         raise ValueError(f"{where}: max_error_ratio must be a number > 1, got {ratio!r}")
     kinds = [k for k, v in (("oracle_policy", policy), ("behaviour", behaviour), ("check", check_name),
                             ("max_error_ratio", ratio)) if v is not None]
-    if len(kinds) > 1 or (not kinds and precision is None):
+    if len(kinds) > 1 or (not kinds and precision is None and form is None):
         raise ValueError(f"{where}: give exactly one of oracle_policy, behaviour, check and max_error_ratio "
-                         f"(or precision alone), so the entry can be checked; got {kinds or 'none'}")
+                         f"(or precision or backward_form alone), so the entry can be checked; got "
+                         f"{kinds or 'none'}")
     upstream = raw.get("upstream")
     if upstream is not None and not str(upstream).startswith("https://"):
         raise ValueError(f"{where}: upstream must be an https:// link, got {upstream!r}")
@@ -334,6 +370,7 @@ def _entry(raw: dict, source: str) -> Entry:
                  when=tuple(raw.get("when") or ()), observed=raw["observed"],
                  dtypes=tup("dtypes"), quantities=tup("quantities"), oracle_policy=policy, behaviour=behaviour,
                  check=check_name, max_error_ratio=float(ratio) if ratio is not None else None, precision=precision,
+                 backward_form=form,
                  upstream=upstream, varies=raw.get("varies"), source=source)
 
 
@@ -421,8 +458,9 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
     cannot be applied to this quantity. ``goldens.get(policy, dtype)`` gives the oracle's arrays."""
     policy = entry.oracle_policy or "zeros"
     judged_as = entry.precision or dtype
+    form = entry.backward_form or "probs"
     golden = goldens.get(policy, "float64")[quantity]
-    reference = goldens.get(policy, judged_as)[quantity]
+    reference = goldens.get(policy, judged_as, form)[quantity]
     if entry.max_error_ratio is not None:
         shows = (not canonical.ok and canonical.error_ratio is not None
                  and canonical.error_ratio <= entry.max_error_ratio and "NaN" not in canonical.message
@@ -439,7 +477,7 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
             return None
         return compare(golden, reference, actual, judged_as, quantity)
     return compare(golden, reference, actual, judged_as, quantity,
-                   lambda: goldens.sensitivity(judged_as, quantity, policy))
+                   lambda: goldens.sensitivity(judged_as, quantity, policy, form))
 
 
 class _Shown:

@@ -57,55 +57,41 @@ def status_rows(adapter, case: Case, dtypes, status: str, message: str, quantiti
 
 
 class Goldens:
-    """The oracle's answers for one case, per (fully_masked policy, dtype), each part computed once, on demand:
-    the forward (``output``, which is also what ``output_with_scores`` must be, and ``scores``) and the
-    analytic backward (``grad_*``)."""
+    """The oracle's answers for one case, per (fully_masked policy, dtype, backward form), each part computed
+    once, on demand: the forward (``output``, which is also what ``output_with_scores`` must be, and
+    ``scores``) and the analytic backward (``grad_*``)."""
 
     def __init__(self, case: Case, inputs):
         self.case, self.inputs, self._cache = case, inputs, {}
 
-    def get(self, policy: str, dtype: str) -> "_Lazy":
-        return _Lazy(self, policy, dtype)
+    def get(self, policy: str, dtype: str, form: str = "probs") -> "_Lazy":
+        """``form``: how the backward forms the softmax's gradient (``oracle_backward.backward``)."""
+        return _Lazy(self, policy, dtype, form)
 
-    def sensitivity(self, dtype: str, quantity: str, policy: str = "zeros") -> float:
+    def sensitivity(self, dtype: str, quantity: str, policy: str = "zeros", form: str = "probs") -> float:
         """How far from the golden the reference lands when every intermediate is perturbed by up to one ulp
-        (the largest of two draws, seeded by the case): the rounding sensitivity ``tolerances`` describes.
-        0 for float64, whose reference is the golden."""
-        if dtype == "float64":
-            return 0.0
+        (the largest of two draws, seeded by the case): the rounding sensitivity ``tolerances`` describes."""
+        golden = np.asarray(self.get(policy, "float64")[quantity], np.float64)
         gradients = quantity.startswith("grad_")
-        key = ("noise", policy, dtype, gradients)
-        if key not in self._cache:
-            i, draws = self.inputs, []
-            with np.errstate(all="ignore"):
-                for draw in range(2):
-                    seed = zlib.crc32(f"{self.case.id}/{dtype}/{draw}".encode())
-                    if gradients:
-                        grads = _oracle_backward().backward(i.spec, i.weights, *i.args(), i.cotangent,
-                                                            fully_masked=policy, dtype=dtype, rounding_noise=seed,
-                                                            **i.features())
-                        draws.append({GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()})
-                    else:
-                        out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
-                                                           fully_masked=policy, dtype=dtype, rounding_noise=seed,
-                                                           **i.features())
-                        draws.append({"output": out, "output_with_scores": out, "scores": scores})
-            self._cache[key] = draws
-        golden = self.get(policy, "float64")[quantity]
-        return max(max_abs_diff(np.asarray(golden, np.float64), d[quantity]) for d in self._cache[key])
+        return max(max_abs_diff(golden, self._part(policy, dtype, gradients, form,
+                                                   zlib.crc32(f"{self.case.id}/{dtype}/{draw}".encode()))[quantity])
+                   for draw in range(2))
 
-    def _part(self, policy: str, dtype: str, gradients: bool) -> dict[str, np.ndarray]:
-        key = (policy, dtype, gradients)
+    def _part(self, policy: str, dtype: str, gradients: bool, form: str = "probs",
+              noise: int | None = None) -> dict[str, np.ndarray]:
+        key = (policy, dtype, gradients, form if gradients else "probs", noise)
         if key not in self._cache:
             i = self.inputs
             with np.errstate(all="ignore"):
                 if gradients:
                     grads = _oracle_backward().backward(i.spec, i.weights, *i.args(), i.cotangent,
-                                                        fully_masked=policy, dtype=dtype, **i.features())
+                                                        fully_masked=policy, dtype=dtype, rounding_noise=noise,
+                                                        form=form, **i.features())
                     self._cache[key] = {GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
                 else:
                     out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
-                                                       fully_masked=policy, dtype=dtype, **i.features())
+                                                       fully_masked=policy, dtype=dtype, rounding_noise=noise,
+                                                       **i.features())
                     self._cache[key] = {"output": out, "output_with_scores": out, "scores": scores}
         return self._cache[key]
 
@@ -113,11 +99,11 @@ class Goldens:
 class _Lazy:
     """The goldens of one (policy, dtype), indexed by quantity: the backward runs only if a gradient is asked."""
 
-    def __init__(self, goldens: Goldens, policy: str, dtype: str):
-        self.goldens, self.policy, self.dtype = goldens, policy, dtype
+    def __init__(self, goldens: Goldens, policy: str, dtype: str, form: str = "probs"):
+        self.goldens, self.policy, self.dtype, self.form = goldens, policy, dtype, form
 
     def __getitem__(self, quantity: str) -> np.ndarray:
-        return self.goldens._part(self.policy, self.dtype, quantity.startswith("grad_"))[quantity]
+        return self.goldens._part(self.policy, self.dtype, quantity.startswith("grad_"), self.form)[quantity]
 
 
 def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entries) -> None:

@@ -110,8 +110,10 @@ def masked_softmax(scores: np.ndarray, allowed: np.ndarray | None, fully_masked:
 
     Rows with no allowed position follow ``fully_masked``: ``zeros`` (all-zero
     weights), ``uniform`` (1/S everywhere, what a large negative *replacement*
-    of masked logits gives), ``nan``, or ``unmasked`` (the softmax of the whole
-    row, what a large negative *added* to every logit of the row gives). NaN and Inf in allowed scores
+    of masked logits gives), ``uniform_rounded`` (the same weights, where a large negative *added* to the
+    logits rounds them all to one value; it differs from ``uniform`` in the backward only), ``nan``, or
+    ``unmasked`` (the softmax of the whole row, what a large negative *added* to every logit of the row
+    gives when no rounding erases the logits). NaN and Inf in allowed scores
     propagate as arithmetic dictates; masked scores are never read. With no key at all (S = 0) the
     weights are empty under every policy. ``scores`` is not modified.
     """
@@ -160,7 +162,8 @@ def _softmax_rows(s: np.ndarray, allowed: np.ndarray | None, fully_masked: str) 
     if allowed is not None:
         empty = np.logical_not(np.any(allowed, axis=-1, keepdims=True))
         if np.any(empty):
-            fill = {"zeros": 0.0, "uniform": 1.0 / s.shape[-1], "nan": np.nan}[fully_masked]
+            fill = {"zeros": 0.0, "uniform": 1.0 / s.shape[-1], "uniform_rounded": 1.0 / s.shape[-1],
+                    "nan": np.nan}[fully_masked]
             np.copyto(s, np.asarray(fill, dtype=s.dtype), where=empty)
 
 

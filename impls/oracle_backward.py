@@ -21,7 +21,12 @@ Fully masked query rows follow the forward's ``fully_masked`` policy:
 scores (a uniform row still passes gradient to the values it averages);
 ``nan`` rows carry NaN through the softmax backward, as a framework whose
 softmax produced the NaN would; ``unmasked`` rows are an ordinary softmax over
-every key, and their gradient flows like one. With S = 0 every row is fully
+every key, and their gradient flows like one. ``uniform_rounded`` rows are
+uniform in the forward, yet the softmax's gradient at those uniform weights
+reaches every logit of the row: what automatic differentiation gives for a
+large negative *added* to the logits, which rounding makes the same for
+every key (``x - 1e9`` is ``-1e9`` in float32) while its derivative in ``x``
+stays 1. With S = 0 every row is fully
 masked and the output is ``bo``: only ``bo`` has a non-zero gradient.
 
 Masked positions are never read, in this pass too: a NaN/Inf key or value at a
@@ -45,17 +50,36 @@ from .validation import Call, check_cotangent, check_policy, flatten, unflatten
 __all__ = ["backward", "softmax_backward"]
 
 
+def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o):
+    """The weights and ``sum(d p * p)`` as FlashAttention's backward forms them (see :func:`backward`):
+    ``exp(s - lse)`` and ``rowsum(d o * o)``. Rows with no allowed key keep the policy's weights."""
+    from .oracle import logits
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        s = logits(num, q, k, bias)
+        if allowed is not None:
+            s = np.where(allowed, s, -np.inf)
+        row_max = np.max(s, axis=-1, keepdims=True)
+        live = np.isfinite(row_max)
+        row_max = np.where(live, row_max, 0.0)
+        total = num(np.sum(num(np.exp(num(s - row_max))), axis=-1, keepdims=True))
+        lse = num(row_max + num(np.log(total)))
+        recomputed = num(np.exp(num(s - lse)))
+        inner = num(np.sum(g_o * o, axis=-1, keepdims=True))
+    return np.where(live, recomputed, probs), inner
+
+
 def softmax_backward(num: Numerics, probs: np.ndarray, g_probs: np.ndarray, allowed: np.ndarray | None,
-                     fully_masked: str = "zeros") -> np.ndarray:
+                     fully_masked: str = "zeros", inner: np.ndarray | None = None) -> np.ndarray:
     """Gradient into the scores of a masked softmax, from the gradient of its weights.
 
     ``d scores = p * (d p - sum(d p * p))`` over the last axis; masked
-    positions have ``p = 0`` and so receive nothing.
+    positions have ``p = 0`` and so receive nothing. ``inner``: ``sum(d p * p)`` formed elsewhere.
     """
     with np.errstate(invalid="ignore"):
-        inner = num(np.sum(g_probs * probs, axis=-1, keepdims=True))
+        if inner is None:
+            inner = num(np.sum(g_probs * probs, axis=-1, keepdims=True))
         g_scores = num(probs * num(g_probs - inner))
-    if allowed is not None and fully_masked != "nan":
+    if allowed is not None and fully_masked not in ("nan", "uniform_rounded"):
         empty = ~np.any(allowed, axis=-1, keepdims=True)
         if np.any(empty):
             g_scores = np.where(empty, 0.0, g_scores)  # constant rows: the uniform policy needs this explicitly
@@ -97,11 +121,19 @@ def _safe_matmul(a: np.ndarray, b: np.ndarray, guard: str) -> np.ndarray:
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
              cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64", window=None, bias=None,
              query_lengths=None, key_value_lengths=None,
-             rounding_noise: int | None = None) -> dict[str, np.ndarray]:
+             rounding_noise: int | None = None, form: str = "probs") -> dict[str, np.ndarray]:
     """Gradients of ``sum(output * cotangent)``: ``query``, ``value``, ``key`` (only when a key
     was given; otherwise ``value`` holds the total through both uses), ``bias`` (only when a bias was
     given) and every weight. The call-level arguments mean what :func:`impls.oracle.forward` says;
-    ``rounding_noise``: see ``oracle.Numerics``."""
+    ``rounding_noise``: see ``oracle.Numerics``.
+
+    ``form`` picks how the softmax's backward is formed, which only changes the rounding: ``"probs"``
+    (``d scores = p * (d p - sum(d p * p))`` from the forward's weights) or ``"flash"``, FlashAttention's
+    backward (arXiv:2205.14135, algorithm 4): the weights recomputed as ``exp(s - lse)`` from the row's
+    log-sum-exp and ``sum(d p * p)`` taken as ``rowsum(d o * o)``; both in the working precision, so the
+    rounding of ``lse`` (at the logits' magnitude) scales whole rows."""
+    if form not in ("probs", "flash"):
+        raise ValueError(f"form must be 'probs' or 'flash', got {form!r}")
     call = prepare(spec, weights, query, value, key, mask, causal, window=window, bias=bias,
                    query_lengths=query_lengths, key_value_lengths=key_value_lengths)
     check_policy(fully_masked)
@@ -142,8 +174,12 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
             full = np.einsum("nhtc,nhsc->nhts", g_o, expand_heads(v[:, :, columns, :], H))
             g_probs[..., columns] = np.where(read, full, g_probs[..., columns])
         g_probs = num(g_probs)
+    inner = None
+    if form == "flash":
+        probs, inner = _flash_weights(num, q, k, allowed, call.flat_bias(), probs, o, g_o)
+    with np.errstate(invalid="ignore"):
         g_v = num(np.matmul(np.swapaxes(_stacked(probs, Hkv), -1, -2), _stacked(g_o, Hkv)))
-    g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked)
+    g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked, inner)
     if call.bias is not None:
         grads["bias"] = num(call.bias_gradient(g_scores))  # the scores' gradient, summed to the bias's shape
 

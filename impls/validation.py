@@ -16,7 +16,7 @@ from .spec import AttentionSpec, Weights
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 DEVICES = ("cpu", "cuda")
-FULLY_MASKED_POLICIES = ("zeros", "uniform", "nan", "unmasked")
+FULLY_MASKED_POLICIES = ("zeros", "uniform", "uniform_rounded", "nan", "unmasked")
 
 
 def check_dtype(dtype) -> str:

@@ -40,7 +40,7 @@ def test_sensitivity_covers_a_reference_exact_by_luck_and_leaves_a_well_conditio
     golden, reference = g.get("zeros", "float64")["grad_query"], g.get("zeros", "float32")["grad_query"]
     assert np.max(np.abs(golden - reference)) < 1e-15  # the reference's query gradient is exact by luck
     assert g.sensitivity("float32", "grad_query") > 1e-4  # one ulp anywhere moves it by 1e-3
-    assert g.sensitivity("float64", "grad_query") == 0.0
+    assert 0.0 < g.sensitivity("float64", "grad_query") < 1e-9  # float64's ulp is 2**29 times smaller
     plain = find_case("grad-self_T8-heads2")
     g = Goldens(plain, plain.inputs())
     for q in ("output", "grad_query", "grad_value", "grad_Wk"):

@@ -330,3 +330,28 @@ def test_numpy_oracle_adapter_gradients(dtype):
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("case_id", ["separate_key", "mask_B_T_S", "causal_T3_S5", "gqa_2of4_mask",
+                                     "bias_per_head_with_mask", "fully_masked_uniform"])
+def test_flash_form_is_the_same_gradient_in_float64(case_id):
+    spec, weights, inputs, mask, cotangent, grads = setup(case_id)
+    case = CASES[case_id]
+    flash = backward(spec, weights, mask=mask, causal=case.causal, cotangent=cotangent, form="flash",
+                     fully_masked=case.fully_masked, **inputs, **features_of(case_id))
+    assert set(flash) == set(grads)
+    for name in grads:
+        np.testing.assert_allclose(flash[name], grads[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_flash_form_rounds_differently_where_the_softmax_saturates():
+    """With inputs scaled 60x every softmax row is one-hot: the probs form's query gradient is exactly the
+    golden's (p * (dp - dp) = 0), while rowsum(do * o) carries the rounding of o at the inputs' magnitude."""
+    spec, weights, inputs, mask, cotangent, grads = setup("separate_key")
+    inputs = {k: v * 60.0 for k, v in inputs.items()}
+    exact = backward(spec, weights, cotangent=cotangent, **inputs)
+    err = lambda form: np.max(np.abs(backward(spec, weights, cotangent=cotangent, dtype="float32", form=form,
+                                              **inputs)["query"] - exact["query"]))
+    assert err("probs") < 1e-20 < 1e-5 < err("flash")
+    with pytest.raises(ValueError, match="form"):
+        backward(spec, weights, cotangent=cotangent, form="fast", **inputs)
