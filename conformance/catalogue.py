@@ -201,10 +201,21 @@ def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
+def _jax_masked_logits_filled(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
+    """jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias kept,
+    the rows past the query lengths zeroed (``framework_models.jax_filled_attention``; float64)."""
+    from .framework_models import jax_filled_attention
+    model = vars(inputs).get("_jax_filled_attention")
+    if model is None:  # one model per case, for every quantity and both of golden and reference
+        model = vars(inputs)["_jax_filled_attention"] = jax_filled_attention(inputs)
+    return model[quantity]
+
+
 BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nonfinite_input_poisons_batch": _nonfinite_input_poisons_batch,
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
+    "jax_masked_logits_filled": _jax_masked_logits_filled,
 }
 
 

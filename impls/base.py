@@ -7,6 +7,7 @@ adapters never imports a framework the user did not ask for.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -64,6 +65,19 @@ class UnsupportedError(ValueError):
     def __init__(self, adapter: str, what: str, reason: str):
         self.adapter, self.what, self.reason = adapter, what, reason
         super().__init__(f"{adapter} does not support {what}: {reason}")
+
+
+@contextlib.contextmanager
+def kernel_refusals(adapter: str, forced: bool, kernel: str):
+    """Inside, an error the framework raises because a *forced* kernel cannot take the call becomes
+    UnsupportedError with the framework's message (nothing changes when ``forced`` is false: the same error
+    from a kernel the framework chose itself is the adapter's error)."""
+    try:
+        yield
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        if not forced or isinstance(exc, UnsupportedError):
+            raise
+        raise UnsupportedError(adapter, "this call", f"{kernel} refuses it: {type(exc).__name__}: {exc}") from None
 
 
 class AdapterUnavailable(RuntimeError):
@@ -489,7 +503,12 @@ class Layer:
             raise UnsupportedError(self.adapter.name, "gradients", "not implemented by this adapter")
         inputs = self._native(call, requires_grad=True)
         grads = {k: self._to_numpy(v) for k, v in self._backward(inputs, self._native_array(cotangent)).items()}
-        if "bias" in grads:  # with respect to the bias as _native passed it: back to the bias as given
+        return self._finish_gradients(call, grads)
+
+    def _finish_gradients(self, call: Call, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``_backward``'s gradients (NumPy) as ``gradients`` returns them: the bias's (with respect to the bias
+        as ``_native`` passed it) summed back to the shape it was given in, the rest canonically named."""
+        if "bias" in grads:
             grads["bias"] = call.bias_gradient(grads["bias"])
         return self._canonical_gradients(grads)
 

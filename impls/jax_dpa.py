@@ -13,6 +13,22 @@ Every canonical feature is expressed:
   so the narrower side is zero-padded and the output sliced back. Zero
   columns add exact zeros to q·k, and the scale stays ``1/sqrt(key_dim)``.
 
+Modern attention, every feature through the function's own arguments:
+
+* grouped-query attention: K and V with ``num_kv_heads`` heads (the function
+  reshapes the query heads to ``[K, G]``: query head h reads kv head h // G);
+* the additive bias: its ``bias`` (added to the scaled logits before the
+  masks), its gradient through the VJP;
+* lengths: ``query_seq_lengths`` / ``key_value_seq_lengths`` (int32, per
+  sequence of the flattened batch);
+* the window: ``local_window_size=(left, right)``, measured from the top-left
+  diagonal, ANDed with ``is_causal`` (jax/_src/nn/functions.py,
+  ``_apply_masks``, ``_get_window_mask``): our window exactly;
+* bottom-right causal: ``is_causal`` is always top-left (``tril(ones(T, S))``),
+  so bottom-right causal (with its window, if any) is the band it is,
+  ``local_window_size=(left - d, d)`` with d = S - T (an unbounded side as
+  T + S): the function's own band, no mask built here.
+
 Behaviours of the function itself, kept (the harness reports them):
 
 * a query row with no allowed key is filled with a large *finite* negative
@@ -24,7 +40,10 @@ The scores are computed explicitly, only when asked, exactly as the function's
 "xla" implementation forms its probabilities (float32 softmax, the same finite
 fill), so they agree with the output. Build option ``implementation``
 (None, "xla" or "cudnn") is passed through; "cudnn" needs a GPU and float16 or
-bfloat16. Modes: "compiled" wraps each entry point in ``jax.jit``; "eager"
+bfloat16. The kernel is an axis: ``jax_dpa`` passes None (the function picks;
+today that is "xla" everywhere), ``jax_dpa+xla`` and ``jax_dpa+cudnn`` force
+one implementation (cuDNN only on a GPU, in float16 and bfloat16; a call it
+refuses raises in JAX, and is unsupported with JAX's message). Modes: "compiled" wraps each entry point in ``jax.jit``; "eager"
 runs the same functions without the outer jit (JAX dispatches op by op).
 """
 from __future__ import annotations
@@ -32,13 +51,15 @@ from __future__ import annotations
 import math
 
 from . import _jax
-from .base import Capabilities
+from .base import Capabilities, kernel_refusals
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 class JaxDPALayer(_jax.JaxLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", implementation=None, **options):
+        if implementation is None and adapter.kernel != "default":  # a kernel variant: its implementation
+            implementation = adapter.kernel
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         if implementation == "cudnn" and (not device.startswith("cuda") or dtype not in ("float16", "bfloat16")):
@@ -52,6 +73,24 @@ class JaxDPALayer(_jax.JaxLayer):
             self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
         self._with_scores_fn = self._compile(self._with_scores)
 
+    def _refusals(self):
+        """cuDNN's implementation refuses what it cannot run (shapes, a right window without causal) by raising in
+        JAX: for the forced cudnn kernel that is unsupported, with JAX's message."""
+        return kernel_refusals(self.adapter.name, self.implementation == "cudnn",
+                               "jax.nn.dot_product_attention(implementation='cudnn')")
+
+    def _forward(self, call, return_scores, training, seed):
+        with self._refusals():
+            return super()._forward(call, return_scores, training, seed)
+
+    def _gradients(self, call, cotangent):
+        with self._refusals():
+            return super()._gradients(call, cotangent)
+
+    def evaluate(self, *args, **kwargs):
+        with self._refusals():
+            return super().evaluate(*args, **kwargs)
+
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _project(self, x, W, b, layout, width):
         """``[B, *A, D]`` -> ``[N, L, H, width]`` (the function's BTNH layout), zero-padded to ``width``."""
@@ -61,15 +100,27 @@ class JaxDPALayer(_jax.JaxLayer):
         pad = width - y.shape[-1]
         return y if pad == 0 else self.jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, pad)))
 
-    def _apply(self, params, query, value, key, allowed, layout, causal):
+    def _flags(self, call):
+        return _jax.Flags(causal=call.causal and not _bottom_right(call), window=local_window_size(call))
+
+    def _extras(self, call):
+        q_len, kv_len = call.flat_lengths()
+        lengths = lambda n: None if n is None else self.jax.device_put(n.astype("int32"), self.jax_device)
+        bias = call.flat_bias()
+        return {"mask": self._mask(call), "bias": None if bias is None else _jax.array(bias, self.dtype, self.jax_device),
+                "query_lengths": lengths(q_len), "key_value_lengths": lengths(kv_len)}
+
+    def _apply(self, params, query, value, key, extras, layout, flags):
         kd, vd = self.spec.key_dim, self.spec.value_head_dim
         width = max(kd, vd)
         key = value if key is None else key
         q = self._project(query, params["Wq"], params.get("bq"), layout, width)
         k = self._project(key, params["Wk"], params.get("bk"), layout, width)
         v = self._project(value, params["Wv"], params.get("bv"), layout, width)
-        o = self.jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=1.0 / math.sqrt(kd), is_causal=causal,
-                                              implementation=self.implementation)
+        o = self.jax.nn.dot_product_attention(
+            q, k, v, bias=extras["bias"], mask=extras["mask"], scale=1.0 / math.sqrt(kd), is_causal=flags.causal,
+            query_seq_lengths=extras["query_lengths"], key_value_seq_lengths=extras["key_value_lengths"],
+            local_window_size=flags.window, implementation=self.implementation)
         o = _jax.unflatten_query(o[..., :vd], query.shape, layout)  # [B, *Q, H, vd]
         Wo = params["Wo"]
         out = self.jnp.einsum("...hv,hvo->...o", o, Wo.reshape(Wo.shape[0], Wo.shape[1], -1))
@@ -77,21 +128,27 @@ class JaxDPALayer(_jax.JaxLayer):
             out = out + params["bo"].reshape(-1)
         return out.reshape(query.shape[:-1] + Wo.shape[2:])
 
-    def _scores(self, params, query, key, allowed, layout):
+    def _scores(self, params, query, key, allowed, bias, layout):
         jnp = self.jnp
         kd = self.spec.key_dim
         q = self._project(query, params["Wq"], params.get("bq"), layout, kd)
-        k = self._project(key, params["Wk"], params.get("bk"), layout, kd)
+        k = jnp.repeat(self._project(key, params["Wk"], params.get("bk"), layout, kd), self.spec.group_size, axis=2)
         logits = jnp.einsum("nthk,nshk->nhts", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
         logits = logits * jnp.asarray(1.0 / math.sqrt(kd), logits.dtype)
+        if bias is not None:  # before the masks, as the function adds it
+            logits = (logits + bias).astype(logits.dtype)
         if allowed is not None:  # the function's fill for masked logits: finite, within float32
             logits = jnp.where(allowed, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
         return self.jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
 
-    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
+    def _with_scores(self, params, query, value, key, extras, scores_allowed, layout, flags):
         """The output and, computed apart, the scores (one compiled function for a call that wants both)."""
-        out = self._apply(params, query, value, key, allowed, layout, causal)
-        return out, self._scores(params, query, value if key is None else key, scores_allowed, layout)
+        out = self._apply(params, query, value, key, extras, layout, flags)
+        return out, self._scores(params, query, value if key is None else key, scores_allowed, extras["bias"], layout)
+
+    def _scores_allowed(self, call):
+        # a -inf bias stays -inf in the logits, as in the function (a row of them is NaN there, not filled)
+        return _jax.mask_array(call.flat_allowed(bias=False), self.jax_device)
 
     def _canonical(self, tree):
         return dict(tree)  # the parameters are the canonical arrays
@@ -101,11 +158,33 @@ class JaxDPALayer(_jax.JaxLayer):
         with _jax.precision_scope(self.dtype):
             if not return_scores:
                 return self._output(inputs), None
-            scores_allowed = _jax.mask_array(call.flat_allowed(), self.jax_device)  # causal included
             out, probs = self._with_scores_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
-                                              inputs["allowed"], scores_allowed, layout=inputs["layout"],
-                                              causal=inputs["causal"])
+                                              inputs["extras"], self._scores_allowed(call), layout=inputs["layout"],
+                                              flags=inputs["flags"])
             return out, probs.reshape(call.scores_shape)
+
+
+def _bottom_right(call) -> bool:
+    """Bottom-right causal where it differs from top-left (T != S)."""
+    return call.causal_alignment == "bottom_right" and call.diagonal_offset != 0
+
+
+def local_window_size(call) -> tuple[int, int] | None:
+    """The call's window, and bottom-right causal, as ``local_window_size=(left, right)`` around the function's
+    top-left diagonal (key k allowed iff q - left <= k <= q + right), or None.
+
+    Ours is measured from the diagonal i + d (d = S - T bottom-right, else 0): i + d - left <= j <= i + d + right,
+    so the function's sides are (left - d, right + d); bottom-right causal caps the right side at the diagonal
+    (right = 0). An unbounded side is T + S, further than any key."""
+    bottom_right = _bottom_right(call)
+    if call.window is None and not bottom_right:
+        return None
+    far = call.q_len + call.k_len
+    left, right = (far if w is None else w for w in (call.window or (None, None)))
+    d = call.diagonal_offset if bottom_right else 0
+    if bottom_right:
+        right = 0
+    return (left - d, right + d)
 
 
 class JaxDPAAdapter(_jax.JaxAdapter):
@@ -117,4 +196,31 @@ class JaxDPAAdapter(_jax.JaxAdapter):
     def capabilities(self):
         return Capabilities(
             unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument"},
-            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+            devices=("cpu", "cuda"), modes=("eager", "compiled"),
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
+
+
+class JaxDPAXlaAdapter(JaxDPAAdapter):
+    name = "jax_dpa+xla"
+    kernel = "xla"
+    description = "jax.nn.dot_product_attention(implementation='xla')"
+
+
+class JaxDPACudnnAdapter(JaxDPAAdapter):
+    name = "jax_dpa+cudnn"
+    kernel = "cudnn"
+    description = "jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention (GPU only)"
+    causal_skips_masked_blocks = True  # cuDNN skips the non-causal blocks (the function's docstring)
+    score_buffers = 0
+
+    def capabilities(self):
+        caps = super().capabilities()
+        only = "cuDNN flash attention runs float16 and bfloat16 only"
+        return Capabilities(unsupported_features=caps.unsupported_features, devices=("cuda",), modes=caps.modes,
+                            unsupported_dtypes={"float32": only, "float64": only},
+                            supported_extensions=caps.supported_extensions)
+
+    def unsupported_reason(self, spec, weights, *, device="cpu", **kwargs):
+        if not str(device).startswith("cuda"):
+            return f"device {device}: jax.nn.dot_product_attention's 'cudnn' implementation runs on NVIDIA GPUs only"
+        return super().unsupported_reason(spec, weights, device=device, **kwargs)

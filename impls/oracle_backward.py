@@ -189,8 +189,16 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
         g_q = num(num(g_q) * num(1.0 / math.sqrt(spec.key_dim)))
         g_k = num(_safe_matmul(np.swapaxes(_stacked(g_scores, Hkv), -1, -2), _stacked(q, Hkv), guard="b"))
 
+    return projection_gradients(call, num, w, x, g_q, g_k, g_v, grads)
+
+
+def projection_gradients(call: Call, num: Numerics, w: dict, x: dict, g_q, g_k, g_v, grads: dict) -> dict:
+    """The gradients of the inputs and the input projections from those of the projected ``g_q``
+    ``[N, H, T, key_dim]`` (with respect to the unscaled query projection), ``g_k`` and ``g_v``
+    ``[N, Hkv, S, *]``; ``grads`` holds the rest found so far (Wo, bo, bias). ``w`` and ``x`` are
+    ``oracle._projections``'. All of it, in ``backward``'s result form."""
     # Input projections: y = x . W + b, contracted over the flattened (N, L) rows.
-    g_inputs = {}
+    grads, g_inputs = dict(grads), {}
     with np.errstate(invalid="ignore"):
         for name, g, W, b in (("query", g_q, "Wq", "bq"), ("key", g_k, "Wk", "bk"), ("value", g_v, "Wv", "bv")):
             n, h, L, c = g.shape

@@ -179,6 +179,11 @@ class Call:
         B = self.scores_shape[0]
         return np.repeat(lengths, self.n_flat // B if B else 0)
 
+    def flat_lengths(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(query_lengths, key_value_lengths)`` per sequence of the flattened batch, ``[N]`` each (or None):
+        for a framework that takes lengths per sequence of its one-sequence layout."""
+        return tuple(None if n is None else self._flat_lengths(n) for n in (self.query_lengths, self.key_value_lengths))
+
     def allowed_block(self, start: int = 0, stop: int | None = None, *, mask: bool = True, causal: bool = True,
                       window: bool = True, lengths: bool | str = True, bias: bool = True) -> np.ndarray | None:
         """May-attend for query rows ``start:stop`` of the flattened layout, compact: a boolean
