@@ -7,9 +7,14 @@ process group of adapters, or one adapter and one benchmark class), each its own
 forkserver with its group's modules imported once in the server, so the many per-case processes asv
 starts do not each pay the framework import. Groups, modes and FLOP and memory rules all come from the
 adapters' own declarations, so a plugin adapter is benchmarked like a built-in one.
+
+``--shard K/N`` keeps part K of N of the selected benchmarks (one benchmark = one asv method at one
+parameter combination), split by :func:`estimated_ms` the same way on every machine
+(``mhabench.shards``); ``<results>/bench/plan.json`` records the shard and its benchmark count.
 """
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import os
@@ -21,8 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhabench import results
+from mhabench import results, shards
 from mhabench.impls import registry
+from mhabench.progress import Tally
 
 from .profiles import DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, get_profile
 
@@ -87,20 +93,16 @@ class Chunk:
     key: str
     group: Group
     regexes: list[str] = field(default_factory=list)
+    benchmarks: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # (name, params as asv shows them)
 
 
-def chunk_plan(profile_name: str, adapters, devices, bench_regex) -> list[Chunk]:
-    """The chunks in run order.
-
-    The quick profile runs one chunk per process group; longer sweeps one chunk per adapter and class,
-    so an interruption loses little. Combinations the profile leaves out (``keeps_mode``) are not
-    selected at all.
-    """
+def selection(profile_name: str, adapters, devices, bench_regex) -> list[tuple[str, tuple[str, ...]]]:
+    """Every (benchmark name, params) the run selects, before any shard is taken. Combinations the profile
+    leaves out (``keeps_mode``, ``keeps``) are not selected at all."""
     profile = get_profile(profile_name)
-    chunks: dict[str, Chunk] = {}
+    out = []
     for name, combos in grid(profile_name):
         machine = name.startswith("bench_machine")
-        selected = []
         for combo in combos:
             if combo[-1].strip("'") not in devices:
                 continue
@@ -111,26 +113,85 @@ def chunk_plan(profile_name: str, adapters, devices, bench_regex) -> list[Chunk]
                     continue
             if bench_regex and not re.search(bench_regex, f"{name}({', '.join(combo)})"):
                 continue
-            selected.append(combo)
-        if machine:
-            if selected:
-                group = machine_group(adapters)
-                key = group.key if profile.one_mode else "machine"
-                chunks.setdefault(key, Chunk(key, group)).regexes.extend(
-                    f"^{re.escape(name)}\\({re.escape(c[0])}\\)$" for c in selected)
+            out.append((name, combo))
+    return out
+
+
+# The cost of one benchmark, for --shard: asv's process and setup (import from the forkserver, build,
+# compile, first call), then the calls it times or samples, each at an assumed rate of attention work.
+SETUP_MS = 3000
+COMPILE_MS = 2000            # more setup for a compiled mode
+FLOPS_PER_MS = 10e6          # 10 GFLOP/s
+MACHINE_MS = 10000           # the GEMM peak benchmark
+
+
+def estimated_ms(profile_name: str, name: str, combo: tuple[str, ...]) -> int:
+    """A benchmark's estimated cost in whole milliseconds, from its parameters alone (the same on every
+    machine). Time methods take asv's samples (its ``repeat``: at least min, at most max samples, or
+    max seconds), tracked figures a few calls; forward and backward cost about three forward calls."""
+    from .flops import attention_flops
+    if name.startswith("bench_machine"):
+        return MACHINE_MS
+    profile = get_profile(profile_name)
+    _, cls, method = name.split(".")
+    adapter, mode, seq_len, heads, _device = (ast.literal_eval(v) for v in combo)
+    kv_len = max(1, int(seq_len * profile.cross_kv_ratio)) if cls == "CrossAttention" else seq_len
+    backward = method.endswith("forward_backward")
+    call = attention_flops(profile.batch, seq_len, kv_len, profile.model_dim, heads, profile.model_dim // heads,
+                           causal=cls == "CausalSelfAttention", backward=backward) / FLOPS_PER_MS
+    min_samples, max_samples, max_seconds = profile.repeat
+    if method.startswith("time_"):
+        calls = profile.rounds * min(max_samples * call, max(min_samples * call, 1000 * max_seconds)) / max(call, 1e-9)
+    else:
+        calls = profile.memory_samples
+    return int(SETUP_MS + (COMPILE_MS if mode == "compiled" else 0) + (calls + 1) * call)
+
+
+def shard_selection(profile_name: str, selected, shard: tuple[int, int] | None):
+    """The part of ``selected`` that shard (K, N) runs, in the original order."""
+    if shard is None:
+        return list(selected)
+    keys = {f"{name}({', '.join(combo)})": (name, combo) for name, combo in selected}
+    chosen = shards.select({key: estimated_ms(profile_name, *item) for key, item in keys.items()}, shard)
+    return [item for key, item in keys.items() if key in chosen]
+
+
+def chunk_plan(profile_name: str, adapters, devices, bench_regex, shard: tuple[int, int] | None = None) -> list[Chunk]:
+    """The chunks in run order.
+
+    The quick profile runs one chunk per process group; longer sweeps one chunk per adapter and class,
+    so an interruption loses little. ``shard`` (K, N): only the benchmarks of that shard.
+    """
+    profile = get_profile(profile_name)
+    selected = shard_selection(profile_name, selection(profile_name, adapters, devices, bench_regex), shard)
+    chosen: dict[str, list] = {}
+    for name, combo in selected:
+        chosen.setdefault(name, []).append(combo)
+    chunks: dict[str, Chunk] = {}
+    for name, combos in grid(profile_name):
+        picked = chosen.get(name, [])
+        if not picked:
+            continue
+        if name.startswith("bench_machine"):
+            group = machine_group(adapters)
+            key = group.key if profile.one_mode else "machine"
+            chunk = chunks.setdefault(key, Chunk(key, group))
+            chunk.regexes.extend(f"^{re.escape(name)}\\({re.escape(c[0])}\\)$" for c in picked)
+            chunk.benchmarks.extend((name, c) for c in picked)
             continue
         cls = name.split(".")[1]
         for adapter in adapters:
-            mine = [c for c in selected if c[0] == repr(adapter)]
+            mine = [c for c in picked if c[0] == repr(adapter)]
             if not mine:
                 continue
             group = group_of(adapter)
             key = group.key if profile.one_mode else f"{adapter}:{cls}"
-            regexes = chunks.setdefault(key, Chunk(key, group)).regexes
+            chunk = chunks.setdefault(key, Chunk(key, group))
+            chunk.benchmarks.extend((name, c) for c in mine)
             if len(mine) == sum(c[0] == repr(adapter) for c in combos):
-                regexes.append(f"^{re.escape(name)}\\({re.escape(repr(adapter))}, ")
+                chunk.regexes.append(f"^{re.escape(name)}\\({re.escape(repr(adapter))}, ")
             else:
-                regexes.extend(f"^{re.escape(name)}\\({re.escape(', '.join(c))}\\)$" for c in mine)
+                chunk.regexes.extend(f"^{re.escape(name)}\\({re.escape(', '.join(c))}\\)$" for c in mine)
     return list(chunks.values())
 
 
@@ -144,11 +205,14 @@ class Options:
     bench: str | None = None
     memory_budget: str | None = None
     adhoc: list[str] = field(default_factory=list)
+    shard: tuple[int, int] | None = None
+    machine: str | None = None  # asv's machine name (default: asv's own, the host name)
 
 
 def make_options(profile=None, adapters=None, devices=None, results_dir="results", bench=None, memory_budget=None,
-                 adhoc=()) -> Options:
-    """Checked options: ``adapters``/``devices`` comma-separated (the syntax of every list option)."""
+                 adhoc=(), shard=None, machine=None) -> Options:
+    """Checked options: ``adapters``/``devices`` comma-separated (the syntax of every list option),
+    ``shard`` "K/N", ``machine`` a name for asv's results of this machine."""
     from mhabench.benchmarks.common import parse_bytes
     from mhabench.options import SelectionError, load_plugins, runnable_adapters, split_list
     profile = profile or os.environ.get(ENV_PROFILE) or "default"
@@ -158,7 +222,12 @@ def make_options(profile=None, adapters=None, devices=None, results_dir="results
         plugin_names = load_plugins(adhoc)
         chosen = split_list(adapters, registry.list_adapters(), "adapter", "--adapters")
         device_list = split_list(devices, DEVICES, "device", "--devices")
+        shard = shards.parse(shard) if shard is not None else None
     except SelectionError as exc:
+        raise SweepError(str(exc)) from None
+    try:
+        machine = results.machine_name(machine) if machine is not None else None
+    except ValueError as exc:
         raise SweepError(str(exc)) from None
     if chosen is None:  # the grid keeps every adapter, installed here or not: absent ones are skipped with the reason
         chosen = runnable_adapters(plugin_names, installed_only=False)
@@ -186,7 +255,7 @@ def make_options(profile=None, adapters=None, devices=None, results_dir="results
         raise SweepError(f"results directory {root} is not writable: {exc.strerror or exc}") from None
     if shutil.which("asv") is None and not _asv_module_available():
         raise SweepError('asv is not installed; install with: pip install "mhabench[bench]"')
-    return Options(profile, chosen, device_list, root, bench, memory_budget, list(adhoc))
+    return Options(profile, chosen, device_list, root, bench, memory_budget, list(adhoc), shard, machine)
 
 
 def _asv_module_available() -> bool:
@@ -231,9 +300,12 @@ def mark_finished(layout: results.Layout, run_key: dict, chunk: str, seconds: fl
 
 
 # ---- running ------------------------------------------------------------------------------------
-def asv_command(config: Path, commit: str, regexes: list[str], verbose: bool = False) -> list[str]:
+def asv_command(config: Path, commit: str, regexes: list[str], verbose: bool = False,
+                machine: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "asv", "run", "--config", str(config), "--python=same",
            "--set-commit-hash", commit, "--launch-method", "forkserver"]
+    if machine:
+        cmd += ["--machine", machine]
     if verbose:
         cmd.append("--show-stderr")
     for regex in regexes:
@@ -241,12 +313,22 @@ def asv_command(config: Path, commit: str, regexes: list[str], verbose: bool = F
     return cmd
 
 
-def ensure_machine(config: Path, env) -> None:
-    """asv asks interactively about an unknown machine; record this one's defaults once."""
-    if Path(env.get("ASV_MACHINE_FILE", Path.home() / ".asv-machine.json")).exists():
+def ensure_machine(config: Path, env, name: str | None = None) -> None:
+    """asv asks interactively about an unknown machine; record this one's defaults once.
+
+    ``name``: the machine is known to asv under that name (``--machine``): its entry in asv's machine
+    file holds this host's facts under it (``asv machine`` cannot add a named entry without prompting)."""
+    path = Path(os.path.expanduser("~/.asv-machine.json"))
+    if name is None:
+        if not path.exists():
+            subprocess.run([sys.executable, "-m", "asv", "machine", "--yes", "--config", str(config)], env=env,
+                           stdout=subprocess.DEVNULL, check=False)
         return
-    subprocess.run([sys.executable, "-m", "asv", "machine", "--yes", "--config", str(config)], env=env,
-                   stdout=subprocess.DEVNULL, check=False)
+    from asv.machine import Machine
+    known = json.loads(path.read_text()) if path.exists() else {"version": 1}
+    if name not in known:
+        known[name] = {**Machine.get_defaults(), "machine": name}
+        results.atomic_write(path, json.dumps(known, indent=4))
 
 
 _BORDER = re.compile(r"^[\s=\-·\[\]%.\d]*$")
@@ -291,13 +373,22 @@ def measure_peak(layout: results.Layout, env, label: str, say, prefix: str, devi
 
 def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=print) -> int:
     """Run the sweep; 0 when every chunk ran clean, 1 when some benchmark failed (results written all the same)."""
-    plan = chunk_plan(options.profile, options.adapters, options.devices, options.bench)
-    if not plan:
+    selected = selection(options.profile, options.adapters, options.devices, options.bench)
+    if not selected:
         raise SweepError("no benchmark matches these --adapters/--devices/--bench")
+    plan = chunk_plan(options.profile, options.adapters, options.devices, options.bench, options.shard)
     layout = results.Layout(options.results)
-    config = asv_config(layout)
     commit = commit_hash()
     run_key = {"commit": commit, "profile": options.profile}
+    if options.shard:
+        run_key["shard"] = "{}/{}".format(*options.shard)
+    if not dry_run:
+        results.write_json(layout.bench_plan, bench_plan(options, plan, len(selected), commit))
+    if not plan:  # more shards than benchmarks: this one has none, which is not an error
+        say(f"mhabench bench: shard {run_key['shard']} has none of the {len(selected)} selected benchmarks; "
+            f"nothing to run")
+        return 0
+    config = asv_config(layout)
     done = finished_chunks(layout, run_key) if resume else set()
     env = dict(os.environ, MHABENCH_PROFILE=options.profile, MHABENCH_RESULTS=str(layout.root), PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ log lines stay out of the sweep's output
@@ -308,14 +399,29 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
         env["MHABENCH_MEMORY_BUDGET"] = options.memory_budget
     # asv starts a process per case: the adapters' persistent compilation cache (impls.cache) lets JAX
     # compile each shape once, not once per process (only setup gets faster; the timed calls are the same)
-    return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, options.devices)
+    return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, options)
 
 
-def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, devices=("cpu",)) -> int:
+def bench_plan(options: Options, plan: list[Chunk], selected: int, commit: str) -> dict:
+    """What bench/plan.json records: the benchmarks this run set out to measure, and of how many in all."""
+    out = {"profile": options.profile, "commit": commit, "machine": options.machine,
+           "adapters": options.adapters, "devices": options.devices, "bench": options.bench,
+           "benchmarks": sum(len(c.benchmarks) for c in plan), "chunks": [c.key for c in plan]}
+    if options.shard:
+        out.update(shard=list(options.shard), benchmarks_all_shards=selected)
+    return out
+
+
+def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, options) -> int:
     if not dry_run:
-        ensure_machine(config, env)
-    say(f"mhabench bench: profile {run_key['profile']}, {len(plan)} chunks, commit {commit[:10]}, "
-        f"results {layout.asv}" + (f" ({len(done & {c.key for c in plan})} already finished)" if done else ""))
+        ensure_machine(config, env, options.machine)
+    shard = f", shard {run_key['shard']}" if "shard" in run_key else ""
+    say(f"mhabench bench: profile {run_key['profile']}{shard}, {sum(len(c.benchmarks) for c in plan)} benchmarks "
+        f"in {len(plan)} chunks, commit {commit[:10]}, results {layout.asv}"
+        + (f" ({len(done & {c.key for c in plan})} already finished)" if done else ""))
+    tally = Tally({c.key: len(c.benchmarks) for c in plan},
+                  {c.key: sum(estimated_ms(options.profile, *b) for b in c.benchmarks) for c in plan},
+                  {c.key: len(c.benchmarks) for c in plan if c.key in done}, unit="benchmarks")
     failures, started = 0, time.monotonic()
     for number, chunk in enumerate(plan, 1):
         prefix = f"[{number}/{len(plan)} {chunk.key}]"
@@ -323,18 +429,20 @@ def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_r
             say(f"{prefix} finished earlier, skipped (--resume)")
             continue
         chunk_env = dict(env, MHABENCH_PREIMPORT=",".join(chunk.group.modules), **dict(chunk.group.env))
-        cmd = asv_command(config, commit, chunk.regexes, verbose)
+        cmd = asv_command(config, commit, chunk.regexes, verbose, options.machine)
         if dry_run:
             say(f"{prefix} {' '.join(cmd[:12])} ... ({len(chunk.regexes)} --bench regexes)")
             continue
         t0 = time.monotonic()
-        measure_peak(layout, env, f"before {chunk.key}", say, prefix, devices)
+        measure_peak(layout, env, f"before {chunk.key}", say, prefix, options.devices)
         code = stream(cmd, chunk_env, prefix, verbose, say)
-        measure_peak(layout, env, f"after {chunk.key}", say, prefix, devices)
+        measure_peak(layout, env, f"after {chunk.key}", say, prefix, options.devices)
         if code not in (0, 2):  # 2: some benchmark failed, the results are written all the same
             raise SweepError(f"asv stopped with exit status {code} in chunk {chunk.key}; see its output above")
         failures += code == 2
         mark_finished(layout, run_key, chunk.key, time.monotonic() - t0)
+        tally.add(chunk.key, len(chunk.benchmarks))
+        say(f"mhabench bench: {tally.line()}")
     if not dry_run:
         say(f"mhabench bench: done in {time.monotonic() - started:.0f} s; results in {layout.asv}, "
             f"skip reasons in {layout.skips}" + (f"; {failures} chunk(s) had failing benchmarks" if failures else ""))

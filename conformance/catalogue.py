@@ -59,6 +59,22 @@ def _call(case):
     return validate_call(i.spec, case.dims, *i.args(), **i.features())
 
 
+def _masked_empty_rows_only(case) -> bool:
+    """Every row with no allowed key is emptied by the mask, causal, the window or key/value lengths: no query
+    lengths, and no row whose otherwise allowed positions are all -inf in the bias (frameworks that fill masked
+    logits with a finite value treat those two apart)."""
+    call = _call(case)
+    if call.query_lengths is not None:
+        return False
+
+    def empty(**parts):  # [N, 1|H, T]: the rows with no allowed key
+        allowed = call.flat_allowed(**parts)
+        return np.zeros((1, 1, 1), bool) if allowed is None else ~np.any(allowed, axis=-1)
+    by_all, by_masking = empty(), empty(bias=False)
+    shape = np.broadcast_shapes(by_all.shape, by_masking.shape)
+    return bool(np.array_equal(np.broadcast_to(by_all, shape), np.broadcast_to(by_masking, shape)))
+
+
 def _empty_rows(case) -> bool:
     allowed = _call(case).flat_allowed()
     return allowed is not None and not np.all(np.any(allowed, axis=-1))
@@ -96,6 +112,11 @@ def _masked_nonfinite_key(case) -> bool:
     return _hidden_nonfinite(case, ("key",))
 
 
+def _masked_nonfinite_value(case) -> bool:
+    """The same, in the value (which ``weights @ values`` reads as ``0 * NaN``)."""
+    return _hidden_nonfinite(case, ("value",))
+
+
 def _nonfinite_query(case) -> bool:
     return bool(np.any(_bad_positions(_call(case), "query")))
 
@@ -125,9 +146,11 @@ CASE_PROPERTIES = {
     or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
+    "masked_empty_rows_only": _masked_empty_rows_only,  # ... and each is emptied by masking, not query lengths or -inf
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
     "masked_nonfinite": _masked_nonfinite,      # a NaN or Inf in a key or value where the mask hides it
     "masked_nonfinite_key": _masked_nonfinite_key,  # the same, in the key (so in the logits)
+    "masked_nonfinite_value": _masked_nonfinite_value,  # the same, in the value
     "nonfinite_query": _nonfinite_query,        # a NaN or Inf in the query
     "rank3": lambda case: len(case.q_shape) == 1,  # one sequence axis: [batch, length, features]
     # Keras's MultiHeadAttention calls ops.dot_product_attention (its fused path) only for rank-3 inputs

@@ -69,13 +69,13 @@ class Goldens:
         return _Lazy(self, policy, dtype, form)
 
     def sensitivity(self, dtype: str, quantity: str, policy: str = "zeros", form: str = "probs") -> float:
-        """How far from the golden the reference lands when every intermediate is perturbed by up to one ulp
-        (the largest of two draws, seeded by the case): the rounding sensitivity ``tolerances`` describes."""
+        """How far from the golden the reference lands when every intermediate is perturbed by up to two ulp
+        (the largest of three draws, seeded by the case): the rounding sensitivity ``tolerances`` describes."""
         golden = np.asarray(self.get(policy, "float64")[quantity], np.float64)
         gradients = quantity.startswith("grad_")
         return max(max_abs_diff(golden, self._part(policy, dtype, gradients, form,
                                                    zlib.crc32(f"{self.case.id}/{dtype}/{draw}".encode()))[quantity])
-                   for draw in range(2))
+                   for draw in range(3))
 
     def _part(self, policy: str, dtype: str, gradients: bool, form: str = "probs",
               noise: int | None = None) -> dict[str, np.ndarray]:
@@ -205,8 +205,13 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
     gradient_rows = [q for q in rows if q.startswith("grad_")]
     paths = [(["output"], None, default_call), (["output_with_scores", "scores"], dict(return_scores=True), with_scores),
              (gradient_rows, dict(gradients=True), gradients)]
-    at_once = _all_at_once(layer, i, support, bool(gradient_rows))
+    scores_reason, gradients_reason = support(return_scores=True), support(gradients=True) if gradient_rows else None
+    at_once = _all_at_once(layer, i, not scores_reason, bool(gradient_rows) and not gradients_reason)
     actual = at_once or {}
+    if at_once is not None:  # the paths the adapter cannot take are unsupported, with their reasons
+        for quantities, reason in ((["output_with_scores", "scores"], scores_reason), (gradient_rows, gradients_reason)):
+            if reason:
+                _finish({q: rows[q] for q in quantities if q in rows}, "unsupported", reason, started)
     for quantities, needs, compute in paths if at_once is None else ():
         if not quantities:
             continue
@@ -236,15 +241,13 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
     return list(rows.values())
 
 
-def _all_at_once(layer, i, support, gradients: bool) -> dict | None:
-    """Every quantity from one ``layer.evaluate`` (one compiled program where the framework compiles), when
-    every path is supported; None to fall back to one call per path (which also tells which path failed)."""
-    if support(return_scores=True) or (gradients and support(gradients=True)):
-        return None
+def _all_at_once(layer, i, scores: bool, gradients: bool) -> dict | None:
+    """Every supported quantity from one ``layer.evaluate`` (one compiled program where the framework
+    compiles); None to fall back to one call per path (which also tells which path failed)."""
     started = time.perf_counter()
     try:
         with np.errstate(all="ignore"):
-            found = layer.evaluate(*i.args(), cotangent=i.cotangent if gradients else None, scores=True,
+            found = layer.evaluate(*i.args(), cotangent=i.cotangent if gradients else None, scores=scores,
                                    **i.features())
     except Exception:
         return None

@@ -7,8 +7,10 @@ marked ``quick``, so the whole project's tests stay fast), ``--examples N`` (ran
 ``--conform-timeout S``.
 
 Every selected test's rows are computed once, together, at the first test
-that needs them: one worker process per adapter, adapters in parallel. A test
+that needs them: worker processes per adapter, adapters in parallel. A test
 then only looks its rows up, so ``-k`` selections run only what they select.
+Under pytest-xdist (``pytest -n 2``) each adapter's tests run in one xdist
+worker, which computes that adapter's rows at its first test.
 """
 from __future__ import annotations
 
@@ -74,43 +76,114 @@ def catalogue_keys(config, entry) -> list[tuple[str, str, str]]:
 
 
 class ConformanceRows:
-    """Rows for the selected tests, computed in one batch on first use."""
+    """Rows for the selected tests, computed in batches on first use.
 
-    def __init__(self, config, keys):
-        self.config, self.keys, self._rows = config, keys, None
+    ``batches``: batch name -> the (adapter, case id, dtype) keys its tests read. A serial run has one
+    batch, computed at the first test with every core busy (``runner.run_rows``). Under pytest-xdist
+    each adapter's tests form one batch, and all of them go to one xdist worker
+    (``pytest_xdist_make_scheduler``): that worker computes the batch at its first test, with one worker
+    process for the adapter, so no key is computed twice and no adapter's process starts once per test.
+    """
 
-    def _compute(self):
+    def __init__(self, config, batches: dict[str, set], jobs: int | None = None):
+        self.config, self.batches, self.jobs = config, batches, jobs
+        self._rows: dict = {}
+        self._done: set = set()
+
+    def _batch_of(self, key) -> str | None:
+        adapter = key[0]
+        if key in self.batches.get(adapter, ()):
+            return adapter
+        return next((name for name in sorted(self.batches) if key in self.batches[name]), None)
+
+    def _compute(self, keys: set):
         from mhabench.conformance.runner import run_rows
-        by_adapter: dict[str, dict[str, set]] = {}
-        for adapter, case_id, dtype in self.keys:
-            by_adapter.setdefault(adapter, {}).setdefault(case_id, set()).add(dtype)
+        keys = set(keys) - self._done
+        if not keys:
+            return
         all_cases = {c.id: c for c in cases_mod.default_cases()}
-        rows = []
-        # one run per adapter set, cases x dtypes merged: the children compute each case once per dtype
-        dtypes = sorted({d for cases in by_adapter.values() for ds in cases.values() for d in ds})
-        case_ids = sorted({c for cases in by_adapter.values() for c in cases})
-        rows = run_rows(list(by_adapter), [all_cases[c] for c in case_ids], dtypes,
+        adapters = sorted({a for a, _, _ in keys})
+        case_ids = sorted({c for _, c, _ in keys})
+        dtypes = sorted({d for _, _, d in keys})
+        rows = run_rows(adapters, [all_cases[c] for c in case_ids], dtypes, include=keys, jobs=self.jobs,
                         timeout=self.config.getoption("--conform-timeout"))
-        self._rows = {}
         for row in rows:
             self._rows.setdefault((row["adapter"], row["case"], row["dtype"]), []).append(row)
+        self._done |= keys
 
     def get(self, key) -> list[dict]:
-        if self._rows is None:
-            self._compute()
+        if key not in self._done:
+            batch = self._batch_of(key)
+            self._compute(self.batches[batch] if batch is not None else {key})
         return self._rows.get(key, [])
+
+
+def under_xdist(config) -> bool:
+    """Whether this process is a pytest-xdist worker."""
+    return hasattr(config, "workerinput")
+
+
+def adapter_of(config, nodeid: str) -> str | None:
+    """The adapter whose rows a test reads, from its node id (``...::test_conformance[<adapter>-<case>-<dtype>]``,
+    ``test_random_cases[<adapter>]``, ``test_entry_reproduces[<entry>]``: the entry's first selected adapter),
+    or None for a test that reads none. Node ids are all the process scheduling the tests sees."""
+    function, _, param = nodeid.rpartition("::")[2].partition("[")
+    param = param[:-1] if param.endswith("]") else param
+    selected = selected_adapters(config)
+    if function == "test_entry_reproduces":
+        entry = _catalogue(config).get(param)
+        return next((a for a in entry.adapters if a in selected), None) if entry is not None else None
+    if function in ("test_conformance", "test_random_cases"):
+        for name in sorted(selected, key=len, reverse=True):  # names may share a prefix (keras_mha, keras_mha@jax)
+            if param == name or param.startswith(name + "-"):
+                return name
+    return None
+
+
+def _catalogue(config) -> dict:
+    if not hasattr(config, "_conformance_entries"):
+        from mhabench.conformance import catalogue
+        config._conformance_entries = {e.id: e for e in catalogue.load()}
+    return config._conformance_entries
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``-n N``, whose default is ``--dist load``, or ``--dist loadgroup``) all tests of one
+    adapter are one unit of work, sent to one xdist worker: that worker starts the adapter's process and
+    computes its rows once. Other tests are distributed one by one.
+
+    xdist's own grouping (``xdist_group`` marks with ``--dist loadgroup``) renames node ids inside the
+    workers, which pytest 9.2 no longer lets it do (pytest-xdist issue 1386): the groups are silently
+    lost. Here the scheduler reads the adapter from each node id itself."""
+    if config.getoption("dist") not in ("load", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByAdapter(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            adapter = adapter_of(config, nodeid)
+            return f"adapter {adapter}" if adapter is not None else nodeid
+
+    return ByAdapter(config, log)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session):
-    keys = set()
+    config = session.config
+    xdist = under_xdist(config)
+    batches: dict[str, set] = {}
     for item in session.items:
         params = getattr(item, "callspec", None) and item.callspec.params or {}
+        keys = set()
         if "conformance_key" in params:
             keys.add(params["conformance_key"])
         if "catalogue_entry" in params:
-            keys |= set(catalogue_keys(session.config, params["catalogue_entry"]))
-    session.config._conformance_rows = ConformanceRows(session.config, keys)
+            keys |= set(catalogue_keys(config, params["catalogue_entry"]))
+        if keys:
+            batches.setdefault((adapter_of(config, item.nodeid) or "") if xdist else "all", set()).update(keys)
+    # an xdist worker is one of several processes sharing the cores: its batches run one process at a time
+    config._conformance_rows = ConformanceRows(config, batches, jobs=1 if xdist else None)
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,22 @@
 
 ``run_rows(adapters, cases, dtypes)`` returns the rows; ``on_rows`` sees each batch as it is produced
 (the session appends them to rows.jsonl there). With ``isolate=True`` (the default) each adapter runs
-in its own worker process (``mhabench.impls.worker``, the same protocol that hosts Keras layers),
-``jobs`` of them at a time: a case that hangs or crashes its framework costs that case, not the run.
+in worker processes of its own (``mhabench.impls.worker``, the same protocol that hosts Keras layers),
+``jobs`` of them at a time, scheduled by estimated cost (``schedule``): a case that hangs or crashes its
+framework costs that case, not the run.
 """
 from __future__ import annotations
 
 import os
-import queue
 import sys
 import threading
+import time
 from typing import Callable, Iterable
 
 from mhabench import impls
 from mhabench.impls import worker as worker_mod
 
+from . import schedule
 from .cases import Case, row_id
 from .evaluate import evaluate, status_rows
 
@@ -24,27 +26,44 @@ EVALUATE = "mhabench.conformance.evaluate:evaluate_in_child"
 SETUP = "mhabench.conformance.evaluate:setup_child"
 
 
-def default_memory_budget() -> int:
-    """A quarter of the memory available now (a case estimated above it is skipped, not run into OOM)."""
+WORKER_BYTES = 2 << 30  # a worker process with its framework imported and its compile caches, roughly
+
+
+def available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 4 << 30
+    return None
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (a case estimated above it is skipped, not run into OOM)."""
+    available = available_memory()
+    return available // 4 if available is not None else 4 << 30
+
+
+def default_jobs() -> int:
+    """One worker process per core, as many as the memory available holds (``WORKER_BYTES`` each)."""
+    cores = os.cpu_count() or 1
+    available = available_memory()
+    return max(1, min(cores, available // WORKER_BYTES)) if available is not None else cores
 
 
 def expected_row_ids(adapter: str, case: Case, dtypes) -> list[str]:
     return [row_id(adapter, case.id, d, q) for d in case.run_dtypes(dtypes) for q in case.quantities()]
 
 
-def tasks(adapter: str, cases, dtypes, skip: set) -> list[tuple[Case, list[str]]]:
-    """(case, dtypes still needed) for one adapter, leaving out the rows in ``skip``."""
+def tasks(adapter: str, cases, dtypes, skip: set, include=None) -> list[tuple[Case, list[str]]]:
+    """(case, dtypes still needed) for one adapter, leaving out the rows in ``skip`` and, when ``include``
+    is given, every (adapter, case id, dtype) not in it (another shard's)."""
     out = []
     for case in cases:
-        needed = [d for d in case.run_dtypes(dtypes) if any(r not in skip for r in expected_row_ids(adapter, case, [d]))]
+        needed = [d for d in case.run_dtypes(dtypes) if (include is None or (adapter, case.id, d) in include)
+                  and any(r not in skip for r in expected_row_ids(adapter, case, [d]))]
         if needed:
             out.append((case, needed))
     return out
@@ -59,13 +78,19 @@ def adapter_worker(name: str, setup: dict, timeout: float) -> worker_mod.Worker:
 def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[str], *, isolate: bool = True,
              timeout: float = DEFAULT_TIMEOUT, jobs: int | None = None, memory_budget: int | None = None,
              on_rows: Callable[[list[dict]], None] | None = None, skip: Iterable[str] = (), adhoc: Iterable[str] = (),
-             catalogue_dir: str | None = None, entries=None) -> list[dict]:
+             catalogue_dir: str | None = None, entries=None, include=None, history=None) -> list[dict]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
-    ``adhoc`` ("module:Class" targets for ``impls.plugins.load_adhoc``) are replayed in each worker, so
-    adapters defined outside the registry run there too.
+    ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. ``adhoc``
+    ("module:Class" targets for ``impls.plugins.load_adhoc``) are replayed in each worker, so adapters
+    defined outside the registry run there too. ``history``: {(adapter, case id, dtype): ms} measured
+    by an earlier run, which orders the work better than the prior (``schedule``). ``jobs`` worker
+    threads (default: ``default_jobs()``) each drive one worker process at a time; an adapter with much
+    work left gets several (see ``schedule.Scheduler``). Which process evaluates a case never changes
+    its rows.
     """
     adapters, cases, dtypes, skip = list(adapters), list(cases), list(dtypes), set(skip)
+    include = None if include is None else set(include)
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
     collected: list[dict] = []
     lock = threading.Lock()
@@ -81,43 +106,60 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
         from . import catalogue
         entries = entries if entries is not None else catalogue.load(catalogue_dir or catalogue.DIVERGENCE_DIR)
         for name in adapters:
-            for case, needed in tasks(name, cases, dtypes, skip):
+            for case, needed in tasks(name, cases, dtypes, skip, include):
                 emit(evaluate(name, case, needed, entries, memory_budget))
         return collected
 
     setup = {"adhoc": list(adhoc),
              "sys_path": [p for p in sys.path if p], "catalogue": str(catalogue_dir) if catalogue_dir else None}
-    work: queue.Queue = queue.Queue()
-    for name in adapters:
-        work.put(name)
+    scheduler = schedule.Scheduler(planned_tasks(adapters, cases, dtypes, skip, include, history))
+
+    def evaluate_task(child, task):
+        try:
+            return child.run(EVALUATE, task.adapter, task.case.to_dict(), task.dtypes, memory_budget, timeout=timeout)
+        except worker_mod.WorkerError as exc:
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error", _one_line(exc))
+        except Exception as exc:  # a harness bug: reported as the case's error, the run goes on
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error",
+                               f"harness error: {type(exc).__name__}: {exc}")
 
     def worker_loop():
-        while True:
-            try:
-                name = work.get_nowait()
-            except queue.Empty:
-                return
-            child = adapter_worker(name, setup, timeout)
-            try:
-                for case, needed in tasks(name, cases, dtypes, skip):
-                    try:
-                        rows = child.run(EVALUATE, name, case.to_dict(), needed, memory_budget, timeout=timeout)
-                    except worker_mod.WorkerError as exc:
-                        rows = status_rows(impls.get_adapter(name), case, needed, "error", _one_line(exc))
-                    except Exception as exc:  # a harness bug: reported as the case's error, the run goes on
-                        rows = status_rows(impls.get_adapter(name), case, needed, "error",
-                                           f"harness error: {type(exc).__name__}: {exc}")
-                    emit(rows)
-            finally:
+        current, child = None, None
+        try:
+            while (task := scheduler.next(current)) is not None:
+                fresh = task.adapter != current
+                if fresh:
+                    if child is not None:
+                        child.close()
+                    current, child = task.adapter, adapter_worker(task.adapter, setup, timeout)
+                started = time.perf_counter()
+                rows = evaluate_task(child, task)
+                scheduler.finished(task, time.perf_counter() - started, fresh)
+                emit(rows)
+        finally:
+            if child is not None:
                 child.close()
 
-    jobs = jobs or min(len(adapters), os.cpu_count() or 1) or 1
+    jobs = jobs or default_jobs()
     threads = [threading.Thread(target=worker_loop, daemon=True) for _ in range(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return collected
+
+
+def planned_tasks(adapters, cases, dtypes, skip=(), include=None, history=None) -> list[schedule.Task]:
+    """The run's tasks, one per adapter x case (its dtypes together), each with its estimated cost:
+    measured where ``history`` has the task, else the prior."""
+    history = history or {}
+    memo: dict = {}
+    out = []
+    for name in adapters:
+        for case, needed in tasks(name, cases, dtypes, set(skip), include):
+            estimate = sum(schedule.estimate_ms(name, case, d, history, _compiles=memo) for d in needed)
+            out.append(schedule.Task(name, case, needed, estimate))
+    return out
 
 
 def _one_line(exc: BaseException) -> str:

@@ -6,15 +6,16 @@ dtypes, the areas, the reduced matrix and the random cases.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
-from mhabench import impls, results
+from mhabench import impls, results, shards
 from mhabench.impls import registry
 from mhabench.options import SelectionError, broken_plugins, load_plugins, runnable_adapters, split_list  # noqa: F401
+from mhabench.progress import Tally
 
 from . import catalogue as catalogue_mod
+from . import schedule
 from .cases import AREAS, DTYPES, Case, default_cases, find_case, random_cases, select
 from .runner import expected_row_ids, run_rows
 
@@ -24,30 +25,62 @@ SELECTABLE_AREAS = tuple(a for a in AREAS if a != "plugin")
 
 @dataclass
 class Plan:
-    """What a session runs."""
+    """What a session runs: adapters x cases x dtypes, or one shard of that (``include``)."""
 
     adapters: list[str]
     cases: list[Case]
     dtypes: list[str]
     adhoc: list[str] = field(default_factory=list)
     full_matrix: bool = False  # every default case in every dtype: only then can an entry be stale for absence
+    shard: tuple[int, int] | None = None  # (K, N): this run is shard K of N
+    include: set | None = None  # the (adapter, case id, dtype) tasks of that shard; None: every task
+    reduced: dict = field(default_factory=dict)  # adapter -> why it runs only the reduced (quick) matrix
+
+    def tasks(self) -> list[tuple[str, Case, str]]:
+        """(adapter, case, dtype) of every task this plan runs."""
+        return [(a, c, d) for a in self.adapters for c in self.cases for d in c.run_dtypes(self.dtypes)
+                if self.include is None or (a, c.id, d) in self.include]
+
+    def rows_by_adapter(self) -> dict[str, int]:
+        """Rows planned per adapter (the progress display's totals)."""
+        out = {a: 0 for a in self.adapters}
+        for a, c, d in self.tasks():
+            out[a] += len(c.quantities())
+        return out
 
     @property
     def rows(self) -> int:
-        return sum(len(expected_row_ids(a, c, self.dtypes)) for a in self.adapters for c in self.cases)
+        return sum(self.rows_by_adapter().values())
+
+    @property
+    def rows_all_shards(self) -> int:
+        return sum(len(expected_row_ids(a, c, self.dtypes)) for a in self.adapters for c in self.cases
+                   if a not in self.reduced or c.quick)
 
     def to_dict(self) -> dict:
-        return {"adapters": self.adapters, "dtypes": self.dtypes, "cases": len(self.cases), "rows": self.rows,
-                "full_matrix": self.full_matrix, "adhoc": self.adhoc}
+        out = {"adapters": self.adapters, "dtypes": self.dtypes, "cases": len(self.cases), "rows": self.rows,
+               "full_matrix": self.full_matrix, "adhoc": self.adhoc}
+        if self.shard is not None:  # the report names a missing shard from these
+            out.update(shard=list(self.shard), rows_all_shards=self.rows_all_shards)
+        if self.reduced:
+            out["reduced"] = dict(self.reduced)
+        return out
 
 
 def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
-              default_dtypes=DTYPES) -> Plan:
+              default_dtypes=DTYPES, shard=None, every_case=False) -> Plan:
     """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
 
     ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
-    without it, every installed adapter runs (plugins named with ``--adapter`` included).
+    without it, every installed adapter runs (plugins named with ``--adapter`` included). ``shard``
+    ("K/N" or (K, N)) keeps part K of N of the tasks, split by their prior cost (``schedule``), the same
+    on every machine given the same selection.
+
+    An adapter that declares ``reduced_matrix`` (each new shape costs it a compilation or an export of
+    seconds) runs only the reduced matrix's cases (``quick``) unless ``every_case``; the plan records why.
     """
+    if shard is not None and not isinstance(shard, tuple):
+        shard = shards.parse(shard)
     if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
         raise SelectionError(f"--examples must be an integer >= 0, got {examples!r}")
     plugin_names = load_plugins(adhoc)
@@ -59,7 +92,24 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     matrix = default_cases() + (random_cases(examples) if area_list is None or "random" in area_list else [])
     matrix = select(matrix, area_list, quick=quick)
     full = not quick and area_list is None and set(dtype_list) == set(DTYPES)
-    return Plan(chosen, matrix, dtype_list, list(adhoc), full)
+    plan = Plan(chosen, matrix, dtype_list, list(adhoc), full)
+    if not quick and not every_case:
+        plan.reduced = {a: why for a in chosen if (why := getattr(registry.get_adapter(a), "reduced_matrix", None))}
+    if plan.reduced:
+        plan.include = {(a, c.id, d) for a in chosen for c in matrix for d in c.run_dtypes(dtype_list)
+                        if a not in plan.reduced or c.quick}
+    if shard is not None:
+        plan.shard = shard
+        plan.include = shard_tasks(plan, shard) if plan.include is None else shard_tasks(plan, shard) & plan.include
+    return plan
+
+
+def shard_tasks(plan: Plan, shard: tuple[int, int]) -> set[tuple[str, str, str]]:
+    """The (adapter, case id, dtype) tasks of shard (K, N) of ``plan``."""
+    costs = schedule.prior_costs(plan.adapters, plan.cases, plan.dtypes)
+    keys = {"\t".join(task): task for task in costs}
+    chosen = shards.select({key: costs[task] for key, task in keys.items()}, shard)
+    return {keys[key] for key in chosen}
 
 
 def versions(adapters) -> dict[str, str]:
@@ -132,13 +182,15 @@ def split_row_id(row_id: str, adapters) -> tuple[str, str, str, str] | None:
 
 def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = None,
         timeout: float = 120.0, jobs: int | None = None, memory_budget: int | None = None,
-        on_start=None, on_rows=None, warn=lambda text: None) -> Outcome:
+        on_start=None, on_rows=None, warn=lambda text: None, machine: str | None = None) -> Outcome:
     """Run ``plan`` into ``results_dir``: the journal as rows come, then results.json/csv and catalogue.json.
 
     ``resume`` keeps the journal's finished rows and runs the rest; ``rerun`` runs exactly the case
     behind one row id again (its new rows are appended and win). Otherwise the old journal is kept
-    aside as rows.jsonl.prev. ``on_start(plan)`` sees the plan about to run, ``on_rows(rows)`` each batch
-    (progress), ``warn(text)`` each problem.
+    aside as rows.jsonl.prev, and its durations order this run's work (``schedule``).
+    ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, its ``plan`` attached)
+    before anything runs, ``on_rows(rows)`` each batch once the tally counts it, ``warn(text)`` each
+    problem. ``machine`` names the machine in the results' meta (default: the host name).
     """
     layout = results.Layout(results_dir)
     layout.conformance.mkdir(parents=True, exist_ok=True)
@@ -147,6 +199,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     except ValueError as exc:
         raise SelectionError(f"divergence catalogue: {exc}") from None
     skip: set[str] = set()
+    previous: list[dict] = []
     if rerun:
         adapter, case, dtype = rerun_target(rerun, layout, plan)
         plan = Plan([adapter], [case], [dtype], plan.adhoc, False)
@@ -155,23 +208,30 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         for problem in journal.problems:
             warn(problem)
         skip = {r["row_id"] for r in journal.rows}
+        previous = journal.rows
     elif layout.rows.exists():
         layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))  # a fresh run: the old journal is kept aside
+    if not rerun and not resume:
+        previous = results.read_rows(layout.rows.with_suffix(".jsonl.prev")).rows
     if not rerun:
         results.write_json(layout.plan, plan.to_dict())
+    history = schedule.measured_costs(previous)
+    tally = progress_tally(plan, history, skip)
     if on_start is not None:
-        on_start(plan)
+        on_start(tally)
 
     writer = results.RowWriter(layout.rows)
 
     def write(rows):
         writer.write(rows)
+        for row in rows:
+            tally.add(row["adapter"])
         if on_rows is not None:
             on_rows(rows)
     started = time.perf_counter()
     try:
         run_rows(plan.adapters, plan.cases, plan.dtypes, timeout=timeout, jobs=jobs, memory_budget=memory_budget,
-                 on_rows=write, skip=skip, adhoc=plan.adhoc)
+                 on_rows=write, skip=skip, adhoc=plan.adhoc, include=plan.include, history=history)
     finally:
         writer.close()
     elapsed = time.perf_counter() - started
@@ -181,12 +241,27 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         warn(problem)
     rows = journal.latest()
     adapters_run = sorted({r["adapter"] for r in rows}) if rerun else plan.adapters
-    checks = catalogue_mod.check(entries, rows, adapters_run, full_matrix=plan.full_matrix and not rerun)
-    results.write_results(layout.root, rows, results.meta(versions(adapters_run)))
+    # a shard holds part of the matrix: an entry showing in none of its rows may show in another shard's
+    full = plan.full_matrix and plan.shard is None and not rerun
+    # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
+    checks = catalogue_mod.check(entries, rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
+    results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine))
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
 
 
-def eta(done: int, total: int, elapsed: float) -> float:
-    """Seconds left at the pace so far (NaN before anything is done)."""
-    return elapsed * (total - done) / done if done else math.nan
+def progress_tally(plan: Plan, history: dict, skip=()) -> Tally:
+    """Rows planned and already done per adapter, each adapter weighted by its estimated work left."""
+    planned = plan.rows_by_adapter()
+    done = {a: 0 for a in planned}
+    weights = {a: 0.0 for a in planned}
+    memo: dict = {}
+    for adapter, case, dtype in plan.tasks():
+        ids = expected_row_ids(adapter, case, [dtype])
+        present = sum(r in skip for r in ids)
+        done[adapter] += present
+        if present < len(ids):
+            weights[adapter] += schedule.estimate_ms(adapter, case, dtype, history, _compiles=memo)
+    tally = Tally(planned, weights, done)
+    tally.plan = plan
+    return tally

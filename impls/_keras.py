@@ -41,6 +41,15 @@ def device_name(device: str) -> str:
     return f"gpu:{index or 0}" if kind == "cuda" else "cpu:0"
 
 
+def placement(keras, device: str):
+    """The device scope a Keras user would write: none on the CPU (Keras's default placement), a
+    ``keras.device`` scope for a GPU. Not ``keras.device("cpu:0")``: on the torch backend, Keras 3.15 moves
+    each new variable's Parameter with ``.to("cpu:0")``, which torch 2.13 answers with a copy that is no
+    longer a Parameter, so a layer holding an integer variable (Dropout's seed state) fails to build."""
+    import contextlib
+    return contextlib.nullcontext() if device == "cpu" else keras.device(device_name(device))
+
+
 def available_devices(backend: str) -> tuple[str, ...]:
     if backend == "tensorflow":
         import tensorflow as tf
@@ -76,7 +85,7 @@ class Ops:
         arr = to_numpy(x, dtype)
         if arr.dtype.name == "bfloat16":  # exact through float32; not every backend reads ml_dtypes
             arr = arr.astype(np.float32)
-        with self.keras.device(device_name(self.device)):
+        with placement(self.keras, self.device):
             t = self.keras.ops.convert_to_tensor(np.ascontiguousarray(arr), dtype=dtype)
         if requires_grad and self.backend == "torch":
             t = t.detach().clone().requires_grad_(True)
@@ -85,7 +94,7 @@ class Ops:
     def mask(self, m):
         if m is None:
             return None
-        with self.keras.device(device_name(self.device)):
+        with placement(self.keras, self.device):
             return self.keras.ops.convert_to_tensor(np.ascontiguousarray(m), dtype="bool")
 
     def numpy(self, t) -> np.ndarray:

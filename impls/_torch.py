@@ -91,15 +91,6 @@ def refusal_reason(exc: BaseException, caught) -> str | None:
     return "; ".join(why + [text.strip()])
 
 
-def safe_softmax(torch, scores, allowed):
-    """Softmax over allowed positions; a row with none allowed gets zeros (SDPA's math path does the same)."""
-    if allowed is None:
-        return torch.softmax(scores, dim=-1)
-    masked = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(masked, dim=-1)
-    return torch.where(allowed.any(dim=-1, keepdim=True), probs, torch.zeros_like(probs))
-
-
 class TorchAdapter(Adapter):
     """The facts every PyTorch adapter shares."""
 

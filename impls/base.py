@@ -223,6 +223,9 @@ class Adapter:
     layer_class: type | None = None
     default_mode: str = "eager"    # what a user of the framework runs by default (build's mode=None)
     quick_mode: str | None = None  # the mode the quick benchmark profile runs; None: the default mode
+    # Why conformance runs only the reduced matrix for this adapter by default (each new shape costs it a
+    # compilation or an export of seconds); None: the whole matrix. ``mhabench conform --every-case`` overrides.
+    reduced_matrix: str | None = None
     baseline: bool = False         # the reference every other adapter is read against (listed first)
     # The attention kernel this adapter forces: "default" lets the framework choose (what users run); a kernel
     # variant (registered as "<adapter>+<kernel>") restricts the framework to one kernel, so a case that kernel

@@ -143,10 +143,9 @@ class FlaxMHALayer(_jax.JaxLayer):
         return self._with_scores_training(params, query, value, key, extras, None, layout, flags)
 
     def _with_scores_training(self, params, query, value, key, extras, dropout_key, layout, flags):
-        """The output of a normal call and the weights sown by a second one (one compiled function)."""
-        out, _ = self._module_call(params, query, value, key, extras, dropout_key, layout, flags)
-        _, weights = self._module_call(params, query, value, key, extras, dropout_key, layout, flags, sow=True)
-        return out, weights
+        """The output and the weights of the call a Flax user makes to get the weights (``sow_weights=True``,
+        which takes nnx's explicit softmax path rather than jax.nn.dot_product_attention)."""
+        return self._module_call(params, query, value, key, extras, dropout_key, layout, flags, sow=True)
 
     def _canonical(self, tree):
         return module_to_canonical(self.nnx.to_pure_dict(tree))

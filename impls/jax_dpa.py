@@ -36,15 +36,15 @@ Behaviours of the function itself, kept (the harness reports them):
 * the softmax always runs in float32, float64 inputs included, so a float64
   layer is only float32-accurate.
 
-The scores are computed explicitly, only when asked, exactly as the function's
-"xla" implementation forms its probabilities (float32 softmax, the same finite
-fill), so they agree with the output. Build option ``implementation``
+The function returns no attention weights, so the adapter declares scores
+unsupported (computing them apart would judge our code, not JAX's). Build option ``implementation``
 (None, "xla" or "cudnn") is passed through; "cudnn" needs a GPU and float16 or
 bfloat16. The kernel is an axis: ``jax_dpa`` passes None (the function picks;
 today that is "xla" everywhere), ``jax_dpa+xla`` and ``jax_dpa+cudnn`` force
 one implementation (cuDNN only on a GPU, in float16 and bfloat16; a call it
-refuses raises in JAX, and is unsupported with JAX's message). Modes: "compiled" wraps each entry point in ``jax.jit``; "eager"
-runs the same functions without the outer jit (JAX dispatches op by op).
+refuses raises in JAX, and is unsupported with JAX's message). Modes:
+"compiled" wraps each entry point in ``jax.jit``; "eager" runs the same
+functions without the outer jit (JAX dispatches op by op).
 """
 from __future__ import annotations
 
@@ -71,7 +71,6 @@ class JaxDPALayer(_jax.JaxLayer):
         self.implementation = implementation
         with _jax.precision_scope(dtype):
             self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
-        self._with_scores_fn = self._compile(self._with_scores)
 
     def _refusals(self):
         """cuDNN's implementation refuses what it cannot run (shapes, a right window without causal) by raising in
@@ -128,40 +127,12 @@ class JaxDPALayer(_jax.JaxLayer):
             out = out + params["bo"].reshape(-1)
         return out.reshape(query.shape[:-1] + Wo.shape[2:])
 
-    def _scores(self, params, query, key, allowed, bias, layout):
-        jnp = self.jnp
-        kd = self.spec.key_dim
-        q = self._project(query, params["Wq"], params.get("bq"), layout, kd)
-        k = jnp.repeat(self._project(key, params["Wk"], params.get("bk"), layout, kd), self.spec.group_size, axis=2)
-        logits = jnp.einsum("nthk,nshk->nhts", q, k, preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-        logits = logits * jnp.asarray(1.0 / math.sqrt(kd), logits.dtype)
-        if bias is not None:  # before the masks, as the function adds it
-            logits = (logits + bias).astype(logits.dtype)
-        if allowed is not None:  # the function's fill for masked logits: finite, within float32
-            logits = jnp.where(allowed, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits.dtype))
-        return self.jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-
-    def _with_scores(self, params, query, value, key, extras, scores_allowed, layout, flags):
-        """The output and, computed apart, the scores (one compiled function for a call that wants both)."""
-        out = self._apply(params, query, value, key, extras, layout, flags)
-        return out, self._scores(params, query, value if key is None else key, scores_allowed, extras["bias"], layout)
-
-    def _scores_allowed(self, call):
-        # a -inf bias stays -inf in the logits, as in the function (a row of them is NaN there, not filled)
-        return _jax.mask_array(call.flat_allowed(bias=False), self.jax_device)
-
     def _canonical(self, tree):
         return dict(tree)  # the parameters are the canonical arrays
 
     def _run(self, inputs, return_scores, training, seed):
-        call = inputs["call"]
         with _jax.precision_scope(self.dtype):
-            if not return_scores:
-                return self._output(inputs), None
-            out, probs = self._with_scores_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
-                                              inputs["extras"], self._scores_allowed(call), layout=inputs["layout"],
-                                              flags=inputs["flags"])
-            return out, probs.reshape(call.scores_shape)
+            return self._output(inputs), None
 
 
 def _bottom_right(call) -> bool:
@@ -195,7 +166,9 @@ class JaxDPAAdapter(_jax.JaxAdapter):
 
     def capabilities(self):
         return Capabilities(
-            unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument"},
+            unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument",
+                                  "scores": "jax.nn.dot_product_attention returns the output only; the weights "
+                                            "it used are never exposed"},
             devices=("cpu", "cuda"), modes=("eager", "compiled"),
             supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
 

@@ -120,7 +120,7 @@ class KerasMHALayer(Layer):
         if (rank, window) not in self._layers:
             keras, spec = self.keras, self.spec
             q_dim, k_dim, v_dim = self.dims
-            with keras.device(_keras.device_name(self.device)):
+            with _keras.placement(keras, self.device):
                 layer = keras.layers.MultiHeadAttention(
                     num_heads=spec.num_heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
                     dropout=spec.dropout, use_bias=spec.use_bias, output_shape=spec.output_shape,

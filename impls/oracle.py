@@ -74,9 +74,10 @@ def _run_parallel(jobs: list) -> None:
 class Numerics:
     """Arithmetic in a given dtype: compute in ``compute`` precision, round each result to ``dtype``.
 
-    ``rounding_noise`` (a seed) perturbs every intermediate result by up to one unit in the last place of
+    ``rounding_noise`` (a seed) perturbs every intermediate result by up to two units in the last place of
     ``dtype``, at random, after rounding it: an implementation that rounds each step differently (another
-    order of operations, an exp or reciprocal accurate to one ulp rather than half). Inputs are not perturbed.
+    order of operations; vectorised exp, log and division accurate to one or two ulp rather than the half
+    ulp of correct rounding). Inputs are not perturbed.
     """
 
     def __init__(self, dtype: str = "float64", rounding_noise: int | None = None):
@@ -97,7 +98,7 @@ class Numerics:
         if self._noise is None or x.ndim == 0:
             return x
         with np.errstate(invalid="ignore", over="ignore"):
-            return self._round(x * (1.0 + self._noise.uniform(-self._eps, self._eps, x.shape)))
+            return self._round(x * (1.0 + self._noise.uniform(-2 * self._eps, 2 * self._eps, x.shape)))
 
     def cast(self, x):
         if x is None:

@@ -50,9 +50,11 @@ from .validation import Call, check_cotangent, check_policy, flatten, unflatten
 __all__ = ["backward", "softmax_backward"]
 
 
-def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o):
+def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o, fully_masked: str):
     """The weights and ``sum(d p * p)`` as FlashAttention's backward forms them (see :func:`backward`):
-    ``exp(s - lse)`` and ``rowsum(d o * o)``. Rows with no allowed key keep the policy's weights."""
+    ``exp(s - lse)`` and ``rowsum(d o * o)``. Rows with no allowed key keep the policy's weights, except
+    under ``uniform_rounded``: there a large negative was *added* to every logit, so ``lse`` rounds to it
+    (its spacing dwarfs ``log S``) and each recomputed weight is ``exp(0) = 1``, not ``1/S``."""
     from .oracle import logits
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s = logits(num, q, k, bias)
@@ -65,7 +67,8 @@ def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o):
         lse = num(row_max + num(np.log(total)))
         recomputed = num(np.exp(num(s - lse)))
         inner = num(np.sum(g_o * o, axis=-1, keepdims=True))
-    return np.where(live, recomputed, probs), inner
+    empty_rows = np.ones_like(probs) if fully_masked == "uniform_rounded" else probs
+    return np.where(live, recomputed, empty_rows), inner
 
 
 def softmax_backward(num: Numerics, probs: np.ndarray, g_probs: np.ndarray, allowed: np.ndarray | None,
@@ -176,7 +179,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
         g_probs = num(g_probs)
     inner = None
     if form == "flash":
-        probs, inner = _flash_weights(num, q, k, allowed, call.flat_bias(), probs, o, g_o)
+        probs, inner = _flash_weights(num, q, k, allowed, call.flat_bias(), probs, o, g_o, fully_masked)
     with np.errstate(invalid="ignore"):
         g_v = num(np.matmul(np.swapaxes(_stacked(probs, Hkv), -1, -2), _stacked(g_o, Hkv)))
     g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked, inner)

@@ -7,8 +7,8 @@ the form a torch user writes it: ``[T, S]`` when one mask serves every batch
 and head, else ``[N, 1 or H, T or 1, S]``, broadcast by SDPA itself;
 causal-only calls through ``is_causal=True`` (top-left aligned, as ours); SDPA
 takes either is_causal or a mask, so causal with a mask is folded into it
-(recorded on the row as emulated). The attention scores are computed
-explicitly, only when asked for.
+(recorded on the row as emulated). SDPA returns no attention weights, so
+scores are unsupported (computing them apart would judge our code, not torch's).
 
 Modern attention, through SDPA's own arguments wherever it has one:
 
@@ -145,17 +145,9 @@ class TorchSDPALayer(_torch.TorchLayer):
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad():
-            out, (q, k) = self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], inputs["bias"],
-                                     self.params, self.spec.dropout if training else 0.0, call)
-            scores = None
-            if return_scores:
-                k = k.repeat_interleave(self.spec.group_size, dim=1)  # kv head h // group serves query head h
-                s = torch.einsum("nhtk,nhsk->nhts", q, k) / math.sqrt(self.spec.key_dim)
-                if inputs["bias"] is not None:
-                    s = s + inputs["bias"]
-                allowed = _torch.bool_tensor(torch, call.flat_allowed(), self.device)
-                scores = _torch.safe_softmax(torch, s, allowed).reshape(call.scores_shape)
-        return out, scores
+            out, _ = self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], inputs["bias"],
+                                self.params, self.spec.dropout if training else 0.0, call)
+        return out, None
 
     def export_weights(self):
         from .spec import Weights
@@ -173,8 +165,11 @@ class TorchSDPAAdapter(_torch.TorchAdapter):
     score_buffers = 0
 
     def capabilities(self):
-        return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"),
-                            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
+        return Capabilities(
+            unsupported_features={"scores": "F.scaled_dot_product_attention returns the output only; the weights "
+                                            "its kernel used are never exposed"},
+            devices=("cpu", "cuda"), modes=("eager", "compiled"),
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
 
 
 class TorchSDPAKernelAdapter(TorchSDPAAdapter):
@@ -185,9 +180,10 @@ class TorchSDPAKernelAdapter(TorchSDPAAdapter):
     default_mode = "eager"
 
     def capabilities(self):
+        caps = super().capabilities()
         devices = ("cuda",) if self.kernel in CUDA_ONLY_KERNELS else ("cpu", "cuda")
-        return Capabilities(devices=devices, modes=("eager",),
-                            supported_extensions=super().capabilities().supported_extensions)
+        return Capabilities(unsupported_features=caps.unsupported_features, devices=devices, modes=("eager",),
+                            supported_extensions=caps.supported_extensions)
 
     def unsupported_reason(self, spec, weights, *, device="cpu", **kwargs):
         if self.kernel in CUDA_ONLY_KERNELS and not str(device).startswith("cuda"):

@@ -6,11 +6,12 @@ a schema and every reader treats a damaged file the same way.
 Layout of a results directory::
 
     conformance/rows.jsonl      the journal: one row per line, appended and fsynced as rows are produced
-    conformance/plan.json       what the run set out to do (rows planned), written when it starts
+    conformance/plan.json       what the run set out to do (rows planned; its shard K/N), written when it starts
     conformance/results.json    {"meta": ..., "rows": [...]}: the latest row per id, written at the end
     conformance/results.csv     the same rows, one per line
     conformance/catalogue.json  the divergence entries the run checked, each with its verdict
     bench/skips.jsonl           why a benchmark case did not run
+    bench/plan.json             what a benchmark run set out to do (benchmarks planned, its shard K/N)
     bench/progress.jsonl        the benchmark chunks finished (for --resume)
     bench/peaks.jsonl           the machine's GEMM rate, measured before and after each chunk
     bench/flops.jsonl           the FLOPs of each benchmark case (GFLOP/s = FLOPs / asv's time)
@@ -70,6 +71,7 @@ class Layout:
         self.progress = self.bench / "progress.jsonl"
         self.peaks = self.bench / "peaks.jsonl"
         self.flops = self.bench / "flops.jsonl"
+        self.bench_plan = self.bench / "plan.json"
         self.asv_config = self.bench / "asv.conf.json"
         self.asv = self.root / "asv"
         self.asv_html = self.root / "asv-html"
@@ -390,12 +392,27 @@ def commit() -> str | None:
         return None
 
 
-def meta(versions: dict, argv=None) -> dict:
+def machine_name(override: str | None = None) -> str:
+    """The machine results are keyed by: ``override`` (``--machine``), else the host name.
+
+    Shards of one run that land on different hosts of one kind (CI runners with random host names) all
+    name the same machine with ``--machine``, so a merge sees them as one machine's shards. A name is a
+    folder of asv's results too: ValueError (naming ``--machine``) for one that is empty, not printable or
+    holds a '/'."""
+    if override is None:
+        return platform.node() or "unknown"
+    name = str(override)
+    if not name.strip() or not name.isprintable() or "/" in name:
+        raise ValueError(f"--machine {name!r}: a machine name must be printable, not empty, without '/'")
+    return name
+
+
+def meta(versions: dict, argv=None, machine: str | None = None) -> dict:
     """The facts written with every results file: when, what code, which frameworks, which machine."""
     from . import __version__
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mhabench_version": __version__, "python": platform.python_version(),
+        "machine": machine_name(machine), "mhabench_version": __version__, "python": platform.python_version(),
         "platform": platform.platform(), "cpu": _cpu(), "gpu": _gpu(), "commit": commit(),
         "argv": list(sys.argv if argv is None else argv), "versions": dict(versions),
     }

@@ -22,13 +22,13 @@ def test_tolerance_is_the_larger_of_floor_and_fudged_reference_error():
     assert tolerance("float64", "output", 0.0, magnitude=1e3) == pytest.approx(1e-7)  # floor scales with size
 
 
-def test_rounding_noise_moves_each_intermediate_by_at_most_one_ulp_and_is_seeded():
+def test_rounding_noise_moves_each_intermediate_by_at_most_two_ulp_and_is_seeded():
     from mhabench.impls.oracle import Numerics
     x = np.linspace(0.5, 3.0, 1001)
     plain = Numerics("float32")(x)
     a, b = Numerics("float32", rounding_noise=7)(x), Numerics("float32", rounding_noise=7)(x)
     assert np.array_equal(a, b) and not np.array_equal(a, plain)
-    assert np.all(np.abs(a - plain) <= np.spacing(plain.astype(np.float32)) * 2)
+    assert np.all(np.abs(a - plain) <= np.spacing(plain.astype(np.float32)) * 4)
     assert np.array_equal(Numerics("float32", rounding_noise=7).cast(x), plain)  # inputs are not perturbed
 
 
@@ -165,12 +165,14 @@ def test_shipped_catalogue_is_valid_and_links_are_real_issue_urls():
         assert entry.source.endswith(".toml")
 
 
-def test_torch_mha_fully_masked_row_is_the_catalogued_nan():
+def test_torch_mha_fully_masked_row_is_judged_per_path():
+    """The default call (need_weights=False) reaches SDPA's kernel and passes; the call that returns the
+    weights is the catalogued NaN."""
     pytest.importorskip("torch")
     rows = {r["quantity"]: r for r in evaluate("torch_mha", find_case("self_T8-mask_fully_masked_row"), ["float32"])}
-    with_weights = ("output_with_scores", "scores")  # need_weights=True; the default call takes the fused path
-    assert {rows[q]["status"] for q in with_weights} == {"divergence"}
-    assert {rows[q]["divergence"] for q in with_weights} == {"torch_mha-fully_masked_row-nan"}
-    assert {r["status"] for q, r in rows.items() if q not in with_weights} == {"pass"}
+    with_scores = [rows.pop("output_with_scores"), rows.pop("scores")]
+    assert {r["status"] for r in with_scores} == {"divergence"}
+    assert {r["divergence"] for r in with_scores} == {"torch_mha-with_scores-fully_masked_row-nan"}
+    assert {r["status"] for r in rows.values()} == {"pass"}
 
 

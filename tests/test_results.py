@@ -129,3 +129,18 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     with results.locked(tmp_path, "after the kill") as layout:
         assert "after the kill" in layout.lock.read_text()
     assert time.monotonic() - started < 1.0
+
+
+def test_an_adapter_declaring_reduced_matrix_runs_the_quick_cases_unless_every_case(monkeypatch):
+    from mhabench.conformance import session
+    from mhabench.impls import registry
+    adapter = type(registry.get_adapter("numpy_oracle"))
+    monkeypatch.setattr(adapter, "reduced_matrix", "each shape compiles for seconds")
+    plan = session.make_plan("numpy_oracle", "float32", "shapes,masks")
+    quick = {c.id for c in plan.cases if c.quick}
+    assert plan.reduced == {"numpy_oracle": "each shape compiles for seconds"}
+    assert {c.id for _, c, _ in plan.tasks()} == quick and len(quick) < len(plan.cases)
+    assert plan.to_dict()["reduced"] == plan.reduced
+    assert plan.rows_all_shards == plan.rows
+    every = session.make_plan("numpy_oracle", "float32", "shapes,masks", every_case=True)
+    assert not every.reduced and len(every.tasks()) == len(every.cases)

@@ -1,6 +1,7 @@
 """``mhabench bench``: the asv benchmarks (time, per-call peak memory, GFLOP/s), run here."""
 from __future__ import annotations
 
+import os
 import sys
 
 HELP = "run the asv benchmarks (time, per-call peak memory, GFLOP/s) here; results in <results>/asv"
@@ -29,6 +30,14 @@ def register(parser):
     parser.add_argument("-v", "--verbose", action="store_true", help="all of asv's output, with the "
                         "benchmarks' stderr")
     parser.add_argument("--dry-run", action="store_true", help="print the asv commands, run nothing")
+    parser.add_argument("--shard", metavar="K/N", help="run part K of N of the selected benchmarks, split evenly "
+                        "by estimated cost and the same on every machine; bench/plan.json records it")
+    parser.add_argument("--machine", metavar="NAME", help="the machine name asv files these results under "
+                        "(default: asv's own, the host name); give every shard of one kind of machine the "
+                        "same name, and conform the same --machine")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", help="run nothing: merge the benchmark results of "
+                        "these results directories (shards, machines, nights) into --results, one asv tree that "
+                        "asv publish shows whole (asv publish --config RESULTS/bench/asv.conf.json)")
 
 
 def main(args) -> int:
@@ -37,9 +46,12 @@ def main(args) -> int:
     from mhabench.cli import CLIError, printable
     if args.quick and args.profile not in (None, "quick"):
         raise CLIError(f"--quick contradicts --profile {args.profile}")
+    if args.merge:
+        return merge(args)
     try:
         options = sweep.make_options("quick" if args.quick else args.profile, args.adapters, args.devices,
-                                     args.results, args.bench, args.memory_budget, args.adapter)
+                                     args.results, args.bench, args.memory_budget, args.adapter, args.shard,
+                                     args.machine)
         say = lambda line: print(printable(line), flush=True)
         if args.dry_run:
             return sweep.run(options, resume=args.resume, verbose=args.verbose, dry_run=True, say=say)
@@ -47,3 +59,29 @@ def main(args) -> int:
             return sweep.run(options, resume=args.resume, verbose=args.verbose, say=say)
     except (sweep.SweepError, results.ResultsLocked) as exc:
         raise CLIError(str(exc)) from None
+
+
+def merge(args) -> int:
+    from mhabench import results
+    from mhabench.benchmarks import merge as merge_mod
+    from mhabench.benchmarks import sweep
+    from mhabench.cli import CLIError, printable
+    for option, given in (("--shard", args.shard), ("--resume", args.resume), ("--dry-run", args.dry_run),
+                          ("--bench", args.bench), ("--machine", args.machine)):
+        if given:
+            raise CLIError(f"--merge and {option} cannot be used together")
+    missing = [d for d in args.merge if not os.path.isdir(d)]
+    if missing:
+        raise CLIError(f"--merge: {', '.join(missing)}: no such directory")
+    layout = results.Layout(os.path.abspath(args.results))  # asv reads the config's paths from its own folder
+    try:
+        with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
+            lines = merge_mod.merge(args.merge, layout.root)
+            config = sweep.asv_config(layout)
+    except (merge_mod.MergeError, results.ResultsLocked) as exc:
+        raise CLIError(str(exc)) from None
+    for line in lines:
+        print(printable(line))
+    print(printable(f"mhabench bench: merged {len(args.merge)} directories into {layout.asv}; "
+                    f"asv publish --config {config}"))
+    return 0

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 HELP = "run the conformance matrix over the adapters; write rows.jsonl, results.json, results.csv; print a summary"
+PROGRESS_EVERY = 5.0
 
 
 def register(parser):
@@ -26,19 +28,33 @@ def register(parser):
                         help="also run an adapter class not in the registry (repeatable); one that cannot be "
                              "loaded stops the run")
     parser.add_argument("--quick", action="store_true", help="the reduced matrix the pytest view runs by default")
-    parser.add_argument("--jobs", type=int, default=None, help="adapters run in parallel (default: CPU count)")
+    parser.add_argument("--every-case", action="store_true",
+                        help="run the whole matrix also for adapters that declare reduced_matrix (each new shape "
+                             "costs them a compilation or an export of seconds)")
+    parser.add_argument("--jobs", type=int, default=None, help="worker processes at a time; an adapter with much "
+                        "work left gets several (default: one per core, 2 GiB of available memory each)")
     parser.add_argument("--self-check", action="store_true",
                         help="run the deliberately broken mutant adapters and print which rows catch each")
     parser.add_argument("--cache-dir", metavar="DIR", help="where compiled programs are kept between runs "
                         "(default: $MHABENCH_CACHE_DIR or ~/.cache/mhabench; 'off' keeps nothing)")
     parser.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                         help="skip cases estimated to need more (default: a quarter of available memory)")
+    parser.add_argument("--shard", metavar="K/N", help="run part K of N of the tasks (adapter x case x dtype), "
+                        "split evenly by estimated cost and the same on every machine: N shards with the same "
+                        "options cover the whole run exactly once (merge them with mhabench report --results)")
+    parser.add_argument("--machine", metavar="NAME", help="the machine name recorded with the results "
+                        "(default: the host name); give every shard of one kind of machine the same name")
+    parser.add_argument("--progress-every", type=float, default=PROGRESS_EVERY, metavar="SECONDS",
+                        help=f"when stderr is not a terminal, a plain progress line this often (default "
+                             f"{PROGRESS_EVERY:g}; 0: after every case); on a terminal, progress bars")
 
 
 def check_options(args) -> None:
     from mhabench.cli import CLIError
     conflicts = [("--self-check", args.self_check, "--rerun", args.rerun), ("--self-check", args.self_check,
-                 "--resume", args.resume), ("--resume", args.resume, "--rerun", args.rerun)]
+                 "--resume", args.resume), ("--resume", args.resume, "--rerun", args.rerun),
+                 ("--shard", args.shard, "--rerun", args.rerun), ("--shard", args.shard, "--self-check",
+                                                                   args.self_check)]
     for a, a_set, b, b_set in conflicts:
         if a_set and b_set:
             raise CLIError(f"{a} and {b} cannot be used together")
@@ -50,6 +66,13 @@ def check_options(args) -> None:
         raise CLIError(f"--memory-budget must be a positive number of MiB, got {args.memory_budget:g}")
     if args.examples < 0:
         raise CLIError(f"--examples must be an integer >= 0, got {args.examples}")
+    if not args.progress_every >= 0:
+        raise CLIError(f"--progress-every must be a number of seconds >= 0, got {args.progress_every}")
+    from mhabench.results import machine_name
+    try:
+        machine_name(args.machine)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def main(args) -> int:
@@ -63,7 +86,7 @@ def main(args) -> int:
         return 0 if mutants.print_catch_table(mutants.self_check()) else 1
     try:
         plan = session.make_plan(args.adapters, args.dtypes, args.areas, quick=args.quick, examples=args.examples,
-                                 adhoc=args.adapter)
+                                 adhoc=args.adapter, shard=args.shard, every_case=args.every_case)
     except session.SelectionError as exc:
         raise CLIError(str(exc)) from None
     if not args.adapters:
@@ -74,17 +97,130 @@ def main(args) -> int:
     warn = lambda text: print(printable(f"mhabench conform: warning: {text}"), file=sys.stderr)
     budget = int(args.memory_budget * 2**20) if args.memory_budget else None
     layout = results.Layout(args.results)
-    start = lambda plan: print(f"mhabench conform: {len(plan.cases)} cases x {len(plan.adapters)} adapters x "
-                               f"{len(plan.dtypes)} dtypes = {plan.rows} rows -> {layout.rows}", file=sys.stderr)
+    display = progress_display(sys.stderr, args.progress_every)
+
+    def start(tally):
+        plan = tally.plan
+        shard = f" (shard {plan.shard[0]}/{plan.shard[1]}: {plan.rows} of {plan.rows_all_shards} rows)" \
+            if plan.shard else ""
+        print(f"mhabench conform: {len(plan.cases)} cases x {len(plan.adapters)} adapters x {len(plan.dtypes)} "
+              f"dtypes = {plan.rows_all_shards} rows{shard} -> {layout.rows}", file=sys.stderr, flush=True)
+        for name, why in plan.reduced.items():
+            print(f"  {name}: the reduced matrix only (--every-case for all): {why}", file=sys.stderr, flush=True)
+        display.start(tally)
     try:
         with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
-            outcome = session.run(plan, layout.root, resume=args.resume, rerun=args.rerun, timeout=args.timeout,
-                                  jobs=args.jobs, memory_budget=budget, on_start=start, warn=warn)
+            try:
+                outcome = session.run(plan, layout.root, resume=args.resume, rerun=args.rerun, timeout=args.timeout,
+                                      jobs=args.jobs, memory_budget=budget, on_start=start,
+                                      on_rows=display.update, warn=warn, machine=args.machine)
+            finally:
+                display.finish()
     except (session.SelectionError, results.ResultsLocked) as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(f"results directory {layout.root}: {exc.strerror or exc}") from None
     return print_summary(outcome, args.rerun)
+
+
+# ---- progress --------------------------------------------------------------------------------------
+
+def progress_display(stream, every: float):
+    """Bars on a terminal, plain lines in a log."""
+    return ProgressBars(stream) if stream.isatty() else ProgressLines(stream, every)
+
+
+class ProgressLines:
+    """Off a terminal: the tally's plain line (``mhabench.progress``) every ``every`` seconds, whether or not
+    rows came in (a log shows the run is alive), and once at the end; ``every`` 0: a line per batch of rows.
+
+    ``mhabench run`` reads these lines back from its conform stage to draw that stage's bar."""
+
+    def __init__(self, stream, every: float):
+        self.stream, self.every = stream, every
+        self.tally = None
+        self._stop = threading.Event()
+        self._ticker = None
+
+    def start(self, tally):
+        self.tally = tally
+        self._write()
+        if self.every > 0:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+
+    def _tick(self):
+        while not self._stop.wait(self.every):
+            if self.tally.completed < self.tally.total:
+                self._write()
+
+    def update(self, rows):
+        if self.tally is not None and self.every == 0:
+            self._write()
+
+    def finish(self):
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        if self.tally is not None:
+            self._write()
+            self.tally = None
+
+    def _write(self):
+        from mhabench.cli import printable
+        print(printable(f"mhabench conform: {self.tally.line()}"), file=self.stream, flush=True)
+
+
+class ProgressBars:
+    """On a terminal: one bar per adapter (rows done / planned), one for the run with elapsed and time left."""
+
+    def __init__(self, stream=None, console=None):
+        from rich.console import Console
+        self.console = console or Console(file=stream, stderr=stream is None)
+        self.progress = self.tally = None
+        self.tasks: dict[str, int] = {}
+
+    def start(self, tally):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+        from rich.table import Column
+        from rich.text import Text
+        from mhabench.progress import format_seconds
+
+        class Timing(ProgressColumn):
+            """Elapsed and time left of the whole run, from the tally's weighted fraction."""
+
+            def render(self, task):
+                if not task.fields.get("overall"):
+                    return Text("done" if task.finished else "", style="green")
+                eta = tally.eta()
+                left = "done" if task.finished else ("time left unknown" if eta != eta else
+                                                     f"about {format_seconds(eta)} left")
+                return Text(f"{format_seconds(tally.elapsed())} elapsed, {left}")
+
+        self.tally = tally
+        self.progress = Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+                                 BarColumn(), MofNCompleteColumn(), Timing(), console=self.console,
+                                 transient=False)
+        self.progress.start()
+        self.tasks["\0overall"] = self.progress.add_task(f"all ({tally.unit})", total=tally.total,
+                                                          completed=tally.completed, overall=True)
+        for adapter, planned in tally.planned.items():
+            self.tasks[adapter] = self.progress.add_task(adapter, total=planned, completed=tally.done[adapter])
+
+    def update(self, rows):
+        if self.progress is None:
+            return
+        for adapter in {r["adapter"] for r in rows}:
+            if adapter not in self.tasks:
+                self.tasks[adapter] = self.progress.add_task(adapter, total=self.tally.planned[adapter])
+            self.progress.update(self.tasks[adapter], completed=self.tally.done[adapter],
+                                 total=self.tally.planned[adapter])
+        self.progress.update(self.tasks["\0overall"], completed=self.tally.completed, total=self.tally.total)
+
+    def finish(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
 
 
 def print_summary(outcome, rerun, console=None) -> int:

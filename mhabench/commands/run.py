@@ -2,7 +2,8 @@
 
 Conformance and benchmarks run as child processes (``python -m mhabench ...``) so that a crash or a
 framework abort in one stage cannot take the others down; each child's output goes to a log file
-under the results directory while a progress line shows what it is doing.
+under the results directory while a bar per stage shows how far it is: the children write plain progress
+lines (``mhabench.progress``) into that output, and the bar follows them.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mhabench.cli import printable
 from .report import DEFAULT_OUT, DEFAULT_RESULTS
 
 HELP = "the main job: run the conformance suite, the quick benchmark profile and the report"
+PROGRESS_EVERY = 2  # seconds between the conform stage's progress lines, which move its bar
 
 
 def register(parser):
@@ -42,7 +44,7 @@ class Stage:
 
 def stages_for(args) -> list[Stage]:
     results = str(args.results)
-    stages = [Stage("conform", ["conform", "--results", results]),
+    stages = [Stage("conform", ["conform", "--results", results, "--progress-every", str(PROGRESS_EVERY)]),
               Stage("bench", ["bench", "--quick", "--results", results]),
               Stage("report", None)]
     for stage in stages:
@@ -103,23 +105,42 @@ def run_report(stage: Stage, args):
     return data, paths
 
 
+def stage_columns():
+    """Spinner, stage, its bar and counts (from the child's progress lines), elapsed, the child's last line."""
+    from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Column
+    return (SpinnerColumn(), TextColumn("[bold]{task.description}", table_column=Column(min_width=8, no_wrap=True)),
+            BarColumn(bar_width=24), TextColumn("{task.fields[counts]}", markup=False,
+                                                table_column=Column(min_width=9, no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
+            TextColumn("{task.fields[line]}", markup=False,
+                       table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")))
+
+
+def follow(progress, task, line: str) -> None:
+    """Show a child's output line on its stage; a progress line (``mhabench.progress``) also moves the bar."""
+    from mhabench.progress import parse
+    found = parse(line)
+    if found is not None:
+        done, total, unit = found
+        progress.update(task, total=max(total, 1), completed=done, counts=f"{done}/{total} {unit}")
+    progress.update(task, line=printable(line)[:100])
+
+
 def main(args) -> int:
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    from rich.table import Column
+    from rich.progress import Progress
 
     console = Console()
     stages = stages_for(args)
     log_dir = Path(args.results) / "logs"
     data = paths = None
-    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}", table_column=Column(min_width=8, no_wrap=True)),
-               TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
-               TextColumn("{task.fields[line]}", markup=False,
-                          table_column=Column(ratio=1, no_wrap=True, overflow="ellipsis")))
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*stage_columns(), console=console, transient=False) as progress:
         for stage in stages:
-            task = progress.add_task(stage.name, total=1, line="skipped" if stage.status == "skipped" else "waiting")
+            # no total until the child's first progress line: the bar pulses
+            task = progress.add_task(stage.name, total=1 if stage.status == "skipped" else None, counts="",
+                                     line="skipped" if stage.status == "skipped" else "waiting")
             stage.task = task
         for stage in stages:
             if stage.status == "skipped":
@@ -128,14 +149,15 @@ def main(args) -> int:
             started = time.monotonic()
 
             def on_line(line, task=stage.task):
-                progress.update(task, line=printable(line)[:100])
+                follow(progress, task, line)
             on_line("running")
             if stage.argv is not None:
                 run_child(stage, log_dir, on_line)
             else:
                 data, paths = run_report(stage, args)
             stage.seconds = time.monotonic() - started
-            progress.update(stage.task, completed=1,
+            total = next(t.total for t in progress.tasks if t.id == stage.task) or 1
+            progress.update(stage.task, total=total, completed=total,
                             line=("done" if stage.status == "ok" else printable(stage.detail)[:100]))
     failed = [s for s in stages if s.status == "failed"]
     findings = [s for s in stages if s.status == "findings"]
