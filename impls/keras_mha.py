@@ -42,6 +42,7 @@ import numpy as np
 
 from . import _keras, worker
 from .base import Capabilities, Layer, UnsupportedError, kernel_refusals
+from .validation import numpy_dtype
 from .spec import Weights
 
 WORKER_OPTIONS = ("build_timeout", "call_timeout")
@@ -110,8 +111,9 @@ class KerasMHALayer(Layer):
         self.ops = _keras.Ops(adapter.backend, device)
         self.keras = self.ops.keras
         self.weights = weights
-        # (rank, sliding_window) -> (keras layer, named variables, forward fn)
+        # (rank, sliding_window) -> (keras layer, named variables, forward fn), and the one-program evaluate
         self._layers: dict[tuple[int, int | None], tuple] = {}
+        self._programs: dict[tuple[int, int | None], object] = {}  # (JAX, compiled mode)
         if default_rank(spec) is not None:
             self._layer(default_rank(spec))
 
@@ -148,7 +150,8 @@ class KerasMHALayer(Layer):
                 named["b" + prefix] = dense.bias
         return named
 
-    def _forward_fn(self, layer):
+    @staticmethod
+    def _stateless(layer):
         def forward(trainable, non_trainable, query, value, key, masks, static):
             causal, return_scores, training = static
             attention_mask, value_mask = masks
@@ -156,7 +159,60 @@ class KerasMHALayer(Layer):
                 trainable, non_trainable, query, value, key=key, attention_mask=attention_mask, value_mask=value_mask,
                 use_causal_mask=causal, return_attention_scores=return_scores, training=training)
             return (result if return_scores else (result, None)), non_trainable
+        return forward
+
+    def _forward_fn(self, layer):
+        forward = self._stateless(layer)
         return forward if self.mode == "eager" else self.ops.compile(forward, self.mode)
+
+    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True,
+                 **features):
+        """On JAX in compiled mode, one jitted program per case computes the default output, the with-scores
+        output and scores, and the gradients (as the JAX layers do); elsewhere one call per path."""
+        if self.ops.backend != "jax" or self.mode != "compiled":
+            return super().evaluate(query, value, key, mask, causal, cotangent=cotangent, scores=scores, **features)
+        from .validation import check_cotangent
+        call = self._validated(query, value, key, mask, causal, features, return_scores=scores,
+                               gradients=cotangent is not None)
+        inputs = self._native(call)
+        program_key = (call.rank, inputs["window"])  # a Keras layer per sliding window: a program per layer
+        layer, named, _ = self._layer(*program_key)
+        trainable, non_trainable = self._state(layer)
+        ct = None if cotangent is None else self.ops.tensor(check_cotangent(call, cotangent), self.dtype)
+        if program_key not in self._programs:
+            self._programs[program_key] = self._one_program(layer)
+        found = self._programs[program_key](trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"],
+                                            inputs["mask"], ct, causal=inputs["causal"], scores=scores)
+        as_array = lambda x: np.asarray(self.ops.numpy(x)).astype(numpy_dtype(self.dtype))
+        result = {"output": as_array(found["output"])}
+        if scores:
+            result["output_with_scores"] = as_array(found["output_with_scores"])
+            result["scores"] = as_array(found["scores"]).reshape(call.scores_shape)
+        if ct is not None:
+            g_trainable, g_query, g_value, g_key = found["grads"]
+            names = {id(v): n for n, v in named.items()}
+            grads = {"query": g_query, "value": g_value, **({"key": g_key} if call.key_given else {})}
+            grads.update({names[id(v)]: g for v, g in zip(layer.trainable_variables, g_trainable)})
+            result["gradients"] = {k: np.asarray(self.ops.numpy(v)).astype(np.float64) for k, v in grads.items()}
+        return result
+
+    def _one_program(self, layer):
+        import jax
+        import jax.numpy as jnp
+        forward = self._stateless(layer)
+
+        def program(trainable, non_trainable, query, value, key, mask, cotangent, causal, scores):
+            result = {"output": forward(trainable, non_trainable, query, value, key, mask, (causal, False, False))[0][0]}
+            if scores:
+                (out, weights), _ = forward(trainable, non_trainable, query, value, key, mask, (causal, True, False))
+                result.update(output_with_scores=out, scores=weights)
+            if cotangent is not None:
+                def loss(trainable, query, value, key):
+                    out = forward(trainable, non_trainable, query, value, key, mask, (causal, False, False))[0][0]
+                    return jnp.sum(out * cotangent.astype(out.dtype))
+                result["grads"] = jax.grad(loss, argnums=(0, 1, 2, 3))(list(trainable), query, value, key)
+            return result
+        return jax.jit(program, static_argnames=("causal", "scores"))
 
     # ---- translating a call ---------------------------------------------------
     def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False, training=False,
@@ -290,7 +346,11 @@ class KerasMHAAdapter(_keras.KerasAdapter):
 class KerasMHAJaxAdapter(KerasMHAAdapter):
     name = "keras_mha@jax"
     backend = "jax"
-    quick_mode = "compiled"  # JAX's eager mode compiles every primitive on first use
+    # Keras on JAX compiles what users run (Model.fit, predict and evaluate jit_compile by default), and its
+    # eager mode compiles every primitive on first use: conformance and the quick profile run it compiled,
+    # one program per case (evaluate)
+    default_mode = "compiled"
+    quick_mode = "compiled"
     framework = "Keras (JAX)"
     description = "keras.layers.MultiHeadAttention on the JAX backend"
 

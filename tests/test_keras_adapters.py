@@ -107,7 +107,7 @@ JAX_VALUE_DIM = ("Keras's JAX backend dot_product_attention fails when value_dim
 
 def known_divergence(name, label, dtype, return_scores):
     fused = not return_scores and len(CASES[label][2]) == 3  # Keras's fused dot_product_attention path
-    if name != "keras_mha" and fused and dtype == "float64":
+    if name == "keras_mha@torch" and fused and dtype == "float64":
         return F64_FUSED
     if name == "keras_mha@jax" and fused and CASES[label][0].value_dim not in (None, CASES[label][0].key_dim):
         return JAX_VALUE_DIM
@@ -123,10 +123,13 @@ def run_case(name, label, dtype, return_scores, mode="eager"):
     mask = allowed_mask(mask_shape) if mask_shape else None
     golden, golden_scores = oracle.forward(spec, w, q, v, k, mask, causal)
     out, scores = layer(q, v, k, mask, causal, return_scores=return_scores)
+    assert out.dtype.name == dtype
+    # Keras on JAX runs as its users run it, jax_enable_x64 off: float64 is computed in float32 on every path
+    tol = TOL["float32"] if (name, dtype) == ("keras_mha@jax", "float64") else TOL[dtype]
     scale = np.abs(golden).max()
-    assert np.abs(out.astype(np.float64) - golden).max() <= TOL[dtype] * scale
+    assert np.abs(out.astype(np.float64) - golden).max() <= tol * scale
     if return_scores:
-        assert np.abs(scores.astype(np.float64) - golden_scores).max() <= TOL[dtype]
+        assert np.abs(scores.astype(np.float64) - golden_scores).max() <= tol
 
 
 def params(names, labels):
