@@ -99,6 +99,7 @@ class Capabilities:
     devices: tuple[str, ...] = ("cpu",)
     modes: tuple[str, ...] = ("eager",)
     supported_extensions: frozenset = frozenset()
+    devices_reason: str = ""  # why the other devices are out (a kernel that exists on one device only, say)
 
     def __post_init__(self):
         unknown = set(self.unsupported_features) - set(FEATURES)
@@ -330,7 +331,7 @@ class Adapter:
             return f"dtype {dtype}: {caps.unsupported_dtypes[dtype]}"
         device = check_device(device)
         if device.split(":")[0] not in caps.devices:
-            return f"device {device}: {self.name} runs on {', '.join(caps.devices)} only"
+            return f"device {device}: " + (caps.devices_reason or f"{self.name} runs on {', '.join(caps.devices)} only")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in caps.modes:

@@ -191,9 +191,6 @@ class JaxDPACudnnAdapter(JaxDPAAdapter):
         only = "cuDNN flash attention runs float16 and bfloat16 only"
         return Capabilities(unsupported_features=caps.unsupported_features, devices=("cuda",), modes=caps.modes,
                             unsupported_dtypes={"float32": only, "float64": only},
-                            supported_extensions=caps.supported_extensions)
-
-    def unsupported_reason(self, spec, weights, *, device="cpu", **kwargs):
-        if not str(device).startswith("cuda"):
-            return f"device {device}: jax.nn.dot_product_attention's 'cudnn' implementation runs on NVIDIA GPUs only"
-        return super().unsupported_reason(spec, weights, device=device, **kwargs)
+                            supported_extensions=caps.supported_extensions,
+                            devices_reason="jax.nn.dot_product_attention's 'cudnn' implementation runs on NVIDIA "
+                                           "GPUs only")

@@ -400,13 +400,17 @@ class KerasFlashKernel:
         options.setdefault("flash_attention", FLASH_KERNELS[self.kernel])
         return super()._build(spec, weights, dtype, device, mode, **options)
 
-    def unsupported_reason(self, spec, weights, *, device="cpu", **kwargs):
-        if self.kernel == "flash":
-            if not str(device).startswith("cuda"):
-                return f"device {device}: {FLASH_OFF_CUDA[self.backend]}"
-            if spec.dropout > 0:
-                return "Keras's MultiHeadAttention raises 'Dropout is not supported when flash attention is enabled'"
-        return super().unsupported_reason(spec, weights, device=device, **kwargs)
+    def capabilities(self):
+        caps = super().capabilities()
+        if self.kernel != "flash":
+            return caps
+        return Capabilities(unsupported_features=caps.unsupported_features, devices=("cuda",), modes=caps.modes,
+                            supported_extensions=caps.supported_extensions, devices_reason=FLASH_OFF_CUDA[self.backend])
+
+    def unsupported_reason(self, spec, weights, **kwargs):
+        if self.kernel == "flash" and spec.dropout > 0:
+            return "Keras's MultiHeadAttention raises 'Dropout is not supported when flash attention is enabled'"
+        return super().unsupported_reason(spec, weights, **kwargs)
 
 
 class KerasMHAJaxFlashAdapter(KerasFlashKernel, KerasMHAJaxAdapter):

@@ -183,13 +183,9 @@ class TorchSDPAKernelAdapter(TorchSDPAAdapter):
         caps = super().capabilities()
         devices = ("cuda",) if self.kernel in CUDA_ONLY_KERNELS else ("cpu", "cuda")
         return Capabilities(unsupported_features=caps.unsupported_features, devices=devices, modes=("eager",),
-                            supported_extensions=caps.supported_extensions)
-
-    def unsupported_reason(self, spec, weights, *, device="cpu", **kwargs):
-        if self.kernel in CUDA_ONLY_KERNELS and not str(device).startswith("cuda"):
-            return (f"device {device}: SDPA's {self.kernel} kernel (SDPBackend.{SDPA_BACKENDS[self.kernel]}) exists "
-                    f"only on CUDA; PyTorch's CPU build has the math and flash kernels")
-        return super().unsupported_reason(spec, weights, device=device, **kwargs)
+                            supported_extensions=caps.supported_extensions,
+                            devices_reason=f"SDPA's {self.kernel} kernel (SDPBackend.{SDPA_BACKENDS[self.kernel]}) "
+                                           f"exists only on CUDA; PyTorch's CPU build has the math and flash kernels")
 
 
 class TorchSDPAMathAdapter(TorchSDPAKernelAdapter):
