@@ -74,9 +74,10 @@ def record(benchmarks, params: dict, status: str, reason: str) -> None:
 def record_flops(benchmark_class: str, case: "Case") -> None:
     """The FLOPs of a case's forward and forward+backward calls (bench/flops.jsonl): the report divides them
     by asv's own steady-state timings to give GFLOP/s, so throughput and time come from one measurement."""
+    from mhabench import impls
     _append_once(results.Layout(results_dir()).flops,
                  [{"benchmark": benchmark_class, "params": case.params(), "forward": case.flops(False),
-                   "forward_backward": case.flops(True)}])
+                   "forward_backward": case.flops(True), "kernel": impls.get_adapter(case.adapter).kernel}])
 
 
 # ---- memory budget ------------------------------------------------------------------------------

@@ -18,10 +18,19 @@ from typing import Callable
 import numpy as np
 
 from mhabench.impls import AttentionSpec, Weights
-from mhabench.impls.validation import validate_call
+from mhabench.impls.validation import check_causal, check_window, validate_call
 from mhabench.results import AREAS, DTYPES  # noqa: F401  (DTYPES: the dtypes a case runs in)
 
 MASK_KINDS = ("none", "full", "broadcast", "padding", "per_head", "fully_masked_row", "all_allowed")
+# The additive float bias of modern attention (drawn like a mask, read by the mask rule): ``TS`` one [T, S] for
+# every batch and head; ``B1S`` per batch and key (a padding-like penalty); ``BHTS`` the full scores rank with a
+# head axis; ``neg_inf`` some -inf entries, never a whole row; ``neg_inf_row`` query row 1 of batch 0 all -inf
+# (a fully masked row made by the bias alone).
+BIAS_KINDS = ("TS", "B1S", "BHTS", "neg_inf", "neg_inf_row")
+# Padding given as lengths: ``key_value`` (batch b keeps fewer keys as b grows), ``query`` (likewise for query rows,
+# which then attend to nothing), ``both``, and ``empty`` (a key/value length 0 in batch 0 and a query length 0 in
+# the last batch element: whole fully masked batches).
+LENGTHS_KINDS = ("key_value", "query", "both", "empty")
 SPECIALS = (None, "nan_query", "nan_key", "nan_value", "inf_query", "inf_key", "ninf_value", "nan_masked_key",
             "nan_masked_value", "inf_masked_value")
 # The forward quantities of a case, one per path a user takes: ``output`` from the framework's default call
@@ -29,7 +38,7 @@ SPECIALS = (None, "nan_query", "nan_key", "nan_value", "inf_query", "inf_key", "
 # ``scores`` from the call that also returns the attention scores (often another code path).
 FORWARD_QUANTITIES = ("output", "output_with_scores", "scores")
 GRADIENT_QUANTITIES = ("grad_query", "grad_key", "grad_value", "grad_Wq", "grad_bq", "grad_Wk", "grad_bk",
-                       "grad_Wv", "grad_bv", "grad_Wo", "grad_bo")
+                       "grad_Wv", "grad_bv", "grad_Wo", "grad_bo", "grad_bias")  # grad_bias: the additive bias's
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,11 @@ class Case:
     mask_lead: int | None = None
     gradients: bool = True  # gradient rows as well as the forward ones
     dtypes: tuple[str, ...] | None = None  # only these dtypes (None: every dtype of the run)
+    # modern attention, call-level (grouped-query attention is the spec's num_kv_heads); ``causal`` above may
+    # also be "bottom_right"
+    window: tuple | None = None        # (left, right), either None = unbounded
+    bias: str | None = None            # one of BIAS_KINDS
+    lengths: str | None = None         # one of LENGTHS_KINDS
 
     def __post_init__(self):
         if self.area not in AREAS:
@@ -72,6 +86,15 @@ class Case:
                              f"and no distinct key")
         if self.special not in SPECIALS:
             raise ValueError(f"case {self.id}: special must be one of {SPECIALS}, got {self.special!r}")
+        if self.bias not in (None,) + BIAS_KINDS:
+            raise ValueError(f"case {self.id}: bias must be None or one of {BIAS_KINDS}, got {self.bias!r}")
+        if self.lengths not in (None,) + LENGTHS_KINDS:
+            raise ValueError(f"case {self.id}: lengths must be None or one of {LENGTHS_KINDS}, got {self.lengths!r}")
+        alignment = check_causal(self.causal)
+        # True is top-left (the classic value, kept so classic cases read as before); "top_left" is the same case
+        object.__setattr__(self, "causal", "bottom_right" if alignment == "bottom_right" else alignment is not None)
+        window = check_window(self.window)
+        object.__setattr__(self, "window", None if window is None else tuple(window))
         object.__setattr__(self, "spec", AttentionSpec(**self.spec).to_dict())  # normalised, JSON-ready
         object.__setattr__(self, "q_shape", tuple(self.q_shape))
         object.__setattr__(self, "k_shape", tuple(self.k_shape))
@@ -103,9 +126,9 @@ class Case:
         if self.area == "invalid" or not self.gradients:
             return ()
         names = ["grad_query"] + (["grad_key"] if self.key_distinct else []) + ["grad_value", "grad_Wq"]
-        bias = self.attention_spec.use_bias
-        names += [q for q in GRADIENT_QUANTITIES[3:] if q != "grad_Wq" and (bias or not q.startswith("grad_b"))]
-        return tuple(names)
+        use_bias = self.attention_spec.use_bias
+        names += [q for q in GRADIENT_QUANTITIES[3:-1] if q != "grad_Wq" and (use_bias or not q.startswith("grad_b"))]
+        return tuple(names) + (("grad_bias",) if self.bias is not None else ())
 
     def quantities(self) -> tuple[str, ...]:
         if self.area == "invalid":
@@ -123,6 +146,18 @@ class Case:
         k = np.zeros(self.key_shape) if self.key_distinct else None
         return validate_call(self.attention_spec, self.dims, np.zeros(self.query_shape),
                              np.zeros(self.value_shape), k)
+
+    @property
+    def modern(self) -> tuple[str, ...]:
+        """The modern-attention features the case uses (names of ``impls.base.FEATURES``)."""
+        call = self.shape_call()
+        used = []
+        if self.attention_spec.kv_heads != self.attention_spec.num_heads:
+            used.append("gqa")
+        if self.causal == "bottom_right" and call.q_len != call.k_len:
+            used.append("causal_bottom_right")
+        used += [name for name, on in (("window", self.window), ("bias", self.bias), ("lengths", self.lengths)) if on]
+        return tuple(used)
 
     def estimated_bytes(self) -> int:
         """Bytes one float64 evaluation needs, roughly: inputs, projections, a few copies of the scores."""
@@ -158,7 +193,11 @@ class Case:
             mask = make_mask("padding", call, spec.num_heads, rng)
         query, value, key = _plant_special(self.special, query, value, key)
         cotangent = rng.standard_normal(call.output_shape)
-        return Inputs(spec, weights, query, value, key, mask, self.causal, cotangent)
+        # the modern features draw from their own stream, so every classic case keeps its inputs
+        bias = make_bias(self.bias, call, spec.num_heads, np.random.default_rng([self.seed, 2]))
+        query_lengths, key_value_lengths = make_lengths(self.lengths, call)
+        return Inputs(spec, weights, query, value, key, mask, self.causal, cotangent, self.window, bias,
+                      query_lengths, key_value_lengths)
 
 
 @dataclass
@@ -169,11 +208,22 @@ class Inputs:
     value: np.ndarray
     key: np.ndarray | None
     mask: np.ndarray | None
-    causal: bool
+    causal: bool | str
     cotangent: np.ndarray = field(repr=False)
+    window: tuple | None = None
+    bias: np.ndarray | None = field(default=None, repr=False)
+    query_lengths: np.ndarray | None = None
+    key_value_lengths: np.ndarray | None = None
 
     def args(self):
+        """The positional arguments of the call: query, value, key, mask, causal."""
         return self.query, self.value, self.key, self.mask, self.causal
+
+    def features(self) -> dict:
+        """The call-level keyword arguments of modern attention that the case gives (none for a classic case)."""
+        given = {"window": self.window, "bias": self.bias, "query_lengths": self.query_lengths,
+                 "key_value_lengths": self.key_value_lengths}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 USUAL_LEAD = {"broadcast": 0, "per_head": None}  # None: every leading axis, heads included; else batch axes
@@ -216,6 +266,56 @@ def make_mask(kind: str, call, num_heads: int, rng, lead: int | None = None) -> 
     if kind == "fully_masked_row":
         m[(0,) * len(lead_shape) + (min(1, T - 1),)] = False
     return m.reshape(lead_shape + q_att + k_att)
+
+
+def _attended(call):
+    """(T, S, the attended query axes' sizes, the attended key axes' sizes) of a call."""
+    nb, n = call.n_batch, len(call.attention_axes)
+    q_att, k_att = call.scores_shape[nb + 1:nb + 1 + n], call.scores_shape[nb + 1 + n:]
+    return math.prod(q_att), math.prod(k_att), q_att, k_att
+
+
+def make_bias(kind: str | None, call, num_heads: int, rng) -> np.ndarray | None:
+    """An additive float bias of the given kind (BIAS_KINDS) for the call's scores, read by the mask rule."""
+    if kind is None:
+        return None
+    nb = call.n_batch
+    _, _, q_att, k_att = _attended(call)
+    batch_shape = call.scores_shape[:nb]
+    if kind == "TS":
+        return rng.standard_normal(q_att + k_att)
+    if kind == "B1S":
+        return rng.standard_normal(batch_shape[:1] + (1,) * (nb - 1 + len(q_att)) + k_att)
+    if kind == "BHTS":
+        return rng.standard_normal(batch_shape + (num_heads,) + q_att + k_att)
+    b = rng.standard_normal(batch_shape + q_att + k_att)
+    flat = b.reshape(batch_shape + (math.prod(q_att), math.prod(k_att)))  # a view: writes reach b
+    if kind == "neg_inf":  # some -inf positions, the first key of every row kept finite
+        flat[rng.random(flat.shape) < 0.3] = -np.inf
+        flat[..., 0] = 0.5
+    else:  # "neg_inf_row": query row 1 (or 0) of the first batch element is -inf everywhere
+        flat[(0,) * nb + (min(1, flat.shape[-2] - 1),)] = -np.inf
+    return b
+
+
+def make_lengths(kind: str | None, call) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(query_lengths, key_value_lengths) of the given kind (LENGTHS_KINDS), int64 [B]: deterministic, like the
+    padding mask, from the call's shapes."""
+    if kind is None:
+        return None, None
+    T, S, _, _ = _attended(call)
+    B = call.scores_shape[0]
+    shrink = lambda n: np.maximum(min(n, 1), n - np.arange(B) * max(n // 2, 1)).astype(np.int64)  # n, n - n//2, .., 1
+    query, key_value = None, None
+    if kind in ("query", "both"):
+        query = shrink(T)
+    if kind in ("key_value", "both"):
+        key_value = shrink(S)
+    if kind == "empty":
+        query, key_value = np.full(B, T, np.int64), np.full(B, S, np.int64)
+        key_value[0] = 0
+        query[-1] = 0
+    return query, key_value
 
 
 def _plant_special(special, query, value, key):
@@ -344,7 +444,8 @@ def _gradients() -> list[Case]:
 
 # ---- invalid input: each entry turns a valid call into a bad one ------------------------------------
 # The call is a dict: spec (AttentionSpec kwargs), weights (a function of the spec), query, value, key, mask,
-# causal, dtype, device. Every adapter must raise the same ValueError/TypeError as the shared validation.
+# causal, features (the call-level keyword arguments of modern attention), dtype, device. Every adapter must raise
+# the same ValueError/TypeError as the shared validation.
 
 def _with(**changes):
     return lambda call: {**call, **changes}
@@ -389,7 +490,21 @@ INVALID_INPUTS = {
     "weights_nan": _nan_weights,
     "dtype_unknown": _with(dtype="float8"),
     "device_unknown": _with(device="tpu"),
+    # modern attention: the call-level features and grouped-query attention
+    "causal_unknown_alignment": _with(causal="bottom_left"),
+    "window_bare_int": lambda call: _feature(call, window=2),
+    "window_negative": lambda call: _feature(call, window=(-1, 0)),
+    "bias_boolean": lambda call: _feature(call, bias=np.ones(call["query"].shape[1:2] * 2, dtype=bool)),
+    "bias_not_broadcastable": lambda call: _feature(call, bias=np.zeros((2, 8, 7))),
+    "key_value_lengths_too_long": lambda call: _feature(call, key_value_lengths=np.array([9, 8])),
+    "key_value_lengths_one_per_batch": lambda call: _feature(call, key_value_lengths=np.array([8])),
+    "query_lengths_float": lambda call: _feature(call, query_lengths=np.array([8.0, 8.0])),
+    "num_kv_heads_not_dividing": lambda call: {**call, "spec": {**call["spec"], "num_kv_heads": 3}},
 }
+
+
+def _feature(call, **features):
+    return {**call, "features": {**call.get("features", {}), **features}}
 
 
 def invalid_call(case: "Case") -> dict:
@@ -397,7 +512,7 @@ def invalid_call(case: "Case") -> dict:
     i = case.inputs()
     weights_of = lambda spec: Weights.random(spec, case.query_dim, case.value_dim, seed=case.seed)
     call = {"spec": dict(case.spec), "weights": weights_of, "query": i.query, "value": i.value, "key": i.key,
-            "mask": i.mask, "causal": i.causal, "dtype": "float32", "device": "cpu"}
+            "mask": i.mask, "causal": i.causal, "features": {}, "dtype": "float32", "device": "cpu"}
     return INVALID_INPUTS[case.invalid](call)
 
 
@@ -482,6 +597,68 @@ def _more() -> list[Case]:
     return out
 
 
+def _modern() -> list[Case]:
+    """Modern attention, each feature alone and with the classic ones: grouped-query attention with masks and
+    causal; bottom-right causal with T < S and T > S (where the first T - S rows see nothing); windows, also at
+    lengths either side of the tiles fused kernels use; the additive bias, with fully masked rows; lengths
+    (fully masked query rows and whole batches). Gradients, the bias's included, for all of them."""
+    c = lambda id, **kw: Case(id=f"modern-{id}", area="modern", spec=kw.pop("spec", _spec()), **kw)
+    gqa, mqa = _spec(4, 2, num_kv_heads=2), _spec(3, 2, num_kv_heads=1)
+    return [
+        # grouped-query attention (query head h reads kv head h // group)
+        c("gqa_h4_kv2-self_T8", spec=gqa, quick=True),
+        c("gqa_h4_kv2-cross_T6_S9-mask_padding-causal", spec=gqa, q_shape=(6,), k_shape=(9,), mask="padding",
+          causal=True),
+        c("mqa_h3_kv1-mask_per_head", spec=mqa),
+        c("gqa_h4_kv2-value_dim3-key_distinct-mask_fully_masked_row", spec=_spec(4, 2, value_dim=3, num_kv_heads=2),
+          k_shape=(6,), key_distinct=True, mask="fully_masked_row"),
+        c("gqa_h4_kv2-rank4-axes_default-causal", spec=gqa, q_shape=(2, 3), k_shape=(2, 3), causal=True),
+        # causal aligned bottom-right (the key/value-cache case)
+        c("bottom_right-cross_T4_S8", q_shape=(4,), causal="bottom_right", quick=True),
+        c("bottom_right-cross_T8_S4", k_shape=(4,), causal="bottom_right"),
+        c("bottom_right-decode_T1_S8-mask_padding", q_shape=(1,), causal="bottom_right", mask="padding"),
+        c("bottom_right-cross_T5_S8-mask_full", q_shape=(5,), causal="bottom_right", mask="full"),
+        c("bottom_right-rank4-axes_default-cross", q_shape=(2, 2), k_shape=(2, 3), causal="bottom_right"),
+        c("bottom_right-gqa_h4_kv2-cross_T3_S7", spec=gqa, q_shape=(3,), k_shape=(7,), causal="bottom_right"),
+        # sliding windows, measured from the causal diagonal
+        c("window_2_2-self_T8", window=(2, 2)),
+        c("window_3_0-self_T8", window=(3, 0), quick=True),
+        c("window_3_none-causal-self_T8", window=(3, None), causal=True),
+        c("window_none_1-cross_T6_S9-mask_full", q_shape=(6,), k_shape=(9,), window=(None, 1), mask="full"),
+        c("window_1_1-cross_T8_S4", k_shape=(4,), window=(1, 1)),  # rows past S + 1 see nothing
+        c("window_2_0-bottom_right-cross_T4_S8", q_shape=(4,), window=(2, 0), causal="bottom_right"),
+        c("window_1_2-rank5-axes_2_3", spec=_spec(attention_axes=(2, 3)), q_shape=(2, 3, 2), k_shape=(2, 2, 3),
+          window=(1, 2)),
+        # windows across the tiles of fused kernels (64, 128): a band that a tile boundary cuts
+        c("window_16_0-tiles-self_T129-causal", batch=1, q_shape=(129,), k_shape=(129,), window=(16, 0), causal=True,
+          dtypes=("float32", "float64")),
+        c("window_32_32-tiles-cross_T65_S129", batch=1, q_shape=(65,), k_shape=(129,), window=(32, 32),
+          dtypes=("float32", "float64")),
+        c("window_40_0-tiles-cross_T65_S129-bottom_right", batch=1, q_shape=(65,), k_shape=(129,), window=(40, 0),
+          causal="bottom_right", dtypes=("float32", "float64")),
+        # the additive bias, alone, with masks and causal, and with fully masked rows
+        c("bias_TS-self_T8", bias="TS", quick=True),
+        c("bias_B1S-cross_T8_S4-causal", k_shape=(4,), bias="B1S", causal=True),
+        c("bias_BHTS-cross_T6_S5-mask_full", q_shape=(6,), k_shape=(5,), bias="BHTS", mask="full"),
+        c("bias_neg_inf-self_T8-mask_padding", bias="neg_inf", mask="padding"),
+        c("bias_neg_inf_row-self_T8", bias="neg_inf_row"),
+        c("bias_TS-self_T8-mask_fully_masked_row", bias="TS", mask="fully_masked_row"),
+        c("bias_BHTS-gqa_h4_kv2-rank4-axes_2", spec=_spec(4, 2, num_kv_heads=2, attention_axes=(2,)), q_shape=(3, 4),
+          k_shape=(3, 5), bias="BHTS"),
+        c("bias_TS-large_logits", bias="TS", scale=60.0),
+        # padding given as lengths
+        c("lengths_key_value-cross_T6_S8", q_shape=(6,), lengths="key_value", quick=True),
+        c("lengths_query-self_T8", lengths="query"),
+        c("lengths_both-self_T8-causal-mask_full", lengths="both", causal=True, mask="full"),
+        c("lengths_empty-cross_T4_S6", q_shape=(4,), k_shape=(6,), lengths="empty"),
+        c("lengths_both-rank4-axes_2-free3", spec=_spec(attention_axes=(2,)), batch=3, q_shape=(3, 4),
+          k_shape=(3, 5), lengths="both"),
+        # everything at once
+        c("everything-gqa_h4_kv2-bottom_right-window_3_none-bias_TS-lengths_both-mask_full", spec=gqa, q_shape=(5,),
+          k_shape=(7,), causal="bottom_right", window=(3, None), bias="TS", lengths="both", mask="full"),
+    ]
+
+
 # ---- the pairwise covering design ---------------------------------------------------------------------
 # Every pair of levels of any two factors appears together in at least one case, for the forward and the
 # gradient quantities alike (every case has both): a bug that needs two features at once is met. The table
@@ -489,7 +666,7 @@ def _more() -> list[Case]:
 PAIR_FACTORS = {
     "lengths": ("T=S", "T<S", "T>S", "T=1"),
     "mask": ("none", "padding", "broadcast", "full", "per_head", "fully_masked_row"),
-    "causal": (False, True),
+    "causal": (False, True, "bottom_right"),
     "heads": (1, 2, 3),
     "key_dim": (1, 4),
     "value_dim": ("same", "other"),
@@ -498,37 +675,111 @@ PAIR_FACTORS = {
     "key": ("value", "distinct"),
     "bias": (True, False),
     "widths": ("equal", "mixed"),
+    # modern attention: grouped-query ("fewer": one key/value head), the window ((1, 2), or (2, 0)), the additive
+    # bias (BIAS_KINDS) and lengths (LENGTHS_KINDS); the classic rows (the first 29) use none of them
+    "kv_heads": ("all", "fewer"),
+    "window": ("none", "band", "left"),
+    "logit_bias": ("none", "TS", "BHTS", "neg_inf_row"),
+    "padding_lengths": ("none", "key_value", "query", "both"),
 }
+# Pairs no case can have: one head has no fewer key/value heads.
+PAIR_EXCLUDED = {("heads", 1, "kv_heads", "fewer")}
 PAIR_DESIGN = (
-    ('T<S', 'per_head', False, 2, 4, 'other', 'default', 'rank4_axis2', 'distinct', True, 'equal'),
-    ('T=1', 'none', True, 1, 1, 'same', '2x3', 'rank4_axes12', 'value', False, 'mixed'),
-    ('T>S', 'full', False, 3, 1, 'other', 'width5', 'rank3', 'distinct', False, 'mixed'),
-    ('T=S', 'fully_masked_row', True, 3, 4, 'other', '2x3', 'rank5_axes23', 'value', True, 'equal'),
-    ('T=1', 'padding', True, 2, 4, 'same', 'width5', 'rank3', 'distinct', True, 'equal'),
-    ('T>S', 'broadcast', True, 1, 1, 'same', 'default', 'rank4_axis2', 'value', False, 'mixed'),
-    ('T=S', 'broadcast', False, 1, 4, 'other', '2x3', 'rank4_axes12', 'distinct', True, 'mixed'),
-    ('T<S', 'padding', False, 2, 1, 'same', 'width5', 'rank5_axes23', 'distinct', False, 'mixed'),
-    ('T>S', 'full', False, 2, 1, 'same', '2x3', 'rank4_axes12', 'value', True, 'equal'),
-    ('T=S', 'per_head', False, 1, 1, 'same', 'width5', 'rank3', 'value', False, 'mixed'),
-    ('T=1', 'none', False, 3, 4, 'same', 'default', 'rank4_axes12', 'distinct', False, 'equal'),
-    ('T<S', 'fully_masked_row', True, 1, 1, 'other', 'width5', 'rank4_axes12', 'value', False, 'mixed'),
-    ('T<S', 'full', True, 1, 4, 'other', 'default', 'rank5_axes23', 'value', False, 'equal'),
-    ('T=1', 'none', True, 3, 4, 'other', 'width5', 'rank4_axis2', 'distinct', True, 'mixed'),
-    ('T<S', 'fully_masked_row', False, 2, 1, 'same', 'default', 'rank3', 'distinct', False, 'mixed'),
-    ('T>S', 'padding', True, 3, 4, 'other', 'default', 'rank4_axis2', 'value', False, 'equal'),
-    ('T<S', 'broadcast', False, 3, 4, 'same', '2x3', 'rank3', 'value', False, 'equal'),
-    ('T=1', 'per_head', True, 3, 1, 'same', '2x3', 'rank5_axes23', 'distinct', False, 'mixed'),
-    ('T=S', 'none', True, 2, 4, 'same', 'default', 'rank3', 'value', True, 'equal'),
-    ('T=S', 'padding', False, 2, 4, 'other', '2x3', 'rank4_axis2', 'distinct', True, 'equal'),
-    ('T=1', 'broadcast', False, 2, 4, 'other', 'width5', 'rank5_axes23', 'value', False, 'mixed'),
-    ('T>S', 'none', True, 3, 1, 'same', '2x3', 'rank5_axes23', 'value', False, 'equal'),
-    ('T=1', 'full', False, 3, 1, 'other', 'default', 'rank4_axis2', 'value', True, 'equal'),
-    ('T=S', 'padding', False, 1, 4, 'same', 'width5', 'rank4_axes12', 'value', False, 'mixed'),
-    ('T>S', 'fully_masked_row', True, 3, 4, 'same', 'default', 'rank4_axis2', 'value', True, 'equal'),
-    ('T>S', 'per_head', True, 2, 4, 'other', 'default', 'rank4_axes12', 'distinct', True, 'mixed'),
-    ('T=1', 'fully_masked_row', False, 3, 4, 'other', '2x3', 'rank3', 'distinct', False, 'mixed'),
-    ('T=S', 'full', True, 1, 1, 'same', '2x3', 'rank3', 'value', False, 'mixed'),
-    ('T<S', 'none', False, 2, 4, 'other', '2x3', 'rank4_axis2', 'distinct', True, 'equal'),
+    ('T<S', 'per_head', False, 2, 4, 'other', 'default', 'rank4_axis2', 'distinct', True, 'equal', 'all', 'none',
+     'none', 'none'),
+    ('T=1', 'none', True, 1, 1, 'same', '2x3', 'rank4_axes12', 'value', False, 'mixed', 'all', 'none', 'none', 'none'),
+    ('T>S', 'full', False, 3, 1, 'other', 'width5', 'rank3', 'distinct', False, 'mixed', 'all', 'none', 'none', 'none'),
+    ('T=S', 'fully_masked_row', True, 3, 4, 'other', '2x3', 'rank5_axes23', 'value', True, 'equal', 'all', 'none',
+     'none', 'none'),
+    ('T=1', 'padding', True, 2, 4, 'same', 'width5', 'rank3', 'distinct', True, 'equal', 'all', 'none', 'none', 'none'),
+    ('T>S', 'broadcast', True, 1, 1, 'same', 'default', 'rank4_axis2', 'value', False, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T=S', 'broadcast', False, 1, 4, 'other', '2x3', 'rank4_axes12', 'distinct', True, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T<S', 'padding', False, 2, 1, 'same', 'width5', 'rank5_axes23', 'distinct', False, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T>S', 'full', False, 2, 1, 'same', '2x3', 'rank4_axes12', 'value', True, 'equal', 'all', 'none', 'none', 'none'),
+    ('T=S', 'per_head', False, 1, 1, 'same', 'width5', 'rank3', 'value', False, 'mixed', 'all', 'none', 'none', 'none'),
+    ('T=1', 'none', False, 3, 4, 'same', 'default', 'rank4_axes12', 'distinct', False, 'equal', 'all', 'none',
+     'none', 'none'),
+    ('T<S', 'fully_masked_row', True, 1, 1, 'other', 'width5', 'rank4_axes12', 'value', False, 'mixed', 'all',
+     'none', 'none', 'none'),
+    ('T<S', 'full', True, 1, 4, 'other', 'default', 'rank5_axes23', 'value', False, 'equal', 'all', 'none', 'none',
+     'none'),
+    ('T=1', 'none', True, 3, 4, 'other', 'width5', 'rank4_axis2', 'distinct', True, 'mixed', 'all', 'none', 'none',
+     'none'),
+    ('T<S', 'fully_masked_row', False, 2, 1, 'same', 'default', 'rank3', 'distinct', False, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T>S', 'padding', True, 3, 4, 'other', 'default', 'rank4_axis2', 'value', False, 'equal', 'all', 'none', 'none',
+     'none'),
+    ('T<S', 'broadcast', False, 3, 4, 'same', '2x3', 'rank3', 'value', False, 'equal', 'all', 'none', 'none', 'none'),
+    ('T=1', 'per_head', True, 3, 1, 'same', '2x3', 'rank5_axes23', 'distinct', False, 'mixed', 'all', 'none', 'none',
+     'none'),
+    ('T=S', 'none', True, 2, 4, 'same', 'default', 'rank3', 'value', True, 'equal', 'all', 'none', 'none', 'none'),
+    ('T=S', 'padding', False, 2, 4, 'other', '2x3', 'rank4_axis2', 'distinct', True, 'equal', 'all', 'none', 'none',
+     'none'),
+    ('T=1', 'broadcast', False, 2, 4, 'other', 'width5', 'rank5_axes23', 'value', False, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T>S', 'none', True, 3, 1, 'same', '2x3', 'rank5_axes23', 'value', False, 'equal', 'all', 'none', 'none', 'none'),
+    ('T=1', 'full', False, 3, 1, 'other', 'default', 'rank4_axis2', 'value', True, 'equal', 'all', 'none', 'none',
+     'none'),
+    ('T=S', 'padding', False, 1, 4, 'same', 'width5', 'rank4_axes12', 'value', False, 'mixed', 'all', 'none', 'none',
+     'none'),
+    ('T>S', 'fully_masked_row', True, 3, 4, 'same', 'default', 'rank4_axis2', 'value', True, 'equal', 'all', 'none',
+     'none', 'none'),
+    ('T>S', 'per_head', True, 2, 4, 'other', 'default', 'rank4_axes12', 'distinct', True, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T=1', 'fully_masked_row', False, 3, 4, 'other', '2x3', 'rank3', 'distinct', False, 'mixed', 'all', 'none',
+     'none', 'none'),
+    ('T=S', 'full', True, 1, 1, 'same', '2x3', 'rank3', 'value', False, 'mixed', 'all', 'none', 'none', 'none'),
+    ('T<S', 'none', False, 2, 4, 'other', '2x3', 'rank4_axis2', 'distinct', True, 'equal', 'all', 'none', 'none',
+     'none'),
+    ('T=S', 'none', 'bottom_right', 3, 1, 'other', 'default', 'rank4_axes12', 'distinct', False, 'equal', 'fewer',
+     'band', 'neg_inf_row', 'query'),
+    ('T=1', 'broadcast', 'bottom_right', 2, 4, 'same', '2x3', 'rank3', 'value', True, 'mixed', 'fewer', 'left',
+     'BHTS', 'key_value'),
+    ('T>S', 'fully_masked_row', 'bottom_right', 2, 4, 'same', 'width5', 'rank5_axes23', 'value', True, 'mixed',
+     'fewer', 'band', 'TS', 'both'),
+    ('T<S', 'per_head', 'bottom_right', 1, 1, 'other', 'default', 'rank4_axis2', 'distinct', False, 'equal', 'all',
+     'left', 'BHTS', 'both'),
+    ('T<S', 'padding', True, 1, 1, 'other', '2x3', 'rank4_axis2', 'distinct', False, 'equal', 'all', 'band', 'TS',
+     'key_value'),
+    ('T>S', 'full', False, 2, 4, 'same', 'width5', 'rank5_axes23', 'value', True, 'mixed', 'fewer', 'left',
+     'neg_inf_row', 'query'),
+    ('T=S', 'padding', True, 3, 1, 'same', '2x3', 'rank4_axes12', 'distinct', True, 'equal', 'fewer', 'left', 'BHTS',
+     'both'),
+    ('T=1', 'per_head', True, 1, 4, 'other', '2x3', 'rank3', 'distinct', True, 'equal', 'all', 'band', 'neg_inf_row',
+     'query'),
+    ('T=S', 'per_head', False, 3, 1, 'other', 'default', 'rank4_axes12', 'distinct', False, 'equal', 'fewer', 'none',
+     'TS', 'key_value'),
+    ('T>S', 'full', False, 1, 1, 'other', 'width5', 'rank5_axes23', 'distinct', False, 'mixed', 'all', 'band',
+     'BHTS', 'key_value'),
+    ('T<S', 'padding', 'bottom_right', 3, 4, 'same', '2x3', 'rank4_axis2', 'distinct', True, 'mixed', 'fewer',
+     'none', 'neg_inf_row', 'query'),
+    ('T=1', 'none', False, 1, 1, 'same', 'width5', 'rank3', 'value', True, 'equal', 'all', 'left', 'TS', 'both'),
+    ('T=S', 'fully_masked_row', 'bottom_right', 2, 1, 'other', 'width5', 'rank4_axes12', 'value', False, 'equal',
+     'fewer', 'left', 'none', 'none'),
+    ('T=S', 'broadcast', False, 1, 1, 'other', 'default', 'rank3', 'value', True, 'mixed', 'all', 'band', 'none',
+     'query'),
+    ('T<S', 'broadcast', 'bottom_right', 2, 4, 'other', '2x3', 'rank5_axes23', 'value', True, 'mixed', 'all', 'none',
+     'neg_inf_row', 'both'),
+    ('T>S', 'fully_masked_row', False, 1, 4, 'same', 'width5', 'rank5_axes23', 'value', True, 'mixed', 'all', 'none',
+     'BHTS', 'query'),
+    ('T=S', 'full', 'bottom_right', 2, 4, 'other', 'width5', 'rank4_axis2', 'value', True, 'mixed', 'fewer', 'band',
+     'TS', 'none'),
+    ('T=1', 'fully_masked_row', True, 3, 1, 'other', 'default', 'rank4_axis2', 'distinct', True, 'equal', 'fewer',
+     'band', 'neg_inf_row', 'key_value'),
+    ('T=1', 'none', 'bottom_right', 1, 1, 'same', 'width5', 'rank3', 'value', True, 'mixed', 'all', 'none', 'BHTS',
+     'key_value'),
+    ('T>S', 'broadcast', True, 2, 4, 'other', 'default', 'rank4_axes12', 'value', True, 'equal', 'fewer', 'left',
+     'TS', 'query'),
+    ('T<S', 'full', True, 3, 4, 'other', '2x3', 'rank4_axis2', 'value', True, 'mixed', 'all', 'band', 'none', 'both'),
+    ('T>S', 'broadcast', False, 3, 1, 'other', 'default', 'rank4_axes12', 'distinct', False, 'equal', 'all', 'band',
+     'neg_inf_row', 'none'),
+    ('T>S', 'broadcast', False, 3, 4, 'same', 'width5', 'rank4_axis2', 'value', False, 'equal', 'all', 'left',
+     'none', 'key_value'),
+    ('T>S', 'none', True, 2, 1, 'same', 'width5', 'rank4_axes12', 'value', False, 'mixed', 'fewer', 'none', 'BHTS',
+     'none'),
 )
 
 _LENGTHS = {"T=S": (6, 6), "T<S": (4, 7), "T>S": (7, 4), "T=1": (1, 6)}
@@ -549,17 +800,28 @@ def pair_case(index: int, row: tuple) -> Case:
     heads, key_dim = level["heads"], level["key_dim"]
     spec = _spec(heads, key_dim, attention_axes=axes, use_bias=level["bias"],
                  value_dim=key_dim + 2 if level["value_dim"] == "other" else None,
-                 output_shape={"default": None, "width5": 5, "2x3": (2, 3)}[level["output"]])
+                 output_shape={"default": None, "width5": 5, "2x3": (2, 3)}[level["output"]],
+                 num_kv_heads=1 if level["kv_heads"] == "fewer" else None)
+    window = _PAIR_WINDOWS[level["window"]]
+    bias, lengths = (None if level[f] == "none" else level[f] for f in ("logit_bias", "padding_lengths"))
     distinct = level["key"] == "distinct"
     width = heads * key_dim
     widths = dict(query_dim=width, value_dim=width, key_dim=width) if level["widths"] == "equal" else \
         dict(query_dim=8, value_dim=5, key_dim=6 if distinct else 5)
     name = (f"pairs{index:02d}-{level['axes']}-{level['lengths'].replace('=', 'eq').replace('<', 'lt').replace('>', 'gt')}"
-            f"-mask_{level['mask']}{'-causal' if level['causal'] else ''}-heads{heads}_kd{key_dim}"
+            f"-mask_{level['mask']}{_PAIR_CAUSAL[level['causal']]}-heads{heads}_kd{key_dim}"
             f"{'-value_dim' if level['value_dim'] == 'other' else ''}-out_{level['output']}"
-            f"{'-key_distinct' if distinct else ''}{'' if level['bias'] else '-no_bias'}-widths_{level['widths']}")
+            f"{'-key_distinct' if distinct else ''}{'' if level['bias'] else '-no_bias'}-widths_{level['widths']}"
+            f"{'-mqa' if level['kv_heads'] == 'fewer' else ''}"
+            f"{'' if window is None else '-window_' + '_'.join(str(w).lower() for w in window)}"
+            f"{'' if bias is None else '-bias_' + bias}{'' if lengths is None else '-lengths_' + lengths}")
     return Case(id=name, area="pairs", spec=spec, batch=batch, q_shape=q_shape, k_shape=k_shape, key_distinct=distinct,
-                mask=level["mask"], causal=level["causal"], quick=index < 3, **widths)
+                mask=level["mask"], causal=level["causal"], quick=index < 3, window=window, bias=bias, lengths=lengths,
+                **widths)
+
+
+_PAIR_WINDOWS = {"none": None, "band": (1, 2), "left": (2, 0)}
+_PAIR_CAUSAL = {False: "", True: "-causal", "bottom_right": "-causal_bottom_right"}
 
 
 def case_factors(case: Case) -> dict:
@@ -585,6 +847,9 @@ def case_factors(case: Case) -> dict:
         "output": "default" if spec.output_shape is None else "width5" if len(spec.output_shape) == 1 else "2x3",
         "axes": axes, "key": "distinct" if case.key_distinct else "value", "bias": spec.use_bias,
         "widths": "equal" if q_dim == k_dim == v_dim == spec.num_heads * spec.key_dim else "mixed",
+        "kv_heads": "all" if spec.kv_heads == spec.num_heads else "fewer",
+        "window": "none" if case.window is None else "left" if case.window[1] == 0 else "band",
+        "logit_bias": case.bias or "none", "padding_lengths": case.lengths or "none",
     }
 
 
@@ -597,7 +862,7 @@ def pair_coverage(cases) -> tuple[int, int, list]:
         for a, b in itertools.combinations(names, 2):
             met.add((a, levels[a], b, levels[b]))
     possible = {(a, x, b, y) for a, b in itertools.combinations(names, 2)
-                for x in PAIR_FACTORS[a] for y in PAIR_FACTORS[b]}
+                for x in PAIR_FACTORS[a] for y in PAIR_FACTORS[b]} - PAIR_EXCLUDED
     missing = sorted(possible - met, key=str)
     return len(possible & met), len(possible), missing
 
@@ -614,7 +879,7 @@ def case_seed(case_id: str) -> int:
 def default_cases() -> list[Case]:
     """The default matrix (every area but ``random`` and ``plugin``); each case's seed comes from its id."""
     cases = (_shapes() + _masks() + _axes() + _dtypes() + _special() + _gradients() + _invalid() + _later()
-             + _more() + _pairs())
+             + _more() + _modern() + _pairs())
     out = [replace(case, seed=case_seed(case.id)) for case in cases]
     ids = [c.id for c in out]
     duplicates = {i for i in ids if ids.count(i) > 1}

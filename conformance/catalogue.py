@@ -56,7 +56,23 @@ def _call(case):
     """The validated call of the case (flattened views, the may-attend mask)."""
     i = case.inputs()
     from mhabench.impls.validation import validate_call
-    return validate_call(i.spec, case.dims, *i.args())
+    return validate_call(i.spec, case.dims, *i.args(), **i.features())
+
+
+def _masked_empty_rows_only(case) -> bool:
+    """Every row with no allowed key is emptied by the mask, causal, the window or key/value lengths: no query
+    lengths, and no row whose otherwise allowed positions are all -inf in the bias (frameworks that fill masked
+    logits with a finite value treat those two apart)."""
+    call = _call(case)
+    if call.query_lengths is not None:
+        return False
+
+    def empty(**parts):  # [N, 1|H, T]: the rows with no allowed key
+        allowed = call.flat_allowed(**parts)
+        return np.zeros((1, 1, 1), bool) if allowed is None else ~np.any(allowed, axis=-1)
+    by_all, by_masking = empty(), empty(bias=False)
+    shape = np.broadcast_shapes(by_all.shape, by_masking.shape)
+    return bool(np.array_equal(np.broadcast_to(by_all, shape), np.broadcast_to(by_masking, shape)))
 
 
 def _empty_rows(case) -> bool:
@@ -125,9 +141,12 @@ def _keras_tf_bias_add_shortcut(case) -> bool:
 
 CASE_PROPERTIES = {
     "keras_tf_bias_add_shortcut": _keras_tf_bias_add_shortcut,
-    "masked": lambda case: case.mask != "none" or case.causal,  # a mask or causal: anything masked at all
+    # a mask, causal, a window, lengths or a bias with -inf: anything masked at all
+    "masked": lambda case: case.mask != "none" or case.causal or case.window is not None or case.lengths is not None
+    or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
+    "masked_empty_rows_only": _masked_empty_rows_only,  # ... and each is emptied by masking, not query lengths or -inf
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
     "masked_nonfinite": _masked_nonfinite,      # a NaN or Inf in a key or value where the mask hides it
     "masked_nonfinite_key": _masked_nonfinite_key,  # the same, in the key (so in the logits)
@@ -194,11 +213,11 @@ def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
     if "bq" in arrays:
         arrays["bq"] = arrays["bq"] * r
     weights = Weights(**arrays)
-    args = (inputs.query, inputs.value, inputs.key, inputs.mask, inputs.causal)
     if not quantity.startswith("grad_"):
-        out, scores = oracle.forward(inputs.spec, weights, *args)
+        out, scores = oracle.forward(inputs.spec, weights, *inputs.args(), **inputs.features())
         return scores if quantity == "scores" else out
-    grads = oracle_backward.backward(inputs.spec, weights, *args, cotangent=inputs.cotangent)
+    grads = oracle_backward.backward(inputs.spec, weights, *inputs.args(), cotangent=inputs.cotangent,
+                                     **inputs.features())
     name = quantity[len("grad_"):]
     return grads[name] * (r if name in ("Wq", "bq") else 1.0)
 
@@ -219,11 +238,22 @@ def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) 
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
+def _jax_masked_logits_filled(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
+    """jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias kept,
+    the rows past the query lengths zeroed (``framework_models.jax_filled_attention``; float64)."""
+    from .framework_models import jax_filled_attention
+    model = vars(inputs).get("_jax_filled_attention")
+    if model is None:  # one model per case, for every quantity and both of golden and reference
+        model = vars(inputs)["_jax_filled_attention"] = jax_filled_attention(inputs)
+    return model[quantity]
+
+
 BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nonfinite_input_poisons_batch": _nonfinite_input_poisons_batch,
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
     "sqrt_scale_rounded_to_float32": _sqrt_scale_rounded_to_float32,
+    "jax_masked_logits_filled": _jax_masked_logits_filled,
 }
 
 

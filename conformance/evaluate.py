@@ -18,7 +18,7 @@ from . import catalogue as catalogue_mod
 from .cases import Case, row_id
 from .compare import compare, max_abs_diff
 
-GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", **{
+GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", "bias": "grad_bias", **{
     n: f"grad_{n}" for n in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")}}
 
 
@@ -38,7 +38,9 @@ def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
         "status": None, "max_abs_err": None, "max_rel_err": None, "tolerance": None, "reference_err": None,
         "error_ratio": None, "tolerance_source": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
         "query_shape": list(case.query_shape), "key_shape": list(case.key_shape) if case.key_shape else None,
-        "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal, "mode": None, "contradicts": None,
+        "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal,
+        "window": list(case.window) if case.window is not None else None, "bias": case.bias, "lengths": case.lengths,
+        "kernel": getattr(adapter, "kernel", "default"), "mode": None, "contradicts": None,
         "emulated": None, "duration_s": None,
     }
 
@@ -82,13 +84,14 @@ class Goldens:
             i = self.inputs
             with np.errstate(all="ignore"):
                 if gradients:
-                    grads = _oracle_backward().backward(i.spec, i.weights, i.query, i.value, i.key, i.mask,
-                                                        i.causal, i.cotangent, fully_masked=policy, dtype=dtype,
-                                                        rounding_noise=noise, form=form)
+                    grads = _oracle_backward().backward(i.spec, i.weights, *i.args(), i.cotangent,
+                                                        fully_masked=policy, dtype=dtype, rounding_noise=noise,
+                                                        form=form, **i.features())
                     self._cache[key] = {GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
                 else:
                     out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
-                                                       fully_masked=policy, dtype=dtype, rounding_noise=noise)
+                                                       fully_masked=policy, dtype=dtype, rounding_noise=noise,
+                                                       **i.features())
                     self._cache[key] = {"output": out, "output_with_scores": out, "scores": scores}
         return self._cache[key]
 
@@ -170,7 +173,7 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
     i = inputs
     started = time.perf_counter()
     try:
-        call = validate_call(i.spec, case.dims, *i.args())
+        call = validate_call(i.spec, case.dims, *i.args(), **i.features())
         mode = adapter.preferred_mode(i.spec, case.dims, dtype=dtype, device=device, call=call)
         support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device, mode=mode,
                                                            call=call, **kw)
@@ -189,14 +192,14 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
         return _finish(rows, "error", _error_text(exc), started)
 
     def default_call():
-        return {"output": layer(*i.args(), return_scores=False)[0]}
+        return {"output": layer(*i.args(), return_scores=False, **i.features())[0]}
 
     def with_scores():
-        out, scores = layer(*i.args(), return_scores=True)
+        out, scores = layer(*i.args(), return_scores=True, **i.features())
         return {"output_with_scores": out, "scores": scores}
 
     def gradients():
-        grads = layer.gradients(i.query, i.value, i.key, i.mask, i.causal, cotangent=i.cotangent)
+        grads = layer.gradients(*i.args(), cotangent=i.cotangent, **i.features())
         return {GRAD_NAME[k]: v for k, v in grads.items() if k in GRAD_NAME}
 
     gradient_rows = [q for q in rows if q.startswith("grad_")]
@@ -244,7 +247,8 @@ def _all_at_once(layer, i, scores: bool, gradients: bool) -> dict | None:
     started = time.perf_counter()
     try:
         with np.errstate(all="ignore"):
-            found = layer.evaluate(*i.args(), cotangent=i.cotangent if gradients else None, scores=scores)
+            found = layer.evaluate(*i.args(), cotangent=i.cotangent if gradients else None, scores=scores,
+                                   **i.features())
     except Exception:
         return None
     actual = {k: v for k, v in found.items() if k != "gradients"}
@@ -271,7 +275,7 @@ def attempt_invalid(adapter, case: Case) -> BaseException | None:
         spec = impls.AttentionSpec(**call["spec"])
         layer = adapter.build(spec, call["weights"](spec), dtype=call["dtype"], device=call["device"])
         with np.errstate(all="ignore"):
-            layer(call["query"], call["value"], call["key"], call["mask"], call["causal"])
+            layer(call["query"], call["value"], call["key"], call["mask"], call["causal"], **call["features"])
     except Exception as exc:
         return exc
     return None

@@ -196,7 +196,8 @@ def describe(row: dict) -> str:
                                                          "error_ratio") if row.get(k) is not None)
     return f"{row['row_id']}: {row['status']}: {row['message']} [{figures}] (seed {row['seed']}, spec {row['spec']}, " \
            f"query {row['query_shape']}, key {row['key_shape']}, value {row['value_shape']}, mask {row['mask']}, " \
-           f"causal {row['causal']})"
+           f"causal {row['causal']}, window {row.get('window')}, bias {row.get('bias')}, lengths {row.get('lengths')}, " \
+           f"kernel {row.get('kernel', 'default')})"
 
 
 def check_rows(rows: list[dict]) -> None:

@@ -47,6 +47,9 @@ FUDGE = {
     "grad_bv": 8.0,
     "grad_Wo": 8.0,
     "grad_bo": 8.0,
+    # the additive bias's gradient is the scores' gradient (summed over the axes the bias broadcasts along),
+    # the same softmax-Jacobian product the key gradient is formed from
+    "grad_bias": 16.0,
 }
 
 

@@ -152,13 +152,23 @@ class JaxAdapter(Adapter):
                 or float16_jit_reason(dtype, device, mode))
 
 
+class Flags(NamedTuple):
+    """The static part of a call the jitted functions specialise on: causal through the framework's own
+    ``is_causal`` (top-left), and the window as the framework's ``local_window_size`` (or None)."""
+
+    causal: bool
+    window: tuple[int, int] | None = None
+
+
 class JaxLayer(Layer):
     """What the JAX layers share: inputs, gradients, weight export and the device sync.
 
-    A subclass sets ``self.params`` (a pytree) and implements ``_apply(params, query, value, key,
-    allowed, layout, causal)``, a pure function of jax arrays (``key`` None means the value serves as
-    key; ``allowed`` is ``[N, 1|H, T, S]`` or None; ``layout`` and ``causal`` are static), and
-    ``_canonical(tree)``, which names a params-shaped tree (the weights or their gradients) canonically.
+    A subclass sets ``self.params`` (a pytree) and implements ``_apply(params, query, value, key, extras,
+    layout, flags)``, a pure function of jax arrays (``key`` None means the value serves as key; ``extras``
+    is a dict of arrays or None: ``mask`` ``[N|1, 1|H, T|1, S|1]``, ``bias`` as ``Call.flat_bias`` gives it,
+    ``query_lengths``/``key_value_lengths`` ``[N]``; ``layout`` and ``flags`` (:class:`Flags`) are static),
+    and ``_canonical(tree)``, which names a params-shaped tree (the weights or their gradients)
+    canonically. What the framework takes natively is the subclass's choice: ``_extras`` and ``_flags``.
     """
 
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
@@ -169,73 +179,95 @@ class JaxLayer(Layer):
         self.jax_device = jax_device(device)
         self._apply_fn = self._compile(self._apply)
         self._vjp_fn = self._compile(self._vjp)
-        self._all_fn = self.jax.jit(self._all, static_argnames=("layout", "causal", "scores", "gradients")) \
+        self._all_fn = self.jax.jit(self._all, static_argnames=("layout", "flags", "scores", "gradients")) \
             if self.mode == "compiled" else self._all
 
     def _compile(self, fn):
         """``jax.jit`` in compiled mode; the plain function (op-by-op dispatch) in eager mode."""
-        return self.jax.jit(fn, static_argnames=("layout", "causal")) if self.mode == "compiled" else fn
+        return self.jax.jit(fn, static_argnames=("layout", "flags")) if self.mode == "compiled" else fn
 
-    def _apply(self, params, query, value, key, allowed, layout, causal):
+    def _apply(self, params, query, value, key, extras, layout, flags):
         raise NotImplementedError
 
     def _canonical(self, tree) -> dict:
         raise NotImplementedError
 
-    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
+    def _with_scores(self, params, query, value, key, extras, scores_allowed, layout, flags):
         """(output, scores) of the call that returns the scores (a pure function of jax arrays)."""
         raise NotImplementedError
 
-    def _all(self, params, query, value, key, allowed, scores_allowed, cotangent, layout, causal, scores, gradients):
+    def _all(self, params, query, value, key, extras, scores_allowed, cotangent, layout, flags, scores, gradients):
         """The default output, the with-scores output and scores, and the VJP: one program per case."""
-        result = {"output": self._apply(params, query, value, key, allowed, layout, causal)}
+        result = {"output": self._apply(params, query, value, key, extras, layout, flags)}
         if scores:
             result["output_with_scores"], result["scores"] = self._with_scores(
-                params, query, value, key, allowed, scores_allowed, layout, causal)
+                params, query, value, key, extras, scores_allowed, layout, flags)
         if gradients:
-            result["vjp"] = self._vjp(params, query, value, key, allowed, cotangent, layout, causal)
+            result["vjp"] = self._vjp(params, query, value, key, extras, cotangent, layout, flags)
         return result
 
-    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True):
-        call = self.validate(query, value, key, mask, causal, return_scores=scores, gradients=cotangent is not None)
+    def _scores_allowed(self, call):
+        """The may-attend mask the with-scores call forms its weights with (everything, by default)."""
+        return mask_array(call.flat_allowed(), self.jax_device)
+
+    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True, window=None,
+                 bias=None, query_lengths=None, key_value_lengths=None):
+        call = self._validated(query, value, key, mask, causal, dict(
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
+            return_scores=scores, gradients=cotangent is not None)
         inputs = self._native(call)
         with precision_scope(self.dtype):
             ct = None if cotangent is None else array(cotangent, self.dtype, self.jax_device)
-            scores_allowed = mask_array(call.flat_allowed(), self.jax_device) if scores else None
-            found = self._all_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                                 scores_allowed, ct, layout=inputs["layout"], causal=inputs["causal"], scores=scores,
+            scores_allowed = self._scores_allowed(call) if scores else None
+            found = self._all_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["extras"],
+                                 scores_allowed, ct, layout=inputs["layout"], flags=inputs["flags"], scores=scores,
                                  gradients=cotangent is not None)
             result = {"output": self._to_numpy(found["output"])}
             if scores:
                 result["output_with_scores"] = self._to_numpy(found["output_with_scores"])
                 result["scores"] = self._to_numpy(found["scores"]).reshape(call.scores_shape)
             if cotangent is not None:
-                g_params, g_query, g_value, g_key = found["vjp"]
-                grads = {"query": g_query, "value": g_value, **self._canonical(g_params)}
-                if g_key is not None:
-                    grads["key"] = g_key
-                result["gradients"] = {k: self._to_numpy(v).astype(np.float64) for k, v in grads.items()}
+                grads = {k: self._to_numpy(v) for k, v in self._named_gradients(found["vjp"]).items()}
+                result["gradients"] = {k: np.asarray(v).astype(np.float64)
+                                       for k, v in self._finish_gradients(call, grads).items()}
         for name in ("output", "output_with_scores", "scores"):
             if name in result:
                 result[name] = to_numpy_dtype(result[name], self.dtype)
         return result
 
-    def _vjp(self, params, query, value, key, allowed, cotangent, layout, causal):
-        f = lambda p, q, v, k: self._apply(p, q, v, k, allowed, layout, causal)
-        _, pullback = self.jax.vjp(f, params, query, value, key)
+    def _vjp(self, params, query, value, key, extras, cotangent, layout, flags):
+        """The pullback of the output at ``cotangent``: gradients of the params, query, value, key (None when the
+        value serves as key) and the bias (None without one)."""
+        def f(p, q, v, k, b):
+            return self._apply(p, q, v, k, {**extras, "bias": b}, layout, flags)
+        _, pullback = self.jax.vjp(f, params, query, value, key, extras.get("bias"))
         return pullback(cotangent)
+
+    def _named_gradients(self, vjp) -> dict:
+        g_params, g_query, g_value, g_key, g_bias = vjp
+        grads = {"query": g_query, "value": g_value, **self._canonical(g_params)}
+        for name, g in (("key", g_key), ("bias", g_bias)):
+            if g is not None:
+                grads[name] = g
+        return grads
 
     def _mask(self, call):
         """The mask as a JAX user passes it: ``[N or 1, H or 1, T or 1, S or 1]``, broadcast by the framework;
         causal goes through its own ``is_causal``, which it combines with the mask."""
         return mask_array(call.flat_mask(), self.jax_device)
 
+    def _flags(self, call) -> Flags:
+        return Flags(causal=call.causal)
+
+    def _extras(self, call) -> dict:
+        """The arrays beside query, key and value that the framework takes (call inside ``precision_scope``)."""
+        return {"mask": self._mask(call)}
+
     def _native(self, call, requires_grad=False):
         with precision_scope(self.dtype):
             a = lambda x: array(x, self.dtype, self.jax_device)
             return {"query": a(call.query), "value": a(call.value), "key": a(call.key) if call.key_given else None,
-                    "allowed": self._mask(call), "layout": layout(call), "causal": call.causal,
-                    "call": call}
+                    "extras": self._extras(call), "layout": layout(call), "flags": self._flags(call), "call": call}
 
     def _native_array(self, x):
         with precision_scope(self.dtype):
@@ -243,18 +275,14 @@ class JaxLayer(Layer):
 
     def _output(self, inputs):
         with precision_scope(self.dtype):
-            return self._apply_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"],
-                                  layout=inputs["layout"], causal=inputs["causal"])
+            return self._apply_fn(self.params, inputs["query"], inputs["value"], inputs["key"], inputs["extras"],
+                                  layout=inputs["layout"], flags=inputs["flags"])
 
     def _backward(self, inputs, cotangent):
         with precision_scope(self.dtype):
-            g_params, g_query, g_value, g_key = self._vjp_fn(
-                self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"], cotangent,
-                layout=inputs["layout"], causal=inputs["causal"])
-            grads = {"query": g_query, "value": g_value, **self._canonical(g_params)}
-            if g_key is not None:
-                grads["key"] = g_key
-            return grads
+            return self._named_gradients(self._vjp_fn(self.params, inputs["query"], inputs["value"], inputs["key"],
+                                                      inputs["extras"], cotangent, layout=inputs["layout"],
+                                                      flags=inputs["flags"]))
 
     def _to_numpy(self, x):
         return to_numpy(x)

@@ -80,6 +80,17 @@ def cuda_peak_rise(fn) -> int:
     return max(peak - base, 0)
 
 
+def refusal_reason(exc: BaseException, caught) -> str | None:
+    """Why SDPA refused a call under ``sdpa_kernel`` (the kernel's own warnings, then the error), or None when
+    ``exc`` is not such a refusal."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not ("No available kernel" in text or "No viable backend" in text):
+        return None
+    why = [str(w.message).split(" (Triggered internally at")[0].strip() for w in caught]
+    why = [w for w in dict.fromkeys(why) if w]
+    return "; ".join(why + [text.strip()])
+
+
 class TorchAdapter(Adapter):
     """The facts every PyTorch adapter shares."""
 
@@ -100,7 +111,8 @@ class TorchLayer(Layer):
 
     A subclass sets ``self.params`` (name -> tensor, canonical or its module's names) and implements
     ``_compute(inputs, params)``: the framework's default call on the inputs ``_native`` built (the
-    ``query``/``value``/``key`` tensors, the translated ``mask``, ``call``).
+    ``query``/``value``/``key`` tensors, the translated ``mask``, the additive ``bias`` as
+    ``Call.flat_bias`` gives it or None, ``call``).
     """
 
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
@@ -118,7 +130,9 @@ class TorchLayer(Layer):
         t = lambda x: self._tensor(x, requires_grad)
         query, value = t(call.query), t(call.value)
         key = t(call.key) if call.key_given else value  # without a key, value feeds both projections
-        return {"query": query, "value": value, "key": key, "mask": self._mask(call), "call": call}
+        bias = call.flat_bias()  # [N|1, H|1, T|1, S|1], -inf kept (it masks)
+        return {"query": query, "value": value, "key": key, "mask": self._mask(call), "call": call,
+                "bias": None if bias is None else t(bias)}
 
     def _mask(self, call):
         """The mask in the form the framework takes it (None: no mask)."""
@@ -143,14 +157,15 @@ class TorchLayer(Layer):
     def _backward(self, inputs, cotangent):
         torch = self.torch
         call = inputs["call"]
-        names = ["query", "value"] + (["key"] if call.key_given else [])
+        names = ["query", "value"] + (["key"] if call.key_given else []) + (["bias"] if call.bias is not None else [])
         leaves = {n: inputs[n] for n in names}
         params = self._grad_leaves()
         with torch.enable_grad():
             out = self._compute(inputs, params)
             grads = torch.autograd.grad(out, list(leaves.values()) + list(params.values()), cotangent,
                                         allow_unused=True)
-        result = dict(zip(names, grads[:len(names)]))
+        # an input autograd never reached (a bias over S = 0 keys, say) has a zero gradient
+        result = {n: g if g is not None else torch.zeros_like(leaves[n]) for n, g in zip(names, grads[:len(names)])}
         result.update({k: (g if g is not None else torch.zeros_like(params[k]))
                        for k, g in zip(params, grads[len(names):])})
         return result

@@ -7,6 +7,7 @@ adapters never imports a framework the user did not ask for.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -66,6 +67,19 @@ class UnsupportedError(ValueError):
         super().__init__(f"{adapter} does not support {what}: {reason}")
 
 
+@contextlib.contextmanager
+def kernel_refusals(adapter: str, forced: bool, kernel: str):
+    """Inside, an error the framework raises because a *forced* kernel cannot take the call becomes
+    UnsupportedError with the framework's message (nothing changes when ``forced`` is false: the same error
+    from a kernel the framework chose itself is the adapter's error)."""
+    try:
+        yield
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        if not forced or isinstance(exc, UnsupportedError):
+            raise
+        raise UnsupportedError(adapter, "this call", f"{kernel} refuses it: {type(exc).__name__}: {exc}") from None
+
+
 class AdapterUnavailable(RuntimeError):
     """The adapter's framework is not importable here."""
 
@@ -85,6 +99,7 @@ class Capabilities:
     devices: tuple[str, ...] = ("cpu",)
     modes: tuple[str, ...] = ("eager",)
     supported_extensions: frozenset = frozenset()
+    devices_reason: str = ""  # why the other devices are out (a kernel that exists on one device only, say)
 
     def __post_init__(self):
         unknown = set(self.unsupported_features) - set(FEATURES)
@@ -213,6 +228,10 @@ class Adapter:
     # compilation or an export of seconds); None: the whole matrix. ``mhabench conform --every-case`` overrides.
     reduced_matrix: str | None = None
     baseline: bool = False         # the reference every other adapter is read against (listed first)
+    # The attention kernel this adapter forces: "default" lets the framework choose (what users run); a kernel
+    # variant (registered as "<adapter>+<kernel>") restricts the framework to one kernel, so a case that kernel
+    # refuses is unsupported with the framework's reason instead of silently running another kernel.
+    kernel: str = "default"
     # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):
     causal_skips_masked_blocks: bool = False  # does causal skip the masked half of the score work?
     score_buffers: int = 3         # [B, H, T, S] float buffers alive at the forward peak (0: never holds them)
@@ -312,7 +331,7 @@ class Adapter:
             return f"dtype {dtype}: {caps.unsupported_dtypes[dtype]}"
         device = check_device(device)
         if device.split(":")[0] not in caps.devices:
-            return f"device {device}: {self.name} runs on {', '.join(caps.devices)} only"
+            return f"device {device}: " + (caps.devices_reason or f"{self.name} runs on {', '.join(caps.devices)} only")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in caps.modes:
@@ -487,8 +506,15 @@ class Layer:
         if not self._overrides("_backward"):
             raise UnsupportedError(self.adapter.name, "gradients", "not implemented by this adapter")
         inputs = self._native(call, requires_grad=True)
-        grads = self._backward(inputs, self._native_array(cotangent))
-        return self._canonical_gradients({k: self._to_numpy(v) for k, v in grads.items()})
+        grads = {k: self._to_numpy(v) for k, v in self._backward(inputs, self._native_array(cotangent)).items()}
+        return self._finish_gradients(call, grads)
+
+    def _finish_gradients(self, call: Call, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``_backward``'s gradients (NumPy) as ``gradients`` returns them: the bias's (with respect to the bias
+        as ``_native`` passed it) summed back to the shape it was given in, the rest canonically named."""
+        if "bias" in grads:
+            grads["bias"] = call.bias_gradient(grads["bias"])
+        return self._canonical_gradients(grads)
 
     def _canonical_gradients(self, grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``_backward``'s gradients (NumPy) under canonical names and layouts; identity by default."""
@@ -513,8 +539,10 @@ class Layer:
         raise UnsupportedError(self.adapter.name, "this call", "returning scores or training is not implemented")
 
     def _backward(self, inputs, cotangent) -> dict[str, Any]:
-        """Gradients of ``sum(output * cotangent)``: query, value, key (when given) and every weight
-        (under the framework's names, which ``_canonical_gradients`` maps)."""
+        """Gradients of ``sum(output * cotangent)``: query, value, key (when given), every weight (under the
+        framework's names, which ``_canonical_gradients`` maps) and, where the call has a bias, ``bias``: with
+        respect to the bias as ``_native`` passed it (``Call.flat_bias``'s compact form; ``_gradients`` sums it
+        back to the shape the bias was given in)."""
         raise NotImplementedError
 
     def _to_numpy(self, x) -> np.ndarray:

@@ -23,6 +23,12 @@ https://flax.readthedocs.io/en/latest/why.html
   ``finfo(dtype).min`` fill) instead of ``jax.nn.dot_product_attention``
   (float32 softmax). So the output always comes from a normal call, and the
   scores, when asked, from a second call that sows them.
+* Modern attention: grouped-query attention is the module's own
+  ``num_kv_heads`` (its key/value kernels ``[D, num_kv_heads, head_dim]``, the
+  canonical layout). ``__call__`` takes only ``mask`` and ``is_causal`` (top-left):
+  bottom-right causal, the window and lengths are built into the mask
+  (recorded on the row as emulated), and there is no bias argument (the
+  attention function takes one, but the module never passes it).
 * Dropout: ``broadcast_dropout=False`` (Flax's default shares one dropout
   pattern over batch and heads; the canonical layer drops each weight
   independently). Any ``dropout_rate > 0`` also moves the module to the
@@ -73,6 +79,7 @@ class FlaxMHALayer(_jax.JaxLayer):
             module = nnx.eval_shape(lambda: nnx.MultiHeadAttention(
                 num_heads=spec.num_heads, in_features=weights.query_dim, qkv_features=spec.num_heads * spec.key_dim,
                 out_features=out[0] if len(out) == 1 else out, in_kv_features=weights.key_input_dim,
+                num_kv_heads=spec.kv_heads,
                 dtype=jdtype, param_dtype=jdtype, use_bias=spec.use_bias, dropout_rate=spec.dropout,
                 broadcast_dropout=False, deterministic=True, decode=False, keep_rngs=False, rngs=nnx.Rngs(0)))
             self.graphdef, params, self.rest = nnx.split(module, nnx.Param, ...)
@@ -87,9 +94,28 @@ class FlaxMHALayer(_jax.JaxLayer):
         self._training_fn = self._compile(self._training_call)
         self._with_scores_fn = self._compile(self._with_scores_training)
 
+    # ---- what the module takes: mask and is_causal (top-left); the rest is folded into the mask -------------
+    @staticmethod
+    def _causal_in_mask(call) -> bool:
+        """Bottom-right causal where it differs from top-left: the module's is_causal cannot say it."""
+        return call.causal_alignment == "bottom_right" and call.diagonal_offset != 0
+
+    def _flags(self, call):
+        return _jax.Flags(causal=call.causal and not self._causal_in_mask(call))
+
+    def _mask(self, call):
+        return _jax.mask_array(call.flat_mask(with_causal=self._causal_in_mask(call), window=True, lengths=True),
+                               self.jax_device)
+
+    def emulations(self, call):
+        used = (("causal_bottom_right", self._causal_in_mask(call)), ("window", call.window is not None),
+                ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
+        return tuple(name for name, on in used if on)
+
     # ---- the computation (pure functions of jax arrays) ---------------------
-    def _module_call(self, params, query, value, key, allowed, dropout_key, layout, causal, sow=False):
+    def _module_call(self, params, query, value, key, extras, dropout_key, layout, flags, sow=False):
         nnx = self.nnx
+        allowed, causal = extras["mask"], flags.causal
         module = nnx.merge(self.graphdef, params, self.rest)
         flat = lambda x: _jax.flatten(x, layout)
         key = value if key is None else key
@@ -110,22 +136,22 @@ class FlaxMHALayer(_jax.JaxLayer):
             out = module(*args, **kwargs)
         return _jax.unflatten_query(out, query.shape, layout), weights
 
-    def _apply(self, params, query, value, key, allowed, layout, causal):
-        return self._module_call(params, query, value, key, allowed, None, layout, causal)[0]
+    def _apply(self, params, query, value, key, extras, layout, flags):
+        return self._module_call(params, query, value, key, extras, None, layout, flags)[0]
 
-    def _with_scores(self, params, query, value, key, allowed, scores_allowed, layout, causal):
-        return self._with_scores_training(params, query, value, key, allowed, None, layout, causal)
+    def _with_scores(self, params, query, value, key, extras, scores_allowed, layout, flags):
+        return self._with_scores_training(params, query, value, key, extras, None, layout, flags)
 
-    def _with_scores_training(self, params, query, value, key, allowed, dropout_key, layout, causal):
+    def _with_scores_training(self, params, query, value, key, extras, dropout_key, layout, flags):
         """The output and the weights of the call a Flax user makes to get the weights (``sow_weights=True``,
         which takes nnx's explicit softmax path rather than jax.nn.dot_product_attention)."""
-        return self._module_call(params, query, value, key, allowed, dropout_key, layout, causal, sow=True)
+        return self._module_call(params, query, value, key, extras, dropout_key, layout, flags, sow=True)
 
     def _canonical(self, tree):
         return module_to_canonical(self.nnx.to_pure_dict(tree))
 
-    def _training_call(self, params, query, value, key, allowed, dropout_key, layout, causal):
-        return self._module_call(params, query, value, key, allowed, dropout_key, layout, causal)[0]
+    def _training_call(self, params, query, value, key, extras, dropout_key, layout, flags):
+        return self._module_call(params, query, value, key, extras, dropout_key, layout, flags)[0]
 
     def _run(self, inputs, return_scores, training, seed):
         call = inputs["call"]
@@ -135,8 +161,8 @@ class FlaxMHALayer(_jax.JaxLayer):
                 # rbg (XLA RngBitGenerator) compiles in a fraction of the time threefry takes on CPU;
                 # dropout is judged by its statistics, so the generator does not matter
                 dropout_key = self.jax.random.key(0 if seed is None else seed, impl="rbg")
-            args = (self.params, inputs["query"], inputs["value"], inputs["key"], inputs["allowed"], dropout_key)
-            static = dict(layout=inputs["layout"], causal=inputs["causal"])
+            args = (self.params, inputs["query"], inputs["value"], inputs["key"], inputs["extras"], dropout_key)
+            static = dict(layout=inputs["layout"], flags=inputs["flags"])
             if not return_scores:
                 return self._training_fn(*args, **static), None
             out, weights = self._with_scores_fn(*args, **static)
@@ -156,8 +182,11 @@ class FlaxMHAAdapter(_jax.JaxAdapter):
             unsupported_features={
                 "value_dim": "nnx.MultiHeadAttention uses one head_dim = qkv_features // num_heads for the query, "
                              "key and value projections",
+                "bias": "nnx.MultiHeadAttention.__call__ takes a mask and is_causal only; its attention function "
+                        "has a bias argument that the module never passes",
             },
-            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+            devices=("cpu", "cuda"), modes=("eager", "compiled"),
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths"}))
 
     def extra_constraints(self, spec, dims, call):
         q_dim, k_dim, v_dim = dims

@@ -13,6 +13,22 @@ Every canonical feature is expressed:
   so the narrower side is zero-padded and the output sliced back. Zero
   columns add exact zeros to q·k, and the scale stays ``1/sqrt(key_dim)``.
 
+Modern attention, every feature through the function's own arguments:
+
+* grouped-query attention: K and V with ``num_kv_heads`` heads (the function
+  reshapes the query heads to ``[K, G]``: query head h reads kv head h // G);
+* the additive bias: its ``bias`` (added to the scaled logits before the
+  masks), its gradient through the VJP;
+* lengths: ``query_seq_lengths`` / ``key_value_seq_lengths`` (int32, per
+  sequence of the flattened batch);
+* the window: ``local_window_size=(left, right)``, measured from the top-left
+  diagonal, ANDed with ``is_causal`` (jax/_src/nn/functions.py,
+  ``_apply_masks``, ``_get_window_mask``): our window exactly;
+* bottom-right causal: ``is_causal`` is always top-left (``tril(ones(T, S))``),
+  so bottom-right causal (with its window, if any) is the band it is,
+  ``local_window_size=(left - d, d)`` with d = S - T (an unbounded side as
+  T + S): the function's own band, no mask built here.
+
 Behaviours of the function itself, kept (the harness reports them):
 
 * a query row with no allowed key is filled with a large *finite* negative
@@ -23,21 +39,27 @@ Behaviours of the function itself, kept (the harness reports them):
 The function returns no attention weights, so the adapter declares scores
 unsupported (computing them apart would judge our code, not JAX's). Build option ``implementation``
 (None, "xla" or "cudnn") is passed through; "cudnn" needs a GPU and float16 or
-bfloat16. Modes: "compiled" wraps each entry point in ``jax.jit``; "eager"
-runs the same functions without the outer jit (JAX dispatches op by op).
+bfloat16. The kernel is an axis: ``jax_dpa`` passes None (the function picks;
+today that is "xla" everywhere), ``jax_dpa+xla`` and ``jax_dpa+cudnn`` force
+one implementation (cuDNN only on a GPU, in float16 and bfloat16; a call it
+refuses raises in JAX, and is unsupported with JAX's message). Modes:
+"compiled" wraps each entry point in ``jax.jit``; "eager" runs the same
+functions without the outer jit (JAX dispatches op by op).
 """
 from __future__ import annotations
 
 import math
 
 from . import _jax
-from .base import Capabilities
+from .base import Capabilities, kernel_refusals
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 class JaxDPALayer(_jax.JaxLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", implementation=None, **options):
+        if implementation is None and adapter.kernel != "default":  # a kernel variant: its implementation
+            implementation = adapter.kernel
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         if implementation == "cudnn" and (not device.startswith("cuda") or dtype not in ("float16", "bfloat16")):
@@ -50,6 +72,24 @@ class JaxDPALayer(_jax.JaxLayer):
         with _jax.precision_scope(dtype):
             self.params = {k: _jax.array(v, dtype, self.jax_device) for k, v in weights.as_dict().items()}
 
+    def _refusals(self):
+        """cuDNN's implementation refuses what it cannot run (shapes, a right window without causal) by raising in
+        JAX: for the forced cudnn kernel that is unsupported, with JAX's message."""
+        return kernel_refusals(self.adapter.name, self.implementation == "cudnn",
+                               "jax.nn.dot_product_attention(implementation='cudnn')")
+
+    def _forward(self, call, return_scores, training, seed):
+        with self._refusals():
+            return super()._forward(call, return_scores, training, seed)
+
+    def _gradients(self, call, cotangent):
+        with self._refusals():
+            return super()._gradients(call, cotangent)
+
+    def evaluate(self, *args, **kwargs):
+        with self._refusals():
+            return super().evaluate(*args, **kwargs)
+
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _project(self, x, W, b, layout, width):
         """``[B, *A, D]`` -> ``[N, L, H, width]`` (the function's BTNH layout), zero-padded to ``width``."""
@@ -59,15 +99,27 @@ class JaxDPALayer(_jax.JaxLayer):
         pad = width - y.shape[-1]
         return y if pad == 0 else self.jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, pad)))
 
-    def _apply(self, params, query, value, key, allowed, layout, causal):
+    def _flags(self, call):
+        return _jax.Flags(causal=call.causal and not _bottom_right(call), window=local_window_size(call))
+
+    def _extras(self, call):
+        q_len, kv_len = call.flat_lengths()
+        lengths = lambda n: None if n is None else self.jax.device_put(n.astype("int32"), self.jax_device)
+        bias = call.flat_bias()
+        return {"mask": self._mask(call), "bias": None if bias is None else _jax.array(bias, self.dtype, self.jax_device),
+                "query_lengths": lengths(q_len), "key_value_lengths": lengths(kv_len)}
+
+    def _apply(self, params, query, value, key, extras, layout, flags):
         kd, vd = self.spec.key_dim, self.spec.value_head_dim
         width = max(kd, vd)
         key = value if key is None else key
         q = self._project(query, params["Wq"], params.get("bq"), layout, width)
         k = self._project(key, params["Wk"], params.get("bk"), layout, width)
         v = self._project(value, params["Wv"], params.get("bv"), layout, width)
-        o = self.jax.nn.dot_product_attention(q, k, v, mask=allowed, scale=1.0 / math.sqrt(kd), is_causal=causal,
-                                              implementation=self.implementation)
+        o = self.jax.nn.dot_product_attention(
+            q, k, v, bias=extras["bias"], mask=extras["mask"], scale=1.0 / math.sqrt(kd), is_causal=flags.causal,
+            query_seq_lengths=extras["query_lengths"], key_value_seq_lengths=extras["key_value_lengths"],
+            local_window_size=flags.window, implementation=self.implementation)
         o = _jax.unflatten_query(o[..., :vd], query.shape, layout)  # [B, *Q, H, vd]
         Wo = params["Wo"]
         out = self.jnp.einsum("...hv,hvo->...o", o, Wo.reshape(Wo.shape[0], Wo.shape[1], -1))
@@ -83,6 +135,29 @@ class JaxDPALayer(_jax.JaxLayer):
             return self._output(inputs), None
 
 
+def _bottom_right(call) -> bool:
+    """Bottom-right causal where it differs from top-left (T != S)."""
+    return call.causal_alignment == "bottom_right" and call.diagonal_offset != 0
+
+
+def local_window_size(call) -> tuple[int, int] | None:
+    """The call's window, and bottom-right causal, as ``local_window_size=(left, right)`` around the function's
+    top-left diagonal (key k allowed iff q - left <= k <= q + right), or None.
+
+    Ours is measured from the diagonal i + d (d = S - T bottom-right, else 0): i + d - left <= j <= i + d + right,
+    so the function's sides are (left - d, right + d); bottom-right causal caps the right side at the diagonal
+    (right = 0). An unbounded side is T + S, further than any key."""
+    bottom_right = _bottom_right(call)
+    if call.window is None and not bottom_right:
+        return None
+    far = call.q_len + call.k_len
+    left, right = (far if w is None else w for w in (call.window or (None, None)))
+    d = call.diagonal_offset if bottom_right else 0
+    if bottom_right:
+        right = 0
+    return (left - d, right + d)
+
+
 class JaxDPAAdapter(_jax.JaxAdapter):
     name = "jax_dpa"
     framework = "JAX"
@@ -94,4 +169,28 @@ class JaxDPAAdapter(_jax.JaxAdapter):
             unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument",
                                   "scores": "jax.nn.dot_product_attention returns the output only; the weights "
                                             "it used are never exposed"},
-            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+            devices=("cpu", "cuda"), modes=("eager", "compiled"),
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
+
+
+class JaxDPAXlaAdapter(JaxDPAAdapter):
+    name = "jax_dpa+xla"
+    kernel = "xla"
+    description = "jax.nn.dot_product_attention(implementation='xla')"
+
+
+class JaxDPACudnnAdapter(JaxDPAAdapter):
+    name = "jax_dpa+cudnn"
+    kernel = "cudnn"
+    description = "jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention (GPU only)"
+    causal_skips_masked_blocks = True  # cuDNN skips the non-causal blocks (the function's docstring)
+    score_buffers = 0
+
+    def capabilities(self):
+        caps = super().capabilities()
+        only = "cuDNN flash attention runs float16 and bfloat16 only"
+        return Capabilities(unsupported_features=caps.unsupported_features, devices=("cuda",), modes=caps.modes,
+                            unsupported_dtypes={"float32": only, "float64": only},
+                            supported_extensions=caps.supported_extensions,
+                            devices_reason="jax.nn.dot_product_attention's 'cudnn' implementation runs on NVIDIA "
+                                           "GPUs only")

@@ -1,11 +1,10 @@
 """Keras: ``keras.layers.GroupQueryAttention`` on each Keras backend, hosted as ``keras_mha`` hosts
 MultiHeadAttention (same backend rules, worker processes, modes and dropout seeding).
 
-* Heads: ``num_query_heads = num_heads`` and, until the canonical semantics have ``num_kv_heads``,
-  ``num_key_value_heads = num_heads``. The weights are already laid out for GQA: ``query`` kernel
+* Heads: ``num_query_heads = num_heads``, ``num_key_value_heads = num_kv_heads`` (Keras repeats each
+  key/value head over consecutive query heads, the canonical grouping). The weights are laid out for GQA: ``query`` kernel
   ``[Dq, H, head_dim]``, ``key``/``value`` kernels ``[D, H_kv, head_dim]`` (biases ``[H_kv, head_dim]``),
-  ``attention_output`` kernel ``[H, head_dim, Dq]``: the canonical names map one to one, so GQA is
-  only the layer's ``num_key_value_heads`` argument once the spec carries it.
+  ``attention_output`` kernel ``[H, head_dim, Dq]``: the canonical names map one to one.
 * One ``head_dim`` serves queries, keys and values, and the output projection maps back to the
   query's width: no ``value_dim``, no ``output_shape``.
 * The layer takes ``[batch, length, features]`` only (its einsum equations are fixed), so attended
@@ -29,15 +28,21 @@ UNSUPPORTED = {
     "value_dim": "GroupQueryAttention has one head_dim for queries, keys and values",
     "output_shape": "GroupQueryAttention's output projection maps back to the query's feature width",
     "multi_output": "GroupQueryAttention's output is [batch, length, query features]",
+    "bias": "GroupQueryAttention.call takes no additive bias",
+    # GroupQueryAttention has sliding_window and value_mask too; this adapter passes the mask, causal and
+    # num_key_value_heads only, so these are refused rather than run through the wrong argument
+    "causal_bottom_right": "keras_gqa passes use_causal_mask (top-left) only; bottom-right causal is not wired",
+    "window": "keras_gqa does not pass GroupQueryAttention's sliding_window yet",
+    "lengths": "keras_gqa does not pass query / key-value lengths as masks yet",
 }
 DENSE = {"q": "_query_dense", "k": "_key_dense", "v": "_value_dense", "o": "_output_dense"}
 
 
 class KerasGQALayer(keras_mha.KerasMHALayer):
-    def _new_layer(self, rank):
+    def _new_layer(self, rank, window=None):
         spec, (q_dim, k_dim, v_dim) = self.spec, self.dims
         layer = self.keras.layers.GroupQueryAttention(
-            head_dim=spec.key_dim, num_query_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
+            head_dim=spec.key_dim, num_query_heads=spec.num_heads, num_key_value_heads=spec.kv_heads,
             dropout=spec.dropout, use_bias=spec.use_bias, flash_attention=self.flash_attention, dtype=self.dtype)
         layer.build((None, None, q_dim), (None, None, v_dim), (None, None, k_dim))
         return layer
@@ -46,7 +51,7 @@ class KerasGQALayer(keras_mha.KerasMHALayer):
     def _named_variables(layer) -> dict:
         return _keras.dense_variables(layer, DENSE)
 
-    def _layer(self, rank):
+    def _layer(self, rank, window=None):
         return super()._layer(3)  # every call is [N, L, D] once flattened
 
     def _native(self, call, requires_grad=False):
@@ -58,7 +63,7 @@ class KerasGQALayer(keras_mha.KerasMHALayer):
             mask = np.squeeze(mask, axis=-3)  # Keras inserts the head axis itself
         self._layer(3)
         return dict(query=t(call.query), value=t(call.value), key=t(call.key) if call.key_given else None,
-                    mask=self.ops.mask(mask), causal=call.causal, call=call)
+                    mask=(self.ops.mask(mask), None), causal=call.causal, window=None, call=call)
 
     def _run(self, inputs, return_scores, training, seed=None):
         call, ops = inputs["call"], self.keras.ops
@@ -78,23 +83,25 @@ class KerasGQAAdapter(keras_mha.KerasMHAAdapter):
     name = "keras_gqa"
     backend = "tensorflow"
     framework = "Keras (TensorFlow)"
-    description = "keras.layers.GroupQueryAttention on the TensorFlow backend (num_key_value_heads = num_heads)"
+    description = "keras.layers.GroupQueryAttention on the TensorFlow backend (num_key_value_heads = num_kv_heads)"
     layer_class = KerasGQALayer
 
     def capabilities(self):
         caps = super().capabilities()
-        return dataclasses.replace(caps, unsupported_features={**caps.unsupported_features, **UNSUPPORTED})
+        inherited = {k: v for k, v in caps.unsupported_features.items() if k != "gqa"}  # MHA's reason: use GQA
+        return dataclasses.replace(caps, unsupported_features={**inherited, **UNSUPPORTED},
+                                   supported_extensions=frozenset({"gqa"}))
 
 
 class KerasGQAJaxAdapter(KerasGQAAdapter, keras_mha.KerasMHAJaxAdapter):
     name = "keras_gqa@jax"
     backend = "jax"
     framework = "Keras (JAX)"
-    description = "keras.layers.GroupQueryAttention on the JAX backend (num_key_value_heads = num_heads)"
+    description = "keras.layers.GroupQueryAttention on the JAX backend (num_key_value_heads = num_kv_heads)"
 
 
 class KerasGQATorchAdapter(KerasGQAAdapter, keras_mha.KerasMHATorchAdapter):
     name = "keras_gqa@torch"
     backend = "torch"
     framework = "Keras (PyTorch)"
-    description = "keras.layers.GroupQueryAttention on the PyTorch backend (num_key_value_heads = num_heads)"
+    description = "keras.layers.GroupQueryAttention on the PyTorch backend (num_key_value_heads = num_kv_heads)"

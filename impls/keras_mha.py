@@ -14,6 +14,25 @@
   axes, so there the adapter builds the causal triangle over the flattened
   attended positions into an explicit ``attention_mask`` (recorded on the row
   as emulated).
+* Modern attention. Keras 3.15's layer has ``sliding_window=w`` (a
+  constructor argument: ``|i - j| < w`` over axis 1, i.e. our window
+  ``(w - 1, w - 1)``, or ``(w - 1, anything)`` with causal) and the padding
+  masks ``value_mask``/``key_mask`` ``[B, S]``; where the call fits them they
+  are used (one Keras layer per window met), and key/value lengths become
+  ``value_mask`` (Keras has no lengths argument: emulated). Everything else
+  Keras cannot say goes into ``attention_mask``, recorded as emulated:
+  bottom-right causal, other windows, query lengths (``call(query_mask=...)``
+  is silently ignored: ``call`` overwrites it with the query's Keras mask).
+  Keras's layer takes no additive bias (``keras.ops.dot_product_attention``
+  has one; the layer never passes it) and projects key and value with
+  ``num_heads`` heads (grouped-query attention is the separate
+  ``keras.layers.GroupQueryAttention``): both unsupported.
+* The kernel: ``flash_attention=None`` (Keras decides; the default adapters),
+  and the variants ``+flash`` (``flash_attention=True``) and ``+no_flash``
+  (``False``) on the JAX and PyTorch backends. On a CPU Keras's flash path
+  refuses on both (it needs cuDNN on a GPU, or a TPU, on JAX, and CUDA's flash
+  check on PyTorch), and None means off; the TensorFlow backend has no flash
+  attention at all.
 * Keras picks its backend once per process: an adapter whose backend is not
   the one running here hosts its layer in a worker process (``impls.worker``).
 """
@@ -22,11 +41,17 @@ from __future__ import annotations
 import numpy as np
 
 from . import _keras, worker
-from .base import Capabilities, Layer, UnsupportedError
+from .base import Capabilities, Layer, UnsupportedError, kernel_refusals
 from .validation import numpy_dtype
 from .spec import Weights
 
 WORKER_OPTIONS = ("build_timeout", "call_timeout")
+UNSUPPORTED_MODERN = {
+    "gqa": "keras.layers.MultiHeadAttention projects key and value with num_heads heads; grouped-query attention "
+           "is the separate keras.layers.GroupQueryAttention",
+    "bias": "keras.layers.MultiHeadAttention.call takes no additive bias (keras.ops.dot_product_attention has one, "
+            "which the layer never passes)",
+}
 # torch.compile (what Keras's own jit_compile uses on torch) of the layer's stateless call spent over two
 # minutes tracing Keras on CPU and then failed, so "compiled" is not offered on the torch backend.
 
@@ -51,8 +76,27 @@ def default_rank(spec) -> int | None:
 
 
 def native_causal_ok(call) -> bool:
-    """Keras's own causal mask (a triangle over axis 1) is ours exactly when axis 1 is the only attended axis."""
-    return call.attention_axes == (1,)
+    """Keras's own causal mask (a triangle over axis 1) is ours exactly when axis 1 is the only attended axis and
+    the alignment is top-left (or T == S)."""
+    return call.attention_axes == (1,) and call.diagonal_offset == 0
+
+
+def sliding_window(call) -> int | None:
+    """Keras's ``sliding_window=w`` (``|i - j| < w`` over axis 1) that is the call's window, or None when it is not
+    one (the window is then built into the attention mask)."""
+    if call.window is None or not native_causal_ok(call):
+        return None
+    left, right = call.window
+    if left is None:
+        return None
+    if call.causal or left == right:  # causal cuts the right side at the diagonal
+        return left + 1
+    return None
+
+
+def native_value_mask(call) -> bool:
+    """Key/value lengths as Keras's ``value_mask [B, S]``: one attended axis, axis 1, and no other."""
+    return call.key_value_lengths is not None and call.rank == 3
 
 
 class KerasMHALayer(Layer):
@@ -67,28 +111,31 @@ class KerasMHALayer(Layer):
         self.ops = _keras.Ops(adapter.backend, device)
         self.keras = self.ops.keras
         self.weights = weights
-        self._layers: dict[int, tuple] = {}  # rank -> (keras layer, named variables, forward fn)
-        self._programs: dict[int, object] = {}  # rank -> the one-program evaluate (JAX, compiled mode)
+        # (rank, sliding_window) -> (keras layer, named variables, forward fn), and the one-program evaluate
+        self._layers: dict[tuple[int, int | None], tuple] = {}
+        self._programs: dict[tuple[int, int | None], object] = {}  # (JAX, compiled mode)
         if default_rank(spec) is not None:
             self._layer(default_rank(spec))
 
-    # ---- one Keras layer per input rank --------------------------------------
-    def _new_layer(self, rank: int):
-        """The Keras layer for inputs of ``rank``, built (its weights not yet loaded)."""
+    # ---- one Keras layer per input rank and sliding window -------------------
+    def _new_layer(self, rank: int, window: int | None = None):
+        """The Keras layer for inputs of ``rank`` and ``sliding_window=window``, built (its weights not yet
+        loaded)."""
         keras, spec = self.keras, self.spec
         q_dim, k_dim, v_dim = self.dims
         layer = keras.layers.MultiHeadAttention(
             num_heads=spec.num_heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
             dropout=spec.dropout, use_bias=spec.use_bias, output_shape=spec.output_shape,
-            attention_axes=keras_axes(spec, rank), flash_attention=self.flash_attention, dtype=self.dtype)
+            attention_axes=keras_axes(spec, rank), sliding_window=window, flash_attention=self.flash_attention,
+            dtype=self.dtype)
         free = (None,) * (rank - 1)
         layer.build(free + (q_dim,), free + (v_dim,), free + (k_dim,))
         return layer
 
-    def _layer(self, rank: int):
-        if rank not in self._layers:
+    def _layer(self, rank: int, window: int | None = None):
+        if (rank, window) not in self._layers:
             with _keras.placement(self.keras, self.device):
-                layer = self._new_layer(rank)
+                layer = self._new_layer(rank, window)
             named = self._named_variables(layer)
             by_id = {id(v): n for n, v in named.items()}
             arrays = self.weights.as_dict()
@@ -96,8 +143,8 @@ class KerasMHALayer(Layer):
                 raise RuntimeError(f"{self.adapter.name}: Keras layer has weights {[v.path for v in layer.weights]}; "
                                    f"expected {sorted(arrays)}")
             layer.set_weights([arrays[by_id[id(v)]].astype(np.float64) for v in layer.weights])
-            self._layers[rank] = (layer, named, self._forward_fn(layer))
-        return self._layers[rank]
+            self._layers[(rank, window)] = (layer, named, self._forward_fn(layer))
+        return self._layers[(rank, window)]
 
     @staticmethod
     def _named_variables(layer) -> dict:
@@ -111,11 +158,12 @@ class KerasMHALayer(Layer):
 
     @staticmethod
     def _stateless(layer):
-        def forward(trainable, non_trainable, query, value, key, mask, static):
+        def forward(trainable, non_trainable, query, value, key, masks, static):
             causal, return_scores, training = static
+            attention_mask, value_mask = masks
             result, non_trainable = layer.stateless_call(
-                trainable, non_trainable, query, value, key=key, attention_mask=mask, use_causal_mask=causal,
-                return_attention_scores=return_scores, training=training)
+                trainable, non_trainable, query, value, key=key, attention_mask=attention_mask, value_mask=value_mask,
+                use_causal_mask=causal, return_attention_scores=return_scores, training=training)
             return (result if return_scores else (result, None)), non_trainable
         return forward
 
@@ -127,18 +175,20 @@ class KerasMHALayer(Layer):
                  **features):
         """On JAX in compiled mode, one jitted program per case computes the default output, the with-scores
         output and scores, and the gradients (as the JAX layers do); elsewhere one call per path."""
-        if self.ops.backend != "jax" or self.mode != "compiled" or any(v is not None for v in features.values()):
+        if self.ops.backend != "jax" or self.mode != "compiled":
             return super().evaluate(query, value, key, mask, causal, cotangent=cotangent, scores=scores, **features)
         from .validation import check_cotangent
-        call = self.validate(query, value, key, mask, causal, return_scores=scores, gradients=cotangent is not None)
+        call = self._validated(query, value, key, mask, causal, features, return_scores=scores,
+                               gradients=cotangent is not None)
         inputs = self._native(call)
-        layer, named, _ = self._layer(call.rank)
+        program_key = (call.rank, inputs["window"])  # a Keras layer per sliding window: a program per layer
+        layer, named, _ = self._layer(*program_key)
         trainable, non_trainable = self._state(layer)
         ct = None if cotangent is None else self.ops.tensor(check_cotangent(call, cotangent), self.dtype)
-        if call.rank not in self._programs:
-            self._programs[call.rank] = self._one_program(layer)
-        found = self._programs[call.rank](trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"],
-                                          inputs["mask"], ct, causal=inputs["causal"], scores=scores)
+        if program_key not in self._programs:
+            self._programs[program_key] = self._one_program(layer)
+        found = self._programs[program_key](trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"],
+                                            inputs["mask"], ct, causal=inputs["causal"], scores=scores)
         as_array = lambda x: np.asarray(self.ops.numpy(x)).astype(numpy_dtype(self.dtype))
         result = {"output": as_array(found["output"])}
         if scores:
@@ -172,9 +222,9 @@ class KerasMHALayer(Layer):
 
     # ---- translating a call ---------------------------------------------------
     def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False, training=False,
-                 gradients=False):
+                 gradients=False, **features):
         call = super().validate(query, value, key, mask, causal, return_scores=return_scores, training=training,
-                                gradients=gradients)
+                                gradients=gradients, **features)
         if self.flash_attention:
             if return_scores:
                 raise UnsupportedError(self.adapter.name, "this call",
@@ -185,23 +235,37 @@ class KerasMHALayer(Layer):
         return call
 
     def _keras_mask(self, call):
-        """(mask for Keras or None, use_causal_mask)."""
-        if not call.causal or native_causal_ok(call):
-            return call.given_mask, call.causal
-        allowed = call.allowed()  # causal emulated: the triangle over the flattened attended positions
+        """(attention_mask or None, value_mask or None, use_causal_mask, sliding_window): what Keras takes of the
+        call, the rest built into the attention mask."""
+        causal = call.causal and native_causal_ok(call)
+        window = sliding_window(call)
+        value_mask = None
+        if native_value_mask(call):  # [B, S]: batch b's first key_value_lengths[b] keys
+            value_mask = np.arange(call.k_len)[None, :] < call.key_value_lengths[:, None]
+        built = dict(causal=call.causal and not causal, window=call.window is not None and window is None,
+                     lengths="query" if value_mask is not None else True)
+        if call.allowed_block(mask=False, bias=False, **built) is None:  # nothing to build: the mask as given
+            return call.given_mask, value_mask, causal, window
+        allowed = call.allowed(bias=False, **built)  # over the flattened attended positions, scores' rank
         if allowed.shape[call.n_batch] == 1:
             allowed = np.squeeze(allowed, axis=call.n_batch)  # Keras inserts the head axis itself
-        return allowed, False
+        return allowed, value_mask, causal, window
 
     def emulations(self, call):
-        return ("causal",) if call.causal and not native_causal_ok(call) else ()
+        causal = call.causal and not native_causal_ok(call)
+        bottom_right = causal and call.causal_alignment == "bottom_right" and call.q_len != call.k_len
+        used = (("causal", causal and not bottom_right), ("causal_bottom_right", bottom_right),
+                ("window", call.window is not None and sliding_window(call) is None),
+                ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
+        return tuple(name for name, on in used if on)
 
     def _native(self, call, requires_grad=False):
         t = lambda x: self.ops.tensor(x, self.dtype, requires_grad)
-        mask, native_causal = self._keras_mask(call)
-        self._layer(call.rank)
+        mask, value_mask, native_causal, window = self._keras_mask(call)
+        self._layer(call.rank, window)
         return dict(query=t(call.query), value=t(call.value), key=t(call.key) if call.key_given else None,
-                    mask=self.ops.mask(mask), causal=native_causal, call=call)
+                    mask=(self.ops.mask(mask), self.ops.mask(value_mask)), causal=native_causal, window=window,
+                    call=call)
 
     def _state(self, layer, seed=None):
         if seed is not None and self.spec.dropout > 0:
@@ -209,7 +273,7 @@ class KerasMHALayer(Layer):
         return ([v.value for v in layer.trainable_variables], [v.value for v in layer.non_trainable_variables])
 
     def _run(self, inputs, return_scores, training, seed=None):
-        layer, _, fn = self._layer(inputs["call"].rank)
+        layer, _, fn = self._layer(inputs["call"].rank, inputs["window"])
         trainable, non_trainable = self._state(layer, seed)
         (out, scores), new_state = fn(trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"],
                                       inputs["mask"], (inputs["causal"], return_scores, training))
@@ -221,11 +285,19 @@ class KerasMHALayer(Layer):
     def _output(self, inputs):
         return self._run(inputs, False, False)[0]
 
+    def _forward(self, call, return_scores, training, seed):
+        with kernel_refusals(self.adapter.name, self.flash_attention is True, "Keras's flash_attention=True"):
+            return super()._forward(call, return_scores, training, seed)
+
+    def _gradients(self, call, cotangent):
+        with kernel_refusals(self.adapter.name, self.flash_attention is True, "Keras's flash_attention=True"):
+            return super()._gradients(call, cotangent)
+
     def _native_array(self, x):
         return self.ops.tensor(x, self.dtype)
 
     def _backward(self, inputs, cotangent):
-        layer, named, fn = self._layer(inputs["call"].rank)
+        layer, named, fn = self._layer(inputs["call"].rank, inputs["window"])
         trainable, non_trainable = self._state(layer)
         _, input_grads, weight_grads = self.ops.value_and_grads(
             fn, trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"], inputs["mask"],
@@ -260,7 +332,8 @@ class KerasMHAAdapter(_keras.KerasAdapter):
 
     def capabilities(self):
         modes = ("eager", "graph", "compiled") if self.backend == "tensorflow" else ("eager", "compiled")
-        return Capabilities(devices=("cpu", "cuda"), modes=modes)
+        return Capabilities(devices=("cpu", "cuda"), modes=modes, unsupported_features=UNSUPPORTED_MODERN,
+                            supported_extensions=frozenset({"causal_bottom_right", "window", "lengths"}))
 
     def _build(self, spec, weights, dtype, device, mode, **options):
         flash = options.get("flash_attention")
@@ -309,4 +382,62 @@ class KerasMHATorchAdapter(KerasMHAAdapter):
     description = "keras.layers.MultiHeadAttention on the PyTorch backend"
 
     def capabilities(self):
-        return Capabilities(devices=("cpu", "cuda"), modes=("eager",))  # see COMPILED_TORCH_REASON
+        return Capabilities(devices=("cpu", "cuda"), modes=("eager",), unsupported_features=UNSUPPORTED_MODERN,
+                            supported_extensions=frozenset({"causal_bottom_right", "window", "lengths"}))
+
+
+# ---- the kernel: Keras's flash_attention forced on or off, where the backend has one -------------------------
+FLASH_KERNELS = {"flash": True, "no_flash": False}
+FLASH_OFF_CUDA = {
+    "jax": "Keras's flash_attention=True on the JAX backend needs cuDNN flash attention on an NVIDIA GPU of compute "
+           "capability 8.0 or newer, or a TPU (keras/src/backend/jax/nn.py, _can_use_flash_attention), and raises "
+           "elsewhere",
+    "torch": "Keras's flash_attention=True on the PyTorch backend asks torch.backends.cuda.can_use_flash_attention, "
+             "which is False off CUDA, and raises 'Flash attention is not supported with the provided inputs' (though "
+             "PyTorch's CPU build has a flash kernel: torch_sdpa+flash runs it)",
+}
+
+
+class KerasFlashKernel:
+    """A Keras adapter with ``flash_attention`` forced on ("flash") or off ("no_flash"); mixed in before the
+    backend's adapter class."""
+
+    def _build(self, spec, weights, dtype, device, mode, **options):
+        options.setdefault("flash_attention", FLASH_KERNELS[self.kernel])
+        return super()._build(spec, weights, dtype, device, mode, **options)
+
+    def capabilities(self):
+        caps = super().capabilities()
+        if self.kernel != "flash":
+            return caps
+        return Capabilities(unsupported_features=caps.unsupported_features, devices=("cuda",), modes=caps.modes,
+                            supported_extensions=caps.supported_extensions, devices_reason=FLASH_OFF_CUDA[self.backend])
+
+    def unsupported_reason(self, spec, weights, **kwargs):
+        if self.kernel == "flash" and spec.dropout > 0:
+            return "Keras's MultiHeadAttention raises 'Dropout is not supported when flash attention is enabled'"
+        return super().unsupported_reason(spec, weights, **kwargs)
+
+
+class KerasMHAJaxFlashAdapter(KerasFlashKernel, KerasMHAJaxAdapter):
+    name = "keras_mha@jax+flash"
+    kernel = "flash"
+    description = "keras.layers.MultiHeadAttention(flash_attention=True) on the JAX backend"
+
+
+class KerasMHAJaxNoFlashAdapter(KerasFlashKernel, KerasMHAJaxAdapter):
+    name = "keras_mha@jax+no_flash"
+    kernel = "no_flash"
+    description = "keras.layers.MultiHeadAttention(flash_attention=False) on the JAX backend (jax.nn.dot_product_attention, XLA)"
+
+
+class KerasMHATorchFlashAdapter(KerasFlashKernel, KerasMHATorchAdapter):
+    name = "keras_mha@torch+flash"
+    kernel = "flash"
+    description = "keras.layers.MultiHeadAttention(flash_attention=True) on the PyTorch backend"
+
+
+class KerasMHATorchNoFlashAdapter(KerasFlashKernel, KerasMHATorchAdapter):
+    name = "keras_mha@torch+no_flash"
+    kernel = "no_flash"
+    description = "keras.layers.MultiHeadAttention(flash_attention=False) on the PyTorch backend (SDPA's own choice)"

@@ -121,13 +121,6 @@ def _safe_matmul(a: np.ndarray, b: np.ndarray, guard: str) -> np.ndarray:
     return out + terms.sum(axis=-2)
 
 
-def _bias_gradient(call: Call, g_scores: np.ndarray) -> np.ndarray:
-    """The scores' gradient summed over the axes the bias broadcasts along, in the bias's given shape."""
-    g = g_scores.reshape(call.scores_shape)
-    axes = tuple(a for a, size in enumerate(call.bias.shape) if size == 1 and call.scores_shape[a] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(call.given_bias.shape)
-
-
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
              cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64", window=None, bias=None,
              query_lengths=None, key_value_lengths=None,
@@ -191,7 +184,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
         g_v = num(np.matmul(np.swapaxes(_stacked(probs, Hkv), -1, -2), _stacked(g_o, Hkv)))
     g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked, inner)
     if call.bias is not None:
-        grads["bias"] = num(_bias_gradient(call, g_scores))
+        grads["bias"] = num(call.bias_gradient(g_scores))  # the scores' gradient, summed to the bias's shape
 
     # Scores = (q * scale) . k; ``q`` from _projections is already scaled.
     with np.errstate(invalid="ignore"):
@@ -199,8 +192,16 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
         g_q = num(num(g_q) * num(1.0 / math.sqrt(spec.key_dim)))
         g_k = num(_safe_matmul(np.swapaxes(_stacked(g_scores, Hkv), -1, -2), _stacked(q, Hkv), guard="b"))
 
+    return projection_gradients(call, num, w, x, g_q, g_k, g_v, grads)
+
+
+def projection_gradients(call: Call, num: Numerics, w: dict, x: dict, g_q, g_k, g_v, grads: dict) -> dict:
+    """The gradients of the inputs and the input projections from those of the projected ``g_q``
+    ``[N, H, T, key_dim]`` (with respect to the unscaled query projection), ``g_k`` and ``g_v``
+    ``[N, Hkv, S, *]``; ``grads`` holds the rest found so far (Wo, bo, bias). ``w`` and ``x`` are
+    ``oracle._projections``'. All of it, in ``backward``'s result form."""
     # Input projections: y = x . W + b, contracted over the flattened (N, L) rows.
-    g_inputs = {}
+    grads, g_inputs = dict(grads), {}
     with np.errstate(invalid="ignore"):
         for name, g, W, b in (("query", g_q, "Wq", "bq"), ("key", g_k, "Wk", "bk"), ("value", g_v, "Wv", "bv")):
             n, h, L, c = g.shape

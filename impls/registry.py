@@ -19,8 +19,9 @@ from .base import Adapter
 
 ENTRY_POINT_GROUP = "mhabench.adapters"
 # What an adapter's name may be: it appears in row ids, file names and terminal output.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]+")
-NAME_RULE = "letters, digits and _ . @ - only"
+# "+" names a kernel variant ("torch_sdpa+flash"), "@" a backend ("keras_mha@jax").
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@+-]+")
+NAME_RULE = "letters, digits and _ . @ + - only"
 
 
 class BrokenAdapter(Adapter):

@@ -6,7 +6,15 @@
   ``key_padding_mask [N, S]``, as torch users pass padding; any other mask as
   ``attn_mask``: ``[T, S]`` when one mask serves every batch and head, else
   ``[N * H, T, S]``. Causal is the boolean ``[T, S]`` triangle as ``attn_mask``
-  (the module's ``is_causal`` is only a hint that needs that mask anyway).
+  (the module's ``is_causal`` is only a hint that needs that mask anyway), so
+  causal is recorded on the row as emulated.
+* Modern attention: the additive bias is a float ``attn_mask`` (the module
+  adds it to the logits), ``-inf`` where the boolean restrictions mask
+  (``bias.masked_fill(mask, -inf)``); key/value lengths become its
+  ``key_padding_mask``. The module has no argument for bottom-right causal, a
+  window or query lengths: those go into ``attn_mask`` (emulated, recorded on
+  the row), as does key padding when another restriction needs the mask. It
+  projects key and value with ``num_heads`` heads: no grouped-query attention.
 * ``average_attn_weights=False`` so the scores stay per head.
 * Weights: ``in_proj_weight [3E, E]`` (or separate ``q/k/v_proj_weight`` when
   the key/value widths differ from E), ``y = x @ W.T + b``; head ``h`` owns
@@ -18,7 +26,6 @@ import numpy as np
 
 from . import _torch
 from .base import Capabilities
-from .validation import causal_mask
 from .spec import Weights
 
 
@@ -76,26 +83,52 @@ class TorchMHALayer(_torch.TorchLayer):
         self._fn = self.module if mode == "eager" else torch.compile(self.module, dynamic=False)
 
     def _mask(self, call):
-        """Our may-attend mask -> the module's (key_padding_mask, attn_mask), both True = masked."""
-        tensor = lambda m: _torch.bool_tensor(self.torch, m, self.device)
+        """Our may-attend restrictions -> the module's (key_padding_mask [N, S], the attn_mask's may-attend part
+        [N|1, H|1, T, S] or None), both boolean; the key padding True = masked, the other ours (True = attend),
+        turned into the module's form with the bias in ``_attn_mask``."""
         T, S = call.q_len, call.k_len
-        if call.is_key_padding():
-            padding = call.flat_mask()  # [N or 1, 1, 1, S or 1]
-            key_padding = ~np.broadcast_to(padding[:, 0, 0, :], (call.n_flat, S))
-            return tensor(key_padding), tensor(~causal_mask(T, S)) if call.causal else None
-        allowed = call.flat_mask(with_causal=call.causal)
-        if allowed is None:
-            return None, None
-        N, Hm = allowed.shape[:2]
-        if N == 1 and Hm == 1:
-            return None, tensor(~np.broadcast_to(allowed[0, 0], (T, S)))
-        full = np.broadcast_to(allowed, (call.n_flat, self.spec.num_heads, T, S))
-        return None, tensor(~full.reshape(-1, T, S))
+        padding_mask = call.is_key_padding()
+        padding = call.allowed_block(mask=padding_mask, causal=False, window=False, lengths="key_value", bias=False)
+        key_padding = None
+        if padding is not None:  # [N|1, 1, 1, S]
+            key_padding = _torch.bool_tensor(self.torch, ~np.broadcast_to(padding[:, 0, 0, :], (call.n_flat, S)),
+                                             self.device)
+        allowed = call.allowed_block(mask=not padding_mask, causal=True, window=True, lengths="query", bias=False)
+        return key_padding, None if allowed is None else _torch.bool_tensor(self.torch, allowed, self.device)
+
+    def emulations(self, call):
+        built = [f for f, used in (("causal", call.causal and call.causal_alignment != "bottom_right"),
+                                   ("causal_bottom_right", call.causal_alignment == "bottom_right"),
+                                   ("window", call.window is not None),
+                                   ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
+                 if used]
+        if call.causal_alignment == "bottom_right" and call.q_len == call.k_len:
+            built[built.index("causal_bottom_right")] = "causal"
+        return tuple(built)
+
+    def _attn_mask(self, call, allowed, bias):
+        """The module's attn_mask: boolean True = masked, or, with a bias, float (the bias, -inf where masked);
+        ``[T, S]`` when one serves every batch and head, else ``[N * H, T, S]``."""
+        torch, T, S = self.torch, call.q_len, call.k_len
+        if allowed is None and bias is None:
+            return None
+        parts = [x for x in (allowed, bias) if x is not None]
+        shape = torch.broadcast_shapes(*(x.shape for x in parts))
+        if bias is None:
+            mask = ~allowed
+        else:
+            mask = bias.expand(shape)
+            if allowed is not None:
+                mask = mask.masked_fill(~allowed, float("-inf"))
+        if shape[0] == 1 and shape[1] == 1:
+            return mask.expand(1, 1, T, S)[0, 0]
+        return mask.expand(call.n_flat, self.spec.num_heads, T, S).reshape(-1, T, S)
 
     def _call_module(self, inputs, need_weights, fn):
         call = inputs["call"]
         seq = lambda x: self._flat(call, x) if self.batch_first else self._flat(call, x).transpose(0, 1)
-        key_padding, attn = inputs["mask"]
+        key_padding, allowed = inputs["mask"]
+        attn = self._attn_mask(call, allowed, inputs["bias"])
         out, weights = fn(seq(inputs["query"]), seq(inputs["key"]), seq(inputs["value"]), key_padding_mask=key_padding,
                           attn_mask=attn, need_weights=need_weights, average_attn_weights=False)
         if not self.batch_first:
@@ -121,7 +154,7 @@ class TorchMHALayer(_torch.TorchLayer):
         return self.params
 
     def _canonical_gradients(self, grads):
-        weights = {k: grads.pop(k) for k in list(grads) if k not in ("query", "key", "value")}
+        weights = {k: grads.pop(k) for k in list(grads) if k not in ("query", "key", "value", "bias")}
         return {**grads, **module_to_canonical(weights, self.spec.num_heads)}
 
     def export_weights(self) -> Weights:
@@ -139,9 +172,11 @@ class TorchMHAAdapter(_torch.TorchAdapter):
         why_width = "nn.MultiheadAttention splits embed_dim (the query width) into num_heads equal heads"
         return Capabilities(
             unsupported_features={
+                "gqa": "nn.MultiheadAttention projects key and value with num_heads heads too (no num_kv_heads)",
                 "value_dim": "nn.MultiheadAttention uses one head_dim = embed_dim // num_heads for q, k and v",
                 "output_shape": "nn.MultiheadAttention's out_proj maps back to embed_dim (the query width)",
                 "multi_output": "nn.MultiheadAttention's output is [L, N, embed_dim]",
                 "head_width": why_width,
             },
-            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+            devices=("cpu", "cuda"), modes=("eager", "compiled"),
+            supported_extensions=frozenset({"causal_bottom_right", "window", "bias", "lengths"}))

@@ -179,14 +179,20 @@ class Call:
         B = self.scores_shape[0]
         return np.repeat(lengths, self.n_flat // B if B else 0)
 
+    def flat_lengths(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(query_lengths, key_value_lengths)`` per sequence of the flattened batch, ``[N]`` each (or None):
+        for a framework that takes lengths per sequence of its one-sequence layout."""
+        return tuple(None if n is None else self._flat_lengths(n) for n in (self.query_lengths, self.key_value_lengths))
+
     def allowed_block(self, start: int = 0, stop: int | None = None, *, mask: bool = True, causal: bool = True,
-                      window: bool = True, lengths: bool = True, bias: bool = True) -> np.ndarray | None:
+                      window: bool = True, lengths: bool | str = True, bias: bool = True) -> np.ndarray | None:
         """May-attend for query rows ``start:stop`` of the flattened layout, compact: a boolean
         ``[N|1, H|1, rows|1, S|1]`` (size 1 where constant, so it broadcasts), None if nothing restricts.
 
         The parts, combined by AND (each flag leaves its part out): the mask; causal (key j <= i + d);
         the window (i + d - left <= j <= i + d + right); the lengths (j < key_value_lengths[b] and
-        i < query_lengths[b]); the bias (a ``-inf`` bias position is masked). ``d`` is
+        i < query_lengths[b]; ``lengths="key_value"`` or ``"query"`` takes one side only, for a framework
+        that has an argument for the other); the bias (a ``-inf`` bias position is masked). ``d`` is
         :attr:`diagonal_offset`. This is the one definition the oracle and every flattened form use.
         """
         T, S = self.q_len, self.k_len
@@ -205,10 +211,12 @@ class Call:
         if restrict_causal or restrict_window:
             parts.append(band_mask(start, stop, S, offset=self.diagonal_offset, causal=restrict_causal,
                                    window=self.window if restrict_window else None)[None, None])
-        if lengths and self.key_value_lengths is not None:
+        if lengths not in (True, False, "key_value", "query"):
+            raise ValueError(f"lengths must be True, False, 'key_value' or 'query', got {lengths!r}")
+        if lengths in (True, "key_value") and self.key_value_lengths is not None:
             n = self._flat_lengths(self.key_value_lengths)
             parts.append(np.arange(S)[None, None, None, :] < n[:, None, None, None])
-        if lengths and self.query_lengths is not None:
+        if lengths in (True, "query") and self.query_lengths is not None:
             n = self._flat_lengths(self.query_lengths)
             parts.append(np.arange(start, stop)[None, None, :, None] < n[:, None, None, None])
         if not parts:
@@ -218,7 +226,7 @@ class Call:
             allowed = np.logical_and(allowed, part)
         return allowed
 
-    def allowed(self, *, mask: bool = True, causal: bool = True, window: bool = True, lengths: bool = True,
+    def allowed(self, *, mask: bool = True, causal: bool = True, window: bool = True, lengths: bool | str = True,
                 bias: bool = True) -> np.ndarray | None:
         """The boolean may-attend mask (mask AND causal AND window AND lengths AND bias > -inf; the flags
         leave parts out), of the scores' rank and broadcastable to ``scores_shape``; None if all allowed."""
@@ -242,7 +250,7 @@ class Call:
             return None
         return np.ascontiguousarray(np.broadcast_to(flat, (self.n_flat, flat.shape[1], self.q_len, self.k_len)))
 
-    def flat_mask(self, with_causal: bool = False, *, window: bool = False, lengths: bool = False,
+    def flat_mask(self, with_causal: bool = False, *, window: bool = False, lengths: bool | str = False,
                   bias: bool = False) -> np.ndarray | None:
         """The mask (``with_causal``: mask AND causal; the other flags AND those parts in too) flattened to
         ``[N, H, T, S]`` the way a user of a one-sequence framework writes it: each group of axes
@@ -258,6 +266,18 @@ class Call:
         if b is None or b.shape[2] == 1:
             return b
         return b[:, :, start:stop]
+
+    def bias_gradient(self, g) -> np.ndarray:
+        """A gradient with respect to the flattened bias (the compact ``[N|1, H|1, T|1, S|1]`` of
+        :meth:`flat_bias`, or the full ``[N, H, T, S]`` scores' gradient) as the gradient of the bias as given:
+        summed over the axes the given bias broadcasts along, in its given shape."""
+        g = np.asarray(g)
+        shape = []
+        for group, (start, stop) in enumerate(self._groups()):
+            shape.extend(1 if g.shape[group] == 1 else self.scores_shape[a] for a in range(start, stop))
+        g = g.reshape(shape)
+        axes = tuple(a for a, size in enumerate(self.bias.shape) if size == 1 and shape[a] != 1)
+        return g.sum(axis=axes, keepdims=True).reshape(self.given_bias.shape)
 
     def is_key_padding(self) -> bool:
         """Whether the mask (causal aside) depends on the batch and the key positions only: a padding mask."""

@@ -256,11 +256,12 @@ class WorkerLayer(Layer):
 
     def _forward(self, call, return_scores, training, seed):
         return self.remote("__call__", call.query, call.value, call.key if call.key_given else None, call.given_mask,
-                           call.causal, return_scores, training=training, seed=seed)
+                           call.causal_argument, return_scores, training=training, seed=seed,
+                           **call.feature_kwargs())
 
     def _gradients(self, call, cotangent):
         return self.remote("gradients", call.query, call.value, call.key if call.key_given else None,
-                           call.given_mask, call.causal, cotangent)
+                           call.given_mask, call.causal_argument, cotangent, **call.feature_kwargs())
 
     def export_weights(self):
         return self.remote("export_weights")

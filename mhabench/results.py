@@ -38,13 +38,18 @@ from .impls.validation import DTYPES
 
 STATUSES = ("pass", "fail", "divergence", "unsupported", "error", "skip")
 PROBLEM_STATUSES = ("error", "fail", "divergence", "unsupported", "skip")  # worst first: a cell's colour
-AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "pairs", "random", "plugin")
+AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "modern", "pairs", "random",
+         "plugin")
+# ``kernel``: the attention kernel the adapter forces ("default": none, the framework chooses, as users run it);
+# ``emulated``: the features the adapter built a mask for because its framework has no argument for them;
+# ``window``, ``bias`` (its kind), ``lengths`` (their kind): the case's modern-attention call features.
 FIELDS = ("row_id", "adapter", "framework", "framework_version", "case", "area", "dtype", "device", "quantity",
           "status", "max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "tolerance_source",
           "divergence",
-          "contradicts", "message", "mode", "emulated", "seed", "spec", "query_shape", "key_shape", "value_shape",
-          "mask", "causal", "duration_s")
+          "contradicts", "message", "mode", "kernel", "emulated", "seed", "spec", "query_shape", "key_shape",
+          "value_shape", "mask", "causal", "window", "bias", "lengths", "duration_s")
 REQUIRED = ("row_id", "adapter", "case", "area", "dtype", "quantity", "status")
+DEFAULT_KERNEL = "default"  # no kernel forced: the framework chooses, as its users run it
 NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
 
 __all__ = ["AREAS", "DTYPES", "FIELDS", "STATUSES", "Layout", "Journal", "read_rows", "RowWriter", "write_results",
@@ -333,6 +338,15 @@ def meaningful_ratio(row: dict) -> float | None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio):
         return None
     return float(ratio)
+
+
+def kernel_of(adapter: str, recorded=None) -> str:
+    """The kernel a row or benchmark ran: the one it recorded, else the variant its adapter's name gives
+    (``"<adapter>+<kernel>"``, for results written before kernels were recorded), else the default."""
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    base, plus, kernel = str(adapter).rpartition("+")
+    return kernel if plus and base and kernel else DEFAULT_KERNEL
 
 
 def summarise(rows) -> dict[tuple[str, str], dict]:

@@ -78,6 +78,7 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         plugins = {str(p.source.parent.parent): p.plan.get("adhoc") or [] for p in conformance.parts or [conformance]}
         data.tables["conformance_adapters"] = tables.adapter_summary(rows)
         data.tables["conformance_matrix"] = tables.conformance_matrix(rows)
+        data.tables["kernel_matrix"] = tables.kernel_matrix(rows)
         data.tables["conformance_non_passing"] = tables.non_passing(rows)
         data.tables["failures"] = tables.failures(rows, plugins)
         data.tables["divergences"] = tables.divergence_catalogue(rows, conformance.catalogue)

@@ -133,8 +133,8 @@ def section_conformance(data: ReportData) -> str:
     summary = data.tables["conformance_adapters"]
     out.append("<h3>Per adapter</h3>")
     out.append(figure(charts.status_chart(summary), "conformance rows per adapter, by status"))
-    out.append(table(summary, ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate",
-                               "divergences"],
+    out.append(table(summary, ["adapter", "kernel", "framework", "framework_version", *STATUSES, "total",
+                               "pass_rate", "divergences"],
                      cell=lambda c, v, r: f'<td class="num">{v:.1%}</td>' if c == "pass_rate" and v == v else None))
     out.append("<h3>Matrix: adapter × area</h3>")
     out.append("<p class='legend'>" + "".join(f"<span class='{s}'>{s}</span>" for s in STATUSES)
@@ -142,6 +142,13 @@ def section_conformance(data: ReportData) -> str:
                "(|golden − impl| / |golden − reference|)"
                + (", over every machine" if _machines(data) > 1 else "") + ".</p>")
     out.append(matrix_html(data.tables["conformance_matrix"]))
+    kernels = data.tables.get("kernel_matrix")
+    if kernels is not None and not kernels.empty:
+        out.append("<h3 id='kernels'>Kernels × modern features</h3><p class='muted'>Per adapter (a kernel variant "
+                   "is its own adapter, <code>name+kernel</code>; <code>default</code> lets the framework choose): the "
+                   "rows that use each modern feature, by status (a row using several counts under each; "
+                   "<code>classic</code> uses none).</p>")
+        out.append(table(kernels, ["adapter", "kernel", "feature", *STATUSES, "total"]))
     return "".join(out)
 
 
@@ -356,8 +363,8 @@ def section_agreement(data: ReportData) -> str:
         body.append(f"<tr>{''.join(row)}</tr>")
     out.append(f"<table class='agree'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
     out.append("<h3>Each pair, with the computation that differs most</h3>")
-    columns = ["adapter_a", "adapter_b", "compared", "cases", "dtypes", "upper_tol", "lower_tol", "upper_abs",
-               "differs_most", "fails", "divergences", "not_compared"]
+    columns = ["adapter_a", "kernel_a", "adapter_b", "kernel_b", "compared", "cases", "dtypes", "upper_tol",
+               "lower_tol", "upper_abs", "differs_most", "fails", "divergences", "not_compared"]
     records = [{**r, "differs_most": " · ".join(str(r[k]) for k in ("worst_case", "worst_dtype", "worst_quantity",
                                                                      "worst_machine", "worst_device")
                                                  if isinstance(r[k], str))}
@@ -458,7 +465,7 @@ def section_scaling_summary(data: ReportData) -> str:
         if column in ("time_exponent", "memory_exponent"):
             return f'<td class="num">{value:.2f}</td>' if value == value else "<td class='muted'>one L</td>"
         return None
-    out.append(table(lines, ["class", "device", "series", "L_max", "time_exponent", "memory_exponent",
+    out.append(table(lines, ["class", "device", "series", "kernel", "L_max", "time_exponent", "memory_exponent",
                              "fraction_of_peak_at_L_max"], cell=line_cell))
     return "".join(out)
 
@@ -490,8 +497,8 @@ def section_benchmarks(data: ReportData) -> str:
             out.append("<p class='note'>Every sweep here has a single sequence length (the quick profile), so no "
                        "exponent can be fitted; <code>mhabench bench</code> (default profile) sweeps L.</p>")
         scaling["value_at_L_max"] = [format_value(v, u) for v, u in zip(scaling["value_at_L_max"], scaling["unit"])]
-        out.append(table(scaling, ["class", "method", "device", "series", "num_heads", "points", "L_min", "L_max",
-                                   "exponent", "value_at_L_max"]))
+        out.append(table(scaling, ["class", "method", "device", "series", "kernel", "num_heads", "points", "L_min",
+                                   "L_max", "exponent", "value_at_L_max"]))
         out.append("<h3 id='heads'>Heads sweep</h3>")
         heads = [figure(charts.heads_chart(attention, klass, "time_forward"), f"{klass} time against heads")
                  for klass in classes]

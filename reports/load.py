@@ -114,6 +114,7 @@ def _tidy_conformance(records: list) -> pd.DataFrame:
     for column in results.NUMERIC:
         rows[column] = pd.to_numeric(rows[column], errors="coerce")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
+    rows["kernel"] = [results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])]
     return rows.reset_index(drop=True)
 
 
@@ -164,7 +165,8 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
     skips_dir = path if path.is_dir() else asv_dir.parent
     problems: list[str] = []
     skips = load_skips(skips_dir, problems)
-    frame = with_throughput(frame, load_flops(skips_dir, problems))
+    flops = load_flops(skips_dir, problems)
+    frame = with_kernels(with_throughput(frame, flops), flops)
     bench = Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir,
                        problems=problems, peaks=load_peaks(skips_dir, runs_frame, problems))
     return newest_measurements(bench) if latest_only else bench
@@ -184,6 +186,19 @@ def load_flops(results_dir: Path, problems: list) -> dict:
     records, bad = results.read_jsonl(path, check)
     problems.extend(bad)
     return {(r["benchmark"], *(r["params"].get(k) for k in BENCH_PARAMS)): r for r in records}
+
+
+def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
+    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs, else its adapter's."""
+    if frame.empty or "adapter" not in frame:
+        return frame
+    recorded = {}
+    for record in flops.values():
+        params = record.get("params") or {}
+        recorded[params.get("adapter")] = record.get("kernel")
+    frame = frame.copy()
+    frame["kernel"] = [None if a is None or a != a else results.kernel_of(a, recorded.get(a)) for a in frame["adapter"]]
+    return frame
 
 
 def with_throughput(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:

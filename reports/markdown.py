@@ -102,6 +102,14 @@ def _divergences(data: ReportData) -> list[str]:
     return out
 
 
+def _kernels(data: ReportData) -> list[str]:
+    kernels = data.tables.get("kernel_matrix")
+    if kernels is None or kernels.empty or set(kernels["feature"]) == {"classic"}:
+        return []
+    return ["### Kernels × modern features (rows by status)", "",
+            md_table(kernels, ["adapter", "kernel", "feature", *STATUSES, "total"])]
+
+
 def _agreement(data: ReportData) -> list[str]:
     agreement = data.tables.get("agreement")
     if agreement is None or agreement.empty:
@@ -143,7 +151,7 @@ def _scaling(data: ReportData) -> list[str]:
             md_table(winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
                                     memory=[format_value(v, "bytes") for v in winners["memory"]]),
                      ["class", "device", "L", "fastest", "time", "leanest", "memory"]),
-            md_table(shown, ["class", "device", "series", "time_exponent", "memory_exponent",
+            md_table(shown, ["class", "device", "series", "kernel", "time_exponent", "memory_exponent",
                              "fraction_of_peak_at_L_max"],
                      {"time_exponent": exponent, "memory_exponent": exponent})]
 
@@ -162,9 +170,10 @@ def render_markdown(data: ReportData) -> str:
         pass
     elif data.conformance is not None:
         out += ["## Conformance", "",
-                md_table(data.tables["conformance_adapters"], ["adapter", "framework_version", *STATUSES, "pass_rate",
-                                                              "divergences"], {"pass_rate": _percent}),
+                md_table(data.tables["conformance_adapters"], ["adapter", "kernel", "framework_version", *STATUSES,
+                                                              "pass_rate", "divergences"], {"pass_rate": _percent}),
                 "### Adapter × area (pass/total)", "", _matrix(data.tables["conformance_matrix"]),
+                *_kernels(data),
                 "## What did not pass", ""]
         out += _failures(data) + _divergences(data) + _agreement(data) + _machines(data)
     else:

@@ -70,16 +70,17 @@ def conformance_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     """Adapter x area: a count per status and the worst meaningful error ratio, as a long table.
 
     The cells are ``mhabench.results.summarise``'s, the same the terminal summary of ``conform`` shows."""
-    columns = ["adapter", "area", *STATUSES, "total", "worst_error_ratio"]
+    columns = ["adapter", "area", *STATUSES, "total", "worst_error_ratio", "kernel"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     records = rows[["adapter", "area", "status", "error_ratio", "tolerance_source"]].to_dict("records")
     summary = results.summarise(records)
+    kernels = _kernels(rows)
     order = {area: i for i, area in enumerate(AREAS)}
     out = []
     for (adapter, area), cell in sorted(summary.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], len(order)),
                                                                           kv[0][1])):
-        out.append({"adapter": adapter, "area": area, **{s: cell[s] for s in STATUSES},
+        out.append({"adapter": adapter, "kernel": kernels.get(adapter), "area": area, **{s: cell[s] for s in STATUSES},
                     "total": sum(cell[s] for s in STATUSES),
                     "worst_error_ratio": math.nan if cell["worst_ratio"] is None else cell["worst_ratio"]})
     return pd.DataFrame(out, columns=columns)
@@ -94,15 +95,59 @@ def matrix_areas(matrix: pd.DataFrame) -> list[str]:
 cell_state = results.worst_status  # the worst status present in one matrix cell (drives its colour)
 
 
+def _kernels(rows: pd.DataFrame) -> dict:
+    """adapter -> the kernel its rows ran (one per adapter: a kernel variant is its own adapter)."""
+    if "kernel" not in rows:
+        return {a: results.kernel_of(a) for a in rows["adapter"].unique()}
+    return {a: results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])}
+
+
+def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
+    """Framework x kernel x modern feature: the status counts of the rows that use the feature, one row per
+    (adapter, kernel, feature); ``classic`` for the rows that use none. How each kernel agrees, feature by feature."""
+    columns = ["adapter", "kernel", "feature", *STATUSES, "total"]
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    kernels = _kernels(rows)
+    feature_of = lambda r: [name for name, on in (
+        ("gqa", _gqa(r.get("spec"))), ("causal_bottom_right", r.get("causal") == "bottom_right"),
+        ("window", _given(r.get("window"))), ("bias", _given(r.get("bias"))),
+        ("lengths", _given(r.get("lengths")))) if on] or ["classic"]
+    counts: dict = {}
+    for record in rows[rows["quantity"] != "raises"].to_dict("records"):
+        for feature in feature_of(record):
+            cell = counts.setdefault((record["adapter"], feature), Counter())
+            cell[record["status"]] += 1
+    order = ["classic", "gqa", "causal_bottom_right", "window", "bias", "lengths"]
+    out = [{"adapter": adapter, "kernel": kernels.get(adapter), "feature": feature,
+            **{s: cell.get(s, 0) for s in STATUSES}, "total": sum(cell.values())}
+           for (adapter, feature), cell in sorted(counts.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])))]
+    return pd.DataFrame(out, columns=columns)
+
+
+def _given(value) -> bool:
+    return value is not None and value == value and value != "" and value != []
+
+
+def _gqa(spec) -> bool:
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            return False
+    return isinstance(spec, dict) and spec.get("num_kv_heads") not in (None, spec.get("num_heads"))
+
+
 def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per adapter: counts and the pass rate over the rows that ran to a verdict."""
-    columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences"]
+    columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences", "kernel"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     out = []
+    kernels = _kernels(rows)
     for adapter, group in rows.groupby("adapter", sort=True):
         counts = group["status"].value_counts()
-        record = {"adapter": adapter,
+        record = {"adapter": adapter, "kernel": kernels.get(adapter),
                   "framework": _first(group.get("framework")),
                   "framework_version": _first(group.get("framework_version"))}
         for status in STATUSES:
@@ -261,7 +306,7 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
     """
     columns = ["adapter_a", "adapter_b", "compared", "cases", "dtypes", "upper_tol", "lower_tol", "upper_abs",
                "worst_case", "worst_dtype", "worst_quantity", "worst_machine", "worst_device", "worst_row_a",
-               "worst_row_b", "fails", "divergent", "divergences", "not_compared"]
+               "worst_row_b", "fails", "divergent", "divergences", "not_compared", "kernel_a", "kernel_b"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     catalogue = catalogue or {}
@@ -298,9 +343,11 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
         fails=("_fail", "sum"), not_compared=("_not_compared", "sum"), divergent=("_divergent", "sum"),
         worst=("_upper", lambda u: u.idxmax() if u.notna().any() else -1))
     out = []
+    kernels = _kernels(rows)
     for (a, b), record in summary.iterrows():
         worst = pairs.loc[record["worst"]] if record["worst"] >= 0 else {}
-        out.append({"adapter_a": a, "adapter_b": b, **record.drop("worst").to_dict(),
+        out.append({"adapter_a": a, "kernel_a": kernels.get(a), "adapter_b": b, "kernel_b": kernels.get(b),
+                    **record.drop("worst").to_dict(),
                     **{k: int(record[k]) for k in ("compared", "fails", "not_compared", "divergent")},
                     "divergences": texts.get((a, b), ""),
                     **{f"worst_{k}": worst.get(k) for k in ("case", "dtype", "quantity", "machine", "device")},
@@ -415,7 +462,7 @@ def heads_sweep(frame: pd.DataFrame, klass: str, method: str) -> pd.DataFrame:
 def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per benchmark and line: the fitted exponent in L and the value at the largest L."""
     columns = ["class", "method", "device", "machine", "series", "adapter", "mode", "num_heads", "points", "L_min",
-               "L_max", "exponent", "value_at_L_max", "unit"]
+               "L_max", "exponent", "value_at_L_max", "unit", "kernel"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -429,7 +476,10 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
                 largest = finite.loc[finite["seq_len"].idxmax()] if not finite.empty else None
                 out.append({
                     "class": klass, "method": method, "device": device, "machine": line["machine"].iloc[0],
-                    "series": series, "adapter": line["adapter"].iloc[0], "mode": line["mode"].iloc[0],
+                    "series": series, "adapter": line["adapter"].iloc[0],
+                    "kernel": results.kernel_of(line["adapter"].iloc[0], line["kernel"].iloc[0] if "kernel" in line
+                                                else None),
+                    "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "points": len(finite),
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,
                     "L_max": finite["seq_len"].max() if len(finite) else math.nan,
@@ -537,7 +587,7 @@ def class_rank(klass: str) -> int:
 def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame:
     """Per class, device and line: fitted time and memory exponents, and the fraction of peak at the largest L."""
     columns = ["class", "device", "series", "L_max", "time_exponent", "memory_exponent", "fraction_of_peak_at_L_max",
-               "fault", "chart"]
+               "fault", "chart", "kernel"]
     if scaling.empty:
         return pd.DataFrame(columns=columns)
     out = {}
@@ -546,7 +596,8 @@ def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame
         if what is None:
             continue
         line = out.setdefault((record["class"], record["device"], record["series"]), {
-            "class": record["class"], "device": record["device"], "series": record["series"], "L_max": math.nan,
+            "class": record["class"], "device": record["device"], "series": record["series"],
+            "kernel": record.get("kernel"), "L_max": math.nan,
             "time_exponent": math.nan, "memory_exponent": math.nan, "fraction_of_peak_at_L_max": math.nan,
             "fault": "", "chart": chart_id(record["class"], record["device"], "time")})
         line[what] = record["exponent"]

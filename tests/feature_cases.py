@@ -199,3 +199,64 @@ def nan_in_masked_key(seed=0):
     mask = np.ones((2, 1, 4), bool)
     mask[0, 0, 3] = False
     return spec, w, q, v, k, mask
+
+
+# ---- an adapter against the oracle on the modern cases (shared by the per-adapter test files) ---------------
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, NaN-aware: NaN where the other has none counts as infinitely wrong."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {a.shape}, expected {b.shape}")
+    if not np.array_equal(np.isnan(a), np.isnan(b)):
+        return np.inf
+    finite = ~np.isnan(b)
+    if not finite.any():
+        return 0.0
+    return float(np.max(np.abs(a[finite] - b[finite])) / max(np.max(np.abs(b[finite])), 1e-30))
+
+
+def modern_support(name: str, case: ModernCase, dtype: str, seed: int = 11, **needs) -> str | None:
+    """Why the adapter refuses the case (``needs``: return_scores, gradients), or None."""
+    w, q, v, k, mask = case.build(seed)
+    call = impls.oracle.prepare(case.spec, w, q, v, k, mask, case.causal, **case.feature_kwargs(seed))
+    return impls.get_adapter(name).unsupported_reason(case.spec, w, dtype=dtype, call=call, **needs)
+
+
+def modern_forward_errors(name: str, case: ModernCase, dtype: str, seed: int = 11, policy: str = "zeros",
+                          scores_policy: str | None = None, **options) -> dict[str, float]:
+    """Relative errors of the default call's output and, where the adapter returns weights, the with-scores call's
+    output and its scores against the oracle (``policy``: its fully-masked-row policy for the default call;
+    ``scores_policy`` for the call with scores, default the same)."""
+    w, q, v, k, mask = case.build(seed)
+    kwargs = case.feature_kwargs(seed)
+    layer = impls.get_adapter(name).build(case.spec, w, dtype=dtype, **options)
+    golden = lambda p: impls.oracle.forward(case.spec, w, q, v, k, mask, case.causal, fully_masked=p, **kwargs)
+    out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
+    assert out.dtype == np.dtype(dtype)
+    errors = {"output": rel_err(out, golden(policy)[0])}
+    if modern_support(name, case, dtype, seed, return_scores=True) is None:  # the framework returns its weights
+        with_scores, scores = layer(q, v, k, mask, case.causal, return_scores=True, **kwargs)
+        want_with_scores, want_scores = golden(scores_policy or policy)
+        errors.update(output_with_scores=rel_err(with_scores, want_with_scores), scores=rel_err(scores, want_scores))
+    return errors
+
+
+def modern_gradient_errors(name: str, case: ModernCase, dtype: str = "float64", seed: int = 11,
+                           policy: str = "zeros", **options) -> dict[str, float]:
+    """Relative errors of every gradient (the bias's included) against the oracle's analytic backward; a gradient
+    that is zero analytically (bk: softmax ignores a shift shared by a row) is compared absolutely."""
+    from mhabench.impls.oracle_backward import backward
+    w, q, v, k, mask = case.build(seed)
+    kwargs = case.feature_kwargs(seed)
+    rng = np.random.default_rng([seed, 5])
+    layer = impls.get_adapter(name).build(case.spec, w, dtype=dtype, **options)
+    out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
+    ct = rng.normal(size=out.shape)
+    got = layer.gradients(q, v, k, mask, case.causal, ct, **kwargs)
+    want = backward(case.spec, w, q, v, k, mask, case.causal, ct, fully_masked=policy, **kwargs)
+    assert set(got) == set(want), f"gradients {sorted(got)}, expected {sorted(want)}"
+    errors = {}
+    for n in want:
+        scale = np.max(np.abs(want[n])) if want[n].size else 0.0
+        errors[n] = rel_err(got[n], want[n]) if scale > 1e-12 else float(np.max(np.abs(got[n]), initial=0.0))
+    return errors

@@ -68,3 +68,60 @@ def test_a_masked_value_holds_the_nan_and_the_mask_hides_it():
     i = cases.find_case("cross_T8_S4-nan_masked_value").inputs()
     assert np.isnan(i.value[0, -1, 0]) and np.isfinite(i.key).all()
     assert not i.mask[0, ..., -1].any()
+
+
+def test_the_modern_area_covers_each_feature_with_gradients():
+    modern = [c for c in cases.default_cases() if c.area == "modern"]
+    assert all(c.gradient_quantities() for c in modern)
+    used = {f for c in modern for f in c.modern}
+    assert used == {"gqa", "causal_bottom_right", "window", "bias", "lengths"}
+    calls = {c.id: c.shape_call() for c in modern}
+    bottom_right = [c for c in modern if "causal_bottom_right" in c.modern]
+    assert any(calls[c.id].q_len < calls[c.id].k_len for c in bottom_right)
+    assert any(calls[c.id].q_len > calls[c.id].k_len for c in bottom_right)
+    # windows across the 64/128 tiles of fused kernels
+    assert any(c.window and max(calls[c.id].q_len, calls[c.id].k_len) in (65, 129) for c in modern)
+    # a bias case with a fully masked row, by the bias alone and by the mask
+    empty = lambda c: not np.all(np.any(cases.validate_call(c.attention_spec, c.dims, *c.inputs().args(),
+                                                             **c.inputs().features()).flat_allowed(), axis=-1))
+    assert {c.bias for c in modern if c.bias and empty(c)} >= {"neg_inf_row", "TS"}
+    assert all("grad_bias" in c.gradient_quantities() for c in modern if c.bias)
+    assert not any("grad_bias" in c.gradient_quantities() for c in modern if not c.bias)
+
+
+def test_a_case_normalises_its_modern_features_and_refuses_unknown_kinds():
+    case = cases.Case(id="x", area="modern", spec={"num_heads": 2, "key_dim": 4}, causal="top_left", window=[1, None])
+    assert case.causal is True and case.window == (1, None)
+    assert cases.Case.from_dict(case.to_dict()) == case
+    with pytest.raises(ValueError, match="bias must be None or one of"):
+        cases.Case(id="x", area="modern", spec={"num_heads": 2, "key_dim": 4}, bias="ALiBi")
+    with pytest.raises(ValueError, match="causal must be False, True, 'top_left' or 'bottom_right'"):
+        cases.Case(id="x", area="modern", spec={"num_heads": 2, "key_dim": 4}, causal="lower_right")
+
+
+def test_lengths_and_bias_are_drawn_as_their_kinds_say():
+    call = cases.Case(id="x", area="modern", spec={"num_heads": 2, "key_dim": 4}, batch=3, q_shape=(4,),
+                      k_shape=(6,)).shape_call()
+    q, kv = cases.make_lengths("both", call)
+    assert q[0] == 4 and kv[0] == 6 and np.all(q[1:] < 4) and np.all(kv[1:] < 6) and np.all(q >= 1)
+    q, kv = cases.make_lengths("empty", call)
+    assert kv[0] == 0 and q[-1] == 0
+    rng = np.random.default_rng(0)
+    row = cases.make_bias("neg_inf_row", call, 2, rng)
+    assert row.shape == (3, 4, 6) and np.all(row[0, 1] == -np.inf) and np.isfinite(np.delete(row, 1, axis=1)).all()
+    some = cases.make_bias("neg_inf", call, 2, rng)
+    assert np.isinf(some).any() and np.isfinite(some[..., 0]).all()
+    assert cases.make_bias("B1S", call, 2, rng).shape == (3, 1, 6)
+
+
+def test_every_invalid_modern_input_is_refused_naming_its_argument():
+    from mhabench import impls
+    from mhabench.conformance.evaluate import attempt_invalid
+    names = {"causal_unknown_alignment": "causal", "window_bare_int": "window", "window_negative": "window left",
+             "bias_boolean": "bias", "bias_not_broadcastable": "bias", "key_value_lengths_too_long": "key_value_lengths",
+             "key_value_lengths_one_per_batch": "key_value_lengths", "query_lengths_float": "query_lengths",
+             "num_kv_heads_not_dividing": "num_kv_heads"}
+    by_name = {c.invalid: c for c in cases.default_cases() if c.area == "invalid"}
+    for name, argument in names.items():
+        exc = attempt_invalid(impls.get_adapter("numpy_oracle"), by_name[name])
+        assert isinstance(exc, (ValueError, TypeError)) and argument in str(exc), (name, exc)

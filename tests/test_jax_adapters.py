@@ -322,3 +322,143 @@ def test_x64_does_not_leak(layer_for):
     assert jnp.ones(3).dtype == default and jax.config.jax_enable_x64 == flag
     if not flag:
         assert default == jnp.float32
+
+
+# ---- modern attention: every mapping against the oracle, and where JAX differs, against its model ----------------
+from mhabench.conformance.cases import Inputs  # noqa: E402
+from mhabench.conformance.framework_models import jax_filled_attention  # noqa: E402
+from tests.feature_cases import MODERN_CASES  # noqa: E402
+
+MODERN_BY_ID = {c.id: c for c in MODERN_CASES}
+# Each feature alone and with the classic ones: GQA (with a per-head mask, causal, value_dim), bottom-right causal
+# (T < S, multi-axis, with a window), windows (cross, unbounded left with causal, multi-axis with a mask), the bias
+# (per head with a mask, per key with causal, on a free axis), lengths (key/value, on a free axis), and rows that
+# JAX treats its own way (no allowed key, an all -inf bias row, query lengths, S = 0).
+JAX_MODERN = {
+    "jax_dpa": ["gqa_cross_causal_mask_value_dim", "mqa_per_head_mask", "bottom_right_T4_S7", "bottom_right_axes_23_5d",
+                "window_2_1_cross", "window_unbounded_left_causal", "window_bottom_right_decode",
+                "window_mask_axes_23_5d", "bias_BHTS_mask", "bias_B1S_causal", "bias_axes_2_4d", "kv_lengths",
+                "lengths_free_axis", "bottom_right_T6_S3", "bias_neg_inf_row", "query_lengths", "lengths_zero",
+                "modern_everything", "key_value_length_0_everything"],
+    # flax_mha has no bias argument (its limits are tested apart)
+    "flax_mha": ["gqa_2of4", "gqa_no_bias_axes_1_4d", "mqa_per_head_mask",
+                 "bottom_right_T4_S7", "bottom_right_T6_S3", "window_1_0_self", "window_unbounded_left_causal",
+                 "window_mask_axes_23_5d", "kv_lengths", "query_lengths", "lengths_axes_23_5d"],
+}
+MODERN_PARAMS = [(n, c, d) for n, ids in JAX_MODERN.items() for c in ids for d in ("float64", "float32")]
+
+
+def _modern_call(case, seed=11):
+    w, q, v, k, mask = case.build(seed=seed)
+    kwargs = case.feature_kwargs(seed)
+    call = oracle.prepare(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    cotangent = np.random.default_rng([seed, 5]).normal(size=call.output_shape)
+    return w, q, v, k, mask, kwargs, call, cotangent
+
+
+def _expected(name, case, seed=11):
+    """What the adapter should give: the oracle; where rows have no allowed key, JAX's own behaviour (jax_dpa: the
+    model of its XLA path the catalogue uses; flax_mha: uniform weights, its mask's finite fill)."""
+    w, q, v, k, mask, kwargs, call, cotangent = _modern_call(case, seed)
+    empty = call.flat_allowed() is not None and not np.all(np.any(call.flat_allowed(), axis=-1))
+    if name == "jax_dpa" and empty:
+        model = jax_filled_attention(Inputs(case.spec, w, q, v, k, mask, case.causal, cotangent, **kwargs))
+        return model["output"], model["scores"], {g[len("grad_"):]: a for g, a in model.items() if g.startswith("grad_")}
+    from mhabench.impls.oracle_backward import backward
+    policy = "uniform" if empty else "zeros"
+    out, scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, fully_masked=policy, **kwargs)
+    return out, scores, backward(case.spec, w, q, v, k, mask, case.causal, cotangent, fully_masked=policy, **kwargs)
+
+
+def _close(got, want, tol):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), "NaN where the expectation has none, or the reverse"
+    finite = ~np.isnan(want)
+    if finite.any():
+        scale = max(np.max(np.abs(want[finite])), 1e-30)
+        assert np.max(np.abs(got[finite] - want[finite])) <= tol * max(scale, 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, case_id, dtype", MODERN_PARAMS, ids=["-".join(p) for p in MODERN_PARAMS])
+def test_modern_features_forward_and_gradients(name, case_id, dtype):
+    case = MODERN_BY_ID[case_id]
+    w, q, v, k, mask, kwargs, call, cotangent = _modern_call(case)
+    scores = name != "jax_dpa"  # jax.nn.dot_product_attention returns no weights
+    assert impls.get_adapter(name).unsupported_reason(case.spec, w, dtype=dtype, call=call, return_scores=scores,
+                                                      gradients=True) is None
+    layer = impls.get_adapter(name).build(case.spec, w, dtype=dtype, mode="compiled")
+    want_out, want_scores, want_grads = _expected(name, case)
+    found = layer.evaluate(q, v, k, mask, case.causal, cotangent=cotangent, scores=scores, **kwargs)
+    tol = F32 * 10 if dtype == "float32" else SOFTMAX_IN_F32
+    _close(found["output"], want_out, tol)
+    if scores:
+        _close(found["output_with_scores"], want_out, tol)
+        _close(found["scores"], want_scores, tol)
+    assert set(found["gradients"]) == set(want_grads)
+    for grad_name, g in want_grads.items():
+        _close(found["gradients"][grad_name], g, 50 * tol)
+    # the default call outside evaluate's one program: the same
+    _close(layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)[0], want_out, tol)
+
+
+def test_jax_dpa_gets_the_functions_own_arguments():
+    """GQA as fewer K/V heads, the bias, the lengths, local_window_size (bottom-right causal as its band) and
+    is_causal reach jax.nn.dot_product_attention itself; nothing is emulated."""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.shape, k.shape, kwargs))
+        return real(q, k, v, **kwargs)
+
+    case = MODERN_BY_ID["modern_everything"]
+    w, q, v, k, mask, kwargs, call, _ = _modern_call(case)
+    layer = impls.get_adapter("jax_dpa").build(case.spec, w, dtype="float32", mode="eager")
+    jax.nn.dot_product_attention = spy
+    try:
+        layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
+    finally:
+        jax.nn.dot_product_attention = real
+    q_shape, k_shape, args = seen[0]
+    assert q_shape[2] == 4 and k_shape[2] == 2  # [N, L, heads, width]: 4 query heads read 2 kv heads
+    T, S = call.q_len, call.k_len
+    assert args["local_window_size"] == (3 - (S - T), S - T) and args["is_causal"] is False
+    assert args["bias"] is not None and args["query_seq_lengths"] is not None
+    assert args["key_value_seq_lengths"] is not None and layer.emulations(call) == ()
+
+
+def _model_and_canonical(case_id):
+    case = MODERN_BY_ID[case_id]
+    w, q, v, k, mask, kwargs, call, cotangent = _modern_call(case)
+    model = jax_filled_attention(Inputs(case.spec, w, q, v, k, mask, case.causal, cotangent, **kwargs))
+    out, scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    return model, {"output": out, "scores": scores}
+
+
+def test_the_jax_model_differs_from_the_canonical_rows_it_describes():
+    """The catalogue's model of JAX is a real divergence where rows have no allowed key: uniform rows, NaN for an
+    all -inf bias row; past the query lengths the output agrees and only the weights differ."""
+    model, canonical = _model_and_canonical("bottom_right_T6_S3")
+    assert not np.allclose(model["output"], canonical["output"])
+    model, canonical = _model_and_canonical("bias_neg_inf_row")
+    assert np.isnan(model["output"]).any() and not np.isnan(canonical["output"]).any()
+    model, canonical = _model_and_canonical("query_lengths")
+    np.testing.assert_allclose(model["output"], canonical["output"], atol=1e-12)
+    assert not np.allclose(model["scores"], canonical["scores"])
+
+
+def test_flax_refuses_the_bias_with_its_reason():
+    case = MODERN_BY_ID["bias_TS"]
+    w, q, v, k, mask, kwargs, call, _ = _modern_call(case)
+    reason = impls.get_adapter("flax_mha").unsupported_reason(case.spec, w, call=call)
+    assert reason.startswith("an additive float bias") and "never passes" in reason
+
+
+def test_jax_kernel_variants():
+    assert impls.get_adapter("jax_dpa+xla").kernel == "xla" and impls.get_adapter("jax_dpa").kernel == "default"
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8)
+    layer = impls.get_adapter("jax_dpa+xla").build(spec, w, dtype="float32")
+    assert layer.implementation == "xla"
+    assert "NVIDIA GPUs only" in impls.get_adapter("jax_dpa+cudnn").unsupported_reason(spec, w, device="cpu")

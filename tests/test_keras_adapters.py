@@ -340,3 +340,93 @@ def test_backend_choice():
     assert _keras.active_backend() == here
     for name in KERAS:
         assert impls.get_adapter(name).in_process() == (impls.get_adapter(name).backend == here)
+
+
+# ---- modern attention on Keras's own arguments (sliding_window, value_mask), the rest emulated ------------------
+from tests.feature_cases import MODERN_CASES, modern_support, rel_err  # noqa: E402
+
+KERAS_REFUSES = ("grouped-query attention", "an additive float bias")
+
+
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
+def test_keras_modern_features_match_the_oracle(case, dtype):
+    """The default call (Keras's fused path for 3-D inputs gives a row with no allowed key uniform weights,
+    catalogued), the call with scores (canonical zeros) and the gradients (the fused path's), against the oracle."""
+    from mhabench.impls.oracle_backward import backward
+    reason = modern_support("keras_mha", case, dtype, return_scores=True, gradients=True)
+    if reason:
+        assert reason.startswith(KERAS_REFUSES), reason
+        pytest.skip(reason)
+    seed = 11
+    w, q, v, k, mask = case.build(seed)
+    kwargs = case.feature_kwargs(seed)
+    call = oracle.prepare(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    allowed = call.flat_allowed()
+    empty = allowed is not None and not np.all(np.any(allowed, axis=-1))
+    fused = len(q.shape) == 3  # Keras's dot_product_attention path, taken for 3-D inputs without scores
+    policy = "uniform" if empty and fused else "zeros"
+    layer = available("keras_mha").build(case.spec, w, dtype=dtype)
+    # float64: Keras rounds 1/sqrt(key_dim) to float32 (catalogued) unless key_dim is a power of 4
+    tol = TOL[dtype] if dtype == "float32" or case.spec.key_dim in (1, 4, 16) else 1e-7
+    out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
+    assert rel_err(out, oracle.forward(case.spec, w, q, v, k, mask, case.causal, fully_masked=policy,
+                                       **kwargs)[0]) < tol
+    with_scores, scores = layer(q, v, k, mask, case.causal, return_scores=True, **kwargs)
+    want, want_scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)
+    assert rel_err(with_scores, want) < tol and rel_err(scores, want_scores) < tol
+    ct = np.random.default_rng([seed, 5]).normal(size=out.shape)
+    got = layer.gradients(q, v, k, mask, case.causal, ct, **kwargs)
+    expected = backward(case.spec, w, q, v, k, mask, case.causal, ct, fully_masked=policy, **kwargs)
+    assert set(got) == set(expected)
+    for name, g in expected.items():
+        scale = np.max(np.abs(g)) if g.size else 0.0
+        err = rel_err(got[name], g) if scale > 1e-12 else float(np.max(np.abs(got[name]), initial=0.0))
+        assert err < (100 * tol if dtype == "float32" else 1e-6), (name, err)
+
+
+@pytest.mark.parametrize("window, causal, native", [((2, 2), False, 3), ((3, None), True, 4), ((3, 1), True, 4),
+                                                    ((1, 0), False, None), ((None, 2), False, None)])
+def test_keras_sliding_window_is_used_where_it_is_the_window(window, causal, native):
+    """sliding_window=w is |i - j| < w: the window (w-1, w-1), or (w-1, any) under causal; other windows go into
+    the attention mask, recorded as emulated."""
+    spec, dims = impls.AttentionSpec(num_heads=2, key_dim=4), (8, 8, 8)
+    layer, w = layer_for("keras_mha", spec, dims, "float64")
+    x = np.random.default_rng(3).normal(size=(2, 7, 8))
+    out, _ = layer(x, x, causal=causal, window=window, return_scores=False)
+    np.testing.assert_allclose(out, oracle.forward(spec, w, x, x, causal=causal, window=window)[0], atol=1e-12)
+    call = oracle.prepare(spec, w, x, x, causal=causal, window=window)
+    assert layer._native(call)["window"] == native and (not native or (3, native) in layer._layers)
+    assert layer.emulations(call) == (() if native else ("window",))
+
+
+def test_keras_key_lengths_are_its_value_mask_and_query_lengths_its_attention_mask():
+    """Key/value lengths reach Keras as value_mask (its padding form), query lengths as attention mask rows:
+    Keras's call(query_mask=...) is ignored (call() overwrites it with the query's Keras mask)."""
+    spec, dims = impls.AttentionSpec(num_heads=2, key_dim=4), (8, 8, 8)
+    layer, w = layer_for("keras_mha", spec, dims, "float64")
+    x = np.random.default_rng(4).normal(size=(2, 6, 8))
+    kv, ql = np.array([6, 3]), np.array([6, 2])
+    native = layer._native(oracle.prepare(spec, w, x, x, key_value_lengths=kv))
+    assert native["mask"][0] is None and native["mask"][1] is not None
+    native = layer._native(oracle.prepare(spec, w, x, x, query_lengths=ql))
+    assert native["mask"][0] is not None and native["mask"][1] is None
+    out, scores = layer(x, x, query_lengths=ql, key_value_lengths=kv)
+    want, want_scores = oracle.forward(spec, w, x, x, query_lengths=ql, key_value_lengths=kv)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-12)
+    np.testing.assert_allclose(out, want, atol=1e-12)
+    keras = layer.keras
+    k_layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    x32 = x.astype("float32")
+    assert np.allclose(np.asarray(k_layer(x32, x32)), np.asarray(k_layer(x32, x32, query_mask=np.zeros((2, 6), bool))))
+
+
+def test_keras_flash_kernels_are_declared_and_refused_on_the_cpu():
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8)
+    for backend, needs in (("jax", "cuDNN"), ("torch", "can_use_flash_attention")):
+        adapter = impls.get_adapter(f"keras_mha@{backend}+flash")
+        assert adapter.kernel == "flash" and needs in adapter.unsupported_reason(spec, w, device="cpu")
+        assert impls.get_adapter(f"keras_mha@{backend}+no_flash").unsupported_reason(spec, w, device="cpu") is None

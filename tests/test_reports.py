@@ -761,3 +761,50 @@ def test_throughput_is_the_recorded_flops_over_asvs_time():
     assert rate["value"] == pytest.approx(4.0) and rate["unit"] == "GFLOP/s"
     assert (rate["ci_low"], rate["ci_high"]) == (pytest.approx(2.5), pytest.approx(5.0))  # ends swap
     assert load.with_throughput(frame, {}).equals(frame)
+
+
+# --- the kernel as an axis ------------------------------------------------------------------------------------
+
+def _kernel_rows():
+    """Rows of a default adapter and two kernel variants (one recorded its kernel, one written before kernels
+    were recorded), over a classic case and a modern one (GQA and a window)."""
+    rows = []
+    for adapter, recorded in (("torch_sdpa", "default"), ("torch_sdpa+flash", "flash"), ("torch_sdpa+math", None)):
+        for case, spec, window, status in (("self_T8", {"num_heads": 2, "key_dim": 4}, None, "pass"),
+                                           ("modern-gqa-window", {"num_heads": 4, "key_dim": 2, "num_kv_heads": 2},
+                                            [2, 0], "unsupported" if adapter == "torch_sdpa+flash" else "pass")):
+            for quantity in ("output", "grad_query"):
+                row = {"row_id": f"{adapter}-{case}-float32-{quantity}", "adapter": adapter, "machine": "m",
+                       "device": "cpu", "case": case, "area": "modern", "dtype": "float32", "quantity": quantity,
+                       "status": status, "max_abs_err": 1e-7 if status == "pass" else None, "tolerance": 1e-5,
+                       "divergence": None, "spec": spec, "causal": False, "window": window, "bias": None,
+                       "lengths": None, "error_ratio": None, "tolerance_source": None}
+                if recorded is not None:
+                    row["kernel"] = recorded
+                rows.append(row)
+    return rows
+
+
+def test_rows_carry_their_kernel_and_the_report_groups_by_it():
+    from mhabench.reports import load
+    rows = load._tidy_conformance(_kernel_rows())
+    assert dict(zip(rows["adapter"], rows["kernel"])) == {"torch_sdpa": "default", "torch_sdpa+flash": "flash",
+                                                           "torch_sdpa+math": "math"}
+    kernels = tables.kernel_matrix(rows).set_index(["adapter", "feature"])
+    assert kernels.loc[("torch_sdpa+flash", "gqa"), "unsupported"] == 2
+    assert kernels.loc[("torch_sdpa+flash", "window"), "unsupported"] == 2
+    assert kernels.loc[("torch_sdpa+flash", "classic"), "pass"] == 2
+    assert kernels.loc[("torch_sdpa+math", "gqa"), "kernel"] == "math"
+    assert ("torch_sdpa", "bias") not in kernels.index  # a feature no row used is not listed
+    agreement = tables.agreement(rows).set_index(["adapter_a", "adapter_b"])
+    assert tuple(agreement.loc[("torch_sdpa", "torch_sdpa+flash"), ["kernel_a", "kernel_b"]]) == ("default", "flash")
+    assert set(tables.conformance_matrix(rows)["kernel"]) == {"default", "flash", "math"}
+
+
+def test_benchmark_results_carry_the_kernel_recorded_with_their_flops():
+    from mhabench.reports import load
+    frame = pd.DataFrame({"adapter": ["torch_sdpa", "torch_sdpa+flash", "jax_dpa+xla", None]})
+    flops = {("x", "torch_sdpa+flash"): {"params": {"adapter": "torch_sdpa+flash"}, "kernel": "flash"},
+             ("x", "torch_sdpa"): {"params": {"adapter": "torch_sdpa"}, "kernel": "default"}}
+    kernels = list(load.with_kernels(frame, flops)["kernel"])
+    assert kernels[:3] == ["default", "flash", "xla"] and pd.isna(kernels[3])

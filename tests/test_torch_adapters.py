@@ -144,3 +144,108 @@ def test_cuda_is_a_clear_error_without_a_gpu():
     w = impls.Weights.random(spec, 2, 2)
     with pytest.raises(ValueError, match="device='cuda'.*no such device"):
         impls.get_adapter("torch_sdpa").build(spec, w, device="cuda")
+
+
+# ---- modern attention: every mapping against the oracle -----------------------------------------------------
+from tests.feature_cases import (MODERN_CASES, modern_forward_errors, modern_gradient_errors,  # noqa: E402
+                                 modern_support)
+
+TORCH_MODERN = ["torch_sdpa", "torch_sdpa+math", "torch_sdpa+flash", "torch_mha"]
+GRAD_TOL = {"float64": 1e-10, "float32": 5e-4}
+
+
+def _refusal_is_expected(name, reason):
+    """torch_mha cannot express grouped-query attention; the flash kernel refuses what its own checks name."""
+    if name == "torch_mha":
+        return reason.startswith("grouped-query attention")
+    return name == "torch_sdpa+flash" and ("same last dimension" in reason or "differentiates its float attn_mask"
+                                           in reason)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("name", TORCH_MODERN)
+def test_modern_features_match_the_oracle(name, case, dtype):
+    reason = modern_support(name, case, dtype)
+    if reason:
+        assert _refusal_is_expected(name, reason), reason
+        pytest.skip(reason)
+    # nn.MultiheadAttention's need_weights=True path gives an empty row NaN (catalogued); its default call does not
+    scores_policy = "nan" if name == "torch_mha" else "zeros"
+    try:
+        errors = modern_forward_errors(name, case, dtype, scores_policy=scores_policy)
+    except impls.UnsupportedError as exc:
+        assert _refusal_is_expected(name, exc.reason), exc.reason
+        pytest.skip(exc.reason)
+    assert max(errors.values()) < TOL[dtype], errors
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("name", TORCH_MODERN)
+def test_modern_gradients_match_the_analytic_backward(name, case, dtype):
+    reason = modern_support(name, case, dtype, gradients=True)
+    if reason:
+        assert _refusal_is_expected(name, reason), reason
+        pytest.skip(reason)
+    try:
+        errors = modern_gradient_errors(name, case, dtype)
+    except impls.UnsupportedError as exc:
+        assert _refusal_is_expected(name, exc.reason), exc.reason
+        pytest.skip(exc.reason)
+    bad = {k: e for k, e in errors.items() if not e <= GRAD_TOL[dtype]}
+    assert not bad, bad
+
+
+def test_sdpa_gets_its_native_arguments():
+    """enable_gqa, a float attn_mask for the bias, causal_lower_right when bottom-right causal stands alone;
+    the window and lengths folded into the boolean mask and recorded as emulated."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import CausalBias
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    def call(case):
+        w, q, v, k, mask = case.build(11)
+        layer = impls.get_adapter("torch_sdpa").build(case.spec, w, dtype="float64")
+        seen.clear()
+        F.scaled_dot_product_attention = spy
+        try:
+            layer(q, v, k, mask, case.causal, return_scores=False, **case.feature_kwargs(11))
+        finally:
+            F.scaled_dot_product_attention = real
+        call = impls.oracle.prepare(case.spec, w, q, v, k, mask, case.causal, **case.feature_kwargs(11))
+        return seen[0], layer.emulations(call)
+
+    by_id = {c.id: c for c in MODERN_CASES}
+    kwargs, emulated = call(by_id["gqa_2of4"])
+    assert kwargs["enable_gqa"] and kwargs["attn_mask"] is None and emulated == ()
+    kwargs, emulated = call(by_id["bottom_right_T4_S7"])
+    assert isinstance(kwargs["attn_mask"], CausalBias) and not kwargs["is_causal"] and emulated == ()
+    kwargs, emulated = call(by_id["bias_BHTS_mask"])
+    assert kwargs["attn_mask"].dtype == torch.float64 and emulated == ()
+    kwargs, emulated = call(by_id["window_2_1_cross"])
+    assert kwargs["attn_mask"].dtype == torch.bool and emulated == ("window",)
+    kwargs, emulated = call(by_id["lengths_both_causal_mask"])
+    assert kwargs["attn_mask"].dtype == torch.bool and not kwargs["is_causal"] and emulated == ("causal", "lengths")
+
+
+def test_a_kernel_variant_refuses_instead_of_falling_back():
+    """torch_sdpa+flash restricted to SDPA's flash kernel: a call it cannot take is unsupported with SDPA's
+    reason, where the default adapter would silently run the math kernel; efficient/cuDNN are CUDA-only."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, value_dim=3)
+    w = impls.Weights.random(spec, 8, 8, seed=1)
+    x = np.random.default_rng(1).normal(size=(2, 5, 8))
+    assert impls.get_adapter("torch_sdpa").build(spec, w, dtype="float32")(x, x, return_scores=False)[0].shape
+    flash = impls.get_adapter("torch_sdpa+flash").build(spec, w, dtype="float32")
+    with pytest.raises(impls.UnsupportedError, match="flash kernel refuses it: .*same last dimension"):
+        flash(x, x, return_scores=False)
+    assert impls.get_adapter("torch_sdpa+flash").kernel == "flash"
+    for kernel in ("efficient", "cudnn"):
+        reason = impls.get_adapter(f"torch_sdpa+{kernel}").unsupported_reason(spec, w, device="cpu")
+        assert "exists only on CUDA" in reason
+    assert impls.get_adapter("torch_sdpa").kernel == "default"

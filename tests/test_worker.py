@@ -71,6 +71,27 @@ def test_hosted_layer_matches_in_process(worker):
     assert layer.export_weights().equals(WEIGHTS)
 
 
+def test_hosted_layer_receives_the_call_features(worker):
+    """Bottom-right causal, the window, the bias and the lengths reach the hosted layer (forward and gradients):
+    each changes the result, so a proxy that dropped one would differ from the oracle here."""
+    layer = hosted(worker, "raise")
+    bias = RNG.normal(size=(5, 3))
+    bias[1, 0] = -np.inf
+    features = dict(window=(1, 0), bias=bias, query_lengths=np.array([5, 4]), key_value_lengths=np.array([3, 2]))
+    out, scores = layer(Q, V, None, None, "bottom_right", **features)
+    ref, ref_scores = oracle.forward(SPEC, WEIGHTS, Q, V, causal="bottom_right", **features)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-12)
+    assert not np.allclose(ref, oracle.forward(SPEC, WEIGHTS, Q, V, causal=True, **features)[0])
+    ct = RNG.normal(size=out.shape)
+    grads = layer.gradients(Q, V, None, None, "bottom_right", ct, **features)
+    from mhabench.impls.oracle_backward import backward
+    want = backward(SPEC, WEIGHTS, Q, V, None, None, "bottom_right", ct, **features)
+    assert set(grads) == set(want) and "bias" in grads
+    for name in want:
+        np.testing.assert_allclose(grads[name], want[name], rtol=0, atol=1e-12, err_msg=name)
+
+
 def test_bfloat16_arrays_cross_the_pipe(worker):
     import ml_dtypes
     out, _ = hosted(worker, "raise", dtype="bfloat16")(Q, V, return_scores=False)

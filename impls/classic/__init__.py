@@ -10,3 +10,14 @@ The textbook layers see one sequence axis; the adapters flatten the attended axe
 and the non-attended axes into the batch (``validation.flatten``: a reshape that does not
 change what is computed).
 """
+
+# What the textbook layers were never taught: modern attention. Each takes one boolean mask (and, through it,
+# causal); building a window, lengths or bottom-right alignment into that mask would test our mask, not the layer.
+MODERN_REASONS = {
+    "gqa": "the textbook layer splits its projections into num_heads equal heads for q, k and v: no shared "
+           "key/value heads",
+    "causal_bottom_right": "the textbook layer knows one causal triangle (a [T, T] self-attention mask), no alignment",
+    "window": "the textbook layer has no sliding window",
+    "bias": "the textbook layer takes a 0/1 mask it turns into -1e9, no additive float bias",
+    "lengths": "the textbook layer takes padding only as a mask, no lengths",
+}

@@ -25,6 +25,7 @@ import functools
 import numpy as np
 
 from .. import _keras
+from . import MODERN_REASONS
 from ..base import Capabilities, Layer, to_numpy
 from ..spec import Weights
 from ..validation import flatten, unflatten
@@ -200,6 +201,7 @@ class ClassicKerasAdapter(_keras.KerasAdapter):
                 "no_bias": "the Dense layers keep their default use_bias=True; zero biases would compute the "
                            "same output but could not round-trip through export_weights",
                 "dropout": "the textbook layer has no dropout (it sits in the encoder block around it)",
+                **MODERN_REASONS,
             },
             devices=("cpu",), modes=("eager",))
 

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from .. import _torch
+from . import MODERN_REASONS
 from ..base import Capabilities
 from ..spec import Weights
 from ..validation import check_dtype
@@ -179,6 +180,7 @@ class ClassicTorchAdapter(_torch.TorchAdapter):
                 "key_value_dims": one_input,
                 "value_dim": "qkv_proj's output is chunked into three equal parts: q, k and v share head_dim",
                 "dropout": "the textbook module has no dropout",
+                **MODERN_REASONS,
             },
             devices=("cpu", "cuda"), modes=("eager",))
 
