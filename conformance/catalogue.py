@@ -158,6 +158,9 @@ CASE_PROPERTIES = {
     # dropout > 0 takes the einsum-and-softmax path even when training=False
     "keras_fused": lambda case: len(case.q_shape) == 1 and not case.attention_spec.dropout,
     "dropout_free": lambda case: not case.attention_spec.dropout,
+    # attention over more than one axis (flattened, the softmax runs over several key axes)
+    "multi_axis": lambda case: len(case.attention_spec.resolve_axes(len(case.q_shape) + 2)) > 1,
+    "single_axis": lambda case: len(case.attention_spec.resolve_axes(len(case.q_shape) + 2)) == 1,
     "value_dim": lambda case: case.attention_spec.value_dim not in (None, case.attention_spec.key_dim),
 }
 _property_cache: dict[tuple[str, str], bool] = {}
@@ -238,22 +241,30 @@ def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) 
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
-def _jax_masked_logits_filled(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias kept,
-    the rows past the query lengths zeroed (``framework_models.jax_filled_attention``; float64)."""
-    from .framework_models import jax_filled_attention
-    model = vars(inputs).get("_jax_filled_attention")
-    if model is None:  # one model per case, for every quantity and both of golden and reference
-        model = vars(inputs)["_jax_filled_attention"] = jax_filled_attention(inputs)
-    return model[quantity]
+def _modelled(name: str):
+    """A behaviour given value for value by a framework model (``framework_models.<name>``), built once per case
+    and dtype for every quantity: in float64 for the golden, rounded as the oracle is for the reference."""
+    def behaviour(expected: np.ndarray, inputs, quantity: str, dtype: str = "float64") -> np.ndarray:
+        from . import framework_models
+        key = f"_model_{name}_{dtype}"
+        if key not in vars(inputs):
+            vars(inputs)[key] = getattr(framework_models, name)(inputs, dtype)
+        return vars(inputs)[key][quantity]
+    behaviour.__doc__ = f"framework_models.{name}"
+    return behaviour
 
 
+MODELLED = {"jax_masked_logits_filled", "keras2_logsumexp_rounded"}
 BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nonfinite_input_poisons_batch": _nonfinite_input_poisons_batch,
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
     "sqrt_scale_rounded_to_float32": _sqrt_scale_rounded_to_float32,
-    "jax_masked_logits_filled": _jax_masked_logits_filled,
+    # jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias
+    # kept, the rows past the query lengths zeroed
+    "jax_masked_logits_filled": _modelled("jax_filled_attention"),
+    # Keras 2 over several axes: exp(x - logsumexp(x)) with the -1e9 mask rounded in, weights 1 in empty rows
+    "keras2_logsumexp_rounded": _modelled("keras2_logsumexp_rounded"),
 }
 
 
@@ -519,9 +530,12 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
         shows = CHECKS[entry.check](np.asarray(actual, np.float64), goldens, quantity, judged_as, compare)
         return _Shown(bool(shows), canonical)
     if entry.behaviour is not None:
-        expect = lambda arr: BEHAVIOURS[entry.behaviour](np.asarray(arr, np.float64), goldens.inputs, quantity)
+        behaviour = BEHAVIOURS[entry.behaviour]
+        modelled = entry.behaviour in MODELLED  # the model gives its own same-precision reference
+        expect = lambda arr, dt: behaviour(np.asarray(arr, np.float64), goldens.inputs, quantity, dt) if modelled \
+            else behaviour(np.asarray(arr, np.float64), goldens.inputs, quantity)
         try:
-            golden, reference = expect(golden), expect(reference)
+            golden, reference = expect(golden, "float64"), expect(reference, judged_as)
         except (ValueError, IndexError, KeyError):
             return None
         return compare(golden, reference, actual, judged_as, quantity)

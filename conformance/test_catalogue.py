@@ -21,4 +21,6 @@ def test_entry_reproduces(catalogue_entry, conformance_rows, request):
         pytest.skip(f"covers dtypes {list(catalogue_entry.dtypes)}, none selected (--dtypes)")
     rows = [r for key in catalogue_keys(request.config, catalogue_entry) for r in conformance_rows.get(key)]
     [check] = catalogue.check([catalogue_entry], rows, selected_adapters(request.config), full_matrix=True)
+    if check.status == "unchecked" and catalogue_entry.varies and check.message.startswith("reproduced in 0"):
+        pytest.skip(f"{catalogue_entry.id}: {check.message}")  # declared machine-dependent, not shown here
     assert check.status == "ok", f"{catalogue_entry.id} ({catalogue_entry.source}) is {check.status}: {check.message}"

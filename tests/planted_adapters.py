@@ -22,6 +22,11 @@ class _FaultyLayer(NumpyOracleLayer):
             type(self).fault()
         return super()._forward(call, return_scores, training, seed)
 
+    def _gradients(self, call, cotangent):
+        if _fires(call):
+            type(self).fault()
+        return super()._gradients(call, cotangent)
+
 
 def _raise():
     raise RuntimeError("planted failure inside the framework")
