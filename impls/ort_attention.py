@@ -88,7 +88,17 @@ class OrtAttentionAdapter(_onnx.OrtAdapter):
     layer_class = OrtAttentionLayer
 
     def unsupported_features(self):
-        return {**super().unsupported_features(), "dropout": "the ONNX Attention operator has no dropout"}
+        return {**super().unsupported_features(), "dropout": "the ONNX Attention operator has no dropout",
+                # the operator has kv_num_heads, a float attn_mask and nonpad_kv_seqlen; the graph this adapter
+                # builds wires none of them yet, so a case using them is refused rather than run without them
+                "gqa": "ort_attention's graph projects key and value with num_heads heads (the operator's "
+                       "kv_num_heads is not wired)",
+                "bias": "ort_attention's graph passes the mask as a boolean attn_mask (a float one is not wired)",
+                "lengths": "ort_attention's graph takes padding as the mask only (nonpad_kv_seqlen is not wired)",
+                "window": "the ONNX Attention operator has no sliding window; ort_attention does not build one "
+                          "into attn_mask",
+                "causal_bottom_right": "the operator's is_causal is top-left; ort_attention does not build the "
+                                       "bottom-right triangle into attn_mask"}
 
     def unsupported_dtypes(self):
         return {"bfloat16": "onnxruntime's CPU provider has no bfloat16 Attention kernel, and the operator's "

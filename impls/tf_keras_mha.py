@@ -141,7 +141,14 @@ class TfKerasMHAAdapter(Adapter):
     layer_class = TfKerasMHALayer
 
     def capabilities(self):
-        return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"))
+        return Capabilities(devices=("cpu", "cuda"), modes=("eager", "compiled"), unsupported_features={
+            "gqa": "tf_keras.layers.MultiHeadAttention projects key and value with num_heads heads",
+            "bias": "tf_keras.layers.MultiHeadAttention.call takes no additive bias",
+            # Keras 2 has no argument for these; tf_keras_mha does not emulate them through attention_mask
+            "window": "tf_keras.layers.MultiHeadAttention has no sliding window (not emulated in attention_mask)",
+            "lengths": "tf_keras.layers.MultiHeadAttention takes padding as attention_mask only (lengths are not "
+                       "emulated)",
+            "causal_bottom_right": "tf_keras's use_causal_mask is top-left only (bottom-right is not emulated)"})
 
     def available_devices(self):
         return _keras.available_devices("tensorflow")

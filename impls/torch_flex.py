@@ -114,6 +114,11 @@ class TorchFlexAdapter(_torch.TorchAdapter):
                 "scores": "flex_attention returns the output (and optionally the log-sum-exp), never the "
                           "attention probabilities",
                 "dropout": "flex_attention has no dropout",
+                # flex_attention can express each (enable_gqa, score_mod, block_mask); this adapter's BlockMask
+                # holds the mask and causal only, so a case using them is refused rather than run without them
+                **{f: f"torch_flex builds its BlockMask from the mask and top-left causal only ({f} is not "
+                      f"wired into score_mod / block_mask / enable_gqa)"
+                   for f in ("gqa", "bias", "lengths", "window", "causal_bottom_right")},
             },
             devices=("cpu", "cuda"), modes=("eager", "compiled"))
 

@@ -136,7 +136,11 @@ class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     def unsupported_features(self):
         eager = torch_mha.TorchMHAAdapter().capabilities().unsupported_features
         return {**eager, **super().unsupported_features(),
-                "dropout": "torch.onnx.export exports the module in eval mode (training=TrainingMode.EVAL)"}
+                "dropout": "torch.onnx.export exports the module in eval mode (training=TrainingMode.EVAL)",
+                # eager torch_mha maps these; each is another export structure, not wired here yet
+                **{f: f"torch_mha@ort exports the classic call only (attn_mask, key_padding_mask, is_causal); "
+                      f"the {f} mapping of torch_mha is not exported yet"
+                   for f in ("bias", "lengths", "window", "causal_bottom_right")}}
 
     def unsupported_dtypes(self):
         return {"bfloat16": "onnxruntime's CPU provider has no bfloat16 kernel for the exported graph's Gemm "

@@ -121,3 +121,6 @@ def test_the_main_job_asks_its_conform_stage_for_progress_lines():
     from mhabench.commands import run as run_command
     [conform, bench, _] = run_command.stages_for(Namespace(results="r", skip_conform=False, skip_bench=False))
     assert "--progress-every" in conform.argv and bench.argv[:2] == ["bench", "--quick"]
+    assert "--quick" in conform.argv  # the reduced matrix; --full runs all of it
+    [conform, _, _] = run_command.stages_for(Namespace(results="r", full=True, skip_conform=False, skip_bench=False))
+    assert "--quick" not in conform.argv

@@ -116,6 +116,28 @@ def test_keras_2_fully_masked_row_is_not_zero(dtype, policy):
     assert np.abs(out[0, 1] - w.bo).max() > 0.01  # not the canonical output bias
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_keras_2_over_two_axes_gives_an_empty_row_weights_of_one(dtype):
+    """The cause of tf_keras_mha-multi_axis-fully_masked_row-weights_one: over a tuple of axes Keras 2's Softmax
+    returns exp(x - logsumexp(x)), and in a row whose logits all carry the -1e9 mask both round to the same
+    constant, so every weight is 1 (not 1/S). The framework model reproduces output, scores and gradients."""
+    from mhabench.conformance.cases import find_case
+    from mhabench.conformance.framework_models import keras2_logsumexp_rounded
+    case = find_case("pairs11-rank4_axes12-TltS-mask_fully_masked_row-causal-heads1_kd1-value_dim-out_width5-no_bias-"
+                     "widths_mixed")
+    i = case.inputs()
+    layer = ADAPTER.build(i.spec, i.weights, dtype=dtype)
+    out, scores = layer(*i.args(), return_scores=True)
+    model = keras2_logsumexp_rounded(i)
+    empty = ~oracle.prepare(i.spec, i.weights, *i.args()).allowed().reshape(scores.shape).any(axis=-1)
+    assert empty.any() and np.all(scores[empty] == 1)  # exactly one, every key of the row
+    tol = 2e-6 if dtype == "float32" else 5e-3
+    assert rel_err(scores, model["scores"]) < tol and rel_err(out, model["output"]) < tol
+    grads = layer.gradients(i.query, i.value, i.key, i.mask, i.causal, cotangent=i.cotangent)
+    for name in ("query", "value", "Wq", "Wk", "Wv", "Wo"):
+        assert rel_err(grads[name], model[f"grad_{name}"]) < tol * 10, name
+
+
 def test_keras_3_gives_the_fully_masked_row_zero_weights_with_scores():
     """The other side of the migration: Keras 3's MultiHeadAttention (scores asked) zeroes the row."""
     keras_mha = impls.get_adapter("keras_mha")
