@@ -290,6 +290,16 @@ def evaluate_invalid(adapter_name: str, case: Case, device: str = "cpu") -> list
     if not ok:
         row.update(status="unsupported", message=f"adapter unavailable: {why}")
         return [row]
+    from .cases import invalid_call
+    call = invalid_call(case)
+    try:  # an adapter that cannot run this dtype on this device at all (a GPU-only kernel) is not judged here
+        spec = impls.AttentionSpec(**call["spec"])
+        refused = adapter.unsupported_reason(spec, call["weights"](spec), dtype=call["dtype"], device=call["device"])
+    except Exception:  # the bad input may be in the spec, dtype or device itself: that is what is judged
+        refused = None
+    if refused and refused.startswith(("device ", "dtype ")):
+        row.update(status="unsupported", message=refused)
+        return [row]
     started = time.perf_counter()
     expected = attempt_invalid(impls.get_adapter("numpy_oracle"), case)
     got = attempt_invalid(adapter, case)

@@ -327,11 +327,11 @@ class Adapter:
         """Why this adapter cannot run the given configuration, or None if it can."""
         caps = self.capabilities()
         dtype = check_dtype(dtype)
+        device = check_device(device)
+        if device.split(":")[0] not in caps.devices:  # first: a kernel that is not on this device has no dtypes
+            return f"device {device}: " + (caps.devices_reason or f"{self.name} runs on {', '.join(caps.devices)} only")
         if dtype in caps.unsupported_dtypes:
             return f"dtype {dtype}: {caps.unsupported_dtypes[dtype]}"
-        device = check_device(device)
-        if device.split(":")[0] not in caps.devices:
-            return f"device {device}: " + (caps.devices_reason or f"{self.name} runs on {', '.join(caps.devices)} only")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in caps.modes:
