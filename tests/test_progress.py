@@ -122,5 +122,9 @@ def test_the_main_job_asks_its_conform_stage_for_progress_lines():
     [conform, bench, _] = run_command.stages_for(Namespace(results="r", skip_conform=False, skip_bench=False))
     assert "--progress-every" in conform.argv and bench.argv[:2] == ["bench", "--quick"]
     assert "--quick" in conform.argv  # the reduced matrix; --full runs all of it
-    [conform, _, _] = run_command.stages_for(Namespace(results="r", full=True, skip_conform=False, skip_bench=False))
-    assert "--quick" not in conform.argv
+    chosen = conform.argv[conform.argv.index("--adapters") + 1].split(",")  # the default kernels; --kernels adds
+    assert "torch_sdpa" in chosen and not any("+" in name for name in chosen)  # the variants
+    assert bench.argv[bench.argv.index("--adapters") + 1].split(",") == chosen
+    [conform, _, _] = run_command.stages_for(Namespace(results="r", full=True, kernels=True, skip_conform=False,
+                                                       skip_bench=False))
+    assert "--quick" not in conform.argv and "--adapters" not in conform.argv

@@ -30,6 +30,9 @@ def register(parser):
                         help=f"report directory (default: {DEFAULT_OUT})")
     parser.add_argument("--full", action="store_true",
                         help="run the whole conformance matrix (as the nightly job does) instead of the reduced one")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also run the kernel variants (torch_sdpa+flash, jax_dpa+xla, ...); by default the main "
+                             "job runs each framework's default kernel, as its users do")
     parser.add_argument("--skip-conform", action="store_true", help="do not run the conformance suite")
     parser.add_argument("--skip-bench", action="store_true", help="do not run the benchmarks")
 
@@ -49,13 +52,20 @@ def stages_for(args) -> list[Stage]:
     results = str(args.results)
     # the reduced matrix (every area, each feature at least once) by default: the whole one is the nightly job's
     conform = ["conform", "--results", results, "--progress-every", str(PROGRESS_EVERY)]
-    stages = [Stage("conform", conform + ([] if getattr(args, "full", False) else ["--quick"])),
-              Stage("bench", ["bench", "--quick", "--results", results]),
+    chosen = [] if getattr(args, "kernels", False) else ["--adapters", ",".join(default_kernel_adapters())]
+    stages = [Stage("conform", conform + chosen + ([] if getattr(args, "full", False) else ["--quick"])),
+              Stage("bench", ["bench", "--quick", "--results", results, *chosen]),
               Stage("report", None)]
     for stage in stages:
         if getattr(args, f"skip_{stage.name}", False):
             stage.status, stage.detail = "skipped", f"--skip-{stage.name}"
     return stages
+
+
+def default_kernel_adapters() -> list[str]:
+    """The installed adapters that let their framework choose its kernel (no ``+kernel`` variant)."""
+    from mhabench import impls
+    return [name for name in impls.list_adapters() if "+" not in name and impls.get_adapter(name).is_available()]
 
 
 def run_child(stage: Stage, log_dir: Path, on_line) -> None:
