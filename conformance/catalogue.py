@@ -141,9 +141,10 @@ def _keras_tf_bias_add_shortcut(case) -> bool:
 
 CASE_PROPERTIES = {
     "keras_tf_bias_add_shortcut": _keras_tf_bias_add_shortcut,
-    # a mask, causal, a window, lengths or a bias with -inf: anything masked at all
-    "masked": lambda case: case.mask != "none" or case.causal or case.window is not None or case.lengths is not None
-    or case.bias in ("neg_inf", "neg_inf_row"),
+    # a mask (named by the case or built by its inputs, as the special values' cases do), causal, a window,
+    # lengths or a bias with -inf: anything masked at all
+    "masked": lambda case: case.mask != "none" or case.inputs().mask is not None or case.causal
+    or case.window is not None or case.lengths is not None or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
     "masked_empty_rows_only": _masked_empty_rows_only,  # ... and each is emptied by masking, not query lengths or -inf

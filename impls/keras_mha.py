@@ -370,6 +370,10 @@ class KerasMHAJaxAdapter(KerasMHAAdapter):
             return ("value_dim different from key_dim on Keras's fused path: Keras 3.15's jax backend "
                     "dot_product_attention reshapes the values with key_dim and raises TypeError "
                     "(cannot reshape array ...); the call with return_attention_scores=True works")
+        if reason is None:  # the fused path is jax.nn.dot_product_attention, which XLA:CPU cannot jit in float16
+            from ._jax import float16_jit_reason
+            reason = float16_jit_reason(kwargs.get("dtype", "float32"), kwargs.get("device", "cpu"),
+                                        kwargs.get("mode", "eager"))
         return reason
 
 

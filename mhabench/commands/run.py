@@ -65,7 +65,7 @@ def stages_for(args) -> list[Stage]:
 def default_kernel_adapters() -> list[str]:
     """The installed adapters that let their framework choose its kernel (no ``+kernel`` variant)."""
     from mhabench import impls
-    return [name for name in impls.list_adapters() if "+" not in name and impls.get_adapter(name).is_available()]
+    return [name for name in impls.list_adapters() if "+" not in name and impls.get_adapter(name).looks_installed()]
 
 
 def run_child(stage: Stage, log_dir: Path, on_line) -> None:
