@@ -37,7 +37,19 @@ def to_data_uri(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(_palette(buffer.getvalue())).decode("ascii")
+
+
+def _palette(png: bytes) -> bytes:
+    """The chart as a 256-colour palette PNG (a third of the size; line charts use far fewer colours)."""
+    try:
+        from PIL import Image
+        image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256)
+        out = io.BytesIO()
+        image.save(out, format="PNG", optimize=True)
+        return out.getvalue() if out.tell() < len(png) else png
+    except Exception:  # no Pillow, or a format it cannot read: the chart as matplotlib wrote it
+        return png
 
 
 def _colours(series: list[str]) -> dict:

@@ -14,6 +14,7 @@ from .units import format_value
 from mhabench.results import STATUSES
 
 DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them all
+ENTRY_ROWS = 12  # a divergence entry with more rows shows them grouped (adapter, area, dtype), counted
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;color:#1d2329;
@@ -276,13 +277,17 @@ def section_drill_down(data: ReportData) -> str:
                *tables.present(rows, tables.OPTIONAL), "error_ratio", "max_abs_err"]
     for entry in shown_entries.to_dict("records"):
         group = groups.get(entry["id"], rows.iloc[0:0])
-        rendered = [_row(r, columns) for r in group.head(DRILL_DOWN_LIMIT).to_dict("records")]
+        if len(group) <= ENTRY_ROWS:  # few rows: each one
+            rendered, shown_columns, total = [_row(r, columns) for r in group.to_dict("records")], columns, len(group)
+        else:  # many: one line per adapter x area x dtype x quantity, counted, with its worst row
+            rendered, shown_columns = _entry_groups(group)
+            total = len(rendered)
         upstream = f" · upstream: {link_list(entry['upstream'])}" if entry["upstream"] else " · no upstream issue"
         out.append(
             f"<details class='fg' id='{_anchor('div', entry['id'])}'><summary><b>{esc(entry['id'])}</b> · "
             f"{esc(entry['adapters'])} · {esc(entry['dtypes'])} · <span class='shown'>{entry['rows']}</span> of "
             f"{entry['rows']} rows{upstream}<br><span class='observed'>{esc(entry['observed'])}</span></summary>"
-            + _sortable(columns, rendered, len(group), "conformance_non_passing.csv") + "</details>")
+            + _sortable(shown_columns, rendered, total, "conformance_non_passing.csv") + "</details>")
     absent = divergences[(divergences["rows"] == 0) & (divergences["status"] != "stale")]
     if not absent.empty:
         out.append(f"<details><summary>{len(absent)} catalogue entries with no row in this run (their adapter, "
@@ -307,6 +312,25 @@ def section_drill_down(data: ReportData) -> str:
                    f"{esc(group['adapters'])}<br><span class='observed'>{esc(group['reason'])}</span></summary>"
                    + _sortable(columns, rendered, len(detail), "not_run.csv") + "</details>")
     return "".join(out)
+
+
+def _entry_groups(group: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """A divergence entry's rows as one line per adapter x area x dtype: how many rows, which quantities, and the
+    row with the largest error ratio (its id reruns it). Each line counts its rows for the filters (``data-n``)."""
+    keys = ["adapter", *(["machine"] if "machine" in group and group["machine"].nunique() > 1 else []),
+            "area", "dtype"]
+    worst = group.assign(_ratio=pd.to_numeric(group["error_ratio"], errors="coerce").fillna(-1.0))
+    worst = worst.sort_values("_ratio", ascending=False).drop_duplicates(keys).sort_values(keys)
+    grouped = group.groupby(keys, sort=False)
+    counts, quantities = grouped.size(), grouped["quantity"].agg(lambda q: tables.join_values(q, limit=4))
+    columns = [*keys, "rows", "quantities", "worst row", "error_ratio"]
+    rendered = []
+    for record in worst.to_dict("records"):
+        key = tuple(record[k] for k in keys)
+        n = int(counts[key])
+        line = {**record, "rows": n, "quantities": quantities[key], "worst row": record["row_id"]}
+        rendered.append(_row(line, columns, count=n))
+    return rendered, columns
 
 
 def _anchor(prefix: str, name) -> str:
@@ -448,8 +472,9 @@ def section_scaling_summary(data: ReportData) -> str:
         return ""
     out = ["<h3 id='scaling-summary'>Summary: who is fastest and leanest</h3>",
            "<p class='muted'>Forward pass at the sweep's head count. Per class and L: the fastest and the leanest "
-           "line among those measured there. Per line: the fitted exponent of L (1 is O(L), 2 is O(L²)) for time "
-           "and per-call memory, and GFLOP/s as a fraction of the machine's GEMM peak at the largest L.</p>"]
+           "line among those measured there. Per line: the exponent of L fitted over its three largest lengths "
+           "(1 is O(L), 2 is O(L²)) for time and per-call memory, and GFLOP/s as a fraction of the machine's GEMM "
+           "peak at the largest L.</p>"]
     shown = winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
                            memory=[format_value(v, "bytes") for v in winners["memory"]])
     link = lambda c, v, r: f"<td><a href='#{esc(r['chart'])}'>{esc(v)}</a></td>" if c == "class" else None

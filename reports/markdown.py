@@ -183,7 +183,7 @@ def render_markdown(data: ReportData) -> str:
         scaling = data.tables["scaling"]
         exps = scaling[scaling["method"].isin(["time_forward", "track_peakmem_forward"])]
         shown = exps.assign(value_at_L_max=[format_value(v, u) for v, u in zip(exps["value_at_L_max"], exps["unit"])])
-        out += ["## Scaling (fitted exponent of L)", "",
+        out += ["## Scaling (exponent of L, fitted over the three largest lengths)", "",
                 md_table(shown, ["class", "method", "series", "L_max", "exponent", "value_at_L_max"],
                          {"exponent": lambda v: f"{v:.2f}" if math.isfinite(v) else "",
                           "L_max": lambda v: f"{v:.0f}" if math.isfinite(v) else ""})]
