@@ -121,7 +121,8 @@ def scaling_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], dev
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(UNIT_LABELS.get(rows["unit"].iloc[0], plain(rows["unit"].iloc[0])))
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, loc="upper left")
+        # beside the plot, not over the lines: with a dozen adapters an inside legend hides the small lengths
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return to_data_uri(fig)
 
 

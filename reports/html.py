@@ -516,7 +516,8 @@ def section_benchmarks(data: ReportData) -> str:
                                   f"{klass} peak memory per call against L ({device})",
                                   tables.chart_id(klass, device, "memory")))
         out.append("<h3>Fitted exponents</h3><p class='muted'>Least-squares slope of log(value) on log(L) over "
-                   "the sweep at the default head count: 1 is O(L), 2 is O(L²).</p>")
+                   "the three largest lengths of the sweep (L_min to L_max and points: what was measured) at the "
+                   "default head count: 1 is O(L), 2 is O(L²).</p>")
         scaling = data.tables["scaling"].copy()
         if not scaling.empty and scaling["exponent"].isna().all():
             out.append("<p class='note'>Every sweep here has a single sequence length (the quick profile), so no "
