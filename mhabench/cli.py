@@ -27,10 +27,17 @@ def printable(text) -> str:
     return safe(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage block is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, printable(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mhabench", description="Cross-framework conformance and "
-                                     "benchmarking suite for multi-head attention.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="mhabench", description="Cross-framework conformance and "
+                     "benchmarking suite for multi-head attention.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     found = [m.name for m in pkgutil.iter_modules(_commands.__path__) if not m.name.startswith("_")]
     for name in sorted(found, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
         module = importlib.import_module(f"mhabench.commands.{name}")
@@ -47,6 +54,11 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    for option in ("cache_dir", "results", "out"):  # an empty path is a mistake, not "the default"
+        if getattr(args, option, None) == "":
+            print(f"mhabench {args.command}: error: --{option.replace('_', '-')} must name a directory, got ''",
+                  file=sys.stderr)
+            return 2
     if getattr(args, "cache_dir", None):
         import os
         from mhabench.impls import cache

@@ -37,6 +37,23 @@ def test_bad_options_are_one_line_errors(capsys, tmp_path, argv, needles):
     _one_line_error(capsys, [*argv, "--results", str(tmp_path)], *needles)
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["conform", "--jobs", "x"], "argument --jobs: invalid int value: 'x'"),
+    (["report", "--compare", "only-one"], "argument --compare: expected 2 arguments"),
+    (["bench", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+])
+def test_argparse_errors_are_one_line_too(capsys, argv, needle):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and "\n" not in err and needle in err and "--help" in err, err
+
+
+@pytest.mark.parametrize("argv", [["conform", "--cache-dir", ""], ["run", "--results", ""], ["bench", "--results", ""]])
+def test_an_empty_path_is_refused_not_taken_for_the_default(capsys, argv):
+    _one_line_error(capsys, argv, "must name a directory")
+
+
 def test_a_device_named_explicitly_must_be_there(capsys, tmp_path):
     if os.path.exists("/proc/driver/nvidia/version"):
         pytest.skip("this machine has an NVIDIA GPU")
