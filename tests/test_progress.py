@@ -128,3 +128,28 @@ def test_the_main_job_asks_its_conform_stage_for_progress_lines():
     [conform, _, _] = run_command.stages_for(Namespace(results="r", full=True, kernels=True, skip_conform=False,
                                                        skip_bench=False))
     assert "--quick" not in conform.argv and "--adapters" not in conform.argv
+
+
+def test_a_stage_dies_with_the_main_job():
+    """A SIGKILLed `mhabench run` takes its running stage with it (the stage would otherwise go on writing)."""
+    import subprocess
+    import sys
+    import time
+    code = ("import subprocess, sys, time; from mhabench.commands.run import _dies_with_parent; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "preexec_fn=_dies_with_parent); print(p.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    stage = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{stage}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has died
+        except FileNotFoundError:
+            return True
+    deadline = time.monotonic() + 10
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone()

@@ -62,6 +62,17 @@ def stages_for(args) -> list[Stage]:
     return stages
 
 
+def _dies_with_parent() -> None:
+    """In the child, before it runs: a SIGTERM when the main job dies, however it dies (a SIGKILLed main job
+    otherwise leaves its conform or bench stage running, writing into the results directory). Linux only."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def default_kernel_adapters() -> list[str]:
     """The installed adapters that let their framework choose its kernel (no ``+kernel`` variant)."""
     from mhabench import impls
@@ -79,7 +90,7 @@ def run_child(stage: Stage, log_dir: Path, on_line) -> None:
         log.flush()
         try:
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", bufsize=1)
+                                     errors="replace", bufsize=1, preexec_fn=_dies_with_parent)
         except OSError as exc:
             stage.status, stage.detail = "failed", f"could not start: {exc}"
             return
