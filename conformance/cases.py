@@ -573,6 +573,8 @@ def _more() -> list[Case]:
             # takes its bias_add shortcut along the wrong axis there (the catalogue's keras_tf_bias_add_shortcut)
             shapes("cross_T4_S3-heads3_kd1", _spec(3, 1), q_shape=(4,), k_shape=(3,)),
             shapes("cross_T4_S2-heads2_kd1", _spec(2, 1), q_shape=(4,), k_shape=(2,)),
+            # no key at all (S = 0): every query row is fully masked, the canonical output is the output bias
+            shapes("cross_T4_S0", _spec(), q_shape=(4,), k_shape=(0,)),
             shapes("self_T8-dropout0.3-not_training", _spec(dropout=0.3)),
             shapes("cross_T6_S4-dropout0.5-causal", _spec(dropout=0.5), q_shape=(6,), k_shape=(4,), causal=True),
             shapes("cross_T6_S4-output_shape3x2-mask_padding", _spec(output_shape=(3, 2)), q_shape=(6,), k_shape=(4,),

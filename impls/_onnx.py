@@ -87,6 +87,12 @@ class OrtAdapter(Adapter):
     def unsupported_dtypes(self) -> dict:
         return {}
 
+    def extra_constraints(self, spec, dims, call):
+        if call is not None and call.k_len == 0:
+            return ("a key/value length of 0: onnxruntime's CPU kernels reject the zero-length axis ([ONNXRuntimeError] "
+                    "FAIL in the Reshape or Attention node, ReshapeHelper)")
+        return None
+
 
 class OrtLayer(Layer):
     """A layer whose calls run ONNX graphs in onnxruntime, one session per graph structure met."""

@@ -60,7 +60,7 @@ def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o, fully_mask
         s = logits(num, q, k, bias)
         if allowed is not None:
             s = np.where(allowed, s, -np.inf)
-        row_max = np.max(s, axis=-1, keepdims=True)
+        row_max = np.max(s, axis=-1, keepdims=True, initial=-np.inf)  # (S = 0: no key, every row is empty)
         live = np.isfinite(row_max)
         row_max = np.where(live, row_max, 0.0)
         total = num(np.sum(num(np.exp(num(s - row_max))), axis=-1, keepdims=True))

@@ -333,7 +333,7 @@ def test_numpy_oracle_adapter_gradients(dtype):
 
 
 @pytest.mark.parametrize("case_id", ["separate_key", "mask_B_T_S", "causal_T3_S5", "gqa_2of4_mask",
-                                     "bias_per_head_with_mask", "fully_masked_uniform"])
+                                     "bias_per_head_with_mask", "fully_masked_uniform", "key_value_length_0"])
 def test_flash_form_is_the_same_gradient_in_float64(case_id):
     spec, weights, inputs, mask, cotangent, grads = setup(case_id)
     case = CASES[case_id]
