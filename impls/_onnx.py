@@ -62,6 +62,8 @@ def arena_peak_rise(fn) -> int:
 
 class OrtAdapter(Adapter):
     """The facts every ONNX Runtime adapter shares. ``opset`` is the ONNX opset of the graphs it runs."""
+    empty_keys_refused = ("onnxruntime's CPU kernels reject the zero-length axis ([ONNXRuntimeError] FAIL in the "
+                          "Reshape or Attention node, ReshapeHelper)")
 
     family = "onnxruntime"
     requires = ("onnxruntime", "onnx")
@@ -86,12 +88,6 @@ class OrtAdapter(Adapter):
 
     def unsupported_dtypes(self) -> dict:
         return {}
-
-    def extra_constraints(self, spec, dims, call):
-        if call is not None and call.k_len == 0:
-            return ("a key/value length of 0: onnxruntime's CPU kernels reject the zero-length axis ([ONNXRuntimeError] "
-                    "FAIL in the Reshape or Attention node, ReshapeHelper)")
-        return None
 
 
 class OrtLayer(Layer):

@@ -232,6 +232,8 @@ class Adapter:
     # variant (registered as "<adapter>+<kernel>") restricts the framework to one kernel, so a case that kernel
     # refuses is unsupported with the framework's reason instead of silently running another kernel.
     kernel: str = "default"
+    # why the framework cannot run a call with no key at all (S = 0), or "" when it can
+    empty_keys_refused: str = ""
     # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):
     causal_skips_masked_blocks: bool = False  # does causal skip the masked half of the score work?
     score_buffers: int = 3         # [B, H, T, S] float buffers alive at the forward peak (0: never holds them)
@@ -344,6 +346,8 @@ class Adapter:
             why = caps.unsupported(self.name, feat)
             if why:
                 return f"{FEATURES[feat]}: {why}"
+        if self.empty_keys_refused and call is not None and call.k_len == 0:
+            return f"a key/value length of 0: {self.empty_keys_refused}"
         return self.extra_constraints(spec, dims, call)
 
     # ---- building -----------------------------------------------------------

@@ -107,12 +107,8 @@ class TorchFlexAdapter(_torch.TorchAdapter):
                       "on a small CPU (Inductor's C++ template): about an hour for the full matrix")
     causal_skips_masked_blocks = True  # the BlockMask lists no key block above the diagonal
     score_buffers = 0  # the compiled kernel never holds a [T, S] score matrix
-
-    def extra_constraints(self, spec, dims, call):
-        if call is not None and call.k_len == 0:
-            return ("a key/value length of 0: the compiled flex_attention kernel on the CPU dies with SIGFPE (an "
-                    "integer division by zero), taking its process with it")
-        return None
+    empty_keys_refused = ("the compiled flex_attention kernel on the CPU dies with SIGFPE (an integer division by "
+                          "zero), taking its process with it")
 
     def capabilities(self):
         return Capabilities(

@@ -454,3 +454,20 @@ def test_evaluate_threads_the_call_features():
     np.testing.assert_array_equal(found["output"], want)
     np.testing.assert_array_equal(found["scores"], want_scores)
     assert found["gradients"]["bias"].shape == (3, 5)
+
+
+@pytest.mark.parametrize("name, refused", [("ort_attention", "onnxruntime"), ("torch_mha@ort", "onnxruntime"),
+                                           ("torch_flex", "SIGFPE"), ("torch_sdpa", None), ("numpy_oracle", None)])
+def test_an_adapter_that_cannot_take_zero_keys_says_so(name, refused):
+    """S = 0 is canonical (every row fully masked: the output bias); an adapter whose framework fails on it
+    declares why (Adapter.empty_keys_refused), for that call only."""
+    from mhabench.impls.validation import validate_call
+    spec = impls.AttentionSpec(2, 4)
+    weights = impls.Weights.random(spec, 8, 8)
+    adapter = impls.get_adapter(name)
+    query = np.zeros((2, 4, 8))
+    empty = validate_call(spec, (8, 8, 8), query, np.zeros((2, 0, 8)))
+    some = validate_call(spec, (8, 8, 8), query, np.zeros((2, 3, 8)))
+    reason = adapter.unsupported_reason(spec, weights, call=empty, mode=adapter.default_mode)
+    assert (reason is None) if refused is None else (reason.startswith("a key/value length of 0") and refused in reason)
+    assert adapter.unsupported_reason(spec, weights, call=some, mode=adapter.default_mode) is None

@@ -74,9 +74,10 @@ def _dies_with_parent() -> None:
 
 
 def default_kernel_adapters() -> list[str]:
-    """The installed adapters that let their framework choose its kernel (no ``+kernel`` variant)."""
+    """The installed adapters that let their framework choose its kernel (no forced-kernel variant)."""
     from mhabench import impls
-    return [name for name in impls.list_adapters() if "+" not in name and impls.get_adapter(name).looks_installed()]
+    adapters = [impls.get_adapter(name) for name in impls.list_adapters()]
+    return [a.name for a in adapters if a.kernel == "default" and a.looks_installed()]
 
 
 def run_child(stage: Stage, log_dir: Path, on_line) -> None:
