@@ -75,6 +75,12 @@ def _masked_empty_rows_only(case) -> bool:
     return bool(np.array_equal(np.broadcast_to(by_all, shape), np.broadcast_to(by_masking, shape)))
 
 
+def _top_left_causal_kv_lengths(case) -> bool:
+    call = _call(case)
+    return call.causal and call.key_value_lengths is not None and \
+        (call.causal_alignment != "bottom_right" or call.q_len == call.k_len)
+
+
 def _empty_rows(case) -> bool:
     allowed = _call(case).flat_allowed()
     return allowed is not None and not np.all(np.any(allowed, axis=-1))
@@ -146,6 +152,8 @@ CASE_PROPERTIES = {
     "masked": lambda case: case.mask != "none" or case.inputs().mask is not None or case.causal
     or case.window is not None or case.lengths is not None or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
+    # causal on the top-left diagonal (or bottom-right with T == S, the same triangle) with key/value lengths
+    "top_left_causal_kv_lengths": _top_left_causal_kv_lengths,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
     "masked_empty_rows_only": _masked_empty_rows_only,  # ... and each is emptied by masking, not query lengths or -inf
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
@@ -240,6 +248,24 @@ def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) 
     return _with_scale(inputs, quantity, float(root) ** 2)
 
 
+def _causal_from_kv_lengths(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
+    """The float64 forward when the causal diagonal of each sequence sits at its key/value length: query row i
+    may attend key j iff ``j <= i + key_value_lengths[b] - T`` (instead of the call's diagonal, ``j <= i`` when
+    T == S or top-left). The ONNX Attention operator's ``is_causal`` with ``nonpad_kv_seqlen`` (opset 24) reads
+    the lengths as an external KV cache whose last T entries are the queries. Every other restriction stays."""
+    from mhabench.impls import oracle
+    from mhabench.impls.validation import band_mask
+    call = oracle.prepare(inputs.spec, inputs.weights, *inputs.args(), **inputs.features())
+    T, S, nb = call.q_len, call.k_len, call.n_batch
+    lengths = call.flat_lengths()[1]
+    band = np.stack([band_mask(0, T, S, offset=int(n) - T, causal=True) for n in lengths])  # [N, T, S]
+    band = band.reshape(call.scores_shape[:nb] + (1,) + call.scores_shape[nb + 1:])
+    mask = band if call.mask is None else np.logical_and(call.mask, band)
+    out, scores = oracle.forward(inputs.spec, inputs.weights, inputs.query, inputs.value, inputs.key, mask, False,
+                                 **inputs.features())
+    return scores if quantity == "scores" else out
+
+
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
 def _modelled(name: str):
@@ -261,6 +287,8 @@ BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
     "sqrt_scale_rounded_to_float32": _sqrt_scale_rounded_to_float32,
+    # ONNX Attention's is_causal with nonpad_kv_seqlen: each sequence's diagonal at its key/value length
+    "causal_from_kv_lengths": _causal_from_kv_lengths,
     # jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias
     # kept, the rows past the query lengths zeroed
     "jax_masked_logits_filled": _modelled("jax_filled_attention"),

@@ -72,13 +72,14 @@ class OrtAdapter(Adapter):
     # An InferenceSession optimises the whole graph when it is created and then only runs it
     default_mode = "compiled"
     opset: int = 0
+    supported_extensions: frozenset = frozenset()  # the opt-in features of modern attention the graph expresses
 
     def version(self) -> str:
         return f"{super().version()}; ONNX opset {self.opset} on {PROVIDER}"
 
     def capabilities(self) -> Capabilities:
         return Capabilities(unsupported_features=self.unsupported_features(), unsupported_dtypes=self.unsupported_dtypes(),
-                            modes=("compiled",))
+                            modes=("compiled",), supported_extensions=self.supported_extensions)
 
     def peak_memory(self, fn, device="cpu"):
         return arena_peak_rise(fn)

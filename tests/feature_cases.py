@@ -216,10 +216,13 @@ def rel_err(a, b) -> float:
 
 
 def modern_support(name: str, case: ModernCase, dtype: str, seed: int = 11, **needs) -> str | None:
-    """Why the adapter refuses the case (``needs``: return_scores, gradients), or None."""
+    """Why the adapter refuses the case (``needs``: return_scores, gradients, mode; the mode defaults to the
+    adapter's preferred mode for the dtype), or None."""
     w, q, v, k, mask = case.build(seed)
     call = impls.oracle.prepare(case.spec, w, q, v, k, mask, case.causal, **case.feature_kwargs(seed))
-    return impls.get_adapter(name).unsupported_reason(case.spec, w, dtype=dtype, call=call, **needs)
+    adapter = impls.get_adapter(name)
+    needs.setdefault("mode", adapter.preferred_mode(case.spec, w, dtype=dtype))
+    return adapter.unsupported_reason(case.spec, w, dtype=dtype, call=call, **needs)
 
 
 def modern_forward_errors(name: str, case: ModernCase, dtype: str, seed: int = 11, policy: str = "zeros",
@@ -229,12 +232,14 @@ def modern_forward_errors(name: str, case: ModernCase, dtype: str, seed: int = 1
     ``scores_policy`` for the call with scores, default the same)."""
     w, q, v, k, mask = case.build(seed)
     kwargs = case.feature_kwargs(seed)
-    layer = impls.get_adapter(name).build(case.spec, w, dtype=dtype, **options)
+    adapter = impls.get_adapter(name)
+    options.setdefault("mode", adapter.preferred_mode(case.spec, w, dtype=dtype))
+    layer = adapter.build(case.spec, w, dtype=dtype, **options)
     golden = lambda p: impls.oracle.forward(case.spec, w, q, v, k, mask, case.causal, fully_masked=p, **kwargs)
     out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
     assert out.dtype == np.dtype(dtype)
     errors = {"output": rel_err(out, golden(policy)[0])}
-    if modern_support(name, case, dtype, seed, return_scores=True) is None:  # the framework returns its weights
+    if modern_support(name, case, dtype, seed, return_scores=True, mode=options["mode"]) is None:  # weights returned
         with_scores, scores = layer(q, v, k, mask, case.causal, return_scores=True, **kwargs)
         want_with_scores, want_scores = golden(scores_policy or policy)
         errors.update(output_with_scores=rel_err(with_scores, want_with_scores), scores=rel_err(scores, want_scores))

@@ -16,7 +16,8 @@ from mhabench import impls
 from mhabench.conformance import catalogue
 from mhabench.conformance.cases import Inputs
 from mhabench.impls import oracle
-from tests.feature_cases import CASES, FULLY_MASKED, nan_in_masked_key
+from tests.feature_cases import (CASES, FULLY_MASKED, MODERN_CASES, modern_forward_errors, modern_support,
+                                 nan_in_masked_key)
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -79,7 +80,7 @@ def test_ort_attention_graph_runs_the_kernel_in_float32_and_the_function_body_in
     import onnx
     for dtype, kernel in (("float32", True), ("float64", False)):
         layer = ORT.build(case.spec, w, dtype=dtype)
-        model = layer._model(False, 3, True, False)
+        model = layer._model(False, "bool", True, False, False)
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"{dtype}.onnx")
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -105,7 +106,7 @@ def test_ort_kernel_refuses_a_mask_broadcast_along_the_query_axis():
     layer = ORT.build(spec, impls.Weights.random(spec, 8, 8))
     feeds = {"query": np.zeros((3, 5, 8), np.float32), "value": np.zeros((3, 6, 8), np.float32),
              "mask": np.ones((3, 1, 1, 6), bool)}
-    session = ort.InferenceSession(layer._model(False, 4, False, False).SerializeToString(),
+    session = ort.InferenceSession(layer._model(False, "bool", False, False, False).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     with pytest.raises(Exception, match="inconsistent q_sequence_length"):
         session.run(None, feeds)
@@ -153,6 +154,81 @@ def test_ort_attention_declares_gradients_and_dropout_unsupported():
     w = impls.Weights.random(spec, 8, 8)
     assert "onnxruntime-training" in ORT.unsupported_reason(spec, w, mode="compiled", gradients=True)
     assert "no dropout" in ORT.unsupported_reason(spec, w, mode="compiled", training=True)
+
+
+# ---- ort_attention: modern attention through the operator's inputs ------------------------------------------
+MODERN_TOL = {"float32": F32, "float16": 3e-3, "float64": 1e-7}  # float64: the function body's float32 scale
+MODERN_BY_ID = {c.id: c for c in MODERN_CASES}
+
+
+def _causal_with_kv_lengths(case) -> bool:
+    return bool(case.causal) and case.key_value_lengths is not None and \
+        (case.causal != "bottom_right" or case.query[1:] == case.value[1:])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
+def test_ort_attention_modern_features_match_the_oracle(case, dtype):
+    """GQA (kv_num_heads), the bias (a float attn_mask), key/value lengths (nonpad_kv_seqlen), and what opset 24
+    has no input for (window, bottom-right causal, query lengths: built into attn_mask), default call and
+    weights alike. Causal with key/value lengths is the catalogued exception (the next test)."""
+    reason = modern_support("ort_attention", case, dtype)
+    if reason:
+        assert "zero-length axis" in reason, reason  # S = 0 only
+        pytest.skip(reason)
+    if _causal_with_kv_lengths(case):
+        pytest.skip("catalogued (ort_attention-causal-from-nonpad_kv_seqlen): see "
+                    "test_ort_attention_causal_diagonal_sits_at_each_kv_length")
+    errors = modern_forward_errors("ort_attention", case, dtype)
+    assert set(errors) == {"output", "output_with_scores", "scores"}
+    assert max(errors.values()) < MODERN_TOL[dtype], errors
+
+
+def test_ort_attention_hands_the_operator_its_own_inputs():
+    case = MODERN_BY_ID["modern_everything"]  # GQA, mask, bottom-right causal, window, bias, both lengths
+    w, q, v, k, mask = case.build(seed=2)
+    layer = ORT.build(case.spec, w)
+    call = layer.validate(q, v, k, mask, case.causal, **case.feature_kwargs(2))
+    feeds = layer._native(call)["feeds"]
+    assert feeds["mask"].dtype == np.float32  # the bias, -inf where the boolean restrictions mask
+    np.testing.assert_array_equal(feeds["nonpad_kv_seqlen"], call.flat_lengths()[1])
+    assert set(layer.emulations(call)) == {"causal_bottom_right", "window", "lengths"}  # built into attn_mask
+    node = next(n for n in layer._model(True, "float", False, True, False).graph.node if n.op_type == "Attention")
+    attributes = {a.name: a.i for a in node.attribute}
+    assert attributes["q_num_heads"] == 4 and attributes["kv_num_heads"] == 2 and attributes["is_causal"] == 0
+    assert list(node.input) == ["q", "k", "v", "mask", "", "", "nonpad_kv_seqlen"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ort_attention_causal_diagonal_sits_at_each_kv_length(dtype):
+    """The cause of ort_attention-causal-from-nonpad_kv_seqlen: with nonpad_kv_seqlen, is_causal puts sequence b's
+    diagonal at key i + length[b] - T (an external KV cache whose last T entries are the queries), in ORT and in
+    the ONNX reference implementation alike, so it is the operator's definition; canonically the lengths only
+    mask keys."""
+    from onnx.reference import ReferenceEvaluator
+    case = MODERN_BY_ID["lengths_both_causal_mask"]
+    w, q, v, k, mask = case.build(seed=3)
+    features = case.feature_kwargs(3)
+    layer = ORT.build(case.spec, w, dtype=dtype)
+    out, scores = layer(q, v, k, mask, case.causal, **features)
+    inputs = Inputs(case.spec, w, q, v, k, mask, case.causal, cotangent=None, **features)
+    behave = catalogue.BEHAVIOURS["causal_from_kv_lengths"]
+    golden, golden_scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **features)
+    tol = MODERN_TOL[dtype]
+    assert rel_err(out, behave(golden, inputs, "output")) < tol
+    assert rel_err(scores, behave(golden_scores, inputs, "scores")) < tol
+    assert rel_err(out, golden) > 0.1
+    call = layer.validate(q, v, k, mask, case.causal, **features)
+    feeds = layer._native(call)["feeds"]
+    model = layer._model(False, "bool", True, True, False)
+    reference = ReferenceEvaluator(model).run(None, feeds)[0]
+    ours = layer._run({"feeds": feeds, "call": call}, False, False, None)[0]
+    np.testing.assert_allclose(unflatten_output(call, reference), ours, rtol=1e-5, atol=1e-5)
+
+
+def unflatten_output(call, flat):
+    from mhabench.impls.validation import unflatten
+    return unflatten(call, flat).reshape(call.output_shape)
 
 
 def test_ort_peak_memory_sees_the_arena_allocations():
