@@ -12,14 +12,17 @@ MultiHeadAttention (same backend rules, worker processes, modes and dropout seed
   ``torch_mha``. After flattening, ``use_causal_mask`` (top-left, over axis 1) is always our causal.
 * Mask: ``attention_mask`` (True = attend); a rank-3 call's mask goes as given (Keras inserts the head
   axis), a flattened call's as ``[N, T, S]`` or ``[N, H, T, S]``.
+* Modern attention, as ``keras_mha`` maps it but over the flattened sequence: the window as the
+  constructor's ``sliding_window=w`` (``|i - j| < w``: our ``(w - 1, w - 1)``, or ``(w - 1, any)`` with
+  causal; one Keras layer per window met), key/value lengths as ``value_mask [N, S]`` (Keras has no
+  lengths argument: recorded as emulated); bottom-right causal, other windows and query lengths go
+  into ``attention_mask`` (emulated). The layer takes no additive bias.
 * Paths: without scores Keras calls ``ops.dot_product_attention`` (the backend's fused attention);
   with ``return_attention_scores=True`` or dropout, its own einsum and masked softmax.
 """
 from __future__ import annotations
 
 import dataclasses
-
-import numpy as np
 
 from . import _keras, keras_mha
 from .validation import flatten, unflatten
@@ -29,21 +32,18 @@ UNSUPPORTED = {
     "output_shape": "GroupQueryAttention's output projection maps back to the query's feature width",
     "multi_output": "GroupQueryAttention's output is [batch, length, query features]",
     "bias": "GroupQueryAttention.call takes no additive bias",
-    # GroupQueryAttention has sliding_window and value_mask too; this adapter passes the mask, causal and
-    # num_key_value_heads only, so these are refused rather than run through the wrong argument
-    "causal_bottom_right": "keras_gqa passes use_causal_mask (top-left) only; bottom-right causal is not wired",
-    "window": "keras_gqa does not pass GroupQueryAttention's sliding_window yet",
-    "lengths": "keras_gqa does not pass query / key-value lengths as masks yet",
 }
 DENSE = {"q": "_query_dense", "k": "_key_dense", "v": "_value_dense", "o": "_output_dense"}
 
 
 class KerasGQALayer(keras_mha.KerasMHALayer):
+    flattens = True
     def _new_layer(self, rank, window=None):
         spec, (q_dim, k_dim, v_dim) = self.spec, self.dims
         layer = self.keras.layers.GroupQueryAttention(
             head_dim=spec.key_dim, num_query_heads=spec.num_heads, num_key_value_heads=spec.kv_heads,
-            dropout=spec.dropout, use_bias=spec.use_bias, flash_attention=self.flash_attention, dtype=self.dtype)
+            dropout=spec.dropout, use_bias=spec.use_bias, sliding_window=window, flash_attention=self.flash_attention,
+            dtype=self.dtype)
         layer.build((None, None, q_dim), (None, None, v_dim), (None, None, k_dim))
         return layer
 
@@ -52,18 +52,15 @@ class KerasGQALayer(keras_mha.KerasMHALayer):
         return _keras.dense_variables(layer, DENSE)
 
     def _layer(self, rank, window=None):
-        return super()._layer(3)  # every call is [N, L, D] once flattened
+        return super()._layer(3, window)  # every call is [N, L, D] once flattened
 
     def _native(self, call, requires_grad=False):
         t = lambda x: self.ops.tensor(flatten(call, x), self.dtype, requires_grad)
-        mask = call.mask
-        if mask is not None and call.rank > 3:
-            mask = dataclasses.replace(call, causal=False).flat_allowed()  # [N, 1|H, T, S]
-        if mask is not None and mask.shape[-3] == 1:
-            mask = np.squeeze(mask, axis=-3)  # Keras inserts the head axis itself
-        self._layer(3)
+        mask, value_mask, native_causal, window = self._keras_mask(call)
+        self._layer(3, window)
         return dict(query=t(call.query), value=t(call.value), key=t(call.key) if call.key_given else None,
-                    mask=(self.ops.mask(mask), None), causal=call.causal, window=None, call=call)
+                    mask=(self.ops.mask(mask), self.ops.mask(value_mask)), causal=native_causal, window=window,
+                    call=call)
 
     def _run(self, inputs, return_scores, training, seed=None):
         call, ops = inputs["call"], self.keras.ops
@@ -90,7 +87,7 @@ class KerasGQAAdapter(keras_mha.KerasMHAAdapter):
         caps = super().capabilities()
         inherited = {k: v for k, v in caps.unsupported_features.items() if k != "gqa"}  # MHA's reason: use GQA
         return dataclasses.replace(caps, unsupported_features={**inherited, **UNSUPPORTED},
-                                   supported_extensions=frozenset({"gqa"}))
+                                   supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths"}))
 
 
 class KerasGQAJaxAdapter(KerasGQAAdapter, keras_mha.KerasMHAJaxAdapter):

@@ -75,16 +75,16 @@ def default_rank(spec) -> int | None:
     return None
 
 
-def native_causal_ok(call) -> bool:
-    """Keras's own causal mask (a triangle over axis 1) is ours exactly when axis 1 is the only attended axis and
-    the alignment is top-left (or T == S)."""
-    return call.attention_axes == (1,) and call.diagonal_offset == 0
+def native_causal_ok(call, flattened: bool = False) -> bool:
+    """Keras's own causal mask (a triangle over axis 1) is ours exactly when axis 1 is the only attended axis (or
+    the layer sees the call ``flattened`` to one sequence axis) and the alignment is top-left (or T == S)."""
+    return (flattened or call.attention_axes == (1,)) and call.diagonal_offset == 0
 
 
-def sliding_window(call) -> int | None:
+def sliding_window(call, flattened: bool = False) -> int | None:
     """Keras's ``sliding_window=w`` (``|i - j| < w`` over axis 1) that is the call's window, or None when it is not
     one (the window is then built into the attention mask)."""
-    if call.window is None or not native_causal_ok(call):
+    if call.window is None or not native_causal_ok(call, flattened):
         return None
     left, right = call.window
     if left is None:
@@ -94,13 +94,15 @@ def sliding_window(call) -> int | None:
     return None
 
 
-def native_value_mask(call) -> bool:
-    """Key/value lengths as Keras's ``value_mask [B, S]``: one attended axis, axis 1, and no other."""
-    return call.key_value_lengths is not None and call.rank == 3
+def native_value_mask(call, flattened: bool = False) -> bool:
+    """Key/value lengths as Keras's ``value_mask [B, S]``: one attended axis, axis 1, and no other (or the call
+    flattened to ``[N, L, D]``, the lengths repeated over the free axes)."""
+    return call.key_value_lengths is not None and (flattened or call.rank == 3)
 
 
 class KerasMHALayer(Layer):
     backend = "tensorflow"
+    flattens = False  # whether the Keras layer sees every call flattened to [N, L, D] (GroupQueryAttention)
 
     def __init__(self, adapter, spec, weights, dtype, device, mode="eager", flash_attention=None,
                  build_timeout=None, call_timeout=None, **options):
@@ -237,25 +239,33 @@ class KerasMHALayer(Layer):
     def _keras_mask(self, call):
         """(attention_mask or None, value_mask or None, use_causal_mask, sliding_window): what Keras takes of the
         call, the rest built into the attention mask."""
-        causal = call.causal and native_causal_ok(call)
-        window = sliding_window(call)
+        causal = call.causal and native_causal_ok(call, self.flattens)
+        window = sliding_window(call, self.flattens)
         value_mask = None
-        if native_value_mask(call):  # [B, S]: batch b's first key_value_lengths[b] keys
-            value_mask = np.arange(call.k_len)[None, :] < call.key_value_lengths[:, None]
+        if native_value_mask(call, self.flattens):  # [N, S]: sequence n's first key_value_lengths keys
+            value_mask = np.arange(call.k_len)[None, :] < call.flat_lengths()[1][:, None]
         built = dict(causal=call.causal and not causal, window=call.window is not None and window is None,
                      lengths="query" if value_mask is not None else True)
-        if call.allowed_block(mask=False, bias=False, **built) is None:  # nothing to build: the mask as given
-            return call.given_mask, value_mask, causal, window
+        if not self.flattens and call.allowed_block(mask=False, bias=False, **built) is None:
+            return call.given_mask, value_mask, causal, window  # nothing to build: the mask as given
+        if self.flattens and call.rank > 3:  # [N, T, S] or [N, H, T, S] over the flattened call
+            block = call.allowed_block(bias=False, **built)  # [N|1, H|1, T|1, S|1]
+            if block is None:
+                return None, value_mask, causal, window
+            allowed = np.broadcast_to(block, (call.n_flat, block.shape[1], call.q_len, call.k_len))
+            return (allowed[:, 0] if allowed.shape[1] == 1 else allowed), value_mask, causal, window
         allowed = call.allowed(bias=False, **built)  # over the flattened attended positions, scores' rank
+        if allowed is None:
+            return None, value_mask, causal, window
         if allowed.shape[call.n_batch] == 1:
             allowed = np.squeeze(allowed, axis=call.n_batch)  # Keras inserts the head axis itself
         return allowed, value_mask, causal, window
 
     def emulations(self, call):
-        causal = call.causal and not native_causal_ok(call)
+        causal = call.causal and not native_causal_ok(call, self.flattens)
         bottom_right = causal and call.causal_alignment == "bottom_right" and call.q_len != call.k_len
         used = (("causal", causal and not bottom_right), ("causal_bottom_right", bottom_right),
-                ("window", call.window is not None and sliding_window(call) is None),
+                ("window", call.window is not None and sliding_window(call, self.flattens) is None),
                 ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
         return tuple(name for name, on in used if on)
 

@@ -345,20 +345,21 @@ def test_backend_choice():
 # ---- modern attention on Keras's own arguments (sliding_window, value_mask), the rest emulated ------------------
 from tests.feature_cases import MODERN_CASES, modern_support, rel_err  # noqa: E402
 
-KERAS_REFUSES = ("grouped-query attention", "an additive float bias")
-
-
+KERAS_REFUSES = {"keras_mha": ("grouped-query attention", "an additive float bias"),
+                 "keras_gqa": ("an additive float bias", "value_dim", "output_shape")}
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
-def test_keras_modern_features_match_the_oracle(case, dtype):
+@pytest.mark.parametrize("name", ["keras_mha", "keras_gqa"])
+def test_keras_modern_features_match_the_oracle(name, case, dtype):
     """The default call (Keras's fused path for 3-D inputs gives a row with no allowed key uniform weights,
-    catalogued), the call with scores (canonical zeros) and the gradients (the fused path's), against the oracle."""
+    catalogued; GroupQueryAttention sees every call flattened to 3-D), the call with scores (canonical zeros) and
+    the gradients (the fused path's), against the oracle."""
     from mhabench.impls.oracle_backward import backward
-    reason = modern_support("keras_mha", case, dtype, return_scores=True, gradients=True)
+    reason = modern_support(name, case, dtype, return_scores=True, gradients=True)
     if reason:
-        assert reason.startswith(KERAS_REFUSES), reason
+        assert reason.startswith(KERAS_REFUSES[name]), reason
         pytest.skip(reason)
     seed = 11
     w, q, v, k, mask = case.build(seed)
@@ -366,9 +367,10 @@ def test_keras_modern_features_match_the_oracle(case, dtype):
     call = oracle.prepare(case.spec, w, q, v, k, mask, case.causal, **kwargs)
     allowed = call.flat_allowed()
     empty = allowed is not None and not np.all(np.any(allowed, axis=-1))
-    fused = len(q.shape) == 3  # Keras's dot_product_attention path, taken for 3-D inputs without scores
+    # Keras's dot_product_attention path, taken for 3-D inputs without scores
+    fused = len(q.shape) == 3 or name == "keras_gqa"
     policy = "uniform" if empty and fused else "zeros"
-    layer = available("keras_mha").build(case.spec, w, dtype=dtype)
+    layer = available(name).build(case.spec, w, dtype=dtype)
     # float64: Keras rounds 1/sqrt(key_dim) to float32 (catalogued) unless key_dim is a power of 4
     tol = TOL[dtype] if dtype == "float32" or case.spec.key_dim in (1, 4, 16) else 1e-7
     out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)

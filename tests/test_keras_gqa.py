@@ -111,3 +111,22 @@ def test_keras_gqa_declares_what_it_cannot_express():
     for spec, word in ((impls.AttentionSpec(2, 4, value_dim=3), "head_dim"),
                        (impls.AttentionSpec(2, 4, output_shape=5), "query's feature width")):
         assert word in a.unsupported_reason(spec, impls.Weights.random(spec, 8, 8))
+
+
+def test_keras_gqa_passes_sliding_window_and_value_mask_over_the_flattened_sequence():
+    """The window reaches GroupQueryAttention as sliding_window=w (|i - j| < w, one Keras layer per w), key/value
+    lengths as value_mask [N, S] repeated over the free axes; a window Keras cannot say goes into the mask."""
+    spec = impls.AttentionSpec(4, 2, num_kv_heads=2, attention_axes=(2,))
+    w = impls.Weights.random(spec, 8, 8, seed=1)
+    layer = adapter("keras_gqa").build(spec, w, dtype="float64")
+    x = np.random.default_rng(5).normal(size=(2, 3, 6, 8))
+    kv = np.array([6, 5])  # no query row left without a key (the fused path's empty rows are catalogued)
+    for window, native in (((2, 2), 3), ((1, 0), None)):
+        call = layer.validate(x, x, causal=False, window=window, key_value_lengths=kv)
+        inputs = layer._native(call)
+        assert inputs["window"] == native and (native is None or (3, native) in layer._layers)
+        assert inputs["mask"][1].shape == (6, 6)  # [N = 2 * 3, S]
+        assert layer.emulations(call) == (("lengths",) if native else ("window", "lengths"))
+        out, _ = layer(x, x, window=window, key_value_lengths=kv, return_scores=False)
+        want = oracle.forward(spec, w, x, x, window=window, key_value_lengths=kv)[0]
+        assert rel_err(out, want) < 1e-6
