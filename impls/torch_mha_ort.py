@@ -7,7 +7,9 @@ Everything up to the module call is ``torch_mha``'s: the module, its weights, an
 the scores). That call is exported instead of run: the module wrapped with those keyword arguments,
 ``dynamo=True`` (the exporter's default), ``opset_version=25`` (the newest it exports correctly:
 26 and 27 give models ORT rejects), every sequence and batch axis dynamic, as one deploys a model.
-ORT then runs the ONNX graph on the call's tensors.
+ORT then runs the ONNX graph on the call's tensors. Modern attention goes through as ``torch_mha``
+maps it (a float ``attn_mask`` for the bias, ``key_padding_mask`` for key/value lengths, bottom-right
+causal, windows and query lengths in ``attn_mask``): each is only another tensor of the exported call.
 
 Exporting takes seconds, so a graph is exported once per process for each structure (module
 configuration, dtype, which masks are tensors and their ranks, need_weights) and later layers of
@@ -130,17 +132,16 @@ class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     description = ("torch.nn.MultiheadAttention as torch_mha calls it, exported by torch.onnx.export (dynamo, "
                    "opset 25, dynamic axes) and run by onnxruntime")
     layer_class = TorchMHAOrtLayer
+    # torch_mha's mapping (a float attn_mask for the bias, key_padding_mask, the rest in attn_mask): the exported
+    # call takes the same tensors
+    supported_extensions = frozenset({"causal_bottom_right", "window", "bias", "lengths"})
     reduced_matrix = ("each new module structure, dtype and mask form is a torch.onnx.export (3-15 s on a small CPU): "
                       "the full matrix took 10.5 minutes on a busy 2-core machine")
 
     def unsupported_features(self):
         eager = torch_mha.TorchMHAAdapter().capabilities().unsupported_features
         return {**eager, **super().unsupported_features(),
-                "dropout": "torch.onnx.export exports the module in eval mode (training=TrainingMode.EVAL)",
-                # eager torch_mha maps these; each is another export structure, not wired here yet
-                **{f: f"torch_mha@ort exports the classic call only (attn_mask, key_padding_mask, is_causal); "
-                      f"the {f} mapping of torch_mha is not exported yet"
-                   for f in ("bias", "lengths", "window", "causal_bottom_right")}}
+                "dropout": "torch.onnx.export exports the module in eval mode (training=TrainingMode.EVAL)"}
 
     def unsupported_dtypes(self):
         return {"bfloat16": "onnxruntime's CPU provider has no bfloat16 kernel for the exported graph's Gemm "

@@ -377,3 +377,15 @@ def test_exported_mha_declares_what_it_cannot_express():
     w = impls.Weights.random(spec, 8, 8)
     assert "eval mode" in EXPORTED.unsupported_reason(spec, w, mode="compiled", training=True)
     assert "onnxruntime-training" in EXPORTED.unsupported_reason(spec, w, mode="compiled", gradients=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", ["bottom_right_T4_S7", "window_2_1_cross", "bias_BHTS_mask", "bias_neg_inf_row",
+                                     "kv_lengths", "lengths_both_causal_mask"])
+def test_exported_module_keeps_torch_mha_modern_mapping(case_id):
+    """What torch_mha passes for modern attention (a float attn_mask for the bias, key_padding_mask for key
+    lengths, the rest in attn_mask) survives the export: the default call is canonical, and the call with
+    weights gives an empty row NaN as the eager module does (torch_mha@ort-fully_masked_row-nan)."""
+    case = MODERN_BY_ID[case_id]
+    errors = modern_forward_errors("torch_mha@ort", case, "float32", scores_policy="nan")
+    assert max(errors.values()) < F32, errors
