@@ -6,12 +6,14 @@
   ``mask_mod`` that reads a captured mask tensor fails to compile (Inductor's C++ names an
   undeclared ``cur_kvSplitSize5`` or ``cur_qSplitSize1``; ``tests/test_torch_flex.py`` reproduces it).
   "eager" mode calls the uncompiled function (PyTorch warns that it materialises the scores).
-* Masks and causal are a ``BlockMask`` from ``create_block_mask``: a ``mask_mod`` reading the boolean
-  mask tensor (True = attend, our polarity) in the shape a user writes it, ``M[q, kv]``,
-  ``M[b, q, kv]``, ``M[h, q, kv]`` or ``M[b, h, q, kv]`` (batch and head axes only where the mask
-  varies along them; the block mask broadcasts the rest), and ``q >= kv`` for causal (top-left, as
-  ours), ANDed in the same function (one code object per mask layout). The additive bias of the
-  semantics issue will be a ``score_mod``.
+* Every restriction is a ``BlockMask`` from ``create_block_mask``, whose ``mask_mod`` ANDs (``and_masks``)
+  the small functions a user writes: the boolean mask tensor (True = attend, our polarity) read as
+  ``M[q, kv]``, ``M[b, q, kv]``, ``M[h, q, kv]`` or ``M[b, h, q, kv]`` (batch and head axes only where the
+  mask varies along them; the block mask broadcasts the rest); causal ``kv <= q + d`` (d = 0 top-left,
+  S - T bottom-right); the window ``q + d - left <= kv <= q + d + right``; key/value and query lengths
+  ``kv < kv_len[b]``, ``q < q_len[b]``. The additive bias is a ``score_mod`` (``score + bias[b, h, q,
+  kv]``, reading index 0 along the axes it broadcasts); grouped-query attention is ``enable_gqa=True``
+  with K and V projected with ``num_kv_heads`` heads. Nothing is emulated.
 * Compile budget: every new shape, ``mask_mod`` code object and dtype is a recompile (5-30 s each on a
   small CPU), and past ``torch._dynamo.config.recompile_limit`` (8) dynamo silently falls back to the
   unfused path. The compiled function raises the limits to ``RECOMPILE_LIMIT`` and makes a hit an
@@ -23,7 +25,7 @@
 """
 from __future__ import annotations
 
-import dataclasses
+import numpy as np
 
 from . import _torch, torch_sdpa
 from .base import Capabilities, UnsupportedError
@@ -47,18 +49,46 @@ def compiled_flex():
     return _compiled
 
 
-def mask_mod(mask, batch: bool, heads: bool, causal: bool):
-    """The mask_mod a user writes for a boolean ``mask`` tensor (None: causal alone), reading only the axes
-    it has; causal is ANDed in the same function. One code object per layout, so shapes share kernels."""
-    if mask is None:
-        return lambda b, h, q, kv: q >= kv
+def _mask_reader(mask, batch: bool, heads: bool):
+    """``mask[b, h, q, kv]``, ``mask[b, q, kv]``, ``mask[h, q, kv]`` or ``mask[q, kv]``: the mask tensor read the
+    way a user indexes it, with batch and head axes only where it varies along them."""
     if batch and heads:
-        return (lambda b, h, q, kv: mask[b, h, q, kv] & (q >= kv)) if causal else (lambda b, h, q, kv: mask[b, h, q, kv])
+        return lambda b, h, q, kv: mask[b, h, q, kv]
     if batch:
-        return (lambda b, h, q, kv: mask[b, q, kv] & (q >= kv)) if causal else (lambda b, h, q, kv: mask[b, q, kv])
+        return lambda b, h, q, kv: mask[b, q, kv]
     if heads:
-        return (lambda b, h, q, kv: mask[h, q, kv] & (q >= kv)) if causal else (lambda b, h, q, kv: mask[h, q, kv])
-    return (lambda b, h, q, kv: mask[q, kv] & (q >= kv)) if causal else (lambda b, h, q, kv: mask[q, kv])
+        return lambda b, h, q, kv: mask[h, q, kv]
+    return lambda b, h, q, kv: mask[q, kv]
+
+
+def mask_mod(mask=None, batch: bool = False, heads: bool = False, *, causal: bool = False, offset: int = 0,
+             window=None, kv_lengths=None, q_lengths=None):
+    """The mask_mod a user writes, each restriction a small function ANDed by ``and_masks``: the boolean ``mask``
+    tensor (True = attend); causal, ``kv <= q + offset``; the window ``(left, right)`` around the same diagonal;
+    ``kv < kv_lengths[b]`` and ``q < q_lengths[b]`` for the lengths. None when nothing restricts."""
+    from torch.nn.attention.flex_attention import and_masks
+    parts = [] if mask is None else [_mask_reader(mask, batch, heads)]
+    if causal:
+        parts.append(lambda b, h, q, kv: kv <= q + offset)
+    left, right = window if window is not None else (None, None)
+    if left is not None:
+        parts.append(lambda b, h, q, kv: kv >= q + offset - left)
+    if right is not None:
+        parts.append(lambda b, h, q, kv: kv <= q + offset + right)
+    if kv_lengths is not None:
+        parts.append(lambda b, h, q, kv: kv < kv_lengths[b])
+    if q_lengths is not None:
+        parts.append(lambda b, h, q, kv: q < q_lengths[b])
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else and_masks(*parts)
+
+
+def score_mod(bias):
+    """The score_mod that adds the additive ``bias`` (``[N|1, H|1, T|1, S|1]``), reading index 0 along the axes it
+    broadcasts."""
+    n, h, t, s = (size > 1 for size in bias.shape)
+    return lambda score, b, hh, q, kv: score + bias[b if n else 0, hh if h else 0, q if t else 0, kv if s else 0]
 
 
 class TorchFlexLayer(torch_sdpa.TorchSDPALayer):
@@ -68,25 +98,36 @@ class TorchFlexLayer(torch_sdpa.TorchSDPALayer):
         self.mode, self.flex = mode, flex_attention
         self._flex = compiled_flex() if mode == "compiled" else flex_attention.flex_attention
 
+    def emulations(self, call):
+        return ()  # the block mask and score_mod express every feature natively
+
     def _mask(self, call):
-        """The BlockMask for the call's mask and causal, or None."""
-        if call.mask is None and not call.causal:
-            return None
+        """The BlockMask for the call's mask, causal, window and lengths, or None."""
         mask, batch, heads = None, False, False
         if call.mask is not None:
-            mask = dataclasses.replace(call, causal=False).flat_allowed()  # [N, 1|H, T, S]
-            batch, heads = any(n != 1 for n in call.mask.shape[:call.n_batch]), mask.shape[1] > 1
+            mask = call.allowed_block(causal=False, window=False, lengths=False, bias=False)  # [N|1, H|1, T|1, S|1]
+            batch, heads = mask.shape[0] > 1, mask.shape[1] > 1
+            mask = np.broadcast_to(mask, mask.shape[:2] + (call.q_len, call.k_len))
             mask = mask[tuple(slice(None) if keep else 0 for keep in (batch, heads))]
-            mask = _torch.bool_tensor(self.torch, mask, self.device)
-        return self.flex.create_block_mask(mask_mod(mask, batch, heads, call.causal), mask.shape[0] if batch else None,
+            mask = _torch.bool_tensor(self.torch, np.ascontiguousarray(mask), self.device)
+        q_lengths, kv_lengths = (None if n is None else self.torch.as_tensor(n, device=self.device)
+                                 for n in call.flat_lengths())
+        mod = mask_mod(mask, batch, heads, causal=call.causal, offset=call.diagonal_offset, window=call.window,
+                       kv_lengths=kv_lengths, q_lengths=q_lengths)
+        if mod is None:
+            return None
+        per_batch = batch or q_lengths is not None or kv_lengths is not None
+        return self.flex.create_block_mask(mod, call.n_flat if per_batch else None,
                                            self.spec.num_heads if heads else None, call.q_len, call.k_len,
                                            device=self.device)
 
-    def _attention(self, query, value, key, mask, causal, p, dropout_p, call):
+    def _attention(self, query, value, key, mask, bias, p, dropout_p, call):
         q = self._project(call, query, p["Wq"], p.get("bq"))
         k = self._project(call, key, p["Wk"], p.get("bk"))
         v = self._project(call, value, p["Wv"], p.get("bv"))
-        o = self._unflat(call, self._flex(q, k, v, block_mask=mask).transpose(1, 2))  # [B, *Q, H, vd]
+        o = self._flex(q, k, v, score_mod=None if bias is None else score_mod(bias), block_mask=mask,
+                       enable_gqa=self.spec.kv_heads != self.spec.num_heads)
+        o = self._unflat(call, o.transpose(1, 2))  # [B, *Q, H, vd]
         H, vd = self.spec.num_heads, self.spec.value_head_dim
         out = self.torch.einsum("...hv,hvo->...o", o, p["Wo"].reshape(H, vd, -1))
         if "bo" in p:
@@ -116,13 +157,9 @@ class TorchFlexAdapter(_torch.TorchAdapter):
                 "scores": "flex_attention returns the output (and optionally the log-sum-exp), never the "
                           "attention probabilities",
                 "dropout": "flex_attention has no dropout",
-                # flex_attention can express each (enable_gqa, score_mod, block_mask); this adapter's BlockMask
-                # holds the mask and causal only, so a case using them is refused rather than run without them
-                **{f: f"torch_flex builds its BlockMask from the mask and top-left causal only ({f} is not "
-                      f"wired into score_mod / block_mask / enable_gqa)"
-                   for f in ("gqa", "bias", "lengths", "window", "causal_bottom_right")},
             },
-            devices=("cpu", "cuda"), modes=("eager", "compiled"))
+            devices=("cpu", "cuda"), modes=("eager", "compiled"),
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
 
     def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="compiled",
                            gradients=False, **kwargs):

@@ -8,7 +8,7 @@ import pytest
 
 from mhabench import impls
 from mhabench.impls import oracle
-from tests.feature_cases import CASES, FULLY_MASKED, FeatureCase
+from tests.feature_cases import CASES, FULLY_MASKED, MODERN_CASES, FeatureCase, modern_forward_errors, modern_support
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.nn.attention.flex_attention")
@@ -119,3 +119,42 @@ def test_flex_compiled_nan_query_row_gets_zero_weights():
     eager, _ = ADAPTER.build(spec, w, dtype="float32", mode="eager")(q, v, return_scores=False)
     np.testing.assert_allclose(compiled[0, 1], w.bo, atol=1e-6)
     assert np.isnan(eager[0, 1]).all()
+
+
+# ---- modern attention: every feature through the block mask, score_mod and enable_gqa ------------------------
+MODERN_BY_ID = {c.id: c for c in MODERN_CASES}
+
+
+@pytest.mark.parametrize("case", MODERN_CASES, ids=lambda c: c.id)
+def test_flex_eager_modern_features_match_the_oracle(case):
+    """GQA (enable_gqa), bottom-right causal, windows and lengths (mask_mod parts), the bias (score_mod), in
+    float64 on the eager path (compiled float64 is refused on the CPU)."""
+    reason = modern_support("torch_flex", case, "float64")
+    if reason:
+        assert "SIGFPE" in reason, reason  # S = 0 only
+        pytest.skip(reason)
+    errors = modern_forward_errors("torch_flex", case, "float64")
+    assert set(errors) == {"output"} and errors["output"] < 1e-12, errors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", ["gqa_cross_causal_mask_value_dim", "window_bottom_right_decode", "bias_neg_inf_row",
+                                     "lengths_both_causal_mask", "modern_everything"])
+def test_flex_compiled_modern_features_match_the_oracle(case_id):
+    errors = modern_forward_errors("torch_flex", MODERN_BY_ID[case_id], "float32")
+    assert errors["output"] < 2e-6, errors
+
+
+def test_flex_mask_mod_is_the_and_of_what_a_user_writes():
+    """Each restriction of modern_everything (mask, bottom-right causal, window, both lengths) lands in the block
+    mask, per flattened batch element, with nothing emulated; the bias is a score_mod."""
+    case = MODERN_BY_ID["modern_everything"]
+    w, q, v, k, mask = case.build(seed=4)
+    layer = ADAPTER.build(case.spec, w, dtype="float64", mode="eager")
+    call = layer.validate(q, v, k, mask, case.causal, **case.feature_kwargs(4))
+    inputs = layer._native(call)
+    from torch.nn.attention.flex_attention import create_mask
+    block = inputs["mask"]
+    dense = create_mask(block.mask_mod, call.n_flat, 1, call.q_len, call.k_len, device="cpu").numpy()[:, 0]
+    np.testing.assert_array_equal(dense, call.flat_allowed(bias=False)[:, 0])
+    assert layer.emulations(call) == () and inputs["bias"] is not None
