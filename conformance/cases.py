@@ -392,6 +392,9 @@ def _axes() -> list[Case]:
         c("rank4-axes_2", (2,), (3, 4), (3, 5)),
         c("rank4-axes_neg2", (-2,), (3, 4), (3, 5)),
         c("rank4-axes_1_2", (1, 2), (3, 4), (2, 5)),
+        # a length-1 attended axis: a layer that flattens the attended axes gives [N, T, F], which broadcasts
+        # against the call's [N, 1, T, F], so a missed reshape shows as wrong values rather than an error
+        c("rank4-axes_1_2-length1_axis", (1, 2), (1, 4), (1, 5), quick=True),
         c("rank5-axes_2_3", (2, 3), (2, 3, 2), (2, 2, 3), quick=True),
         c("rank5-axes_neg3_neg2", (-3, -2), (2, 3, 2), (2, 2, 3)),
         c("rank4-axes_default-mask_full", None, (3, 4), (2, 5), mask="full"),

@@ -62,6 +62,14 @@ class KerasGQALayer(keras_mha.KerasMHALayer):
                     mask=(self.ops.mask(mask), self.ops.mask(value_mask)), causal=native_causal, window=window,
                     call=call)
 
+    def _as_layer_sees(self, call, x):
+        return flatten(call, x)
+
+    def _as_call_gives(self, call, x, like=None):
+        if like is None:
+            return unflatten(call, x).reshape(call.output_shape)
+        return unflatten(call, x, like=getattr(call, like).shape)
+
     def _run(self, inputs, return_scores, training, seed=None):
         call, ops = inputs["call"], self.keras.ops
         out, scores = super()._run(inputs, return_scores, training, seed)

@@ -186,15 +186,16 @@ class KerasMHALayer(Layer):
         program_key = (call.rank, inputs["window"])  # a Keras layer per sliding window: a program per layer
         layer, named, _ = self._layer(*program_key)
         trainable, non_trainable = self._state(layer)
-        ct = None if cotangent is None else self.ops.tensor(check_cotangent(call, cotangent), self.dtype)
+        ct = None if cotangent is None else self.ops.tensor(self._as_layer_sees(call, check_cotangent(call, cotangent)),
+                                                            self.dtype)
         if program_key not in self._programs:
             self._programs[program_key] = self._one_program(layer)
         found = self._programs[program_key](trainable, non_trainable, inputs["query"], inputs["value"], inputs["key"],
                                             inputs["mask"], ct, causal=inputs["causal"], scores=scores)
         as_array = lambda x: np.asarray(self.ops.numpy(x)).astype(numpy_dtype(self.dtype))
-        result = {"output": as_array(found["output"])}
+        result = {"output": self._as_call_gives(call, as_array(found["output"]))}
         if scores:
-            result["output_with_scores"] = as_array(found["output_with_scores"])
+            result["output_with_scores"] = self._as_call_gives(call, as_array(found["output_with_scores"]))
             result["scores"] = as_array(found["scores"]).reshape(call.scores_shape)
         if ct is not None:
             g_trainable, g_query, g_value, g_key = found["grads"]
@@ -202,7 +203,18 @@ class KerasMHALayer(Layer):
             grads = {"query": g_query, "value": g_value, **({"key": g_key} if call.key_given else {})}
             grads.update({names[id(v)]: g for v, g in zip(layer.trainable_variables, g_trainable)})
             result["gradients"] = {k: np.asarray(self.ops.numpy(v)).astype(np.float64) for k, v in grads.items()}
+            for name in ("query", "value", "key"):
+                if name in result["gradients"]:
+                    result["gradients"][name] = self._as_call_gives(call, result["gradients"][name], name)
         return result
+
+    def _as_layer_sees(self, call, x):
+        """An array shaped like the output (the cotangent) as the Keras layer's output is shaped."""
+        return x
+
+    def _as_call_gives(self, call, x, like: str | None = None):
+        """A program result shaped as the layer's output (or the gradient of input ``like``) as the call's."""
+        return x
 
     def _one_program(self, layer):
         import jax

@@ -130,3 +130,21 @@ def test_keras_gqa_passes_sliding_window_and_value_mask_over_the_flattened_seque
         out, _ = layer(x, x, window=window, key_value_lengths=kv, return_scores=False)
         want = oracle.forward(spec, w, x, x, window=window, key_value_lengths=kv)[0]
         assert rel_err(out, want) < 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keras_gqa_one_program_evaluate_gives_the_call_its_own_shapes(name):
+    """The one-program evaluate (Keras on JAX, compiled) runs the layer on the flattened call: its output and its
+    input gradients come back unflattened, and the cotangent goes in flattened. With a size-1 attended axis the
+    flattened shapes broadcast against the call's, so a missed reshape gave wrong values, not an error."""
+    spec = impls.AttentionSpec(4, 3, num_kv_heads=2, attention_axes=(1, 2))
+    w = impls.Weights.random(spec, 4, 4, seed=3)
+    rng = np.random.default_rng(3)
+    q, v, ct = rng.normal(size=(3, 1, 2, 4)), rng.normal(size=(3, 1, 7, 4)), rng.normal(size=(3, 1, 2, 4))
+    found = adapter(name).build(spec, w, dtype="float32").evaluate(q, v, cotangent=ct, scores=True)
+    want, want_scores = oracle.forward(spec, w, q, v)
+    grads = oracle_backward.backward(spec, w, q, v, None, None, False, ct)
+    assert found["output"].shape == want.shape and rel_err(found["output"], want) < 5e-6
+    assert rel_err(found["output_with_scores"], want) < 5e-6 and rel_err(found["scores"], want_scores) < 5e-6
+    for n in ("query", "value"):
+        assert found["gradients"][n].shape == grads[n].shape and rel_err(found["gradients"][n], grads[n]) < 5e-5
