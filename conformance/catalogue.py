@@ -77,8 +77,7 @@ def _masked_empty_rows_only(case) -> bool:
 
 def _top_left_causal_kv_lengths(case) -> bool:
     call = _call(case)
-    return call.causal and call.key_value_lengths is not None and \
-        (call.causal_alignment != "bottom_right" or call.q_len == call.k_len)
+    return call.causal and call.key_value_lengths is not None and call.diagonal_offset == 0
 
 
 def _empty_rows(case) -> bool:

@@ -41,8 +41,9 @@ class OrtAttentionLayer(_onnx.OrtLayer):
     # ---- what the operator takes natively, what is built into attn_mask ----------------------------------
     @staticmethod
     def _causal_is_native(call) -> bool:
-        """is_causal is the top-left triangle; bottom-right with T != S is built into the mask."""
-        return call.causal and (call.causal_alignment != "bottom_right" or call.q_len == call.k_len)
+        """is_causal is the top-left triangle (bottom-right with T == S is the same one); bottom-right with
+        T != S is built into the mask."""
+        return call.causal and call.diagonal_offset == 0
 
     def emulations(self, call):
         built = [f for f, used in (("causal_bottom_right", call.causal and not self._causal_is_native(call)),

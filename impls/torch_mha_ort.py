@@ -132,9 +132,12 @@ class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     description = ("torch.nn.MultiheadAttention as torch_mha calls it, exported by torch.onnx.export (dynamo, "
                    "opset 25, dynamic axes) and run by onnxruntime")
     layer_class = TorchMHAOrtLayer
-    # torch_mha's mapping (a float attn_mask for the bias, key_padding_mask, the rest in attn_mask): the exported
-    # call takes the same tensors
-    supported_extensions = frozenset({"causal_bottom_right", "window", "bias", "lengths"})
+
+    @property
+    def supported_extensions(self):
+        """torch_mha's (a float attn_mask for the bias, key_padding_mask, the rest in attn_mask): the exported call
+        takes the same tensors."""
+        return torch_mha.TorchMHAAdapter().capabilities().supported_extensions
     reduced_matrix = ("each new module structure, dtype and mask form is a torch.onnx.export (3-15 s on a small CPU): "
                       "the full matrix took 10.5 minutes on a busy 2-core machine")
 

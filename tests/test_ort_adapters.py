@@ -16,6 +16,7 @@ from mhabench import impls
 from mhabench.conformance import catalogue
 from mhabench.conformance.cases import Inputs
 from mhabench.impls import oracle
+from mhabench.impls.validation import unflatten
 from tests.feature_cases import (CASES, FULLY_MASKED, MODERN_CASES, modern_forward_errors, modern_support,
                                  nan_in_masked_key)
 
@@ -223,12 +224,7 @@ def test_ort_attention_causal_diagonal_sits_at_each_kv_length(dtype):
     model = layer._model(False, "bool", True, True, False)
     reference = ReferenceEvaluator(model).run(None, feeds)[0]
     ours = layer._run({"feeds": feeds, "call": call}, False, False, None)[0]
-    np.testing.assert_allclose(unflatten_output(call, reference), ours, rtol=1e-5, atol=1e-5)
-
-
-def unflatten_output(call, flat):
-    from mhabench.impls.validation import unflatten
-    return unflatten(call, flat).reshape(call.output_shape)
+    np.testing.assert_allclose(unflatten(call, reference).reshape(call.output_shape), ours, rtol=1e-5, atol=1e-5)
 
 
 def test_ort_peak_memory_sees_the_arena_allocations():
