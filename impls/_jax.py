@@ -21,6 +21,18 @@ from .spec import Weights
 from .validation import Call, numpy_dtype
 
 
+# XLA reads its CPU code generation flags (--xla_cpu_max_isa, --xla_cpu_enable_fast_math, ...) from XLA_FLAGS
+KERNEL_ENV = ("XLA_FLAGS",)
+
+
+def kernel_facts() -> dict:
+    """XLA's CPU target as this process sets it: the --xla_cpu_* flags of XLA_FLAGS (none: the CPU's own ISA)."""
+    import os
+    import jax
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_cpu")]
+    return {"xla_cpu_flags": " ".join(flags) or None, "jax_backend": jax.default_backend()}
+
+
 def available_devices() -> tuple[str, ...]:
     import jax
     try:
@@ -143,6 +155,12 @@ class JaxAdapter(Adapter):
 
     def available_devices(self):
         return available_devices()
+
+    def kernel_environment(self):
+        return KERNEL_ENV
+
+    def kernel_facts(self):
+        return kernel_facts()
 
     def peak_memory(self, fn, device="cpu"):
         return gpu_peak_rise(fn) if device.startswith("cuda") else memory.cpu_peak_rise(fn)

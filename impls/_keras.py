@@ -15,6 +15,7 @@ import numpy as np
 
 from . import cache, memory
 from .base import Adapter, to_numpy
+from .facts import ONEDNN_ISA_CAP, Switch
 
 BACKENDS = ("tensorflow", "jax", "torch")
 FRAMEWORK_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -176,6 +177,24 @@ def dense_variables(layer, attributes: dict) -> dict:
 TENSORFLOW_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
 
+# TensorFlow's oneDNN kernels: on by default under Linux only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or
+# AMX (DefaultOneDnnPolicy, tensorflow/core/util/port.cc); TF_ENABLE_ONEDNN_OPTS overrides that either way, read
+# once per process when TensorFlow first asks (IsMklEnabled).
+ONEDNN = Switch(
+    name="tf_onednn", variable="TF_ENABLE_ONEDNN_OPTS", settings={"on": "1", "off": "0"},
+    fact="tf_onednn", expect={"on": True, "off": False},
+    description="TensorFlow's oneDNN kernels on or off (its default follows the CPU)")
+TENSORFLOW_KERNEL_ENV = ("TF_ENABLE_ONEDNN_OPTS", "TF_DISABLE_MKL", *ONEDNN_ISA_CAP)
+
+
+def tensorflow_facts() -> dict:
+    """TensorFlow's kernel choice in this process, as TensorFlow reports it (``IsMklEnabled``: whether its
+    oneDNN kernels are on, after TF_ENABLE_ONEDNN_OPTS and the CPU)."""
+    import tensorflow  # noqa: F401  (loads the library the query lives in)
+    from tensorflow.python.util import _pywrap_util_port
+    return {"tf_onednn": bool(_pywrap_util_port.IsMklEnabled())}
+
+
 def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
     """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
     call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
@@ -235,6 +254,25 @@ class KerasAdapter(Adapter):
     def in_process(self) -> bool:
         """Whether this process's Keras runs (or will run) this adapter's backend."""
         return active_backend() == self.backend
+
+    def switches(self):
+        from . import _torch
+        return {"tensorflow": (ONEDNN,), "torch": (_torch.CPU_CAPABILITY,)}.get(self.backend, ())
+
+    def kernel_environment(self):
+        from . import _jax
+        extra = {"tensorflow": TENSORFLOW_KERNEL_ENV, "jax": _jax.KERNEL_ENV}.get(self.backend, ())
+        return tuple(dict.fromkeys((*super().kernel_environment(), *extra)))
+
+    def kernel_facts(self):
+        """The backend's facts, from the process that runs this adapter's layers (a worker where this process's
+        Keras runs another backend)."""
+        if not self.in_process():
+            from . import worker
+            return worker.shared_worker(self.worker_env()).run("mhabench.impls.facts:adapter_facts", self.name)
+        from . import _jax, _torch
+        facts = {"tensorflow": tensorflow_facts, "jax": _jax.kernel_facts, "torch": _torch.kernel_facts}[self.backend]()
+        return {"keras_backend": self.backend, **facts}
 
     def available_devices(self):
         return available_devices(self.backend)

@@ -77,6 +77,11 @@ class OrtAdapter(Adapter):
     def version(self) -> str:
         return f"{super().version()}; ONNX opset {self.opset} on {PROVIDER}"
 
+    def kernel_facts(self):
+        """The graph's opset and the provider running it. ORT's CPU kernels (MLAS) pick their ISA from the CPU
+        alone, with no switch to set, so the machine's ISA set in the run's facts is what decides them."""
+        return {"onnx_opset": self.opset, "ort_provider": PROVIDER}
+
     def capabilities(self) -> Capabilities:
         return Capabilities(unsupported_features=self.unsupported_features(), unsupported_dtypes=self.unsupported_dtypes(),
                             modes=("compiled",), supported_extensions=self.supported_extensions)

@@ -156,5 +156,14 @@ class TfKerasMHAAdapter(Adapter):
     def worker_env(self):
         return dict(_keras.TENSORFLOW_ENV)
 
+    def switches(self):
+        return (_keras.ONEDNN,)
+
+    def kernel_environment(self):
+        return _keras.TENSORFLOW_KERNEL_ENV
+
+    def kernel_facts(self):
+        return _keras.tensorflow_facts()
+
     def peak_memory(self, fn, device="cpu"):
         return _keras.tensorflow_peak_rise(fn, device)
