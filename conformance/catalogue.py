@@ -18,8 +18,11 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
                                              # in this dtype (reference and floor of that dtype)
     backward_form = "flash"                  # optional, alone or with the above: gradients judged against a
                                              # reference whose softmax backward has that form (FlashAttention's)
+    facts = { tf_onednn = true }             # optional: the kernel facts under which it applies (a row's
+                                             # ``facts``; a list of values means any of them)
     upstream = "https://github.com/..."      # optional: only a real issue
-    varies = "why it shows on some machines only"   # optional: then its absence is not stale
+    varies = "why it shows on some machines only"   # optional, only where the deciding fact is unknown:
+                                             # then its absence is not stale
 
 A row an entry covers that fails against the canonical golden but passes
 against the entry's description becomes status ``divergence``. The check is
@@ -27,7 +30,10 @@ strict: an entry is *stale* when a row it covers fails in another way than
 described, when a covered row passes canonically although the description
 predicts a visibly different result there (the framework was fixed), or when
 it shows in no row of a run that included its adapter and the whole default
-matrix, so the catalogue stays true as frameworks change.
+matrix, so the catalogue stays true as frameworks change. An entry with
+``facts`` covers only the rows computed under those facts: on a machine (or under
+a switch) where they do not hold, its rows are judged canonically and it is not
+expected to show.
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ from mhabench.impls.validation import FULLY_MASKED_POLICIES as POLICIES
 
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
 _KEYS = {"id", "adapters", "cases", "when", "dtypes", "quantities", "observed", "oracle_policy", "behaviour", "check",
-         "max_error_ratio", "precision", "backward_form", "upstream", "varies"}
+         "max_error_ratio", "precision", "backward_form", "upstream", "varies", "facts"}
 
 
 # ---- properties of a case, for entries that follow a behaviour wherever it arises -----------------------
@@ -267,20 +273,25 @@ def _causal_from_kv_lengths(expected: np.ndarray, inputs, quantity: str) -> np.n
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
 # implementation is expected to return instead. Applied to both golden and reference, then compared as usual.
-def _modelled(name: str):
-    """A behaviour given value for value by a framework model (``framework_models.<name>``), built once per case
-    and dtype for every quantity: in float64 for the golden, rounded as the oracle is for the reference."""
-    def behaviour(expected: np.ndarray, inputs, quantity: str, dtype: str = "float64") -> np.ndarray:
+def _modelled(name: str, facts_used: tuple[str, ...] = ()):
+    """A behaviour given value for value by a framework model (``framework_models.<name>``), built once per case,
+    dtype and fact for every quantity: in float64 for the golden, rounded as the oracle is for the reference.
+    A model of a machine-dependent kernel reads the row's ``facts_used`` (the vector width, say) and the dtype the
+    row is judged in (``kernel_dtype``: its lanes), whatever precision the model's stages are rounded to."""
+    def behaviour(expected: np.ndarray, inputs, quantity: str, dtype: str = "float64", facts=None,
+                  kernel_dtype: str | None = None) -> np.ndarray:
         from . import framework_models
-        key = f"_model_{name}_{dtype}"
+        used = {f: (facts or {})[f] for f in facts_used}  # KeyError: the row does not say, the model cannot apply
+        machine = dict(facts=used, kernel_dtype=kernel_dtype) if facts_used else {}
+        key = f"_model_{name}_{dtype}_{sorted(used.items())}_{kernel_dtype if facts_used else ''}"
         if key not in vars(inputs):
-            vars(inputs)[key] = getattr(framework_models, name)(inputs, dtype)
+            vars(inputs)[key] = getattr(framework_models, name)(inputs, dtype, **machine)
         return vars(inputs)[key][quantity]
     behaviour.__doc__ = f"framework_models.{name}"
     return behaviour
 
 
-MODELLED = {"jax_masked_logits_filled", "keras2_logsumexp_rounded"}
+MODELLED = {"jax_masked_logits_filled", "keras2_logsumexp_rounded", "torch_cpu_flash_row_max", "torch_flex_cpu_row_max"}
 BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "nonfinite_input_poisons_batch": _nonfinite_input_poisons_batch,
     "nan_row_output_is_bias": _nan_row_output_is_bias,
@@ -293,6 +304,11 @@ BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray]] = {
     "jax_masked_logits_filled": _modelled("jax_filled_attention"),
     # Keras 2 over several axes: exp(x - logsumexp(x)) with the -1e9 mask rounded in, weights 1 in empty rows
     "keras2_logsumexp_rounded": _modelled("keras2_logsumexp_rounded"),
+    # torch's CPU flash kernel: an all-NaN query row shorter than the vector width loses its NaN in the scalar
+    # tail of the row maximum and is zero-filled; the width is the row's torch_vector_bits
+    "torch_cpu_flash_row_max": _modelled("torch_cpu_flash_row_max", ("torch_vector_bits",)),
+    # compiled FlexAttention's CPU template: the same maximum drops a NaN at every length and width
+    "torch_flex_cpu_row_max": _modelled("torch_flex_cpu_row_max"),
 }
 
 
@@ -320,23 +336,22 @@ def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantit
                                               dtype, compare)
 
 
-def _nan_rows_nan_or_bias(actual, goldens, quantity, dtype, compare) -> bool:
-    """Each output row the golden makes NaN is either NaN (canonical) or the output bias (zero weights), and
-    every other row matches: a kernel whose handling of a NaN row depends on the machine."""
+def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quantity, dtype, compare) -> bool:
+    """The value gradient after a softmax that returns, for a row holding a NaN or Inf logit, NaN at those
+    positions and exactly 0 at the others: in each batch element with a NaN/Inf key (masked or not), the gradient
+    is NaN at every key position holding one and NaN or exactly 0 everywhere else (the rows' weights there are
+    0); every other batch element matches the golden."""
+    inputs = goldens.inputs
+    key = inputs.key if inputs.key is not None else inputs.value
+    bad_keys = ~np.isfinite(key).all(axis=-1)  # [B, *K]: the key positions holding a NaN or Inf
+    batches = bad_keys.reshape(len(key), -1).any(axis=1)
+    if quantity != "grad_value" or not batches.any():
+        return False
     golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
     reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
-    as_bias = _nan_row_output_is_bias(golden, goldens.inputs, quantity)
-    out_dims = goldens.inputs.weights.Wo.ndim - 2
-    flat = lambda a: a.reshape(a.shape[:a.ndim - out_dims] + (-1,))
-    nan_rows = np.isnan(flat(golden)).any(axis=-1)
-    got = flat(actual)[nan_rows]
-    from .tolerances import FLOOR
-    bias = flat(as_bias)[nan_rows]
-    close = np.abs(got - bias) <= FLOOR[dtype] * np.maximum(1.0, np.abs(bias))  # the bias, rounded to dtype
-    ok_rows = np.isnan(got).all(axis=-1) | np.all(close, axis=-1)
-    rest = ~nan_rows
-    return bool(ok_rows.all()) and compare(flat(golden)[rest], flat(reference)[rest], flat(actual)[rest], dtype,
-                                           quantity).ok
+    poisoned = actual[batches]
+    shaped = bool(np.isnan(actual[bad_keys]).all() and np.all(np.isnan(poisoned) | (poisoned == 0)))
+    return shaped and compare(golden[~batches], reference[~batches], actual[~batches], dtype, quantity).ok
 
 
 def _introduces_nan(actual, goldens, quantity, dtype, compare) -> bool:
@@ -367,11 +382,11 @@ def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> 
 # Named predicates, for behaviours whose exact values no model here reproduces:
 # (actual, goldens, quantity, dtype, compare) -> whether the actual array shows the behaviour.
 CHECKS: dict[str, Callable] = {
-    "nan_rows_nan_or_bias": _nan_rows_nan_or_bias,
     "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
     "finite_but_matches_no_policy": _finite_but_matches_no_policy,
     "poisoned_batch_scores_nan_only_at_nonfinite_logits": _poisoned_batch_scores_nan_only_at_nonfinite_logits,
     "introduces_nan": _introduces_nan,
+    "value_gradient_nan_at_nonfinite_keys_zero_elsewhere": _value_gradient_nan_at_nonfinite_keys_zero_elsewhere,
     "finite_and_off": _finite_and_off,
 }
 
@@ -393,6 +408,7 @@ class Entry:
     backward_form: str | None = None
     upstream: str | None = None
     varies: str | None = None
+    facts: tuple[tuple[str, tuple], ...] = ()  # (fact, the values under which the entry applies), sorted
     source: str = field(default="", compare=False)
 
     @property
@@ -403,7 +419,8 @@ class Entry:
                  f"check {self.check}" if self.check else None,
                  f"error ratio <= {self.max_error_ratio:g}" if self.max_error_ratio is not None else None,
                  f"computed in {self.precision}" if self.precision else None,
-                 f"{self.backward_form}-form backward" if self.backward_form else None]
+                 f"{self.backward_form}-form backward" if self.backward_form else None,
+                 f"when {self.conditions}" if self.facts else None]
         return ", ".join(p for p in parts if p)
 
     def covers(self, adapter: str, case_id: str, dtype: str, quantity: str) -> bool:
@@ -413,8 +430,43 @@ class Entry:
                 and (self.dtypes is None or dtype in self.dtypes)
                 and (self.quantities is None or quantity in self.quantities))
 
+    def applies(self, facts) -> bool:
+        """Whether a row computed under ``facts`` (a row's ``facts``; None: unknown) is under this entry's facts."""
+        if not self.facts:
+            return True
+        facts = facts or {}
+        return all(name in facts and facts[name] in values for name, values in self.facts)
+
+    @property
+    def conditions(self) -> str:
+        """The facts it applies under, in words ("" for none)."""
+        return ", ".join(f"{name} = {' or '.join(_fact_text(v) for v in values)}" for name, values in self.facts)
+
     def covers_row(self, row: dict) -> bool:
-        return self.covers(row["adapter"], row["case"], row["dtype"], row["quantity"])
+        return self.covers(row["adapter"], row["case"], row["dtype"], row["quantity"]) and self.applies(row.get("facts"))
+
+
+def _fact_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _facts(raw, where: str) -> tuple[tuple[str, tuple], ...]:
+    """An entry's ``facts`` table as sorted (name, values) pairs; ValueError for an unknown fact or a value that is
+    not a scalar (or a list of them)."""
+    from mhabench.impls.facts import KERNEL_FACTS
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{where}: 'facts' must be a table of kernel facts, e.g. facts = {{ tf_onednn = true }}")
+    out = []
+    for name, value in sorted(raw.items()):
+        if name not in KERNEL_FACTS:
+            raise ValueError(f"{where}: 'facts' names unknown fact {name!r}; known: {sorted(KERNEL_FACTS)}")
+        values = tuple(value) if isinstance(value, list) else (value,)
+        if not values or not all(isinstance(v, (bool, int, float, str)) for v in values):
+            raise ValueError(f"{where}: facts.{name} must be a value or a list of values, got {value!r}")
+        out.append((name, values))
+    return tuple(out)
 
 
 def _entry(raw: dict, source: str) -> Entry:
@@ -458,8 +510,8 @@ def _entry(raw: dict, source: str) -> Entry:
                  when=tuple(raw.get("when") or ()), observed=raw["observed"],
                  dtypes=tup("dtypes"), quantities=tup("quantities"), oracle_policy=policy, behaviour=behaviour,
                  check=check_name, max_error_ratio=float(ratio) if ratio is not None else None, precision=precision,
-                 backward_form=form,
-                 upstream=upstream, varies=raw.get("varies"), source=source)
+                 backward_form=form, upstream=upstream, varies=raw.get("varies"),
+                 facts=_facts(raw.get("facts"), where), source=source)
 
 
 def load(directory=DIVERGENCE_DIR) -> list[Entry]:
@@ -479,8 +531,9 @@ def load(directory=DIVERGENCE_DIR) -> list[Entry]:
     return entries
 
 
-def covering(entries, adapter: str, case_id: str, dtype: str, quantity: str) -> list[Entry]:
-    return [e for e in entries if e.covers(adapter, case_id, dtype, quantity)]
+def covering(entries, adapter: str, case_id: str, dtype: str, quantity: str, facts=None) -> list[Entry]:
+    """The entries covering a row computed under ``facts``."""
+    return [e for e in entries if e.covers(adapter, case_id, dtype, quantity) and e.applies(facts)]
 
 
 @dataclass
@@ -505,9 +558,12 @@ def check(entries, rows, adapters_run=(), full_matrix: bool = False) -> list[Ent
         missing = [r["row_id"] for r in covered if r.get("divergence") != e.id
                    and (r["status"] == "fail" or r.get("contradicts") == e.id)]
         shown = [r for r in covered if r.get("divergence") == e.id]
-        # on the full matrix every adapter the entry names must show it somewhere: an entry never over-claims
-        silent = sorted(a for a in set(e.adapters) & set(adapters_run) if not any(r["adapter"] == a for r in shown)) \
-            if full_matrix else []
+        # on the full matrix every adapter the entry names must show it somewhere: an entry never over-claims.
+        # An adapter none of whose rows ran under the entry's facts cannot show it (another machine's kernels).
+        under = {r["adapter"] for r in rows if e.applies(r.get("facts"))} if e.facts else set(adapters_run)
+        silent = sorted(a for a in set(e.adapters) & set(adapters_run) & under
+                        if not any(r["adapter"] == a for r in shown)) if full_matrix else []
+        elsewhere = sorted(set(e.adapters) & set(adapters_run) - under)
         if missing:
             out.append(EntryCheck(e.id, "stale", f"{len(missing)}/{len(covered)} covered rows no longer show "
                                   f"'{e.observed}': {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
@@ -522,6 +578,9 @@ def check(entries, rows, adapters_run=(), full_matrix: bool = False) -> list[Ent
                                   len(shown)))
         elif shown:
             out.append(EntryCheck(e.id, "ok", f"reproduced in {len(shown)} rows", len(shown)))
+        elif elsewhere and not covered:
+            out.append(EntryCheck(e.id, "unchecked", f"applies when {e.conditions}: no row of "
+                                  f"{', '.join(elsewhere)} ran under those facts here", 0))
         else:
             out.append(EntryCheck(e.id, "unchecked", "none of its rows ran", 0))
     return out
@@ -536,14 +595,15 @@ def export(entries, checks) -> list[dict]:
         out.append({"id": e.id, "framework": Path(e.source).stem, "adapters": list(e.adapters),
                     "cases": list(e.cases), "when": list(e.when), "dtypes": list(e.dtypes) if e.dtypes else None,
                     "quantities": list(e.quantities) if e.quantities else None, "observed": e.observed,
-                    "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
+                    "facts": {name: list(values) for name, values in e.facts} or None, "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
                     "message": c.message if c else "", "rows": c.rows if c else 0})
     return out
 
 
-def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonical, compare):
+def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonical, compare, facts=None):
     """Compare ``actual`` with what ``entry`` describes; a Comparison (``ok``: it shows), or None if the entry
-    cannot be applied to this quantity. ``goldens.get(policy, dtype)`` gives the oracle's arrays."""
+    cannot be applied to this quantity. ``goldens.get(policy, dtype)`` gives the oracle's arrays; ``facts`` are
+    the row's (a model of a machine-dependent kernel reads them)."""
     policy = entry.oracle_policy or "zeros"
     judged_as = entry.precision or dtype
     form = entry.backward_form or "probs"
@@ -560,8 +620,8 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
     if entry.behaviour is not None:
         behaviour = BEHAVIOURS[entry.behaviour]
         modelled = entry.behaviour in MODELLED  # the model gives its own same-precision reference
-        expect = lambda arr, dt: behaviour(np.asarray(arr, np.float64), goldens.inputs, quantity, dt) if modelled \
-            else behaviour(np.asarray(arr, np.float64), goldens.inputs, quantity)
+        expect = lambda arr, dt: behaviour(np.asarray(arr, np.float64), goldens.inputs, quantity, dt, facts, judged_as) \
+            if modelled else behaviour(np.asarray(arr, np.float64), goldens.inputs, quantity)
         try:
             golden, reference = expect(golden, "float64"), expect(reference, judged_as)
         except (ValueError, IndexError, KeyError):

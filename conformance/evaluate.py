@@ -41,7 +41,7 @@ def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
         "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal,
         "window": list(case.window) if case.window is not None else None, "bias": case.bias, "lengths": case.lengths,
         "kernel": getattr(adapter, "kernel", "default"), "mode": None, "contradicts": None,
-        "emulated": None, "duration_s": None,
+        "emulated": None, "facts": None, "duration_s": None,
     }
 
 
@@ -111,21 +111,22 @@ def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entri
     golden, reference = goldens.get("zeros", "float64")[quantity], goldens.get("zeros", dtype)[quantity]
     result = compare(golden, reference, actual, dtype, quantity, lambda: goldens.sensitivity(dtype, quantity))
     row.update(result.figures())
-    covering = catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity)
+    facts = row.get("facts")
+    covering = catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity, facts)
+    reproduce = lambda entry, arr: catalogue_mod.reproduce(entry, quantity, dtype, arr, goldens, result, compare, facts)
     if result.ok:
         row.update(status="pass", message="")
         for entry in covering:  # a pass where the entry predicts a visibly different result contradicts it,
             if entry.max_error_ratio is not None or entry.check is not None:  # unless the result fits both
                 continue
-            predicted = catalogue_mod.reproduce(entry, quantity, dtype, golden, goldens, result, compare)
-            if predicted is not None and not predicted.ok and \
-                    not catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare).ok:
+            predicted = reproduce(entry, golden)
+            if predicted is not None and not predicted.ok and not reproduce(entry, actual).ok:
                 row.update(contradicts=entry.id, message=f"passes canonically, so catalogue entry {entry.id} "
                                                          f"no longer shows here")
         return
     row.update(status="fail", message=result.message)
     for entry in covering:
-        alt = catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare)
+        alt = reproduce(entry, actual)
         if alt is None:
             row["message"] += f" (catalogue entry {entry.id} does not apply to {quantity})"
             continue
@@ -169,8 +170,9 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
     that raises, costs that path's rows only."""
     from mhabench.impls.validation import validate_call
     rows = {q: base_row(adapter, case, dtype, q) for q in case.quantities()}
+    facts = adapter.row_facts()  # what chose the kernels here: a catalogue entry may apply under some facts only
     for r in rows.values():
-        r["device"] = device
+        r.update(device=device, facts=facts)
     i = inputs
     started = time.perf_counter()
     try:
