@@ -4,10 +4,14 @@
 (the session appends them to rows.jsonl there). With ``isolate=True`` (the default) each adapter runs
 in worker processes of its own (``mhabench.impls.worker``, the same protocol that hosts Keras layers),
 ``jobs`` of them at a time, scheduled by estimated cost (``schedule``): a case that hangs or crashes its
-framework costs that case, not the run.
+framework costs that case, not the run, and a crash in one dtype's kernel costs that dtype only (the case's
+other dtypes are retried one by one in a fresh process). ``switches`` ({switch name: setting}, the kernel
+switches of ``impls.facts``) are set in the worker processes of the adapters they reach, so one machine runs
+another machine's kernels; the rows record the facts that show it.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -64,16 +68,27 @@ def tasks(adapter: str, cases, dtypes, skip: set, include=None) -> list[tuple[Ca
     return out
 
 
-def adapter_worker(name: str, setup: dict, timeout: float) -> worker_mod.Worker:
-    """The isolation worker for one adapter: its own environment, the run's plugins replayed at start."""
-    env = impls.get_adapter(name).worker_env()
+def switch_environment(adapter: str, switches: dict | None) -> dict[str, str]:
+    """The environment variables of ``switches`` ({switch name: setting}) that reach ``adapter``'s kernels."""
+    env: dict[str, str] = {}
+    for switch in impls.get_adapter(adapter).switches():
+        if switches and switch.name in switches:
+            env.update(switch.environment(switches[switch.name]))
+    return env
+
+
+def adapter_worker(name: str, setup: dict, timeout: float, switches: dict | None = None) -> worker_mod.Worker:
+    """The isolation worker for one adapter: its own environment (with the run's kernel switches that reach it),
+    the run's plugins replayed at start."""
+    env = {**impls.get_adapter(name).worker_env(), **switch_environment(name, switches)}
     return worker_mod.Worker(env=env, name=f"{name} worker", setup=[(SETUP, (setup,), {})])
 
 
 def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[str], *, isolate: bool = True,
              timeout: float = DEFAULT_TIMEOUT, jobs: int | None = None, memory_budget: int | None = None,
              on_rows: Callable[[list[dict]], None] | None = None, skip: Iterable[str] = (), adhoc: Iterable[str] = (),
-             catalogue_dir: str | None = None, entries=None, include=None, history=None) -> list[dict]:
+             catalogue_dir: str | None = None, entries=None, include=None, history=None,
+             switches: dict | None = None) -> list[dict]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
     ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. ``adhoc``
@@ -98,6 +113,8 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
                 on_rows(rows)
 
     if not isolate:
+        if switches:
+            raise ValueError("switches are set in worker processes: they need isolate=True")
         from . import catalogue
         entries = entries if entries is not None else catalogue.load(catalogue_dir or catalogue.DIVERGENCE_DIR)
         for name in adapters:
@@ -112,6 +129,11 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     def evaluate_task(child, task):
         try:
             return child.run(EVALUATE, task.adapter, task.case.to_dict(), task.dtypes, memory_budget, timeout=timeout)
+        except worker_mod.WorkerCrashed as exc:
+            if len(task.dtypes) > 1:  # one dtype's kernel may have killed the process: each dtype alone, afresh
+                return [row for dtype in task.dtypes
+                        for row in evaluate_task(child, dataclasses.replace(task, dtypes=[dtype]))]
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error", _one_line(exc))
         except worker_mod.WorkerError as exc:
             return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error", _one_line(exc))
         except Exception as exc:  # a harness bug: reported as the case's error, the run goes on
@@ -126,7 +148,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
                 if fresh:
                     if child is not None:
                         child.close()
-                    current, child = task.adapter, adapter_worker(task.adapter, setup, timeout)
+                    current, child = task.adapter, adapter_worker(task.adapter, setup, timeout, switches)
                 started = time.perf_counter()
                 rows = evaluate_task(child, task)
                 scheduler.finished(task, time.perf_counter() - started, fresh)

@@ -35,6 +35,7 @@ class Plan:
     shard: tuple[int, int] | None = None  # (K, N): this run is shard K of N
     include: set | None = None  # the (adapter, case id, dtype) tasks of that shard; None: every task
     reduced: dict = field(default_factory=dict)  # adapter -> why it runs only the reduced (quick) matrix
+    switches: dict = field(default_factory=dict)  # kernel switch -> setting, set in the workers it reaches
 
     def tasks(self) -> list[tuple[str, Case, str]]:
         """(adapter, case, dtype) of every task this plan runs."""
@@ -64,11 +65,13 @@ class Plan:
             out.update(shard=list(self.shard), rows_all_shards=self.rows_all_shards)
         if self.reduced:
             out["reduced"] = dict(self.reduced)
+        if self.switches:
+            out["switches"] = dict(self.switches)
         return out
 
 
 def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
-              default_dtypes=DTYPES, shard=None, every_case=False) -> Plan:
+              default_dtypes=DTYPES, shard=None, every_case=False, switches=()) -> Plan:
     """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
 
     ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
@@ -78,6 +81,7 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
 
     An adapter that declares ``reduced_matrix`` (each new shape costs it a compilation or an export of
     seconds) runs only the reduced matrix's cases (``quick``) unless ``every_case``; the plan records why.
+    ``switches`` ("name=setting" strings, ``--switch``) are kernel switches some selected adapter declares.
     """
     if shard is not None and not isinstance(shard, tuple):
         shard = shards.parse(shard)
@@ -92,7 +96,7 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     matrix = default_cases() + (random_cases(examples) if area_list is None or "random" in area_list else [])
     matrix = select(matrix, area_list, quick=quick)
     full = not quick and area_list is None and set(dtype_list) == set(DTYPES)
-    plan = Plan(chosen, matrix, dtype_list, list(adhoc), full)
+    plan = Plan(chosen, matrix, dtype_list, list(adhoc), full, switches=parse_switches(switches, chosen))
     if not quick and not every_case:
         plan.reduced = {a: why for a in chosen if (why := getattr(registry.get_adapter(a), "reduced_matrix", None))}
     if plan.reduced:
@@ -104,12 +108,61 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     return plan
 
 
+def declared_switches(adapters) -> list:
+    """The kernel switches the adapters declare (``Adapter.switches``), each once, in order."""
+    found: dict = {}
+    for name in adapters:
+        for switch in registry.get_adapter(name).switches():
+            found.setdefault(switch.name, switch)
+    return list(found.values())
+
+
+def parse_switches(texts, adapters) -> dict[str, str]:
+    """{switch: setting} from "name=setting" strings; SelectionError naming what the adapters declare."""
+    from mhabench.impls import facts
+    out: dict[str, str] = {}
+    for text in texts or ():
+        try:
+            switch, setting = facts.parse_setting(text, declared_switches(adapters))
+        except ValueError as exc:
+            raise SelectionError(str(exc)) from None
+        if switch.name in out and out[switch.name] != setting:
+            raise SelectionError(f"--switch {switch.name} given twice ({out[switch.name]} and {setting})")
+        out[switch.name] = setting
+    return out
+
+
+def switch_warnings(plan: Plan, rows) -> list[str]:
+    """A line for every forced setting the rows' facts do not show (the framework ignored it, or this CPU
+    cannot run it and the framework fell back to what it can)."""
+    lines = []
+    for switch in declared_switches(plan.adapters):
+        setting = plan.switches.get(switch.name)
+        if setting is None:
+            continue
+        seen = {(r["adapter"], repr((r.get("facts") or {}).get(switch.fact))) for r in rows if r.get("facts")
+                and switch in registry.get_adapter(r["adapter"]).switches()}
+        expected = repr(switch.expect[setting])
+        for adapter, got in sorted(seen):
+            if got != expected:
+                lines.append(f"--switch {switch.name}={setting} ({switch.variable}={switch.value(setting)}): "
+                             f"{adapter} reports {switch.fact} = {got}, not {expected}")
+    return lines
+
+
 def shard_tasks(plan: Plan, shard: tuple[int, int]) -> set[tuple[str, str, str]]:
     """The (adapter, case id, dtype) tasks of shard (K, N) of ``plan``."""
     costs = schedule.prior_costs(plan.adapters, plan.cases, plan.dtypes)
     keys = {"\t".join(task): task for task in costs}
     chosen = shards.select({key: costs[task] for key, task in keys.items()}, shard)
     return {keys[key] for key in chosen}
+
+
+def machine_facts(adapters) -> dict:
+    """The machine's facts (``impls.facts.machine_facts``), with the kernel variables the adapters declare."""
+    from mhabench.impls import facts
+    names = [v for name in adapters for v in registry.get_adapter(name).kernel_environment()]
+    return facts.machine_facts(names)
 
 
 def versions(adapters) -> dict[str, str]:
@@ -202,7 +255,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     previous: list[dict] = []
     if rerun:
         adapter, case, dtype = rerun_target(rerun, layout, plan)
-        plan = Plan([adapter], [case], [dtype], plan.adhoc, False)
+        plan = Plan([adapter], [case], [dtype], plan.adhoc, False, switches=plan.switches)
     elif resume:
         journal = results.read_rows(layout.rows)
         for problem in journal.problems:
@@ -231,7 +284,8 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     started = time.perf_counter()
     try:
         run_rows(plan.adapters, plan.cases, plan.dtypes, timeout=timeout, jobs=jobs, memory_budget=memory_budget,
-                 on_rows=write, skip=skip, adhoc=plan.adhoc, include=plan.include, history=history)
+                 on_rows=write, skip=skip, adhoc=plan.adhoc, include=plan.include, history=history,
+                 switches=plan.switches)
     finally:
         writer.close()
     elapsed = time.perf_counter() - started
@@ -245,7 +299,11 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     full = plan.full_matrix and plan.shard is None and not rerun
     # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
     checks = catalogue_mod.check(entries, rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
-    results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine))
+    for line in switch_warnings(plan, rows):
+        warn(line)
+    results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine,
+                                                           facts=machine_facts(adapters_run),
+                                                           switches=plan.switches))
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
 

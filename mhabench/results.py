@@ -10,6 +10,8 @@ Layout of a results directory::
     conformance/results.json    {"meta": ..., "rows": [...]}: the latest row per id, written at the end
     conformance/results.csv     the same rows, one per line
     conformance/catalogue.json  the divergence entries the run checked, each with its verdict
+    conformance/portability.json  ``conform --switches``: the rows whose verdict changes under each kernel switch
+    switches/<name>-<setting>/  ``conform --switches``: the same selection under that setting (a results directory)
     bench/skips.jsonl           why a benchmark case did not run
     bench/plan.json             what a benchmark run set out to do (benchmarks planned, its shard K/N)
     bench/progress.jsonl        the benchmark chunks finished (for --resume)
@@ -42,12 +44,14 @@ AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients",
          "plugin")
 # ``kernel``: the attention kernel the adapter forces ("default": none, the framework chooses, as users run it);
 # ``emulated``: the features the adapter built a mask for because its framework has no argument for them;
-# ``window``, ``bias`` (its kind), ``lengths`` (their kind): the case's modern-attention call features.
+# ``window``, ``bias`` (its kind), ``lengths`` (their kind): the case's modern-attention call features;
+# ``facts``: what chose the kernels in the process that computed the row, as its framework reports it
+# (``{"tf_onednn": true}``, ``{"torch_cpu_capability": "avx2", ...}``; ``Adapter.kernel_facts``).
 FIELDS = ("row_id", "adapter", "framework", "framework_version", "case", "area", "dtype", "device", "quantity",
           "status", "max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "tolerance_source",
           "divergence",
-          "contradicts", "message", "mode", "kernel", "emulated", "seed", "spec", "query_shape", "key_shape",
-          "value_shape", "mask", "causal", "window", "bias", "lengths", "duration_s")
+          "contradicts", "message", "mode", "kernel", "emulated", "facts", "seed", "spec", "query_shape",
+          "key_shape", "value_shape", "mask", "causal", "window", "bias", "lengths", "duration_s")
 REQUIRED = ("row_id", "adapter", "case", "area", "dtype", "quantity", "status")
 DEFAULT_KERNEL = "default"  # no kernel forced: the framework chooses, as its users run it
 NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
@@ -67,6 +71,8 @@ class Layout:
         self.results_json = self.conformance / "results.json"
         self.results_csv = self.conformance / "results.csv"
         self.catalogue = self.conformance / "catalogue.json"
+        self.portability = self.conformance / "portability.json"
+        self.switches = self.root / "switches"
         self.bench = self.root / "bench"
         self.skips = self.bench / "skips.jsonl"
         self.progress = self.bench / "progress.jsonl"
@@ -78,6 +84,10 @@ class Layout:
         self.asv_html = self.root / "asv-html"
         self.logs = self.root / "logs"
         self.lock = self.root / ".lock"
+
+    def switch_root(self, folder: str) -> Path:
+        """The results directory of one kernel switch setting (``conform --switches``)."""
+        return self.switches / folder
 
     def __repr__(self):
         return f"Layout({str(self.root)!r})"
@@ -243,6 +253,7 @@ class Results:
     problems: list[str]             # every line or file that could not be read, with its path
     source: Path
     complete: bool                  # results.json written (the run reached its end)
+    portability: dict | None = None  # conform --switches: the verdicts that change under each kernel switch
 
     @property
     def missing(self) -> int | None:
@@ -273,6 +284,15 @@ def read_results(root: str | os.PathLike) -> Results | None:
             catalogue = list(read_json(layout.catalogue))
         except (ValueError, TypeError) as exc:
             problems.append(str(exc))
+    portability = None
+    if layout.portability.is_file():
+        try:
+            portability = read_json(layout.portability)
+            if not isinstance(portability, dict) or not isinstance(portability.get("changes"), list):
+                raise ValueError(f"{layout.portability} has no 'changes' list")
+        except ValueError as exc:
+            problems.append(str(exc))
+            portability = None
     if layout.results_json.is_file():
         data = read_json(layout.results_json)
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
@@ -284,10 +304,12 @@ def read_results(root: str | os.PathLike) -> Results | None:
                 problems.append(f"{layout.results_json}: row {index}: {why}")
             else:
                 rows.append(row)
-        return Results(data.get("meta") or {}, rows, plan, catalogue, problems, layout.results_json, True)
+        return Results(data.get("meta") or {}, rows, plan, catalogue, problems, layout.results_json, True,
+                       portability)
     if layout.rows.is_file():
         journal = read_rows(layout.rows)
-        return Results({}, journal.latest(), plan, catalogue, problems + journal.problems, layout.rows, False)
+        return Results({}, journal.latest(), plan, catalogue, problems + journal.problems, layout.rows, False,
+                       portability)
     return None
 
 
@@ -417,12 +439,18 @@ def machine_name(override: str | None = None) -> str:
     return name
 
 
-def meta(versions: dict, argv=None, machine: str | None = None) -> dict:
-    """The facts written with every results file: when, what code, which frameworks, which machine."""
+def meta(versions: dict, argv=None, machine: str | None = None, facts: dict | None = None,
+         switches: dict | None = None) -> dict:
+    """The facts written with every results file: when, what code, which frameworks, which machine.
+
+    ``facts``: the machine's facts that choose kernels (``impls.facts.machine_facts``: CPU model, ISA set, vector
+    width, numpy's BLAS, threads, the kernel variables set); ``switches``: the kernel switches the run forced
+    ({name: setting}; empty: the machine's own choice)."""
     from . import __version__
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_name(machine), "mhabench_version": __version__, "python": platform.python_version(),
         "platform": platform.platform(), "cpu": _cpu(), "gpu": _gpu(), "commit": commit(),
         "argv": list(sys.argv if argv is None else argv), "versions": dict(versions),
+        "machine_facts": dict(facts or {}), "switches": dict(switches or {}),
     }
