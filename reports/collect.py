@@ -85,7 +85,10 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         data.tables["not_run"] = tables.not_run_groups(rows)
         data.tables["agreement"] = tables.agreement(rows, conformance.catalogue)
         data.tables["machines"] = tables.machine_matrix(rows)
-        data.tables["cross_machine"] = tables.cross_machine(rows)
+        data.tables["cross_machine"] = tables.cross_machine(rows, tables.machine_facts_map(conformance))
+        data.tables["machine_facts"] = tables.machine_facts_table(conformance)
+        data.tables["kernel_facts"] = tables.kernel_facts(rows)
+        data.tables["portability"], data.tables["portability_changes"] = tables.portability(conformance)
     if benchmarks is not None:
         attention = tables.attention_results(benchmarks)
         data.peaks = tables.gemm_peaks(benchmarks)
@@ -109,6 +112,47 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def alarms(data: ReportData) -> list[str]:
+    """What makes the run red, worst first, each with its first instance named: error rows, fail rows, stale
+    catalogue entries, and the kernel switch settings (``conform --switches``) that have any of them. Empty
+    when the run is green."""
+    if data.conformance is None or data.comparison_only:
+        return []
+    lines = []
+    failures = data.tables.get("failures")
+    several = data.conformance.rows["machine"].nunique() > 1
+    for status in ("error", "fail"):
+        found = failures[failures["status"] == status] if failures is not None and not failures.empty else failures
+        if found is None or found.empty:
+            continue
+        first = found.iloc[0]
+        where = f" on {first['machine']}" if several else ""
+        lines.append(f"{len(found)} {status} row{'s' if len(found) > 1 else ''}, first {first['row_id']}{where}: "
+                     f"{_short(first['message'])}")
+    divergences = data.tables.get("divergences")
+    if divergences is not None and not divergences.empty:
+        stale = divergences[divergences["status"] == "stale"]
+        if not stale.empty:
+            first = stale.iloc[0]
+            lines.append(f"{len(stale)} stale catalogue entr{'ies' if len(stale) > 1 else 'y'}, first {first['id']}: "
+                         f"{_short(first['message'])}")
+    settings = data.tables.get("portability")
+    if settings is not None and not settings.empty:
+        red = settings[(settings["fail"] > 0) | (settings["error"] > 0) | (settings["stale"] != "")]
+        for record in red.to_dict("records"):
+            stale = [s for s in str(record["stale"]).split(", ") if s]
+            where = f" on {record['machine']}" if several else ""
+            lines.append(f"under {record['switch']}={record['setting']}{where}: {record['fail']} fail, "
+                         f"{record['error']} error rows, {len(stale)} stale entries"
+                         + (f", first {stale[0]}" if stale else ""))
+    return lines
+
+
+def _short(text, limit: int = 200) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def verdict(data: ReportData) -> list[str]:

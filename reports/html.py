@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from . import charts, tables
-from .collect import ReportData, verdict
+from .collect import ReportData, alarms, verdict
 from .units import format_value
 from mhabench.results import STATUSES
 
@@ -28,7 +28,8 @@ th{background:#f3f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.msg{min-width:340px;max-width:620px;white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,monospace;
 font-size:.92em}td.id{max-width:330px;overflow-wrap:anywhere}
 .verdict{background:#eef5ff;border:1px solid #c9dcf5;padding:10px 14px;border-radius:6px}
-.verdict li{margin:2px 0}
+.verdict li{margin:2px 0}.verdict.red{background:#fdecea;border:2px solid #c62828}
+.verdict li.alarm{color:#b71c1c;font-weight:600}.verdict li.green{color:#1b5e20;font-weight:600}
 .pass{background:#d8f0d9}.fail{background:#f8d0cf}.divergence{background:#ffe2bf}
 .unsupported{background:#e7e7e7}.error{background:#e9d2f0}.skip{background:#f1f4f5}.empty{background:#fff}
 td.cell{min-width:88px;font-size:.92em}td.cell b{font-size:1.05em}
@@ -430,6 +431,25 @@ def _agreement_cell(record: dict) -> str:
 
 # --- machines -------------------------------------------------------------------------------------
 
+def machine_facts_html(data: ReportData) -> str:
+    """The facts that chose the kernels, per machine: the run's (CPU, ISA, vector width, BLAS, threads, kernel
+    variables, switches forced) and each adapter's (as its framework reported them in its process)."""
+    facts, kernels = data.tables.get("machine_facts"), data.tables.get("kernel_facts")
+    out = []
+    if facts is not None and not facts.empty:
+        out.append("<h3 id='machine-facts'>What chose the kernels</h3><p class='muted'>Frameworks pick kernels by "
+                   "the machine (TensorFlow turns oneDNN on by default only on CPUs with AVX512_VNNI, AVX512_BF16, "
+                   "AVX_VNNI or AMX; torch's vectorised kernels run 16 float lanes under AVX-512, 8 under AVX2), so "
+                   "a verdict holds for the facts it was reached under.</p>")
+        out.append(table(facts, ["machine", "cpu_model", "isa", "vector_bits", "numpy_blas", "cpu_threads",
+                                 "environment", "switches"]))
+    if kernels is not None and not kernels.empty:
+        out.append("<p class='muted'>Per adapter, as each framework reported them in the process that ran it "
+                   "(recorded on every row as <code>facts</code>):</p>")
+        out.append(table(kernels, ["machine", "adapter", "facts", "rows"]))
+    return "".join(out)
+
+
 def section_machines(data: ReportData) -> str:
     if data.conformance is None:
         return ""
@@ -440,9 +460,14 @@ def section_machines(data: ReportData) -> str:
         place = places.iloc[0] if not places.empty else {"machine": "unknown", "device": ""}
         return out[0] + (f"<p>Every row comes from one machine and device: <b>{esc(place['machine'])}</b> "
                          f"({esc(place['device'])}). Merge several results directories with "
-                         "<code>mhabench report --results DIR DIR ...</code> to set machines side by side.</p>")
+                         "<code>mhabench report --results DIR DIR ...</code> to set machines side by side.</p>") \
+            + machine_facts_html(data)
+    out.append(machine_facts_html(data))
     cross = data.tables["cross_machine"]
-    out.append(f"<h3 id='cross-machine'>The same adapter and case, a different verdict per machine ({len(cross)})</h3>")
+    out.append(f"<h3 id='cross-machine'>The same adapter and case, a different verdict per machine ({len(cross)})</h3>"
+               "<p class='muted'><code>differs</code> names the facts that chose the kernels whose values differ "
+               "between the machines: the likely reason, reproducible on one machine with "
+               "<code>mhabench conform --switch</code>.</p>")
     out.append(table(cross, limit=DRILL_DOWN_LIMIT, row_class=None) if not cross.empty else
                "<p class='muted'>Every adapter gives the same verdict on every case on every machine and device.</p>")
     out.append("<h3>Per machine × device</h3>")
@@ -462,6 +487,27 @@ def section_machines(data: ReportData) -> str:
                        f"{extra}</td>")
         body.append(f"<tr>{''.join(row)}</tr>")
     out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    return "".join(out)
+
+
+def section_portability(data: ReportData) -> str:
+    """``conform --switches``: per kernel switch setting, the rows whose verdict changes, and what decides it."""
+    settings, changes = data.tables.get("portability"), data.tables.get("portability_changes")
+    if settings is None or settings.empty:
+        return ""
+    out = ["<h2 id='portability'>Portability: verdicts that depend on the machine</h2>"
+           "<p class='muted'>The same selection run on this machine under each setting of each kernel switch "
+           "(<code>mhabench conform --switches</code>): another machine's kernels, reproduced. A row listed below "
+           "gets a different verdict on a machine whose framework makes the other choice; a setting with a fail row "
+           "or a stale entry is red on such a machine.</p>"]
+    columns = [*(["machine"] if settings["machine"].nunique() > 1 else []), "switch", "setting", "variable", "value",
+               "rows", "changed", "fail", "error", "stale", "changed_by_adapter", "warnings"]
+    state = lambda r: "fail" if r["fail"] or r["stale"] else "error" if r["error"] else "pass"
+    out.append(table(settings, columns, row_class=state))
+    if changes is not None and not changes.empty:
+        out.append(f"<h3>Rows whose verdict changes ({len(changes)})</h3>")
+        out.append(table(changes, [*(["machine"] if changes["machine"].nunique() > 1 else []), "switch", "setting",
+                                   "adapter", "row_id", "own_choice", "switched", "facts"], limit=DRILL_DOWN_LIMIT))
     return "".join(out)
 
 
@@ -625,12 +671,16 @@ def render_html(data: ReportData) -> str:
         sections, nav = [section_environment(data), section_comparison(data)], ["environment", "comparison"]
     else:
         sections = [section_conformance(data), section_drill_down(data), section_agreement(data),
-                    section_machines(data), section_benchmarks(data), section_comparison(data),
-                    section_environment(data)]
-        nav = ["conformance", "drill-down", "agreement", "machines", "scaling"] + \
+                    section_machines(data), section_portability(data), section_benchmarks(data),
+                    section_comparison(data), section_environment(data)]
+        nav = ["conformance", "drill-down", "agreement", "machines", "portability", "scaling"] + \
             (["comparison"] if data.comparison else []) + ["environment"]
         nav = [n for n in nav if f"id='{n}'" in "".join(sections)]
-    verdict_items = "".join(f"<li>{esc(line)}</li>" for line in verdict(data))
+    red = alarms(data)
+    verdict_items = "".join(f"<li class='alarm'>{esc(line)}</li>" for line in red)
+    if not red and data.conformance is not None and not data.comparison_only:
+        verdict_items += "<li class='green'>no fail or error rows, no stale catalogue entries</li>"
+    verdict_items += "".join(f"<li>{esc(line)}</li>" for line in verdict(data))
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -639,7 +689,7 @@ def render_html(data: ReportData) -> str:
         "<h1>mhabench: multi-head attention conformance and benchmarks</h1>"
         f"<p class='muted'>Results: <code>{esc(data.results_dir)}</code> · generated {esc(data.generated)}</p>"
         f"<nav>{''.join(f'<a href=#{n}>{n}</a>' for n in nav)}</nav>"
-        f"<div class='verdict'><b>Verdict</b><ul>{verdict_items}</ul></div>"
+        f"<div class='verdict{' red' if red else ''}'><b>Verdict</b><ul>{verdict_items}</ul></div>"
         + section_problems(data) + "".join(sections) +
         f"</main><script>{SCRIPT}</script></body></html>\n"
     )

@@ -43,6 +43,7 @@ class Conformance:
     parts: list = field(default_factory=list)  # merged: the Conformance of each directory, in the order given
     notes: list = field(default_factory=list)  # merged: overlapping rows, repeated shards
     missing_shards: list = field(default_factory=list)  # "machine M: shard 2/3 missing ..." per gap
+    portability: dict | None = None  # conform --switches: the verdicts that change under each kernel switch
 
     @property
     def missing(self) -> int | None:
@@ -102,7 +103,7 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     plan = found.plan if isinstance(found.plan, dict) else {}
     return Conformance(meta=meta, rows=rows, catalogue=catalogue, source=found.source, problems=found.problems,
                        complete=found.complete, planned=plan.get("rows"), plan=plan,
-                       machine=conformance_machine(meta, [], None))
+                       machine=conformance_machine(meta, [], None), portability=found.portability)
 
 
 def _tidy_conformance(records: list) -> pd.DataFrame:

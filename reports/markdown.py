@@ -8,7 +8,7 @@ import re
 import pandas as pd
 
 from . import tables
-from .collect import ReportData, verdict
+from .collect import ReportData, alarms, verdict
 from .units import format_value
 from mhabench.results import STATUSES
 
@@ -133,13 +133,30 @@ def _agreement(data: ReportData) -> list[str]:
 
 
 def _machines(data: ReportData) -> list[str]:
-    matrix = data.tables["machines"]
+    matrix, facts = data.tables["machines"], data.tables.get("machine_facts")
+    out = []
+    if facts is not None and not facts.empty:
+        out += ["### What chose the kernels", "", md_table(facts, list(facts.columns)),
+                md_table(data.tables["kernel_facts"], ["machine", "adapter", "facts", "rows"])]
     if len(matrix[["machine", "device"]].drop_duplicates()) < 2:
-        return []
+        return ["## Machines", "", *out] if out else []
     cross = data.tables["cross_machine"]
-    return ["## Machines", "", f"### The same adapter and case, a different verdict per machine ({len(cross)})", "",
-            md_table(cross, list(cross.columns), limit=SUMMARY_LIMIT), "### Per machine × device", "",
+    return ["## Machines", "", *out, f"### The same adapter and case, a different verdict per machine ({len(cross)})",
+            "", md_table(cross, list(cross.columns), limit=SUMMARY_LIMIT), "### Per machine × device", "",
             md_table(matrix, list(matrix.columns))]
+
+
+def _portability(data: ReportData) -> list[str]:
+    settings, changes = data.tables.get("portability"), data.tables.get("portability_changes")
+    if settings is None or settings.empty:
+        return []
+    return ["## Portability: verdicts that depend on the machine", "",
+            "Each kernel switch setting run on this machine (`mhabench conform --switches`): rows whose verdict "
+            "differs from the machine's own choice.", "",
+            md_table(settings, ["machine", "switch", "setting", "rows", "changed", "fail", "error", "stale",
+                                "changed_by_adapter"]),
+            md_table(changes, ["machine", "switch", "setting", "row_id", "own_choice", "switched", "facts"],
+                     limit=SUMMARY_LIMIT)]
 
 
 def _scaling(data: ReportData) -> list[str]:
@@ -158,6 +175,10 @@ def _scaling(data: ReportData) -> list[str]:
 
 def render_markdown(data: ReportData) -> str:
     out = ["# mhabench summary", "", f"Results: `{md(data.results_dir)}`, generated {md(data.generated)}", ""]
+    red = alarms(data)
+    out += [f"- **RED: {md(line)}**" for line in red]
+    if not red and data.conformance is not None and not data.comparison_only:
+        out.append("- **green: no fail or error rows, no stale catalogue entries**")
     out += [f"- {md(line)}" for line in verdict(data)] + [""]
     if data.problems:
         out += ["## Unreadable lines", ""] + [f"- `{md_code(p)}`" for p in data.problems] + [""]
@@ -175,7 +196,7 @@ def render_markdown(data: ReportData) -> str:
                 "### Adapter × area (pass/total)", "", _matrix(data.tables["conformance_matrix"]),
                 *_kernels(data),
                 "## What did not pass", ""]
-        out += _failures(data) + _divergences(data) + _agreement(data) + _machines(data)
+        out += _failures(data) + _divergences(data) + _agreement(data) + _machines(data) + _portability(data)
     else:
         out += ["## Conformance", "", "No conformance results.", ""]
     if data.benchmarks is not None and not data.attention.empty:

@@ -368,20 +368,133 @@ def machine_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index()[columns]
 
 
-def cross_machine(rows: pd.DataFrame) -> pd.DataFrame:
+def cross_machine(rows: pd.DataFrame, machine_facts: dict | None = None) -> pd.DataFrame:
     """Rows of the same adapter on the same case, dtype and quantity whose verdict differs between machines
-    (or devices): one line each, the outcome per machine / device side by side."""
+    (or devices): one line each, the outcome per machine / device side by side, and ``differs``: the facts that
+    chose the kernels (the rows' own, then the machines', ``machine_facts`` {machine: meta machine_facts}) whose
+    values differ between them, the likely reason."""
     key = ["row_id", "adapter", "case", "dtype", "quantity", *(["path"] if "path" in rows else [])]
     if rows.empty or rows.groupby(["machine", rows["device"].fillna("")]).ngroups < 2:
-        return pd.DataFrame(columns=key)
+        return pd.DataFrame(columns=[*key, "differs"])
     rows = rows.assign(**{k: rows[k].fillna("") for k in key if k == "path"})  # pivot_table drops NaN keys
     where = rows["machine"].astype(str) + " / " + rows["device"].fillna("").astype(str)
     outcome = rows["status"] + rows["divergence"].map(lambda d: f" ({d})" if isinstance(d, str) else "")
-    wide = rows.assign(_where=where, _outcome=outcome).pivot_table(index=key, columns="_where", values="_outcome",
-                                                                  aggfunc="last")
+    rows = rows.assign(_where=where, _outcome=outcome)
+    wide = rows.pivot_table(index=key, columns="_where", values="_outcome", aggfunc="last")
     differs = wide.apply(lambda r: r.dropna().nunique() > 1, axis=1)
-    wide = wide[differs].fillna("(not run)")
-    return wide.reset_index().rename_axis(columns=None)
+    wide = wide[differs].fillna("(not run)").reset_index().rename_axis(columns=None)
+    if wide.empty:
+        return wide.assign(differs=[])
+    facts = {}
+    for record in rows[rows["row_id"].isin(set(wide["row_id"]))].to_dict("records"):
+        place = record["_where"]
+        machine = (machine_facts or {}).get(record["machine"]) or {}
+        facts.setdefault(record["row_id"], {})[place] = {**flat_machine_facts(machine), **_facts(record.get("facts"))}
+    wide["differs"] = [fact_differences(facts.get(r, {})) for r in wide["row_id"]]
+    return wide
+
+
+def _facts(value) -> dict:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def flat_machine_facts(facts: dict) -> dict:
+    """A run's machine facts as flat name -> value (the kernel variables one by one, as ``env NAME``)."""
+    out = {k: v for k, v in (facts or {}).items() if k != "environment"}
+    if isinstance(out.get("isa"), list):
+        out["isa"] = frozenset(out["isa"])
+    out.update({f"env {k}": v for k, v in ((facts or {}).get("environment") or {}).items()})
+    return out
+
+
+def fact_differences(by_place: dict[str, dict]) -> str:
+    """The facts whose values differ between places, named: "tf_onednn: a true, b false"; an ISA set as what
+    each place lacks; "" when none differ (or only one place recorded facts)."""
+    if len(by_place) < 2:
+        return ""
+    names = sorted(set().union(*by_place.values()), key=lambda n: (n != "tf_onednn", n.startswith("env "), n))
+    out = []
+    for name in names:
+        values = {place: facts.get(name) for place, facts in by_place.items()}
+        if len({repr(sorted(v) if isinstance(v, frozenset) else v) for v in values.values()}) < 2:
+            continue
+        if all(isinstance(v, frozenset) for v in values.values()):
+            union = frozenset().union(*values.values())
+            out.append(f"{name}: " + "; ".join(f"{p} lacks {' '.join(sorted(union - v))}" for p, v in values.items()
+                                               if union - v))
+        else:
+            unset = "unset" if name.isupper() or name.startswith("env ") else "not recorded"
+            out.append(f"{name}: " + ", ".join(f"{p} {unset if v is None else _fact_value(v)}"
+                                               for p, v in values.items()))
+    return "; ".join(out)
+
+
+def facts_text(facts) -> str:
+    """A row's facts as "name=value, ..." (booleans in lower case)."""
+    return ", ".join(f"{k}={_fact_value(v)}" for k, v in sorted(_facts(facts).items()))
+
+
+def _fact_value(value) -> str:
+    return "not recorded" if value is None else str(value).lower() if isinstance(value, bool) else _text(value)
+
+
+def machine_facts_table(conformance: Conformance | None) -> pd.DataFrame:
+    """Per machine, the facts its run recorded that choose kernels: CPU, ISA set, vector width, numpy's BLAS,
+    threads, the kernel variables set and the kernel switches forced."""
+    columns = ["machine", "cpu_model", "isa", "vector_bits", "numpy_blas", "cpu_threads", "environment", "switches"]
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    out = []
+    for part in parts:
+        facts = part.meta.get("machine_facts") or {}
+        if not facts:
+            continue
+        out.append({"machine": part.machine, "cpu_model": facts.get("cpu_model"), "isa": " ".join(facts.get("isa") or []),
+                    "vector_bits": facts.get("vector_bits"), "numpy_blas": facts.get("numpy_blas"),
+                    "cpu_threads": facts.get("cpu_threads"),
+                    "environment": ", ".join(f"{k}={v}" for k, v in (facts.get("environment") or {}).items()),
+                    "switches": ", ".join(f"{k}={v}" for k, v in (part.meta.get("switches") or {}).items())})
+    return pd.DataFrame(out, columns=columns).drop_duplicates().reset_index(drop=True)
+
+
+def machine_facts_map(conformance: Conformance | None) -> dict:
+    """{machine: the machine facts its run recorded}."""
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    return {part.machine: part.meta.get("machine_facts") or {} for part in parts}
+
+
+def kernel_facts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per machine and adapter, the kernel facts its rows were computed under (one line per distinct set)."""
+    columns = ["machine", "adapter", "facts", "rows"]
+    if rows.empty or "facts" not in rows:
+        return pd.DataFrame(columns=columns)
+    text = rows["facts"].map(facts_text)
+    found = rows.assign(facts=text)[text != ""]
+    if found.empty:
+        return pd.DataFrame(columns=columns)
+    return found.groupby(["machine", "adapter", "facts"]).size().rename("rows").reset_index()[columns]
+
+
+def portability(conformance: Conformance | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per machine and switch setting: rows, changed, fail, error, stale; every row whose verdict changed) from
+    the portability tables ``conform --switches`` wrote."""
+    settings_columns = ["machine", "switch", "setting", "variable", "value", "adapters", "rows", "changed", "fail",
+                        "error", "stale", "changed_by_adapter", "warnings"]
+    change_columns = ["machine", "switch", "setting", "adapter", "row_id", "area", "dtype", "quantity", "own_choice",
+                      "switched", "facts"]
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    settings, changes = [], []
+    for part in parts:
+        table = part.portability or {}
+        found = table.get("changes") or []
+        for s in table.get("settings") or []:
+            per = Counter(c.get("adapter") for c in found if (c.get("switch"), c.get("setting")) ==
+                          (s.get("switch"), s.get("setting")))
+            settings.append({**{k: s.get(k) for k in settings_columns}, "machine": part.machine,
+                             "adapters": ", ".join(s.get("adapters") or []), "stale": ", ".join(s.get("stale") or []),
+                             "changed_by_adapter": ", ".join(f"{a} {n}" for a, n in sorted(per.items())),
+                             "warnings": "; ".join(s.get("warnings") or [])})
+        changes += [{**{k: c.get(k) for k in change_columns}, "machine": part.machine} for c in found]
+    return pd.DataFrame(settings, columns=settings_columns), pd.DataFrame(changes, columns=change_columns)
 
 
 # --- benchmarks ---------------------------------------------------------------------------------
