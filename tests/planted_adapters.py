@@ -68,3 +68,18 @@ HangingAdapter = _planted("planted_hanging", _hang)
 ExitingAdapter = _planted("planted_exiting", _exit)
 SegfaultingAdapter = _planted("planted_segfaulting", _segfault)
 SlowAdapter = _planted("planted_slow", _slow, delay=0.05)
+
+
+class _Float16SegfaultingLayer(NumpyOracleLayer):
+    """Segfaults in every float16 call, as TensorFlow's 16-bit matmuls do under ONEDNN_MAX_CPU_ISA=AVX2."""
+
+    def _forward(self, call, return_scores, training, seed):
+        if self.dtype == "float16":
+            _segfault()
+        return super()._forward(call, return_scores, training, seed)
+
+
+class Float16SegfaultingAdapter(NumpyOracleAdapter):
+    name = "planted_float16_segfaulting"
+    framework = "planted"
+    layer_class = _Float16SegfaultingLayer

@@ -1,0 +1,242 @@
+"""The machine is part of the result: facts recorded with every run and row, kernel switches that reproduce
+another machine's kernels, catalogue entries that hold under named facts, dtypes isolated from each other's
+crashes, and the portability table."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mhabench import impls, results
+from mhabench.conformance import catalogue, framework_models, portability, session
+from mhabench.conformance.cases import find_case
+from mhabench.conformance.evaluate import evaluate
+from mhabench.conformance.runner import run_rows, switch_environment
+from mhabench.impls import facts
+
+PLANTED = Path(__file__).with_name("planted_adapters.py")
+SPR_FLAGS = ("fpu sse4_2 avx avx2 fma f16c avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni "
+             "amx_tile amx_bf16 amx_int8 sha_ni")
+
+
+def _installed(name):
+    return impls.get_adapter(name).is_available()
+
+
+# ---- the machine's facts ---------------------------------------------------------------------------
+
+def test_machine_facts_normalise_the_isa_and_name_the_vector_width(monkeypatch):
+    monkeypatch.setattr(facts, "_cpuinfo", lambda: {"model name": "Test Xeon", "flags": SPR_FLAGS})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    found = facts.machine_facts(["TF_ENABLE_ONEDNN_OPTS"])
+    assert found["cpu_model"] == "Test Xeon"
+    assert found["isa"][:3] == ["sse4_2", "avx", "avx2"] and "amx_bf16" in found["isa"] and "sha_ni" not in found["isa"]
+    assert found["vector_bits"] == 512
+    assert found["environment"] == {"TF_ENABLE_ONEDNN_OPTS": "0", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.setattr(facts, "_cpuinfo", lambda: {"flags": "sse4_2 avx avx2 fma"})
+    assert facts.vector_bits(facts.isa_flags()) == 256
+
+
+def test_a_run_records_the_machine_facts_and_every_row_its_kernel_facts(tmp_path):
+    plan = session.make_plan("numpy_oracle", "float32", "masks", quick=True)
+    outcome = session.run(plan, tmp_path)
+    meta = results.read_results(tmp_path).meta
+    assert meta["machine_facts"]["cpu_model"] and meta["machine_facts"]["isa"] == \
+        sorted(facts.isa_flags(), key=facts.ISA_FLAGS.index)
+    assert meta["switches"] == {}
+    assert all(r["facts"] == {} for r in outcome.rows)  # the oracle's kernels are numpy's: a machine fact
+    assert "facts" in results.FIELDS
+
+
+def test_every_reported_kernel_fact_is_in_the_vocabulary():
+    for name in ("torch_sdpa", "keras_mha", "tf_keras_mha", "jax_dpa", "ort_attention"):
+        if not _installed(name):
+            continue
+        reported = impls.get_adapter(name).row_facts()
+        assert "facts_error" not in reported, reported
+        assert set(reported) <= set(facts.KERNEL_FACTS) | set(impls.get_adapter(name).kernel_environment()), name
+
+
+@pytest.mark.skipif(not _installed("keras_mha"), reason="TensorFlow not installed")
+def test_tensorflow_reports_its_onednn_state_as_the_switch_sets_it():
+    for setting, expected in (("on", True), ("off", False)):
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": facts_switch("tf_onednn").value(setting),
+               "TF_CPP_MIN_LOG_LEVEL": "2"}
+        out = subprocess.run([sys.executable, "-c", "from mhabench.impls import _keras; "
+                              "print(_keras.tensorflow_facts()['tf_onednn'])"], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.stdout.strip() == str(expected), out.stderr[-2000:]
+
+
+def facts_switch(name):
+    return {s.name: s for a in impls.list_adapters() for s in impls.get_adapter(a).switches()}[name]
+
+
+def test_switch_settings_are_parsed_and_filtered_by_the_cpu():
+    torch_cpu = facts_switch("torch_cpu")
+    assert torch_cpu.runnable({"avx2", "fma"}) == ["default", "avx2"]
+    assert torch_cpu.runnable(set(SPR_FLAGS.split())) == ["default", "avx2", "avx512"]
+    assert facts.parse_setting("torch_cpu=avx2", [torch_cpu]) == (torch_cpu, "avx2")
+    with pytest.raises(ValueError, match="unknown setting 'avx3'"):
+        facts.parse_setting("torch_cpu=avx3", [torch_cpu])
+    with pytest.raises(ValueError, match="NAME=SETTING with NAME one of torch_cpu"):
+        facts.parse_setting("tf_onednn", [torch_cpu])
+    with pytest.raises(session.SelectionError, match="one of"):
+        session.make_plan("numpy_oracle", switches=["tf_onednn=off"])  # no selected adapter declares it
+
+
+def test_a_switch_reaches_only_the_adapters_that_declare_it():
+    assert switch_environment("torch_sdpa", {"torch_cpu": "avx2", "tf_onednn": "off"}) == {"ATEN_CPU_CAPABILITY": "avx2"}
+    assert switch_environment("classic_keras", {"torch_cpu": "avx2", "tf_onednn": "off"}) == \
+        {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert switch_environment("numpy_oracle", {"tf_onednn": "off"}) == {}
+
+
+def test_onednn_isa_cap_is_warned_about():
+    assert facts.isa_cap_warning({}) is None
+    text = facts.isa_cap_warning({"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in text and "tf_onednn=off" in text and "crashes" in text
+
+
+def test_conform_warns_when_onednn_isa_cap_is_set(tmp_path):
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-m", "mhabench", "conform", "--adapters", "numpy_oracle", "--areas",
+                          "invalid", "--quick", "--results", str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "warning: ONEDNN_MAX_CPU_ISA=AVX2 is set" in out.stderr, out.stderr[-2000:]
+
+
+def test_switch_options_are_checked_by_the_cli(tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mhabench", "conform", "--adapters", "numpy_oracle",
+                                        "--results", str(tmp_path), *args], capture_output=True, text=True,
+                                       timeout=300)
+    out = run("--switch", "tf_onednn=off")
+    assert out.returncode == 2 and "--switch 'tf_onednn=off': expected NAME=SETTING" in out.stderr
+    out = run("--switches")
+    assert out.returncode == 2 and "no selected adapter declares a kernel switch" in out.stderr
+    out = run("--switches", "--switch", "tf_onednn=off")
+    assert out.returncode == 2 and "cannot be used together" in out.stderr
+
+
+# ---- a crash in one dtype's kernel costs that dtype only ------------------------------------------
+
+def test_a_crash_in_one_dtype_leaves_the_other_dtypes_of_the_case_alone():
+    from mhabench.impls import plugins
+    name = plugins.load_adhoc(f"{PLANTED}:Float16SegfaultingAdapter")
+    rows = run_rows([name], [find_case("self_T8-heads2_kd4")], ["float32", "float16", "float64"],
+                    adhoc=[f"{PLANTED}:Float16SegfaultingAdapter"], timeout=60)
+    by_dtype = {d: {r["status"] for r in rows if r["dtype"] == d} for d in ("float32", "float16", "float64")}
+    assert by_dtype == {"float32": {"pass"}, "float16": {"error"}, "float64": {"pass"}}, by_dtype
+    crashed = next(r for r in rows if r["dtype"] == "float16")
+    assert "worker died" in crashed["message"] and "signal 11" in crashed["message"]
+
+
+# ---- catalogue entries that hold under named facts ---------------------------------------------------
+
+ENTRY = '''
+[[divergence]]
+id = "planted-uniform-under-onednn"
+adapters = ["numpy_oracle"]
+cases = ["self_T8-mask_fully_masked_row"]
+quantities = ["output"]
+facts = { tf_onednn = true }
+observed = "planted"
+oracle_policy = "uniform"
+'''
+
+
+def _load(tmp_path, body):
+    (tmp_path / "x.toml").write_text(body)
+    return catalogue.load(tmp_path)
+
+
+def test_an_entry_applies_only_under_the_facts_it_names(tmp_path):
+    [entry] = _load(tmp_path, ENTRY)
+    assert entry.applies({"tf_onednn": True}) and not entry.applies({"tf_onednn": False})
+    assert not entry.applies(None) and not entry.applies({})
+    assert entry.conditions == "tf_onednn = true" and "when tf_onednn = true" in entry.how
+    [listed] = _load(tmp_path, ENTRY.replace("tf_onednn = true", "torch_vector_bits = [256, 512]"))
+    assert listed.applies({"torch_vector_bits": 256}) and not listed.applies({"torch_vector_bits": 128})
+    with pytest.raises(ValueError, match="unknown fact 'onednn'"):
+        _load(tmp_path, ENTRY.replace("tf_onednn = true", "onednn = true"))
+    with pytest.raises(ValueError, match="must be a table of kernel facts"):
+        _load(tmp_path, ENTRY.replace("facts = { tf_onednn = true }", "facts = 1"))
+
+
+def test_a_row_contradicts_an_entry_only_under_its_facts(tmp_path):
+    entries = _load(tmp_path, ENTRY)
+    case = find_case("self_T8-mask_fully_masked_row")
+    rows = [r for r in evaluate("numpy_oracle", case, ["float32"], entries) if r["quantity"] == "output"]
+    assert rows[0]["status"] == "pass" and rows[0]["contradicts"] is None  # the oracle's facts: {}
+    [check] = catalogue.check(entries, rows, ["numpy_oracle"], full_matrix=True)
+    assert check.status == "unchecked" and "applies when tf_onednn = true" in check.message
+    under = [dict(r, facts={"tf_onednn": True}, contradicts="planted-uniform-under-onednn") for r in rows]
+    [check] = catalogue.check(entries, under, ["numpy_oracle"], full_matrix=True)
+    assert check.status == "stale"
+    [check] = catalogue.check(entries, [dict(r, facts={"tf_onednn": True}) for r in rows], ["numpy_oracle"],
+                              full_matrix=True)
+    assert check.status == "stale" and "show it in no row" in check.message
+
+
+def test_only_unknown_deciding_facts_keep_varies():
+    for entry in catalogue.load():
+        if entry.varies:
+            assert "unknown" in entry.varies, f"{entry.id}: varies must say that the deciding fact is unknown"
+
+
+# ---- the CPU flash kernel's row maximum, modelled with the vector width -----------------------------
+
+PROBE = """
+import json, sys, torch
+torch.manual_seed(0)
+out = {}
+for dtype in ("float32", "float64"):
+    rows = []
+    for S in range(1, 21):
+        dt = getattr(torch, dtype)
+        q, k, v = torch.randn(1, 1, 2, 4, dtype=dt), torch.randn(1, 1, S, 4, dtype=dt), torch.randn(1, 1, S, 4, dtype=dt)
+        q[0, 0, 1, 0] = float("nan")
+        row = torch.nn.functional.scaled_dot_product_attention(q, k, v)[0, 0, 1]
+        rows.append("zero" if bool((row == 0).all()) else "nan" if bool(row.isnan().all()) else "other")
+    out[dtype] = rows
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability().lower(), "rows": out}))
+"""
+
+
+@pytest.mark.skipif(not _installed("torch_sdpa"), reason="torch not installed")
+@pytest.mark.parametrize("capability", facts_switch("torch_cpu").runnable() if _installed("torch_sdpa") else [])
+def test_the_flash_row_max_model_matches_torch_at_each_width_this_cpu_runs(capability):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    measured = json.loads(out.stdout)
+    assert measured["capability"] == capability
+    from mhabench.impls import _torch
+    bits = _torch.VECTOR_BITS[capability]
+    case = find_case("cross_T5_S3-nan_query")
+    for dtype, rows in measured["rows"].items():
+        lanes = bits // (64 if dtype == "float64" else 32)
+        assert rows == ["zero"] * (lanes - 1) + ["nan"] * (20 - lanes + 1), (dtype, rows)
+        model = framework_models.torch_cpu_flash_row_max(case.inputs(), "float64", {"torch_vector_bits": bits},
+                                                         kernel_dtype=dtype)["output"]
+        nan_row = np.isnan(case.inputs().query).any(axis=-1)
+        assert np.all(np.isfinite(model[nan_row])) == (3 < lanes)  # S = 3: a zero-weight row, the output bias
+
+
+# ---- the portability table -------------------------------------------------------------------------
+
+def _row(row_id, status, divergence=None, **facts_):
+    return {"row_id": row_id, "adapter": "a", "case": "c", "area": "special", "dtype": "float32",
+            "quantity": "output", "status": status, "divergence": divergence, "facts": facts_}
+
+
+def test_the_portability_table_lists_changed_verdicts_with_the_facts_that_differ():
+    setting = portability.Setting(facts_switch("tf_onednn"), "off", ["a"])
+    own = [_row("r1", "divergence", "d", tf_onednn=True), _row("r2", "pass", tf_onednn=True)]
+    switched = [_row("r1", "pass", tf_onednn=False), _row("r2", "pass", tf_onednn=False)]
+    [change] = portability.changes(own, switched, setting)
+    assert change["row_id"] == "r1" and change["own_choice"] == "divergence (d)" and change["switched"] == "pass"
+    assert change["facts"] == "tf_onednn: True -> False"
