@@ -253,6 +253,8 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         raise SelectionError(f"divergence catalogue: {exc}") from None
     skip: set[str] = set()
     previous: list[dict] = []
+    if rerun or resume:  # the rows already there were computed under the run's kernel switches: so are the new
+        plan.switches = recorded_switches(layout, plan.switches)
     if rerun:
         adapter, case, dtype = rerun_target(rerun, layout, plan)
         plan = Plan([adapter], [case], [dtype], plan.adhoc, False, switches=plan.switches)
@@ -306,6 +308,23 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
                                                            switches=plan.switches))
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
+
+
+def recorded_switches(layout: results.Layout, given: dict) -> dict:
+    """The kernel switches the run in ``layout`` was made with (its plan.json), which a resumed run or a rerun
+    must use too; SelectionError when ``given`` (``--switch``) names others."""
+    try:
+        recorded = dict((results.read_json(layout.plan) or {}).get("switches") or {}) if layout.plan.is_file() else {}
+    except (ValueError, TypeError, AttributeError):
+        recorded = {}
+    if given and recorded and given != recorded:
+        raise SelectionError(f"{layout.root} was run with --switch {_switch_text(recorded)}, not "
+                             f"{_switch_text(given)}: its rows would mix two machines' kernels")
+    return dict(given or recorded)
+
+
+def _switch_text(switches: dict) -> str:
+    return " --switch ".join(f"{k}={v}" for k, v in sorted(switches.items()))
 
 
 def progress_tally(plan: Plan, history: dict, skip=()) -> Tally:

@@ -307,3 +307,16 @@ def test_the_portability_table_reaches_the_page_and_a_red_setting_the_verdict(tm
     page = render_html(data)
     assert "id='portability'" in page and "tf_onednn: True -&gt; False" in page
     assert "under tf_onednn=off: 1 fail, 0 error rows, 1 stale entries, first some-entry" in page
+
+
+@pytest.mark.skipif(not _installed("torch_sdpa"), reason="torch not installed")
+def test_a_rerun_in_a_switched_results_directory_runs_under_the_same_switch(tmp_path):
+    plan = session.make_plan("torch_sdpa", "float32", "dtypes", quick=True, switches=["torch_cpu=default"])
+    first = session.run(plan, tmp_path)
+    assert {r["facts"]["torch_cpu_capability"] for r in first.rows} == {"default"}
+    row_id = first.rows[0]["row_id"]
+    again = session.run(session.make_plan("torch_sdpa", "float32", "dtypes", quick=True), tmp_path, rerun=row_id)
+    assert next(r for r in again.rows if r["row_id"] == row_id)["facts"]["ATEN_CPU_CAPABILITY"] == "default"
+    with pytest.raises(session.SelectionError, match="would mix two machines' kernels"):
+        session.run(session.make_plan("torch_sdpa", "float32", "dtypes", quick=True, switches=["torch_cpu=avx2"]),
+                    tmp_path, resume=True)
