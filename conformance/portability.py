@@ -80,18 +80,19 @@ def summary(setting: Setting, outcome, changed: list[dict]) -> dict:
             "warnings": session.switch_warnings(outcome.plan, rows)}
 
 
-def run(plan: session.Plan, results_dir, names=None, *, on_setting=lambda label: None, **options):
+def run(plan: session.Plan, results_dir, names=None, *, on_setting=lambda label, root: None, **options):
     """The selection under the machine's own choice, then under each switch setting; the portability table
-    written to ``conformance/portability.json``. Returns (the own-choice outcome, [(setting, outcome)], table)."""
+    written to ``conformance/portability.json``. ``on_setting(label, results directory)`` hears of each run
+    before it starts. Returns (the own-choice outcome, [(setting, outcome)], table)."""
     layout = results.Layout(results_dir)
-    on_setting("the machine's own choice")
+    on_setting("the machine's own choice", layout.root)
     own = session.run(plan, layout.root, **options)
     table = {"own_choice": {"rows": len(own.rows), "fail": len(own.failing), "stale": [c.id for c in own.stale],
                             "facts": own_facts(own.rows)},
              "settings": [], "changes": []}
     done = []
     for setting in settings(plan, names):
-        on_setting(setting.label)
+        on_setting(setting.label, layout.switch_root(setting.folder))
         sub = replace(plan, adapters=setting.adapters, switches={setting.switch.name: setting.setting},
                       include=None if plan.include is None else {t for t in plan.include if t[0] in setting.adapters})
         outcome = session.run(sub, layout.switch_root(setting.folder), **options)

@@ -2,17 +2,18 @@
 
 TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX,
 and torch's vectorised kernels run 16 float lanes under AVX-512 and 8 under AVX2: the same commit can pass on
-one CPU generation and fail on another. Each test runs one adapter under one setting of a kernel switch its
+one CPU generation and fail on another. Each test judges one adapter under one setting of a kernel switch its
 framework declares (``impls.facts.Switch``: TF_ENABLE_ONEDNN_OPTS on and off, every ATEN_CPU_CAPABILITY this
 CPU can run), set in its worker process, over the areas whose verdicts those kernels decide (special values,
-gradients, dtypes; the cases small enough to stay fast), in the selected dtypes (float32 by default), and
-asserts: the framework reports the setting, no row fails or errors, no catalogue entry is contradicted.
+gradients, dtypes: every special case, the reduced matrix of the others, all with --full-matrix), in the
+selected dtypes (float32 by default), and asserts: the framework reports the setting, no row fails or errors,
+no catalogue entry is contradicted.
 """
 import pytest
 
 from mhabench.conformance import catalogue
 from mhabench.conformance import cases as cases_mod
-from mhabench.conformance.pytest_view import describe, selected_adapters, selected_dtypes
+from mhabench.conformance.pytest_view import describe, selected_adapters, selected_dtypes, under_xdist
 from mhabench.conformance.runner import run_rows
 from mhabench.impls import registry
 
@@ -42,14 +43,33 @@ def pytest_generate_tests(metafunc):
 
 
 def _cases(config):
+    """Every case of the special area (where the kernels decide verdicts), the reduced matrix of the other two;
+    with --full-matrix, all of them."""
     found = cases_mod.select(cases_mod.default_cases(), AREAS)
-    return [c for c in found if c.estimated_bytes() <= MAX_CASE_BYTES or config.getoption("--full-matrix")]
+    if config.getoption("--full-matrix"):
+        return found
+    return [c for c in found if (c.area == "special" or c.quick) and c.estimated_bytes() <= MAX_CASE_BYTES]
+
+
+_computed: dict[str, list[dict]] = {}  # setting label -> the rows of every adapter it reaches
+
+
+def _rows(config, switch, setting, adapter) -> list[dict]:
+    """The rows of ``adapter`` under ``setting``, computed with every adapter the setting reaches, once: their
+    worker processes share the cores (under pytest-xdist all of a setting's tests go to one xdist worker, which
+    runs them one process at a time)."""
+    label = f"{switch.name}={setting}"
+    if label not in _computed:
+        adapters = [a for s, v, a in _settings(config) if (s.name, v) == (switch.name, setting)]
+        _computed[label] = run_rows(adapters, _cases(config), selected_dtypes(config), switches={switch.name: setting},
+                                    jobs=1 if under_xdist(config) else None,
+                                    timeout=config.getoption("--conform-timeout"))
+    return [r for r in _computed[label] if r["adapter"] == adapter]
 
 
 def test_conformance_under_another_machines_kernels(switched, request):
     switch, setting, adapter = switched
-    rows = run_rows([adapter], _cases(request.config), selected_dtypes(request.config), jobs=1,
-                    switches={switch.name: setting}, timeout=request.config.getoption("--conform-timeout"))
+    rows = _rows(request.config, switch, setting, adapter)
     ran = [r for r in rows if r.get("facts")]
     assert ran, f"no row of {adapter} ran: {rows[0]['message'] if rows else 'no rows'}"
     reported = {r["facts"].get(switch.fact) for r in ran}

@@ -43,6 +43,7 @@ KERNEL_FACTS = {
     "torch_vector_bits": "the width of torch's at::vec::Vectorized under that capability (512 or 256)",
     "torch_mkldnn": "torch's oneDNN (mkldnn) backend is available and enabled",
     "torch_threads": "torch's intra-op threads (torch.get_num_threads())",
+    "inductor_vector_bits": "the vector width Inductor compiles CPU kernels for (None: scalar code)",
     "keras_backend": "the Keras backend running the layer",
     "xla_cpu_flags": "the --xla_cpu_* flags of XLA_FLAGS (None: XLA targets the CPU's own ISA)",
     "jax_backend": "jax.default_backend()",

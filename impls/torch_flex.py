@@ -171,4 +171,23 @@ class TorchFlexAdapter(_torch.TorchAdapter):
         if reason is None and cpu and mode == "compiled" and dtype == "float64":
             return ("dtype float64: Inductor's FlexAttention CPU template raises 'torch.float, torch.float16 and "
                     "torch.bfloat16 are supported in FlexAttention for CPU device'")
+        if reason is None and cpu and mode == "compiled" and inductor_vector_bits() is None:
+            return ("device cpu: Inductor compiles for no vector ISA here (torch's scalar capability: "
+                    "ATEN_CPU_CAPABILITY=default, or a CPU without AVX2), and its CPU FlexAttention template does not "
+                    "compile without one: CppCompileError, 'transpose_block' and 'pack_vnni2' are not members of "
+                    "'at::vec'")
         return reason
+
+    def kernel_facts(self):
+        return {**super().kernel_facts(), "inductor_vector_bits": inductor_vector_bits()}
+
+
+def inductor_vector_bits() -> int | None:
+    """The vector width Inductor compiles CPU code for in this process (it follows ATEN_CPU_CAPABILITY and the
+    CPU: torch/_inductor/cpu_vec_isa.py, pick_vec_isa), None for none; 0 where torch cannot say."""
+    try:
+        from torch._inductor import cpu_vec_isa
+        isa = cpu_vec_isa.pick_vec_isa()
+    except Exception:  # a torch without this module: let the compile decide
+        return 0
+    return isa.bit_width() if isa else None

@@ -117,23 +117,25 @@ def main(args) -> int:
     budget = int(args.memory_budget * 2**20) if args.memory_budget else None
     layout = results.Layout(args.results)
     displays = [progress_display(sys.stderr, args.progress_every)]  # one per run (--switches runs several)
+    journal = [layout.rows]  # where the current run's rows go
 
     def start(tally):
         plan = tally.plan
         shard = f" (shard {plan.shard[0]}/{plan.shard[1]}: {plan.rows} of {plan.rows_all_shards} rows)" \
             if plan.shard else ""
         print(f"mhabench conform: {len(plan.cases)} cases x {len(plan.adapters)} adapters x {len(plan.dtypes)} "
-              f"dtypes = {plan.rows_all_shards} rows{shard} -> {layout.rows}", file=sys.stderr, flush=True)
+              f"dtypes = {plan.rows_all_shards} rows{shard} -> {journal[-1]}", file=sys.stderr, flush=True)
         for name, why in plan.reduced.items():
             print(f"  {name}: the reduced matrix only (--every-case for all): {why}", file=sys.stderr, flush=True)
         displays[-1].start(tally)
     options = dict(timeout=args.timeout, jobs=args.jobs, memory_budget=budget, on_start=start,
                    on_rows=lambda rows: displays[-1].update(rows), warn=warn, machine=args.machine)
 
-    def next_setting(label):
+    def next_setting(label, root):
         if displays[-1].tally is not None:  # the previous run's display ends before the next one starts
             displays[-1].finish()
             displays.append(progress_display(sys.stderr, args.progress_every))
+        journal.append(results.Layout(root).rows)
         print(f"mhabench conform: kernels: {label}", file=sys.stderr, flush=True)
     if plan.switches:
         print(f"mhabench conform: kernel switches forced: "
