@@ -96,7 +96,7 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     if found is None:
         return None
     meta = dict(found.meta)
-    rows = _tidy_conformance(found.rows)
+    rows = _tidy_conformance([row.to_dict() for row in found.rows])
     rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
@@ -114,7 +114,6 @@ def _tidy_conformance(records: list) -> pd.DataFrame:
     for column in results.NUMERIC:
         rows[column] = pd.to_numeric(rows[column], errors="coerce")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
-    rows["kernel"] = [results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])]
     return rows.reset_index(drop=True)
 
 
