@@ -415,11 +415,13 @@ class Layer:
             memory.check_call_fits(call, self.spec, numpy_dtype(self.dtype).itemsize, gradients)
         return call
 
-    def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=True, *,
+    def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=False, *,
                  training=False, seed=None, window=None, bias=None, query_lengths=None, key_value_lengths=None):
-        """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype;
-        ``scores`` is None unless ``return_scores``. ``causal`` (False, True, "top_left", "bottom_right"),
-        ``window``, ``bias`` and the lengths mean what :func:`impls.validation.validate_call` says."""
+        """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype; ``scores`` is
+        None unless ``return_scores`` (off by default, as Keras's ``return_attention_scores``: the default
+        call is the framework's, the path its users run). ``causal`` (False, True, "top_left",
+        "bottom_right"), ``window``, ``bias`` and the lengths mean what :func:`impls.validation.validate_call`
+        says."""
         call = self._validated(query, value, key, mask, causal, dict(
             window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
             return_scores=return_scores, training=training)
