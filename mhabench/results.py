@@ -40,7 +40,8 @@ from .schema import AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, ST
 PROBLEM_STATUSES = (Status.ERROR, Status.FAIL, Status.DIVERGENCE, Status.UNSUPPORTED, Status.SKIP)  # worst first
 
 __all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
-           "Row", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results", "summarise", "meta"]
+           "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
+           "summarise", "meta"]
 
 
 class Layout:
@@ -325,15 +326,6 @@ def meaningful_ratio(row: Row | dict) -> float | None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio):
         return None
     return float(ratio)
-
-
-def kernel_of(adapter: str, recorded=None) -> str:
-    """The kernel a record ran: the one it recorded; for a record written before kernels were recorded
-    (a benchmark's FLOPs record, a table built from such rows), the one its adapter's name gives
-    (:func:`mhabench.schema.legacy_kernel`). Rows read through :class:`Row` always carry theirs."""
-    if isinstance(recorded, str) and recorded:
-        return recorded
-    return legacy_kernel(adapter)
 
 
 def summarise(rows) -> dict[tuple[str, str], dict]:

@@ -188,7 +188,8 @@ def load_flops(results_dir: Path, problems: list) -> dict:
 
 
 def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
-    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs, else its adapter's."""
+    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs; for results written before
+    kernels were recorded, the one its adapter's name gives (``legacy_kernel``, as ``Row`` reads old rows)."""
     if frame.empty or "adapter" not in frame:
         return frame
     recorded = {}
@@ -196,7 +197,8 @@ def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
         params = record.get("params") or {}
         recorded[params.get("adapter")] = record.get("kernel")
     frame = frame.copy()
-    frame["kernel"] = [None if a is None or a != a else results.kernel_of(a, recorded.get(a)) for a in frame["adapter"]]
+    frame["kernel"] = [None if a is None or a != a else recorded.get(a) or results.legacy_kernel(a)
+                       for a in frame["adapter"]]
     return frame
 
 

@@ -96,10 +96,10 @@ cell_state = results.worst_status  # the worst status present in one matrix cell
 
 
 def _kernels(rows: pd.DataFrame) -> dict:
-    """adapter -> the kernel its rows ran (one per adapter: a kernel variant is its own adapter)."""
+    """adapter -> the kernel its rows recorded (one per adapter: a kernel variant is its own adapter)."""
     if "kernel" not in rows:
-        return {a: results.kernel_of(a) for a in rows["adapter"].unique()}
-    return {a: results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])}
+        return {a: results.DEFAULT_KERNEL for a in rows["adapter"].unique()}
+    return dict(zip(rows["adapter"], rows["kernel"]))
 
 
 def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
@@ -485,8 +485,7 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
                 out.append({
                     "class": klass, "method": method, "device": device, "machine": line["machine"].iloc[0],
                     "series": series, "adapter": line["adapter"].iloc[0],
-                    "kernel": results.kernel_of(line["adapter"].iloc[0], line["kernel"].iloc[0] if "kernel" in line
-                                                else None),
+                    "kernel": line["kernel"].iloc[0] if "kernel" in line else results.DEFAULT_KERNEL,
                     "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "points": len(finite),
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,
