@@ -21,6 +21,8 @@ from .compare import compare, max_abs_diff
 
 # a key of ``Layer.gradients`` (an input, a weight, the bias) -> the quantity of its gradient
 GRADIENT_OF = {q.gradient_of: q for q in Quantity if q.is_gradient}
+# what every row records about its adapter, from the adapter's own declarations (Row fields of the same names)
+ADAPTER_FACTS = ("framework", "kernel", "opset")
 
 
 def _oracle_backward():
@@ -34,8 +36,8 @@ def _oracle_backward():
 def case_row(adapter, case: Case | InvalidCase, dtype: str, quantity: str, device: str = "cpu", **verdict) -> Row:
     """The row of ``adapter x case x dtype x quantity``: what the adapter and the case were, and ``verdict``
     (status, message, figures, what the adapter recorded about the call)."""
-    return Row(adapter=adapter.name, framework=adapter.framework, framework_version=adapter.version(), case=case.id,
-               area=case.area, dtype=dtype, device=device, quantity=quantity, kernel=adapter.kernel,
+    return Row(adapter=adapter.name, framework_version=adapter.version(), case=case.id, area=case.area, dtype=dtype,
+               device=device, quantity=quantity, **{fact: getattr(adapter, fact) for fact in ADAPTER_FACTS},
                **case.row_fields(), **verdict)
 
 

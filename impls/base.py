@@ -213,6 +213,7 @@ class Adapter:
     # variant (registered as "<adapter>+<kernel>") restricts the framework to one kernel, so a case that kernel
     # refuses is unsupported with the framework's reason instead of silently running another kernel.
     kernel: str = "default"
+    opset: int | None = None  # the ONNX opset of the graphs the adapter runs (ONNX Runtime adapters); None: none
     # why the framework cannot run a call with no key at all (S = 0), or "" when it can
     empty_keys_refused: str = ""
     # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):

@@ -423,6 +423,7 @@ class Row:
     bias: str | None = None
     lengths: str | None = None
     duration_s: float | None = None
+    opset: int | None = None         # the ONNX opset of the graphs an ONNX Runtime adapter runs
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)

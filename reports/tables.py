@@ -140,7 +140,8 @@ def _gqa(spec) -> bool:
 
 def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per adapter: counts and the pass rate over the rows that ran to a verdict."""
-    columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences", "kernel"]
+    columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences", "kernel",
+               "opset"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -156,6 +157,7 @@ def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
         judged = sum(record[s] for s in ("pass", "fail", "divergence", "error"))
         record["pass_rate"] = record["pass"] / judged if judged else math.nan
         record["divergences"] = int(group["divergence"].dropna().nunique())
+        record["opset"] = _first(group["opset"].astype("Int64")) if "opset" in group else None
         out.append(record)
     return pd.DataFrame(out, columns=columns)
 

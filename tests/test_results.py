@@ -167,3 +167,21 @@ def test_a_row_whose_id_does_not_name_it_is_not_a_row(tmp_path):
     path.write_text(json.dumps({**_row(0), "row_id": "a-other-float32-output"}) + "\n")
     journal = results.read_rows(path)
     assert not journal.rows and "does not name its row" in journal.problems[0]
+
+
+def test_an_adapter_fact_travels_from_the_adapter_to_the_report(tmp_path):
+    """The ONNX opset an adapter declares is on each of its rows, in results.json and .csv, and in the
+    report's per-adapter table: one Row field, one name in evaluate.ADAPTER_FACTS."""
+    from mhabench import impls
+    from mhabench.conformance.cases import find_case
+    from mhabench.conformance.evaluate import case_row
+    from mhabench.reports import load, tables
+    case = find_case("self_T8-heads2_kd4")
+    rows = [case_row(impls.get_adapter(name), case, "float32", "output", status="pass")
+            for name in ("ort_attention", "torch_mha@ort", "torch_sdpa")]
+    assert [r.opset for r in rows] == [24, 25, None]
+    results.write_results(tmp_path, rows, {})
+    with open(results.Layout(tmp_path).results_csv) as f:
+        assert [r["opset"] for r in csv.DictReader(f)] == ["24", "25", ""]
+    summary = tables.adapter_summary(load.load_conformance(tmp_path).rows).set_index("adapter")["opset"]
+    assert list(summary[["ort_attention", "torch_mha@ort"]]) == ["24", "25"] and summary.isna()["torch_sdpa"]
