@@ -126,10 +126,11 @@ class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     description = ("torch.nn.MultiheadAttention as torch_mha calls it, exported by torch.onnx.export (dynamo, "
                    "opset 25, dynamic axes) and run by onnxruntime")
 
+    layer_class = torch_mha.TorchMHALayer  # torch_mha's layer: its module, weights, mask translation and call
+
     def _build(self, spec, weights, dtype, device, mode, **options):
-        """torch_mha's layer (its module, weights, mask translation and call), composed with an ExportedCall that
-        runs the module's call as an ONNX graph."""
-        return torch_mha.TorchMHALayer(self, spec, weights, dtype, device, mode, module_call=ExportedCall, **options)
+        """torch_mha's layer, composed with an ExportedCall that runs the module's call as an ONNX graph."""
+        return self.layer_class(self, spec, weights, dtype, device, mode, module_call=ExportedCall, **options)
 
     @property
     def supported_extensions(self):

@@ -310,7 +310,7 @@ def test_exported_mha_float64_weights_call_holds_a_float32_rounded_scale():
     layer = EXPORTED.build(spec, w, dtype="float64")
     x = np.random.default_rng(1).normal(size=(2, 5, 6))
     out, _ = layer(x, x, return_scores=True)
-    [model] = [m for key, m in torch_mha_ort._templates.items() if key[0] == layer.structure and "True" in str(key)]
+    [model] = [m for key, m in torch_mha_ort._templates.items() if key[0] == layer._fn.structure and "True" in str(key)]
     scalars = [numpy_helper.to_array(i) for i in model.graph.initializer if numpy_helper.to_array(i).dtype == np.float64
                and numpy_helper.to_array(i).size == 1]
     assert float(np.float32(np.sqrt(0.5))) in [float(a) for a in scalars]
