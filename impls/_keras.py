@@ -17,7 +17,7 @@ import numpy as np
 
 from ..schema import Refusal
 from . import cache, memory, worker
-from .base import Adapter, Capabilities, Layer, UnsupportedError, kernel_refusals, to_numpy
+from .base import Adapter, Layer, UnsupportedError, kernel_refusals, to_numpy
 from .spec import Weights
 from .validation import numpy_dtype
 

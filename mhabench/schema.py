@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 __all__ = ["Name", "DType", "Status", "Area", "Quantity", "Feature", "RefusalKind", "Refusal", "FindingKind",

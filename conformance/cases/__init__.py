@@ -23,6 +23,12 @@ from .pairs import PAIR_DESIGN, PAIR_EXCLUDED, PAIR_FACTORS, case_factors, pair_
 from .random_cases import (describe_random, random_case, random_case_from_id, random_cases,  # noqa: F401
                            reproducer)
 
+__all__ = ["AnyCase", "FAMILIES", "default_cases", "select", "find_case", "from_dict",
+           "Case", "Inputs", "InvalidCase", "BadCall", "INVALID_INPUTS", "DTYPES", "FORWARD_QUANTITIES",
+           "MASK_KINDS", "BIAS_KINDS", "LENGTHS_KINDS", "SPECIALS", "case_seed", "spec", "make_mask", "make_bias",
+           "make_lengths", "PAIR_FACTORS", "PAIR_DESIGN", "PAIR_EXCLUDED", "case_factors", "pair_case",
+           "pair_coverage", "describe_random", "random_case", "random_cases", "random_case_from_id", "reproducer"]
+
 AnyCase = Case | InvalidCase
 FAMILIES = (shapes, masks, special, gradients, invalid, modern, pairs)  # each module's cases() joins the matrix
 
