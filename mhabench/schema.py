@@ -490,6 +490,12 @@ class Row:
     def keys(self) -> tuple[str, ...]:
         return FIELDS
 
+    def items(self):
+        return self.to_dict().items()
+
+    def __contains__(self, name) -> bool:
+        return name in _FIELD_SET
+
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Row))
 _FIELD_SET = frozenset(FIELDS)

@@ -60,6 +60,7 @@ def test_a_row_is_typed_immutable_and_written_in_field_order():
     assert list(record) == list(FIELDS) and record["status"] == "fail" and type(record["status"]) is str
     assert Row.from_dict(json.loads(json.dumps(record))) == failed
     assert failed["status"] == "fail" and failed.get("nothing", 7) == 7 and {**failed}["message"] == "off"
+    assert dict(failed.items()) == record and "divergence" in failed and "nothing" not in failed
     assert pickle.loads(pickle.dumps(failed)) == failed
 
 
