@@ -311,8 +311,8 @@ def evaluate_invalid(adapter_name: str, case: InvalidCase, device: str = "cpu") 
         return row(status=Status.ERROR, duration_s=duration, message=f"harness: the shared validation did not "
                                                                       f"reject {case.invalid} (got {expected!r})")
     if got is None:
-        return row(status=Status.FAIL, duration_s=duration, message=f"no exception: the bad input was accepted "
-                                                                     f"(expected {type(expected).__name__}: {expected})")
+        return row(status=Status.FAIL, duration_s=duration,
+                   message=f"no exception: the bad input was accepted (expected {type(expected).__name__}: {expected})")
     if type(got) is not type(expected) or str(got) != str(expected):
         return row(status=Status.FAIL, duration_s=duration, message=f"raised {type(got).__name__}: {got} -- "
                                                                      f"expected {type(expected).__name__}: {expected}")

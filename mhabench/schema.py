@@ -190,9 +190,9 @@ class Refusal(str):
     adapter's words.
 
     A Refusal is also its text (``"dtype float16: <reason>"``, ``"<feature description>: <reason>"``,
-    ``"<subject>: <reason>"`` or the bare reason for a constraint), so code written when ``unsupported_reason`` returned a string
-    keeps working: it compares with None, tests its truth, searches and formats it. Readers that need
-    the kind read ``kind``, never the text."""
+    ``"<subject>: <reason>"`` or the bare reason for a constraint), so code written when
+    ``unsupported_reason`` returned a string keeps working: it compares with None, tests its truth,
+    searches and formats it. Readers that need the kind read ``kind``, never the text."""
 
     def __new__(cls, kind, subject: str | None, reason: str, text: str | None = None):
         kind = RefusalKind.parse(kind, "refusal kind")

@@ -162,8 +162,8 @@ class Case:
         """What each row of the case records about it (``mhabench.schema.Row``'s case fields)."""
         return {"seed": self.seed, "spec": self.spec, "query_shape": list(self.query_shape),
                 "key_shape": list(self.key_shape) if self.key_shape else None, "value_shape": list(self.value_shape),
-                "mask": self.mask, "causal": self.causal, "window": list(self.window) if self.window is not None else None,
-                "bias": self.bias, "lengths": self.lengths}
+                "mask": self.mask, "causal": self.causal, "bias": self.bias, "lengths": self.lengths,
+                "window": list(self.window) if self.window is not None else None}
 
     def to_dict(self) -> dict:
         d = asdict(self)
