@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mhabench import results
+from mhabench.schema import Status
 
 from . import session
 
@@ -45,8 +46,8 @@ def settings(plan: session.Plan, names=None, isa=None) -> list[Setting]:
     return out
 
 
-def verdict(row: dict) -> str:
-    return row["status"] + (f" ({row['divergence']})" if row.get("divergence") else "")
+def verdict(row) -> str:
+    return row.status.value + (f" ({row.divergence})" if row.divergence else "")
 
 
 def differing_facts(a: dict | None, b: dict | None) -> str:
@@ -57,25 +58,25 @@ def differing_facts(a: dict | None, b: dict | None) -> str:
 
 def changes(base_rows, switched_rows, setting: Setting) -> list[dict]:
     """The rows whose verdict differs between the machine's own choice and ``setting``."""
-    base = {r["row_id"]: r for r in base_rows}
+    base = {r.row_id: r for r in base_rows}
     out = []
     for row in switched_rows:
-        before = base.get(row["row_id"])
-        if before is None or (before["status"], before.get("divergence")) == (row["status"], row.get("divergence")):
+        before = base.get(row.row_id)
+        if before is None or (before.status, before.divergence) == (row.status, row.divergence):
             continue
-        out.append({"switch": setting.switch.name, "setting": setting.setting, "adapter": row["adapter"],
-                    "row_id": row["row_id"], "case": row["case"], "area": row["area"], "dtype": row["dtype"],
-                    "quantity": row["quantity"], "own_choice": verdict(before), "switched": verdict(row),
-                    "facts": differing_facts(before.get("facts"), row.get("facts"))})
+        out.append({"switch": setting.switch.name, "setting": setting.setting, "adapter": row.adapter,
+                    "row_id": row.row_id, "case": row.case, "area": row.area.value, "dtype": row.dtype.value,
+                    "quantity": row.quantity.value, "own_choice": verdict(before), "switched": verdict(row),
+                    "facts": differing_facts(before.facts, row.facts)})
     return out
 
 
 def summary(setting: Setting, outcome, changed: list[dict]) -> dict:
     rows = outcome.rows
-    count = lambda status: sum(r["status"] == status for r in rows)
+    count = lambda status: sum(r.status is status for r in rows)
     return {"switch": setting.switch.name, "setting": setting.setting, "variable": setting.switch.variable,
             "value": setting.switch.value(setting.setting), "adapters": setting.adapters, "rows": len(rows),
-            "changed": len(changed), "fail": count("fail"), "error": count("error"),
+            "changed": len(changed), "fail": count(Status.FAIL), "error": count(Status.ERROR),
             "stale": [c.id for c in outcome.stale], "results": f"switches/{setting.folder}",
             "warnings": session.switch_warnings(outcome.plan, rows)}
 
@@ -108,6 +109,6 @@ def own_facts(rows) -> dict:
     """Per adapter, the facts its rows were computed under (the first row's; one process's)."""
     out: dict = {}
     for row in rows:
-        if row.get("facts") and row["adapter"] not in out:
-            out[row["adapter"]] = row["facts"]
+        if row.facts and row.adapter not in out:
+            out[row.adapter] = row.facts
     return out

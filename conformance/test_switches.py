@@ -64,18 +64,18 @@ def _rows(config, switch, setting, adapter) -> list[dict]:
         _computed[label] = run_rows(adapters, _cases(config), selected_dtypes(config), switches={switch.name: setting},
                                     jobs=1 if under_xdist(config) else None,
                                     timeout=config.getoption("--conform-timeout"))
-    return [r for r in _computed[label] if r["adapter"] == adapter]
+    return [r for r in _computed[label] if r.adapter == adapter]
 
 
 def test_conformance_under_another_machines_kernels(switched, request):
     switch, setting, adapter = switched
     rows = _rows(request.config, switch, setting, adapter)
-    ran = [r for r in rows if r.get("facts")]
-    assert ran, f"no row of {adapter} ran: {rows[0]['message'] if rows else 'no rows'}"
-    reported = {r["facts"].get(switch.fact) for r in ran}
+    ran = [r for r in rows if r.facts]
+    assert ran, f"no row of {adapter} ran: {rows[0].message if rows else 'no rows'}"
+    reported = {r.facts.get(switch.fact) for r in ran}
     assert reported == {switch.expect[setting]}, \
         f"{switch.variable}={switch.value(setting)}: {adapter} reports {switch.fact} = {reported}"
-    bad = [r for r in rows if r["status"] in ("fail", "error")]
+    bad = [r for r in rows if r.status.failing]
     assert not bad, "\n".join(describe(r) for r in bad)
     stale = [c for c in catalogue.check(catalogue.load(), rows, [adapter]) if c.status == "stale"]
     assert not stale, "\n".join(f"{c.id}: {c.message}" for c in stale)

@@ -47,7 +47,6 @@ KERNEL_FACTS = {
     "keras_backend": "the Keras backend running the layer",
     "xla_cpu_flags": "the --xla_cpu_* flags of XLA_FLAGS (None: XLA targets the CPU's own ISA)",
     "jax_backend": "jax.default_backend()",
-    "onnx_opset": "the ONNX opset of the graphs onnxruntime runs",
     "ort_provider": "the onnxruntime execution provider",
     "facts_error": "why the framework could not report its facts",
 }

@@ -16,6 +16,7 @@ from mhabench.conformance.cases import find_case
 from mhabench.conformance.evaluate import evaluate
 from mhabench.conformance.runner import run_rows, switch_environment
 from mhabench.impls import facts
+from mhabench.schema import Row
 
 PLANTED = Path(__file__).with_name("planted_adapters.py")
 SPR_FLAGS = ("fpu sse4_2 avx avx2 fma f16c avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx_vnni "
@@ -48,7 +49,7 @@ def test_a_run_records_the_machine_facts_and_every_row_its_kernel_facts(tmp_path
     assert meta["machine_facts"]["cpu_model"] and meta["machine_facts"]["isa"] == \
         sorted(facts.isa_flags(), key=facts.ISA_FLAGS.index)
     assert meta["switches"] == {}
-    assert all(r["facts"] == {} for r in outcome.rows)  # the oracle's kernels are numpy's: a machine fact
+    assert all(r.facts == {} for r in outcome.rows)  # the oracle's kernels are numpy's: a machine fact
     assert "facts" in results.FIELDS
 
 
@@ -117,10 +118,10 @@ def test_a_crash_in_one_dtype_leaves_the_other_dtypes_of_the_case_alone():
     name = plugins.load_adhoc(f"{PLANTED}:Float16SegfaultingAdapter")
     rows = run_rows([name], [find_case("self_T8-heads2_kd4")], ["float32", "float16", "float64"],
                     adhoc=[f"{PLANTED}:Float16SegfaultingAdapter"], timeout=60)
-    by_dtype = {d: {r["status"] for r in rows if r["dtype"] == d} for d in ("float32", "float16", "float64")}
+    by_dtype = {d: {r.status.value for r in rows if r.dtype == d} for d in ("float32", "float16", "float64")}
     assert by_dtype == {"float32": {"pass"}, "float16": {"error"}, "float64": {"pass"}}, by_dtype
-    crashed = next(r for r in rows if r["dtype"] == "float16")
-    assert "worker died" in crashed["message"] and "signal 11" in crashed["message"]
+    crashed = next(r for r in rows if r.dtype == "float16")
+    assert "worker died" in crashed.message and "signal 11" in crashed.message
 
 
 # ---- catalogue entries that hold under named facts ---------------------------------------------------
@@ -158,14 +159,14 @@ def test_an_entry_applies_only_under_the_facts_it_names(tmp_path):
 def test_a_row_contradicts_an_entry_only_under_its_facts(tmp_path):
     entries = _load(tmp_path, ENTRY)
     case = find_case("self_T8-mask_fully_masked_row")
-    rows = [r for r in evaluate("numpy_oracle", case, ["float32"], entries) if r["quantity"] == "output"]
-    assert rows[0]["status"] == "pass" and rows[0]["contradicts"] is None  # the oracle's facts: {}
+    rows = [r for r in evaluate("numpy_oracle", case, ["float32"], entries) if r.quantity == "output"]
+    assert rows[0].status == "pass" and rows[0].contradicts is None  # the oracle's facts: {}
     [check] = catalogue.check(entries, rows, ["numpy_oracle"], full_matrix=True)
     assert check.status == "unchecked" and "applies when tf_onednn = true" in check.message
-    under = [dict(r, facts={"tf_onednn": True}, contradicts="planted-uniform-under-onednn") for r in rows]
+    under = [r.replace(facts={"tf_onednn": True}, contradicts="planted-uniform-under-onednn") for r in rows]
     [check] = catalogue.check(entries, under, ["numpy_oracle"], full_matrix=True)
     assert check.status == "stale"
-    [check] = catalogue.check(entries, [dict(r, facts={"tf_onednn": True}) for r in rows], ["numpy_oracle"],
+    [check] = catalogue.check(entries, [r.replace(facts={"tf_onednn": True}) for r in rows], ["numpy_oracle"],
                               full_matrix=True)
     assert check.status == "stale" and "show it in no row" in check.message
 
@@ -216,17 +217,18 @@ def test_the_flash_row_max_model_matches_torch_at_each_width_this_cpu_runs(capab
 
 # ---- the portability table -------------------------------------------------------------------------
 
-def _row(row_id, status, divergence=None, **facts_):
-    return {"row_id": row_id, "adapter": "a", "case": "c", "area": "special", "dtype": "float32",
-            "quantity": "output", "status": status, "divergence": divergence, "facts": facts_}
+def _row(case, status, divergence=None, **facts_):
+    return Row(adapter="a", case=case, area="special", dtype="float32", quantity="output", status=status,
+               divergence=divergence, facts=facts_)
 
 
 def test_the_portability_table_lists_changed_verdicts_with_the_facts_that_differ():
     setting = portability.Setting(facts_switch("tf_onednn"), "off", ["a"])
-    own = [_row("r1", "divergence", "d", tf_onednn=True), _row("r2", "pass", tf_onednn=True)]
-    switched = [_row("r1", "pass", tf_onednn=False), _row("r2", "pass", tf_onednn=False)]
+    own = [_row("c1", "divergence", "d", tf_onednn=True), _row("c2", "pass", tf_onednn=True)]
+    switched = [_row("c1", "pass", tf_onednn=False), _row("c2", "pass", tf_onednn=False)]
     [change] = portability.changes(own, switched, setting)
-    assert change["row_id"] == "r1" and change["own_choice"] == "divergence (d)" and change["switched"] == "pass"
+    assert change["row_id"] == "a-c1-float32-output" and change["own_choice"] == "divergence (d)"
+    assert change["switched"] == "pass"
     assert change["facts"] == "tf_onednn: True -> False"
 
 
@@ -242,10 +244,9 @@ def _results_dir(root, rows, machine_facts=None, portability_table=None):
     return root
 
 
-def _full_row(row_id, status, facts_, divergence=None, message=""):
-    return {"row_id": row_id, "adapter": "classic_keras", "case": "c", "area": "special", "dtype": "float32",
-            "quantity": "grad_value", "status": status, "divergence": divergence, "message": message,
-            "device": "cpu", "facts": facts_}
+def _full_row(case, status, facts_, divergence=None, message=""):
+    return Row(adapter="classic_keras", case=case, area="special", dtype="float32", quantity="grad_value",
+               status=status, divergence=divergence, message=message, facts=facts_)
 
 
 def reports_collect(path, **kwargs):
@@ -313,10 +314,10 @@ def test_the_portability_table_reaches_the_page_and_a_red_setting_the_verdict(tm
 def test_a_rerun_in_a_switched_results_directory_runs_under_the_same_switch(tmp_path):
     plan = session.make_plan("torch_sdpa", "float32", "dtypes", quick=True, switches=["torch_cpu=default"])
     first = session.run(plan, tmp_path)
-    assert {r["facts"]["torch_cpu_capability"] for r in first.rows} == {"default"}
-    row_id = first.rows[0]["row_id"]
+    assert {r.facts["torch_cpu_capability"] for r in first.rows} == {"default"}
+    row_id = first.rows[0].row_id
     again = session.run(session.make_plan("torch_sdpa", "float32", "dtypes", quick=True), tmp_path, rerun=row_id)
-    assert next(r for r in again.rows if r["row_id"] == row_id)["facts"]["ATEN_CPU_CAPABILITY"] == "default"
+    assert next(r for r in again.rows if r.row_id == row_id).facts["ATEN_CPU_CAPABILITY"] == "default"
     with pytest.raises(session.SelectionError, match="would mix two machines' kernels"):
         session.run(session.make_plan("torch_sdpa", "float32", "dtypes", quick=True, switches=["torch_cpu=avx2"]),
                     tmp_path, resume=True)
