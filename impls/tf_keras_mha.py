@@ -33,9 +33,11 @@ class TfKerasMHALayer(Layer):
         import tf_keras
         self.tf, self.tf_keras, self.weights = tf, tf_keras, weights
         self.tf_device = "/GPU:0" if device.startswith("cuda") else "/CPU:0"
-        self._layers: dict = {}  # rank -> (layer, canonical name -> variable, call, gradient function)
-        if _keras.default_rank(spec) is not None:
-            self._layer(_keras.default_rank(spec))
+        # rank -> (layer, canonical name -> variable, call, gradient function), built at the first call of each
+        # rank, after the shared validation: building runs the layer once, and with TensorFlow's oneDNN kernels
+        # on, its Softmax refuses the scores of more than 5 dimensions that a spec's widest rank can have
+        # (AbortedError 'Input dims must be <= 5'), which must not pre-empt the validation's message
+        self._layers: dict = {}
 
     def _layer(self, rank: int):
         if rank not in self._layers:
