@@ -11,9 +11,8 @@ no catalogue entry is contradicted.
 """
 import pytest
 
-from mhabench.conformance import catalogue
 from mhabench.conformance import cases as cases_mod
-from mhabench.conformance.pytest_view import describe, selected_adapters, selected_dtypes, under_xdist
+from mhabench.conformance.pytest_view import catalogue, describe, selected_adapters, selected_dtypes, under_xdist
 from mhabench.conformance.runner import run_rows
 from mhabench.impls import registry
 
@@ -51,20 +50,21 @@ def _cases(config):
     return [c for c in found if (c.area == "special" or c.quick) and c.estimated_bytes() <= MAX_CASE_BYTES]
 
 
-_computed: dict[str, list[dict]] = {}  # setting label -> the rows of every adapter it reaches
+COMPUTED = pytest.StashKey[dict]()  # on the config: setting label -> the rows of every adapter it reaches
 
 
-def _rows(config, switch, setting, adapter) -> list[dict]:
-    """The rows of ``adapter`` under ``setting``, computed with every adapter the setting reaches, once: their
-    worker processes share the cores (under pytest-xdist all of a setting's tests go to one xdist worker, which
-    runs them one process at a time)."""
+def _rows(config, switch, setting, adapter) -> list:
+    """The rows of ``adapter`` under ``setting``, computed with every adapter the setting reaches, once per pytest
+    run: their worker processes share the cores (under pytest-xdist all of a setting's tests go to one xdist
+    worker, which runs them one process at a time)."""
+    computed = config.stash.setdefault(COMPUTED, {})
     label = f"{switch.name}={setting}"
-    if label not in _computed:
+    if label not in computed:
         adapters = [a for s, v, a in _settings(config) if (s.name, v) == (switch.name, setting)]
-        _computed[label] = run_rows(adapters, _cases(config), selected_dtypes(config), switches={switch.name: setting},
-                                    jobs=1 if under_xdist(config) else None,
-                                    timeout=config.getoption("--conform-timeout"))
-    return [r for r in _computed[label] if r.adapter == adapter]
+        computed[label] = run_rows(adapters, _cases(config), selected_dtypes(config), switches={switch.name: setting},
+                                   jobs=1 if under_xdist(config) else None,
+                                   timeout=config.getoption("--conform-timeout"))
+    return [r for r in computed[label] if r.adapter == adapter]
 
 
 def test_conformance_under_another_machines_kernels(switched, request):
@@ -77,5 +77,5 @@ def test_conformance_under_another_machines_kernels(switched, request):
         f"{switch.variable}={switch.value(setting)}: {adapter} reports {switch.fact} = {reported}"
     bad = [r for r in rows if r.status.failing]
     assert not bad, "\n".join(describe(r) for r in bad)
-    stale = [c for c in catalogue.check(catalogue.load(), rows, [adapter]) if c.status == "stale"]
+    stale = [c for c in catalogue(request.config).check(rows, [adapter]) if c.status == "stale"]
     assert not stale, "\n".join(f"{c.id}: {c.message}" for c in stale)
