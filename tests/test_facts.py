@@ -321,3 +321,10 @@ def test_a_rerun_in_a_switched_results_directory_runs_under_the_same_switch(tmp_
     with pytest.raises(session.SelectionError, match="would mix two machines' kernels"):
         session.run(session.make_plan("torch_sdpa", "float32", "dtypes", quick=True, switches=["torch_cpu=avx2"]),
                     tmp_path, resume=True)
+
+
+def test_the_tests_of_one_switch_setting_share_one_xdist_worker():
+    from mhabench.conformance.pytest_view import switch_setting_of
+    node = "conformance/test_switches.py::test_conformance_under_another_machines_kernels[tf_onednn=off-keras_mha@torch]"
+    assert switch_setting_of(node) == "tf_onednn=off"
+    assert switch_setting_of("conformance/test_special.py::test_conformance[keras_mha-self_T8-nan_query-float32]") is None
