@@ -176,6 +176,9 @@ def dense_variables(layer, attributes: dict) -> dict:
 TENSORFLOW_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
 
+TENSORFLOW_SOURCE = "TensorFlow allocator peak"
+
+
 def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
     """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
     call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
@@ -244,6 +247,9 @@ class KerasAdapter(Adapter):
         if self.backend == "tensorflow":
             env.update(TENSORFLOW_ENV)
         return env
+
+    def memory_source(self, device="cpu"):
+        return TENSORFLOW_SOURCE if self.backend == "tensorflow" else super().memory_source(device)
 
     def peak_memory(self, fn, device="cpu"):
         if self.backend == "tensorflow":

@@ -307,6 +307,18 @@ class KerasMHALayer(Layer):
     def _output(self, inputs):
         return self._run(inputs, False, False)[0]
 
+    def native_program_bytes(self, inputs, backward=False):
+        """XLA's figure for the jitted forward on JAX in compiled mode (the backward's gradients are taken
+        outside one program, so it has none)."""
+        if self.ops.backend != "jax" or self.mode != "compiled" or backward:
+            return None
+        from ._jax import program_bytes
+        x = inputs["inputs"]
+        layer, _, fn = self._layer(x["call"].rank, x["window"])
+        trainable, non_trainable = self._state(layer)
+        return program_bytes(fn, trainable, non_trainable, x["query"], x["value"], x["key"], x["mask"],
+                             (x["causal"], False, False))
+
     def _forward(self, call, return_scores, training, seed):
         with kernel_refusals(self.adapter.name, self.flash_attention is True, "Keras's flash_attention=True"):
             return super()._forward(call, return_scores, training, seed)

@@ -156,5 +156,8 @@ class TfKerasMHAAdapter(Adapter):
     def worker_env(self):
         return dict(_keras.TENSORFLOW_ENV)
 
+    def memory_source(self, device="cpu"):
+        return _keras.TENSORFLOW_SOURCE
+
     def peak_memory(self, fn, device="cpu"):
         return _keras.tensorflow_peak_rise(fn, device)

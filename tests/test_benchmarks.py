@@ -7,13 +7,16 @@ import pytest
 from mhabench import impls
 from mhabench.benchmarks import bench_attention, bench_machine, common
 from mhabench.benchmarks.profiles import Profile, get_profile
+from mhabench.benchmarks.sampling import Sampling
 from mhabench.cli import main as cli_main
 from mhabench.benchmarks import sweep
 from mhabench import results
 
-TINY = Profile("tiny", seq_lens=(16,), num_heads=(2,), model_dim=16)
+TINY = Profile("tiny", seq_lens=(16,), num_heads=(2,), model_dim=16,
+               sampling=Sampling(max_samples=8, max_seconds=0.05, warmup_seconds=0.0, memory_samples=3))
 CLASSES = (bench_attention.SelfAttention, bench_attention.CausalSelfAttention, bench_attention.CrossAttention)
-METHODS = ("time_forward", "time_forward_backward", "track_peakmem_forward", "track_peakmem_forward_backward")
+METHODS = ("track_time_forward", "track_time_forward_backward", "track_peakmem_forward",
+           "track_peakmem_forward_backward")
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +56,9 @@ def test_every_method_runs_once(cls, adapter):
                 run_method(bench, method, params)
             continue
         value = run_method(bench, method, params)
-        if method.startswith("track_peakmem"):
-            assert isinstance(value, int) and value >= 0
-        else:
-            assert value is None
+        # asv's timing form: the samples (per call) its own statistics summarise, one call per sample
+        assert value["number"] == 1 and len(value["samples"]) >= TINY.sampling.floor_samples
+        assert all(isinstance(v, (int, float)) and v >= 0 for v in value["samples"])
 
 
 def test_setup_records_the_flops_the_report_divides_by_time(tmp_path):
@@ -86,7 +88,7 @@ def test_backward_skip_is_recorded_once_per_method(tmp_path):
     params = ("numpy_oracle", "eager", 16, 2, "cpu")
     for _ in range(3):  # asv re-runs setup for every sample: the file must not grow
         with pytest.raises(NotImplementedError):
-            run_method(bench_attention.SelfAttention(), "time_forward_backward", params)
+            run_method(bench_attention.SelfAttention(), "track_time_forward_backward", params)
     rows = skips(tmp_path)
     assert {r["benchmark"] for r in rows} == {f"bench_attention.SelfAttention.{m}"
                                               for m in bench_attention.BACKWARD_METHODS}
@@ -214,24 +216,23 @@ def test_quick_plan_groups_adapters_by_framework_and_keeps_each_in_one_mode():
     assert [c.key for c in plan] == ["torch", "jax"]
     torch_names = picked_names("quick", plan[0].regexes)
     assert all("'cuda'" not in n for n in torch_names)
-    # self and causal self-attention, time and per-call memory forward, L = 128 ... 2048 at 8 heads;
-    # 4096 too for torch_sdpa, whose kernel never holds the scores
-    per_adapter = 2 * 2 * 5
-    assert len(torch_names) == 2 * per_adapter + 2 * 2 + 1  # + Machine on cpu
+    # self and causal self-attention, time and per-call memory forward, L = 128 ... 4096 at 8 heads (under a
+    # budget the kernels that hold the scores reach 4096 only where it allows)
+    per_adapter = 2 * 2 * 6
+    assert len(torch_names) == 2 * per_adapter + 1  # + Machine on cpu
     assert all("'eager'" in n for n in torch_names if "bench_attention" in n)
     assert {n.split(".")[1] for n in torch_names if "bench_attention" in n} == {"SelfAttention", "CausalSelfAttention"}
-    assert not any(", 4096, " in n for n in torch_names if "'torch_mha'" in n)
     jax_names = picked_names("quick", plan[1].regexes)
     assert len(jax_names) == per_adapter and all("('jax_dpa', 'compiled'," in n for n in jax_names)
 
 
 def test_chunk_plan_by_class_with_a_regex():
-    plan = sweep.chunk_plan("default", ["jax_dpa"], ["cpu", "cuda"], r"time_forward\(.*, 4096, ")
+    plan = sweep.chunk_plan("default", ["jax_dpa"], ["cpu", "cuda"], r"track_time_forward\(.*, 4096, ")
     assert [c.key for c in plan] == ["jax_dpa:SelfAttention", "jax_dpa:CausalSelfAttention",
                                      "jax_dpa:CrossAttention"]
     picked = picked_names("default", plan[0].regexes)
     assert len(picked) == 2 * 4 * 2  # modes x heads x devices
-    assert all(n.startswith("bench_attention.SelfAttention.time_forward('jax_dpa'") and ", 4096, " in n
+    assert all(n.startswith("bench_attention.SelfAttention.track_time_forward('jax_dpa'") and ", 4096, " in n
                for n in picked)
 
 
