@@ -174,8 +174,10 @@ class Planner:
     budget: float
     started: float
     skipped: list[Skipped] = field(default_factory=list)
+    uncovered: dict = field(default_factory=dict)  # adapter -> (its coverage, predicted cost, seconds left then)
     _queue: list = field(default_factory=list)
     _phase: int = 0
+    _group: int = 0
 
     def __post_init__(self):
         self.by_adapter: dict[str, dict[int, list[Bench]]] = defaultdict(lambda: defaultdict(list))
@@ -202,26 +204,47 @@ class Planner:
         if benches:
             self.skipped.append(Skipped(benches, f"{BUDGET_REASON}: {why}", predicted))
 
-    def coverage(self, now: float) -> list[Step]:
-        """Each adapter's shortest lengths; an adapter whose coverage does not fit what is left is not run."""
+    def _coverage_of(self, adapter: str) -> list[Bench]:
+        lengths = sorted(self.by_adapter[adapter])
+        self.growing[adapter] = lengths[self.coverage_lengths:]
+        return [b for length in lengths[:self.coverage_lengths] for b in self.by_adapter[adapter][length]]
+
+    def coverage(self, now: float, adapters: list[str]) -> list[Step]:
+        """The shortest lengths of ``adapters`` (one process group, or the ones left over), each where its
+        predicted cost fits what is left; the others wait in ``uncovered``."""
         chosen, left = [], self.left(now)
-        for adapter in self.adapters:
-            lengths = sorted(self.by_adapter[adapter])
-            self.growing[adapter] = lengths[self.coverage_lengths:]
-            benches = [b for length in lengths[:self.coverage_lengths] for b in self.by_adapter[adapter][length]]
+        for adapter in adapters:
+            benches = self._coverage_of(adapter)
             group = self.group_of(adapter)
-            predicted = sum(self.model.point_seconds(b, group) for b in benches)
-            new_group = all(self.group_of(b.adapter) != group for b in chosen)
-            cost = predicted + (self.model.step_seconds(group, []) if new_group else 0.0)
+            cost = sum(self.model.point_seconds(b, group) for b in benches)
+            if all(self.group_of(b.adapter) != group for b in chosen):
+                cost += self.model.step_seconds(group, [])
             if cost > left:
-                self._skip(benches + [b for length in self.growing.pop(adapter) for b in
-                                      self.by_adapter[adapter][length]],
-                           f"its coverage was predicted at {cost:.0f} s with {max(left, 0):.0f} s of the budget left",
-                           cost)
+                self.uncovered[adapter] = (benches, cost, max(left, 0.0))
                 continue
+            self.uncovered.pop(adapter, None)
             chosen.extend(benches)
             left -= cost
         return self._steps_of("coverage", chosen)
+
+    def _drop_uncovered(self) -> None:
+        """What still does not fit after every group had its turn is not run, nor anything longer."""
+        for adapter, (benches, cost, left) in self.uncovered.items():
+            longer = [b for length in self.growing.pop(adapter, []) for b in self.by_adapter[adapter][length]]
+            self._skip(benches + longer, f"its coverage was predicted at {cost:.0f} s with {left:.0f} s of the "
+                                         f"budget left", cost)
+
+    def _no_longer_sweeps(self) -> None:
+        """An adapter went without its coverage: no sweep goes longer (coverage comes first)."""
+        missing = ", ".join(self.uncovered)
+        for adapter in list(self.growing):
+            rest = self.growing.pop(adapter)
+            group = self.group_of(adapter)
+            for length in rest:
+                more = self.by_adapter[adapter][length]
+                predicted = sum(self.model.point_seconds(b, group) for b in more)
+                self._skip(more, f"L={length} not run: {missing} did not get its coverage within the budget, and "
+                                 f"no sweep goes longer before every adapter has it", predicted)
 
     def grow(self, now: float, tier: list[str]) -> list[Step]:
         """The next length of each adapter of ``tier`` still growing, where it fits the adapter's share."""
@@ -255,12 +278,26 @@ class Planner:
         return self._steps_of("L" + "+".join(map(str, lengths)), chosen)
 
     def next_step(self, now: float) -> Step | None:
-        """The next asv run, or None when the sweep is done (the re-measurement is the sweep's own)."""
+        """The next asv run, or None when the sweep is done (the re-measurement is the sweep's own).
+
+        Coverage is decided one process group at a time, just before its run, so each decision reads the
+        costs the runs before it measured; an adapter left over is tried once more after every group."""
         while not self._queue:
             if self._phase == 0:
-                self._queue = self.coverage(now)
+                groups = list(dict.fromkeys(self.group_of(a) for a in self.adapters))
+                if self._group < len(groups):
+                    members = [a for a in self.adapters if self.group_of(a) == groups[self._group]]
+                    self._group += 1
+                    self._queue = self.coverage(now, members)
+                    continue
+                self._queue = self.coverage(now, list(self.uncovered)) if self.uncovered else []
                 self._phase = 1
             elif self._phase == 1:
+                self._drop_uncovered()
+                if self.uncovered:
+                    self._no_longer_sweeps()
+                    self._phase = 4
+                    continue
                 fused = [a for a in self.adapters if not self.holds_scores(a)]
                 self._queue = self.grow(now, fused)
                 if not self._queue:

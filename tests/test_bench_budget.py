@@ -100,8 +100,11 @@ def test_a_budget_too_small_for_coverage_drops_whole_adapters_and_says_so():
     plan = planner(30)
     steps, end = drive(plan)
     ran_adapters = {b.adapter for s in steps for b in s.benches}
-    dropped = {b.adapter for item in plan.skipped for b in item.benches if "coverage" in item.reason}
-    assert dropped and not ran_adapters & dropped and end <= 30
+    dropped = {b.adapter for item in plan.skipped for b in item.benches if "its coverage was predicted" in item.reason}
+    assert dropped and ran_adapters and not ran_adapters & dropped and end <= 30
+    # coverage first: while an adapter goes without its coverage, no other sweep goes longer
+    assert all(b.seq_len <= LENGTHS[3] for s in steps for b in s.benches)
+    assert any("no sweep goes longer" in item.reason for item in plan.skipped)
 
 
 def test_the_cost_model_predicts_from_the_lines_fit_and_the_sampling_rules():
