@@ -451,8 +451,8 @@ def implausible(points: dict[budget.Bench, dict]) -> dict[budget.Bench, plausibi
         if quantity not in ("time", "memory"):
             continue
         at = {bench.seq_len: bench for bench, _ in members}
-        made = [plausibility.Point(bench.seq_len, point_value(r), *(r.get("ci95") or (math.nan, math.nan)))
-                for bench, r in members]
+        made = [plausibility.Point(bench.seq_len, point_value(r), float(r.get("q25") or math.nan),
+                                   float(r.get("q75") or math.nan)) for bench, r in members]
         holds = registry.get_adapter(line[1]).score_buffers > 0 if line[1] in registry.list_adapters() else None
         _, breaches = plausibility.check(made, quantity, holds)
         for breach in breaches:

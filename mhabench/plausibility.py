@@ -8,8 +8,10 @@ Both read the rules here, so what is measured again and what is flagged are the 
 The rules, each a physical bound rather than an expectation of speed:
 
 - **time falls with L**: a longer sequence is never less work, so a time that drops as L grows, by more
-  than the noise of both points (their intervals apart, and by more than the sampling target), is a
-  measurement of something else (the machine was busy for one of the points).
+  than the noise of both points (their interquartile ranges apart, and by more than the sampling target), is
+  a measurement of something else (the machine was busy for one of the points). The interquartile range is
+  the noise because it is defined for every point, however few its samples (a slow point may stop at three,
+  where an interval of the median says little).
 - **memory grows faster than L²**: the largest thing attention holds is the [B, H, T, S] scores, so the
   per-call memory's exponent cannot exceed 2 (beyond ``MEMORY_EXPONENT_SLACK``, for allocator rounding).
 - **time grows slower than L^0.8 for a kernel that holds the scores**: such a kernel writes T x S scores per
@@ -25,7 +27,7 @@ FIT_POINTS = 3                  # the exponent is fitted over this many of the l
 MEMORY_EXPONENT_MAX = 2.0
 MEMORY_EXPONENT_SLACK = 0.25
 TIME_EXPONENT_MIN = 0.8         # for a kernel that holds the scores
-FALL_MARGIN = 0.02              # a fall smaller than the sampling target is noise, whatever the intervals say
+FALL_MARGIN = 0.02              # a fall smaller than the sampling target is noise, whatever the spreads say
 GOOD_FIT, FAIR_FIT = 0.05, 0.15  # typical distance of the fitted points from the power law
 
 # ``mhabench bench --verify``: the suite's time over plain timing of the same call in the same process; outside
@@ -40,7 +42,8 @@ RULES = (TIME_FALLS, MEMORY_EXPONENT, TIME_EXPONENT)
 
 @dataclass(frozen=True)
 class Point:
-    """One measured point: its median, and the interval of the median (nan where exact or unknown)."""
+    """One measured point: its median, and the spread of its samples (the quartiles; nan where exact or
+    unknown)."""
 
     length: int
     value: float
@@ -102,10 +105,10 @@ def _seconds(value: float) -> str:
     return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
 
 
-def _interval(point: Point) -> str:
+def _spread(point: Point) -> str:
     if not (math.isfinite(point.low) and math.isfinite(point.high)):
         return ""
-    return f" [{_seconds(point.low)}, {_seconds(point.high)}]"
+    return f" (IQR {_seconds(point.low)}-{_seconds(point.high)})"
 
 
 def falls(points: list[Point]) -> list[Breach]:
@@ -118,9 +121,9 @@ def falls(points: list[Point]) -> list[Breach]:
         apart = not (math.isfinite(longer.high) and math.isfinite(shorter.low)) or longer.high < shorter.low
         if apart:
             out.append(Breach(TIME_FALLS, (shorter.length, longer.length),
-                              f"L={longer.length}: {_seconds(longer.value)}{_interval(longer)} is "
+                              f"L={longer.length}: {_seconds(longer.value)}{_spread(longer)} is "
                               f"{1 - longer.value / shorter.value:.0%} below L={shorter.length}: "
-                              f"{_seconds(shorter.value)}{_interval(shorter)}"))
+                              f"{_seconds(shorter.value)}{_spread(shorter)}"))
     return out
 
 

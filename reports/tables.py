@@ -458,9 +458,9 @@ QUANTITY = {"time_forward": "time", "time_forward_backward": "time", "track_peak
 
 
 def _points(line: pd.DataFrame) -> list:
-    """The line's finite points, each with the interval of its median where asv gives one."""
+    """The line's finite points, each with its samples' quartiles where asv gives them."""
     cols = [line[c] if c in line else pd.Series([math.nan] * len(line), index=line.index)
-            for c in ("ci_low", "ci_high")]
+            for c in ("q25", "q75")]
     return [plausibility.Point(int(L), float(v), float(lo) if lo == lo else math.nan, float(hi) if hi == hi else math.nan)
             for L, v, lo, hi in zip(line["seq_len"], line["value"], *cols) if v == v and v > 0]
 

@@ -144,7 +144,7 @@ def test_the_steps_start_and_process_overhead_are_learned():
 
 def test_implausible_lines_are_found_from_the_points_journal():
     def record(L, value, quantity="time"):
-        return {"quantity": quantity, "median": value, "ci95": [value * 0.99, value * 1.01],
+        return {"quantity": quantity, "median": value, "q25": value * 0.99, "q75": value * 1.01,
                 "program_bytes": None, "charted": "probe", "probe_median": value}
     time_line = {b: record(b.seq_len, {1024: 0.8, 2048: 0.4}.get(b.seq_len, b.seq_len / 1000))
                  for b in benches(["torch_sdpa"]) if b.name.endswith("SelfAttention.track_time_forward")

@@ -29,15 +29,15 @@ def test_the_fit_recovers_a_power_law_over_the_largest_lengths_and_says_how_well
     assert power_fit([128, 256, 512], [1.0, float("nan"), 4.0]).quality == "two points: exact, untested"
 
 
-def test_time_falling_with_L_beyond_both_intervals_breaks_a_rule():
-    values = [1.0, 2.0, 4.0, 8.0, 6.0, 30.0]  # L=2048 25% below L=1024, intervals +-5%: apart
+def test_time_falling_with_L_beyond_both_spreads_breaks_a_rule():
+    values = [1.0, 2.0, 4.0, 8.0, 6.0, 30.0]  # L=2048 25% below L=1024, quartiles +-5%: apart
     _, breaches = check(line(values, 0.05), "time", holds_scores=False)
     assert [b.rule for b in breaches] == [plausibility.TIME_FALLS]
     assert breaches[0].lengths == (1024, 2048) and "25% below L=1024" in breaches[0].detail
 
 
 def test_a_fall_within_the_noise_or_the_sampling_target_does_not():
-    assert check(line([1.0, 2.0, 4.0, 8.0, 6.0, 30.0], 0.2), "time")[1] == []  # the intervals overlap
+    assert check(line([1.0, 2.0, 4.0, 8.0, 6.0, 30.0], 0.2), "time")[1] == []  # the spreads overlap
     assert check(line([1.0, 2.0, 4.0, 8.0, 7.9, 30.0], 0.0), "time")[1] == []  # 1.25%: below the target
 
 

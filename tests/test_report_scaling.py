@@ -77,7 +77,7 @@ def quadratic(scale, exponent=2.0):
 def scaled(tmp_path):
     lines = {("SelfAttention", "track_time_forward", "torch_sdpa"): quadratic(1e-3, 1.6),
              ("SelfAttention", "track_time_forward", "torch_mha"): quadratic(2e-3),
-             # a busy machine: keras_mha's time at 2048 below 1024, well past both intervals
+             # a busy machine: keras_mha's time at 2048 below 1024, well past both spreads
              ("SelfAttention", "track_time_forward", "keras_mha"): [1e-4, 2e-4, 4e-4, 8e-3, 4e-4],
              ("SelfAttention", "track_time_forward", "jax_dpa"): quadratic(1.5e-3),
              ("SelfAttention", "track_peakmem_forward", "torch_sdpa"): quadratic(1e6, 1.0),
