@@ -128,7 +128,7 @@ def _draw_line(ax, line: pd.DataFrame, colour, label: str, flagged: bool, hollow
 
 
 def scaling_chart(frame: pd.DataFrame, klass: str, method: str, device, flagged: set = frozenset(),
-                  y_of=None, unit: str | None = None, guides: bool = True) -> str | None:
+                  y_of=None, unit: str | None = None, guides: bool = True, title: str | None = None) -> str | None:
     """Value against L on log-log axes, one panel per framework family (small multiples), each with the reference
     line (torch_sdpa) and the O(L) and O(L²) guides; a line's legend entry gives its fitted exponent, and the
     legend runs in the order the lines end at the largest L. A line that breaks a plausibility rule
@@ -179,7 +179,8 @@ def scaling_chart(frame: pd.DataFrame, klass: str, method: str, device, flagged:
         ax.set_ylabel(UNIT_LABELS.get(unit, plain(unit)))
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
-    fig.suptitle(plain(f"{klass}: {METHOD_TITLES.get(method, method)} ({device}, heads={heads})"), fontsize=11)
+    fig.suptitle(plain(f"{klass}: {title or METHOD_TITLES.get(method, method)} ({device}, heads={heads})"),
+                 fontsize=11)
     fig.tight_layout()
     return to_data_uri(fig)
 
@@ -191,10 +192,12 @@ def fraction_chart(frame: pd.DataFrame, klass: str, method: str, device, peaks: 
     def fraction(rows):
         peak = [peaks.get((str(m), str(d)), math.nan) for m, d in zip(rows["machine"], rows["device"])]
         return rows["value"].to_numpy(float) / np.asarray(peak, float)
-    uri = None
-    if any(np.isfinite(v) for v in peaks.values()):
-        uri = scaling_chart(frame, klass, method, device, flagged, y_of=fraction, unit="fraction", guides=False)
-    return uri
+    known = [v for v in peaks.values() if np.isfinite(v)]
+    if not known:
+        return None
+    title = f"{METHOD_TITLES.get(method, method)} as a fraction of the GEMM peak ({max(known):.0f} GFLOP/s)"
+    return scaling_chart(frame, klass, method, device, flagged, y_of=fraction, unit="fraction", guides=False,
+                         title=title)
 
 
 def heads_chart(frame: pd.DataFrame, klass: str, method: str) -> str | None:

@@ -177,3 +177,38 @@ def test_budget_option(text, seconds):
 def test_bad_budget_is_a_one_line_error(text):
     with pytest.raises(sweep.SweepError, match="--budget"):
         sweep.parse_budget(text)
+
+
+def test_points_of_an_implausible_line_are_measured_again_in_a_fresh_run_and_recorded(tmp_path, monkeypatch):
+    import json
+    import time
+    from mhabench import results
+    from mhabench.benchmarks import sampling
+    layout = results.Layout(tmp_path)
+    layout.bench.mkdir(parents=True)
+    line = [b for b in benches(["torch_sdpa"]) if b.name.endswith(".SelfAttention.track_time_forward")]
+    falling = {128: 1.0, 256: 2.0, 512: 4.0, 1024: 8.0, 2048: 3.0, 4096: 30.0}
+
+    def write(values):
+        with open(layout.points, "a") as fh:
+            for b in line:
+                v = values[b.seq_len]
+                fh.write(json.dumps({"benchmark": b.name, "params": b.param_dict, "quantity": "time", "median": v,
+                                     "q25": v * 0.99, "q75": v * 1.01, "samples": 6, "time": time.time()}) + "\n")
+    write(falling)
+    calls = []
+
+    def step(self, key, group, regexes, count, *, extra_env=None, peaks=True, deadline=None):
+        calls.append((key, regexes, extra_env))
+        write({**falling, 1024: 8.0, 2048: 16.0})  # measured again: the fall was the machine
+        return "ran"
+    monkeypatch.setattr(sweep.Run, "step", step)
+    run = sweep.Run(None, layout, None, "c", {}, set(), {}, False, lambda line: None)
+    assert run.remeasure(set(line)) == 2
+    [(key, regexes, env)] = calls
+    assert key == "remeasure:torch" and env == {sampling.ENV_SCALE: str(sweep.REMEASURE_SCALE)}
+    assert sweep.exact_regexes([b for b in line if b.seq_len in (1024, 2048)]) == regexes
+    again = [json.loads(x) for x in layout.remeasured.read_text().splitlines()]
+    assert {(r["params"]["seq_len"], r["before"], r["after"]) for r in again} == {(1024, 8.0, 8.0), (2048, 3.0, 16.0)}
+    assert all(r["rule"] == "time falls with L" for r in again)
+    assert run.remeasure(set(line)) == 0  # the line is plausible now: nothing to measure again
