@@ -363,12 +363,13 @@ STOPPED = -1  # stream's answer when it stopped asv at the deadline
 def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, deadline: float | None = None) -> int:
     """Run asv, echoing its progress with the chunk as prefix; stderr is merged. ``deadline`` (time.monotonic):
     asv is stopped there and STOPPED returned (its results of this run are lost: asv writes them at its end)."""
+    # under a deadline asv runs in a session of its own, so stopping it stops its forkserver and benchmark too
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, cwd=BENCHMARK_DIR.parent)
+                            bufsize=1, cwd=BENCHMARK_DIR.parent, start_new_session=deadline is not None)
     timer = None
     if deadline is not None:
         import threading
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), proc.terminate)
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), _stop_session, (proc,))
         timer.daemon = True
         timer.start()
     try:
@@ -381,7 +382,7 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, d
             return STOPPED
         return code
     except KeyboardInterrupt:
-        proc.terminate()
+        _stop_session(proc) if deadline is not None else proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -390,6 +391,15 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, d
     finally:
         if timer is not None:
             timer.cancel()
+
+
+def _stop_session(proc) -> None:
+    """SIGTERM to asv and every process it started (their session is asv's own)."""
+    import signal
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def measure_peak(layout: results.Layout, env, label: str, say, prefix: str, devices=("cpu",)) -> None:

@@ -212,3 +212,29 @@ def test_points_of_an_implausible_line_are_measured_again_in_a_fresh_run_and_rec
     assert {(r["params"]["seq_len"], r["before"], r["after"]) for r in again} == {(1024, 8.0, 8.0), (2048, 3.0, 16.0)}
     assert all(r["rule"] == "time falls with L" for r in again)
     assert run.remeasure(set(line)) == 0  # the line is plausible now: nothing to measure again
+
+
+def test_an_asv_run_past_the_deadline_is_stopped_with_what_it_started(tmp_path):
+    import sys
+    import time
+    import os
+    pid_file = tmp_path / "child"
+    script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started', flush=True); "
+              "time.sleep(60)")
+    said = []
+    started = time.monotonic()
+    code = sweep.stream([sys.executable, "-c", script], None, "[t]", verbose=True, say=said.append,
+                        deadline=time.monotonic() + 2.0)
+    assert code == sweep.STOPPED and time.monotonic() - started < 30 and said == ["[t] started"]
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the child asv would have started (its forkserver) is stopped with it
+        try:
+            os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the child of the stopped run is still running")
