@@ -17,6 +17,9 @@ The rules, each a physical bound rather than an expectation of speed:
 - **time grows slower than L^0.8 for a kernel that holds the scores**: such a kernel writes T x S scores per
   head, so its time grows at least linearly once the work dominates the per-call overhead (the exponent is
   fitted over the largest lengths, where it does).
+- **time grows faster than L^2.5**: attention's work grows as L² (the projections as L); the memory
+  hierarchy stretches that a little as the scores leave a cache, not past 2.5. A steeper line had its
+  longest points measured on a busier machine.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ FIT_POINTS = 3                  # the exponent is fitted over this many of the l
 MEMORY_EXPONENT_MAX = 2.0
 MEMORY_EXPONENT_SLACK = 0.25
 TIME_EXPONENT_MIN = 0.8         # for a kernel that holds the scores
+TIME_EXPONENT_MAX = 2.5
 FALL_MARGIN = 0.02              # a fall smaller than the sampling target is noise, whatever the spreads say
 GOOD_FIT, FAIR_FIT = 0.05, 0.15  # typical distance of the fitted points from the power law
 
@@ -37,7 +41,8 @@ VERIFY_RANGE = (0.95, 1.05)
 TIME_FALLS = "time falls with L"
 MEMORY_EXPONENT = "memory grows faster than L²"
 TIME_EXPONENT = "time grows slower than L^0.8 for a kernel that holds the scores"
-RULES = (TIME_FALLS, MEMORY_EXPONENT, TIME_EXPONENT)
+TIME_STEEP = "time grows faster than L^2.5"
+RULES = (TIME_FALLS, MEMORY_EXPONENT, TIME_EXPONENT, TIME_STEEP)
 
 
 @dataclass(frozen=True)
@@ -143,4 +148,8 @@ def check(points: list[Point], quantity: str, holds_scores: bool | None = None) 
             breaches.append(Breach(TIME_EXPONENT, fit.lengths,
                                    f"exponent {fit.exponent:.2f} over {span}: below {TIME_EXPONENT_MIN}, though the "
                                    f"kernel writes L² scores"))
+        if quantity == "time" and fit.exponent > TIME_EXPONENT_MAX:
+            breaches.append(Breach(TIME_STEEP, fit.lengths,
+                                   f"exponent {fit.exponent:.2f} over {span}: above {TIME_EXPONENT_MAX}, though the "
+                                   f"work grows as L²"))
     return fit, breaches

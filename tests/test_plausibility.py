@@ -59,6 +59,13 @@ def test_a_kernel_holding_the_scores_cannot_be_timed_sublinear():
     assert check(line(lengths ** 1.2), "time", holds_scores=True)[1] == []
 
 
+def test_time_cannot_grow_much_faster_than_the_work():
+    lengths = np.array(LENGTHS, float)
+    _, breaches = check(line(1e-9 * lengths ** 2.8), "time", holds_scores=True)
+    assert [b.rule for b in breaches] == [plausibility.TIME_STEEP] and breaches[0].lengths == (1024, 2048, 4096)
+    assert check(line(1e-9 * lengths ** 2.3), "time", holds_scores=True)[1] == []  # a cache boundary's stretch
+
+
 def test_a_line_too_short_to_fit_is_judged_only_by_its_falls():
     _, breaches = check([Point(128, 1.0), Point(256, 0.5)], "time", holds_scores=True)
     assert [b.rule for b in breaches] == [plausibility.TIME_FALLS]
