@@ -295,8 +295,9 @@ class PreparedCase:
                  "samples": len(found.seconds), "stopped": found.stopped, "warmup_calls": found.warmup_calls,
                  "sampling_seconds": found.wall_seconds, "setup_seconds": self.setup_seconds,
                  "scale": float(os.environ.get(sampling.ENV_SCALE) or 1)}
-        if verify:
-            facts["verify"] = {"median": statistics.median(hand), "samples": len(hand)}
+        if verify:  # each plain call ran right after its suite sample: their ratio sees one load
+            paired = statistics.median(s / h for s, h in zip(found.seconds, hand) if h > 0)
+            facts["verify"] = {"median": statistics.median(hand), "samples": len(hand), "paired_ratio": paired}
         record_point(benchmark, self.case.params(), facts)
         return {"samples": found.seconds, "number": 1}
 

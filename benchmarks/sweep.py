@@ -478,7 +478,8 @@ def verify_table(points: list[tuple[budget.Bench, dict]]) -> list[dict]:
     for bench, record in newest.items():
         hand = record["verify"]["median"]
         rows.append({"benchmark": bench.name, "adapter": bench.adapter, "class": bench.line[0], "L": bench.seq_len,
-                     "suite": record["median"], "hand": hand, "ratio": record["median"] / hand if hand else math.nan})
+                     "suite": record["median"], "hand": hand, "ratio": record["median"] / hand if hand else math.nan,
+                     "paired": record["verify"].get("paired_ratio", math.nan)})
     return sorted(rows, key=lambda r: (r["adapter"], r["class"], r["L"]))
 
 
@@ -742,6 +743,6 @@ def _say_verify(sweep: Run, chosen: set) -> None:
     sweep.say(f"mhabench bench --verify: suite / plain timing per point (the same call, timed plainly after each "
               f"of the suite's samples in the same process; outside [{low}, {high}] flagged)")
     for row in rows:
-        flag = "" if low <= row["ratio"] <= high else "  <-- outside"
+        flag = "" if low <= row["paired"] <= high else "  <-- outside"
         sweep.say(f"  {row['adapter']:<22} {row['class']:<20} L={row['L']:<5} suite {row['suite'] * 1e3:9.3f} ms  "
-                  f"plain {row['hand'] * 1e3:9.3f} ms  ratio {row['ratio']:.3f}{flag}")
+                  f"plain {row['hand'] * 1e3:9.3f} ms  ratio {row['ratio']:.3f}  paired {row['paired']:.3f}{flag}")

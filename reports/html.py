@@ -547,16 +547,19 @@ def section_verify(data: ReportData) -> str:
     outside = verify[verify["flag"] != ""]
     shown = verify.assign(suite=[format_value(v, "seconds") for v in verify["suite"]],
                           plain=[format_value(v, "seconds") for v in verify["plain"]])
-    ratio = lambda c, v, r: (f"<td class='num{' fault' if r['flag'] else ''}'>{v:.3f}</td>" if c == "ratio" else None)
+    ratio = lambda c, v, r: (f"<td class='num{' fault' if r['flag'] else ''}'>{v:.3f}</td>"
+                             if c in ("ratio", "paired_ratio") and v == v else None)
     return (f"<h3 id='verify'>Timings checked against plain timing</h3><p class='muted'><code>mhabench bench "
             f"--verify</code> timed each point's forward call a second way, in the same process: perf_counter_ns "
             f"around the call alone (which ends with the adapter's own sync), once after each of the suite's own "
-            f"samples, so both see the same load; the plain figure is the median. Suite / plain outside "
-            f"[{low}, {high}] is flagged: {len(outside)} of {len(verify)} points. This checks how the suite times "
+            f"samples, so both see the same load; the plain figure is the median. The ratio is suite / plain; "
+            f"the paired ratio is the median of each sample over the plain call right after it, which load that "
+            f"changes from second to second does not move. Outside [{low}, {high}] (the paired ratio) is "
+            f"flagged: {len(outside)} of {len(verify)} points. This checks how the suite times "
             f"the adapter's call (its sampling, asv's statistics, what reaches this page); it does not check the "
             f"adapter's call against attention written by hand.</p>"
-            + table(shown, ["class", "device", "series", "L", "suite", "plain", "ratio", "samples", "plain_samples",
-                            "flag"], cell=ratio, limit=DRILL_DOWN_LIMIT))
+            + table(shown, ["class", "device", "series", "L", "suite", "plain", "ratio", "paired_ratio", "samples",
+                            "plain_samples", "flag"], cell=ratio, limit=DRILL_DOWN_LIMIT))
 
 
 def section_points(data: ReportData) -> str:

@@ -245,7 +245,8 @@ def with_points(frame: pd.DataFrame, points: dict, remeasured: dict) -> pd.DataF
     """What the suite recorded of each point beside asv's figures: why its sampling stopped, both memory figures
     and which one is the result, the plain timing's median (``--verify``) and, for a point measured again
     because its line broke a plausibility rule, the rule and the value before."""
-    columns = [*POINT_COLUMNS.values(), "verify_median", "verify_samples", "remeasured_rule", "remeasured_before"]
+    columns = [*POINT_COLUMNS.values(), "verify_median", "verify_samples", "verify_paired_ratio", "remeasured_rule",
+               "remeasured_before"]
     frame = frame.copy()
     for column in columns:
         frame[column] = None
@@ -253,7 +254,8 @@ def with_points(frame: pd.DataFrame, points: dict, remeasured: dict) -> pd.DataF
         return frame
     keys = [(m, c, *(r.get(k) for k in BENCH_PARAMS)) for m, c, r in
             zip(frame["method"], frame["class"], frame[list(BENCH_PARAMS)].to_dict("records"))]
-    for column, source in (("verify_median", "median"), ("verify_samples", "samples")):
+    for column, source in (("verify_median", "median"), ("verify_samples", "samples"),
+                           ("verify_paired_ratio", "paired_ratio")):
         frame[column] = [((points.get(k) or {}).get("verify") or {}).get(source) for k in keys]
     for field_name, column in POINT_COLUMNS.items():
         frame[column] = [(points.get(k) or {}).get(field_name) for k in keys]

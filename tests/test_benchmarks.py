@@ -61,6 +61,20 @@ def test_every_method_runs_once(cls, adapter):
         assert all(isinstance(v, (int, float)) and v >= 0 for v in value["samples"])
 
 
+def test_verify_times_the_call_plainly_after_each_sample_and_records_both(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.ENV_VERIFY, "1")
+    bench = bench_attention.SelfAttention()
+    bench.setup("numpy_oracle", "eager", 16, 2, "cpu")
+    found = bench.track_time_forward()
+    [point] = [json.loads(line) for line in results.Layout(tmp_path).points.read_text().splitlines()]
+    assert point["quantity"] == "time" and point["samples"] == len(found["samples"])
+    assert point["verify"]["samples"] == len(found["samples"]) and point["verify"]["median"] > 0
+    assert point["verify"]["paired_ratio"] > 0 and point["q25"] <= point["median"] <= point["q75"]
+    monkeypatch.setenv(common.ENV_VERIFY, "0")
+    bench.track_time_forward()
+    assert "verify" not in json.loads(results.Layout(tmp_path).points.read_text().splitlines()[-1])
+
+
 def test_setup_records_the_flops_the_report_divides_by_time(tmp_path):
     bench_attention.CausalSelfAttention().setup("numpy_oracle", "eager", 16, 2, "cpu")
     [record] = [json.loads(line) for line in results.Layout(tmp_path).flops.read_text().splitlines()]
