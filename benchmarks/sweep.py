@@ -363,13 +363,12 @@ STOPPED = -1  # stream's answer when it stopped asv at the deadline
 def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, deadline: float | None = None) -> int:
     """Run asv, echoing its progress with the chunk as prefix; stderr is merged. ``deadline`` (time.monotonic):
     asv is stopped there and STOPPED returned (its results of this run are lost: asv writes them at its end)."""
-    # under a deadline asv runs in a session of its own, so stopping it stops its forkserver and benchmark too
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, cwd=BENCHMARK_DIR.parent, start_new_session=deadline is not None)
+                            bufsize=1, cwd=BENCHMARK_DIR.parent)
     timer = None
     if deadline is not None:
         import threading
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), _stop_session, (proc,))
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), stop_tree, (proc,))
         timer.daemon = True
         timer.start()
     try:
@@ -382,7 +381,7 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, d
             return STOPPED
         return code
     except KeyboardInterrupt:
-        _stop_session(proc) if deadline is not None else proc.terminate()
+        proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -393,13 +392,33 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, d
             timer.cancel()
 
 
-def _stop_session(proc) -> None:
-    """SIGTERM to asv and every process it started (their session is asv's own)."""
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, read from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_tree(proc) -> None:
+    """SIGTERM to asv and to every process it started (its forkserver and the benchmark running), which asv
+    would otherwise leave behind."""
     import signal
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
+    for pid in reversed(descendants(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.terminate()
 
 
 def measure_peak(layout: results.Layout, env, label: str, say, prefix: str, devices=("cpu",)) -> None:
