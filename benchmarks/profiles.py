@@ -18,12 +18,12 @@ from .sampling import Sampling
 
 DEVICES = ("cpu", "cuda")
 ENV_PROFILE = "MHABENCH_PROFILE"
-ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # ad-hoc plugin adapters ("file.py:Class"), separated by os.pathsep
+ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # ad-hoc plugin adapters ("file.py:Class"), one per line (a target has ':')
 
 
 def load_plugins() -> list[str]:
     """Register the ``--adapter`` plugins ``mhabench bench`` passed to this (asv) process; their names."""
-    targets = [t for t in os.environ.get(ENV_ADAPTERS, "").split(os.pathsep) if t]
+    targets = [t for t in os.environ.get(ENV_ADAPTERS, "").splitlines() if t.strip()]
     if not targets:
         return []
     from mhabench.impls import plugins

@@ -633,8 +633,7 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     env.pop(sampling.ENV_SCALE, None)
     env[common.ENV_VERIFY] = "1" if options.verify else "0"
     if options.adhoc:
-        env[ENV_ADAPTERS] = os.pathsep.join(os.path.abspath(t.rpartition(":")[0]) + ":" + t.rpartition(":")[2]
-                                            if t.rpartition(":")[0].endswith(".py") else t for t in options.adhoc)
+        env[ENV_ADAPTERS] = plugin_targets(options.adhoc)
     if options.memory_budget:
         env["MHABENCH_MEMORY_BUDGET"] = options.memory_budget
     # asv starts a process per case: the adapters' persistent compilation cache (impls.cache) lets JAX
@@ -651,6 +650,14 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     if options.verify:
         _say_verify(sweep, chosen)
     return status
+
+
+def plugin_targets(adhoc) -> str:
+    """The ``--adapter`` targets as the benchmark processes read them (``profiles.load_plugins``): one per line,
+    a file's path made absolute (asv runs them elsewhere)."""
+    absolute = lambda t: os.path.abspath(t.rpartition(":")[0]) + ":" + t.rpartition(":")[2] \
+        if t.rpartition(":")[0].endswith(".py") else t
+    return "\n".join(absolute(t) for t in adhoc)
 
 
 def _dry_run(plan, config, commit, options, say) -> int:

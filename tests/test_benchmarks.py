@@ -262,3 +262,15 @@ def test_resume_skips_finished_chunks(tmp_path):
     sweep.mark_finished(layout, key, "torch_sdpa", 1.0)
     sweep.mark_finished(layout, {"commit": "other", "profile": "quick"}, "jax_dpa", 1.0)
     assert sweep.finished_chunks(layout, key) == {"torch_sdpa"}
+
+
+def test_plugin_targets_reach_the_benchmark_processes_whole(monkeypatch):
+    """A target holds a ':' itself ("file.py:Class"), so the targets travel one per line."""
+    from mhabench.benchmarks import profiles
+    from mhabench.impls import plugins
+    monkeypatch.setenv(profiles.ENV_ADAPTERS, sweep.plugin_targets(["my_attention.py:MyAttention", "pkg.mod:Other"]))
+    loaded = []
+    monkeypatch.setattr(plugins, "load_adhoc", lambda target: loaded.append(target) or target.rpartition(":")[2])
+    assert profiles.load_plugins() == ["MyAttention", "Other"]
+    assert loaded[0].endswith("/my_attention.py:MyAttention") and loaded[0].startswith("/")
+    assert loaded[1] == "pkg.mod:Other"
