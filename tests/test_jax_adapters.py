@@ -472,7 +472,7 @@ def test_the_compiled_program_states_what_a_call_allocates(name):
     spec = impls.AttentionSpec(num_heads=2, key_dim=8)
     w = impls.Weights.random(spec, query_dim=16, value_dim=16, seed=0)
     found = {}
-    for length in (64, 128):
+    for length in (32, 64):
         layer = impls.get_adapter(name).build(spec, w, dtype="float32", mode="compiled")
         q = np.random.default_rng(0).standard_normal((1, length, 16)).astype(np.float32)
         inputs = layer.native_inputs(q, q)
@@ -482,4 +482,4 @@ def test_the_compiled_program_states_what_a_call_allocates(name):
             > found[length]
         eager = impls.get_adapter(name).build(spec, w, dtype="float32", mode="eager")
         assert eager.native_program_bytes(eager.native_inputs(q, q)) is None
-    assert 3 < found[128] / found[64] <= 4.2
+    assert 3 < found[64] / found[32] <= 4.2
