@@ -14,10 +14,11 @@ The work, in order:
 4. the points of lines that broke a plausibility rule are measured again, from a reserve kept for it
    (``REMEASURE_RESERVE``).
 
-Before each length the planner predicts what an adapter's points there will cost, from what this run has
-measured: the power law fitted to the line's per-call times so far gives a call's time at the new length, the
-sampling rules (``benchmarks.sampling``) how many calls a point makes, and the adapter's earlier points its
-setup and process overhead. An adapter whose predicted cost would break its share of the budget (what is left,
+Before each length the planner predicts what an adapter's points there will cost, from what has been
+measured (this run's points, and those of earlier runs into the same results directory): the power law fitted
+to the line's per-call times so far gives a call's time at the new length, the sampling rules
+(``benchmarks.sampling``) how many calls a point makes, and the adapter's earlier points its setup and
+process overhead. A compiled adapter nothing is known of yet gets its coverage in an asv run of its own. An adapter whose predicted cost would break its share of the budget (what is left,
 shared equally among the adapters still growing in its tier: the kernels that never hold the scores, then the
 others) is not run at that length nor longer, and each point left out is recorded in ``bench/skips.jsonl`` as
 "not run: budget", with the prediction. Before anything is measured the prediction is the static estimate
@@ -90,8 +91,9 @@ class Skipped:
 
 
 class CostModel:
-    """Seconds a point will take, learned from the points of this run (``bench/points.jsonl`` records) and the
-    wall time of each asv run, with the static estimate as the prior."""
+    """Seconds a point will take, learned from measured points (``bench/points.jsonl`` records: this run's, and
+    the earlier runs' the results directory keeps) and the wall time of each asv run, with the static estimate
+    as the prior."""
 
     def __init__(self, rules, prior_seconds):
         self.rules = rules
@@ -122,6 +124,10 @@ class CostModel:
         residual = (ended - started) - fixed - sum(w for _, w in walls)
         self.fixed[group] = fixed
         self.per_process[group] = max(0.0, residual / len(walls))
+
+    def knows(self, adapter: str) -> bool:
+        """Whether a point of ``adapter`` was measured (in this run or, from the journal, an earlier one)."""
+        return bool(self.setup.get(adapter))
 
     def call_seconds(self, bench: Bench) -> float | None:
         """A call's predicted time at the bench's length, from its line's times (the other class's if its own
@@ -176,6 +182,7 @@ class Planner:
     skipped: list[Skipped] = field(default_factory=list)
     uncovered: dict = field(default_factory=dict)  # adapter -> (its coverage, predicted cost, seconds left then)
     _queue: list = field(default_factory=list)
+    _units: list = field(default_factory=list)
     _phase: int = 0
     _group: int = 0
 
@@ -203,6 +210,21 @@ class Planner:
     def _skip(self, benches: list[Bench], why: str, predicted: float) -> None:
         if benches:
             self.skipped.append(Skipped(benches, f"{BUDGET_REASON}: {why}", predicted))
+
+    def coverage_units(self) -> list[list[str]]:
+        """The coverage's asv runs: per process group, its adapters together, except that a compiled adapter
+        nothing is known of yet runs alone, after them: its compile cost is what no estimate foresees, and
+        an asv run stopped at the deadline loses all it measured."""
+        units = []
+        for group in dict.fromkeys(self.group_of(a) for a in self.adapters):
+            members = [a for a in self.adapters if self.group_of(a) == group]
+            unknown = [a for a in members if not self.model.knows(a) and self._compiled(a)]
+            known = [a for a in members if a not in unknown]
+            units += ([known] if known else []) + [[a] for a in unknown]
+        return units
+
+    def _compiled(self, adapter: str) -> bool:
+        return any(b.params[1] == "compiled" for length in self.by_adapter[adapter].values() for b in length)
 
     def _coverage_of(self, adapter: str) -> list[Bench]:
         lengths = sorted(self.by_adapter[adapter])
@@ -284,11 +306,11 @@ class Planner:
         costs the runs before it measured; an adapter left over is tried once more after every group."""
         while not self._queue:
             if self._phase == 0:
-                groups = list(dict.fromkeys(self.group_of(a) for a in self.adapters))
-                if self._group < len(groups):
-                    members = [a for a in self.adapters if self.group_of(a) == groups[self._group]]
+                if not self._units:
+                    self._units = self.coverage_units()
+                if self._group < len(self._units):
                     self._group += 1
-                    self._queue = self.coverage(now, members)
+                    self._queue = self.coverage(now, self._units[self._group - 1])
                     continue
                 self._queue = self.coverage(now, list(self.uncovered)) if self.uncovered else []
                 self._phase = 1

@@ -709,6 +709,9 @@ def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
     benches = sorted(chosen, key=lambda b: (options.adapters.index(b.adapter) if b.adapter in options.adapters
                                             else len(options.adapters), b.name, b.seq_len))
     model = budget.CostModel(profile.sampling, lambda b: estimated_ms(options.profile, b.name, b.combo) / 1000)
+    for bench, record in read_points(layout):  # earlier runs on this machine, into this results directory
+        if record.get("scale", 1) == 1:
+            model.observe(bench, record)
     holds = lambda a: registry.get_adapter(a).score_buffers > 0
     planner = budget.Planner(benches, lambda a: group_of(a).key, holds, model, profile.coverage_lengths,
                              options.budget, started=sweep.started_wall)

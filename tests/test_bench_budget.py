@@ -32,6 +32,9 @@ class FakeModel:
     def step_seconds(self, group, members):
         return 5.0 + sum(self.point_seconds(b, group) for b in members)
 
+    def knows(self, adapter):
+        return True
+
 
 def planner(budget_seconds, chosen=None):
     return Planner(chosen or benches(), lambda a: ADAPTERS[a][0], lambda a: ADAPTERS[a][1], FakeModel(),
@@ -238,3 +241,13 @@ def test_an_asv_run_past_the_deadline_is_stopped_with_what_it_started(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError("the child of the stopped run is still running")
+
+
+def test_a_compiled_adapter_nothing_is_known_of_gets_its_coverage_alone():
+    compiled = [Bench(b.name, (b.combo[0], "'compiled'", *b.combo[2:])) for b in benches(["dense_c"])]
+    known = budget.CostModel(Sampling(), lambda b: 1.0)
+    plan = Planner(benches(["fused_a", "dense_a"]) + compiled, lambda a: "g1", lambda a: ADAPTERS[a][1], known,
+                   coverage_lengths=4, budget=1e6, started=0.0)
+    assert plan.coverage_units() == [["fused_a", "dense_a"], ["dense_c"]]
+    known.observe(compiled[0], {"quantity": "time", "median": 1e-3, "setup_seconds": 30.0, "sampling_seconds": 1.0})
+    assert plan.coverage_units() == [["fused_a", "dense_a", "dense_c"]]  # measured before: it joins its group
