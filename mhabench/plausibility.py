@@ -11,7 +11,8 @@ The rules, each a physical bound rather than an expectation of speed:
   than the noise of both points (their interquartile ranges apart, and by more than the sampling target), is
   a measurement of something else (the machine was busy for one of the points). The interquartile range is
   the noise because it is defined for every point, however few its samples (a slow point may stop at three,
-  where an interval of the median says little).
+  where an interval of the median says little). Steps each within their noise that fall together (a
+  negative exponent over the largest lengths) break it too.
 - **memory grows faster than L²**: the largest thing attention holds is the [B, H, T, S] scores, so the
   per-call memory's exponent cannot exceed 2 (beyond ``MEMORY_EXPONENT_SLACK``, for allocator rounding).
 - **time grows slower than L^0.8 for a kernel that holds the scores**: such a kernel writes T x S scores per
@@ -141,6 +142,9 @@ def check(points: list[Point], quantity: str, holds_scores: bool | None = None) 
     breaches = falls(points) if quantity == "time" else []
     if len(fit.lengths) >= FIT_POINTS and math.isfinite(fit.exponent):
         span = f"L={fit.lengths[0]}..{fit.lengths[-1]}"
+        if quantity == "time" and fit.exponent < 0 and not breaches:  # each step within its noise, all of them down
+            breaches.append(Breach(TIME_FALLS, fit.lengths, f"exponent {fit.exponent:.2f} over {span}: the time "
+                                                            f"falls as L grows"))
         if quantity == "memory" and fit.exponent > MEMORY_EXPONENT_MAX + MEMORY_EXPONENT_SLACK:
             breaches.append(Breach(MEMORY_EXPONENT, fit.lengths,
                                    f"exponent {fit.exponent:.2f} over {span}: above 2, the scores' L²"))

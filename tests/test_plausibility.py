@@ -36,6 +36,13 @@ def test_time_falling_with_L_beyond_both_spreads_breaks_a_rule():
     assert breaches[0].lengths == (1024, 2048) and "25% below L=1024" in breaches[0].detail
 
 
+def test_steps_within_their_noise_that_all_fall_break_it_together():
+    values = [1.0, 2.0, 4.0, 3.6, 3.3, 3.0]  # each step 8-10% down, quartiles +-15%: overlapping
+    _, breaches = check(line(values, 0.15), "time", holds_scores=False)
+    assert [(b.rule, b.lengths) for b in breaches] == [(plausibility.TIME_FALLS, (1024, 2048, 4096))]
+    assert "falls as L grows" in breaches[0].detail
+
+
 def test_a_fall_within_the_noise_or_the_sampling_target_does_not():
     assert check(line([1.0, 2.0, 4.0, 8.0, 6.0, 30.0], 0.2), "time")[1] == []  # the spreads overlap
     assert check(line([1.0, 2.0, 4.0, 8.0, 7.9, 30.0], 0.0), "time")[1] == []  # 1.25%: below the target
