@@ -67,14 +67,15 @@ class Fit:
 
     @property
     def quality(self) -> str:
-        """How well a power law fits, in words."""
+        """How well a power law fits, in a word: good (the points within GOOD_FIT of it, typically), fair (within
+        FAIR_FIT), poor (not one power law over these lengths), two points (an exact fit that tests nothing)."""
         if not math.isfinite(self.residual):
             return "no fit"
         if len(self.lengths) <= 2:
-            return "two points: exact, untested"
+            return "two points"
         if self.residual <= GOOD_FIT:
             return "good"
-        return "fair" if self.residual <= FAIR_FIT else "poor: not one power law over these lengths"
+        return "fair" if self.residual <= FAIR_FIT else "poor"
 
 
 def power_fit(lengths, values, points: int = FIT_POINTS) -> Fit:

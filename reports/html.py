@@ -500,7 +500,7 @@ def section_scaling_summary(data: ReportData) -> str:
             return link(column, value, record)
         if column == "fraction_of_peak_at_L_max":
             if record["fault"]:
-                return f"<td class='fault'>{esc(record['fault'])}</td>"
+                return f"<td class='fault' title='{esc(record['fault'])}'>measurement fault</td>"
             return f'<td class="num">{value:.1%}</td>' if value == value else "<td></td>"
         if column in ("time_exponent", "memory_exponent"):
             return f'<td class="num">{value:.2f}</td>' if value == value else "<td class='muted'>one L</td>"

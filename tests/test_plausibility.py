@@ -24,9 +24,9 @@ def test_the_fit_recovers_a_power_law_over_the_largest_lengths_and_says_how_well
         == pytest.approx(2.0)
     # a kink inside the fitted lengths: no one power law
     kinked = power_fit([1024, 2048, 4096], [1.0, 1.1, 4.4])
-    assert kinked.residual > plausibility.FAIR_FIT and kinked.quality.startswith("poor")
+    assert kinked.residual > plausibility.FAIR_FIT and kinked.quality == "poor"
     assert math.isnan(power_fit([256], [1.0]).exponent)
-    assert power_fit([128, 256, 512], [1.0, float("nan"), 4.0]).quality == "two points: exact, untested"
+    assert power_fit([128, 256, 512], [1.0, float("nan"), 4.0]).quality == "two points"
 
 
 def test_time_falling_with_L_beyond_both_spreads_breaks_a_rule():
