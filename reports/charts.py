@@ -108,7 +108,7 @@ def _by_last_value(rows: pd.DataFrame) -> list[str]:
     return list(ends.sort_values(ascending=False).index)
 
 
-def _grid(count: int, width: float = 5.2, height: float = 3.6):
+def _grid(count: int, width: float = 5.2, height: float = 5.0):
     columns = min(3, count)
     rows = math.ceil(count / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
@@ -117,21 +117,39 @@ def _grid(count: int, width: float = 5.2, height: float = 3.6):
     return fig, list(axes.flat[:count])
 
 
-def _draw_line(ax, line: pd.DataFrame, colour, label: str, flagged: bool, hollow=None) -> None:
+def _draw_line(ax, line: pd.DataFrame, colour, label: str, flagged: bool, spread=True) -> None:
+    """One line; each point with its samples' interquartile range as an error bar where it has one, and hollow
+    where its value is the compiler's own figure (XLA's memory)."""
     line = line.sort_values("seq_len")
     style = dict(color=colour, linewidth=1.4, markersize=4, linestyle=":" if flagged else "-",
                  marker="x" if flagged else "o")
     ax.plot(line["seq_len"], line["value"], label=label, **style)
-    if hollow is not None and hollow.any():  # the points whose value is the compiler's figure
+    if spread:
+        _draw_spread(ax, line, colour)
+    hollow = (line["memory_charted"] == "program").to_numpy() if "memory_charted" in line else None
+    if hollow is not None and hollow.any():
         ax.plot(line["seq_len"][hollow], line["value"][hollow], linestyle="none", marker="o", markersize=7,
                 markerfacecolor="white", markeredgecolor=colour, zorder=3)
+
+
+def _draw_spread(ax, line: pd.DataFrame, colour) -> None:
+    """Each point's interquartile range as an error bar, where the point has one."""
+    if not {"q25", "q75"} <= set(line):
+        return
+    low, high = line["q25"].to_numpy(float), line["q75"].to_numpy(float)
+    known = np.isfinite(low) & np.isfinite(high) & (high > low)
+    if known.any():
+        y = line["value"].to_numpy(float)[known]
+        ax.errorbar(line["seq_len"].to_numpy(float)[known], y,
+                    yerr=[np.clip(y - low[known], 0, None), np.clip(high[known] - y, 0, None)], fmt="none",
+                    ecolor=colour, elinewidth=0.9, capsize=2.5, alpha=0.7)
 
 
 def scaling_chart(frame: pd.DataFrame, klass: str, method: str, device, flagged: set = frozenset(),
                   y_of=None, unit: str | None = None, guides: bool = True, title: str | None = None) -> str | None:
     """Value against L on log-log axes, one panel per framework family (small multiples), each with the reference
-    line (torch_sdpa) and the O(L) and O(L²) guides; a line's legend entry gives its fitted exponent, and the
-    legend runs in the order the lines end at the largest L. A line that breaks a plausibility rule
+    line (torch_sdpa) and the O(L) and O(L²) guides; each point with its interquartile range as an error bar; a
+    line's legend entry gives its fitted exponent, and the legend runs in the order the lines end at the largest L. A line that breaks a plausibility rule
     (``flagged``) is dotted with crosses and says so. ``y_of``: the value to draw from a row (default: the
     value), with its ``unit``."""
     rows = tables.sweep(frame[frame["device"] == device], klass, method)
@@ -159,12 +177,13 @@ def scaling_chart(frame: pd.DataFrame, klass: str, method: str, device, flagged:
             exponent = tables.fit_exponent(line["seq_len"], line["value"]) if y_of is None else math.nan
             label = plain(series) + (f"  L^{exponent:.2f}" if math.isfinite(exponent) else "") + \
                 (" (reference)" if series in reference_series else "") + (" IMPLAUSIBLE" if is_flagged else "")
-            hollow = (line["memory_charted"] == "program").to_numpy() if "memory_charted" in line else None
             if series in reference_series:
                 ax.plot(line.sort_values("seq_len")["seq_len"], line.sort_values("seq_len")["value"], color="black",
                         linewidth=2.2, alpha=0.35, label=label)
+                if y_of is None:
+                    _draw_spread(ax, line, "0.55")
             else:
-                _draw_line(ax, line, colours[series], label, is_flagged, hollow)
+                _draw_line(ax, line, colours[series], label, is_flagged, spread=y_of is None)
         if guides:  # clipped to the lines' own range, so a steep guide never squeezes the lines together
             _guides(ax, drawn["seq_len"], drawn["value"])
             ax.set_ylim(drawn["value"].min() / 1.6, drawn["value"].max() * 1.6)
@@ -178,7 +197,8 @@ def scaling_chart(frame: pd.DataFrame, klass: str, method: str, device, flagged:
         ax.set_xlabel("sequence length L")
         ax.set_ylabel(UNIT_LABELS.get(unit, plain(unit)))
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
+        # under the panel, never over its lines; in the order the lines end at the largest L
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), borderaxespad=0.0, frameon=False)
     fig.suptitle(plain(f"{klass}: {title or METHOD_TITLES.get(method, method)} ({device}, heads={heads})"),
                  fontsize=11)
     fig.tight_layout()

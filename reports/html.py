@@ -495,6 +495,17 @@ def section_scaling_summary(data: ReportData) -> str:
     link = lambda c, v, r: f"<td><a href='#{esc(r['chart'])}'>{esc(v)}</a></td>" if c == "class" else None
     out.append(table(shown, ["class", "device", "L", "fastest", "time", "leanest", "memory", "lines"], cell=link))
 
+    def fitted(exponent, residual, quality):
+        if exponent != exponent:
+            return "one L"
+        return f"{exponent:.2f} (±{residual:.0%}, {quality})" if residual == residual else f"{exponent:.2f}"
+
+    compact = lines.assign(
+        time=[fitted(*v) for v in zip(lines["time_exponent"], lines["time_fit_residual"], lines["time_fit"])],
+        memory=[fitted(*v) for v in zip(lines["memory_exponent"], lines["memory_fit_residual"],
+                                        lines["memory_fit"])],
+        time_noise=[f"{v:.0%}" if v == v else "" for v in lines["time_widest_spread"]])
+
     def line_cell(column, value, record):
         if column == "class":
             return link(column, value, record)
@@ -502,16 +513,17 @@ def section_scaling_summary(data: ReportData) -> str:
             if record["fault"]:
                 return f"<td class='fault' title='{esc(record['fault'])}'>measurement fault</td>"
             return f'<td class="num">{value:.1%}</td>' if value == value else "<td></td>"
-        if column in ("time_exponent", "memory_exponent"):
-            return f'<td class="num">{value:.2f}</td>' if value == value else "<td class='muted'>one L</td>"
-        if column in ("time_fit_residual", "memory_fit_residual"):
-            return f'<td class="num">{value:.1%}</td>' if value == value else "<td></td>"
+        if column in ("time", "memory"):
+            return f"<td class='num'>{esc(value)}</td>"
         if column == "implausible":
-            return f"<td class='fault msg'>{esc(value)}</td>" if value else "<td></td>"
+            return f"<td class='fault why'>{esc(value)}</td>" if value else "<td></td>"
         return None
-    out.append(table(lines, ["class", "device", "series", "kernel", "L_max", "time_exponent", "time_fit_residual",
-                             "time_fit", "memory_exponent", "memory_fit_residual", "memory_fit",
-                             "fraction_of_peak_at_L_max", "implausible", "remeasured"], cell=line_cell,
+    out.append("<p class='muted'>Per line: time and memory exponent (± the fit's residual, how well a power law "
+               "fits); time_noise, the widest interquartile range of its time points over their median (the "
+               "charts draw each point's as an error bar); the full figures are in <code>scaling_lines.csv</code>."
+               "</p>")
+    out.append(table(compact, ["class", "device", "series", "L_max", "time", "time_noise", "memory",
+                               "fraction_of_peak_at_L_max", "implausible", "remeasured"], cell=line_cell,
                      row_class=lambda r: "fault" if r.get("implausible") else None))
     return "".join(out)
 

@@ -477,8 +477,8 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
     fits), the value at the largest L, and the plausibility rules the line breaks (``mhabench.plausibility``),
     with the numbers and whether its points were measured again before."""
     columns = ["class", "method", "device", "machine", "series", "adapter", "mode", "num_heads", "points", "L_min",
-               "L_max", "exponent", "fit_residual", "fit", "value_at_L_max", "unit", "kernel", "family",
-               "implausible", "remeasured"]
+               "L_max", "exponent", "fit_residual", "fit", "widest_spread", "value_at_L_max", "unit", "kernel",
+               "family", "implausible", "remeasured"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -507,6 +507,7 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,
                     "L_max": finite["seq_len"].max() if len(finite) else math.nan,
                     "exponent": fit.exponent, "fit_residual": fit.residual, "fit": fit.quality,
+                    "widest_spread": widest_spread(finite),
                     "value_at_L_max": largest["value"] if largest is not None else math.nan,
                     "unit": line["unit"].iloc[0],
                     "implausible": "; ".join(f"{b.rule}: {b.detail}" for b in breaches),
@@ -545,6 +546,15 @@ def verify_ratios(frame: pd.DataFrame) -> pd.DataFrame:
         return table
     return table.assign(_o=table["class"].map(class_rank)).sort_values(["_o", "series", "method", "L"]) \
         .drop(columns="_o").reset_index(drop=True)
+
+
+def widest_spread(line: pd.DataFrame) -> float:
+    """The line's noisiest point: its interquartile range over its median (nan where no point has one)."""
+    if not {"q25", "q75"} <= set(line) or line.empty:
+        return math.nan
+    spread = (line["q75"].astype(float) - line["q25"].astype(float)) / line["value"].astype(float)
+    spread = spread[np.isfinite(spread)]
+    return float(spread.max()) if not spread.empty else math.nan
 
 
 def flagged_lines(scaling: pd.DataFrame) -> set:
@@ -663,8 +673,8 @@ def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame
     """Per class, device and line: fitted time and memory exponents with the residual of each fit and how well a
     power law fits, the fraction of peak at the largest L, and the plausibility rules the line breaks."""
     columns = ["class", "device", "series", "L_max", "time_exponent", "time_fit_residual", "time_fit",
-               "memory_exponent", "memory_fit_residual", "memory_fit", "fraction_of_peak_at_L_max", "fault",
-               "implausible", "remeasured", "chart", "kernel", "family"]
+               "time_widest_spread", "memory_exponent", "memory_fit_residual", "memory_fit", "memory_widest_spread",
+               "fraction_of_peak_at_L_max", "fault", "implausible", "remeasured", "chart", "kernel", "family"]
     if scaling.empty:
         return pd.DataFrame(columns=columns)
     out = {}
@@ -675,13 +685,15 @@ def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame
         line = out.setdefault((record["class"], record["device"], record["series"]), {
             "class": record["class"], "device": record["device"], "series": record["series"],
             "kernel": record.get("kernel"), "family": record.get("family"), "L_max": math.nan,
-            "time_exponent": math.nan, "time_fit_residual": math.nan, "time_fit": "",
+            "time_exponent": math.nan, "time_fit_residual": math.nan, "time_fit": "", "time_widest_spread": math.nan,
             "memory_exponent": math.nan, "memory_fit_residual": math.nan, "memory_fit": "",
+            "memory_widest_spread": math.nan,
             "fraction_of_peak_at_L_max": math.nan, "fault": "", "implausible": "", "remeasured": "",
             "chart": chart_id(record["class"], record["device"], "time")})
         line[f"{what}_exponent"] = record["exponent"]
         line[f"{what}_fit_residual"] = record["fit_residual"]
         line[f"{what}_fit"] = record["fit"]
+        line[f"{what}_widest_spread"] = record["widest_spread"]
         for column in ("implausible", "remeasured"):
             if record.get(column):
                 line[column] = "; ".join(filter(None, [line[column], f"{what}: {record[column]}"]))

@@ -122,7 +122,7 @@ def test_remeasured_points_say_what_they_were(scaled):
     assert lines.at["keras_mha", "remeasured"] == "time: L=2048 (was 300 µs)"
 
 
-def test_the_memory_figure_charted_is_named_and_both_are_kept(tmp_path):
+def test_the_memory_figure_charted_is_named_and_both_are_kept(tmp_path, monkeypatch):
     lines = {("SelfAttention", "track_peakmem_forward", "jax_dpa"): quadratic(1e6)}
     point = lambda L: {"benchmark": "bench_attention.SelfAttention.track_peakmem_forward", "quantity": "memory",
                        "params": {"adapter": "jax_dpa", "mode": "eager", "seq_len": L, "num_heads": 8,
@@ -134,6 +134,14 @@ def test_the_memory_figure_charted_is_named_and_both_are_kept(tmp_path):
     assert set(memory["memory_charted"]) == {"program"} and set(memory["probe_bytes"]) == {1000.0}
     page = render_html(data)
     assert "memory_analysis()" in page and "hollow" in page
+    drawn = {}
+    real = charts.to_data_uri
+    monkeypatch.setattr(charts, "to_data_uri", lambda fig: drawn.setdefault("fig", fig) and real(fig))
+    charts.scaling_chart(data.attention, "SelfAttention", "track_peakmem_forward", "cpu")
+    [ax] = [a for a in drawn["fig"].axes if a.get_visible()]
+    hollow = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == LENGTHS  # every point, in the line's order
+    assert ax.collections  # each point's spread, as an error bar
 
 
 def test_verify_ratios_are_shown_and_those_outside_the_range_flagged(tmp_path):
