@@ -612,8 +612,10 @@ def section_benchmarks(data: ReportData) -> str:
         devices = list(dict.fromkeys(attention["device"]))
         classes = sorted(dict.fromkeys(attention["class"]), key=tables.class_rank)
         out.append("<p class='muted'>The charts: one panel per framework family, each with torch_sdpa as the "
-                   "reference (grey) and the O(L) and O(L²) guides (dashed, dotted); a legend lists the lines in "
-                   "the order they end at the largest L, each with its fitted exponent.</p>")
+                   "reference (grey) and the O(L) and O(L²) guides (dashed, dotted); a legend under each panel lists "
+                   "its lines in the order they end at the largest L, each with its fitted exponent. Error bars: "
+                   "each point's interquartile range. Dotted with crosses: a line that breaks a plausibility "
+                   "rule.</p>")
         for klass in classes:
             for device in devices:
                 for method, what in (("time_forward", "time"), ("time_forward_backward", "time-backward")):
