@@ -275,3 +275,31 @@ def test_plugin_targets_reach_the_benchmark_processes_whole(monkeypatch):
     assert profiles.load_plugins() == ["MyAttention", "Other"]
     assert loaded[0][0].endswith("/my_attention.py:MyAttention") and loaded[0][0].startswith("/")
     assert loaded[1] == ("pkg.mod:Other", False)  # checked by mhabench bench, not run in asv's forkserver
+
+
+def test_compare_check_counts_false_positives_and_detection(tmp_path):
+    """The rates compare_check reports, from a comparison table: the unchanged adapters' flags, the slowed one's
+    regressions, GFLOP/s and one-sided points left out; asv's rule beside them."""
+    import csv
+    from mhabench.benchmarks import compare_check
+    rows = [("time_forward", "'torch_sdpa', 'eager', 512, 8, 'cpu'", "1.5", "within noise", "[0.9, 1.1]", "[1.4, 1.6]"),
+            ("time_forward", "'torch_sdpa', 'eager', 1024, 8, 'cpu'", "1.02", "unchanged", "", ""),
+            ("track_peakmem_forward", "'jax_dpa', 'compiled', 512, 8, 'cpu'", "1.2", "regression", "", ""),
+            ("track_gflops_forward", "'jax_dpa', 'compiled', 512, 8, 'cpu'", "0.5", "follows time (regression)", "",
+             ""),
+            ("time_forward", "'jax_dpa', 'compiled', 2048, 8, 'cpu'", "nan", "fixed in B", "", ""),
+            ("time_forward", "'slowed_sdpa', 'eager', 512, 8, 'cpu'", "1.3", "regression", "", ""),
+            ("time_forward", "'slowed_sdpa', 'eager', 1024, 8, 'cpu'", "1.3", "within noise", "[0.9, 1.1]",
+             "[1.2, 1.4]")]
+    path = tmp_path / "comparison.csv"
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["benchmark", "params", "method", "ratio", "change", "a_ci", "b_ci", "better"])
+        for method, params, ratio, change, a_ci, b_ci in rows:
+            out.writerow([f"bench_attention.SelfAttention.{method}", params, method, ratio, change, a_ci, b_ci,
+                          "higher" if "gflops" in method else "lower"])
+    found = compare_check.rates(path)
+    assert (found["other_benchmarks"], found["false_positives"], found["false_positives_time"]) == (3, 1, 0)
+    assert (found["slowed_time_benchmarks"], found["detected"]) == (2, 1)
+    # asv's rule flags the 1.5 whose intervals are apart and the 1.2 memory without intervals; both slowed points
+    assert (found["asv_rule_false_positives"], found["asv_rule_detected"]) == (2, 2)
