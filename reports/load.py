@@ -96,7 +96,7 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     if found is None:
         return None
     meta = dict(found.meta)
-    rows = _tidy_conformance(found.rows)
+    rows = _tidy_conformance([row.to_dict() for row in found.rows])
     rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
@@ -114,7 +114,6 @@ def _tidy_conformance(records: list) -> pd.DataFrame:
     for column in results.NUMERIC:
         rows[column] = pd.to_numeric(rows[column], errors="coerce")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
-    rows["kernel"] = [results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])]
     return rows.reset_index(drop=True)
 
 
@@ -190,9 +189,10 @@ def load_flops(results_dir: Path, problems: list) -> dict:
 
 
 def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
-    """The facts of each benchmark case's kernel, as recorded with its FLOPs: ``kernel`` (else its adapter's),
-    ``family`` (the framework family its adapter declares) and ``holds_scores`` (whether the kernel holds the
-    [B, H, T, S] scores; None where not recorded)."""
+    """The facts of each benchmark case's kernel, as recorded with its FLOPs: ``kernel`` (for results written
+    before kernels were recorded, the one its adapter's name gives: ``legacy_kernel``, as ``Row`` reads old
+    rows), ``family`` (the framework family its adapter declares) and ``holds_scores`` (whether the kernel holds
+    the [B, H, T, S] scores; None where not recorded)."""
     if frame.empty or "adapter" not in frame:
         return frame
     recorded = {}
@@ -201,7 +201,7 @@ def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
         recorded[params.get("adapter")] = record
     frame = frame.copy()
     known = lambda a: a is not None and a == a
-    frame["kernel"] = [results.kernel_of(a, recorded.get(a, {}).get("kernel")) if known(a) else None
+    frame["kernel"] = [recorded.get(a, {}).get("kernel") or results.legacy_kernel(a) if known(a) else None
                        for a in frame["adapter"]]
     frame["family"] = [recorded.get(a, {}).get("family") if known(a) else None for a in frame["adapter"]]
     frame["holds_scores"] = [recorded.get(a, {}).get("holds_scores") if known(a) else None for a in frame["adapter"]]

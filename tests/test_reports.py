@@ -539,14 +539,20 @@ def test_fraction_of_peak_matches_the_raw_values(report):
     assert (rows["fault"] != "").any(), "the fixture holds a fraction above 1 (jax_dpa); it must be flagged"
 
 
-def test_verdict_names_the_fastest_line(report):
+def test_verdict_names_the_fastest_plausible_line(report):
     data, _ = report
     raw, names = raw_asv("SelfAttention.time_forward")
     fastest = data.summary()["fastest"]
+    flagged = {s for c, m, d, s in tables.flagged_lines(data.tables["scaling"])
+               if (c, m) == ("SelfAttention", "time_forward")}
+    series = lambda p: tables.series_label({"adapter": p[names.index("adapter")], "mode": p[names.index("mode")]})
     at_largest = {p: v for p, v in raw.items() if p[names.index("seq_len")] == fastest["seq_len"]
                   and p[names.index("num_heads")] == fastest["num_heads"] and v is not None and v == v}
-    assert fastest["value"] == pytest.approx(min(at_largest.values()))
-    assert any("fastest at L=" in line for line in reports.verdict(data))
+    plausible = {p: v for p, v in at_largest.items() if series(p) not in flagged}
+    assert fastest["value"] == pytest.approx(min(plausible.values()))
+    # the fixture's torch_sdpa falls with L (a busy machine): faster at 512 than the verdict's line, left out
+    assert flagged and fastest["excluded"] == len(flagged) and min(at_largest.values()) < fastest["value"]
+    assert any("fastest at L=" in line and "implausible line(s) left out" in line for line in reports.verdict(data))
 
 
 # --- comparison ---------------------------------------------------------------------------------
@@ -728,6 +734,7 @@ def _hostile_results(root: Path) -> Path:
         row["case"] = "</td></tr></table><script>bad()</script>"
         row["status"] = ["fail", "divergence", "error"][i % 3]
         row["divergence"] = HOSTILE if row["status"] == "divergence" else None
+        row["row_id"] = "-".join(row[k] for k in ("adapter", "case", "dtype", "quantity"))
     meta = {"cpu": HOSTILE, "versions": {HOSTILE: HOSTILE},
             "divergences": [{"id": HOSTILE, "observed": "<script>x()</script>", "upstream": "javascript:alert(1)"}]}
     (root / "conformance").mkdir(parents=True)
@@ -749,7 +756,8 @@ def test_hostile_strings_are_escaped(tmp_path):
         assert ch not in page
         assert ch not in paths["markdown"].read_text()
     summary = paths["markdown"].read_text()
-    assert "<script" not in summary.lower()
+    # outside code spans (where the rerun command quotes the row id, hostile as its adapter, literally)
+    assert "<script" not in re.sub(r"`[^`\n]*`", "", summary).lower()
     # the table structure survived: every opened row is closed
     assert page.count("<tr>") + page.count("<tr ") == page.count("</tr>")
 
@@ -822,7 +830,10 @@ def _kernel_rows():
 
 def test_rows_carry_their_kernel_and_the_report_groups_by_it():
     from mhabench.reports import load
-    rows = load._tidy_conformance(_kernel_rows())
+    from mhabench.schema import Row
+    # read as every row is (Row.from_dict: a row written before kernels were recorded gets its name's), the
+    # machine column added as the loader adds it
+    rows = load._tidy_conformance([{**Row.from_dict(r).to_dict(), "machine": r["machine"]} for r in _kernel_rows()])
     assert dict(zip(rows["adapter"], rows["kernel"])) == {"torch_sdpa": "default", "torch_sdpa+flash": "flash",
                                                            "torch_sdpa+math": "math"}
     kernels = tables.kernel_matrix(rows).set_index(["adapter", "feature"])
