@@ -179,6 +179,7 @@ class Planner:
     coverage_lengths: int
     budget: float
     started: float
+    closing: float = CLOSING_SECONDS  # kept back at the end: the bookkeeping, and the GEMM peak measured again
     skipped: list[Skipped] = field(default_factory=list)
     uncovered: dict = field(default_factory=dict)  # adapter -> (its coverage, predicted cost, seconds left then)
     _queue: list = field(default_factory=list)
@@ -199,7 +200,7 @@ class Planner:
 
     def left(self, now: float) -> float:
         """Seconds left for sweeping (the re-measurement reserve and the closing kept back)."""
-        return self.deadline - now - REMEASURE_RESERVE * self.budget - CLOSING_SECONDS
+        return self.deadline - now - REMEASURE_RESERVE * self.budget - self.closing
 
     def _steps_of(self, phase: str, benches: list[Bench]) -> list[Step]:
         groups: dict[str, list[Bench]] = {}
