@@ -131,6 +131,19 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
+def program_bytes(jitted, *args, **kwargs) -> int | None:
+    """XLA's figure for one call of ``jitted`` on these arguments: its temporaries plus its output
+    (``jax.stages.Compiled.memory_analysis()``, the compiler's buffer assignment; the arguments and the
+    outputs aliased to them are not counted). None where the backend reports no analysis."""
+    try:
+        stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    except NotImplementedError:
+        return None
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+
 def gpu_peak_rise(fn) -> int:
     """JAX's peak counter never resets: a call below an earlier peak reports 0, so run this first."""
     import jax
@@ -309,6 +322,17 @@ class JaxLayer(Layer):
 
     def _sync(self, x):
         return block(x)
+
+    def native_program_bytes(self, inputs, backward=False):
+        if self.mode != "compiled":
+            return None
+        x = inputs["inputs"]
+        with precision_scope(self.dtype):
+            if backward:
+                return program_bytes(self._vjp_fn, self.params, x["query"], x["value"], x["key"], x["extras"],
+                                     inputs["cotangent"], layout=x["layout"], flags=x["flags"])
+            return program_bytes(self._apply_fn, self.params, x["query"], x["value"], x["key"], x["extras"],
+                                 layout=x["layout"], flags=x["flags"])
 
     def export_weights(self) -> Weights:
         with precision_scope(self.dtype):

@@ -200,6 +200,9 @@ def tensorflow_facts() -> dict:
     return {"tf_onednn": bool(_pywrap_util_port.IsMklEnabled())}
 
 
+TENSORFLOW_SOURCE = "TensorFlow allocator peak"
+
+
 def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
     """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
     call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
@@ -286,6 +289,9 @@ class KerasAdapter(Adapter):
         if self.backend == "tensorflow":
             env.update(TENSORFLOW_ENV)
         return env
+
+    def memory_source(self, device="cpu"):
+        return TENSORFLOW_SOURCE if self.backend == "tensorflow" else super().memory_source(device)
 
     def peak_memory(self, fn, device="cpu"):
         if self.backend == "tensorflow":
@@ -533,6 +539,18 @@ class KerasAttentionLayer(Layer):
 
     def _output(self, inputs):
         return self._run(inputs, False, False)[0]
+
+    def native_program_bytes(self, inputs, backward=False):
+        """XLA's figure for the jitted forward on JAX in compiled mode (the backward's gradients are taken
+        outside one program, so it has none)."""
+        if self.ops.backend != "jax" or self.mode != "compiled" or backward:
+            return None
+        from ._jax import program_bytes
+        x = inputs["inputs"]
+        layer, _, fn = self._layer(x["call"].rank, x["window"])
+        trainable, non_trainable = self._state(layer)
+        return program_bytes(fn, trainable, non_trainable, x["query"], x["value"], x["key"], x["mask"],
+                             (x["causal"], False, False))
 
     def _forward(self, call, return_scores, training, seed):
         with kernel_refusals(self.adapter.name, self.flash_attention is True, "Keras's flash_attention=True"):

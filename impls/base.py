@@ -322,6 +322,10 @@ class Adapter:
             return memory.cpu_peak_rise(fn)
         raise memory.MemoryProbeUnavailable(f"{self.name}: no peak-memory probe for device {device}")
 
+    def memory_source(self, device: str = "cpu") -> str:
+        """What :meth:`peak_memory` reads, in words (the report says which figure it charts)."""
+        return "VmHWM rise" if device.split(":")[0] == "cpu" else f"{self.framework} peak counter"
+
     def capabilities(self) -> Capabilities:
         return Capabilities()
 
@@ -588,6 +592,13 @@ class Layer:
     def native_forward(self, inputs):
         """One default call on native inputs, ending with the framework's device sync."""
         return self._sync(self._output(inputs["inputs"]))
+
+    def native_program_bytes(self, inputs, backward: bool = False) -> int | None:
+        """The bytes one native call allocates (its temporaries and its output, beyond the inputs and weights), as
+        the compiler's own buffer assignment states them for the compiled program; None where no compiler
+        states it (eager frameworks, runtimes without the analysis). Unlike a process's memory high-water mark,
+        it does not depend on what the allocator already holds from earlier calls."""
+        return None
 
     def native_forward_backward(self, inputs):
         """One forward and backward call (inputs from ``native_inputs(..., requires_grad=True)``), synced."""

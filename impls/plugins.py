@@ -68,12 +68,13 @@ def _import_target(module_part: str, attr: str):
     return obj
 
 
-def load_adhoc(target: str) -> str:
+def load_adhoc(target: str, check: bool = True) -> str:
     """Register the adapter named by ``"module:Class"`` (or ``"file.py:Class"``); return its name.
 
     The adapter's own ``name`` attribute names it. PluginLoadError (a ValueError) when the target
     cannot be imported, gives no named Adapter, takes a name already used by another adapter, or
-    fails the interface check.
+    fails the interface check (``check=False``: a process that loads a target its parent checked, and
+    must not run the framework: see ``benchmarks.profiles.load_plugins``).
     """
     module_part, attr = split_target(target)
     shown = interface.printable(target)
@@ -100,7 +101,8 @@ def load_adhoc(target: str) -> str:
             raise PluginLoadError(f"could not load {shown}: adapter name {name!r} is already taken by {current!r}")
         return name  # the same class loaded twice
     try:
-        interface.checked(adapter)
+        if check:
+            interface.checked(adapter)
     except Exception as exc:
         raise PluginLoadError(f"could not load {shown}: {interface.printable(exc)}") from None
     registry.register_adapter(name, adapter)

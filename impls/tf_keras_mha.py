@@ -167,5 +167,8 @@ class TfKerasMHAAdapter(Adapter):
     def kernel_facts(self):
         return _keras.tensorflow_facts()
 
+    def memory_source(self, device="cpu"):
+        return _keras.TENSORFLOW_SOURCE
+
     def peak_memory(self, fn, device="cpu"):
         return _keras.tensorflow_peak_rise(fn, device)

@@ -16,7 +16,10 @@ Layout of a results directory::
     bench/plan.json             what a benchmark run set out to do (benchmarks planned, its shard K/N)
     bench/progress.jsonl        the benchmark chunks finished (for --resume)
     bench/peaks.jsonl           the machine's GEMM rate, measured before and after each chunk
-    bench/flops.jsonl           the FLOPs of each benchmark case (GFLOP/s = FLOPs / asv's time)
+    bench/flops.jsonl           the FLOPs of each benchmark case (GFLOP/s = FLOPs / asv's time), its kernel's facts
+    bench/points.jsonl          one line per measured point: its samples' spread and count, why sampling stopped,
+                                both memory figures, the plain-loop check (--verify); the newest line of a point wins
+    bench/remeasured.jsonl      the points measured again because their line broke a plausibility rule
     asv/                        asv's own results (one folder per machine)
     logs/                       the main job's per-stage logs
     .lock                       held by the run writing into the directory
@@ -41,6 +44,17 @@ from .schema import AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, ST
 
 PROBLEM_STATUSES = (Status.ERROR, Status.FAIL, Status.DIVERGENCE, Status.UNSUPPORTED, Status.SKIP)  # worst first
 
+# The time of one call is sampled by the suite itself (asv ``track_time_*`` methods return the samples, which
+# asv summarises with its own statistics); results written before that hold asv's own ``time_*`` timings. Both
+# are the same quantity, named by the older method name wherever results are read.
+SAMPLED_TIME = {"track_time_forward": "time_forward", "track_time_forward_backward": "time_forward_backward"}
+
+
+def quantity(method: str) -> str:
+    """The quantity an asv method measures: ``track_time_forward`` and ``time_forward`` are both "time_forward"."""
+    return SAMPLED_TIME.get(method, method)
+
+
 __all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
            "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
            "summarise", "meta"]
@@ -64,6 +78,8 @@ class Layout:
         self.progress = self.bench / "progress.jsonl"
         self.peaks = self.bench / "peaks.jsonl"
         self.flops = self.bench / "flops.jsonl"
+        self.points = self.bench / "points.jsonl"
+        self.remeasured = self.bench / "remeasured.jsonl"
         self.bench_plan = self.bench / "plan.json"
         self.asv_config = self.bench / "asv.conf.json"
         self.asv = self.root / "asv"

@@ -95,11 +95,13 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         measured = benchmarks.results[np.isfinite(benchmarks.results["value"])]  # not asv's empty grid slots
         data.tables["benchmarks"] = measured.drop(columns=["samples", "file"], errors="ignore")
         data.tables["scaling"] = tables.scaling_table(attention)
+        flagged = tables.flagged_lines(data.tables["scaling"])
         data.tables["peak_fraction"] = tables.peak_fraction(attention, data.peaks)
-        data.tables["scaling_winners"] = tables.scaling_winners(attention)
+        data.tables["scaling_winners"] = tables.scaling_winners(attention, flagged)
         data.tables["scaling_lines"] = tables.scaling_lines(data.tables["scaling"], data.tables["peak_fraction"])
+        data.tables["verify"] = tables.verify_ratios(attention)
         data.tables["bench_skips"] = benchmarks.skips
-        data.headline = tables.headline(attention) if not attention.empty else {}
+        data.headline = tables.headline(attention, flagged=flagged) if not attention.empty else {}
         data.notes.extend(benchmarks.notes)
         data.problems.extend(benchmarks.problems)
         data.attention = attention
@@ -162,7 +164,7 @@ def verdict(data: ReportData) -> list[str]:
     if data.comparison is not None:
         c = data.comparison
         lines.append(f"comparison B/A: {len(c.regressions)} regressions, {len(c.improvements)} improvements "
-                     f"past ±{c.threshold:.0%} in {len(c.table)} shared benchmarks; "
+                     f"past ±{c.threshold:.0%} and the runs' noise in {len(c.table)} shared benchmarks; "
                      f"{len(c.conformance_changes)} conformance rows changed status")
         if data.comparison_only:
             return lines
@@ -179,13 +181,15 @@ def verdict(data: ReportData) -> list[str]:
         lines.append("conformance: no results")
     if data.benchmarks is not None:
         fastest, leanest = s.get("fastest"), s.get("leanest")
+        excluded = lambda h: f"; {h['excluded']} implausible line(s) left out" if h.get("excluded") else ""
         if fastest:
-            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there): "
+            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there{excluded(fastest)}): "
                          f"{fastest['series']} "
                          f"({format_value(fastest['value'], fastest['unit'])} per forward call)")
         if leanest:
-            lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}): {leanest['series']} "
-                         f"({format_value(leanest['value'], leanest['unit'])} peak per forward call)")
+            lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}{excluded(leanest)}): "
+                         f"{leanest['series']} "
+                         f"({format_value(leanest['value'], leanest['unit'])} per forward call)")
         if not fastest and not leanest:
             lines.append("benchmarks: no attention timings in the results")
     else:

@@ -167,6 +167,7 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
     skips = load_skips(skips_dir, problems)
     flops = load_flops(skips_dir, problems)
     frame = with_kernels(with_throughput(frame, flops), flops)
+    frame = with_points(frame, load_points(skips_dir, problems), load_remeasured(skips_dir, problems))
     bench = Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir,
                        problems=problems, peaks=load_peaks(skips_dir, runs_frame, problems))
     return newest_measurements(bench) if latest_only else bench
@@ -189,17 +190,78 @@ def load_flops(results_dir: Path, problems: list) -> dict:
 
 
 def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
-    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs; for results written before
-    kernels were recorded, the one its adapter's name gives (``legacy_kernel``, as ``Row`` reads old rows)."""
+    """The facts of each benchmark case's kernel, as recorded with its FLOPs: ``kernel`` (for results written
+    before kernels were recorded, the one its adapter's name gives: ``legacy_kernel``, as ``Row`` reads old
+    rows), ``family`` (the framework family its adapter declares) and ``holds_scores`` (whether the kernel holds
+    the [B, H, T, S] scores; None where not recorded)."""
     if frame.empty or "adapter" not in frame:
         return frame
     recorded = {}
     for record in flops.values():
         params = record.get("params") or {}
-        recorded[params.get("adapter")] = record.get("kernel")
+        recorded[params.get("adapter")] = record
     frame = frame.copy()
-    frame["kernel"] = [None if a is None or a != a else recorded.get(a) or results.legacy_kernel(a)
+    known = lambda a: a is not None and a == a
+    frame["kernel"] = [recorded.get(a, {}).get("kernel") or results.legacy_kernel(a) if known(a) else None
                        for a in frame["adapter"]]
+    frame["family"] = [recorded.get(a, {}).get("family") if known(a) else None for a in frame["adapter"]]
+    frame["holds_scores"] = [recorded.get(a, {}).get("holds_scores") if known(a) else None for a in frame["adapter"]]
+    return frame
+
+
+POINT_COLUMNS = {"stopped": "stopped", "charted": "memory_charted", "program_bytes": "program_bytes",
+                 "probe_median": "probe_bytes", "probe": "memory_probe", "program_source": "memory_program"}
+
+
+def _point_key(benchmark: str, params: dict) -> tuple:
+    return (results.quantity(benchmark.rpartition(".")[2]), benchmark.split(".")[-2] if "." in benchmark else "",
+            *(params.get(k) for k in BENCH_PARAMS))
+
+
+def load_points(results_dir: Path, problems: list) -> dict:
+    """bench/points.jsonl: the newest line of each measured point, keyed like a results row."""
+    path = results.Layout(results_dir).points
+    if not path.is_file():
+        return {}
+    check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "quantity"} <= set(r) and \
+        isinstance(r["params"], dict) else "needs benchmark, params and quantity"
+    records, bad = results.read_jsonl(path, check)
+    problems.extend(bad)
+    return {_point_key(r["benchmark"], r["params"]): r for r in records}
+
+
+def load_remeasured(results_dir: Path, problems: list) -> dict:
+    """bench/remeasured.jsonl: the newest re-measurement of each point, keyed like a results row."""
+    path = results.Layout(results_dir).remeasured
+    if not path.is_file():
+        return {}
+    check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "rule", "before"} <= set(r) and \
+        isinstance(r["params"], dict) else "needs benchmark, params, rule and before"
+    records, bad = results.read_jsonl(path, check)
+    problems.extend(bad)
+    return {_point_key(r["benchmark"], r["params"]): r for r in records}
+
+
+def with_points(frame: pd.DataFrame, points: dict, remeasured: dict) -> pd.DataFrame:
+    """What the suite recorded of each point beside asv's figures: why its sampling stopped, both memory figures
+    and which one is the result, the plain timing's median (``--verify``) and, for a point measured again
+    because its line broke a plausibility rule, the rule and the value before."""
+    columns = [*POINT_COLUMNS.values(), "verify_median", "verify_samples", "verify_paired_ratio", "remeasured_rule",
+               "remeasured_before"]
+    frame = frame.copy()
+    for column in columns:
+        frame[column] = None
+    if frame.empty or "adapter" not in frame or not (points or remeasured):
+        return frame
+    keys = [(m, c, *(r.get(k) for k in BENCH_PARAMS)) for m, c, r in
+            zip(frame["method"], frame["class"], frame[list(BENCH_PARAMS)].to_dict("records"))]
+    for column, source in (("verify_median", "median"), ("verify_samples", "samples"),
+                           ("verify_paired_ratio", "paired_ratio")):
+        frame[column] = [((points.get(k) or {}).get("verify") or {}).get(source) for k in keys]
+    for field_name, column in POINT_COLUMNS.items():
+        frame[column] = [(points.get(k) or {}).get(field_name) for k in keys]
+    frame["remeasured_rule"] = [(remeasured.get(k) or {}).get("rule") for k in keys]
+    frame["remeasured_before"] = [(remeasured.get(k) or {}).get("before") for k in keys]
     return frame
 
 
@@ -302,6 +364,7 @@ def _tidy_asv(data: dict, run: dict, benchmarks_meta: dict, file: Path) -> pd.Da
         repeat, number, samples = column("stats_repeat"), column("stats_number"), column("samples")
         klass, _, method = name.rpartition(".")
         klass = klass.rpartition(".")[2] if "." in klass else klass
+        method = results.quantity(method)  # the suite's sampled time and asv's own timing are one quantity
         for j, combo in enumerate(combos):
             record = {
                 "benchmark": name, "class": klass or name, "method": method,

@@ -168,8 +168,8 @@ def _scaling(data: ReportData) -> list[str]:
             md_table(winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
                                     memory=[format_value(v, "bytes") for v in winners["memory"]]),
                      ["class", "device", "L", "fastest", "time", "leanest", "memory"]),
-            md_table(shown, ["class", "device", "series", "kernel", "time_exponent", "memory_exponent",
-                             "fraction_of_peak_at_L_max"],
+            md_table(shown, ["class", "device", "series", "kernel", "time_exponent", "time_fit", "memory_exponent",
+                             "memory_fit", "fraction_of_peak_at_L_max", "implausible"],
                      {"time_exponent": exponent, "memory_exponent": exponent})]
 
 
@@ -221,9 +221,11 @@ def render_markdown(data: ReportData) -> str:
         comparison = data.comparison
         flagged = comparison.table[comparison.table["change"].isin(["regression", "failed in B", "improvement",
                                                                    "fixed in B"])]
-        out += [f"## Comparison B/A (threshold ±{comparison.threshold:.0%}, CI-aware)", "",
+        out += [f"## Comparison B/A (threshold ±{comparison.threshold:.0%} and the runs' noise)", "",
                 f"A = `{md(comparison.label_a)}`, B = `{md(comparison.label_b)}`: "
-                f"{len(comparison.regressions)} regressions, {len(comparison.improvements)} improvements.", "",
-                md_table(flagged, ["change", "benchmark", "params", "ratio"],
-                         {"ratio": lambda v: f"{v:.2f}" if math.isfinite(v) else "n/a"}, limit=SUMMARY_LIMIT)]
+                f"{len(comparison.regressions)} regressions, {len(comparison.improvements)} improvements; "
+                f"{md(comparison.rule())}.", "",
+                md_table(flagged, ["change", "benchmark", "params", "ratio", "noise"],
+                         {"ratio": lambda v: f"{v:.2f}" if math.isfinite(v) else "n/a",
+                          "noise": lambda v: f"{v:.2f}" if math.isfinite(v) else ""}, limit=SUMMARY_LIMIT)]
     return "\n".join(out).rstrip() + "\n"

@@ -10,10 +10,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from mhabench import results
+from mhabench import plausibility, results
 from mhabench.results import AREAS, PROBLEM_STATUSES, STATUSES
 
 from .load import Benchmarks, Conformance
+from .units import format_value
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -501,24 +502,9 @@ def portability(conformance: Conformance | None) -> tuple[pd.DataFrame, pd.DataF
 
 # --- benchmarks ---------------------------------------------------------------------------------
 
-FIT_POINTS = 3  # the exponent is fitted over this many of the largest lengths measured
-
-
-def fit_exponent(lengths, values, points: int = FIT_POINTS) -> float:
-    """Least-squares slope of log(value) on log(length) over the ``points`` largest lengths: 1 for O(L), 2 for
-    O(L^2). The largest lengths only, because that is where the growth shows: at small L the per-call overhead
-    and the projections (O(L)) dominate and pull a quadratic kernel's slope down (torch_sdpa's forward on this
-    suite's 2-core CPU: 1.31 over 128-4096, 1.67 over 1024-4096)."""
-    x = np.asarray(lengths, dtype=float)
-    y = np.asarray(values, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    x, y = x[keep], y[keep]
-    if len(np.unique(x)) < 2:
-        return math.nan
-    largest = np.sort(np.unique(x))[-points:]
-    x, y = x[np.isin(x, largest)], y[np.isin(x, largest)]
-    slope, _ = np.polyfit(np.log(x), np.log(y), 1)
-    return float(slope)
+def fit_exponent(lengths, values) -> float:
+    """The exponent of the power law fitted over the largest lengths (``mhabench.plausibility.power_fit``)."""
+    return plausibility.power_fit(lengths, values).exponent
 
 
 def series_label(record) -> str:
@@ -582,10 +568,32 @@ def heads_sweep(frame: pd.DataFrame, klass: str, method: str) -> pd.DataFrame:
     return part[part["seq_len"] == lengths.index.max()].sort_values(["series", "num_heads"])
 
 
+QUANTITY = {"time_forward": "time", "time_forward_backward": "time", "track_peakmem_forward": "memory",
+            "track_peakmem_forward_backward": "memory"}
+
+
+def _points(line: pd.DataFrame) -> list:
+    """The line's finite points, each with its samples' quartiles where asv gives them."""
+    cols = [line[c] if c in line else pd.Series([math.nan] * len(line), index=line.index)
+            for c in ("q25", "q75")]
+    return [plausibility.Point(int(L), float(v), float(lo) if lo == lo else math.nan, float(hi) if hi == hi else math.nan)
+            for L, v, lo, hi in zip(line["seq_len"], line["value"], *cols) if v == v and v > 0]
+
+
+def _holds_scores(line: pd.DataFrame):
+    if "holds_scores" not in line:
+        return None
+    known = [v for v in line["holds_scores"] if isinstance(v, (bool, np.bool_))]
+    return bool(known[0]) if known else None
+
+
 def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per benchmark and line: the fitted exponent in L and the value at the largest L."""
+    """Per benchmark and line: the power law fitted over its largest lengths (exponent, residual, how well it
+    fits), the value at the largest L, and the plausibility rules the line breaks (``mhabench.plausibility``),
+    with the numbers and whether its points were measured again before."""
     columns = ["class", "method", "device", "machine", "series", "adapter", "mode", "num_heads", "points", "L_min",
-               "L_max", "exponent", "value_at_L_max", "unit", "kernel"]
+               "L_max", "exponent", "fit_residual", "fit", "widest_spread", "value_at_L_max", "unit", "kernel",
+               "family", "implausible", "remeasured"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -597,19 +605,87 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
             for series, line in rows.groupby("series", sort=True):
                 finite = line[np.isfinite(line["value"])]
                 largest = finite.loc[finite["seq_len"].idxmax()] if not finite.empty else None
+                quantity = QUANTITY.get(method)
+                if quantity:
+                    fit, breaches = plausibility.check(_points(finite), quantity, _holds_scores(line))
+                else:
+                    fit, breaches = plausibility.power_fit(finite["seq_len"], finite["value"]), []
+                again = line[line["remeasured_rule"].notna()] if "remeasured_rule" in line else line.iloc[0:0]
                 out.append({
                     "class": klass, "method": method, "device": device, "machine": line["machine"].iloc[0],
                     "series": series, "adapter": line["adapter"].iloc[0],
                     "kernel": line["kernel"].iloc[0] if "kernel" in line else results.DEFAULT_KERNEL,
+                    "family": line["family"].iloc[0] if "family" in line else None,
                     "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "points": len(finite),
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,
                     "L_max": finite["seq_len"].max() if len(finite) else math.nan,
-                    "exponent": fit_exponent(line["seq_len"], line["value"]),
+                    "exponent": fit.exponent, "fit_residual": fit.residual, "fit": fit.quality,
+                    "widest_spread": widest_spread(finite),
                     "value_at_L_max": largest["value"] if largest is not None else math.nan,
                     "unit": line["unit"].iloc[0],
+                    "implausible": "; ".join(f"{b.rule}: {b.detail}" for b in breaches),
+                    "remeasured": ", ".join(f"L={int(r['seq_len'])} (was {format_value(r['remeasured_before'], r['unit'])})"
+                                            for r in again.to_dict("records")),
                 })
     return pd.DataFrame(out, columns=columns)
+
+
+def verify_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per time point measured with ``mhabench bench --verify``: the suite's figure over the median of the plain
+    timings of the same call (one after each of the suite's samples, in the same process), and the median of
+    the ratios of each sample to the plain call right after it, which a shared machine's changing load does not
+    move; flagged outside ``plausibility.VERIFY_RANGE`` (the paired ratio where recorded)."""
+    columns = ["class", "device", "series", "L", "suite", "plain", "ratio", "paired_ratio", "samples",
+               "plain_samples", "flag"]
+    if frame.empty or "verify_median" not in frame:
+        return pd.DataFrame(columns=columns)
+    timed = frame[frame["method"].isin(["time_forward", "time_forward_backward"]) & frame["verify_median"].notna()]
+    low, high = plausibility.VERIFY_RANGE
+    out = []
+    for record in timed.to_dict("records"):
+        hand = float(record["verify_median"])
+        ratio = record["value"] / hand if hand > 0 else math.nan
+        paired = record.get("verify_paired_ratio")
+        paired = float(paired) if paired is not None and paired == paired else math.nan
+        judged = paired if math.isfinite(paired) else ratio
+        out.append({"class": record["class"], "device": record["device"], "series": record["series"],
+                    "L": int(record["seq_len"]), "suite": record["value"], "plain": hand, "ratio": ratio,
+                    "paired_ratio": paired, "samples": record.get("repeat"),
+                    "plain_samples": record.get("verify_samples"),
+                    "flag": "" if low <= judged <= high else f"outside [{low}, {high}]",
+                    "method": record["method"]})
+    table = pd.DataFrame(out, columns=columns + ["method"])
+    if table.empty:
+        return table
+    return table.assign(_o=table["class"].map(class_rank)).sort_values(["_o", "series", "method", "L"]) \
+        .drop(columns="_o").reset_index(drop=True)
+
+
+def widest_spread(line: pd.DataFrame) -> float:
+    """The line's noisiest point: its interquartile range over its median (nan where no point has one)."""
+    if not {"q25", "q75"} <= set(line) or line.empty:
+        return math.nan
+    spread = (line["q75"].astype(float) - line["q25"].astype(float)) / line["value"].astype(float)
+    spread = spread[np.isfinite(spread)]
+    return float(spread.max()) if not spread.empty else math.nan
+
+
+def flagged_lines(scaling: pd.DataFrame) -> set:
+    """(class, method, device, series) of every line that breaks a plausibility rule."""
+    if scaling.empty:
+        return set()
+    bad = scaling[scaling["implausible"].astype(str) != ""]
+    return set(zip(bad["class"], bad["method"], bad["device"], bad["series"]))
+
+
+def without_flagged(frame: pd.DataFrame, flagged: set) -> pd.DataFrame:
+    """The rows of lines that break no plausibility rule (what a verdict may quote)."""
+    if frame.empty or not flagged:
+        return frame
+    keep = [(c, m, d, s) not in flagged for c, m, d, s in zip(frame["class"], frame["method"], frame["device"],
+                                                               frame["series"])]
+    return frame[keep]
 
 
 def gemm_peaks(benchmarks: Benchmarks | None) -> dict:
@@ -677,15 +753,16 @@ def chart_id(klass: str, device, what: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"chart-{klass}-{device}-{what}")
 
 
-def scaling_winners(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per class, device and L of the forward sweep: the fastest and the leanest line, among those measured."""
+def scaling_winners(frame: pd.DataFrame, flagged: set = frozenset()) -> pd.DataFrame:
+    """Per class, device and L of the forward sweep: the fastest and the leanest line, among those measured that
+    break no plausibility rule (``flagged``)."""
     columns = ["class", "device", "L", "fastest", "time", "leanest", "memory", "lines", "chart"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = {}
     for what, method in (("time", "time_forward"), ("memory", "track_peakmem_forward")):
         for (klass, device), part in frame.groupby(["class", "device"], sort=False, dropna=False):
-            rows = sweep(part, klass, method)
+            rows = without_flagged(sweep(part, klass, method), flagged)
             rows = rows[np.isfinite(rows["value"])] if not rows.empty else rows
             for length, at_length in rows.groupby("seq_len"):
                 best = at_length.loc[at_length["value"].idxmin()]
@@ -707,22 +784,33 @@ def class_rank(klass: str) -> int:
 
 
 def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame:
-    """Per class, device and line: fitted time and memory exponents, and the fraction of peak at the largest L."""
-    columns = ["class", "device", "series", "L_max", "time_exponent", "memory_exponent", "fraction_of_peak_at_L_max",
-               "fault", "chart", "kernel"]
+    """Per class, device and line: fitted time and memory exponents with the residual of each fit and how well a
+    power law fits, the fraction of peak at the largest L, and the plausibility rules the line breaks."""
+    columns = ["class", "device", "series", "L_max", "time_exponent", "time_fit_residual", "time_fit",
+               "time_widest_spread", "memory_exponent", "memory_fit_residual", "memory_fit", "memory_widest_spread",
+               "fraction_of_peak_at_L_max", "fault", "implausible", "remeasured", "chart", "kernel", "family"]
     if scaling.empty:
         return pd.DataFrame(columns=columns)
     out = {}
     for record in scaling.to_dict("records"):
-        what = {"time_forward": "time_exponent", "track_peakmem_forward": "memory_exponent"}.get(record["method"])
+        what = {"time_forward": "time", "track_peakmem_forward": "memory"}.get(record["method"])
         if what is None:
             continue
         line = out.setdefault((record["class"], record["device"], record["series"]), {
             "class": record["class"], "device": record["device"], "series": record["series"],
-            "kernel": record.get("kernel"), "L_max": math.nan,
-            "time_exponent": math.nan, "memory_exponent": math.nan, "fraction_of_peak_at_L_max": math.nan,
-            "fault": "", "chart": chart_id(record["class"], record["device"], "time")})
-        line[what] = record["exponent"]
+            "kernel": record.get("kernel"), "family": record.get("family"), "L_max": math.nan,
+            "time_exponent": math.nan, "time_fit_residual": math.nan, "time_fit": "", "time_widest_spread": math.nan,
+            "memory_exponent": math.nan, "memory_fit_residual": math.nan, "memory_fit": "",
+            "memory_widest_spread": math.nan,
+            "fraction_of_peak_at_L_max": math.nan, "fault": "", "implausible": "", "remeasured": "",
+            "chart": chart_id(record["class"], record["device"], "time")})
+        line[f"{what}_exponent"] = record["exponent"]
+        line[f"{what}_fit_residual"] = record["fit_residual"]
+        line[f"{what}_fit"] = record["fit"]
+        line[f"{what}_widest_spread"] = record["widest_spread"]
+        for column in ("implausible", "remeasured"):
+            if record.get(column):
+                line[column] = "; ".join(filter(None, [line[column], f"{what}: {record[column]}"]))
         line["L_max"] = np.nanmax([line["L_max"], record["L_max"]])
     for record in fraction[fraction["method"] == "track_gflops_forward"].to_dict("records") if not fraction.empty \
             else []:
@@ -735,8 +823,9 @@ def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame
         .drop(columns="_o").reset_index(drop=True)
 
 
-def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:
-    """The fastest and leanest line at the largest L of the forward sweep, among the lines measured there."""
+def headline(frame: pd.DataFrame, klass: str = "SelfAttention", flagged: set = frozenset()) -> dict:
+    """The fastest and leanest line at the largest L of the forward sweep, among the lines measured there that
+    break no plausibility rule (``flagged``: see :func:`flagged_lines`); ``excluded`` counts the others."""
     result = {}
     for key, method in (("fastest", "time_forward"), ("leanest", "track_peakmem_forward")):
         rows = sweep(frame, klass, method) if not frame.empty else frame
@@ -745,8 +834,12 @@ def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:
             continue
         largest = rows["seq_len"].max()
         at_largest = rows[rows["seq_len"] == largest]
-        best = at_largest.loc[at_largest["value"].idxmin()]
+        plausible = without_flagged(at_largest, flagged)
+        if plausible.empty:
+            continue
+        best = plausible.loc[plausible["value"].idxmin()]
         result[key] = {"series": best["series"], "seq_len": int(largest), "value": float(best["value"]),
                        "unit": best["unit"], "num_heads": best["num_heads"],
-                       "lines": int(at_largest["series"].nunique())}
+                       "lines": int(plausible["series"].nunique()),
+                       "excluded": int(at_largest["series"].nunique() - plausible["series"].nunique())}
     return result
