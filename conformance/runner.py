@@ -76,7 +76,9 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
              catalogue_dir: str | None = None, entries=None, include=None, history=None) -> list[dict]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
-    ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. ``adhoc``
+    ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. When ``on_rows``
+    raises, the run stops (no more rows are produced; the cases in flight are dropped) and its
+    exception is raised here. ``adhoc``
     ("module:Class" targets for ``impls.plugins.load_adhoc``) are replayed in each worker, so adapters
     defined outside the registry run there too. ``history``: {(adapter, case id, dtype): ms} measured
     by an earlier run, which orders the work better than the prior (``schedule``). ``jobs`` worker
@@ -89,13 +91,21 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
     collected: list[dict] = []
     lock = threading.Lock()
+    stop = threading.Event()
+    failed: list[BaseException] = []  # what stopped the run: ``on_rows`` could not take its rows
 
     def emit(rows):
         rows = [r for r in rows if r["row_id"] not in skip]
         with lock:
+            if stop.is_set():
+                return
             collected.extend(rows)
             if on_rows is not None and rows:
-                on_rows(rows)
+                try:
+                    on_rows(rows)
+                except BaseException as exc:  # e.g. the journal's disk is full: the run stops, not one thread
+                    failed.append(exc)
+                    stop.set()
 
     if not isolate:
         from . import catalogue
@@ -121,7 +131,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     def worker_loop():
         current, child = None, None
         try:
-            while (task := scheduler.next(current)) is not None:
+            while not stop.is_set() and (task := scheduler.next(current)) is not None:
                 fresh = task.adapter != current
                 if fresh:
                     if child is not None:
@@ -141,6 +151,8 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
         t.start()
     for t in threads:
         t.join()
+    if failed:
+        raise failed[0]
     return collected
 
 

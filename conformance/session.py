@@ -210,11 +210,21 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         skip = {r["row_id"] for r in journal.rows}
         previous = journal.rows
     elif layout.rows.exists():
-        layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))  # a fresh run: the old journal is kept aside
+        if layout.rows.stat().st_size:  # a fresh run: the old journal is kept aside
+            layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))
+        else:  # a run killed before its first row: nothing to keep, and an older journal stays kept
+            layout.rows.unlink()
     if not rerun and not resume:
         previous = results.read_rows(layout.rows.with_suffix(".jsonl.prev")).rows
-    if not rerun:
-        results.write_json(layout.plan, plan.to_dict())
+    run_meta = results.meta(versions(plan.adapters), machine=machine)
+    if rerun:  # the rows join the run the journal holds
+        try:
+            run_id = (results.read_json(layout.plan) if layout.plan.is_file() else {}).get("run")
+        except (ValueError, AttributeError):
+            run_id = None
+    else:
+        run_id = results.new_run_id()
+        results.write_json(layout.plan, {**plan.to_dict(), "run": run_id, "meta": {**run_meta, "run": run_id}})
     history = schedule.measured_costs(previous)
     tally = progress_tally(plan, history, skip)
     if on_start is not None:
@@ -245,7 +255,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     full = plan.full_matrix and plan.shard is None and not rerun
     # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
     checks = catalogue_mod.check(entries, rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
-    results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine))
+    results.write_results(layout.root, rows, {**results.meta(versions(adapters_run), machine=machine), "run": run_id})
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
 

@@ -163,3 +163,34 @@ def test_the_memory_check_can_be_switched_off(monkeypatch):
     layer.check_memory = True
     monkeypatch.setenv(memory.ENV_CHECK, "off")
     assert layer(x, x)[0].shape == (1, 6, 8)
+
+
+# ---- a full disk stops the run: one line, exit 2, nothing lost ------------------------------------------
+
+def test_a_disk_full_spell_stops_conform_with_one_line_and_resume_loses_nothing(tmp_path, monkeypatch, capsys):
+    from mhabench import cli, results
+    real, batches = results.RowWriter.write, [0]
+
+    def write(self, rows):  # the disk fills up after three batches of rows
+        batches[0] += 1
+        if batches[0] > 3:
+            raise results.WriteFailed(self.path, OSError(28, "No space left on device"))
+        return real(self, rows)
+    monkeypatch.setattr(results.RowWriter, "write", write)
+    args = ["conform", "--adapters", "numpy_oracle", "--areas", "masks", "--dtypes", "float32", "--jobs", "2",
+            "--results", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    journal = tmp_path / "conformance" / "rows.jsonl"
+    assert err.startswith(f"mhabench conform: error: cannot write {journal}: No space left on device") \
+        and "--resume" in err
+    written = results.read_rows(journal)
+    assert written.rows and not written.problems
+    assert not (tmp_path / "conformance" / "results.json").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.undo()  # space freed
+    assert cli.main(args + ["--resume"]) == 0
+    rows = json.loads((tmp_path / "conformance" / "results.json").read_text())["rows"]
+    planned = json.loads((tmp_path / "conformance" / "plan.json").read_text())["rows"]
+    assert len(rows) == len({r["row_id"] for r in rows}) == planned
+    assert {r["row_id"] for r in written.rows} <= {r["row_id"] for r in rows}

@@ -118,6 +118,10 @@ def main(args) -> int:
                 display.finish()
     except (session.SelectionError, results.ResultsLocked) as exc:
         raise CLIError(str(exc)) from None
+    except results.WriteFailed as exc:
+        again = "run the same command again" if args.rerun else "run the same command with --resume to finish it"
+        raise CLIError(f"{exc}; the run stopped. Every row written so far is kept in {layout.rows}: free "
+                       f"space and {again}") from None
     except OSError as exc:
         raise CLIError(f"results directory {layout.root}: {exc.strerror or exc}") from None
     return print_summary(outcome, args.rerun)
