@@ -13,14 +13,15 @@ from mhabench import impls, results, shards
 from mhabench.impls import registry
 from mhabench.options import SelectionError, broken_plugins, load_plugins, runnable_adapters, split_list  # noqa: F401
 from mhabench.progress import Tally
+from mhabench.schema import AREAS, DTYPES, Area, Row, RowId
 
 from . import catalogue as catalogue_mod
 from . import schedule
-from .cases import AREAS, DTYPES, Case, default_cases, find_case, random_cases, select
+from .cases import AnyCase, default_cases, find_case, random_cases, select
 from .runner import expected_row_ids, run_rows
 
 DEFAULT_EXAMPLES = 25
-SELECTABLE_AREAS = tuple(a for a in AREAS if a != "plugin")
+SELECTABLE_AREAS = tuple(a for a in AREAS if a != Area.PLUGIN)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Plan:
     """What a session runs: adapters x cases x dtypes, or one shard of that (``include``)."""
 
     adapters: list[str]
-    cases: list[Case]
+    cases: list[AnyCase]
     dtypes: list[str]
     adhoc: list[str] = field(default_factory=list)
     full_matrix: bool = False  # every default case in every dtype: only then can an entry be stale for absence
@@ -36,7 +37,7 @@ class Plan:
     include: set | None = None  # the (adapter, case id, dtype) tasks of that shard; None: every task
     reduced: dict = field(default_factory=dict)  # adapter -> why it runs only the reduced (quick) matrix
 
-    def tasks(self) -> list[tuple[str, Case, str]]:
+    def tasks(self) -> list[tuple[str, AnyCase, str]]:
         """(adapter, case, dtype) of every task this plan runs."""
         return [(a, c, d) for a in self.adapters for c in self.cases for d in c.run_dtypes(self.dtypes)
                 if self.include is None or (a, c.id, d) in self.include]
@@ -130,7 +131,7 @@ def versions(adapters) -> dict[str, str]:
 
 @dataclass
 class Outcome:
-    rows: list[dict]
+    rows: list[Row]
     checks: list                       # catalogue verdicts (catalogue.EntryCheck)
     elapsed: float
     problems: list[str]                # lines of the journal that could not be read
@@ -138,8 +139,8 @@ class Outcome:
     plan: Plan
 
     @property
-    def failing(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] in ("fail", "error")]
+    def failing(self) -> list[Row]:
+        return [r for r in self.rows if r.status.failing]
 
     @property
     def stale(self) -> list:
@@ -149,35 +150,24 @@ class Outcome:
         return results.summarise(self.rows)
 
 
-def rerun_target(row_id: str, layout: results.Layout, plan: Plan) -> tuple[str, Case, str]:
+def rerun_target(row_id: str, layout: results.Layout, plan: Plan) -> tuple[str, AnyCase, str]:
     """(adapter, case, dtype) behind a row id, from the journal or by parsing it against the registry."""
-    previous = {r["row_id"]: r for r in results.read_rows(layout.rows).rows}
+    previous = {r.row_id: r for r in results.read_rows(layout.rows).rows}
     registered = registry.list_adapters()
     if row_id in previous:
-        r = previous[row_id]
-        adapter, case_id, dtype = r["adapter"], r["case"], r["dtype"]
+        adapter, case_id, dtype = previous[row_id].task
     else:
-        parts = split_row_id(row_id, registered)
-        if parts is None:
+        parsed = RowId.parse(row_id, registered)
+        if parsed is None:
             raise SelectionError(f"--rerun {impls.interface.printable(row_id)}: not a row id of the form "
                                  f"adapter-case-dtype-quantity (adapters: {', '.join(registered)})")
-        adapter, case_id, dtype, _ = parts
+        adapter, case_id, dtype = parsed.adapter, parsed.case, parsed.dtype
     if adapter not in registered:
         raise SelectionError(f"--rerun {row_id}: adapter {adapter!r} is not registered (pass --adapter MODULE:CLASS)")
     case = find_case(case_id, extra=plan.cases)
     if case is None:
         raise SelectionError(f"--rerun {row_id}: no case {case_id!r} in the matrix")
     return adapter, case, dtype
-
-
-def split_row_id(row_id: str, adapters) -> tuple[str, str, str, str] | None:
-    """``adapter-case-dtype-quantity`` -> its parts (adapter names may contain '-', so match the registry)."""
-    for name in sorted(adapters, key=len, reverse=True):
-        if row_id.startswith(name + "-"):
-            parts = row_id[len(name) + 1:].rsplit("-", 2)
-            if len(parts) == 3 and parts[1] in DTYPES:
-                return (name, *parts)
-    return None
 
 
 def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = None,
@@ -188,9 +178,10 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     ``resume`` keeps the journal's finished rows and runs the rest; ``rerun`` runs exactly the case
     behind one row id again (its new rows are appended and win). Otherwise the old journal is kept
     aside as rows.jsonl.prev, and its durations order this run's work (``schedule``).
-    ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, its ``plan`` attached)
-    before anything runs, ``on_rows(rows)`` each batch once the tally counts it, ``warn(text)`` each
-    problem. ``machine`` names the machine in the results' meta (default: the host name).
+    ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, whose ``plan`` is the plan
+    it counts) before anything runs, ``on_rows(rows)`` each batch once the tally counts it,
+    ``warn(text)`` each problem. ``machine`` names the machine in the results' meta (default: the host
+    name).
     """
     layout = results.Layout(results_dir)
     layout.conformance.mkdir(parents=True, exist_ok=True)
@@ -207,7 +198,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         journal = results.read_rows(layout.rows)
         for problem in journal.problems:
             warn(problem)
-        skip = {r["row_id"] for r in journal.rows}
+        skip = {r.row_id for r in journal.rows}
         previous = journal.rows
     elif layout.rows.exists():
         if layout.rows.stat().st_size:  # a fresh run: the old journal is kept aside
@@ -235,7 +226,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     def write(rows):
         writer.write(rows)
         for row in rows:
-            tally.add(row["adapter"])
+            tally.add(row.adapter)
         if on_rows is not None:
             on_rows(rows)
     started = time.perf_counter()
@@ -250,11 +241,11 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     for problem in journal.problems:
         warn(problem)
     rows = journal.latest()
-    adapters_run = sorted({r["adapter"] for r in rows}) if rerun else plan.adapters
+    adapters_run = sorted({r.adapter for r in rows}) if rerun else plan.adapters
     # a shard holds part of the matrix: an entry showing in none of its rows may show in another shard's
     full = plan.full_matrix and plan.shard is None and not rerun
     # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
-    checks = catalogue_mod.check(entries, rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
+    checks = entries.check(rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
     results.write_results(layout.root, rows, {**results.meta(versions(adapters_run), machine=machine), "run": run_id})
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
@@ -272,6 +263,4 @@ def progress_tally(plan: Plan, history: dict, skip=()) -> Tally:
         done[adapter] += present
         if present < len(ids):
             weights[adapter] += schedule.estimate_ms(adapter, case, dtype, history, _compiles=memo)
-    tally = Tally(planned, weights, done)
-    tally.plan = plan
-    return tally
+    return Tally(planned, weights, done, plan=plan)

@@ -35,26 +35,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .impls.validation import DTYPES
+# The row schema is the contract's (mhabench.schema): re-exported here, where readers of a results directory look.
+from .schema import AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, STATUSES, Row, Status, legacy_kernel
 
-STATUSES = ("pass", "fail", "divergence", "unsupported", "error", "skip")
-PROBLEM_STATUSES = ("error", "fail", "divergence", "unsupported", "skip")  # worst first: a cell's colour
-AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "modern", "pairs", "random",
-         "plugin")
-# ``kernel``: the attention kernel the adapter forces ("default": none, the framework chooses, as users run it);
-# ``emulated``: the features the adapter built a mask for because its framework has no argument for them;
-# ``window``, ``bias`` (its kind), ``lengths`` (their kind): the case's modern-attention call features.
-FIELDS = ("row_id", "adapter", "framework", "framework_version", "case", "area", "dtype", "device", "quantity",
-          "status", "max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "tolerance_source",
-          "divergence",
-          "contradicts", "message", "mode", "kernel", "emulated", "seed", "spec", "query_shape", "key_shape",
-          "value_shape", "mask", "causal", "window", "bias", "lengths", "duration_s")
-REQUIRED = ("row_id", "adapter", "case", "area", "dtype", "quantity", "status")
-DEFAULT_KERNEL = "default"  # no kernel forced: the framework chooses, as its users run it
-NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
+PROBLEM_STATUSES = (Status.ERROR, Status.FAIL, Status.DIVERGENCE, Status.UNSUPPORTED, Status.SKIP)  # worst first
 
-__all__ = ["AREAS", "DTYPES", "FIELDS", "STATUSES", "Layout", "Journal", "read_rows", "RowWriter", "write_results",
-           "read_results", "summarise", "meta", "WriteFailed", "atomic_write", "atomic_write_many", "append_jsonl"]
+__all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
+           "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
+           "summarise", "meta", "WriteFailed", "atomic_write", "atomic_write_many", "append_jsonl"]
 
 
 class Layout:
@@ -88,42 +76,33 @@ class Layout:
 
 @dataclass
 class Journal:
-    rows: list[dict]
+    rows: list[Row]
     problems: list[str] = field(default_factory=list)  # "path:line: what is wrong" for every line not read
 
-    def latest(self) -> list[dict]:
+    def latest(self) -> list[Row]:
         """One row per row_id, the last written winning (a --rerun appends a newer row)."""
         by_id = {}
         for row in self.rows:
-            by_id.pop(row["row_id"], None)
-            by_id[row["row_id"]] = row
+            by_id.pop(row.row_id, None)
+            by_id[row.row_id] = row
         return list(by_id.values())
 
 
-_REQUIRED = frozenset(REQUIRED)
-
-
-def row_problem(row) -> str | None:
-    """Why ``row`` is not a conformance row, or None."""
-    if not isinstance(row, dict):
-        return "not a JSON object"
-    if not row.keys() >= _REQUIRED:
-        missing = [k for k in REQUIRED if k not in row]
-        return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
-    if row["status"] not in STATUSES:
-        return f"unknown status {row['status']!r}"
-    return None
+def as_row(row: Row | dict) -> Row:
+    """A Row from a Row or a record with the row fields (ValueError for one that is not a row)."""
+    return row if isinstance(row, Row) else Row.from_dict(row)
 
 
 def iter_jsonl(path: str | os.PathLike, problem=lambda record: None, problems: list | None = None,
-               batch: int = 10_000):
+               batch: int = 10_000, parse=None):
     """The records of a JSON-lines file in lists of up to ``batch``, read as a stream (a journal of a
     million rows is never held whole); "path:line: what is wrong" goes to ``problems`` for every line
     not read.
 
     The one policy for a damaged journal: nothing is dropped silently. A half-written last line (a
     run killed mid-write) is reported as truncated; any other bad line as corrupt; a line that parses
-    but ``problem(record)`` rejects, with that reason. Bad lines are left in the file.
+    but ``problem(record)`` rejects, or ``parse(record)`` (which turns a record into what is kept)
+    refuses with a ValueError, with that reason. Bad lines are left in the file.
     """
     path = Path(path)
     problems = [] if problems is None else problems
@@ -145,6 +124,11 @@ def iter_jsonl(path: str | os.PathLike, problem=lambda record: None, problems: l
                 if record is _BAD:
                     continue
                 why = problem(record)
+                if not why and parse is not None:
+                    try:
+                        record = parse(record)
+                    except ValueError as exc:
+                        why = str(exc)
                 if why:
                     problems.append(f"{path}:{number}: not a valid record ({why}): "
                                     f"{raw[:80].decode('utf-8', 'replace')!r}")
@@ -169,18 +153,18 @@ def _parse_line(path: Path, number: int, raw: bytes, problems: list):
         return _BAD
 
 
-def read_jsonl(path: str | os.PathLike, problem=lambda record: None) -> tuple[list, list[str]]:
+def read_jsonl(path: str | os.PathLike, problem=lambda record: None, parse=None) -> tuple[list, list[str]]:
     """The records of a JSON-lines file, and "path:line: what is wrong" for every line not read (the
     policy of :func:`iter_jsonl`)."""
     problems: list[str] = []
-    records = [record for chunk in iter_jsonl(path, problem, problems) for record in chunk]
+    records = [record for chunk in iter_jsonl(path, problem, problems, parse=parse) for record in chunk]
     return records, problems
 
 
 def read_rows(path: str | os.PathLike) -> Journal:
-    """The rows of a rows.jsonl (see :func:`read_jsonl`); their rows count as not run (``--resume`` runs
-    them again)."""
-    rows, problems = read_jsonl(path, row_problem)
+    """The rows of a rows.jsonl (see :func:`read_jsonl`); the rows of a bad line count as not run
+    (``--resume`` runs them again)."""
+    rows, problems = read_jsonl(path, parse=Row.from_dict)
     return Journal(rows, problems)
 
 
@@ -283,8 +267,8 @@ def append_jsonl(path: str | os.PathLike, records) -> None:
 class RowWriter(Appender):
     """Appends rows to rows.jsonl, one fsync per batch (see :class:`Appender`)."""
 
-    def write(self, rows: list[dict]) -> None:
-        self.write_lines(json.dumps(_finite(r), allow_nan=False) for r in rows)
+    def write(self, rows: list[Row]) -> None:
+        self.write_lines(json.dumps(_finite(as_row(r).to_dict()), allow_nan=False) for r in rows)
 
 
 def _temporary(path: Path) -> Path:
@@ -368,17 +352,18 @@ def summary_meta_of(path: Path) -> dict:
                 raise ValueError(f"{path} is not a results file: it does not start with its \"meta\"")
 
 
-def write_results(root: str | os.PathLike, rows: list[dict], meta_info: dict) -> tuple[Path, Path]:
+def write_results(root: str | os.PathLike, rows: list[Row], meta_info: dict) -> tuple[Path, Path]:
     """results.json ({"meta", "rows"}) and results.csv (nested fields JSON-encoded) under a results
-    directory ``root``, each written atomically."""
+    directory ``root``, replaced together (:func:`atomic_write_many`)."""
     layout = Layout(root)
+    records = [as_row(r).to_dict() for r in rows]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
-    for row in rows:
+    for record in records:
         writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                         for k, v in _finite(row).items()})
-    atomic_write_many({layout.results_json: json.dumps(_finite({"meta": meta_info, "rows": rows}), indent=1,
+                         for k, v in _finite(record).items()})
+    atomic_write_many({layout.results_json: json.dumps(_finite({"meta": meta_info, "rows": records}), indent=1,
                                                        allow_nan=False),
                        layout.results_csv: buffer.getvalue()})
     return layout.results_json, layout.results_csv
@@ -421,10 +406,10 @@ class Results:
             return
         sink = [] if self._read else self.problems
         self._read = True
-        yield from iter_jsonl(self.source, row_problem, sink, batch=size)
+        yield from iter_jsonl(self.source, problems=sink, batch=size, parse=Row.from_dict)
 
     @property
-    def rows(self) -> list[dict]:
+    def rows(self) -> list[Row]:
         """Every row, the latest per id (the whole list in memory: for small results)."""
         if self._rows is None:
             self._rows = Journal([r for chunk in self.batches() for r in chunk]).latest()
@@ -485,12 +470,11 @@ def read_results(root: str | os.PathLike) -> Results | None:
     stale = layout.results_json if summary is not None and not current else None
     if current:
         rows = []
-        for index, row in enumerate(summary["rows"]):
-            why = row_problem(row)
-            if why:
-                problems.append(f"{layout.results_json}: row {index}: {why}")
-            else:
-                rows.append(row)
+        for index, record in enumerate(summary["rows"]):
+            try:
+                rows.append(Row.from_dict(record))
+            except ValueError as exc:
+                problems.append(f"{layout.results_json}: row {index}: {exc}")
         return Results(meta, plan, catalogue, problems, layout.results_json, True, None, rows)
     if plan is None and summary is None:
         return None
@@ -537,7 +521,7 @@ def locked(root: str | os.PathLike, command: str):
 
 # ---- the summary matrix ----------------------------------------------------------------------------
 
-def meaningful_ratio(row: dict) -> float | None:
+def meaningful_ratio(row: Row | dict) -> float | None:
     """The row's error ratio where it says something: a judged row whose tolerance the reference's error
     set, not the floor (where the reference is exact by luck or by symmetry, a gradient zero in exact
     arithmetic, the ratio divides by almost nothing)."""
@@ -549,17 +533,9 @@ def meaningful_ratio(row: dict) -> float | None:
     return float(ratio)
 
 
-def kernel_of(adapter: str, recorded=None) -> str:
-    """The kernel a row or benchmark ran: the one it recorded, else the variant its adapter's name gives
-    (``"<adapter>+<kernel>"``, for results written before kernels were recorded), else the default."""
-    if isinstance(recorded, str) and recorded:
-        return recorded
-    base, plus, kernel = str(adapter).rpartition("+")
-    return kernel if plus and base and kernel else DEFAULT_KERNEL
-
-
 def summarise(rows) -> dict[tuple[str, str], dict]:
-    """Per (adapter, area): a count per status and the worst meaningful error ratio.
+    """Per (adapter, area): a count per status and the worst meaningful error ratio, from rows (or records
+    with their ``adapter``, ``area``, ``status``, ``error_ratio`` and ``tolerance_source``).
 
     The one summary the terminal and the page both show."""
     table: dict[tuple[str, str], dict] = {}

@@ -100,7 +100,7 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     if found is None:
         return None
     meta = dict(found.meta)
-    rows = _tidy_conformance(found.batches())
+    rows = _tidy_conformance([row.to_dict() for row in batch] for batch in found.batches())
     rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
@@ -156,7 +156,7 @@ def _blank(name: str, count: int) -> np.ndarray:
 
 def _tidy_conformance(batches) -> pd.DataFrame:
     """The rows as a table, from batches of row records (the last row per row_id wins, in the place it was
-    written); every field of the schema present, figures as floats, each row's kernel."""
+    written); every field of the schema present, figures as floats."""
     shared = _Shared()
     parts: dict[str, list] = {}  # field -> its arrays, one per batch
     count = 0
@@ -185,9 +185,6 @@ def _tidy_conformance(batches) -> pd.DataFrame:
     if rows["row_id"].duplicated().any():
         rows = rows.drop_duplicates("row_id", keep="last")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
-    kernels: dict = {}
-    rows["kernel"] = [kernels[key] if key in kernels else kernels.setdefault(key, results.kernel_of(*key))
-                      for key in zip(rows["adapter"], rows["kernel"])]
     return rows.reset_index(drop=True)
 
 
@@ -262,7 +259,8 @@ def load_flops(results_dir: Path, problems: list) -> dict:
 
 
 def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
-    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs, else its adapter's."""
+    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs; for results written before
+    kernels were recorded, the one its adapter's name gives (``legacy_kernel``, as ``Row`` reads old rows)."""
     if frame.empty or "adapter" not in frame:
         return frame
     recorded = {}
@@ -270,7 +268,8 @@ def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
         params = record.get("params") or {}
         recorded[params.get("adapter")] = record.get("kernel")
     frame = frame.copy()
-    frame["kernel"] = [None if a is None or a != a else results.kernel_of(a, recorded.get(a)) for a in frame["adapter"]]
+    frame["kernel"] = [None if a is None or a != a else recorded.get(a) or results.legacy_kernel(a)
+                       for a in frame["adapter"]]
     return frame
 
 
