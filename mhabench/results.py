@@ -395,18 +395,21 @@ class Results:
     _rows: list | None = None
     _read: bool = False
 
-    def batches(self, size: int = 10_000):
+    def batches(self, size: int = 10_000, records: bool = False):
         """The rows in the order written, in lists of up to ``size`` (a row rerun later appears twice: the
-        later one wins). The journal is streamed; its unreadable lines join ``problems`` as it is read."""
+        later one wins); with ``records``, each as the plain record ``Row.record`` gives instead of a Row
+        (for a reader of a million rows). The journal is streamed; its unreadable lines join ``problems``
+        as it is read."""
         if self._summary_rows is not None:
             for start in range(0, len(self._summary_rows), size):
-                yield self._summary_rows[start:start + size]
+                chunk = self._summary_rows[start:start + size]
+                yield [row.to_dict() for row in chunk] if records else chunk
             return
         if self.source is None:
             return
         sink = [] if self._read else self.problems
         self._read = True
-        yield from iter_jsonl(self.source, problems=sink, batch=size, parse=Row.from_dict)
+        yield from iter_jsonl(self.source, problems=sink, batch=size, parse=Row.record if records else Row.from_dict)
 
     @property
     def rows(self) -> list[Row]:

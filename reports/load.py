@@ -100,7 +100,7 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     if found is None:
         return None
     meta = dict(found.meta)
-    rows = _tidy_conformance([row.to_dict() for row in batch] for batch in found.batches())
+    rows = _tidy_conformance(found.batches(records=True))
     rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
