@@ -69,7 +69,7 @@ class Plan:
 
 
 def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
-              default_dtypes=DTYPES, shard=None, every_case=False) -> Plan:
+              default_dtypes=DTYPES, shard=None, every_case=False, timeout: float | None = None) -> Plan:
     """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
 
     ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
@@ -79,12 +79,13 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
 
     An adapter that declares ``reduced_matrix`` (each new shape costs it a compilation or an export of
     seconds) runs only the reduced matrix's cases (``quick``) unless ``every_case``; the plan records why.
+    ``timeout``: seconds the ``adhoc`` plugins' interface checks may take (``--timeout``), each in a worker.
     """
     if shard is not None and not isinstance(shard, tuple):
         shard = shards.parse(shard)
     if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
         raise SelectionError(f"--examples must be an integer >= 0, got {examples!r}")
-    plugin_names = load_plugins(adhoc)
+    plugin_names = load_plugins(adhoc, timeout)
     chosen = split_list(adapters, registry.list_adapters(), "adapter", "--adapters")
     if chosen is None:
         chosen = runnable_adapters(plugin_names)

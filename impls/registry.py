@@ -98,9 +98,14 @@ def _register_entry_point(ep) -> None:
         return
 
     def load() -> Adapter:
+        from .worker import in_worker
+        isolate = not in_worker() and bool(ep.attr)
+        if isolate:  # imported and checked in a worker process first, as an --adapter plugin is
+            from .plugins import check_isolated
+            check_isolated(f"{ep.module}:{ep.attr}")
         adapter = interface.as_adapter(ep.load(), f"entry point {ep.name} = {ep.value!r}")
         adapter.name = adapter.name or ep.name
-        return interface.checked(adapter)
+        return adapter if isolate else interface.checked(adapter)
     _registered[ep.name] = load
 
 

@@ -86,7 +86,8 @@ def main(args) -> int:
         return 0 if mutants.print_catch_table(mutants.self_check()) else 1
     try:
         plan = session.make_plan(args.adapters, args.dtypes, args.areas, quick=args.quick, examples=args.examples,
-                                 adhoc=args.adapter, shard=args.shard, every_case=args.every_case)
+                                 adhoc=args.adapter, shard=args.shard, every_case=args.every_case,
+                                 timeout=args.timeout)
     except session.SelectionError as exc:
         raise CLIError(str(exc)) from None
     if not args.adapters:
