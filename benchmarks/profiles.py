@@ -16,16 +16,36 @@ from mhabench.impls.base import MODES
 
 DEVICES = ("cpu", "cuda")
 ENV_PROFILE = "MHABENCH_PROFILE"
-ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # ad-hoc plugin adapters ("file.py:Class"), separated by os.pathsep
+ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # the --adapter plugins of ``mhabench bench``, as :func:`plugins_env` writes them
+
+
+def plugins_env(targets, directory: str | None = None) -> str:
+    """``MHABENCH_ADAPTERS`` for asv's processes: JSON, so no target's own characters (the ':' between file and
+    class, a Windows drive letter, a space) can split it; files made absolute, and the directory a module
+    target is found from (``mhabench bench`` was run there; asv's processes run elsewhere)."""
+    import json
+    from mhabench.impls import plugins
+    return json.dumps({"adapters": [plugins.portable_target(t) for t in targets],
+                       "path": [directory or os.getcwd()]})
 
 
 def load_plugins() -> list[str]:
-    """Register the ``--adapter`` plugins ``mhabench bench`` passed to this (asv) process; their names."""
-    targets = [t for t in os.environ.get(ENV_ADAPTERS, "").split(os.pathsep) if t]
-    if not targets:
+    """Register the ``--adapter`` plugins ``mhabench bench`` passed to this (asv) process; their names. Their
+    interface was checked by ``mhabench bench`` itself, so it is not checked again in every asv process."""
+    import json
+    import sys
+    text = os.environ.get(ENV_ADAPTERS, "")
+    if not text:
         return []
+    try:
+        passed = json.loads(text)
+        targets, path = list(passed["adapters"]), list(passed.get("path", []))
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{ENV_ADAPTERS}={text!r}: expected what mhabench bench writes "
+                         f'({{"adapters": ["file.py:Class", ...], "path": [...]}})') from None
+    sys.path.extend(p for p in path if p not in sys.path)
     from mhabench.impls import plugins
-    return [plugins.load_adhoc(t) for t in targets]
+    return [plugins.load_adhoc(t, isolate=False) for t in targets]
 
 
 def adapter_names() -> tuple[str, ...]:

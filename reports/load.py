@@ -214,26 +214,41 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
         if asv_dir is None:
             return None
         files = [p for p in sorted(asv_dir.glob("*/*.json")) if p.name != "machine.json"]
+    problems: list[str] = []
+
+    def read(json_file: Path):
+        """A file of the tree; in a directory, one that is damaged (a full disk, a run killed while asv wrote
+        it) is left out and listed, so the rest is still reported."""
+        try:
+            return _read_json(json_file)
+        except ResultsError as exc:
+            if path.is_file():
+                raise
+            problems.append(f"{exc}: left out (mhabench bench --repair --results {asv_dir.parent} moves it aside)")
+            return None
     benchmarks_meta = {}
     if (asv_dir / "benchmarks.json").is_file():
-        benchmarks_meta = _read_json(asv_dir / "benchmarks.json")
+        benchmarks_meta = read(asv_dir / "benchmarks.json") or {}
     machines, runs, frames = {}, [], []
     for file in files:
         machine_json = file.parent / "machine.json"
-        if machine_json.is_file():
-            machines[file.parent.name] = _read_json(machine_json)
-        data = _read_json(file)
+        if machine_json.is_file() and file.parent.name not in machines:
+            machines[file.parent.name] = read(machine_json)
+        data = read(file)
+        if data is None:
+            continue
         if not isinstance(data, dict) or "results" not in data:
             raise ResultsError(f"{file} is not an asv results file (no 'results')")
         run = _run_info(data, file)
         runs.append(run)
         frames.append(_tidy_asv(data, run, benchmarks_meta, file))
     if not runs:
+        if problems:
+            raise ResultsError(problems[0])
         return None
     runs_frame = pd.DataFrame(runs)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     skips_dir = path if path.is_dir() else asv_dir.parent
-    problems: list[str] = []
     skips = load_skips(skips_dir, problems)
     flops = load_flops(skips_dir, problems)
     frame = with_kernels(with_throughput(frame, flops), flops)
@@ -471,7 +486,13 @@ def _load_one(results_dir: Path, override: str | None):
     if not results_dir.is_dir():
         raise ResultsError(f"{results_dir} is not a directory")
     conformance = load_conformance(results_dir)
-    benchmarks = load_benchmarks(results_dir)
+    try:
+        benchmarks = load_benchmarks(results_dir)
+    except ResultsError as exc:  # no asv results file could be read: the conformance half is still reported
+        if conformance is None:
+            raise
+        conformance.problems.append(str(exc))
+        benchmarks = None
     if conformance is None and benchmarks is None:
         raise ResultsError(f"no conformance or benchmark results in {results_dir} "
                            "(expected conformance/results.json or asv/<machine>/*.json)")
