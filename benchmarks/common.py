@@ -22,6 +22,7 @@ import numpy as np
 from mhabench import results
 from mhabench.impls import memory
 from mhabench.impls.base import UnsupportedError
+from mhabench.impls.worker import die_with_parent
 
 from . import flops as flops_mod
 from . import sampling
@@ -59,14 +60,13 @@ def _append_once(path: Path, records: list[dict]) -> None:
     """Append each record as a JSON line unless that exact line is there already (asv re-runs setup per
     sample and per method, so the same record is seen many times)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         seen = set(path.read_text().splitlines()) if path.exists() else set()
         new = [line for line in (json.dumps(r, sort_keys=True) for r in records) if line not in seen]
         if new:
-            with open(path, "a") as fh:
-                fh.write("".join(line + "\n" for line in new))
+            with results.Appender(path) as out:  # whole lines or none, on a full disk too
+                out.write_lines(new)
     except OSError as exc:  # a read-only results dir must not turn a skip into a crash
-        print(f"mhabench: cannot write {path}: {exc}", file=sys.stderr)
+        print(f"mhabench: {exc}", file=sys.stderr)
 
 
 def record(benchmarks, params: dict, status: str, reason: str, path: Path | None = None, **facts) -> None:
@@ -332,6 +332,7 @@ def prepare(case: Case, profile: Profile, benchmark_names) -> PreparedCase:
     """The case built once per process; a skip or failure is recorded once and raised every time."""
     cached = _CACHE.get(case)
     if cached is None:
+        die_with_parent()  # a benchmark process (forked by asv's forkserver) ends with the forkserver
         try:
             cached = PreparedCase(case, profile)
         except Skip as exc:
@@ -354,8 +355,11 @@ def preimport_for_forkserver() -> None:
     """With asv's forkserver, modules imported here are inherited by every forked benchmark
     process, which then skips the framework import. Only the server does it (not discovery),
     and only for the modules ``mhabench bench`` names for the adapter being run."""
+    if "run_server" not in sys.argv:
+        return
+    die_with_parent()  # asv's forkserver ends with asv (which ends with mhabench bench)
     names = os.environ.get(ENV_PREIMPORT, "")
-    if not names or "run_server" not in sys.argv:
+    if not names:
         return
     import importlib
     for name in names.split(","):

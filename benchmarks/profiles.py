@@ -18,7 +18,17 @@ from .sampling import Sampling
 
 DEVICES = ("cpu", "cuda")
 ENV_PROFILE = "MHABENCH_PROFILE"
-ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # ad-hoc plugin adapters ("file.py:Class"), one per line (a target has ':')
+ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # the --adapter plugins of ``mhabench bench``, as :func:`plugins_env` writes them
+
+
+def plugins_env(targets, directory: str | None = None) -> str:
+    """``MHABENCH_ADAPTERS`` for asv's processes: JSON, so no target's own characters (the ':' between file and
+    class, a Windows drive letter, a space) can split it; files made absolute, and the directory a module
+    target is found from (``mhabench bench`` was run there; asv's processes run elsewhere)."""
+    import json
+    from mhabench.impls import plugins
+    return json.dumps({"adapters": [plugins.portable_target(t) for t in targets],
+                       "path": [directory or os.getcwd()]})
 
 
 def load_plugins() -> list[str]:
@@ -27,11 +37,20 @@ def load_plugins() -> list[str]:
     Without the interface check: ``mhabench bench`` made it before starting asv, and running an adapter here,
     where asv's forkserver imports the suite, would start its framework's thread pool, in which every
     benchmark process forked from the server then hangs (GNU OpenMP does not survive a fork)."""
-    targets = [t for t in os.environ.get(ENV_ADAPTERS, "").splitlines() if t.strip()]
-    if not targets:
+    import json
+    import sys
+    text = os.environ.get(ENV_ADAPTERS, "")
+    if not text:
         return []
+    try:
+        passed = json.loads(text)
+        targets, path = list(passed["adapters"]), list(passed.get("path", []))
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{ENV_ADAPTERS}={text!r}: expected what mhabench bench writes "
+                         f'({{"adapters": ["file.py:Class", ...], "path": [...]}})') from None
+    sys.path.extend(p for p in path if p not in sys.path)
     from mhabench.impls import plugins
-    return [plugins.load_adhoc(t, check=False) for t in targets]
+    return [plugins.load_adhoc(t, isolate=False, check=False) for t in targets]
 
 
 def adapter_names() -> tuple[str, ...]:

@@ -29,10 +29,11 @@ from pathlib import Path
 
 from mhabench import plausibility, results, shards
 from mhabench.impls import registry
+from mhabench.impls.worker import dies_with_parent
 from mhabench.progress import Tally
 
 from . import budget, common, sampling
-from .profiles import DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, get_profile
+from .profiles import DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, get_profile, plugins_env
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 PLACEHOLDER_HASH = "0" * 40  # recorded when the sources are not a git checkout
@@ -308,9 +309,95 @@ def finished_chunks(layout: results.Layout, run_key: dict) -> set[str]:
 
 
 def mark_finished(layout: results.Layout, run_key: dict, chunk: str, seconds: float) -> None:
-    layout.progress.parent.mkdir(parents=True, exist_ok=True)
-    with open(layout.progress, "a") as fh:
-        fh.write(json.dumps({**run_key, "chunk": chunk, "seconds": round(seconds, 1)}) + "\n")
+    results.append_jsonl(layout.progress, [{**run_key, "chunk": chunk, "seconds": round(seconds, 1)}])
+
+
+# ---- asv's own files: a damaged one found and moved aside, a chunk's writes guarded -----------------------
+DAMAGED_SUFFIX = ".damaged"
+
+
+def damage(path: Path) -> str | None:
+    """Why asv cannot read the JSON file ``path`` (empty, cut short, not an object), or None."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not data.strip():
+        return f"{len(data)} bytes"
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    return None if isinstance(parsed, dict) else "not a JSON object"
+
+
+def asv_files(layout: results.Layout, commit: str | None = None) -> list[Path]:
+    """asv's JSON files under the results directory: benchmarks.json, each machine's machine.json and result
+    files (only those of ``commit`` when given: asv names them after its first 8 characters)."""
+    if not layout.asv.is_dir():
+        return []
+    found = [layout.asv / "benchmarks.json"] + sorted(layout.asv.glob("*/machine.json"))
+    found += sorted(p for p in layout.asv.glob("*/*.json") if p.name != "machine.json"
+                    and (commit is None or p.name.startswith(commit[:8])))
+    return [p for p in found if p.is_file()]
+
+
+def damaged_files(layout: results.Layout) -> list[tuple[Path, str]]:
+    return [(path, why) for path in asv_files(layout) if (why := damage(path))]
+
+
+def repair(layout: results.Layout, say=print) -> None:
+    """Move each damaged asv file aside (``<name>.damaged``, kept for a look), and forget the finished chunks
+    whose results a damaged result file held, so ``--resume`` measures them again."""
+    for path, why in damaged_files(layout):
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        path.replace(aside)
+        say(f"mhabench bench: {path} was damaged ({why}); moved aside to {aside}")
+        if path.name not in ("benchmarks.json", "machine.json") and layout.progress.is_file():
+            kept = [r for r in results.read_jsonl(layout.progress)[0]
+                    if not str(r.get("commit", "")).startswith(path.name[:8])]
+            results.atomic_write(layout.progress, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def refuse_damaged(layout: results.Layout) -> None:
+    """SweepError (one line) naming the first damaged asv file, and the way out: asv cannot run with one."""
+    damaged = damaged_files(layout)
+    if damaged:
+        (path, why), more = damaged[0], len(damaged) - 1
+        raise SweepError(f"{path} is damaged ({why}: a disk that filled up, or a run killed while asv wrote it)"
+                         + (f", and {more} more asv file{'s' if more > 1 else ''}" if more else "")
+                         + "; asv cannot run with it. Run again with --repair to move it aside (the benchmarks it "
+                           "held are measured again with --resume)")
+
+
+class GuardedChunk:
+    """asv's files of one commit as they were before a chunk, kept in memory: asv writes its results file in
+    place, so a disk that fills up while it writes would leave it empty and every earlier chunk's results
+    lost. After the chunk, a file asv left damaged is put back as it was (one it created is removed), and
+    SweepError says what happened."""
+
+    def __init__(self, layout: results.Layout, commit: str):
+        self.layout, self.commit = layout, commit
+        self.before = {path: path.read_bytes() for path in asv_files(layout, commit)}
+
+    def check(self) -> None:
+        broken = [(path, why) for path in asv_files(self.layout, self.commit) if (why := damage(path))]
+        if not broken:
+            return
+        unrestored = []
+        for path, _ in broken:
+            try:
+                if path in self.before:
+                    results.atomic_write(path, self.before[path])
+                else:
+                    path.unlink()
+            except OSError:
+                unrestored.append(path)
+        path, why = broken[0]
+        then = "could not be put back (run again with --repair once there is space)" if path in unrestored else \
+            "was put back as it was before this chunk" if path in self.before else "was removed (it held nothing else)"
+        raise SweepError(f"asv could not write {path} ({why}: is the disk full?); it {then}. Free space and run "
+                         f"the same command with --resume: the chunks finished before are kept")
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -364,7 +451,7 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, d
     """Run asv, echoing its progress with the chunk as prefix; stderr is merged. ``deadline`` (time.monotonic):
     asv is stopped there and STOPPED returned (its results of this run are lost: asv writes them at its end)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, cwd=BENCHMARK_DIR.parent)
+                            bufsize=1, cwd=BENCHMARK_DIR.parent, preexec_fn=dies_with_parent())
     timer = None
     if deadline is not None:
         import threading
@@ -425,8 +512,11 @@ def measure_peak(layout: results.Layout, env, label: str, say, prefix: str, devi
     """The GEMM peak next to the benchmarks it divides (benchmarks.peak, in its own process)."""
     for device in devices:
         done = subprocess.run([sys.executable, "-m", "mhabench.benchmarks.peak", "--results", str(layout.root),
-                               "--device", device, "--label", label], env=env, capture_output=True, text=True)
+                               "--device", device, "--label", label], env=env, capture_output=True, text=True,
+                              preexec_fn=dies_with_parent())
         line = (done.stdout.strip().splitlines() or [done.stderr.strip()[-200:]])[-1]
+        if done.returncode == 2:  # it could not write bench/peaks.jsonl: the disk is full or read-only
+            raise SweepError(line)
         say(f"{prefix} {line}")
 
 
@@ -535,7 +625,9 @@ class Run:
         t0 = time.monotonic()
         if peaks:
             measure_peak(self.layout, self.env, f"before {key}", self.say, prefix, self.options.devices)
+        guard = GuardedChunk(self.layout, self.commit)
         code = stream(cmd, chunk_env, prefix, self.verbose, self.say, deadline)
+        guard.check()
         if code == STOPPED:
             self.say(f"{prefix} stopped at the budget's deadline; its {count} benchmarks are not recorded")
             return "stopped"
@@ -610,8 +702,11 @@ def exact_regexes(benches: list[budget.Bench]) -> list[str]:
     return out
 
 
-def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=print) -> int:
-    """Run the sweep; 0 when every chunk ran clean, 1 when some benchmark failed (results written all the same)."""
+def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=print, fix=False) -> int:
+    """Run the sweep; 0 when every chunk ran clean, 1 when some benchmark failed (results written all the same).
+
+    An asv file left damaged by an earlier run stops it (SweepError naming the file) unless ``fix``, which
+    moves such files aside first (:func:`repair`)."""
     selected = selection(options.profile, options.adapters, options.devices, options.bench)
     if not selected:
         raise SweepError("no benchmark matches these --adapters/--devices/--bench")
@@ -629,6 +724,10 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
         say(f"mhabench bench: shard {run_key['shard']} has none of the {len(selected)} selected benchmarks; "
             f"nothing to run")
         return 0
+    if not dry_run:
+        if fix:
+            repair(layout, say)
+        refuse_damaged(layout)
     config = asv_config(layout)
     done = finished_chunks(layout, run_key) if resume else set()
     env = dict(os.environ, MHABENCH_PROFILE=options.profile, MHABENCH_RESULTS=str(layout.root), PYTHONUNBUFFERED="1")
@@ -636,7 +735,7 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     env.pop(sampling.ENV_SCALE, None)
     env[common.ENV_VERIFY] = "1" if options.verify else "0"
     if options.adhoc:
-        env[ENV_ADAPTERS] = plugin_targets(options.adhoc)
+        env[ENV_ADAPTERS] = plugins_env(options.adhoc)
     if options.memory_budget:
         env["MHABENCH_MEMORY_BUDGET"] = options.memory_budget
     # asv starts a process per case: the adapters' persistent compilation cache (impls.cache) lets JAX
@@ -653,14 +752,6 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     if options.verify:
         _say_verify(sweep, chosen)
     return status
-
-
-def plugin_targets(adhoc) -> str:
-    """The ``--adapter`` targets as the benchmark processes read them (``profiles.load_plugins``): one per line,
-    a file's path made absolute (asv runs them elsewhere)."""
-    absolute = lambda t: os.path.abspath(t.rpartition(":")[0]) + ":" + t.rpartition(":")[2] \
-        if t.rpartition(":")[0].endswith(".py") else t
-    return "\n".join(absolute(t) for t in adhoc)
 
 
 def _dry_run(plan, config, commit, options, say) -> int:

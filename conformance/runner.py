@@ -98,7 +98,9 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
              switches: dict | None = None) -> list[Row]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
-    ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. ``adhoc``
+    ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. When ``on_rows``
+    raises, the run stops (no more rows are produced; the cases in flight are dropped) and its
+    exception is raised here. ``adhoc``
     ("module:Class" targets for ``impls.plugins.load_adhoc``) are replayed in each worker, so adapters
     defined outside the registry run there too. ``history``: {(adapter, case id, dtype): ms} measured
     by an earlier run, which orders the work better than the prior (``schedule``). ``jobs`` worker
@@ -111,13 +113,21 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
     collected: list[Row] = []
     lock = threading.Lock()
+    stop = threading.Event()
+    failed: list[BaseException] = []  # what stopped the run: ``on_rows`` could not take its rows
 
     def emit(rows):
         rows = [r for r in rows if r.row_id not in skip]
         with lock:
+            if stop.is_set():
+                return
             collected.extend(rows)
             if on_rows is not None and rows:
-                on_rows(rows)
+                try:
+                    on_rows(rows)
+                except BaseException as exc:  # e.g. the journal's disk is full: the run stops, not one thread
+                    failed.append(exc)
+                    stop.set()
 
     if not isolate:
         if switches:
@@ -151,7 +161,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
     def worker_loop():
         current, child = None, None
         try:
-            while (task := scheduler.next(current)) is not None:
+            while not stop.is_set() and (task := scheduler.next(current)) is not None:
                 fresh = task.adapter != current
                 if fresh:
                     if child is not None:
@@ -171,6 +181,8 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
         t.start()
     for t in threads:
         t.join()
+    if failed:
+        raise failed[0]
     return collected
 
 

@@ -72,7 +72,7 @@ class Plan:
 
 
 def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
-              default_dtypes=DTYPES, shard=None, every_case=False, switches=()) -> Plan:
+              default_dtypes=DTYPES, shard=None, every_case=False, switches=(), timeout: float | None = None) -> Plan:
     """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
 
     ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
@@ -83,12 +83,13 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     An adapter that declares ``reduced_matrix`` (each new shape costs it a compilation or an export of
     seconds) runs only the reduced matrix's cases (``quick``) unless ``every_case``; the plan records why.
     ``switches`` ("name=setting" strings, ``--switch``) are kernel switches some selected adapter declares.
+    ``timeout``: seconds the ``adhoc`` plugins' interface checks may take (``--timeout``), each in a worker.
     """
     if shard is not None and not isinstance(shard, tuple):
         shard = shards.parse(shard)
     if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
         raise SelectionError(f"--examples must be an integer >= 0, got {examples!r}")
-    plugin_names = load_plugins(adhoc)
+    plugin_names = load_plugins(adhoc, timeout)
     chosen = split_list(adapters, registry.list_adapters(), "adapter", "--adapters")
     if chosen is None:
         chosen = runnable_adapters(plugin_names)
@@ -256,11 +257,21 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         skip = {r.row_id for r in journal.rows}
         previous = journal.rows
     elif layout.rows.exists():
-        layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))  # a fresh run: the old journal is kept aside
+        if layout.rows.stat().st_size:  # a fresh run: the old journal is kept aside
+            layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))
+        else:  # a run killed before its first row: nothing to keep, and an older journal stays kept
+            layout.rows.unlink()
     if not rerun and not resume:
         previous = results.read_rows(layout.rows.with_suffix(".jsonl.prev")).rows
-    if not rerun:
-        results.write_json(layout.plan, plan.to_dict())
+    run_meta = results.meta(versions(plan.adapters), machine=machine)
+    if rerun:  # the rows join the run the journal holds
+        try:
+            run_id = (results.read_json(layout.plan) if layout.plan.is_file() else {}).get("run")
+        except (ValueError, AttributeError):
+            run_id = None
+    else:
+        run_id = results.new_run_id()
+        results.write_json(layout.plan, {**plan.to_dict(), "run": run_id, "meta": {**run_meta, "run": run_id}})
     history = schedule.measured_costs(previous)
     tally = progress_tally(plan, history, skip)
     if on_start is not None:
@@ -294,9 +305,9 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     checks = entries.check(rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
     for line in switch_warnings(plan, rows):
         warn(line)
-    results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine,
-                                                           facts=machine_facts(adapters_run),
-                                                           switches=plan.switches))
+    results.write_results(layout.root, rows, {**results.meta(versions(adapters_run), machine=machine,
+                                                             facts=machine_facts(adapters_run),
+                                                             switches=plan.switches), "run": run_id})
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
 

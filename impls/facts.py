@@ -193,5 +193,5 @@ def isa_cap_warning(environ=None) -> str | None:
 
 def adapter_facts(target: str) -> dict:
     """``kernel_facts`` of the adapter ``target`` names, computed in this process (a worker's request)."""
-    from .worker import resolve
+    from .registry import resolve
     return resolve(target).kernel_facts()

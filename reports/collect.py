@@ -206,7 +206,10 @@ def completeness(conformance: Conformance) -> list[str]:
         where = "" if len(parts) == 1 else f" in {part.source.parent.parent}"
         present = f"{len(part.rows)} of {part.planned} planned rows present" if part.planned is not None else \
             f"{len(part.rows)} rows present, the number planned unknown (no plan.json)"
-        if not part.complete:
+        if not part.complete and part.stale is not None:
+            lines.append(f"INCOMPLETE conformance run{where} (the latest run was interrupted; {part.stale} is an "
+                         f"earlier run's and is not counted): {present}")
+        elif not part.complete:
             lines.append(f"INCOMPLETE conformance run{where} (no results.json: interrupted?): {present}")
         elif part.missing:
             lines.append(f"INCOMPLETE conformance run{where}: {present}")

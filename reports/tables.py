@@ -74,8 +74,9 @@ def conformance_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     columns = ["adapter", "area", *STATUSES, "total", "worst_error_ratio", "kernel"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
-    records = rows[["adapter", "area", "status", "error_ratio", "tolerance_source"]].to_dict("records")
-    summary = results.summarise(records)
+    fields = ["adapter", "area", "status", "error_ratio", "tolerance_source"]
+    # one record at a time: the same summary as the terminal's, without a million dicts at once
+    summary = results.summarise(dict(zip(fields, values)) for values in zip(*(rows[f] for f in fields)))
     kernels = _kernels(rows)
     order = {area: i for i, area in enumerate(AREAS)}
     out = []
@@ -103,6 +104,9 @@ def _kernels(rows: pd.DataFrame) -> dict:
     return dict(zip(rows["adapter"], rows["kernel"]))
 
 
+FEATURE_ORDER = ("classic", "gqa", "causal_bottom_right", "window", "bias", "lengths")
+
+
 def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     """Framework x kernel x modern feature: the status counts of the rows that use the feature, one row per
     (adapter, kernel, feature); ``classic`` for the rows that use none. How each kernel agrees, feature by feature."""
@@ -110,20 +114,35 @@ def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=columns)
     kernels = _kernels(rows)
-    feature_of = lambda r: [name for name, on in (
-        ("gqa", _gqa(r.get("spec"))), ("causal_bottom_right", r.get("causal") == "bottom_right"),
-        ("window", _given(r.get("window"))), ("bias", _given(r.get("bias"))),
-        ("lengths", _given(r.get("lengths")))) if on] or ["classic"]
-    counts: dict = {}
-    for record in rows[rows["quantity"] != "raises"].to_dict("records"):
-        for feature in feature_of(record):
-            cell = counts.setdefault((record["adapter"], feature), Counter())
-            cell[record["status"]] += 1
-    order = ["classic", "gqa", "causal_bottom_right", "window", "bias", "lengths"]
+    part = rows.loc[rows["quantity"] != "raises", ["adapter", "status", "spec", "causal", "window", "bias", "lengths"]]
+    uses = {"gqa": once_per_value(part["spec"], _gqa),
+            "causal_bottom_right": once_per_value(part["causal"], lambda c: c == "bottom_right"),
+            **{name: once_per_value(part[name], _given) for name in ("window", "bias", "lengths")}}
+    uses = {"classic": ~np.logical_or.reduce(list(uses.values())), **uses}
+    counted = []
+    for feature, used in uses.items():
+        counts = part.loc[used].groupby(["adapter", "status"]).size()
+        counted += [(adapter, feature, status, int(n)) for (adapter, status), n in counts.items() if n]
+    cells: dict = {}
+    for adapter, feature, status, n in counted:
+        cells.setdefault((adapter, feature), {})[status] = n
     out = [{"adapter": adapter, "kernel": kernels.get(adapter), "feature": feature,
             **{s: cell.get(s, 0) for s in STATUSES}, "total": sum(cell.values())}
-           for (adapter, feature), cell in sorted(counts.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])))]
+           for (adapter, feature), cell in sorted(cells.items(),
+                                                  key=lambda kv: (kv[0][0], FEATURE_ORDER.index(kv[0][1])))]
     return pd.DataFrame(out, columns=columns)
+
+
+def once_per_value(values: pd.Series, test) -> np.ndarray:
+    """``test`` of each value, as a boolean array, asked once per distinct object: the loaded rows share
+    one object per distinct spec, window, bias or lengths (``load``), so a million rows ask a few hundred
+    times."""
+    objects = values.to_numpy(object)
+    codes, uniques = pd.factorize(np.fromiter(map(id, objects), dtype=np.uint64, count=len(objects)))
+    first = np.empty(len(uniques), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # where each object is first met
+    answers = np.array([bool(test(objects[i])) for i in first], dtype=bool)
+    return answers[codes] if len(codes) else np.zeros(0, dtype=bool)
 
 
 def _given(value) -> bool:
@@ -297,7 +316,10 @@ def _explain(div_id, catalogue: dict) -> str:
     return str(entry.get("how") or div_id)
 
 
-def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame:
+AGREEMENT_CHUNK_ROWS = 50_000  # rows whose pairs are formed at once: bounds the memory of a million-row report
+
+
+def agreement(rows: pd.DataFrame, catalogue: dict | None = None, chunk_rows: int = AGREEMENT_CHUNK_ROWS) -> pd.DataFrame:
     """Adapter x adapter: how far apart two adapters' outputs can be, from their rows alone.
 
     A row holds e = max|impl - golden| over the finite elements, not the output, so for adapters a and b
@@ -306,6 +328,11 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
     may have; both rows share it), maximised over every computation both judged against the golden.
     Upper <= 1: they agree within the tolerance; lower > 1: they certainly differ. Divergence rows are
     measured against the catalogued behaviour, not the golden, so they are named instead of bounded.
+
+    The pairs of rows are formed for a chunk of computations at a time (about ``chunk_rows`` rows) and
+    folded into running totals, so memory stays bounded however many rows and adapters there are. The
+    result does not depend on the chunking: the worst pair, and the order of the divergences named, are
+    decided by the pairs' places in the rows (row a's, then row b's), as one merge of every row gives them.
     """
     columns = ["adapter_a", "adapter_b", "compared", "cases", "dtypes", "upper_tol", "lower_tol", "upper_abs",
                "worst_case", "worst_dtype", "worst_quantity", "worst_machine", "worst_device", "worst_row_a",
@@ -314,48 +341,119 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
         return pd.DataFrame(columns=columns)
     catalogue = catalogue or {}
     key = pair_key(rows)
-    fields = ["adapter", "row_id", "status", "max_abs_err", "tolerance", "divergence"]
-    ran = rows[rows["status"].isin(STATUSES) & (rows["quantity"] != "raises")][key + fields]
-    pairs = ran.merge(ran, on=key, suffixes=("_a", "_b"))
-    pairs = pairs[pairs["adapter_a"] < pairs["adapter_b"]].reset_index(drop=True)
-    if pairs.empty:
+    considered = np.flatnonzero((rows["status"].isin(STATUSES) & (rows["quantity"] != "raises")).to_numpy())
+    computation = np.zeros(len(considered), dtype=np.int64)
+    for name in key:  # one code per computation, column by column (kept below the row count, never overflowing)
+        codes, uniques = pd.factorize(rows[name].to_numpy(object)[considered], use_na_sentinel=False)
+        computation = pd.factorize(computation * len(uniques) + codes)[0]
+    order = np.argsort(computation, kind="stable")  # each computation's rows together, in their order
+    at, computation = considered[order], computation[order]  # at: the rows, as positions in ``rows``
+
+    def field(name: str, chosen) -> np.ndarray:
+        return rows[name].to_numpy(object)[at[chosen]] if name in rows else np.full(len(chosen), None, object)
+    adapter, names = pd.factorize(rows["adapter"].to_numpy(object)[at], sort=True)  # codes in name order
+    status = rows["status"].to_numpy(object)[at]
+    facts = {"adapter": adapter, "position": order.astype(np.int64), "computation": computation,
+             "judged": np.isin(status, JUDGED), "divergence": status == "divergence", "fail": status == "fail",
+             "error": rows["max_abs_err"].to_numpy(float)[at], "tolerance": rows["tolerance"].to_numpy(float)[at],
+             "divergence_id": pd.factorize(rows["divergence"].to_numpy(object)[at], use_na_sentinel=True)[0]}
+    for name in ("case", "dtype"):  # what each pair judged, counted as codes
+        facts[name], facts[f"{name}s"] = pd.factorize(field(name, np.arange(len(at))), use_na_sentinel=False)
+    ends = np.flatnonzero(np.diff(computation)) + 1  # where one computation's rows end
+    starts = [0]
+    for end in ends:
+        if end - starts[-1] >= chunk_rows:
+            starts.append(int(end))
+    starts.append(len(at))
+    folded = [_agreement_pairs(facts, lo, hi, len(names)) for lo, hi in zip(starts[:-1], starts[1:])]
+    folded = [f for f in folded if f is not None]
+    if not folded:
         return pd.DataFrame(columns=columns)
-    ea, eb, ta, tb = (pairs[c] for c in ("max_abs_err_a", "max_abs_err_b", "tolerance_a", "tolerance_b"))
-    judged = pairs["status_a"].isin(JUDGED) & pairs["status_b"].isin(JUDGED) & np.isfinite(ea) & np.isfinite(eb) \
-        & (ta > 0) & (tb > 0)
-    # conservative both ways should the two rows' tolerances ever differ: the smaller for the upper bound
-    pairs["_upper_abs"] = (ea + eb).where(judged)
-    pairs["_upper"] = pairs["_upper_abs"] / np.minimum(ta, tb)
-    pairs["_lower"] = ((ea - eb).abs() / np.maximum(ta, tb)).where(judged)
-    pairs["_fail"] = judged & ((pairs["status_a"] == "fail") | (pairs["status_b"] == "fail"))
-    ran_both = pairs["status_a"].isin([*JUDGED, "divergence"]) & pairs["status_b"].isin([*JUDGED, "divergence"])
-    divergent = ran_both & ((pairs["status_a"] == "divergence") | (pairs["status_b"] == "divergence"))
-    pairs["_not_compared"] = ~ran_both
-    pairs["_divergent"] = divergent
-    pairs["_case"] = pairs["case"].where(judged)
-    pairs["_dtype"] = pairs["dtype"].where(judged)
-    texts = {}
-    shown = pairs[divergent]
-    explained = Counter((a, b, f"{_explain(x, catalogue)} vs {_explain(y, catalogue)}") for a, b, x, y in
-                        zip(shown["adapter_a"], shown["adapter_b"], shown["divergence_a"], shown["divergence_b"]))
-    for (a, b, text), count in explained.most_common():
-        texts[(a, b)] = (texts[(a, b)] + "; " if (a, b) in texts else "") + f"{text} ({count})"
-    summary = pairs.groupby(["adapter_a", "adapter_b"]).agg(
-        compared=("_upper", "count"), cases=("_case", "nunique"), dtypes=("_dtype", join_values),
-        upper_tol=("_upper", "max"), lower_tol=("_lower", "max"), upper_abs=("_upper_abs", "max"),
-        fails=("_fail", "sum"), not_compared=("_not_compared", "sum"), divergent=("_divergent", "sum"),
-        worst=("_upper", lambda u: u.idxmax() if u.notna().any() else -1))
-    out = []
+    totals, worst, judged, named = (pd.concat(parts, ignore_index=True) for parts in zip(*folded))
+    summary = totals.groupby("pair").agg(
+        compared=("compared", "sum"), upper_tol=("upper_tol", "max"), lower_tol=("lower_tol", "max"),
+        upper_abs=("upper_abs", "max"), fails=("fails", "sum"), not_compared=("not_compared", "sum"),
+        divergent=("divergent", "sum"))
+    judged = judged.drop_duplicates()
+    cases = judged[judged["what"] == "case"].groupby("pair")["code"].nunique()
+    dtypes = judged[judged["what"] == "dtype"].groupby("pair")["code"].agg(
+        lambda codes: join_values(facts["dtypes"][codes]))
+    worst = worst.sort_values(["upper", "order"], ascending=[False, True], kind="stable").drop_duplicates("pair") \
+        .set_index("pair")
+    named["text"] = [f"{_explain(x, catalogue)} vs {_explain(y, catalogue)}"
+                     for x, y in zip(field("divergence", named["first_a"].to_numpy()),
+                                     field("divergence", named["first_b"].to_numpy()))]
+    named = named.groupby(["pair", "text"], sort=False).agg(count=("count", "sum"), order=("order", "min")) \
+        .sort_values(["count", "order"], ascending=[False, True], kind="stable").reset_index()
+    texts = named.groupby("pair", sort=False).apply(
+        lambda group: "; ".join(f"{t} ({int(c)})" for t, c in zip(group["text"], group["count"])))
     kernels = _kernels(rows)
-    for (a, b), record in summary.iterrows():
-        worst = pairs.loc[record["worst"]] if record["worst"] >= 0 else {}
+    out = []
+    for pair, record in summary.iterrows():
+        a, b = names[pair // len(names)], names[pair % len(names)]
+        found = {}
+        if pair in worst.index:
+            row_a, row_b = int(worst.at[pair, "row_a"]), int(worst.at[pair, "row_b"])
+            found = {f"worst_{k}": field(k, [row_a])[0] if k in key else None
+                     for k in ("case", "dtype", "quantity", "machine", "device")}
+            found.update(worst_row_a=field("row_id", [row_a])[0], worst_row_b=field("row_id", [row_b])[0])
         out.append({"adapter_a": a, "kernel_a": kernels.get(a), "adapter_b": b, "kernel_b": kernels.get(b),
-                    **record.drop("worst").to_dict(),
-                    **{k: int(record[k]) for k in ("compared", "fails", "not_compared", "divergent")},
-                    "divergences": texts.get((a, b), ""),
-                    **{f"worst_{k}": worst.get(k) for k in ("case", "dtype", "quantity", "machine", "device")},
-                    "worst_row_a": worst.get("row_id_a"), "worst_row_b": worst.get("row_id_b")})
+                    "compared": int(record["compared"]), "cases": int(cases.get(pair, 0)),
+                    "dtypes": dtypes.get(pair, ""), "upper_tol": record["upper_tol"],
+                    "lower_tol": record["lower_tol"], "upper_abs": record["upper_abs"],
+                    **{k: int(record[k]) for k in ("fails", "not_compared", "divergent")},
+                    "divergences": texts.get(pair, ""), **found})
     return pd.DataFrame(out, columns=columns)
+
+
+def _agreement_pairs(facts: dict, lo: int, hi: int, adapters: int):
+    """The pairs of rows lo:hi (whole computations) folded: (totals per adapter pair; the worst judged pair
+    of each; the cases and dtypes each judged, as codes; the divergences met, per adapter pair and pair of divergence ids, with
+    how often and first where). An adapter pair is ``a * adapters + b`` (codes in name order, a < b)."""
+    side = pd.DataFrame({"computation": facts["computation"][lo:hi], "row": np.arange(lo, hi)})
+    both = side.merge(side, on="computation", suffixes=("_a", "_b"))
+    a, b = both["row_a"].to_numpy(), both["row_b"].to_numpy()
+    keep = facts["adapter"][a] < facts["adapter"][b]
+    a, b = a[keep], b[keep]
+    if not len(a):
+        return None
+    judged_a, judged_b = facts["judged"][a], facts["judged"][b]
+    ea, eb, ta, tb = facts["error"][a], facts["error"][b], facts["tolerance"][a], facts["tolerance"][b]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        judged = judged_a & judged_b & np.isfinite(ea) & np.isfinite(eb) & (ta > 0) & (tb > 0)
+        upper_abs = np.where(judged, ea + eb, np.nan)
+        upper = upper_abs / np.minimum(ta, tb)  # conservative both ways, should two tolerances ever differ
+        lower = np.where(judged, np.abs(ea - eb) / np.maximum(ta, tb), np.nan)
+    diverges_a, diverges_b = facts["divergence"][a], facts["divergence"][b]
+    ran_both = (judged_a | diverges_a) & (judged_b | diverges_b)
+    divergent = ran_both & (diverges_a | diverges_b)
+    pair = facts["adapter"][a] * adapters + facts["adapter"][b]
+    place = facts["position"][a] * len(facts["position"]) + facts["position"][b]
+    folded = pd.DataFrame({"pair": pair, "upper": upper, "lower": lower, "upper_abs": upper_abs,
+                           "fail": judged & (facts["fail"][a] | facts["fail"][b]), "not_compared": ~ran_both,
+                           "divergent": divergent})
+    totals = folded.groupby("pair").agg(
+        compared=("upper", "count"), upper_tol=("upper", "max"), lower_tol=("lower", "max"),
+        upper_abs=("upper_abs", "max"), fails=("fail", "sum"), not_compared=("not_compared", "sum"),
+        divergent=("divergent", "sum")).reset_index()
+    worst = pd.DataFrame({"pair": pair[judged], "upper": upper[judged], "order": place[judged], "row_a": a[judged],
+                          "row_b": b[judged]}) \
+        .sort_values(["upper", "order"], ascending=[False, True], kind="stable").drop_duplicates("pair")
+    judged_rows = pd.concat([pd.DataFrame({"pair": pair[judged], "what": name, "code": facts[name][a[judged]]})
+                             .drop_duplicates() for name in ("case", "dtype")], ignore_index=True)
+    met = pd.DataFrame({"pair": pair[divergent], "order": place[divergent], "row_a": a[divergent],
+                        "row_b": b[divergent]})
+    return totals, worst, judged_rows, _divergences_met(met, facts)
+
+
+def _divergences_met(met: pd.DataFrame, facts: dict) -> pd.DataFrame:
+    """Per adapter pair and pair of divergence ids: how many pairs met it, the first place, and one pair of
+    rows that carries the ids (their text is made once per group)."""
+    ids = facts["divergence_id"]
+    met = met.assign(id_a=ids[met["row_a"].to_numpy()], id_b=ids[met["row_b"].to_numpy()])
+    return met.groupby(["pair", "id_a", "id_b"], sort=False).agg(
+        count=("order", "size"), order=("order", "min"), first_a=("row_a", "first"),
+        first_b=("row_b", "first")).reset_index()
 
 
 # --- machines -------------------------------------------------------------------------------------

@@ -264,17 +264,18 @@ def test_resume_skips_finished_chunks(tmp_path):
     assert sweep.finished_chunks(layout, key) == {"torch_sdpa"}
 
 
-def test_plugin_targets_reach_the_benchmark_processes_whole(monkeypatch):
-    """A target holds a ':' itself ("file.py:Class"), so the targets travel one per line."""
+def test_asvs_processes_load_the_plugins_without_running_them(monkeypatch):
+    """asv's processes load the --adapter plugins unchecked: mhabench bench checked them, and running a
+    framework in asv's forkserver would hang every benchmark forked from it."""
     from mhabench.benchmarks import profiles
     from mhabench.impls import plugins
-    monkeypatch.setenv(profiles.ENV_ADAPTERS, sweep.plugin_targets(["my_attention.py:MyAttention", "pkg.mod:Other"]))
+    monkeypatch.setenv(profiles.ENV_ADAPTERS, profiles.plugins_env(["my_attention.py:MyAttention", "pkg.mod:Other"]))
     loaded = []
-    monkeypatch.setattr(plugins, "load_adhoc", lambda target, check: loaded.append((target, check))
+    monkeypatch.setattr(plugins, "load_adhoc", lambda target, **how: loaded.append((target, how))
                         or target.rpartition(":")[2])
     assert profiles.load_plugins() == ["MyAttention", "Other"]
     assert loaded[0][0].endswith("/my_attention.py:MyAttention") and loaded[0][0].startswith("/")
-    assert loaded[1] == ("pkg.mod:Other", False)  # checked by mhabench bench, not run in asv's forkserver
+    assert loaded[1] == ("pkg.mod:Other", {"isolate": False, "check": False})
 
 
 def test_compare_check_counts_false_positives_and_detection(tmp_path):

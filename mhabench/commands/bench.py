@@ -44,6 +44,9 @@ def register(parser):
     parser.add_argument("--machine", metavar="NAME", help="the machine name asv files these results under "
                         "(default: asv's own, the host name); give every shard of one kind of machine the "
                         "same name, and conform the same --machine")
+    parser.add_argument("--repair", action="store_true", help="first move aside any asv file of the results "
+                        "directory that a full disk or a killed run left damaged (as <name>.damaged), and forget "
+                        "the finished chunks it held, so --resume measures them again")
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="run nothing: merge the benchmark results of "
                         "these results directories (shards, machines, nights) into --results, one asv tree that "
                         "asv publish shows whole (asv publish --config RESULTS/bench/asv.conf.json)")
@@ -65,8 +68,8 @@ def main(args) -> int:
         if args.dry_run:
             return sweep.run(options, resume=args.resume, verbose=args.verbose, dry_run=True, say=say)
         with results.locked(options.results, " ".join(["mhabench", *sys.argv[1:]])):
-            return sweep.run(options, resume=args.resume, verbose=args.verbose, say=say)
-    except (sweep.SweepError, results.ResultsLocked) as exc:
+            return sweep.run(options, resume=args.resume, verbose=args.verbose, say=say, fix=args.repair)
+    except (sweep.SweepError, results.ResultsLocked, results.WriteFailed) as exc:
         raise CLIError(str(exc)) from None
 
 
@@ -77,7 +80,7 @@ def merge(args) -> int:
     from mhabench.cli import CLIError, printable
     for option, given in (("--shard", args.shard), ("--resume", args.resume), ("--dry-run", args.dry_run),
                           ("--bench", args.bench), ("--machine", args.machine), ("--budget", args.budget),
-                          ("--verify", args.verify)):
+                          ("--verify", args.verify), ("--repair", args.repair)):
         if given:
             raise CLIError(f"--merge and {option} cannot be used together")
     missing = [d for d in args.merge if not os.path.isdir(d)]
@@ -88,7 +91,7 @@ def merge(args) -> int:
         with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
             lines = merge_mod.merge(args.merge, layout.root)
             config = sweep.asv_config(layout)
-    except (merge_mod.MergeError, results.ResultsLocked) as exc:
+    except (merge_mod.MergeError, results.ResultsLocked, results.WriteFailed) as exc:
         raise CLIError(str(exc)) from None
     for line in lines:
         print(printable(line))

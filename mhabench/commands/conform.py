@@ -101,7 +101,7 @@ def main(args) -> int:
     try:
         plan = session.make_plan(args.adapters, args.dtypes, args.areas, quick=args.quick, examples=args.examples,
                                  adhoc=args.adapter, shard=args.shard, every_case=args.every_case,
-                                 switches=args.switch)
+                                 switches=args.switch, timeout=args.timeout)
         names = switch_names(args.switches, plan.adapters)
     except session.SelectionError as exc:
         raise CLIError(str(exc)) from None
@@ -153,6 +153,10 @@ def main(args) -> int:
                 displays[-1].finish()
     except (session.SelectionError, results.ResultsLocked) as exc:
         raise CLIError(str(exc)) from None
+    except results.WriteFailed as exc:
+        again = "run the same command again" if args.rerun else "run the same command with --resume to finish it"
+        raise CLIError(f"{exc}; the run stopped. Every row written so far is kept in {layout.rows}: free "
+                       f"space and {again}") from None
     except OSError as exc:
         raise CLIError(f"results directory {layout.root}: {exc.strerror or exc}") from None
     status = print_summary(outcome, args.rerun)

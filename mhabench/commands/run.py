@@ -62,17 +62,6 @@ def stages_for(args) -> list[Stage]:
     return stages
 
 
-def _dies_with_parent() -> None:
-    """In the child, before it runs: a SIGTERM when the main job dies, however it dies (a SIGKILLed main job
-    otherwise leaves its conform or bench stage running, writing into the results directory). Linux only."""
-    try:
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def default_kernel_adapters() -> list[str]:
     """The installed adapters that let their framework choose its kernel (no forced-kernel variant)."""
     from mhabench import impls
@@ -89,9 +78,13 @@ def run_child(stage: Stage, log_dir: Path, on_line) -> None:
     with open(stage.log, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
+        # a stage dies with the main job, however that dies: a SIGKILLed main job would otherwise leave its
+        # conform or bench stage running, writing into the results directory
+        import signal
+        from mhabench.impls.worker import dies_with_parent
         try:
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     errors="replace", bufsize=1, preexec_fn=_dies_with_parent)
+                                     errors="replace", bufsize=1, preexec_fn=dies_with_parent(signal.SIGTERM))
         except OSError as exc:
             stage.status, stage.detail = "failed", f"could not start: {exc}"
             return
