@@ -1,9 +1,10 @@
 """How many programs each adapter compiles (or exports) to run a conformance matrix, and how long that takes.
 
-    python -m mhabench.conformance.compiles --adapters torch_flex,jax_dpa [--dtypes float32] [--full]
+    python -m mhabench.conformance.compiles --adapters torch_flex,jax_dpa [--dtypes float32] [--full] [--warm]
 
 Each adapter runs the matrix (the reduced one unless ``--full``) in one process of its own, in its worker
-environment, with an empty compilation cache, while the compilers' own counters listen:
+environment, with an empty compilation cache, while the compilers' own counters listen (``--warm``: then
+once more in a new process, with the cache the first left):
 
 * JAX (the JAX adapters and Keras on JAX): every XLA compile (``/jax/core/compile/backend_compile_duration``)
   and every persistent-cache hit. With the cache empty at the start, a hit is a program identical to one
@@ -94,17 +95,23 @@ def count_one(adapter: str, dtypes, full: bool) -> dict:
     return found
 
 
-def count(adapter: str, dtypes, full: bool) -> dict:
-    """``count_one`` in a fresh process with the adapter's environment and an empty cache folder."""
+def count(adapter: str, dtypes, full: bool, warm: bool = False) -> list[dict]:
+    """``count_one`` in a fresh process with the adapter's environment and an empty cache folder; with ``warm``,
+    then again in a second process with the cache the first one left (what a rerun compiles)."""
+    out = []
     with tempfile.TemporaryDirectory(prefix="mhabench-compiles-") as cache:
-        env = dict(os.environ, **registry.get_adapter(adapter).worker_env(), MHABENCH_CACHE_DIR=cache)
-        done = subprocess.run([sys.executable, "-m", "mhabench.conformance.compiles", "--one", adapter,
-                               "--dtypes", ",".join(dtypes)] + (["--full"] if full else []),
-                              env=env, capture_output=True, text=True)
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        return {"adapter": adapter, "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+        for run in ("cold", "warm")[:1 + warm]:
+            env = dict(os.environ, **registry.get_adapter(adapter).worker_env(), MHABENCH_CACHE_DIR=cache)
+            done = subprocess.run([sys.executable, "-m", "mhabench.conformance.compiles", "--one", adapter,
+                                   "--dtypes", ",".join(dtypes)] + (["--full"] if full else []),
+                                  env=env, capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines()
+            if done.returncode != 0 or not lines:
+                out.append({"adapter": adapter, "cache": run,
+                            "error": (done.stderr.strip().splitlines() or ["no output"])[-1]})
+                break
+            out.append({**json.loads(lines[-1]), "cache": run})
+    return out
 
 
 def main(argv=None) -> int:
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", required=False, help="comma-separated adapters (default: every installed one)")
     parser.add_argument("--dtypes", default="float32", help="comma-separated dtypes (default: float32)")
     parser.add_argument("--full", action="store_true", help="the whole matrix, not the reduced one")
+    parser.add_argument("--warm", action="store_true", help="also run each adapter a second time, in a new process "
+                        "with the cache the first run left: what a rerun compiles")
     parser.add_argument("--json", action="store_true", help="one JSON object per adapter instead of the table")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -123,17 +132,17 @@ def main(argv=None) -> int:
     adapters = split_list(args.adapters, registry.list_adapters(), "adapter", "--adapters") or runnable_adapters()
     failed = False
     if not args.json:
-        print(f"{'adapter':<18} {'tasks':>5} {'seconds':>8} " + " ".join(f"{c:>17}" for c in COLUMNS))
+        print(f"{'adapter':<18} {'cache':<5} {'tasks':>5} {'seconds':>8} " + " ".join(f"{c:>17}" for c in COLUMNS))
     for adapter in adapters:
-        found = count(adapter, dtypes, args.full)
-        failed |= "error" in found
-        if args.json:
-            print(json.dumps(found))
-        elif "error" in found:
-            print(f"{adapter:<18} error: {found['error']}")
-        else:
-            print(f"{adapter:<18} {found['tasks']:>5} {found['seconds']:>8.1f} "
-                  + " ".join(f"{found.get(c, '-'):>17}" for c in COLUMNS))
+        for found in count(adapter, dtypes, args.full, args.warm):
+            failed |= "error" in found
+            if args.json:
+                print(json.dumps(found), flush=True)
+            elif "error" in found:
+                print(f"{adapter:<18} {found['cache']:<5} error: {found['error']}", flush=True)
+            else:
+                print(f"{adapter:<18} {found['cache']:<5} {found['tasks']:>5} {found['seconds']:>8.1f} "
+                      + " ".join(f"{found.get(c, '-'):>17}" for c in COLUMNS), flush=True)
     return 1 if failed else 0
 
 
