@@ -238,3 +238,56 @@ def test_the_split_gives_coverage_first_then_the_work_left():
     assert job_budget.split(60, needs) == {"conform": pytest.approx(40), "bench": pytest.approx(20)}
     # more time than all the work: each gets all it can use, no more
     assert job_budget.split(1000, needs) == {"conform": pytest.approx(400), "bench": pytest.approx(100)}
+
+
+# ---- the main job's plan ---------------------------------------------------------------------------------
+
+def _run_args(**given):
+    from argparse import Namespace
+    return Namespace(**{"results": "r", "out": "o", "full": False, "kernels": False, "skip_conform": False,
+                        "skip_bench": False, "budget": None, **given})
+
+
+def test_the_main_job_has_five_minutes_unless_told_otherwise():
+    from mhabench.cli import CLIError
+    from mhabench.commands import run
+    assert run.budget_seconds(_run_args()) == 300
+    assert run.budget_seconds(_run_args(full=True)) == 0  # --full: everything, as before
+    assert run.budget_seconds(_run_args(full=True, budget="20m")) == 1200
+    assert run.budget_seconds(_run_args(budget="0")) == 0
+    with pytest.raises(CLIError, match="--budget"):
+        run.budget_seconds(_run_args(budget="soon"))
+
+
+def test_the_main_job_gives_conform_its_share_and_bench_the_rest(tmp_path, monkeypatch):
+    """Shares from the stages' needs; the bench stage gets --budget where it takes one, else its longest lengths
+    are left out with --bench, by what a benchmark took here, and counted."""
+    import re
+    from mhabench.benchmarks import sweep
+    from mhabench.commands import run
+    monkeypatch.setenv("MHABENCH_CACHE_DIR", str(tmp_path))
+    stages = run.stages_for(_run_args())
+    learned = {"report_s": 10.0, "bench_s_per_benchmark": 0.2}
+    monkeypatch.setattr(run, "conform_need", lambda stage: job_budget.Need(60, 200))
+    bench = run.bench_need(stages[1], learned)
+    shares = run.plan_shares(stages, 300, learned)  # everything fits: each stage gets all it needs
+    assert shares == {"conform": pytest.approx(200), "bench": pytest.approx(bench.everything), "report": 10}
+    shares = run.plan_shares(stages, 160, learned)  # coverage first, the report kept aside
+    assert shares["report"] == 10 and shares["conform"] + shares["bench"] == pytest.approx(150)
+    assert shares["conform"] >= 60 and bench.coverage <= shares["bench"] < bench.everything
+
+    monkeypatch.setattr(run, "bench_takes_budget", lambda: True)
+    assert run.bench_budget_argv(stages[1], 123.4, learned) == (["--budget", "123"], 0)
+    monkeypatch.setattr(run, "bench_takes_budget", lambda: False)
+    selected, lengths = run.bench_selection(stages[1])
+    everything = run.CHILD_START_S + 0.2 * len(selected)
+    assert run.bench_budget_argv(stages[1], everything + 1, learned) == ([], 0)
+    argv, left_out = run.bench_budget_argv(stages[1], everything * 0.6, learned)
+    regex = argv[0].split("=", 1)[1]
+    kept = sweep.selection("quick", [a for a in run.default_kernel_adapters()], ["cpu"], regex)
+    kept_lengths = {int(c[2]) for n, c in kept if n.startswith("bench_attention")}
+    assert kept_lengths == set(lengths[:len(kept_lengths)]) and 0 < len(kept_lengths) < len(lengths)
+    assert any(n.startswith("bench_machine") for n, _ in kept)
+    assert left_out == len(selected) - len(kept) > 0
+    assert run.CHILD_START_S + 0.2 * len(kept) <= everything * 0.6
+    assert re.compile(regex)

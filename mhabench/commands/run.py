@@ -29,7 +29,7 @@ PROGRESS_EVERY = 2  # seconds between the conform stage's progress lines, which 
 DEFAULT_BUDGET = "5m"
 CHILD_START_S = 3.0   # a stage's process: Python, mhabench and its plan, before its own budget starts
 REPORT_S = 15.0       # the report, until this machine has measured one
-BENCHMARK_S = 4.0     # one benchmark of the quick profile (asv's process, setup, samples), until one is measured
+BENCHMARK_S = 2.6     # one benchmark of the quick profile until one is measured here (923 s for 349 on 2 AVX2 cores)
 COVERAGE_LENGTHS = 4  # the shortest lengths of each benchmark class every adapter gets first
 
 
