@@ -128,7 +128,12 @@ def remember_costs(measured: dict[tuple[str, str, str], int], startup: dict[str,
         pass
 
 
-WAIT = "wait"  # Scheduler.next: nothing this thread may start yet; wait for a task to finish and ask again
+class _Wait:
+    def __repr__(self):
+        return "WAIT"
+
+
+WAIT = _Wait()  # Scheduler.next: nothing this thread may start yet; wait for a task to finish and ask again
 
 
 # ---- the scheduler --------------------------------------------------------------------------------------
@@ -157,10 +162,10 @@ class _Lane:
     first_round_left: int = field(init=False)  # and how many they are
 
     def __post_init__(self):
-        self.tasks.sort(key=lambda t: (t.round, -t.estimate_ms, t.case.id))
-        self.remaining_ms = sum(t.estimate_ms for t in self.tasks)
-        self.first_round_ms = sum(t.estimate_ms for t in self.tasks if t.round == 1)
-        self.first_round_left = sum(t.round == 1 for t in self.tasks)
+        tasks, self.tasks = self.tasks, []
+        self.remaining_ms = self.first_round_ms = 0.0
+        self.first_round_left = 0
+        self.add(tasks)
 
     @property
     def scale(self) -> float:
@@ -190,11 +195,11 @@ class Scheduler:
     the thread switches adapter. A task of a later coverage round must also leave, shared over the ``jobs``
     threads, the time the round-1 tasks of the adapters nobody serves yet still need, and no adapter being
     served may need help to end its round 1 in time; while either holds, the thread serves such an adapter
-    instead (or waits, ``WAIT``). A task that cannot end in time is dropped
-    (``dropped``; ``on_drop(task)`` sees each): not run, for the budget, and so is a task still running
-    ``grace`` seconds past the deadline (``timeout``, ``drop``). ``extra``: tasks planned out, handed out
-    (under the same rules) once every planned task is, when the estimates were pessimistic. ``startup_ms`` seeds the process starts
-    measured on earlier runs; ``measured_startup`` holds this run's."""
+    instead (or waits, ``WAIT``). A task that cannot end in time is dropped (``dropped``; ``on_drop(task)``
+    sees each): not run, for the budget, and so is a task still running ``grace`` seconds past the deadline
+    (``timeout``, ``drop``). ``extra``: tasks planned out, handed out under the same rules once every planned
+    task is (the estimates were pessimistic). ``startup_ms`` seeds the process starts measured on earlier
+    runs; ``measured_startup`` holds this run's."""
 
     def __init__(self, tasks: list[Task], *, deadline: float | None = None, grace: float = 0.0, jobs: int = 1,
                  clock=time.monotonic, startup_ms: dict | None = None, on_drop=None, extra: list[Task] = ()):
@@ -257,7 +262,7 @@ class Scheduler:
                 self.extra = []
                 if lane is not None:
                     lane.active += 1
-                return self.next(current) if lane is not None else self.next(None)
+                return self.next(current)
             others_busy = any(other.active for other in self.lanes.values())
             if self.deadline is not None and others_busy and any(other.tasks for other in self.lanes.values()):
                 if lane is not None:

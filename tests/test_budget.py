@@ -87,13 +87,13 @@ def test_tasks_already_done_count_for_coverage_and_cost_nothing():
 
 # ---- the deadline, on simulated worker threads ----------------------------------------------------------
 
-def simulate(tasks, deadline, grace, jobs, truth):
+def simulate(tasks, deadline, grace, jobs, truth, extra=()):
     """Run the scheduler with a fake clock on ``jobs`` simulated threads; a task takes ``truth[adapter]`` times
     its estimate, a new process its adapter's STARTUP_MS. A task still running at ``deadline + grace`` is stopped
     there (the runner's clipped timeout) and dropped. (end time, task keys run, start times of each key)"""
     now = [0.0]
     scheduler = schedule.Scheduler(tasks, deadline=deadline, grace=grace, jobs=jobs, clock=lambda: now[0],
-                                   startup_ms=dict(STARTUP_MS))
+                                   startup_ms=dict(STARTUP_MS), extra=list(extra))
     events = [(0.0, thread) for thread in range(jobs)]
     current = [None] * jobs
     ran, started, end = [], {}, 0.0
@@ -125,10 +125,10 @@ def simulate(tasks, deadline, grace, jobs, truth):
     return end, ran, scheduler
 
 
-def _scheduled(cases, chosen, estimate=_estimate):
+def _scheduled(cases, chosen, estimate=_estimate, keys=None):
     by_id = {c.id: c for c in cases}
     out = []
-    for adapter, case_id, dtype in chosen.selected:
+    for adapter, case_id, dtype in (chosen.selected if keys is None else keys):
         key = (adapter, case_id, dtype)
         out.append(schedule.Task(adapter, by_id[case_id], [dtype], estimate(adapter, by_id[case_id], dtype),
                                  chosen.rounds[key]))
@@ -165,6 +165,18 @@ def test_with_the_estimates_right_everything_planned_runs_in_time():
     assert not scheduler.dropped and sorted(ran) == sorted(chosen.selected)
     assert end <= seconds
     assert end >= 0.7 * seconds  # the plan used the budget, it did not stop early
+
+
+def test_when_the_estimates_were_pessimistic_what_was_planned_out_runs_in_the_time_left():
+    cases = _cases(6)
+    full = budget.plan(_tasks(cases), 1e9, _estimate, _startup, jobs=2)
+    seconds = full.coverage_s + 0.3 * (full.all_s - full.coverage_s)
+    chosen = budget.plan(_tasks(cases), seconds, _estimate, _startup, jobs=2)
+    end, ran, scheduler = simulate(_scheduled(cases, chosen), seconds, 0.05 * seconds, 2,
+                                   {name: 0.4 for name in ADAPTERS},
+                                   extra=_scheduled(cases, chosen, keys=chosen.left_out))
+    assert set(ran) > set(chosen.selected)  # more than was planned ran
+    assert end <= 1.05 * seconds
 
 
 def test_a_later_round_waits_while_an_unserved_adapter_still_needs_its_coverage():
