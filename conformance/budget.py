@@ -8,8 +8,9 @@ same on every machine and in every run, and a rerun runs the cases whose program
 :func:`plan` takes whole rounds while the projected time fits the budget, then as much of the next round
 as fits, and stops there: no task of round r + 1 is planned while a task of round r is left out. The
 projected time is the tasks' estimated cost (``schedule``: measured on this machine where an earlier run
-timed the task, else the prior) plus one process start per adapter, shared by the worker processes,
-plus the largest task, which may be the last to start.
+timed the task, else the prior) plus the process starts, shared by the worker processes, plus the
+largest task, which may be the last to start (:class:`Projection`). The projection errs long: what the
+plan leaves out still runs if the time is there once everything planned has started.
 
 At run time the scheduler keeps the deadline (``schedule.Scheduler``): a task starts only if it ends in
 time and leaves the time the lower rounds still pending elsewhere need. Everything planned out or
@@ -59,26 +60,42 @@ def coverage_rounds(tasks: list[tuple[str, Case, str]]) -> dict[TaskKey, int]:
 
 
 class Projection:
-    """The projected wall time of a set of tasks on ``jobs`` worker processes (see the module docstring)."""
+    """The projected wall time of a set of tasks on ``jobs`` worker processes.
+
+    The tasks' work, and the process starts: an adapter's coverage round and its later rounds are each
+    served by as many processes as the scheduler would start for them (another joins while the work left
+    per process exceeds a start, up to ``jobs``), all shared by the processes; plus the largest task, which
+    may start last."""
 
     def __init__(self, startup_ms: Callable[[str], float], jobs: int):
         self.startup_ms, self.jobs = startup_ms, max(1, jobs)
-        self.work_ms, self.largest_ms = 0.0, 0.0
-        self.adapters: set[str] = set()
+        self.parts: dict[tuple[str, bool], float] = {}  # (adapter, later rounds) -> its tasks' work
+        self.total_ms, self.largest_ms = 0.0, 0.0
 
-    def with_task(self, adapter: str, ms: float) -> float:
-        """The projection if one more task of ``adapter`` costing ``ms`` were added (ms)."""
-        work = self.work_ms + ms + (0.0 if adapter in self.adapters else self.startup_ms(adapter))
-        return work / self.jobs + max(self.largest_ms, ms)
+    def _part_ms(self, adapter: str, work: float) -> float:
+        start = self.startup_ms(adapter)
+        processes = min(self.jobs, max(1, int(work // start))) if start > 0 else 1
+        return work + processes * start
 
-    def add(self, adapter: str, ms: float) -> None:
-        self.work_ms += ms + (0.0 if adapter in self.adapters else self.startup_ms(adapter))
-        self.adapters.add(adapter)
+    def _added(self, adapter: str, number: int, ms: float) -> float:
+        """How much the total grows with one more task of ``adapter``, of round ``number``, costing ``ms``."""
+        key = (adapter, number > 1)
+        work = self.parts.get(key)
+        before = 0.0 if work is None else self._part_ms(adapter, work)
+        return self._part_ms(adapter, (work or 0.0) + ms) - before
+
+    def with_task(self, adapter: str, number: int, ms: float) -> float:
+        """The projection (ms) with one more task."""
+        return (self.total_ms + self._added(adapter, number, ms)) / self.jobs + max(self.largest_ms, ms)
+
+    def add(self, adapter: str, number: int, ms: float) -> None:
+        self.total_ms += self._added(adapter, number, ms)
+        self.parts[(adapter, number > 1)] = self.parts.get((adapter, number > 1), 0.0) + ms
         self.largest_ms = max(self.largest_ms, ms)
 
     @property
     def ms(self) -> float:
-        return self.work_ms / self.jobs + self.largest_ms if self.adapters else 0.0
+        return self.total_ms / self.jobs + self.largest_ms if self.parts else 0.0
 
 
 def plan(tasks: list[tuple[str, Case, str]], seconds: float, estimate_ms: Callable[[str, Case, str], float],
@@ -97,14 +114,14 @@ def plan(tasks: list[tuple[str, Case, str]], seconds: float, estimate_ms: Callab
     selected, left_out, closed_after = [], [], None
     for number, ms, adapter, case_id, dtype in costed:
         key = (adapter, case_id, dtype)
-        everything.add(adapter, ms)
+        everything.add(adapter, number, ms)
         if number == 1:
-            first_round.add(adapter, ms)
+            first_round.add(adapter, number, ms)
         if closed_after is not None and number > closed_after:
             left_out.append(key)
             continue
-        if chosen.with_task(adapter, ms) <= budget_ms:
-            chosen.add(adapter, ms)
+        if chosen.with_task(adapter, number, ms) <= budget_ms:
+            chosen.add(adapter, number, ms)
             selected.append(key)
         else:
             left_out.append(key)

@@ -192,10 +192,10 @@ class Scheduler:
 
     With a ``deadline`` (a time on ``clock``, in seconds), a task is handed out only if it ends before the
     deadline, by its estimate rescaled by what the adapter's finished tasks took, plus a process start when
-    the thread switches adapter. A task of a later coverage round must also leave, shared over the ``jobs``
-    threads, the time the round-1 tasks of the adapters nobody serves yet still need, and no adapter being
-    served may need help to end its round 1 in time; while either holds, the thread serves such an adapter
-    instead (or waits, ``WAIT``). A task that cannot end in time is dropped (``dropped``; ``on_drop(task)``
+    the thread switches adapter. Coverage first: a task of a later round starts only once every round-1 task
+    is handed out, and while no adapter being served needs help to end its round 1 in time; until then the
+    thread serves such an adapter instead, or waits (``WAIT``), which costs it at most about a process
+    start (an adapter with more round-1 work left than that is worth joining). A task that cannot end in time is dropped (``dropped``; ``on_drop(task)``
     sees each): not run, for the budget, and so is a task still running ``grace`` seconds past the deadline
     (``timeout``, ``drop``). ``extra``: tasks planned out, handed out under the same rules once every planned
     task is (the estimates were pessimistic). ``startup_ms`` seeds the process starts measured on earlier
@@ -276,7 +276,9 @@ class Scheduler:
             self._lock.wait(seconds)
 
     def _choose(self, tried=frozenset()) -> _Lane | None:
-        """The lane with the lowest coverage round pending, then the most estimated work left per thread."""
+        """The lane with the lowest coverage round pending; then the most estimated work left per thread (the
+        longest work starts first, so no thread idles at the end), except for the coverage round under a
+        deadline: the least first, so the most adapters reach their coverage in the time."""
         best, best_rank = None, None
         for name in sorted(self.lanes):
             lane = self.lanes[name]
@@ -285,7 +287,10 @@ class Scheduler:
             share = lane.remaining_ms * lane.scale / (lane.active + 1)
             if lane.active and share <= lane.startup_ms and not self._needs_help(lane):
                 continue  # another process for this adapter would cost more than it saves
-            rank = (lane.tasks[0].round, -share)
+            if self.deadline is not None and lane.tasks[0].round == 1:
+                rank = (1, lane.first_round_ms * lane.scale + (0.0 if lane.active else lane.startup_ms))
+            else:
+                rank = (lane.tasks[0].round, -share)
             if best_rank is None or rank < best_rank:
                 best, best_rank = lane, rank
         return best
@@ -306,18 +311,12 @@ class Scheduler:
                 if self.on_drop is not None:
                     self.on_drop(self.dropped[-1])
                 continue
-            if task.round > 1 and (end + self._unserved_ms(lane) / 1000 / self.jobs > self.deadline
+            if task.round > 1 and (any(other.first_round_left for other in self.lanes.values())
                                    or any(self._needs_help(other) for other in self.lanes.values()
                                           if other is not lane)):
-                return None
+                return None  # coverage first: every round-1 task is handed out before a later one starts
             return lane.pop()
         return None
-
-    def _unserved_ms(self, serving: _Lane) -> float:
-        """The round-1 work, and process starts, of the adapters no thread serves: what a later round's task
-        must leave time for, shared by every thread once it ends."""
-        return sum(lane.first_round_ms * lane.scale + lane.startup_ms for lane in self.lanes.values()
-                   if lane is not serving and not lane.active and lane.first_round_left)
 
     def _needs_help(self, lane: _Lane) -> bool:
         """Whether the threads serving ``lane`` would end its round 1 past the deadline, and one more process

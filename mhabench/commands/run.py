@@ -290,7 +290,7 @@ def main(args) -> int:
 
     from mhabench import budget as job_budget
 
-    started = time.monotonic()
+    job_started = time.monotonic()
     console = Console()
     stages = stages_for(args)
     seconds = budget_seconds(args)
@@ -316,7 +316,7 @@ def main(args) -> int:
                 follow(progress, task, line)
             on_line("running")
             if stage.name == "bench" and seconds:
-                left = started + seconds - time.monotonic() - report_seconds(learned)
+                left = job_started + seconds - time.monotonic() - report_seconds(learned)
                 options, left_out = bench_budget_argv(stage, left, learned)
                 stage.argv += options
                 shares["bench"] = left
@@ -339,7 +339,7 @@ def main(args) -> int:
     if seconds:
         planned = ", ".join(f"{name} {share:.0f} s" for name, share in shares.items())
         console.print(f"[bold]budget:[/] {job_budget.format_duration(seconds)} ({escape(planned)}); the job took "
-                      f"{time.monotonic() - started:.0f} s")
+                      f"{time.monotonic() - job_started:.0f} s")
     if paths is not None:
         console.print(f"[bold]report:[/] {escape(str(paths['html'].resolve()))}")
         from mhabench import reports
