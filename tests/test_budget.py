@@ -303,3 +303,20 @@ def test_the_main_job_gives_conform_its_share_and_bench_the_rest(tmp_path, monke
     assert left_out == len(selected) - len(kept) > 0
     assert run.CHILD_START_S + 0.2 * len(kept) <= everything * 0.6
     assert re.compile(regex)
+
+
+def test_a_stage_still_running_past_its_share_is_stopped(tmp_path, monkeypatch):
+    """The main job's net under each stage's own planning: past its share and the grace, the stage is interrupted
+    and reported as stopped at the budget, not as failed."""
+    import sys
+    import time
+    from mhabench.commands import run
+    sleeper = tmp_path / "stage"
+    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
+    sleeper.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(sleeper))
+    stage = run.Stage("bench", ["bench"])
+    started = time.monotonic()
+    run.run_child(stage, tmp_path / "logs", lambda line: None, stop_at=started + 1)
+    assert time.monotonic() - started < 15
+    assert stage.status == "stopped" and stage.detail.startswith("not run: budget")

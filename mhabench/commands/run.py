@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ CHILD_START_S = 3.0   # a stage's process: Python, mhabench and its plan, before
 REPORT_S = 15.0       # the report, until this machine has measured one
 BENCHMARK_S = 2.6     # one benchmark of the quick profile until one is measured here (923 s for 349 on 2 AVX2 cores)
 COVERAGE_LENGTHS = 4  # the shortest lengths of each benchmark class every adapter gets first
+GRACE = 0.05          # of the budget: how long past its share a stage may go before it is stopped
 
 
 def register(parser):
@@ -56,7 +58,7 @@ def register(parser):
 class Stage:
     name: str
     argv: list  # mhabench arguments; None for the in-process report
-    status: str = "pending"  # pending | ok | findings | failed | skipped
+    status: str = "pending"  # pending | ok | findings | failed | skipped | stopped (at the budget)
     detail: str = ""
     seconds: float = 0.0
     log: Path | None = None
@@ -190,8 +192,11 @@ def default_kernel_adapters() -> list[str]:
     return [a.name for a in adapters if a.kernel == "default" and a.looks_installed()]
 
 
-def run_child(stage: Stage, log_dir: Path, on_line) -> None:
-    """Run one stage as ``python -m mhabench ...``; its output goes to a log, its last line to ``on_line``."""
+def run_child(stage: Stage, log_dir: Path, on_line, stop_at: float | None = None) -> None:
+    """Run one stage as ``python -m mhabench ...``; its output goes to a log, its last line to ``on_line``.
+
+    ``stop_at`` (a ``time.monotonic()``): past it the stage is interrupted (SIGINT: asv's runs are stopped and
+    what finished is kept), then killed 10 s later; its status is "stopped"."""
     log_dir.mkdir(parents=True, exist_ok=True)
     stage.log = log_dir / f"{stage.name}.log"
     tail = deque(maxlen=5)
@@ -205,6 +210,11 @@ def run_child(stage: Stage, log_dir: Path, on_line) -> None:
         except OSError as exc:
             stage.status, stage.detail = "failed", f"could not start: {exc}"
             return
+        stopped = threading.Event()
+        watch = threading.Thread(target=_stop_at, args=(child, stop_at, stopped), daemon=True) \
+            if stop_at is not None else None
+        if watch is not None:
+            watch.start()
         try:
             for line in child.stdout:
                 log.write(line)
@@ -218,13 +228,31 @@ def run_child(stage: Stage, log_dir: Path, on_line) -> None:
             child.wait()
             raise
     last = tail[-1] if tail else "no output"
-    if code == 0:
+    if stopped.is_set():
+        stage.status = "stopped"
+        stage.detail = " ".join(filter(None, ["not run: budget: stopped at the end of its share (what it finished "
+                                              "is kept);", stage.detail]))
+    elif code == 0:
         stage.status = "ok"
     elif code == 1:
         # conform and bench exit 1 when they ran to the end but found failing rows or benchmarks
         stage.status, stage.detail = "findings", f"exit status 1 (ran to the end, with failures): {last}"
     else:
         stage.status, stage.detail = "failed", f"exit status {code}: {last}"
+
+
+def _stop_at(child, when: float, stopped: threading.Event) -> None:
+    import signal
+    while child.poll() is None:
+        if time.monotonic() >= when:
+            stopped.set()
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            return
+        time.sleep(0.5)
 
 
 def remember_costs(stages: list[Stage], results_dir) -> None:
@@ -325,7 +353,9 @@ def main(args) -> int:
                                     f"--budget here); the rest runs with: mhabench bench --quick --results "
                                     f"{args.results}")
             if stage.argv is not None:
-                run_child(stage, log_dir, on_line)
+                # the stage plans itself within its share; past it and the grace it is stopped
+                stop_at = (time.monotonic() + shares[stage.name] + GRACE * seconds) if seconds else None
+                run_child(stage, log_dir, on_line, stop_at)
             else:
                 data, paths = run_report(stage, args)
             stage.seconds = time.monotonic() - started
@@ -333,7 +363,7 @@ def main(args) -> int:
             progress.update(stage.task, total=total, completed=total,
                             line=("done" if stage.status == "ok" else printable(stage.detail)[:100]))
     remember_costs(stages, args.results)
-    failed = [s for s in stages if s.status == "failed"]
+    failed = [s for s in stages if s.status == "failed"]  # "stopped" is the budget's, reported as not run
     findings = [s for s in stages if s.status == "findings"]
     console.print()
     if seconds:
@@ -346,7 +376,8 @@ def main(args) -> int:
         for line in reports.verdict(data):
             console.print(f"  {escape(printable(line))}")
     for stage in stages:
-        colour = {"ok": "green", "findings": "yellow", "failed": "red", "skipped": "yellow"}.get(stage.status, "white")
+        colour = {"ok": "green", "findings": "yellow", "failed": "red", "skipped": "yellow",
+                  "stopped": "yellow"}.get(stage.status, "white")
         where = f" (log: {stage.log})" if stage.log and stage.status in ("failed", "findings") else ""
         console.print(f"  [{colour}]{stage.name}: {stage.status}[/] {escape(printable(stage.detail))}"
                       f"{escape(where)}" + (escape(f" [{stage.seconds:.0f} s]") if stage.seconds else ""))
