@@ -80,6 +80,8 @@ def _torch_counts() -> dict:
 def count_one(adapter: str, dtypes, full: bool) -> dict:
     """Run one adapter's matrix in this process with the counters listening; the counts."""
     from mhabench.conformance import runner, session
+    from mhabench.impls import cache
+    os.environ.update(cache.torch_environment())  # Inductor's cache in this run's cache folder, not the default
     a = registry.get_adapter(adapter)
     found: dict = {}
     if a.family == "jax" or getattr(a, "backend", None) == "jax":
@@ -102,6 +104,7 @@ def count(adapter: str, dtypes, full: bool, warm: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="mhabench-compiles-") as cache:
         for run in ("cold", "warm")[:1 + warm]:
             env = dict(os.environ, **registry.get_adapter(adapter).worker_env(), MHABENCH_CACHE_DIR=cache)
+            env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the child puts it in its own cache folder
             done = subprocess.run([sys.executable, "-m", "mhabench.conformance.compiles", "--one", adapter,
                                    "--dtypes", ",".join(dtypes)] + (["--full"] if full else []),
                                   env=env, capture_output=True, text=True)
