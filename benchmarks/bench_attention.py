@@ -16,12 +16,13 @@ common.preimport_for_forkserver()
 
 FORWARD_METHODS = ("time_forward", "track_peakmem_forward")
 BACKWARD_METHODS = ("time_forward_backward", "track_peakmem_forward_backward")
-_current = {}  # the instance whose setup ran last in this process (asv runs one case per process)
 
 
 def _warm_backward(*params):
-    """Setup of the forward+backward methods only, so forward-only processes never build a backward."""
-    bench = _current["bench"]
+    """Setup of the forward+backward methods only, so forward-only processes never build a backward. asv calls
+    a method's own setup with the parameters alone, after the instance's ``setup``: the instance is the one that
+    setup recorded as this process's (asv runs one benchmark case per process)."""
+    bench = _AttentionBenchmark.running
     try:
         bench.prepared.warm_backward()
     except common.Skip as exc:
@@ -44,6 +45,7 @@ class _AttentionBenchmark:
     repeat = PROFILE.repeat
     warmup_time = PROFILE.warmup_time
     timeout = PROFILE.timeout
+    running: "_AttentionBenchmark | None" = None  # the instance asv set up in this process, for _warm_backward
 
     def names(self, methods):
         return [f"bench_attention.{type(self).__name__}.{m}" for m in methods]
@@ -51,7 +53,7 @@ class _AttentionBenchmark:
     def setup(self, adapter, mode, seq_len, num_heads, device):
         case = common.Case(self.kind, adapter, mode, int(seq_len), int(num_heads), device, PROFILE.batch,
                            PROFILE.model_dim, PROFILE.cross_kv_ratio)
-        _current["bench"] = self
+        _AttentionBenchmark.running = self
         self.prepared = common.prepare(case, PROFILE, self.names(FORWARD_METHODS + BACKWARD_METHODS))
         common.record_flops(f"bench_attention.{type(self).__name__}", case)
         self.forward, self.inputs = self.prepared.native_forward, self.prepared.inputs

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import schedule
-from .cases import Case
+from .cases import AnyCase
 
 TaskKey = tuple  # (adapter, case id, dtype)
 
@@ -46,7 +46,7 @@ class BudgetPlan:
         return not any(self.rounds[key] == 1 for key in self.left_out)
 
 
-def coverage_rounds(tasks: list[tuple[str, Case, str]]) -> dict[TaskKey, int]:
+def coverage_rounds(tasks: list[tuple[str, AnyCase, str]]) -> dict[TaskKey, int]:
     """Each task's round in its cell (adapter x area x dtype), cheapest case first by the prior (within a cell
     the prior differs only by the case's size), then by case id."""
     cells: dict[tuple, list] = defaultdict(list)
@@ -98,7 +98,7 @@ class Projection:
         return self.total_ms / self.jobs + self.largest_ms if self.parts else 0.0
 
 
-def plan(tasks: list[tuple[str, Case, str]], seconds: float, estimate_ms: Callable[[str, Case, str], float],
+def plan(tasks: list[tuple[str, AnyCase, str]], seconds: float, estimate_ms: Callable[[str, AnyCase, str], float],
          startup_ms: Callable[[str], float], jobs: int, done: set | frozenset = frozenset()) -> BudgetPlan:
     """The tasks (adapter, case, dtype) to run within ``seconds``, coverage first.
 

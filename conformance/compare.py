@@ -1,27 +1,13 @@
 """NaN-aware comparison of an implementation's array against the golden and the reference."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from mhabench.schema import Comparison, Finding, FindingKind
 
 from .tolerances import tolerance_and_source
 
-
-@dataclass
-class Comparison:
-    ok: bool
-    max_abs_err: float | None
-    max_rel_err: float | None
-    tolerance: float | None
-    reference_err: float | None
-    error_ratio: float | None
-    message: str
-    tolerance_source: str | None = None  # "reference", "floor" or "rounding": what set the tolerance
-
-    def figures(self) -> dict:
-        return {k: getattr(self, k) for k in ("max_abs_err", "max_rel_err", "tolerance", "reference_err",
-                                              "error_ratio", "tolerance_source")}
+__all__ = ["Comparison", "compare", "max_abs_diff", "nonfinite_findings"]
 
 
 def _f64(x) -> np.ndarray:
@@ -34,19 +20,19 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a[both] - b[both]))) if np.any(both) else 0.0
 
 
-def nonfinite_mismatch(golden: np.ndarray, actual: np.ndarray) -> str | None:
-    """Where ``actual`` has NaN/Inf that the golden lacks, or lacks the golden's; None when they agree."""
-    problems = []
+def _where(kind: FindingKind, where: np.ndarray, **details) -> Finding:
+    first = tuple(int(i) for i in np.argwhere(where)[0]) if np.any(where) else ()
+    return Finding(kind, int(where.sum()), int(where.size), first, **details)
+
+
+def nonfinite_findings(golden: np.ndarray, actual: np.ndarray) -> tuple[Finding, ...]:
+    """Where ``actual`` has NaN/Inf that the golden lacks, or lacks the golden's; none when they agree."""
     extra_nan = np.isnan(actual) & ~np.isnan(golden)
     missing_nan = np.isnan(golden) & ~np.isnan(actual)
     inf_differs = (np.isinf(golden) | np.isinf(actual)) & ~np.isnan(golden) & ~np.isnan(actual) & (golden != actual)
-    for what, where in (("NaN where the golden is not NaN", extra_nan),
-                        ("no NaN where the golden is NaN", missing_nan),
-                        ("Inf differing from the golden", inf_differs)):
-        if np.any(where):
-            first = tuple(int(i) for i in np.argwhere(where)[0])
-            problems.append(f"{int(where.sum())}/{where.size} elements with {what} (first at {list(first)})")
-    return "; ".join(problems) or None
+    return tuple(_where(kind, where) for kind, where in ((FindingKind.EXTRA_NAN, extra_nan),
+                                                        (FindingKind.MISSING_NAN, missing_nan),
+                                                        (FindingKind.INF_MISMATCH, inf_differs)) if np.any(where))
 
 
 def compare(golden, reference, actual, dtype: str, quantity: str, sensitivity=None) -> Comparison:
@@ -56,8 +42,8 @@ def compare(golden, reference, actual, dtype: str, quantity: str, sensitivity=No
     the error exceeds the tolerance without it."""
     golden, reference, actual = _f64(golden), _f64(reference), _f64(actual)
     if actual.shape != golden.shape:
-        return Comparison(False, None, None, None, None, None,
-                          f"shape {list(actual.shape)} differs from the golden's {list(golden.shape)}")
+        return Comparison(None, None, None, None, None, findings=(
+            Finding(FindingKind.SHAPE, shapes=(tuple(actual.shape), tuple(golden.shape))),))
     reference_err = max_abs_diff(golden, reference)
     finite = golden[np.isfinite(golden)]
     magnitude = float(np.max(np.abs(finite))) if finite.size else 1.0
@@ -70,13 +56,8 @@ def compare(golden, reference, actual, dtype: str, quantity: str, sensitivity=No
         rel = np.abs(golden - actual)[both] / np.maximum(np.abs(golden[both]), np.finfo(np.float64).tiny)
     rel_err = float(np.max(rel)) if rel.size else 0.0
     ratio = abs_err / reference_err if reference_err > 0 else (0.0 if abs_err == 0 else None)
-    problems = []
-    mismatch = nonfinite_mismatch(golden, actual)
-    if mismatch:
-        problems.append(mismatch)
+    findings = nonfinite_findings(golden, actual)
     if abs_err > tol:
-        where = np.argwhere(both & (np.abs(golden - actual) > tol))
-        first = [int(i) for i in where[0]] if len(where) else []
-        problems.append(f"max |golden - {quantity}| = {abs_err:.3g} > tolerance {tol:.3g} "
-                        f"({len(where)}/{golden.size} elements, first at {first})")
-    return Comparison(not problems, abs_err, rel_err, tol, reference_err, ratio, "; ".join(problems), source)
+        findings += (_where(FindingKind.TOLERANCE, both & (np.abs(golden - actual) > tol), error=abs_err,
+                            tolerance=tol, quantity=str(quantity)),)
+    return Comparison(abs_err, rel_err, tol, reference_err, ratio, source, findings)

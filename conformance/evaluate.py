@@ -13,13 +13,16 @@ import numpy as np
 
 from mhabench import impls
 from mhabench.impls.base import UnsupportedError
+from mhabench.schema import Quantity, Refusal, RefusalKind, Row, Status
 
 from . import catalogue as catalogue_mod
-from .cases import Case, row_id
+from .cases import Case, InvalidCase, from_dict
 from .compare import compare, max_abs_diff
 
-GRAD_NAME = {"query": "grad_query", "key": "grad_key", "value": "grad_value", "bias": "grad_bias", **{
-    n: f"grad_{n}" for n in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")}}
+# a key of ``Layer.gradients`` (an input, a weight, the bias) -> the quantity of its gradient
+GRADIENT_OF = {q.gradient_of: q for q in Quantity if q.is_gradient}
+# what every row records about its adapter, from the adapter's own declarations (Row fields of the same names)
+ADAPTER_FACTS = ("framework", "kernel", "opset")
 
 
 def _oracle_backward():
@@ -30,36 +33,24 @@ def _oracle_backward():
     return oracle_backward
 
 
-def base_row(adapter, case: Case, dtype: str, quantity: str) -> dict:
-    return {
-        "row_id": row_id(adapter.name, case.id, dtype, quantity),
-        "adapter": adapter.name, "framework": adapter.framework, "framework_version": adapter.version(),
-        "case": case.id, "area": case.area, "dtype": dtype, "device": "cpu", "quantity": quantity,
-        "status": None, "max_abs_err": None, "max_rel_err": None, "tolerance": None, "reference_err": None,
-        "error_ratio": None, "tolerance_source": None, "divergence": None, "message": "", "seed": case.seed, "spec": case.spec,
-        "query_shape": list(case.query_shape), "key_shape": list(case.key_shape) if case.key_shape else None,
-        "value_shape": list(case.value_shape), "mask": case.mask, "causal": case.causal,
-        "window": list(case.window) if case.window is not None else None, "bias": case.bias, "lengths": case.lengths,
-        "kernel": getattr(adapter, "kernel", "default"), "mode": None, "contradicts": None,
-        "emulated": None, "duration_s": None,
-    }
+def case_row(adapter, case: Case | InvalidCase, dtype: str, quantity: str, device: str = "cpu", **verdict) -> Row:
+    """The row of ``adapter x case x dtype x quantity``: what the adapter and the case were, and ``verdict``
+    (status, message, figures, what the adapter recorded about the call)."""
+    return Row(adapter=adapter.name, framework_version=adapter.version(), case=case.id, area=case.area, dtype=dtype,
+               device=device, quantity=quantity, **{fact: getattr(adapter, fact) for fact in ADAPTER_FACTS},
+               **case.row_fields(), **verdict)
 
 
-def status_rows(adapter, case: Case, dtypes, status: str, message: str, quantities=None) -> list[dict]:
+def status_rows(adapter, case: Case | InvalidCase, dtypes, status: str, message: str, quantities=None) -> list[Row]:
     """Rows with one status and message for every dtype x quantity of a case (errors, skips)."""
-    rows = []
-    for dtype in dtypes:
-        for q in quantities or case.quantities():
-            row = base_row(adapter, case, dtype, q)
-            row.update(status=status, message=message)
-            rows.append(row)
-    return rows
+    return [case_row(adapter, case, dtype, q, status=status, message=str(message))
+            for dtype in dtypes for q in quantities or case.quantities()]
 
 
 class Goldens:
     """The oracle's answers for one case, per (fully_masked policy, dtype, backward form), each part computed
     once, on demand: the forward (``output``, which is also what ``output_with_scores`` must be, and
-    ``scores``) and the analytic backward (``grad_*``)."""
+    ``scores``), the analytic backward (``grad_*``) and the framework models a catalogue entry names."""
 
     def __init__(self, case: Case, inputs):
         self.case, self.inputs, self._cache = case, inputs, {}
@@ -67,6 +58,15 @@ class Goldens:
     def get(self, policy: str, dtype: str, form: str = "probs") -> "_Lazy":
         """``form``: how the backward forms the softmax's gradient (``oracle_backward.backward``)."""
         return _Lazy(self, policy, dtype, form)
+
+    def modelled(self, model: str, dtype: str) -> dict[str, np.ndarray]:
+        """``framework_models.<model>`` of the case's inputs: every quantity, in float64 for the golden or rounded
+        to ``dtype`` as the oracle rounds its reference."""
+        key = ("model", model, dtype)
+        if key not in self._cache:
+            from . import framework_models
+            self._cache[key] = getattr(framework_models, model)(self.inputs, dtype)
+        return self._cache[key]
 
     def sensitivity(self, dtype: str, quantity: str, policy: str = "zeros", form: str = "probs") -> float:
         """How far from the golden the reference lands when every intermediate is perturbed by up to two ulp
@@ -87,12 +87,13 @@ class Goldens:
                     grads = _oracle_backward().backward(i.spec, i.weights, *i.args(), i.cotangent,
                                                         fully_masked=policy, dtype=dtype, rounding_noise=noise,
                                                         form=form, **i.features())
-                    self._cache[key] = {GRAD_NAME[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
+                    self._cache[key] = {GRADIENT_OF[k]: np.asarray(v, dtype=np.float64) for k, v in grads.items()}
                 else:
                     out, scores = impls.oracle.forward(i.spec, i.weights, *i.args(), return_scores=True,
                                                        fully_masked=policy, dtype=dtype, rounding_noise=noise,
                                                        **i.features())
-                    self._cache[key] = {"output": out, "output_with_scores": out, "scores": scores}
+                    self._cache[key] = {Quantity.OUTPUT: out, Quantity.OUTPUT_WITH_SCORES: out,
+                                        Quantity.SCORES: scores}
         return self._cache[key]
 
 
@@ -106,36 +107,37 @@ class _Lazy:
         return self.goldens._part(self.policy, self.dtype, quantity.startswith("grad_"), self.form)[quantity]
 
 
-def _judge(row: dict, quantity: str, actual, goldens: Goldens, dtype: str, entries) -> None:
-    """Fill the row's figures and status: pass, fail, or divergence (a catalogued behaviour that shows)."""
+def _judge(verdict: dict, adapter: str, case_id: str, quantity: str, actual, goldens: Goldens, dtype: str,
+           catalogue) -> None:
+    """Fill a row's verdict (figures and status): pass, fail, or divergence (a catalogued behaviour that shows)."""
     golden, reference = goldens.get("zeros", "float64")[quantity], goldens.get("zeros", dtype)[quantity]
     result = compare(golden, reference, actual, dtype, quantity, lambda: goldens.sensitivity(dtype, quantity))
-    row.update(result.figures())
-    covering = catalogue_mod.covering(entries, row["adapter"], row["case"], dtype, quantity)
+    verdict.update(result.figures())
+    covering = catalogue.covering(adapter, case_id, dtype, quantity)
     if result.ok:
-        row.update(status="pass", message="")
+        verdict.update(status=Status.PASS, message="")
         for entry in covering:  # a pass where the entry predicts a visibly different result contradicts it,
             if entry.max_error_ratio is not None or entry.check is not None:  # unless the result fits both
                 continue
             predicted = catalogue_mod.reproduce(entry, quantity, dtype, golden, goldens, result, compare)
             if predicted is not None and not predicted.ok and \
                     not catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare).ok:
-                row.update(contradicts=entry.id, message=f"passes canonically, so catalogue entry {entry.id} "
-                                                         f"no longer shows here")
+                verdict.update(contradicts=entry.id, message=f"passes canonically, so catalogue entry {entry.id} "
+                                                             f"no longer shows here")
         return
-    row.update(status="fail", message=result.message)
+    verdict.update(status=Status.FAIL, message=result.message)
     for entry in covering:
         alt = catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare)
         if alt is None:
-            row["message"] += f" (catalogue entry {entry.id} does not apply to {quantity})"
+            verdict["message"] += f" (catalogue entry {entry.id} does not apply to {quantity})"
             continue
         if alt.ok:
-            row.update(alt.figures())
-            row.update(status="divergence", divergence=entry.id,
-                       message=f"{entry.observed} (canonical comparison: {result.message})")
+            verdict.update(alt.figures())
+            verdict.update(status=Status.DIVERGENCE, divergence=entry.id,
+                           message=f"{entry.observed} (canonical comparison: {result.message})")
             return
     if covering:
-        row["message"] += " (covered by a catalogue entry, but not as it describes)"
+        verdict["message"] += " (covered by a catalogue entry, but not as it describes)"
 
 
 def _error_text(exc: BaseException) -> str:
@@ -145,74 +147,86 @@ def _error_text(exc: BaseException) -> str:
 
 
 def evaluate_case(adapter_name: str, case: Case, dtypes, entries=None, memory_budget: int | None = None,
-                  device: str = "cpu") -> list[dict]:
-    """Rows for ``adapter x case x dtypes`` (every quantity of the case), never raising for the adapter's faults."""
+                  device: str = "cpu") -> list[Row]:
+    """Rows for ``adapter x case x dtypes`` (every quantity of the case), never raising for the adapter's faults.
+
+    ``entries``: the divergence catalogue (a ``catalogue.Catalogue``, or entries), loaded when None."""
     adapter = impls.get_adapter(adapter_name)
-    entries = catalogue_mod.load() if entries is None else entries
+    catalogue = catalogue_mod.load() if entries is None else catalogue_mod.as_catalogue(entries)
     ok, why = adapter.availability()
     if not ok:
-        return status_rows(adapter, case, dtypes, "unsupported", f"adapter unavailable: {why}")
+        return status_rows(adapter, case, dtypes, Status.UNSUPPORTED, f"adapter unavailable: {why}")
     if memory_budget is not None and case.estimated_bytes() > memory_budget:
-        return status_rows(adapter, case, dtypes, "skip", f"needs about {case.estimated_bytes() / 2**20:.1f} MiB, "
-                           f"over the memory budget of {memory_budget / 2**20:.1f} MiB")
+        return status_rows(adapter, case, dtypes, Status.SKIP, f"needs about {case.estimated_bytes() / 2**20:.1f} "
+                           f"MiB, over the memory budget of {memory_budget / 2**20:.1f} MiB")
     inputs = case.inputs()
     goldens = Goldens(case, inputs)
     rows = []
     for dtype in dtypes:
-        rows.extend(_evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device))
+        rows.extend(_evaluate_dtype(adapter, case, dtype, inputs, goldens, catalogue, device))
     return rows
 
 
-def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> list[dict]:
+def _evaluate_dtype(adapter, case, dtype, inputs, goldens, catalogue, device) -> list[Row]:
     """One dtype of a case, along each path a user takes: the default call (``output``), the call with
     scores (``output_with_scores``, ``scores``) and the gradients. A path the adapter cannot take, or
     that raises, costs that path's rows only."""
     from mhabench.impls.validation import validate_call
-    rows = {q: base_row(adapter, case, dtype, q) for q in case.quantities()}
-    for r in rows.values():
-        r["device"] = device
+    verdicts = {q: {} for q in case.quantities()}  # quantity -> its row's verdict, filled as the paths run
+    recorded = {}  # what every row of the call records: the mode, the features emulated
+
+    def rows():
+        return [case_row(adapter, case, dtype, q, device, **recorded, **verdict) for q, verdict in verdicts.items()]
+
+    def finish(quantities, status, message, started):
+        duration = time.perf_counter() - started
+        for q in quantities:
+            if "status" not in verdicts[q]:
+                verdicts[q].update(status=status, message=str(message), duration_s=duration)
+
     i = inputs
     started = time.perf_counter()
     try:
         call = validate_call(i.spec, case.dims, *i.args(), **i.features())
         mode = adapter.preferred_mode(i.spec, case.dims, dtype=dtype, device=device, call=call)
-        support = lambda **kw: adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device, mode=mode,
-                                                           call=call, **kw)
-        for r in rows.values():
-            r["mode"] = mode
+        support = lambda **kw: Refusal.of(adapter.unsupported_reason(i.spec, case.dims, dtype=dtype, device=device,
+                                                                     mode=mode, call=call, **kw))
+        recorded["mode"] = mode
         reason = support()
         if reason:
-            return _finish(rows, "unsupported", reason, started)
+            finish(verdicts, Status.UNSUPPORTED, reason, started)
+            return rows()
         layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
-        emulated = ", ".join(layer.emulations(call)) or None
-        for r in rows.values():
-            r["emulated"] = emulated
+        recorded["emulated"] = ", ".join(layer.emulations(call)) or None
     except UnsupportedError as exc:
-        return _finish(rows, "unsupported", exc.reason, started)
+        finish(verdicts, Status.UNSUPPORTED, exc.reason, started)
+        return rows()
     except Exception as exc:  # the adapter's fault, recorded in the row
-        return _finish(rows, "error", _error_text(exc), started)
+        finish(verdicts, Status.ERROR, _error_text(exc), started)
+        return rows()
 
     def default_call():
-        return {"output": layer(*i.args(), return_scores=False, **i.features())[0]}
+        return {Quantity.OUTPUT: layer(*i.args(), return_scores=False, **i.features())[0]}
 
     def with_scores():
         out, scores = layer(*i.args(), return_scores=True, **i.features())
-        return {"output_with_scores": out, "scores": scores}
+        return {Quantity.OUTPUT_WITH_SCORES: out, Quantity.SCORES: scores}
 
     def gradients():
         grads = layer.gradients(*i.args(), cotangent=i.cotangent, **i.features())
-        return {GRAD_NAME[k]: v for k, v in grads.items() if k in GRAD_NAME}
+        return {GRADIENT_OF[k]: v for k, v in grads.items() if k in GRADIENT_OF}
 
-    gradient_rows = [q for q in rows if q.startswith("grad_")]
-    paths = [(["output"], None, default_call), (["output_with_scores", "scores"], dict(return_scores=True), with_scores),
+    scores_path = [Quantity.OUTPUT_WITH_SCORES, Quantity.SCORES]
+    gradient_rows = [q for q in verdicts if q.is_gradient]
+    paths = [([Quantity.OUTPUT], None, default_call), (scores_path, dict(return_scores=True), with_scores),
              (gradient_rows, dict(gradients=True), gradients)]
     scores_reason, gradients_reason = support(return_scores=True), support(gradients=True) if gradient_rows else None
     at_once = _all_at_once(layer, i, not scores_reason, bool(gradient_rows) and not gradients_reason)
-    actual = at_once or {}
+    actual, together = at_once if at_once is not None else ({}, None)
     if at_once is not None:  # the paths the adapter cannot take are unsupported, with their reasons
-        for quantities, reason in ((["output_with_scores", "scores"], scores_reason), (gradient_rows, gradients_reason)):
+        for quantities, reason in ((scores_path, scores_reason), (gradient_rows, gradients_reason)):
             if reason:
-                _finish({q: rows[q] for q in quantities if q in rows}, "unsupported", reason, started)
+                finish([q for q in quantities if q in verdicts], Status.UNSUPPORTED, reason, started)
     for quantities, needs, compute in paths if at_once is None else ():
         if not quantities:
             continue
@@ -224,27 +238,28 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, entries, device) -> l
             with np.errstate(all="ignore"):
                 actual.update(compute())
         except UnsupportedError as exc:
-            _finish({q: rows[q] for q in quantities}, "unsupported", exc.reason, path_started)
+            finish(quantities, Status.UNSUPPORTED, exc.reason, path_started)
         except Exception as exc:  # the adapter's fault on this path, recorded in its rows
-            _finish({q: rows[q] for q in quantities}, "error", _error_text(exc), path_started)
+            finish(quantities, Status.ERROR, _error_text(exc), path_started)
         else:
             for q in quantities:
-                rows[q]["duration_s"] = time.perf_counter() - path_started
-    for q, row in rows.items():
-        if row["status"] is not None:
+                verdicts[q]["duration_s"] = time.perf_counter() - path_started
+    for q, verdict in verdicts.items():
+        if "status" in verdict:
             continue
-        if "_duration" in actual:
-            row["duration_s"] = actual["_duration"]
+        if together is not None:
+            verdict["duration_s"] = together
         if actual.get(q) is None:
-            row.update(status="error", message=f"the adapter returned no {q}")
+            verdict.update(status=Status.ERROR, message=f"the adapter returned no {q}")
             continue
-        _judge(row, q, actual[q], goldens, dtype, entries)
-    return list(rows.values())
+        _judge(verdict, adapter.name, case.id, q, actual[q], goldens, dtype, catalogue)
+    return rows()
 
 
-def _all_at_once(layer, i, scores: bool, gradients: bool) -> dict | None:
+def _all_at_once(layer, i, scores: bool, gradients: bool) -> tuple[dict, float] | None:
     """Every supported quantity from one ``layer.evaluate`` (one compiled program where the framework
-    compiles); None to fall back to one call per path (which also tells which path failed)."""
+    compiles), and the seconds it took; None to fall back to one call per path (which also tells which path
+    failed)."""
     started = time.perf_counter()
     try:
         with np.errstate(all="ignore"):
@@ -253,97 +268,82 @@ def _all_at_once(layer, i, scores: bool, gradients: bool) -> dict | None:
     except Exception:
         return None
     actual = {k: v for k, v in found.items() if k != "gradients"}
-    actual.update({GRAD_NAME[k]: v for k, v in found.get("gradients", {}).items() if k in GRAD_NAME})
-    actual["_duration"] = time.perf_counter() - started
-    return actual
-
-
-def _finish(rows: dict, status: str, message: str, started: float) -> list[dict]:
-    duration = time.perf_counter() - started
-    for row in rows.values():
-        if row["status"] is None:
-            row.update(status=status, message=message, duration_s=duration)
-    return list(rows.values())
+    actual.update({GRADIENT_OF[k]: v for k, v in found.get("gradients", {}).items() if k in GRADIENT_OF})
+    return actual, time.perf_counter() - started
 
 
 # ---- invalid input ---------------------------------------------------------------------------------
 
-def attempt_invalid(adapter, case: Case) -> BaseException | None:
+def attempt_invalid(adapter, case: InvalidCase) -> BaseException | None:
     """Make the case's bad call through ``adapter``; the exception it raised, or None if it raised none."""
-    from .cases import invalid_call
-    call = invalid_call(case)
+    call = case.call()
     try:
-        spec = impls.AttentionSpec(**call["spec"])
-        layer = adapter.build(spec, call["weights"](spec), dtype=call["dtype"], device=call["device"])
+        spec = impls.AttentionSpec(**call.spec)
+        layer = adapter.build(spec, call.weights(spec), dtype=call.dtype, device=call.device)
         with np.errstate(all="ignore"):
-            layer(call["query"], call["value"], call["key"], call["mask"], call["causal"], **call["features"])
+            layer(call.query, call.value, call.key, call.mask, call.causal, **call.features)
     except Exception as exc:
         return exc
     return None
 
 
-def evaluate_invalid(adapter_name: str, case: Case, device: str = "cpu") -> list[dict]:
+def evaluate_invalid(adapter_name: str, case: InvalidCase, device: str = "cpu") -> list[Row]:
     """One ``raises`` row: the adapter must raise the shared validation's ValueError/TypeError, word for word."""
     adapter = impls.get_adapter(adapter_name)
-    row = base_row(adapter, case, "float32", "raises")
+    row = lambda **verdict: [case_row(adapter, case, "float32", Quantity.RAISES, **verdict)]
     ok, why = adapter.availability()
     if not ok:
-        row.update(status="unsupported", message=f"adapter unavailable: {why}")
-        return [row]
-    from .cases import invalid_call
-    call = invalid_call(case)
+        return row(status=Status.UNSUPPORTED, message=f"adapter unavailable: {why}")
+    call = case.call()
     try:  # an adapter that cannot run this dtype on this device at all (a GPU-only kernel) is not judged here
-        spec = impls.AttentionSpec(**call["spec"])
-        refused = adapter.unsupported_reason(spec, call["weights"](spec), dtype=call["dtype"], device=call["device"])
+        spec = impls.AttentionSpec(**call.spec)
+        refused = Refusal.of(adapter.unsupported_reason(spec, call.weights(spec), dtype=call.dtype,
+                                                        device=call.device))
     except Exception:  # the bad input may be in the spec, dtype or device itself: that is what is judged
         refused = None
-    if refused and refused.startswith(("device ", "dtype ")):
-        row.update(status="unsupported", message=refused)
-        return [row]
+    if refused is not None and refused.kind in (RefusalKind.DEVICE, RefusalKind.DTYPE):
+        return row(status=Status.UNSUPPORTED, message=str(refused))
     started = time.perf_counter()
     expected = attempt_invalid(impls.get_adapter("numpy_oracle"), case)
     got = attempt_invalid(adapter, case)
-    row["duration_s"] = time.perf_counter() - started
+    duration = time.perf_counter() - started
     if not isinstance(expected, (ValueError, TypeError)) or isinstance(expected, UnsupportedError):
-        row.update(status="error", message=f"harness: the shared validation did not reject {case.invalid} "
-                                           f"(got {expected!r})")
-    elif got is None:
-        row.update(status="fail", message=f"no exception: the bad input was accepted (expected "
-                                          f"{type(expected).__name__}: {expected})")
-    elif type(got) is not type(expected) or str(got) != str(expected):
-        row.update(status="fail", message=f"raised {type(got).__name__}: {got} -- expected "
-                                          f"{type(expected).__name__}: {expected}")
-    else:
-        row.update(status="pass", message=f"{type(got).__name__}: {got}")
-    return [row]
+        return row(status=Status.ERROR, duration_s=duration, message=f"harness: the shared validation did not "
+                                                                      f"reject {case.invalid} (got {expected!r})")
+    if got is None:
+        return row(status=Status.FAIL, duration_s=duration,
+                   message=f"no exception: the bad input was accepted (expected {type(expected).__name__}: {expected})")
+    if type(got) is not type(expected) or str(got) != str(expected):
+        return row(status=Status.FAIL, duration_s=duration, message=f"raised {type(got).__name__}: {got} -- "
+                                                                     f"expected {type(expected).__name__}: {expected}")
+    return row(status=Status.PASS, duration_s=duration, message=f"{type(got).__name__}: {got}")
 
 
-def evaluate(adapter_name: str, case: Case, dtypes, entries=None, memory_budget=None, device="cpu") -> list[dict]:
-    """The rows of one adapter x case: invalid-input cases give one row, the others one per dtype x quantity."""
-    if case.area == "invalid":
+def evaluate(adapter_name: str, case: Case | InvalidCase, dtypes, entries=None, memory_budget=None,
+             device="cpu") -> list[Row]:
+    """The rows of one adapter x case: a bad input gives one row, a case one per dtype x quantity."""
+    if isinstance(case, InvalidCase):
         return evaluate_invalid(adapter_name, case, device)
     return evaluate_case(adapter_name, case, dtypes, entries, memory_budget, device)
 
 
 # ---- inside a runner's worker process ----------------------------------------------------------------
 
-_child: dict = {}
+class Evaluator:
+    """What a runner's worker process evaluates cases with: the run's plugins registered and its catalogue
+    loaded (with the case properties it consults), once, when the process starts. The worker keeps it
+    (``impls.worker.Worker(objects=...)``) and the runner calls :meth:`evaluate`."""
 
+    def __init__(self, setup: dict):
+        import sys
+        from mhabench.impls import plugins
+        for path in setup.get("sys_path", []):
+            if path not in sys.path:
+                sys.path.append(path)
+        for target in setup.get("adhoc", []):
+            plugins.load_adhoc(target)
+        self.catalogue = catalogue_mod.load(setup["catalogue"]) if setup.get("catalogue") else catalogue_mod.load()
 
-def setup_child(setup: dict) -> int:
-    """What every fresh worker runs first: the run's plugins registered, its catalogue loaded once."""
-    import os
-    import sys
-    from mhabench.impls import plugins
-    for path in setup.get("sys_path", []):
-        if path not in sys.path:
-            sys.path.append(path)
-    for target in setup.get("adhoc", []):
-        plugins.load_adhoc(target)
-    _child["entries"] = catalogue_mod.load(setup["catalogue"]) if setup.get("catalogue") else catalogue_mod.load()
-    return os.getpid()
-
-
-def evaluate_in_child(adapter_name: str, case: dict, dtypes, memory_budget=None, device="cpu") -> list[dict]:
-    """``evaluate`` for a case sent as a dict, with the catalogue ``setup_child`` loaded."""
-    return evaluate(adapter_name, Case.from_dict(case), dtypes, _child.get("entries"), memory_budget, device)
+    def evaluate(self, adapter_name: str, case: dict, dtypes, memory_budget=None, device="cpu") -> list[Row]:
+        """``evaluate`` for a case sent as its ``to_dict``."""
+        return evaluate(adapter_name, from_dict(case), dtypes, self.catalogue, memory_budget, device)

@@ -2,7 +2,7 @@
 
 Each is a float64 NumPy reimplementation of what one framework computes, written from its source and checked
 against the framework in the tests, so a catalogue entry can describe the behaviour value for value
-(``catalogue.BEHAVIOURS``) instead of with a weaker check.
+(``behaviours.BEHAVIOURS``) instead of with a weaker check.
 """
 from __future__ import annotations
 

@@ -424,23 +424,23 @@ def self_check(cases=None, dtypes=SELF_CHECK_DTYPES) -> list[dict]:
     (for the control: whether it wrongly failed anywhere). Runs in this process (``isolate=False``):
     the mutants are NumPy, nothing to isolate, and they are registered here only.
     """
-    from .cases import default_cases
+    from .cases import Case, default_cases
     from .runner import run_rows
     register_mutants()
-    cases = [c for c in (default_cases() if cases is None else cases) if c.area != "invalid"]
+    cases = [c for c in (default_cases() if cases is None else cases) if isinstance(c, Case)]
     summaries = []
     all_rows = run_rows([CONTROL, *MUTANTS], cases, dtypes, isolate=False, entries=[])
     for name in (CONTROL, *MUTANTS):
-        rows = [r for r in all_rows if r["adapter"] == name]
-        failing = [r for r in rows if r["status"] in ("fail", "error")]
+        rows = [r for r in all_rows if r.adapter == name]
+        failing = [r for r in rows if r.status.failing]
         by_area: dict[str, int] = {}
         for r in failing:
-            by_area[r["area"]] = by_area.get(r["area"], 0) + 1
+            by_area[r.area.value] = by_area.get(r.area.value, 0) + 1
         examples, seen_areas = [], set()
         for r in failing:  # one per area first, so the examples show the breadth of the catch
-            if r["area"] not in seen_areas and len(examples) < 3:
-                examples.append(r["row_id"]), seen_areas.add(r["area"])
-        by_hand = sorted({r["case"] for r in failing if r["area"] not in GENERATED_AREAS})
+            if r.area not in seen_areas and len(examples) < 3:
+                examples.append(r.row_id), seen_areas.add(r.area)
+        by_hand = sorted({r.case for r in failing if r.area not in GENERATED_AREAS})
         summaries.append({"adapter": name, "bug": MUTANTS[name].bug if name in MUTANTS else "(none: the control)",
                           "rows": len(rows), "failing": len(failing), "by_area": by_area,
                           "example_rows": examples, "cases": by_hand,

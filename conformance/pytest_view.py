@@ -18,6 +18,13 @@ import pytest
 
 from mhabench.conformance import cases as cases_mod
 from mhabench.conformance import session
+from mhabench.schema import Row, RowId
+
+# What one pytest run keeps on its config (``config.stash``): the plan made from the options, the divergence
+# catalogue, the rows computed for the selected tests.
+PLAN = pytest.StashKey[session.Plan]()
+CATALOGUE = pytest.StashKey[object]()
+ROWS = pytest.StashKey["ConformanceRows"]()
 
 
 def pytest_addoption(parser):
@@ -31,14 +38,22 @@ def pytest_addoption(parser):
 
 def _plan(config) -> session.Plan:
     """The session's plan, made once per pytest run from the options, as the CLI makes it."""
-    if not hasattr(config, "_conformance_plan"):
+    if PLAN not in config.stash:
         try:
-            config._conformance_plan = session.make_plan(
+            config.stash[PLAN] = session.make_plan(
                 config.getoption("--adapters"), config.getoption("--dtypes"),
                 quick=not config.getoption("--full-matrix"), examples=0, default_dtypes=("float32",))
         except session.SelectionError as exc:
             raise pytest.UsageError(str(exc)) from None
-    return config._conformance_plan
+    return config.stash[PLAN]
+
+
+def catalogue(config):
+    """The divergence catalogue, loaded once per pytest run (with the case properties it consults)."""
+    if CATALOGUE not in config.stash:
+        from mhabench.conformance import catalogue as catalogue_mod
+        config.stash[CATALOGUE] = catalogue_mod.load()
+    return config.stash[CATALOGUE]
 
 
 def selected_adapters(config) -> list[str]:
@@ -59,20 +74,18 @@ def pytest_generate_tests(metafunc):
         return
     config = metafunc.config
     area = getattr(metafunc.module, "AREA")
-    keys = []
-    for adapter in selected_adapters(config):
-        for case in area_cases(config, area):
-            for dtype in (["float32"] if area == "invalid" else selected_dtypes(config)):
-                keys.append((adapter, case.id, dtype))
-    metafunc.parametrize("conformance_key", keys, ids=[f"{a}-{c}-{d}" for a, c, d in keys])
+    keys = [(adapter, case.id, dtype) for adapter in selected_adapters(config) for case in area_cases(config, area)
+            for dtype in case.run_dtypes(selected_dtypes(config))]
+    metafunc.parametrize("conformance_key", keys, ids=[RowId(*key).format() for key in keys])
 
 
 def catalogue_keys(config, entry) -> list[tuple[str, str, str]]:
     """Every (adapter, case, dtype) of the full default matrix a catalogue entry covers, among those selected."""
     adapters = [a for a in entry.adapters if a in selected_adapters(config)]
     dtypes = [d for d in selected_dtypes(config) if entry.dtypes is None or d in entry.dtypes]
+    covers = catalogue(config).covers
     return [(a, c.id, d) for a in adapters for c in cases_mod.default_cases() for d in dtypes
-            if any(entry.covers(a, c.id, d, q) for q in c.quantities())]
+            if any(covers(entry, a, c.id, d, q) for q in c.quantities())]
 
 
 class ConformanceRows:
@@ -108,10 +121,10 @@ class ConformanceRows:
         rows = run_rows(adapters, [all_cases[c] for c in case_ids], dtypes, include=keys, jobs=self.jobs,
                         timeout=self.config.getoption("--conform-timeout"))
         for row in rows:
-            self._rows.setdefault((row["adapter"], row["case"], row["dtype"]), []).append(row)
+            self._rows.setdefault(row.task, []).append(row)
         self._done |= keys
 
-    def get(self, key) -> list[dict]:
+    def get(self, key) -> list[Row]:
         if key not in self._done:
             batch = self._batch_of(key)
             self._compute(self.batches[batch] if batch is not None else {key})
@@ -131,20 +144,14 @@ def adapter_of(config, nodeid: str) -> str | None:
     param = param[:-1] if param.endswith("]") else param
     selected = selected_adapters(config)
     if function == "test_entry_reproduces":
-        entry = _catalogue(config).get(param)
+        entry = catalogue(config).get(param)
         return next((a for a in entry.adapters if a in selected), None) if entry is not None else None
-    if function in ("test_conformance", "test_random_cases"):
-        for name in sorted(selected, key=len, reverse=True):  # names may share a prefix (keras_mha, keras_mha@jax)
-            if param == name or param.startswith(name + "-"):
-                return name
+    if function == "test_random_cases":
+        return param if param in selected else None
+    if function == "test_conformance":
+        key = RowId.parse(param, selected, quantity=False)
+        return key.adapter if key is not None else None
     return None
-
-
-def _catalogue(config) -> dict:
-    if not hasattr(config, "_conformance_entries"):
-        from mhabench.conformance import catalogue
-        config._conformance_entries = {e.id: e for e in catalogue.load()}
-    return config._conformance_entries
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -183,31 +190,31 @@ def pytest_collection_finish(session):
         if keys:
             batches.setdefault((adapter_of(config, item.nodeid) or "") if xdist else "all", set()).update(keys)
     # an xdist worker is one of several processes sharing the cores: its batches run one process at a time
-    config._conformance_rows = ConformanceRows(config, batches, jobs=1 if xdist else None)
+    config.stash[ROWS] = ConformanceRows(config, batches, jobs=1 if xdist else None)
 
 
 @pytest.fixture(scope="session")
 def conformance_rows(request) -> ConformanceRows:
-    return request.config._conformance_rows
+    return request.config.stash[ROWS]
 
 
-def describe(row: dict) -> str:
-    figures = ", ".join(f"{k}={row[k]:.3g}" for k in ("max_abs_err", "max_rel_err", "tolerance", "reference_err",
-                                                         "error_ratio") if row.get(k) is not None)
-    return f"{row['row_id']}: {row['status']}: {row['message']} [{figures}] (seed {row['seed']}, spec {row['spec']}, " \
-           f"query {row['query_shape']}, key {row['key_shape']}, value {row['value_shape']}, mask {row['mask']}, " \
-           f"causal {row['causal']}, window {row.get('window')}, bias {row.get('bias')}, lengths {row.get('lengths')}, " \
-           f"kernel {row.get('kernel', 'default')})"
+def describe(row: Row) -> str:
+    figures = ", ".join(f"{k}={getattr(row, k):.3g}" for k in ("max_abs_err", "max_rel_err", "tolerance",
+                                                                  "reference_err", "error_ratio")
+                        if getattr(row, k) is not None)
+    return f"{row.row_id}: {row.status}: {row.message} [{figures}] (seed {row.seed}, spec {row.spec}, " \
+           f"query {row.query_shape}, key {row.key_shape}, value {row.value_shape}, mask {row.mask}, " \
+           f"causal {row.causal}, window {row.window}, bias {row.bias}, lengths {row.lengths}, kernel {row.kernel})"
 
 
-def check_rows(rows: list[dict]) -> None:
+def check_rows(rows: list[Row]) -> None:
     """Pass, divergence: fine. All unsupported/skip: a pytest skip with the reason. Fail or error: a failure."""
     assert rows, "no rows were produced for this test"
-    bad = [r for r in rows if r["status"] in ("fail", "error")]
+    bad = [r for r in rows if r.status.failing]
     if bad:
         pytest.fail("\n".join(describe(r) for r in bad), pytrace=False)
-    if all(r["status"] in ("unsupported", "skip") for r in rows):
-        pytest.skip(f"{rows[0]['status']}: {rows[0]['message']}")
+    if all(r.status.not_run for r in rows):
+        pytest.skip(f"{rows[0].status}: {rows[0].message}")
 
 
 @pytest.fixture

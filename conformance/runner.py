@@ -17,14 +17,14 @@ from typing import Callable, Iterable
 from mhabench import impls
 from mhabench.impls import memory
 from mhabench.impls import worker as worker_mod
+from mhabench.schema import Row, RowId, Status
 
 from . import schedule
-from .cases import Case, row_id
+from .cases import AnyCase
 from .evaluate import evaluate, status_rows
 
 DEFAULT_TIMEOUT = 120.0
-EVALUATE = "mhabench.conformance.evaluate:evaluate_in_child"
-SETUP = "mhabench.conformance.evaluate:setup_child"
+EVALUATOR = "mhabench.conformance.evaluate:Evaluator"  # what each worker process makes once and keeps
 
 
 WORKER_BYTES = 2 << 30  # a worker process with its framework imported and its compile caches, roughly
@@ -48,11 +48,11 @@ def default_jobs() -> int:
     return max(1, min(cores, available // WORKER_BYTES)) if available is not None else cores
 
 
-def expected_row_ids(adapter: str, case: Case, dtypes) -> list[str]:
-    return [row_id(adapter, case.id, d, q) for d in case.run_dtypes(dtypes) for q in case.quantities()]
+def expected_row_ids(adapter: str, case: AnyCase, dtypes) -> list[str]:
+    return [RowId(adapter, case.id, d, q).format() for d in case.run_dtypes(dtypes) for q in case.quantities()]
 
 
-def tasks(adapter: str, cases, dtypes, skip: set, include=None) -> list[tuple[Case, list[str]]]:
+def tasks(adapter: str, cases, dtypes, skip: set, include=None) -> list[tuple[AnyCase, list[str]]]:
     """(case, dtypes still needed) for one adapter, leaving out the rows in ``skip`` and, when ``include``
     is given, every (adapter, case id, dtype) not in it (another shard's)."""
     out = []
@@ -65,16 +65,23 @@ def tasks(adapter: str, cases, dtypes, skip: set, include=None) -> list[tuple[Ca
 
 
 def adapter_worker(name: str, setup: dict, timeout: float) -> worker_mod.Worker:
-    """The isolation worker for one adapter: its own environment, the run's plugins replayed at start."""
+    """The isolation worker for one adapter: its own environment, and an ``evaluate.Evaluator`` (the run's
+    plugins registered, its catalogue loaded) made at start and kept as ``"evaluator"``."""
     env = impls.get_adapter(name).worker_env()
-    return worker_mod.Worker(env=env, name=f"{name} worker", setup=[(SETUP, (setup,), {})])
+    return worker_mod.Worker(env=env, name=f"{name} worker", objects={"evaluator": (EVALUATOR, (setup,), {})})
 
 
-def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[str], *, isolate: bool = True,
+def evaluate_in(child: worker_mod.Worker, adapter: str, case: AnyCase, dtypes, memory_budget=None, *,
+                timeout: float = DEFAULT_TIMEOUT) -> list[Row]:
+    """The rows of ``adapter x case x dtypes``, evaluated by ``child``'s evaluator (see :func:`adapter_worker`)."""
+    return child.call("evaluator", "evaluate", adapter, case.to_dict(), dtypes, memory_budget, timeout=timeout)
+
+
+def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable[str], *, isolate: bool = True,
              timeout: float = DEFAULT_TIMEOUT, jobs: int | None = None, memory_budget: int | None = None,
-             on_rows: Callable[[list[dict]], None] | None = None, skip: Iterable[str] = (), adhoc: Iterable[str] = (),
+             on_rows: Callable[[list[Row]], None] | None = None, skip: Iterable[str] = (), adhoc: Iterable[str] = (),
              catalogue_dir: str | None = None, entries=None, include=None, history=None,
-             scheduler: schedule.Scheduler | None = None) -> list[dict]:
+             scheduler: schedule.Scheduler | None = None) -> list[Row]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
     ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. ``adhoc``
@@ -92,11 +99,11 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     adapters, cases, dtypes, skip = list(adapters), list(cases), list(dtypes), set(skip)
     include = None if include is None else set(include)
     memory_budget = default_memory_budget() if memory_budget is None else memory_budget
-    collected: list[dict] = []
+    collected: list[Row] = []
     lock = threading.Lock()
 
     def emit(rows):
-        rows = [r for r in rows if r["row_id"] not in skip]
+        rows = [r for r in rows if r.row_id not in skip]
         with lock:
             collected.extend(rows)
             if on_rows is not None and rows:
@@ -104,7 +111,8 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
 
     if not isolate:
         from . import catalogue
-        entries = entries if entries is not None else catalogue.load(catalogue_dir or catalogue.DIVERGENCE_DIR)
+        entries = catalogue.as_catalogue(entries) if entries is not None else \
+            catalogue.load(catalogue_dir or catalogue.DIVERGENCE_DIR)
         for name in adapters:
             for case, needed in tasks(name, cases, dtypes, skip, include):
                 emit(evaluate(name, case, needed, entries, memory_budget))
@@ -118,16 +126,16 @@ def run_rows(adapters: Iterable[str], cases: Iterable[Case], dtypes: Iterable[st
     def evaluate_task(child, task):
         limit = scheduler.timeout(timeout)
         try:
-            return child.run(EVALUATE, task.adapter, task.case.to_dict(), task.dtypes, memory_budget, timeout=limit)
+            return evaluate_in(child, task.adapter, task.case, task.dtypes, memory_budget, timeout=limit)
         except worker_mod.WorkerTimeout as exc:
             if limit < timeout:  # stopped at the budget's end, not by the case's own timeout: not run
                 scheduler.drop(task)
                 return []
-            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error", _one_line(exc))
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, Status.ERROR, _one_line(exc))
         except worker_mod.WorkerError as exc:
-            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error", _one_line(exc))
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, Status.ERROR, _one_line(exc))
         except Exception as exc:  # a harness bug: reported as the case's error, the run goes on
-            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, "error",
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, Status.ERROR,
                                f"harness error: {type(exc).__name__}: {exc}")
 
     def worker_loop():

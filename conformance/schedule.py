@@ -38,7 +38,7 @@ from pathlib import Path
 from mhabench import results
 from mhabench.impls import cache, registry
 
-from .cases import Case
+from .cases import AnyCase
 
 TASK_MS = 20          # sending a case, drawing its inputs, judging its rows
 MS_PER_MIB = 100      # the float64 golden, the reference and the call, per MiB of working set
@@ -53,18 +53,18 @@ def compiles(adapter: str) -> bool:
     return a.family == "jax" or a.default_mode == "compiled"
 
 
-def golden_ms(case: Case) -> int:
-    return MS_PER_MIB * case.estimated_bytes() // 2**20 if case.area != "invalid" else 0
+def golden_ms(case: AnyCase) -> int:
+    return MS_PER_MIB * case.estimated_bytes() // 2**20
 
 
-def estimate_ms(adapter: str, case: Case, dtype: str, history: dict | None = None, *,
+def estimate_ms(adapter: str, case: AnyCase, dtype: str, history: dict | None = None, *,
                 _compiles: dict | None = None) -> int:
     """One task's estimated cost in whole milliseconds; without ``history`` (measured adapter times, see
     :func:`measured_costs`) the prior, identical on every machine."""
     measured = (history or {}).get((adapter, case.id, dtype))
     if measured is not None:
         own = measured
-    elif case.area == "invalid":
+    elif not case.computes:
         own = 0
     else:
         heavy = compiles(adapter) if _compiles is None else _compiles.setdefault(adapter, compiles(adapter))
@@ -141,7 +141,7 @@ WAIT = _Wait()  # Scheduler.next: nothing this thread may start yet; wait for a 
 @dataclass
 class Task:
     adapter: str
-    case: Case
+    case: AnyCase
     dtypes: list[str]
     estimate_ms: float
     round: int = 1  # its coverage round under a time budget (``budget``); every task is round 1 without one

@@ -15,16 +15,17 @@ from mhabench import impls, results, shards
 from mhabench.impls import registry
 from mhabench.options import SelectionError, broken_plugins, load_plugins, runnable_adapters, split_list  # noqa: F401
 from mhabench.progress import Tally
+from mhabench.schema import AREAS, DTYPES, Area, Row, RowId
 
 from . import budget as budget_mod
 from . import catalogue as catalogue_mod
 from . import schedule
-from .cases import AREAS, DTYPES, Case, default_cases, find_case, random_cases, select
+from .cases import AnyCase, default_cases, find_case, random_cases, select
 from .runner import default_jobs, expected_row_ids, planned_tasks, run_rows
 
 DEFAULT_EXAMPLES = 25
 WRAP_UP_S = 5.0  # a budgeted run's last seconds: reading the journal back, the catalogue check, results.json/csv
-SELECTABLE_AREAS = tuple(a for a in AREAS if a != "plugin")
+SELECTABLE_AREAS = tuple(a for a in AREAS if a != Area.PLUGIN)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Plan:
     """What a session runs: adapters x cases x dtypes, or one shard of that (``include``)."""
 
     adapters: list[str]
-    cases: list[Case]
+    cases: list[AnyCase]
     dtypes: list[str]
     adhoc: list[str] = field(default_factory=list)
     full_matrix: bool = False  # every default case in every dtype: only then can an entry be stale for absence
@@ -42,7 +43,7 @@ class Plan:
     options: dict = field(default_factory=dict)  # the selection as given (make_plan's arguments): rest_command's
     budget: dict | None = None  # under a time budget: its seconds, projections and what was not run (plan.json)
 
-    def tasks(self) -> list[tuple[str, Case, str]]:
+    def tasks(self) -> list[tuple[str, AnyCase, str]]:
         """(adapter, case, dtype) of every task this plan runs."""
         return [(a, c, d) for a in self.adapters for c in self.cases for d in c.run_dtypes(self.dtypes)
                 if self.include is None or (a, c.id, d) in self.include]
@@ -157,7 +158,7 @@ def versions(adapters) -> dict[str, str]:
 
 @dataclass
 class Outcome:
-    rows: list[dict]
+    rows: list[Row]
     checks: list                       # catalogue verdicts (catalogue.EntryCheck)
     elapsed: float
     problems: list[str]                # lines of the journal that could not be read
@@ -165,8 +166,8 @@ class Outcome:
     plan: Plan
 
     @property
-    def failing(self) -> list[dict]:
-        return [r for r in self.rows if r["status"] in ("fail", "error")]
+    def failing(self) -> list[Row]:
+        return [r for r in self.rows if r.status.failing]
 
     @property
     def stale(self) -> list:
@@ -176,35 +177,24 @@ class Outcome:
         return results.summarise(self.rows)
 
 
-def rerun_target(row_id: str, layout: results.Layout, plan: Plan) -> tuple[str, Case, str]:
+def rerun_target(row_id: str, layout: results.Layout, plan: Plan) -> tuple[str, AnyCase, str]:
     """(adapter, case, dtype) behind a row id, from the journal or by parsing it against the registry."""
-    previous = {r["row_id"]: r for r in results.read_rows(layout.rows).rows}
+    previous = {r.row_id: r for r in results.read_rows(layout.rows).rows}
     registered = registry.list_adapters()
     if row_id in previous:
-        r = previous[row_id]
-        adapter, case_id, dtype = r["adapter"], r["case"], r["dtype"]
+        adapter, case_id, dtype = previous[row_id].task
     else:
-        parts = split_row_id(row_id, registered)
-        if parts is None:
+        parsed = RowId.parse(row_id, registered)
+        if parsed is None:
             raise SelectionError(f"--rerun {impls.interface.printable(row_id)}: not a row id of the form "
                                  f"adapter-case-dtype-quantity (adapters: {', '.join(registered)})")
-        adapter, case_id, dtype, _ = parts
+        adapter, case_id, dtype = parsed.adapter, parsed.case, parsed.dtype
     if adapter not in registered:
         raise SelectionError(f"--rerun {row_id}: adapter {adapter!r} is not registered (pass --adapter MODULE:CLASS)")
     case = find_case(case_id, extra=plan.cases)
     if case is None:
         raise SelectionError(f"--rerun {row_id}: no case {case_id!r} in the matrix")
     return adapter, case, dtype
-
-
-def split_row_id(row_id: str, adapters) -> tuple[str, str, str, str] | None:
-    """``adapter-case-dtype-quantity`` -> its parts (adapter names may contain '-', so match the registry)."""
-    for name in sorted(adapters, key=len, reverse=True):
-        if row_id.startswith(name + "-"):
-            parts = row_id[len(name) + 1:].rsplit("-", 2)
-            if len(parts) == 3 and parts[1] in DTYPES:
-                return (name, *parts)
-    return None
 
 
 def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = None,
@@ -219,9 +209,10 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     the previous journal's order this run's work; this run's are kept for the next.
     ``budget``: seconds the run may take from ``started`` (a ``time.monotonic()``; default now), planned
     coverage first (``budget``); what it leaves out is recorded in plan.json's ``budget`` with the command
-    that runs the rest. ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, its
-    ``plan`` attached) before anything runs, ``on_rows(rows)`` each batch once the tally counts it,
-    ``warn(text)`` each problem. ``machine`` names the machine in the results' meta (default: the host name).
+    that runs the rest. ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, whose
+    ``plan`` is the plan it counts) before anything runs, ``on_rows(rows)`` each batch once the tally
+    counts it, ``warn(text)`` each problem. ``machine`` names the machine in the results' meta (default:
+    the host name).
     """
     started = time.monotonic() if started is None else started
     layout = results.Layout(results_dir)
@@ -239,7 +230,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         journal = results.read_rows(layout.rows)
         for problem in journal.problems:
             warn(problem)
-        skip = {r["row_id"] for r in journal.rows}
+        skip = {r.row_id for r in journal.rows}
         previous = journal.rows
     elif layout.rows.exists():
         layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))  # a fresh run: the old journal is kept aside
@@ -271,7 +262,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     def write(rows):
         writer.write(rows)
         for row in rows:
-            tally.add(row["adapter"])
+            tally.add(row.adapter)
         if on_rows is not None:
             on_rows(rows)
     clock_started = time.perf_counter()
@@ -284,7 +275,7 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     elapsed = time.perf_counter() - clock_started
     schedule.remember_costs(schedule.measured_costs(new_rows), scheduler.measured_startup)
     if plan.budget is not None and not rerun:  # what ran: planned, or planned out and run after all; the rest is not
-        ran = {(r["adapter"], r["case"], r["dtype"]) for r in new_rows}
+        ran = {(r.adapter, r.case, str(r.dtype)) for r in new_rows}
         offered = plan.include | left_out
         plan.include = {key for key in offered if key in ran or key not in left_out and key not in dropped_keys(
             scheduler)}
@@ -295,11 +286,11 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     for problem in journal.problems:
         warn(problem)
     rows = journal.latest()
-    adapters_run = sorted({r["adapter"] for r in rows}) if rerun else plan.adapters
+    adapters_run = sorted({r.adapter for r in rows}) if rerun else plan.adapters
     # a shard holds part of the matrix: an entry showing in none of its rows may show in another shard's
     full = plan.full_matrix and plan.shard is None and not rerun
     # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
-    checks = catalogue_mod.check(entries, rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
+    checks = entries.check(rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
     results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine))
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
@@ -361,6 +352,4 @@ def progress_tally(plan: Plan, history: dict, skip=()) -> Tally:
         done[adapter] += present
         if present < len(ids):
             weights[adapter] += schedule.estimate_ms(adapter, case, dtype, history, _compiles=memo)
-    tally = Tally(planned, weights, done)
-    tally.plan = plan
-    return tally
+    return Tally(planned, weights, done, plan=plan)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from mhabench.conformance import strategies
 from mhabench.conformance.cases import reproducer
 from mhabench.conformance.pytest_view import describe, selected_adapters, selected_dtypes
-from mhabench.conformance.runner import EVALUATE, adapter_worker
+from mhabench.conformance.runner import adapter_worker, evaluate_in
 
 
 def pytest_generate_tests(metafunc):
@@ -42,9 +42,8 @@ def test_random_cases(random_adapter, processes, request):
               suppress_health_check=list(HealthCheck))
     @given(case=strategies.cases())
     def check(case):
-        rows = process.run(EVALUATE, random_adapter, case.to_dict(), dtypes,
-                           timeout=request.config.getoption("--conform-timeout"))
-        bad = [r for r in rows if r["status"] in ("fail", "error")]
+        rows = evaluate_in(process, random_adapter, case, dtypes, timeout=request.config.getoption("--conform-timeout"))
+        bad = [r for r in rows if r.status.failing]
         assert not bad, "\n".join(describe(r) for r in bad) + f"\nreproducer: {reproducer(case)}"
 
     check()

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..schema import Refusal
 from . import cache, memory, validation
 from .base import Adapter, Layer
 from .spec import Weights
@@ -52,11 +53,12 @@ def precision_scope(dtype: str):
     return enable_x64(True)
 
 
-def float16_jit_reason(dtype: str, device: str, mode: str) -> str | None:
+def float16_jit_reason(dtype: str, device: str, mode: str) -> Refusal | None:
     """jax.nn.dot_product_attention cannot be compiled in float16 for the CPU (it can run eagerly)."""
     if dtype == "float16" and mode == "compiled" and device.split(":")[0] == "cpu":
-        return ("jax.nn.dot_product_attention asks for the F16_F16_F32 dot algorithm, which XLA:CPU rejects; its "
-                "fallback (a try/except around the einsum) only works outside jit. Use mode='eager' for float16 on CPU")
+        return Refusal.dtype(dtype, "jax.nn.dot_product_attention asks for the F16_F16_F32 dot algorithm, which "
+                                    "XLA:CPU rejects; its fallback (a try/except around the einsum) only works "
+                                    "outside jit. Use mode='eager' for float16 on CPU")
     return None
 
 

@@ -117,7 +117,6 @@ class OrtAdapter(Adapter):
     install_hint = 'pip install "mhabench[onnx]"'
     # An InferenceSession optimises the whole graph when it is created and then only runs it
     default_mode = "compiled"
-    opset: int = 0
     supported_extensions: frozenset = frozenset()  # the opt-in features of modern attention the graph expresses
 
     def version(self) -> str:

@@ -180,3 +180,44 @@ class TorchLayer(Layer):
     def _sync(self, x):
         sync(self.torch, self.device)
         return x
+
+
+class ProjectedLayer(TorchLayer):
+    """Attention as its PyTorch users write it around a fused core: ``torch.einsum`` projections of query,
+    key and value into heads, the core (``_heads``: ``scaled_dot_product_attention``, ``flex_attention``),
+    the output projection. ``params`` are the canonical weights as tensors; mode "compiled" compiles the
+    whole computation with ``torch.compile``."""
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
+        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
+        self.params = {k: self._tensor(v) for k, v in weights.as_dict().items()}
+        self._core = self._attention if mode == "eager" else self.torch.compile(self._attention, dynamic=False)
+
+    def _project(self, call, x, W, b):
+        y = self.torch.einsum("nld,dhk->nhlk", self._flat(call, x), W)
+        return y if b is None else y + b[None, :, None, :]
+
+    def _attention(self, query, value, key, mask, bias, p: dict, dropout_p: float, call):
+        q = self._project(call, query, p["Wq"], p.get("bq"))
+        k = self._project(call, key, p["Wk"], p.get("bk"))
+        v = self._project(call, value, p["Wv"], p.get("bv"))
+        o = self._heads(q, k, v, mask, bias, dropout_p, call)  # [N, H, T, vd]
+        o = self._unflat(call, o.transpose(1, 2))  # [B, *Q, H, vd]
+        H, vd = self.spec.num_heads, self.spec.value_head_dim
+        out = self.torch.einsum("...hv,hvo->...o", o, p["Wo"].reshape(H, vd, -1))
+        if "bo" in p:
+            out = out + p["bo"].reshape(-1)
+        return out.reshape(tuple(call.output_shape)), (q, k)
+
+    def _heads(self, q, k, v, mask, bias, dropout_p: float, call):
+        """The attention core on projected heads ``[N, H|H_kv, L, d]``: the output heads ``[N, H, T, vd]``."""
+        raise NotImplementedError
+
+    def _compute(self, inputs, params, dropout_p=0.0):
+        return self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], inputs["bias"], params,
+                          dropout_p, inputs["call"])[0]
+
+    def export_weights(self):
+        from .spec import Weights
+        return Weights(**{k: to_numpy(v).astype("float64") for k, v in self.params.items()})
+

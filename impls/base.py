@@ -18,40 +18,18 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..schema import Feature, Refusal
 from . import memory
 from .spec import AttentionSpec, Weights
 from .validation import (DTYPES, Call, check_cotangent, check_device, check_dtype, numpy_dtype, validate_call,
                          weights_dims)
 
-# Every feature a case can use; an adapter lists the ones it cannot express, each with its reason.
-FEATURES: dict[str, str] = {
-    "cross_attention": "query and key/value of different lengths",
-    "separate_key": "a key input distinct from value",
-    "key_value_dims": "key or value feature width different from the query's",
-    "value_dim": "value_dim different from key_dim",
-    "output_shape": "output_shape other than (query feature dim,)",
-    "multi_output": "output_shape with more than one axis",
-    "multi_axis": "attention over more than one axis",
-    "batch_axes": "non-attended axes acting as extra batch axes",
-    "head_width": "num_heads * key_dim different from the query feature width",
-    "no_bias": "use_bias=False",
-    "mask": "an attention mask",
-    "per_head_mask": "a mask with a per-head axis",
-    "causal": "causal masking",
-    "scores": "returning the attention scores",
-    "dropout": "dropout while training",
-    "gradients": "gradients through the layer",
-    # Modern attention (see validate_call for the exact semantics). Opt-in: an adapter runs these only when
-    # its Capabilities list them in supported_extensions, so an adapter written before they existed never
-    # silently ignores one.
-    "gqa": "grouped-query attention (num_kv_heads < num_heads)",
-    "causal_bottom_right": "causal aligned bottom-right with T != S",
-    "window": "a sliding window (left, right)",
-    "bias": "an additive float bias on the logits",
-    "lengths": "padding given as query / key-value lengths",
-}
-# The features an adapter must opt into (Capabilities.supported_extensions); any other unlisted one is supported.
-EXTENSION_FEATURES: tuple[str, ...] = ("gqa", "causal_bottom_right", "window", "bias", "lengths")
+# Every feature a case can use (``mhabench.schema.Feature``, name -> what it is); an adapter lists the ones it
+# cannot express, each with its reason.
+FEATURES: dict[str, str] = {feature.value: feature.description for feature in Feature}
+# The features an adapter must opt into (Capabilities.supported_extensions): modern attention, each with its
+# exact semantics in validate_call. An adapter written before they existed never silently ignores one.
+EXTENSION_FEATURES: tuple[str, ...] = tuple(feature.value for feature in Feature if feature.opt_in)
 # The call-level keyword arguments of validate_call, oracle.forward and Layer.__call__ beyond the classic ones.
 CALL_FEATURE_ARGS: tuple[str, ...] = ("window", "bias", "query_lengths", "key_value_lengths")
 # How a layer runs: op by op ("eager"); traced into a graph the framework runs without an optimising compiler
@@ -60,10 +38,12 @@ MODES = ("eager", "graph", "compiled")
 
 
 class UnsupportedError(ValueError):
-    """The adapter cannot express this feature, dtype, device or mode; ``reason`` says why."""
+    """The adapter cannot express this feature, dtype, device or mode; ``reason`` (a :class:`Refusal`, also
+    its text) says why."""
 
     def __init__(self, adapter: str, what: str, reason: str):
-        self.adapter, self.what, self.reason = adapter, what, reason
+        self.adapter, self.what = adapter, what
+        self.reason = reason if isinstance(reason, Refusal) else Refusal.constraint(str(reason))
         super().__init__(f"{adapter} does not support {what}: {reason}")
 
 
@@ -77,7 +57,8 @@ def kernel_refusals(adapter: str, forced: bool, kernel: str):
     except (ValueError, NotImplementedError, RuntimeError) as exc:
         if not forced or isinstance(exc, UnsupportedError):
             raise
-        raise UnsupportedError(adapter, "this call", f"{kernel} refuses it: {type(exc).__name__}: {exc}") from None
+        raise UnsupportedError(adapter, "this call",
+                               Refusal.constraint(f"{kernel} refuses it: {type(exc).__name__}: {exc}")) from None
 
 
 class AdapterUnavailable(RuntimeError):
@@ -115,12 +96,12 @@ class Capabilities:
                              f"unsupported_features")
         object.__setattr__(self, "supported_extensions", extensions)
 
-    def unsupported(self, adapter: str, feature: str) -> str | None:
+    def unsupported(self, adapter: str, feature: str) -> Refusal | None:
         """Why ``adapter`` cannot run ``feature``, or None if it can."""
         if feature in self.unsupported_features:
-            return self.unsupported_features[feature]
+            return Refusal.feature(feature, self.unsupported_features[feature])
         if feature in EXTENSION_FEATURES and feature not in self.supported_extensions:
-            return f"{adapter} does not map {feature} yet"
+            return Refusal.feature(feature, f"{adapter} does not map {feature} yet")
         return None
 
     @property
@@ -172,7 +153,7 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
         if call.causal:
             used.add("causal")
             # Bottom-right equals top-left when T == S: only a call where they differ relies on the alignment.
-            if call.causal_alignment == "bottom_right" and call.q_len != call.k_len:
+            if not call.top_left_causal:
                 used.add("causal_bottom_right")
         if call.window is not None:
             used.add("window")
@@ -232,6 +213,7 @@ class Adapter:
     # variant (registered as "<adapter>+<kernel>") restricts the framework to one kernel, so a case that kernel
     # refuses is unsupported with the framework's reason instead of silently running another kernel.
     kernel: str = "default"
+    opset: int | None = None  # the ONNX opset of the graphs the adapter runs (ONNX Runtime adapters); None: none
     # why the framework cannot run a call with no key at all (S = 0), or "" when it can
     empty_keys_refused: str = ""
     # Kernel facts, for the benchmark cases (no mask; causal through the framework's own flag):
@@ -318,26 +300,28 @@ class Adapter:
         return ("cpu",)
 
     # ---- support ------------------------------------------------------------
-    def extra_constraints(self, spec: AttentionSpec, dims: tuple[int, int, int], call: Call | None) -> str | None:
-        """Adapter-specific limits beyond the feature table; a reason string or None."""
+    def extra_constraints(self, spec: AttentionSpec, dims: tuple[int, int, int],
+                          call: Call | None) -> Refusal | str | None:
+        """Adapter-specific limits beyond the feature table: a reason (a string, or a :class:`Refusal`) or None."""
         return None
 
     def unsupported_reason(self, spec: AttentionSpec, weights: Weights | tuple[int, int, int], *,
                            dtype: str = "float32", device: str = "cpu", mode: str = "eager",
                            call: Call | None = None, return_scores: bool = False,
-                           training: bool = False, gradients: bool = False) -> str | None:
-        """Why this adapter cannot run the given configuration, or None if it can."""
+                           training: bool = False, gradients: bool = False) -> Refusal | None:
+        """Why this adapter cannot run the given configuration (a :class:`Refusal`: its kind, subject and
+        reason, and the text that says it), or None if it can."""
         caps = self.capabilities()
         dtype = check_dtype(dtype)
         device = check_device(device)
         if device.split(":")[0] not in caps.devices:  # first: a kernel that is not on this device has no dtypes
-            return f"device {device}: " + (caps.devices_reason or f"{self.name} runs on {', '.join(caps.devices)} only")
+            return Refusal.device(device, caps.devices_reason or f"{self.name} runs on {', '.join(caps.devices)} only")
         if dtype in caps.unsupported_dtypes:
-            return f"dtype {dtype}: {caps.unsupported_dtypes[dtype]}"
+            return Refusal.dtype(dtype, caps.unsupported_dtypes[dtype])
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode not in caps.modes:
-            return f"mode {mode}: {self.name} has modes {', '.join(caps.modes)}"
+            return Refusal.mode(mode, f"{self.name} has modes {', '.join(caps.modes)}")
         dims = weights_dims(weights) if isinstance(weights, Weights) else tuple(weights)
         used = features_used(spec, dims, call, return_scores, training)
         if gradients:
@@ -345,10 +329,10 @@ class Adapter:
         for feat in sorted(used):
             why = caps.unsupported(self.name, feat)
             if why:
-                return f"{FEATURES[feat]}: {why}"
+                return why
         if self.empty_keys_refused and call is not None and call.k_len == 0:
-            return f"a key/value length of 0: {self.empty_keys_refused}"
-        return self.extra_constraints(spec, dims, call)
+            return Refusal.constraint(self.empty_keys_refused, subject="a key/value length of 0")
+        return Refusal.of(self.extra_constraints(spec, dims, call))
 
     # ---- building -----------------------------------------------------------
     def preferred_mode(self, spec: AttentionSpec, weights, *, dtype: str = "float32", device: str = "cpu",
@@ -432,11 +416,13 @@ class Layer:
             memory.check_call_fits(call, self.spec, numpy_dtype(self.dtype).itemsize, gradients)
         return call
 
-    def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=True, *,
+    def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=False, *,
                  training=False, seed=None, window=None, bias=None, query_lengths=None, key_value_lengths=None):
-        """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype;
-        ``scores`` is None unless ``return_scores``. ``causal`` (False, True, "top_left", "bottom_right"),
-        ``window``, ``bias`` and the lengths mean what :func:`impls.validation.validate_call` says."""
+        """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype; ``scores`` is
+        None unless ``return_scores`` (off by default, as Keras's ``return_attention_scores``: the default
+        call is the framework's, the path its users run). ``causal`` (False, True, "top_left",
+        "bottom_right"), ``window``, ``bias`` and the lengths mean what :func:`impls.validation.validate_call`
+        says."""
         call = self._validated(query, value, key, mask, causal, dict(
             window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
             return_scores=return_scores, training=training)

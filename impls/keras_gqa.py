@@ -22,9 +22,8 @@ MultiHeadAttention (same backend rules, worker processes, modes and dropout seed
 """
 from __future__ import annotations
 
-import dataclasses
-
-from . import _keras, keras_mha
+from . import _keras
+from .base import Capabilities
 from .validation import flatten, unflatten
 
 UNSUPPORTED = {
@@ -36,8 +35,9 @@ UNSUPPORTED = {
 DENSE = {"q": "_query_dense", "k": "_key_dense", "v": "_value_dense", "o": "_output_dense"}
 
 
-class KerasGQALayer(keras_mha.KerasMHALayer):
+class KerasGQALayer(_keras.KerasAttentionLayer):
     flattens = True
+
     def _new_layer(self, rank, window=None):
         spec, (q_dim, k_dim, v_dim) = self.spec, self.dims
         layer = self.keras.layers.GroupQueryAttention(
@@ -84,7 +84,7 @@ class KerasGQALayer(keras_mha.KerasMHALayer):
         return grads
 
 
-class KerasGQAAdapter(keras_mha.KerasMHAAdapter):
+class KerasGQAAdapter(_keras.KerasAttentionAdapter):
     name = "keras_gqa"
     backend = "tensorflow"
     framework = "Keras (TensorFlow)"
@@ -92,20 +92,18 @@ class KerasGQAAdapter(keras_mha.KerasMHAAdapter):
     layer_class = KerasGQALayer
 
     def capabilities(self):
-        caps = super().capabilities()
-        inherited = {k: v for k, v in caps.unsupported_features.items() if k != "gqa"}  # MHA's reason: use GQA
-        return dataclasses.replace(caps, unsupported_features={**inherited, **UNSUPPORTED},
-                                   supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths"}))
+        return Capabilities(devices=("cpu", "cuda"), modes=self.modes, unsupported_features=UNSUPPORTED,
+                            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths"}))
 
 
-class KerasGQAJaxAdapter(KerasGQAAdapter, keras_mha.KerasMHAJaxAdapter):
+class KerasGQAJaxAdapter(KerasGQAAdapter):
     name = "keras_gqa@jax"
     backend = "jax"
     framework = "Keras (JAX)"
     description = "keras.layers.GroupQueryAttention on the JAX backend (num_key_value_heads = num_kv_heads)"
 
 
-class KerasGQATorchAdapter(KerasGQAAdapter, keras_mha.KerasMHATorchAdapter):
+class KerasGQATorchAdapter(KerasGQAAdapter):
     name = "keras_gqa@torch"
     backend = "torch"
     framework = "Keras (PyTorch)"

@@ -43,7 +43,7 @@ class OrtAttentionLayer(_onnx.OrtLayer):
     def _causal_is_native(call) -> bool:
         """is_causal is the top-left triangle (bottom-right with T == S is the same one); bottom-right with
         T != S is built into the mask."""
-        return call.causal and call.diagonal_offset == 0
+        return call.top_left_causal
 
     def emulations(self, call):
         built = [f for f, used in (("causal_bottom_right", call.causal and not self._causal_is_native(call)),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _keras, keras_mha
+from . import _keras
 from .base import Adapter, Capabilities, Layer
 from .spec import Weights
 
@@ -34,8 +34,8 @@ class TfKerasMHALayer(Layer):
         self.tf, self.tf_keras, self.weights = tf, tf_keras, weights
         self.tf_device = "/GPU:0" if device.startswith("cuda") else "/CPU:0"
         self._layers: dict = {}  # rank -> (layer, canonical name -> variable, call, gradient function)
-        if keras_mha.default_rank(spec) is not None:
-            self._layer(keras_mha.default_rank(spec))
+        if _keras.default_rank(spec) is not None:
+            self._layer(_keras.default_rank(spec))
 
     def _layer(self, rank: int):
         if rank not in self._layers:
@@ -85,7 +85,7 @@ class TfKerasMHALayer(Layer):
             return self.tf.cast(self.tf.convert_to_tensor(arr), self.dtype)
 
     def _native(self, call, requires_grad=False):
-        native_causal = call.causal and keras_mha.native_causal_ok(call)
+        native_causal = call.causal and _keras.native_causal_ok(call)
         mask = call.mask if native_causal or not call.causal else call.allowed()
         if mask is not None and mask.shape[call.n_batch] == 1:
             mask = np.squeeze(mask, axis=call.n_batch)  # Keras inserts the head axis itself

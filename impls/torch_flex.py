@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _torch, torch_sdpa
+from ..schema import Refusal
+from . import _torch
 from .base import Capabilities, UnsupportedError
 
 RECOMPILE_LIMIT = 4096
@@ -104,7 +105,7 @@ def score_mod(bias):
     return lambda score, b, hh, q, kv: score + bias[b if n else 0, hh if h else 0, q if t else 0, kv if s else 0]
 
 
-class TorchFlexLayer(torch_sdpa.TorchSDPALayer):
+class TorchFlexLayer(_torch.ProjectedLayer):
     def __init__(self, adapter, spec, weights, dtype, device, mode="compiled", **options):
         super().__init__(adapter, spec, weights, dtype, device, "eager", **options)  # eager projections
         from torch.nn.attention import flex_attention
@@ -133,19 +134,10 @@ class TorchFlexLayer(torch_sdpa.TorchSDPALayer):
                                            self.spec.num_heads if heads else None, call.q_len, call.k_len,
                                            device=self.device)
 
-    def _attention(self, query, value, key, mask, bias, p, dropout_p, call):
-        q = self._project(call, query, p["Wq"], p.get("bq"))
-        k = self._project(call, key, p["Wk"], p.get("bk"))
-        v = self._project(call, value, p["Wv"], p.get("bv"))
+    def _heads(self, q, k, v, mask, bias, dropout_p, call):
         flex = compiled_flex(not static_shapes(call, bias)) if self.mode == "compiled" else self.flex.flex_attention
-        o = flex(q, k, v, score_mod=None if bias is None else score_mod(bias), block_mask=mask,
-                 enable_gqa=self.spec.kv_heads != self.spec.num_heads)
-        o = self._unflat(call, o.transpose(1, 2))  # [B, *Q, H, vd]
-        H, vd = self.spec.num_heads, self.spec.value_head_dim
-        out = self.torch.einsum("...hv,hvo->...o", o, p["Wo"].reshape(H, vd, -1))
-        if "bo" in p:
-            out = out + p["bo"].reshape(-1)
-        return out.reshape(tuple(call.output_shape)), (q, k)
+        return flex(q, k, v, score_mod=None if bias is None else score_mod(bias), block_mask=mask,
+                    enable_gqa=self.spec.kv_heads != self.spec.num_heads)
 
     def _run(self, inputs, return_scores, training, seed):
         raise UnsupportedError(self.adapter.name, "this call", "flex_attention returns no attention probabilities")
@@ -181,8 +173,9 @@ class TorchFlexAdapter(_torch.TorchAdapter):
                                             gradients=gradients, **kwargs)
         cpu = device.split(":")[0] == "cpu"
         if reason is None and cpu and gradients:
-            return "FlexAttention does not support backward on CPU (NotImplementedError in flex_attention)"
+            return Refusal.feature("gradients", "FlexAttention does not support backward on CPU "
+                                                "(NotImplementedError in flex_attention)")
         if reason is None and cpu and mode == "compiled" and dtype == "float64":
-            return ("dtype float64: Inductor's FlexAttention CPU template raises 'torch.float, torch.float16 and "
-                    "torch.bfloat16 are supported in FlexAttention for CPU device'")
+            return Refusal.dtype(dtype, "Inductor's FlexAttention CPU template raises 'torch.float, torch.float16 and "
+                                        "torch.bfloat16 are supported in FlexAttention for CPU device'")
         return reason

@@ -64,7 +64,10 @@ def module_to_canonical(state: dict[str, np.ndarray], num_heads: int) -> dict[st
 
 
 class TorchMHALayer(_torch.TorchLayer):
-    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", batch_first=False, **options):
+    """``module_call(layer)``, when given, stands in for the module in every call (torch_mha@ort's export)."""
+
+    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", batch_first=False, module_call=None,
+                 **options):
         super().__init__(adapter, spec, weights, dtype, device, mode, **options)
         torch = self.torch
         self.batch_first = bool(batch_first)
@@ -80,7 +83,10 @@ class TorchMHALayer(_torch.TorchLayer):
         self.module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         self.module.eval()
         self.params = dict(self.module.named_parameters())  # the leaves autograd differentiates, in place
-        self._fn = self.module if mode == "eager" else torch.compile(self.module, dynamic=False)
+        if module_call is not None:
+            self._fn = module_call(self)
+        else:
+            self._fn = self.module if mode == "eager" else torch.compile(self.module, dynamic=False)
 
     def _mask(self, call):
         """Our may-attend restrictions -> the module's (key_padding_mask [N, S], the attn_mask's may-attend part

@@ -47,10 +47,12 @@ def example_shape(name: str, shape: tuple, batch_first: bool, num_heads: int) ->
 
 
 class ExportedCall:
-    """Stands in for the module in ``TorchMHALayer``'s call: exports the call it receives, runs it in ORT."""
+    """Stands in for the module in ``torch_mha``'s layer (its ``module_call``): exports the call it receives,
+    runs it in ORT."""
 
     def __init__(self, layer):
         self.layer, self.torch = layer, layer.torch
+        self.structure = (layer.spec, layer.dims, layer.dtype, layer.batch_first)
         self._sessions: dict = {}
 
     def __call__(self, query, key, value, **kwargs):
@@ -60,7 +62,7 @@ class ExportedCall:
         unknown = set(tensors) - set(TENSOR_ARGUMENTS)
         if unknown:
             raise TypeError(f"torch_mha@ort: the module call passes tensors {sorted(unknown)} this export does not map")
-        structure = (self.layer.structure, tuple((n, t.ndim, str(t.dtype)) for n, t in tensors.items()),
+        structure = (self.structure, tuple((n, t.ndim, str(t.dtype)) for n, t in tensors.items()),
                      tuple(sorted((k, repr(v)) for k, v in constants.items())))
         if structure not in self._sessions:
             self._sessions[structure] = _onnx.session(self._model(structure, tensors, constants))
@@ -149,14 +151,6 @@ def _torch_numpy(t):
     return t.detach().cpu().numpy()
 
 
-class TorchMHAOrtLayer(torch_mha.TorchMHALayer):
-    def __init__(self, adapter, spec, weights, dtype, device, mode="compiled", **options):
-        super().__init__(adapter, spec, weights, dtype, device, "eager", **options)  # the eager module, exported
-        self.mode = mode
-        self.structure = (spec, self.dims, dtype, self.batch_first)
-        self._fn = ExportedCall(self)
-
-
 class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     name = "torch_mha@ort"
     framework = "PyTorch -> ONNX Runtime"
@@ -166,7 +160,12 @@ class TorchMHAOrtAdapter(_onnx.OrtAdapter):
     opset = EXPORT_OPSET
     description = ("torch.nn.MultiheadAttention as torch_mha calls it, exported by torch.onnx.export (dynamo, "
                    "opset 25, dynamic axes) and run by onnxruntime")
-    layer_class = TorchMHAOrtLayer
+
+    layer_class = torch_mha.TorchMHALayer  # torch_mha's layer: its module, weights, mask translation and call
+
+    def _build(self, spec, weights, dtype, device, mode, **options):
+        """torch_mha's layer, composed with an ExportedCall that runs the module's call as an ONNX graph."""
+        return self.layer_class(self, spec, weights, dtype, device, mode, module_call=ExportedCall, **options)
 
     @property
     def supported_extensions(self):

@@ -47,12 +47,7 @@ SDPA_BACKENDS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFIC
 CUDA_ONLY_KERNELS = ("efficient", "cudnn")
 
 
-class TorchSDPALayer(_torch.TorchLayer):
-    def __init__(self, adapter, spec, weights, dtype, device, mode="eager", **options):
-        super().__init__(adapter, spec, weights, dtype, device, mode, **options)
-        self.params = {k: self._tensor(v) for k, v in weights.as_dict().items()}
-        self._core = self._attention if mode == "eager" else self.torch.compile(self._attention, dynamic=False)
-
+class TorchSDPALayer(_torch.ProjectedLayer):
     # ---- what SDPA takes natively, what is folded into its mask ------------------------------------------
     @staticmethod
     def _causal_is_native(call) -> bool:
@@ -88,30 +83,17 @@ class TorchSDPALayer(_torch.TorchLayer):
         return True, None
 
     # ---- the computation ---------------------------------------------------------------------------------
-    def _project(self, call, x, W, b):
-        y = self.torch.einsum("nld,dhk->nhlk", self._flat(call, x), W)
-        return y if b is None else y + b[None, :, None, :]
-
-    def _attention(self, query, value, key, mask, bias, p: dict, dropout_p: float, call):
+    def _heads(self, q, k, v, mask, bias, dropout_p: float, call):
         torch, F = self.torch, self.torch.nn.functional
-        q = self._project(call, query, p["Wq"], p.get("bq"))
-        k = self._project(call, key, p["Wk"], p.get("bk"))
-        v = self._project(call, value, p["Wv"], p.get("bv"))
         is_causal, attn_mask = self._causal(call)
         if bias is not None:  # a float attn_mask: the bias, -inf where the boolean restrictions mask
             attn_mask = bias if mask is None else \
                 bias.expand(torch.broadcast_shapes(bias.shape, mask.shape)).masked_fill(~mask, float("-inf"))
         elif mask is not None:
             attn_mask = mask
-        o = self._sdpa(F.scaled_dot_product_attention, q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                       is_causal=is_causal, scale=1.0 / math.sqrt(self.spec.key_dim),
-                       enable_gqa=self.spec.kv_heads != self.spec.num_heads)
-        o = self._unflat(call, o.transpose(1, 2))  # [B, *Q, H, vd]
-        H, vd = self.spec.num_heads, self.spec.value_head_dim
-        out = torch.einsum("...hv,hvo->...o", o, p["Wo"].reshape(H, vd, -1))
-        if "bo" in p:
-            out = out + p["bo"].reshape(-1)
-        return out.reshape(tuple(call.output_shape)), (q, k)
+        return self._sdpa(F.scaled_dot_product_attention, q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                          is_causal=is_causal, scale=1.0 / math.sqrt(self.spec.key_dim),
+                          enable_gqa=self.spec.kv_heads != self.spec.num_heads)
 
     def _sdpa(self, sdpa, *args, **kwargs):
         """SDPA as users call it, or, for a kernel variant, restricted to that one kernel: a call the kernel
@@ -135,11 +117,6 @@ class TorchSDPALayer(_torch.TorchLayer):
                 raise UnsupportedError(self.adapter.name, "this call",
                                        f"SDPA's {kernel} kernel refuses it: {reason}") from None
 
-    def _compute(self, inputs, params, dropout_p=0.0):
-        call = inputs["call"]
-        return self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], inputs["bias"], params,
-                          dropout_p, call)[0]
-
     def _run(self, inputs, return_scores, training, seed):
         torch, call = self.torch, inputs["call"]
         if seed is not None:
@@ -148,10 +125,6 @@ class TorchSDPALayer(_torch.TorchLayer):
             out, _ = self._core(inputs["query"], inputs["value"], inputs["key"], inputs["mask"], inputs["bias"],
                                 self.params, self.spec.dropout if training else 0.0, call)
         return out, None
-
-    def export_weights(self):
-        from .spec import Weights
-        return Weights(**{k: _torch.to_numpy(v).astype("float64") for k, v in self.params.items()})
 
 
 class TorchSDPAAdapter(_torch.TorchAdapter):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..schema import DTYPES  # noqa: F401  (defined by the contract; re-exported for adapters)
 from .spec import AttentionSpec, Weights
 
-DTYPES = ("float16", "bfloat16", "float32", "float64")
 DEVICES = ("cpu", "cuda")
 FULLY_MASKED_POLICIES = ("zeros", "uniform", "uniform_rounded", "nan", "unmasked")
 
@@ -136,6 +136,12 @@ class Call:
         """Query row i's diagonal is key ``i + diagonal_offset``: 0 (top-left), or ``S - T`` when the call
         is causal with ``"bottom_right"`` alignment. Causal and the window are both measured from it."""
         return self.k_len - self.q_len if self.causal_alignment == "bottom_right" else 0
+
+    @property
+    def top_left_causal(self) -> bool:
+        """Causal on the top-left diagonal: top-left alignment, or bottom-right with T == S (the same triangle).
+        The triangle most frameworks' own causal flag builds (``is_causal``, ``use_causal_mask``)."""
+        return self.causal and self.diagonal_offset == 0
 
     @property
     def causal_argument(self):

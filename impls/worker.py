@@ -9,13 +9,14 @@ each adapter (:meth:`Worker.run` of ``mhabench.conformance.evaluate``).
 The child is a fresh interpreter started with its own environment (e.g.
 ``KERAS_BACKEND``); requests and replies are pickles on two private pipes
 (NumPy arrays, ml_dtypes bfloat16 included), so whatever a framework prints
-cannot corrupt them. Requests: ``build`` a layer, ``call`` a method of a
-hosted layer, ``run`` an importable function. A request that outlives its
-timeout kills the child (its whole process group); a child that dies
-(``os._exit``, a segfault) turns the request into a :class:`WorkerError`
-carrying the tail of the child's stderr. The next request starts a fresh
-child, replays the worker's ``setup`` calls, and layers hosted there are
-rebuilt from their recipe on first use.
+cannot corrupt them. Requests: ``build`` a layer, ``make`` an object the child
+keeps by name, ``call`` a method of a hosted layer or kept object, ``run`` an
+importable function. A request that outlives its timeout kills the child (its
+whole process group); a child that dies (``os._exit``, a segfault) turns the
+request into a :class:`WorkerError` carrying the tail of the child's stderr.
+The next request starts a fresh child, replays the worker's ``setup`` calls
+and ``objects``, and layers hosted there are rebuilt from their recipe on first
+use.
 """
 from __future__ import annotations
 
@@ -108,10 +109,13 @@ def _read(fd: int, deadline: float | None = None):
 class Worker:
     """One child process serving requests one at a time. Restarts on the next request after a failure."""
 
-    def __init__(self, env: dict | None = None, name: str = "worker", setup=()):
-        """``setup``: ``("module:function", args, kwargs)`` calls every fresh child runs first."""
+    def __init__(self, env: dict | None = None, name: str = "worker", setup=(), objects=None):
+        """``setup``: ``("module:function", args, kwargs)`` calls every fresh child runs first. ``objects``:
+        ``{name: ("module:Class", args, kwargs)}``, made by every fresh child after its setup and kept there
+        under ``name`` for :meth:`call` (what a run's evaluations share in the child: its catalogue, say)."""
         self.env, self.name = dict(env or {}), name
         self.setup = [tuple(call) for call in setup]
+        self.objects = {key: tuple(recipe) for key, recipe in (objects or {}).items()}
         self.generation = 0  # bumps at every (re)start; layers rebuild when it changes
         self._proc = None
         self._lock = threading.RLock()
@@ -136,10 +140,13 @@ class Worker:
             os.close(rep_w)
         self.generation += 1
         self._exchange(("ping",), STARTUP_TIMEOUT)
-        for target, args, kwargs in self.setup:
-            status, payload = self._exchange(("run", target, args, kwargs), BUILD_TIMEOUT)
+        requests = [("run", *call) for call in self.setup] + [("make", key, *recipe)
+                                                              for key, recipe in self.objects.items()]
+        for request in requests:
+            status, payload = self._exchange(request, BUILD_TIMEOUT)
             if status != "ok":
                 self._stop()
+                target = request[1] if request[0] == "run" else request[2]
                 raise WorkerError(f"{self.name}: setup {target} failed: {payload[1]}: {payload[2]}", payload[3])
 
     def stderr_tail(self) -> str:
@@ -191,6 +198,10 @@ class Worker:
     def run(self, target: str, *args, timeout: float = CALL_TIMEOUT, **kwargs):
         """``module:function(*args, **kwargs)`` in the child; its result (pickled back)."""
         return self.request(("run", target, args, kwargs), timeout)
+
+    def call(self, name: str, method: str, *args, timeout: float = CALL_TIMEOUT, **kwargs):
+        """``method(*args, **kwargs)`` of the child's object ``name`` (one of ``objects``); its result."""
+        return self.request(("call", name, method, args, kwargs), timeout)
 
     def request(self, message: tuple, timeout: float):
         """Send ``message`` and return the reply's value, re-raising the child's exception."""
@@ -319,7 +330,7 @@ def serve(req_fd: int, rep_fd: int) -> None:
     """The child's loop: answer requests until the parent closes the pipe."""
     import faulthandler
     faulthandler.enable()  # a segfault leaves a traceback in the stderr tail
-    layers, ids = {}, itertools.count(1)
+    held, ids = {}, itertools.count(1)  # the layers built (by handle) and the objects made (by name)
     while True:
         try:
             message = _read(req_fd)
@@ -332,11 +343,15 @@ def serve(req_fd: int, rep_fd: int) -> None:
             elif op == "build":
                 target, spec, weights, dtype, device, mode, options = message[1:]
                 handle = next(ids)
-                layers[handle] = resolve(target).build(spec, weights, dtype, device, mode, **options)
+                held[handle] = resolve(target).build(spec, weights, dtype, device, mode, **options)
                 result = handle
             elif op == "call":
                 handle, method, args, kwargs = message[1:]
-                result = getattr(layers[handle], method)(*args, **kwargs)
+                result = getattr(held[handle], method)(*args, **kwargs)
+            elif op == "make":
+                name, target, args, kwargs = message[1:]
+                held[name] = import_target(target)(*args, **kwargs)
+                result = name
             elif op == "run":
                 target, args, kwargs = message[1:]
                 result = import_target(target)(*args, **kwargs)

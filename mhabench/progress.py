@@ -18,10 +18,12 @@ _LINE = re.compile(r"(?:^|\s)progress: (\d+)/(\d+) (\w+)")
 
 
 class Tally:
-    """Done and planned per group. ``weights``: each group's estimated cost (default: its item count)."""
+    """Done and planned per group. ``weights``: each group's estimated cost (default: its item count);
+    ``plan``: what the run set out to do, for whoever shows the tally (a conformance session's plan)."""
 
     def __init__(self, planned: dict[str, int], weights: dict[str, float] | None = None,
-                 done: dict[str, int] | None = None, unit: str = "rows", clock=time.monotonic):
+                 done: dict[str, int] | None = None, unit: str = "rows", clock=time.monotonic, plan=None):
+        self.plan = plan
         self.planned = {g: int(n) for g, n in planned.items()}
         self.done = {g: min(int((done or {}).get(g, 0)), n) for g, n in self.planned.items()}
         self.initial = dict(self.done)  # already done when this run started (a resumed run)

@@ -35,26 +35,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .impls.validation import DTYPES
+# The row schema is the contract's (mhabench.schema): re-exported here, where readers of a results directory look.
+from .schema import AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, STATUSES, Row, Status, legacy_kernel
 
-STATUSES = ("pass", "fail", "divergence", "unsupported", "error", "skip")
-PROBLEM_STATUSES = ("error", "fail", "divergence", "unsupported", "skip")  # worst first: a cell's colour
-AREAS = ("shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients", "modern", "pairs", "random",
-         "plugin")
-# ``kernel``: the attention kernel the adapter forces ("default": none, the framework chooses, as users run it);
-# ``emulated``: the features the adapter built a mask for because its framework has no argument for them;
-# ``window``, ``bias`` (its kind), ``lengths`` (their kind): the case's modern-attention call features.
-FIELDS = ("row_id", "adapter", "framework", "framework_version", "case", "area", "dtype", "device", "quantity",
-          "status", "max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "tolerance_source",
-          "divergence",
-          "contradicts", "message", "mode", "kernel", "emulated", "seed", "spec", "query_shape", "key_shape",
-          "value_shape", "mask", "causal", "window", "bias", "lengths", "duration_s")
-REQUIRED = ("row_id", "adapter", "case", "area", "dtype", "quantity", "status")
-DEFAULT_KERNEL = "default"  # no kernel forced: the framework chooses, as its users run it
-NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
+PROBLEM_STATUSES = (Status.ERROR, Status.FAIL, Status.DIVERGENCE, Status.UNSUPPORTED, Status.SKIP)  # worst first
 
-__all__ = ["AREAS", "DTYPES", "FIELDS", "STATUSES", "Layout", "Journal", "read_rows", "RowWriter", "write_results",
-           "read_results", "summarise", "meta"]
+__all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
+           "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
+           "summarise", "meta"]
 
 
 class Layout:
@@ -88,36 +76,30 @@ class Layout:
 
 @dataclass
 class Journal:
-    rows: list[dict]
+    rows: list[Row]
     problems: list[str] = field(default_factory=list)  # "path:line: what is wrong" for every line not read
 
-    def latest(self) -> list[dict]:
+    def latest(self) -> list[Row]:
         """One row per row_id, the last written winning (a --rerun appends a newer row)."""
         by_id = {}
         for row in self.rows:
-            by_id.pop(row["row_id"], None)
-            by_id[row["row_id"]] = row
+            by_id.pop(row.row_id, None)
+            by_id[row.row_id] = row
         return list(by_id.values())
 
 
-def row_problem(row) -> str | None:
-    """Why ``row`` is not a conformance row, or None."""
-    if not isinstance(row, dict):
-        return "not a JSON object"
-    missing = [k for k in REQUIRED if k not in row]
-    if missing:
-        return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
-    if row["status"] not in STATUSES:
-        return f"unknown status {row['status']!r}"
-    return None
+def as_row(row: Row | dict) -> Row:
+    """A Row from a Row or a record with the row fields (ValueError for one that is not a row)."""
+    return row if isinstance(row, Row) else Row.from_dict(row)
 
 
-def read_jsonl(path: str | os.PathLike, problem=lambda record: None) -> tuple[list, list[str]]:
+def read_jsonl(path: str | os.PathLike, problem=lambda record: None, parse=None) -> tuple[list, list[str]]:
     """The records of a JSON-lines file, and "path:line: what is wrong" for every line not read.
 
     The one policy for a damaged journal: nothing is dropped silently. A half-written last line (a
     run killed mid-write) is reported as truncated; any other bad line as corrupt; a line that parses
-    but ``problem(record)`` rejects, with that reason. Bad lines are left in the file.
+    but ``problem(record)`` rejects, or ``parse(record)`` (which turns a record into what is kept)
+    refuses with a ValueError, with that reason. Bad lines are left in the file.
     """
     path = Path(path)
     if not path.exists():
@@ -141,6 +123,11 @@ def read_jsonl(path: str | os.PathLike, problem=lambda record: None) -> tuple[li
                 problems.append(f"{path}:{number}: corrupt line ({exc}): {text!r}")
             continue
         why = problem(record)
+        if not why and parse is not None:
+            try:
+                record = parse(record)
+            except ValueError as exc:
+                why = str(exc)
         if why:
             problems.append(f"{path}:{number}: not a valid record ({why}): {text!r}")
             continue
@@ -149,9 +136,9 @@ def read_jsonl(path: str | os.PathLike, problem=lambda record: None) -> tuple[li
 
 
 def read_rows(path: str | os.PathLike) -> Journal:
-    """The rows of a rows.jsonl (see :func:`read_jsonl`); their rows count as not run (``--resume`` runs
-    them again)."""
-    rows, problems = read_jsonl(path, row_problem)
+    """The rows of a rows.jsonl (see :func:`read_jsonl`); the rows of a bad line count as not run
+    (``--resume`` runs them again)."""
+    rows, problems = read_jsonl(path, parse=Row.from_dict)
     return Journal(rows, problems)
 
 
@@ -186,8 +173,9 @@ class RowWriter:
         if needs_newline:  # a truncated last line stays on its own line, reported by read_rows
             self.file.write(b"\n")
 
-    def write(self, rows: list[dict]) -> None:
-        self.file.write("".join(json.dumps(_finite(r), allow_nan=False) + "\n" for r in rows).encode())
+    def write(self, rows: list[Row]) -> None:
+        self.file.write("".join(json.dumps(_finite(as_row(r).to_dict()), allow_nan=False) + "\n"
+                                for r in rows).encode())
         self.file.flush()
         os.fsync(self.file.fileno())
 
@@ -218,17 +206,18 @@ def read_json(path: Path):
         raise ValueError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
 
 
-def write_results(root: str | os.PathLike, rows: list[dict], meta_info: dict) -> tuple[Path, Path]:
+def write_results(root: str | os.PathLike, rows: list[Row], meta_info: dict) -> tuple[Path, Path]:
     """results.json ({"meta", "rows"}) and results.csv (nested fields JSON-encoded) under a results
     directory ``root``, each written atomically."""
     layout = Layout(root)
-    write_json(layout.results_json, {"meta": meta_info, "rows": rows})
+    records = [as_row(r).to_dict() for r in rows]
+    write_json(layout.results_json, {"meta": meta_info, "rows": records})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
-    for row in rows:
+    for record in records:
         writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                         for k, v in _finite(row).items()})
+                         for k, v in _finite(record).items()})
     atomic_write(layout.results_csv, buffer.getvalue())
     return layout.results_json, layout.results_csv
 
@@ -238,7 +227,7 @@ class Results:
     """What a conformance run left in a results directory, read one way for every reader."""
 
     meta: dict
-    rows: list[dict]
+    rows: list[Row]
     plan: dict | None               # rows planned when the run started (None: an older run wrote none)
     catalogue: list[dict]           # the entries the run checked, with their verdicts
     problems: list[str]             # every line or file that could not be read, with its path
@@ -279,12 +268,11 @@ def read_results(root: str | os.PathLike) -> Results | None:
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
             raise ValueError(f"{layout.results_json} has no 'rows' list")
         rows = []
-        for index, row in enumerate(data["rows"]):
-            why = row_problem(row)
-            if why:
-                problems.append(f"{layout.results_json}: row {index}: {why}")
-            else:
-                rows.append(row)
+        for index, record in enumerate(data["rows"]):
+            try:
+                rows.append(Row.from_dict(record))
+            except ValueError as exc:
+                problems.append(f"{layout.results_json}: row {index}: {exc}")
         return Results(data.get("meta") or {}, rows, plan, catalogue, problems, layout.results_json, True)
     if layout.rows.is_file():
         journal = read_rows(layout.rows)
@@ -329,7 +317,7 @@ def locked(root: str | os.PathLike, command: str):
 
 # ---- the summary matrix ----------------------------------------------------------------------------
 
-def meaningful_ratio(row: dict) -> float | None:
+def meaningful_ratio(row: Row | dict) -> float | None:
     """The row's error ratio where it says something: a judged row whose tolerance the reference's error
     set, not the floor (where the reference is exact by luck or by symmetry, a gradient zero in exact
     arithmetic, the ratio divides by almost nothing)."""
@@ -339,15 +327,6 @@ def meaningful_ratio(row: dict) -> float | None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio):
         return None
     return float(ratio)
-
-
-def kernel_of(adapter: str, recorded=None) -> str:
-    """The kernel a row or benchmark ran: the one it recorded, else the variant its adapter's name gives
-    (``"<adapter>+<kernel>"``, for results written before kernels were recorded), else the default."""
-    if isinstance(recorded, str) and recorded:
-        return recorded
-    base, plus, kernel = str(adapter).rpartition("+")
-    return kernel if plus and base and kernel else DEFAULT_KERNEL
 
 
 NOT_RUN_BUDGET = "not run: budget"  # what a time budget left out, on the terminal, the page and the summary
@@ -372,7 +351,8 @@ def not_run_lines(budget, unit: str) -> list[str]:
 
 
 def summarise(rows) -> dict[tuple[str, str], dict]:
-    """Per (adapter, area): a count per status and the worst meaningful error ratio.
+    """Per (adapter, area): a count per status and the worst meaningful error ratio, from rows (or records
+    with their ``adapter``, ``area``, ``status``, ``error_ratio`` and ``tolerance_source``).
 
     The one summary the terminal and the page both show."""
     table: dict[tuple[str, str], dict] = {}

@@ -96,7 +96,7 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     if found is None:
         return None
     meta = dict(found.meta)
-    rows = _tidy_conformance(found.rows)
+    rows = _tidy_conformance([row.to_dict() for row in found.rows])
     rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
@@ -114,7 +114,6 @@ def _tidy_conformance(records: list) -> pd.DataFrame:
     for column in results.NUMERIC:
         rows[column] = pd.to_numeric(rows[column], errors="coerce")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
-    rows["kernel"] = [results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])]
     return rows.reset_index(drop=True)
 
 
@@ -189,7 +188,8 @@ def load_flops(results_dir: Path, problems: list) -> dict:
 
 
 def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
-    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs, else its adapter's."""
+    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs; for results written before
+    kernels were recorded, the one its adapter's name gives (``legacy_kernel``, as ``Row`` reads old rows)."""
     if frame.empty or "adapter" not in frame:
         return frame
     recorded = {}
@@ -197,7 +197,8 @@ def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
         params = record.get("params") or {}
         recorded[params.get("adapter")] = record.get("kernel")
     frame = frame.copy()
-    frame["kernel"] = [None if a is None or a != a else results.kernel_of(a, recorded.get(a)) for a in frame["adapter"]]
+    frame["kernel"] = [None if a is None or a != a else recorded.get(a) or results.legacy_kernel(a)
+                       for a in frame["adapter"]]
     return frame
 
 

@@ -96,10 +96,10 @@ cell_state = results.worst_status  # the worst status present in one matrix cell
 
 
 def _kernels(rows: pd.DataFrame) -> dict:
-    """adapter -> the kernel its rows ran (one per adapter: a kernel variant is its own adapter)."""
+    """adapter -> the kernel its rows recorded (one per adapter: a kernel variant is its own adapter)."""
     if "kernel" not in rows:
-        return {a: results.kernel_of(a) for a in rows["adapter"].unique()}
-    return {a: results.kernel_of(a, k) for a, k in zip(rows["adapter"], rows["kernel"])}
+        return {a: results.DEFAULT_KERNEL for a in rows["adapter"].unique()}
+    return dict(zip(rows["adapter"], rows["kernel"]))
 
 
 def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
@@ -140,7 +140,8 @@ def _gqa(spec) -> bool:
 
 def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per adapter: counts and the pass rate over the rows that ran to a verdict."""
-    columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences", "kernel"]
+    columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences", "kernel",
+               "opset"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -156,6 +157,7 @@ def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
         judged = sum(record[s] for s in ("pass", "fail", "divergence", "error"))
         record["pass_rate"] = record["pass"] / judged if judged else math.nan
         record["divergences"] = int(group["divergence"].dropna().nunique())
+        record["opset"] = _first(group["opset"].astype("Int64")) if "opset" in group else None
         out.append(record)
     return pd.DataFrame(out, columns=columns)
 
@@ -485,8 +487,7 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
                 out.append({
                     "class": klass, "method": method, "device": device, "machine": line["machine"].iloc[0],
                     "series": series, "adapter": line["adapter"].iloc[0],
-                    "kernel": results.kernel_of(line["adapter"].iloc[0], line["kernel"].iloc[0] if "kernel" in line
-                                                else None),
+                    "kernel": line["kernel"].iloc[0] if "kernel" in line else results.DEFAULT_KERNEL,
                     "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "points": len(finite),
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,

@@ -8,7 +8,7 @@ from mhabench.conformance import cases
 
 
 def test_pair_coverage_of_the_forward_and_the_gradient_matrix_is_complete():
-    matrix = [c for c in cases.default_cases() if c.area != "invalid"]
+    matrix = [c for c in cases.default_cases() if isinstance(c, cases.Case)]
     met, possible, missing = cases.pair_coverage(matrix)
     assert (met, missing) == (possible, [])
     with_gradients = [c for c in matrix if c.gradient_quantities()]
@@ -82,8 +82,7 @@ def test_the_modern_area_covers_each_feature_with_gradients():
     # windows across the 64/128 tiles of fused kernels
     assert any(c.window and max(calls[c.id].q_len, calls[c.id].k_len) in (65, 129) for c in modern)
     # a bias case with a fully masked row, by the bias alone and by the mask
-    empty = lambda c: not np.all(np.any(cases.validate_call(c.attention_spec, c.dims, *c.inputs().args(),
-                                                             **c.inputs().features()).flat_allowed(), axis=-1))
+    empty = lambda c: not np.all(np.any(c.call().flat_allowed(), axis=-1))
     assert {c.bias for c in modern if c.bias and empty(c)} >= {"neg_inf_row", "TS"}
     assert all("grad_bias" in c.gradient_quantities() for c in modern if c.bias)
     assert not any("grad_bias" in c.gradient_quantities() for c in modern if not c.bias)
@@ -121,7 +120,7 @@ def test_every_invalid_modern_input_is_refused_naming_its_argument():
              "bias_boolean": "bias", "bias_not_broadcastable": "bias", "key_value_lengths_too_long": "key_value_lengths",
              "key_value_lengths_one_per_batch": "key_value_lengths", "query_lengths_float": "query_lengths",
              "num_kv_heads_not_dividing": "num_kv_heads"}
-    by_name = {c.invalid: c for c in cases.default_cases() if c.area == "invalid"}
+    by_name = {c.invalid: c for c in cases.default_cases() if isinstance(c, cases.InvalidCase)}
     for name, argument in names.items():
         exc = attempt_invalid(impls.get_adapter("numpy_oracle"), by_name[name])
         assert isinstance(exc, (ValueError, TypeError)) and argument in str(exc), (name, exc)

@@ -48,7 +48,7 @@ def test_agrees_with_oracle_on_self_attention(name, dtype):
     mask = rng.random((2, 3, 2, 3, 2)) < 0.7
     mask[..., 0, 0] = True  # no fully masked row here: that is a documented difference
     layer = adapter.build(spec, w, dtype=dtype)
-    out, scores = layer(x, x, mask=mask, causal=dtype != "float16")
+    out, scores = layer(x, x, mask=mask, causal=dtype != "float16", return_scores=True)
     golden, golden_scores = oracle.forward(spec, w, x, x, mask=mask, causal=True)
     np.testing.assert_allclose(out.astype(np.float64), golden, atol=TOL[dtype] * 4, rtol=0)
     np.testing.assert_allclose(scores.astype(np.float64), golden_scores, atol=TOL[dtype], rtol=0)
@@ -115,7 +115,7 @@ def test_fully_masked_row_gets_uniform_weights_in_float32(name):
     w, x = _self_attention(spec, 8)
     mask = np.ones((2, 5, 5), bool)
     mask[0, 1] = False
-    out, scores = adapter.build(spec, w, dtype="float32")(x, x, mask=mask)
+    out, scores = adapter.build(spec, w, dtype="float32")(x, x, mask=mask, return_scores=True)
     np.testing.assert_allclose(scores[0, :, 1], 1 / 5, atol=1e-6)
     uniform = oracle.forward(spec, w, x, x, mask=mask, fully_masked="uniform")[0]
     zeros = oracle.forward(spec, w, x, x, mask=mask)[0]
@@ -130,7 +130,7 @@ def test_keras_fully_masked_row_in_float64_is_the_unmasked_softmax():
     w, x = _self_attention(spec, 8)
     mask = np.ones((2, 5, 5), bool)
     mask[0, 1] = False
-    _, scores = adapter.build(spec, w, dtype="float64")(x, x, mask=mask)
+    _, scores = adapter.build(spec, w, dtype="float64")(x, x, mask=mask, return_scores=True)
     unmasked = oracle.forward(spec, w, x, x)[1]
     np.testing.assert_allclose(scores[0, :, 1], unmasked[0, :, 1], atol=1e-6)
     assert np.abs(scores[0, :, 1] - 1 / 5).max() > 1e-3

@@ -90,8 +90,7 @@ def test_the_summary_reads_at_80_columns():
     from mhabench.commands.conform import print_summary
     from mhabench.conformance.session import Outcome, Plan
     names = ["keras_mha@jax", "keras_mha@torch", "numpy_oracle", "torch_sdpa"]
-    rows = [{"row_id": f"{a}-c{i}-float32-output", "adapter": a, "case": f"c{i}", "area": area, "dtype": "float32",
-             "quantity": "output", "status": "pass", "message": ""}
+    rows = [results.Row(adapter=a, case=f"c{i}", area=area, dtype="float32", quantity="output", status="pass")
             for a in names for i, area in enumerate(results.AREAS[:9])]
     outcome = Outcome(rows, [], 1.0, [], results.Layout("r"), Plan(names, [], ["float32"]))
     out = io.StringIO()

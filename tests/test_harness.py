@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from mhabench.conformance import catalogue
-from mhabench.conformance.cases import default_cases, find_case, row_id
+from mhabench.conformance.cases import default_cases, find_case
 from mhabench.conformance.compare import compare
 from mhabench.conformance.evaluate import evaluate
 from mhabench.conformance.cases import random_case, random_case_from_id
 from mhabench.conformance.tolerances import FLOOR, FUDGE, tolerance
+from mhabench.schema import RowId
 
 
 # ---- tolerances -------------------------------------------------------------------------------------
@@ -92,7 +93,8 @@ def test_case_ids_are_unique_readable_and_map_back():
     assert {c.area for c in cases} >= {"shapes", "masks", "axes", "dtypes", "special", "invalid", "gradients"}
     case = find_case("cross_T8_S4-heads2-mask_padding")
     assert case.mask == "padding" and case.k_shape == (4,)
-    assert row_id("torch_mha", case.id, "float32", "output") == "torch_mha-cross_T8_S4-heads2-mask_padding-float32-output"
+    assert RowId("torch_mha", case.id, "float32", "output").format() == \
+        "torch_mha-cross_T8_S4-heads2-mask_padding-float32-output"
 
 
 def test_inputs_are_reproducible_from_the_seed():

@@ -78,9 +78,9 @@ def test_matches_oracle(layer_for, name, case_id, dtype):
     assert rel_err(out, golden) < (F32 if dtype == "float32" else SOFTMAX_IN_F32)
     if name == "jax_dpa":  # the function exposes no weights
         with pytest.raises(ValueError, match="returns the output only"):
-            layer(q, v, k, mask, case.causal)
+            layer(q, v, k, mask, case.causal, return_scores=True)
         return
-    out, scores = layer(q, v, k, mask, case.causal)
+    out, scores = layer(q, v, k, mask, case.causal, return_scores=True)
     assert scores.shape == golden_scores.shape
     # the call that sows the weights takes nnx's explicit softmax, float64 included: output and weights exact
     assert rel_err(scores, golden_scores) < (F32 if dtype == "float32" else EXACT)
@@ -98,7 +98,7 @@ def test_float64_is_exact_where_the_softmax_is(layer_for, name):
     out, _ = layer(q, v, k, mask, return_scores=False)
     assert rel_err(out, golden) < EXACT
     if name == "flax_mha":
-        assert rel_err(layer(q, v, k, mask)[1], golden_scores) < EXACT
+        assert rel_err(layer(q, v, k, mask, return_scores=True)[1], golden_scores) < EXACT
 
 
 def test_jax_dpa_float64_softmax_runs_in_float32(layer_for):
@@ -123,7 +123,7 @@ def test_fully_masked_row_gets_uniform_weights(layer_for, name):
     golden, _ = oracle.forward(case.spec, w, q, v, k, mask)
     assert rel_err(out, uniform) < SOFTMAX_IN_F32
     if name == "flax_mha":  # the weights it sows
-        scores = layer(q, v, k, mask)[1]
+        scores = layer(q, v, k, mask, return_scores=True)[1]
         assert np.allclose(scores[0, :, 1], 1.0 / mask.shape[-1], rtol=0, atol=1e-7)
         assert rel_err(scores, uniform_scores) < SOFTMAX_IN_F32
     assert rel_err(out[0, 1], golden[0, 1]) > 1e-2                        # not the canonical zeros
@@ -237,8 +237,8 @@ def test_flax_eager_and_compiled_agree(layer_for):
     case = BY_ID["mask_per_head"]
     compiled, (w, q, v, k, mask) = layer_for("flax_mha", case, "float32")
     eager = impls.get_adapter("flax_mha").build(case.spec, w, dtype="float32", mode="eager")
-    a, a_scores = compiled(q, v, k, mask)
-    b, b_scores = eager(q, v, k, mask)
+    a, a_scores = compiled(q, v, k, mask, return_scores=True)
+    b, b_scores = eager(q, v, k, mask, return_scores=True)
     assert rel_err(b, a) < F32 and rel_err(b_scores, a_scores) < F32
 
 

@@ -204,7 +204,7 @@ def test_float64_scale_is_rounded_to_float32():
     layer, w = layer_for("keras_mha", spec, (4, 4, 4), "float64")
     rng = np.random.default_rng(4)
     q, v = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 3, 4))
-    _, scores = layer(q, v)
+    _, scores = layer(q, v, return_scores=True)
     _, golden = oracle.forward(spec, w, q, v)
     logits = np.einsum("bthk,bshk->bhts", np.einsum("btd,dhk->bthk", q, w.Wq) + w.bq,
                        np.einsum("bsd,dhk->bshk", v, w.Wk) + w.bk)
@@ -415,7 +415,7 @@ def test_keras_key_lengths_are_its_value_mask_and_query_lengths_its_attention_ma
     assert native["mask"][0] is None and native["mask"][1] is not None
     native = layer._native(oracle.prepare(spec, w, x, x, query_lengths=ql))
     assert native["mask"][0] is not None and native["mask"][1] is None
-    out, scores = layer(x, x, query_lengths=ql, key_value_lengths=kv)
+    out, scores = layer(x, x, query_lengths=ql, key_value_lengths=kv, return_scores=True)
     want, want_scores = oracle.forward(spec, w, x, x, query_lengths=ql, key_value_lengths=kv)
     np.testing.assert_allclose(scores, want_scores, atol=1e-12)
     np.testing.assert_allclose(out, want, atol=1e-12)

@@ -1,6 +1,7 @@
 """The package's import graph: no cycles, and nothing imports against the layering.
 
-Layers, bottom up: the package root (``mhabench/__init__``, ``results``, ``options``) with ``impls``;
+Layers, bottom up: the contract (``mhabench.schema``, importing nothing of mhabench); the package root
+(``mhabench/__init__``, ``results``, ``options``) with ``impls``;
 ``conformance`` and ``benchmarks`` side by side (never importing each other or ``reports``);
 ``reports`` (reads result files; imports neither ``conformance`` nor ``benchmarks``); the CLI
 (``mhabench.cli``, ``mhabench.commands``) on top. Every import counts, inside functions too.
@@ -132,3 +133,27 @@ def test_nothing_imports_against_the_layering():
     upward = sorted((a, b) for a, targets in graph.items() for b in targets
                     if LEVEL[layer(b)] > LEVEL[layer(a)] or (layer(a), layer(b)) in APART)
     assert upward == []
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_contract_imports_nothing_of_mhabench():
+    assert import_graph()["mhabench.schema"] == set()
+
+
+def test_the_results_module_imports_no_framework_layer():
+    """A report is built from result files on a machine with no framework: mhabench.results (the one reader
+    of a results directory) reaches only the package root and the contract, never impls."""
+    graph = import_graph()
+    assert "mhabench.schema" in graph["mhabench.results"]
+    assert {m for m in reachable(graph, "mhabench.results") if layer(m) != "root"} == set()
+    assert reachable({"r": {"s"}, "s": {"i"}, "i": set()}, "r") == {"s", "i"}  # the walk itself sees through
+

@@ -57,7 +57,7 @@ def test_ort_attention_float64_is_the_onnx_function_body_scale(case_id):
     float32, which the catalogue behaviour models to float64 precision (the cause of its entry)."""
     case = BY_ID[case_id]
     w, q, v, k, mask = case.build(seed=4)
-    out, scores = ORT.build(case.spec, w, dtype="float64")(q, v, k, mask, case.causal)
+    out, scores = ORT.build(case.spec, w, dtype="float64")(q, v, k, mask, case.causal, return_scores=True)
     golden, _ = oracle.forward(case.spec, w, q, v, k, mask, case.causal)
     inputs = as_inputs(case.spec, w, q, v, k, mask, case.causal)
     behave = catalogue.BEHAVIOURS["sqrt_scale_rounded_to_float32"]
@@ -118,7 +118,7 @@ def test_ort_attention_fully_masked_row_gets_zero_weights(dtype):
     """ORT 1.32 applies the Attention erratum (a fully masked row produces a zero row, not NaN): the
     canonical answer, in the kernel (float32, float16) and in the function body (float64)."""
     w, q, v, k, mask = FULLY_MASKED.build(seed=2)
-    out, scores = ORT.build(FULLY_MASKED.spec, w, dtype=dtype)(q, v, k, mask)
+    out, scores = ORT.build(FULLY_MASKED.spec, w, dtype=dtype)(q, v, k, mask, return_scores=True)
     np.testing.assert_allclose(out[0, 1], w.bo, atol=2e-3 if dtype == "float16" else 1e-6)
     assert np.all(scores[0, :, 1] == 0)
     assert not np.isnan(out).any()
@@ -129,7 +129,7 @@ def test_ort_attention_nan_in_a_masked_key_poisons_its_batch_element(dtype):
     """The cause of ort_attention-masked_nan_poisons_batch: the boolean mask becomes an additive -inf bias,
     and NaN + -inf = NaN, so the masked key's NaN reaches every query of its batch element."""
     spec, w, q, v, k, mask = nan_in_masked_key()
-    out, scores = ORT.build(spec, w, dtype=dtype)(q, v, k, mask)
+    out, scores = ORT.build(spec, w, dtype=dtype)(q, v, k, mask, return_scores=True)
     assert np.isnan(out[0]).all() and np.isnan(scores[0]).all()
     assert not np.isnan(out[1]).any()
     golden, _ = oracle.forward(spec, w, q, v, k, mask)
@@ -211,7 +211,7 @@ def test_ort_attention_causal_diagonal_sits_at_each_kv_length(dtype):
     w, q, v, k, mask = case.build(seed=3)
     features = case.feature_kwargs(3)
     layer = ORT.build(case.spec, w, dtype=dtype)
-    out, scores = layer(q, v, k, mask, case.causal, **features)
+    out, scores = layer(q, v, k, mask, case.causal, return_scores=True, **features)
     inputs = Inputs(case.spec, w, q, v, k, mask, case.causal, cotangent=None, **features)
     behave = catalogue.BEHAVIOURS["causal_from_kv_lengths"]
     golden, golden_scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, **features)
@@ -310,14 +310,14 @@ def test_exported_mha_float64_weights_call_holds_a_float32_rounded_scale():
     layer = EXPORTED.build(spec, w, dtype="float64")
     x = np.random.default_rng(1).normal(size=(2, 5, 6))
     out, _ = layer(x, x, return_scores=True)
-    [model] = [m for key, m in torch_mha_ort._templates.items() if key[0] == layer.structure and "True" in str(key)]
+    [model] = [m for key, m in torch_mha_ort._templates.items() if key[0] == layer._fn.structure and "True" in str(key)]
     scalars = [numpy_helper.to_array(i) for i in model.graph.initializer if numpy_helper.to_array(i).dtype == np.float64
                and numpy_helper.to_array(i).size == 1]
     assert float(np.float32(np.sqrt(0.5))) in [float(a) for a in scalars]
     inputs = as_inputs(spec, w, x, x, None, None, False)
     golden, _ = oracle.forward(spec, w, x, x)
     assert rel_err(out, catalogue.BEHAVIOURS["scale_rounded_to_float32"](golden, inputs, "output")) < 1e-13
-    eager, _ = impls.get_adapter("torch_mha").build(spec, w, dtype="float64")(x, x)
+    eager, _ = impls.get_adapter("torch_mha").build(spec, w, dtype="float64")(x, x, return_scores=True)
     assert rel_err(eager, golden) < 1e-13
 
 

@@ -138,7 +138,8 @@ def test_adhoc_module_and_file_path(plugin_env, monkeypatch):
     rng = np.random.default_rng(0)
     q, v, k = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 5))
     mask = rng.random((2, 4, 3)) > 0.5
-    out, scores = impls.get_adapter("my_attention").build(spec, w, dtype="float64")(q, v, k, mask, causal=True)
+    out, scores = impls.get_adapter("my_attention").build(spec, w, dtype="float64")(q, v, k, mask, causal=True,
+                                                                                    return_scores=True)
     golden, golden_scores = impls.oracle.forward(spec, w, q, v, k, mask, causal=True)
     np.testing.assert_allclose(out, golden, atol=1e-12)
     np.testing.assert_allclose(scores, golden_scores, atol=1e-12)
@@ -146,6 +147,43 @@ def test_adhoc_module_and_file_path(plugin_env, monkeypatch):
     monkeypatch.chdir(plugin_env)
     registry._registered.pop("my_attention"), registry._instances.pop("my_attention", None)
     assert plugins.load_adhoc(str(EXAMPLES / "my_attention.py") + ":MyAttention") == "my_attention"
+
+
+OLD_API_MODULE = textwrap.dedent('''
+    from mhabench.impls.numpy_oracle import NumpyOracleAdapter
+
+    class OldStyle(NumpyOracleAdapter):
+        """Written when unsupported_reason returned a string: it overrides it, compares super()'s answer with
+        None, formats it into its own text and returns plain strings; extra_constraints returns one too."""
+        name = "old_style"
+
+        def unsupported_reason(self, spec, weights, **kwargs):
+            reason = super().unsupported_reason(spec, weights, **kwargs)
+            if reason is None and spec.num_heads == 3:
+                return "three heads are not supported here"
+            return None if reason is None else f"old_style refuses: {reason}"
+
+        def extra_constraints(self, spec, dims, call):
+            return "no causal here" if call is not None and call.causal else None
+''')
+
+
+def test_an_adapter_written_when_refusals_were_strings_still_runs(plugin_env):
+    (plugin_env / "old_api_mod.py").write_text(OLD_API_MODULE)
+    assert plugins.load_adhoc("old_api_mod:OldStyle") == "old_style"
+    from mhabench.conformance.cases import find_case
+    from mhabench.conformance.runner import run_rows
+    wanted = ["self_T8-heads2_kd4", "self_T8-heads3_kd5", "self_T8-causal", "invalid_value_batch_differs"]
+    rows = run_rows(["old_style"], [find_case(c) for c in wanted], ["float32"], isolate=False, entries=[])
+    status = {(r.case, r.quantity): (r.status, r.message) for r in rows}
+    assert {s for (case, _), (s, _) in status.items() if case == "self_T8-heads2_kd4"} == {"pass"}
+    assert status[("self_T8-heads3_kd5", "output")] == ("unsupported", "three heads are not supported here")
+    assert status[("self_T8-causal", "output")] == ("unsupported", "old_style refuses: no causal here")
+    assert status[("invalid_value_batch_differs", "raises")][0] == "pass"  # a constraint: the bad input is judged
+    adapter = impls.get_adapter("old_style")
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4, dropout=0.1)
+    refused = adapter.unsupported_reason(spec, (8, 8, 8), training=True)
+    assert refused.startswith("old_style refuses: dropout while training: ")
 
 
 @pytest.mark.parametrize("target, needle", [

@@ -7,6 +7,7 @@ import sys
 from mhabench import progress
 from mhabench.commands import conform as conform_command
 from mhabench.conformance import session
+from mhabench.schema import Row
 
 
 class Clock:
@@ -50,7 +51,9 @@ def test_parse_ignores_other_lines():
 
 def _tally():
     plan = session.make_plan("numpy_oracle,torch_sdpa", "float32", "masks")
-    return session.progress_tally(plan, {}), plan
+    tally = session.progress_tally(plan, {})
+    assert tally.plan is plan  # whoever shows the tally reads the plan from it
+    return tally, plan
 
 
 def test_plain_lines_off_a_terminal_count_up_to_the_plan():
@@ -77,7 +80,8 @@ def test_bars_on_a_terminal_show_each_adapter_and_the_time_left():
     bars.start(tally)
     half = plan.rows_by_adapter()["numpy_oracle"] // 2
     tally.add("numpy_oracle", half)
-    bars.update([{"adapter": "numpy_oracle"}])
+    bars.update([Row(adapter="numpy_oracle", case="c", area="shapes", dtype="float32", quantity="output",
+                     status="pass")])
     bars.progress.refresh()
     screen = out.getvalue()
     bars.finish()

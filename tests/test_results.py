@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +27,12 @@ def test_results_written_atomically_as_json_and_csv(tmp_path):
     j, c = results.write_results(tmp_path, rows, meta)
     assert j == results.Layout(tmp_path).results_json and c == results.Layout(tmp_path).results_csv
     data = json.loads(j.read_text())
-    assert data["rows"] == rows and data["meta"]["argv"] == ["mhabench", "conform"]
+    assert data["rows"] == [results.Row.from_dict(r).to_dict() for r in rows]
+    assert list(data["rows"][0]) == list(results.FIELDS) and data["meta"]["argv"] == ["mhabench", "conform"]
     with open(c) as f:
         flat = list(csv.DictReader(f))
     assert flat[0]["row_id"] == rows[0]["row_id"] and json.loads(flat[0]["spec"]) == {"num_heads": 1}
+    assert list(flat[0]) == list(results.FIELDS)  # the columns pandas reads, named by the Row's fields
     assert not list(tmp_path.rglob(".*.tmp"))
     summary = results.summarise(rows)[("a", "shapes")]
     assert summary["pass"] == 1 and summary["fail"] == 1 and summary["worst_ratio"] == 3.0
@@ -144,3 +147,41 @@ def test_an_adapter_declaring_reduced_matrix_runs_the_quick_cases_unless_every_c
     assert plan.rows_all_shards == plan.rows
     every = session.make_plan("numpy_oracle", "float32", "shapes,masks", every_case=True)
     assert not every.reduced and len(every.tasks()) == len(every.cases)
+
+
+def test_rows_of_older_runs_read_with_their_kernel_and_newer_fields_are_left_out(tmp_path):
+    """A results.json written before kernels were recorded (the report fixtures' rows) reads through Row with
+    the kernel its adapter's name gives; a field this version does not know is dropped, not an error."""
+    old = _row(0, adapter="torch_sdpa+flash", row_id="torch_sdpa+flash-c0-float32-output")
+    newer = {**_row(1), "facts_of_a_newer_version": {"x": 1}}
+    results.write_json(results.Layout(tmp_path).results_json, {"meta": {}, "rows": [old, newer]})
+    found = results.read_results(tmp_path)
+    assert not found.problems and [r.kernel for r in found.rows] == ["flash", "default"]
+    assert "facts_of_a_newer_version" not in found.rows[1].to_dict()
+    fixture = results.read_results(Path(__file__).parent / "fixtures" / "sample")
+    assert fixture.rows and not fixture.problems and {r.kernel for r in fixture.rows} == {"default"}
+
+
+def test_a_row_whose_id_does_not_name_it_is_not_a_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({**_row(0), "row_id": "a-other-float32-output"}) + "\n")
+    journal = results.read_rows(path)
+    assert not journal.rows and "does not name its row" in journal.problems[0]
+
+
+def test_an_adapter_fact_travels_from_the_adapter_to_the_report(tmp_path):
+    """The ONNX opset an adapter declares is on each of its rows, in results.json and .csv, and in the
+    report's per-adapter table: one Row field, one name in evaluate.ADAPTER_FACTS."""
+    from mhabench import impls
+    from mhabench.conformance.cases import find_case
+    from mhabench.conformance.evaluate import case_row
+    from mhabench.reports import load, tables
+    case = find_case("self_T8-heads2_kd4")
+    rows = [case_row(impls.get_adapter(name), case, "float32", "output", status="pass")
+            for name in ("ort_attention", "torch_mha@ort", "torch_sdpa")]
+    assert [r.opset for r in rows] == [24, 25, None]
+    results.write_results(tmp_path, rows, {})
+    with open(results.Layout(tmp_path).results_csv) as f:
+        assert [r["opset"] for r in csv.DictReader(f)] == ["24", "25", ""]
+    summary = tables.adapter_summary(load.load_conformance(tmp_path).rows).set_index("adapter")["opset"]
+    assert list(summary[["ort_attention", "torch_mha@ort"]]) == ["24", "25"] and summary.isna()["torch_sdpa"]

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from mhabench.conformance import cases, runner, schedule
-from mhabench.conformance.cases import default_cases
+from mhabench.conformance.cases import InvalidCase, default_cases
 
 
 def _tasks(seconds_by_adapter: dict[str, list[float]]) -> list[schedule.Task]:
@@ -89,7 +89,7 @@ def test_the_largest_tasks_of_an_adapter_go_first():
 def test_prior_weighs_compiling_adapters_and_large_cases():
     small = next(c for c in default_cases() if c.area == "masks")
     large = max(default_cases(), key=lambda c: c.estimated_bytes())
-    invalid = next(c for c in default_cases() if c.area == "invalid")
+    invalid = next(c for c in default_cases() if isinstance(c, InvalidCase))
     assert schedule.compiles("jax_dpa") and schedule.compiles("keras_mha@jax") and not schedule.compiles("torch_sdpa")
     assert schedule.estimate_ms("jax_dpa", small, "float32") > 10 * schedule.estimate_ms("torch_sdpa", small, "float32")
     assert schedule.estimate_ms("torch_sdpa", large, "float32") > 10 * schedule.estimate_ms("torch_sdpa", small,
@@ -110,7 +110,7 @@ def test_scheduled_rows_equal_serial_rows(monkeypatch):
     """A small matrix run serially (one process at a time) and scheduled (three threads, an adapter split over
     several processes): the same rows with the same statuses and figures."""
     selection = [c for c in default_cases() if c.area == "masks"][:8] + \
-        [c for c in default_cases() if c.area == "invalid"][:2]
+        [c for c in default_cases() if isinstance(c, InvalidCase)][:2]
     adapters, dtypes = ["numpy_oracle", "torch_sdpa"], ["float32", "float64"]
     serial = runner.run_rows(adapters, selection, dtypes, jobs=1)
     started = Counter()
@@ -124,7 +124,7 @@ def test_scheduled_rows_equal_serial_rows(monkeypatch):
     history = {("torch_sdpa", c.id, d): 30_000 for c in selection for d in dtypes}
     scheduled = runner.run_rows(adapters, selection, dtypes, jobs=3, history=history)
     assert started["torch_sdpa"] >= 2
-    strip = lambda rows: {r["row_id"]: {k: v for k, v in r.items() if k != "duration_s"} for r in rows}
+    strip = lambda rows: {r.row_id: r.replace(duration_s=None) for r in rows}
     assert len(serial) == len(scheduled) == len(strip(serial))
     assert strip(scheduled) == strip(serial)
     assert {r["status"] for r in serial} >= {"pass"}

@@ -153,7 +153,7 @@ def test_keras_2_nan_in_a_masked_key_poisons_its_batch_element():
     """The cause of tf_keras_mha-masked_nan_poisons_batch: the mask is an additive -1e9, so NaN * 1 - 1e9 is
     still NaN at the masked key and the softmax spreads it over its row."""
     spec, w, q, v, k, mask = nan_in_masked_key()
-    out, scores = ADAPTER.build(spec, w, dtype="float32")(q, v, k, mask)
+    out, scores = ADAPTER.build(spec, w, dtype="float32")(q, v, k, mask, return_scores=True)
     assert np.isnan(out[0]).all() and np.isnan(scores[0]).all() and not np.isnan(out[1]).any()
 
 
@@ -164,6 +164,6 @@ def test_keras_2_has_no_bias_add_shortcut_for_two_heads_of_width_one():
     w = impls.Weights.random(spec, 1, 1, seed=3)
     rng = np.random.default_rng(3)
     q, v = rng.normal(size=(1, 1, 1)), rng.normal(size=(1, 2, 1))
-    out, scores = ADAPTER.build(spec, w, dtype="float64")(q, v)
+    out, scores = ADAPTER.build(spec, w, dtype="float64")(q, v, return_scores=True)
     golden, golden_scores = oracle.forward(spec, w, q, v)
     assert rel_err(out, golden) < 1e-12 and rel_err(scores, golden_scores) < 1e-12

@@ -35,7 +35,7 @@ def test_adapter_matches_oracle(name, case, dtype):
     if name == "torch_sdpa":  # the function exposes no weights
         assert "returns the output only" in adapter.unsupported_reason(case.spec, w, call=call, return_scores=True)
         return
-    out, scores = layer(q, v, k, mask, case.causal)
+    out, scores = layer(q, v, k, mask, case.causal, return_scores=True)
     assert rel_err(out, golden) < TOL[dtype] and rel_err(scores, golden_scores) < TOL[dtype]
 
 
@@ -105,7 +105,7 @@ def test_fully_masked_row_behaviour_is_reported_as_it_is():
     assert rel_err(sdpa, golden) < 1e-12
     layer = impls.get_adapter("torch_mha").build(FULLY_MASKED.spec, w, dtype="float64")
     assert rel_err(layer(q, v, k, mask, return_scores=False)[0], golden) < 1e-12
-    mha, _ = layer(q, v, k, mask)
+    mha, _ = layer(q, v, k, mask, return_scores=True)  # need_weights=True: the explicit softmax
     assert np.all(np.isnan(mha[0, 1])) and np.all(np.isfinite(np.delete(mha, 1, axis=1)))
 
 

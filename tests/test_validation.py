@@ -420,7 +420,7 @@ def test_numpy_oracle_adapter_passes_every_feature_through(dtype):
     bias = rng.normal(size=(2, 3, 5))
     kwargs = dict(window=(1, None), bias=bias, query_lengths=[3, 2], key_value_lengths=[5, 3])
     layer = impls.get_adapter("numpy_oracle").build(spec, w, dtype=dtype)
-    out, scores = layer(Q, V, None, None, "bottom_right", **kwargs)
+    out, scores = layer(Q, V, None, None, "bottom_right", return_scores=True, **kwargs)
     want, want_scores = oracle.forward(spec, w, Q, V, causal="bottom_right", dtype=dtype, **kwargs)
     np.testing.assert_array_equal(out, want.astype(dtype))
     np.testing.assert_array_equal(scores, want_scores.astype(dtype))

@@ -59,7 +59,7 @@ def hosted(worker, trap, dtype="float64", call_timeout=30.0):
 
 
 def check_works(layer):
-    out, scores = layer(Q, V)
+    out, scores = layer(Q, V, return_scores=True)
     ref, ref_scores = oracle.forward(SPEC, WEIGHTS, Q, V)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-12)
@@ -78,7 +78,7 @@ def test_hosted_layer_receives_the_call_features(worker):
     bias = RNG.normal(size=(5, 3))
     bias[1, 0] = -np.inf
     features = dict(window=(1, 0), bias=bias, query_lengths=np.array([5, 4]), key_value_lengths=np.array([3, 2]))
-    out, scores = layer(Q, V, None, None, "bottom_right", **features)
+    out, scores = layer(Q, V, None, None, "bottom_right", return_scores=True, **features)
     ref, ref_scores = oracle.forward(SPEC, WEIGHTS, Q, V, causal="bottom_right", **features)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-12)

@@ -71,7 +71,8 @@ def test_xdist_gives_the_serial_verdicts_and_starts_each_adapter_once_per_xdist_
 def test_the_scheduler_reads_each_tests_adapter_from_its_node_id():
     from types import SimpleNamespace
     from mhabench.conformance import catalogue, pytest_view, session
-    config = SimpleNamespace(_conformance_plan=session.make_plan("numpy_oracle,keras_mha,keras_mha@jax", "float32"))
+    config = SimpleNamespace(stash=pytest.Stash())
+    config.stash[pytest_view.PLAN] = session.make_plan("numpy_oracle,keras_mha,keras_mha@jax", "float32")
     of = lambda nodeid: pytest_view.adapter_of(config, nodeid)
     assert of("conformance/test_masks.py::test_conformance[keras_mha@jax-self_T8-causal-float32]") == "keras_mha@jax"
     assert of("conformance/test_masks.py::test_conformance[keras_mha-self_T8-causal-float32]") == "keras_mha"

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import _torch
 from . import MODERN_REASONS
+from ...schema import Refusal
 from ..base import Capabilities
 from ..spec import Weights
 from ..validation import check_dtype
@@ -188,9 +189,10 @@ class ClassicTorchAdapter(_torch.TorchAdapter):
         reason = super().unsupported_reason(spec, weights, dtype=dtype, call=call, **kwargs)
         if reason is None and call is not None:
             if check_dtype(dtype) == "float16" and (call.mask is not None or call.causal):
-                reason = (f"a mask in float16: masked_fill(mask == 0, {MASK_FILL:g}) raises in torch because "
-                          f"{MASK_FILL:g} does not fit in float16 ('value cannot be converted to type "
-                          f"c10::Half without overflow')")
+                reason = Refusal.constraint(f"masked_fill(mask == 0, {MASK_FILL:g}) raises in torch because "
+                                            f"{MASK_FILL:g} does not fit in float16 ('value cannot be converted to "
+                                            f"type c10::Half without overflow')", subject="a mask in float16")
             elif call.value is not call.query and not np.array_equal(call.value, call.query, equal_nan=True):
-                reason = f"a value different from the query: {self.capabilities().unsupported_features['separate_key']}"
+                reason = Refusal.constraint(self.capabilities().unsupported_features['separate_key'],
+                                            subject="a value different from the query")
         return reason

@@ -221,7 +221,7 @@ class ProgressBars:
     def update(self, rows):
         if self.progress is None:
             return
-        for adapter in {r["adapter"] for r in rows}:
+        for adapter in {r.adapter for r in rows}:
             if adapter not in self.tasks:
                 self.tasks[adapter] = self.progress.add_task(adapter, total=self.tally.planned[adapter])
             self.progress.update(self.tasks[adapter], completed=self.tally.done[adapter],
@@ -270,17 +270,17 @@ def print_summary(outcome, rerun, console=None) -> int:
             table.add_row(escape(printable(adapter)),
                           " · ".join(f"{area} {cell(adapter, area)}" for area in areas if (adapter, area) in table_data))
     console.print(table)
-    failing = [r for r in outcome.failing if not rerun or r["row_id"] == rerun]
+    failing = [r for r in outcome.failing if not rerun or r.row_id == rerun]
     for r in failing[:25]:
-        console.print(f"[red]{r['status']}[/] {escape(printable(r['row_id']))}: {escape(printable(r['message'])[:300])}")
+        console.print(f"[red]{r.status}[/] {escape(printable(r.row_id))}: {escape(printable(r.message)[:300])}")
     if len(failing) > 25:
         console.print(f"... and {len(failing) - 25} more failing rows (see {escape(str(outcome.layout.results_csv))})")
     for c in outcome.stale:
         console.print(f"[red]stale divergence entry[/] {escape(c.id)}: {escape(printable(c.message))}")
     if rerun:
         for r in rows:
-            if r["row_id"] == rerun:
-                console.print(f"{escape(printable(rerun))}: {r['status']} {escape(printable(r['message']))}")
+            if r.row_id == rerun:
+                console.print(f"{escape(printable(rerun))}: {r.status} {escape(printable(r.message))}")
     for line in budget_lines(outcome.plan.budget):
         console.print(f"[yellow]{escape(printable(line))}[/]")
     console.print(f"results: {escape(str(outcome.layout.conformance))}/results.json, results.csv, rows.jsonl")
