@@ -195,11 +195,13 @@ class Scheduler:
     the thread switches adapter. Coverage first: a task of a later round starts only once every round-1 task
     is handed out, and while no adapter being served needs help to end its round 1 in time; until then the
     thread serves such an adapter instead, or waits (``WAIT``), which costs it at most about a process
-    start (an adapter with more round-1 work left than that is worth joining). A task that cannot end in time is dropped (``dropped``; ``on_drop(task)``
-    sees each): not run, for the budget, and so is a task still running ``grace`` seconds past the deadline
-    (``timeout``, ``drop``). ``extra``: tasks planned out, handed out under the same rules once every planned
-    task is (the estimates were pessimistic). ``startup_ms`` seeds the process starts measured on earlier
-    runs; ``measured_startup`` holds this run's."""
+    start (an adapter with more round-1 work left than that is worth joining). A task that cannot end in
+    time is dropped (``dropped``; ``on_drop(task)`` sees each): not run, for the budget, and so is a task
+    still running ``grace`` seconds past the deadline (``timeout``, ``drop``); once a round-1 task is
+    dropped, so is every later-round task, so no cell gets a second row while another has none. ``extra``:
+    tasks planned out, handed out under the same rules once every planned task is (the estimates were
+    pessimistic). ``startup_ms`` seeds the process starts measured on earlier runs; ``measured_startup``
+    holds this run's."""
 
     def __init__(self, tasks: list[Task], *, deadline: float | None = None, grace: float = 0.0, jobs: int = 1,
                  clock=time.monotonic, startup_ms: dict | None = None, on_drop=None, extra: list[Task] = ()):
@@ -231,8 +233,11 @@ class Scheduler:
     def drop(self, task: Task) -> None:
         """Record a task that was handed out but stopped at the deadline's grace: not run."""
         with self._lock:
-            self.dropped.append(task)
+            self._record_drop(task)
             self._lock.notify_all()
+
+    def _record_drop(self, task: Task) -> None:
+        self.dropped.append(task)
         if self.on_drop is not None:
             self.on_drop(task)
 
@@ -304,12 +309,11 @@ class Scheduler:
             task = lane.tasks[0]
             work = task.estimate_ms * lane.scale / 1000
             end = self.clock() + work + (lane.startup_ms / 1000 if fresh else 0.0)
-            if end > self.deadline:
-                if fresh and lane.active and self.clock() + work <= self.deadline:
+            coverage_lost = task.round > 1 and any(t.round == 1 for t in self.dropped)
+            if end > self.deadline or coverage_lost:
+                if not coverage_lost and fresh and lane.active and self.clock() + work <= self.deadline:
                     return None  # too late to start a process for it, not for the thread serving it
-                self.dropped.append(lane.pop())
-                if self.on_drop is not None:
-                    self.on_drop(self.dropped[-1])
+                self._record_drop(lane.pop())
                 continue
             if task.round > 1 and (any(other.first_round_left for other in self.lanes.values())
                                    or any(self._needs_help(other) for other in self.lanes.values()
