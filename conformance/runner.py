@@ -95,7 +95,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
              timeout: float = DEFAULT_TIMEOUT, jobs: int | None = None, memory_budget: int | None = None,
              on_rows: Callable[[list[Row]], None] | None = None, skip: Iterable[str] = (), adhoc: Iterable[str] = (),
              catalogue_dir: str | None = None, entries=None, include=None, history=None,
-             switches: dict | None = None) -> list[Row]:
+             switches: dict | None = None, scheduler: schedule.Scheduler | None = None) -> list[Row]:
     """Rows of every adapter x case x dtype (x quantity), except the row ids in ``skip``.
 
     ``include``: only these (adapter, case id, dtype) tasks (a shard); None for all. When ``on_rows``
@@ -107,6 +107,10 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
     threads (default: ``default_jobs()``) each drive one worker process at a time; an adapter with much
     work left gets several (see ``schedule.Scheduler``). Which process evaluates a case never changes
     its rows.
+
+    ``scheduler``: one built by the caller over ``planned_tasks`` (a time budget's deadline and coverage
+    rounds, see ``schedule.Scheduler``); a task the scheduler drops, or one still running when its grace past
+    the deadline ends, is not run and yields no rows (the scheduler's ``dropped`` lists it).
     """
     adapters, cases, dtypes, skip = list(adapters), list(cases), list(dtypes), set(skip)
     include = None if include is None else set(include)
@@ -114,7 +118,7 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
     collected: list[Row] = []
     lock = threading.Lock()
     stop = threading.Event()
-    failed: list[BaseException] = []  # what stopped the run: ``on_rows`` could not take its rows
+    failed: list[BaseException] = []  # what stopped the run: ``on_rows`` could not take its rows, or a bug
 
     def emit(rows):
         rows = [r for r in rows if r.row_id not in skip]
@@ -142,11 +146,18 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
 
     setup = {"adhoc": list(adhoc),
              "sys_path": [p for p in sys.path if p], "catalogue": str(catalogue_dir) if catalogue_dir else None}
-    scheduler = schedule.Scheduler(planned_tasks(adapters, cases, dtypes, skip, include, history))
+    if scheduler is None:
+        scheduler = schedule.Scheduler(planned_tasks(adapters, cases, dtypes, skip, include, history))
 
     def evaluate_task(child, task):
+        limit = scheduler.timeout(timeout)
         try:
-            return evaluate_in(child, task.adapter, task.case, task.dtypes, memory_budget, timeout=timeout)
+            return evaluate_in(child, task.adapter, task.case, task.dtypes, memory_budget, timeout=limit)
+        except worker_mod.WorkerTimeout as exc:
+            if limit < timeout:  # stopped at the budget's end, not by the case's own timeout: not run
+                scheduler.drop(task)
+                return []
+            return status_rows(impls.get_adapter(task.adapter), task.case, task.dtypes, Status.ERROR, _one_line(exc))
         except worker_mod.WorkerCrashed as exc:
             if len(task.dtypes) > 1:  # one dtype's kernel may have killed the process: each dtype alone, afresh
                 return [row for dtype in task.dtypes
@@ -162,6 +173,9 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
         current, child = None, None
         try:
             while not stop.is_set() and (task := scheduler.next(current)) is not None:
+                if task is schedule.WAIT:
+                    scheduler.wait(1.0)
+                    continue
                 fresh = task.adapter != current
                 if fresh:
                     if child is not None:
@@ -171,6 +185,10 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
                 rows = evaluate_task(child, task)
                 scheduler.finished(task, time.perf_counter() - started, fresh)
                 emit(rows)
+        except BaseException as exc:  # a harness bug outside a case (a worker that cannot start): the run stops
+            with lock:
+                failed.append(exc)
+                stop.set()
         finally:
             if child is not None:
                 child.close()
@@ -186,16 +204,21 @@ def run_rows(adapters: Iterable[str], cases: Iterable[AnyCase], dtypes: Iterable
     return collected
 
 
-def planned_tasks(adapters, cases, dtypes, skip=(), include=None, history=None) -> list[schedule.Task]:
+def planned_tasks(adapters, cases, dtypes, skip=(), include=None, history=None, rounds=None) -> list[schedule.Task]:
     """The run's tasks, one per adapter x case (its dtypes together), each with its estimated cost:
-    measured where ``history`` has the task, else the prior."""
+    measured where ``history`` has the task, else the prior. ``rounds``: {(adapter, case id, dtype): coverage
+    round} under a time budget; the dtypes of a case then form one task per round."""
     history = history or {}
     memo: dict = {}
     out = []
     for name in adapters:
         for case, needed in tasks(name, cases, dtypes, set(skip), include):
-            estimate = sum(schedule.estimate_ms(name, case, d, history, _compiles=memo) for d in needed)
-            out.append(schedule.Task(name, case, needed, estimate))
+            by_round: dict[int, list[str]] = {}
+            for d in needed:
+                by_round.setdefault((rounds or {}).get((name, case.id, d), 1), []).append(d)
+            for number, group in sorted(by_round.items()):
+                estimate = sum(schedule.estimate_ms(name, case, d, history, _compiles=memo) for d in group)
+                out.append(schedule.Task(name, case, group, estimate, number))
     return out
 
 

@@ -6,7 +6,8 @@ a schema and every reader treats a damaged file the same way.
 Layout of a results directory::
 
     conformance/rows.jsonl      the journal: one row per line, appended and fsynced as rows are produced
-    conformance/plan.json       what the run set out to do (rows planned; its shard K/N), written when it starts
+    conformance/plan.json       what the run set out to do (rows planned; its shard K/N), written when it starts;
+                                under a time budget also what it did not run ("budget", :func:`not_run_lines`)
     conformance/results.json    {"meta": ..., "rows": [...]}: the latest row per id, written at the end
     conformance/results.csv     the same rows, one per line
     conformance/catalogue.json  the divergence entries the run checked, each with its verdict
@@ -568,6 +569,27 @@ def meaningful_ratio(row: Row | dict) -> float | None:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio):
         return None
     return float(ratio)
+
+
+NOT_RUN_BUDGET = "not run: budget"  # what a time budget left out, on the terminal, the page and the summary
+
+
+def not_run_lines(budget, unit: str) -> list[str]:
+    """What a run under a time budget left out, from its plan's ``budget`` record ({"seconds", "not_run":
+    {adapter: count}, "rest": command}): the counts per adapter, then the command that runs the rest.
+    Nothing when everything ran or no budget was given."""
+    if not isinstance(budget, dict) or not isinstance(budget.get("not_run"), dict):
+        return []
+    counts = {str(a): int(n) for a, n in budget["not_run"].items() if isinstance(n, (int, float)) and n > 0}
+    if not counts:
+        return []
+    seconds = budget.get("seconds")
+    within = f" (budget {seconds:g} s)" if isinstance(seconds, (int, float)) else ""
+    per_adapter = ", ".join(f"{a} {n:,}" for a, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+    lines = [f"{NOT_RUN_BUDGET}{within}: {sum(counts.values()):,} {unit}: {per_adapter}"]
+    if budget.get("rest"):
+        lines.append(f"{NOT_RUN_BUDGET}: the rest runs with: {budget['rest']}")
+    return lines
 
 
 def summarise(rows) -> dict[tuple[str, str], dict]:

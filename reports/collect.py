@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mhabench import results
+
 from . import tables
 from .compare import Comparison
 from .load import Benchmarks, Conformance, ResultsError, load_results
@@ -214,6 +216,10 @@ def completeness(conformance: Conformance) -> list[str]:
         elif part.missing:
             lines.append(f"INCOMPLETE conformance run{where}: {present}")
     lines += [f"INCOMPLETE: {note}" for note in conformance.missing_shards]
+    budget = []  # what a time budget left out, per directory
+    for part in parts:
+        where = "" if len(parts) == 1 else f"{part.source.parent.parent}: "
+        budget += [where + line for line in results.not_run_lines(part.plan.get("budget"), "conformance rows")]
     if not lines:
         present = sum(len(p.rows) for p in parts)
         where = f" in {len(parts)} directories" if len(parts) > 1 else ""
@@ -221,4 +227,4 @@ def completeness(conformance: Conformance) -> list[str]:
                      if conformance.planned is not None else
                      f"conformance run finished (results.json written): {present} rows{where}; the number planned "
                      f"was not recorded (no plan.json)")
-    return lines
+    return lines + budget

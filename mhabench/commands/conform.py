@@ -54,6 +54,10 @@ def register(parser):
                              "kernel switch the adapters declare (NAMES: a comma-separated few; settings this CPU "
                              "cannot run are left out) into RESULTS/switches/, and write the portability table "
                              "(RESULTS/conformance/portability.json): the rows whose verdict changes with each")
+    parser.add_argument("--budget", default="0", metavar="DURATION",
+                        help="end within this time (300, 90s, 5m; default 0: no budget), coverage first: every "
+                             "adapter x area x dtype gets a row before any gets a second; what does not fit is "
+                             "recorded as not run, with the command that runs the rest")
     parser.add_argument("--progress-every", type=float, default=PROGRESS_EVERY, metavar="SECONDS",
                         help=f"when stderr is not a terminal, a plain progress line this often (default "
                              f"{PROGRESS_EVERY:g}; 0: after every case); on a terminal, progress bars")
@@ -82,14 +86,21 @@ def check_options(args) -> None:
         raise CLIError(f"--examples must be an integer >= 0, got {args.examples}")
     if not args.progress_every >= 0:
         raise CLIError(f"--progress-every must be a number of seconds >= 0, got {args.progress_every}")
+    from mhabench.budget import parse_duration
     from mhabench.results import machine_name
     try:
         machine_name(args.machine)
+        args.budget_seconds = parse_duration(args.budget)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    for option, given in (("--rerun", args.rerun), ("--self-check", args.self_check), ("--switches", args.switches)):
+        if args.budget_seconds and given:  # --switches runs the selection once per setting: one budget each is not one
+            raise CLIError(f"--budget and {option} cannot be used together")
 
 
 def main(args) -> int:
+    import time
+    started = time.monotonic()
     from mhabench import results
     from mhabench.cli import CLIError, printable
     from mhabench.conformance import session
@@ -129,7 +140,8 @@ def main(args) -> int:
             print(f"  {name}: the reduced matrix only (--every-case for all): {why}", file=sys.stderr, flush=True)
         displays[-1].start(tally)
     options = dict(timeout=args.timeout, jobs=args.jobs, memory_budget=budget, on_start=start,
-                   on_rows=lambda rows: displays[-1].update(rows), warn=warn, machine=args.machine)
+                   on_rows=lambda rows: displays[-1].update(rows), warn=warn, machine=args.machine,
+                   budget=args.budget_seconds or None, started=started)
 
     def next_setting(label, root):
         if displays[-1].tally is not None:  # the previous run's display ends before the next one starts
@@ -366,5 +378,13 @@ def print_summary(outcome, rerun, console=None) -> int:
         for r in rows:
             if r.row_id == rerun:
                 console.print(f"{escape(printable(rerun))}: {r.status} {escape(printable(r.message))}")
+    for line in budget_lines(outcome.plan.budget):
+        console.print(f"[yellow]{escape(printable(line))}[/]")
     console.print(f"results: {escape(str(outcome.layout.conformance))}/results.json, results.csv, rows.jsonl")
     return 1 if failing or outcome.stale else 0
+
+
+def budget_lines(budget: dict | None) -> list[str]:
+    """What a budgeted run left out, per adapter, and the command that runs it (nothing when all ran)."""
+    from mhabench.results import not_run_lines
+    return not_run_lines(budget, "rows")
