@@ -37,7 +37,12 @@ class MyLayer(impls.Layer):
         total = e.sum(axis=-1, keepdims=True)
         # a row with no allowed key gets all-zero weights; a NaN row stays NaN (total != 0 holds for NaN)
         weights = np.divide(e, total, out=np.zeros_like(e), where=total != 0)
-        heads = np.einsum("bhts,bhsv->bthv", weights, v)
+        if allowed is not None and not np.all(np.isfinite(v)):
+            # a masked position is never read: its NaN or Inf must not reach the output as 0 * NaN
+            read = np.broadcast_to(allowed, weights.shape)[..., None]
+            heads = np.where(read, weights[..., None] * v[:, :, None], 0.0).sum(axis=3).transpose(0, 2, 1, 3)
+        else:
+            heads = np.einsum("bhts,bhsv->bthv", weights, v)
         out = np.tensordot(heads, w.Wo, axes=([2, 3], [0, 1]))
         if w.bo is not None:
             out = out + w.bo
