@@ -268,6 +268,9 @@ class Index:
                 if node.value.startswith("--"):
                     self.options.add(node.value.split("=")[0])
 
+    def modules_paths(self) -> list[Path]:
+        return [m.path for m in self.modules.values()]
+
     def module(self, dotted: str) -> Module | None:
         return self.modules.get(dotted)
 

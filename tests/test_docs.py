@@ -218,3 +218,34 @@ def test_a_broken_doc_fails(tmp_path):
                 "rsync -a a b"):
         with pytest.raises(AssertionError):
             doccheck.check_block_commands(Block(ROOT / "examples" / "README.md", 1, "bash", bad + "\n"))
+
+
+def test_the_profiles_table_is_the_profiles():
+    """benchmarks/README.md's profile table and sampling sentence quote benchmarks/profiles.py."""
+    from mhabench.benchmarks.profiles import PROFILES
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \|(.*)$", text, re.M) if m.group(1) in PROFILES}
+    assert set(rows) == set(PROFILES), f"the profile table lists {sorted(rows)}, the profiles are {sorted(PROFILES)}"
+    for name, row in rows.items():
+        profile = PROFILES[name]
+        cells = [c.strip() for c in row.split("|")]
+        lengths = [int(n) for n in re.findall(r"\d+", cells[1].split("(")[0])]
+        assert (lengths[0], lengths[-1]) == (min(profile.seq_lens), max(profile.seq_lens)), \
+            f"{name}: the table says L = {lengths[0]} ... {lengths[-1]}, the profile {profile.seq_lens}"
+        assert [int(n) for n in re.findall(r"\d+", cells[2])] == list(profile.num_heads), f"{name}: heads"
+        for cls in re.findall(r"`(\w+Attention)`", cells[0]):
+            assert not profile.classes or cls in profile.classes, f"{name}: {cls}"
+        sampling = profile.sampling
+        quoted = f"{sampling.max_samples} samples or {sampling.max_seconds:g} s"
+        assert quoted in text, f"{name}: its sampling stops at {quoted}; the README does not say so"
+
+
+def test_references_to_readme_sections_exist():
+    """A file that sends the reader to a README section ('see README, "Nightly runs"') names one that exists."""
+    headings = {h.strip().lower() for h in re.findall(r"^#+ (.*)$", (ROOT / "README.md").read_text(), re.M)}
+    problems = []
+    for path in [*ROOT.glob(".github/**/*.yml"), *ROOT.glob(".ci/*"), *doccheck.index().modules_paths()]:
+        for section in re.findall(r'README(?:\.md)?, "([^"]+)"', path.read_text()):
+            if section.strip().lower() not in headings:
+                problems.append(f"{_rel(path)}: README has no section {section!r}")
+    assert not problems, "\n".join(problems)
