@@ -19,14 +19,14 @@ class MyLayer(impls.Layer):
         w = self.weights
 
         def project(x, W, b):  # [B, L, D] -> [B, H, L, k]
-            y = np.einsum("bld,dhk->bhlk", x, W)
+            y = np.einsum("bld,dhk->bhlk", x, W, optimize=True)
             return y if b is None else y + b[None, :, None, :]
 
         group = self.spec.num_heads // self.spec.kv_heads  # grouped-query attention: query heads per K/V head
         q = project(call.query, w.Wq, w.bq)
         k = np.repeat(project(call.key, w.Wk, w.bk), group, axis=1)
         v = np.repeat(project(call.value, w.Wv, w.bv), group, axis=1)
-        logits = np.einsum("bhtk,bhsk->bhts", q, k) / np.sqrt(self.spec.key_dim)
+        logits = np.einsum("bhtk,bhsk->bhts", q, k, optimize=True) / np.sqrt(self.spec.key_dim)
         if call.bias is not None:  # the additive bias, already read to the scores' rank
             logits = logits + call.bias
         allowed = call.allowed()  # True = may attend: mask AND causal AND window AND lengths, or None
@@ -42,7 +42,7 @@ class MyLayer(impls.Layer):
             read = np.broadcast_to(allowed, weights.shape)[..., None]
             heads = np.where(read, weights[..., None] * v[:, :, None], 0.0).sum(axis=3).transpose(0, 2, 1, 3)
         else:
-            heads = np.einsum("bhts,bhsv->bthv", weights, v)
+            heads = np.einsum("bhts,bhsv->bthv", weights, v, optimize=True)
         out = np.tensordot(heads, w.Wo, axes=([2, 3], [0, 1]))
         if w.bo is not None:
             out = out + w.bo

@@ -249,3 +249,11 @@ def test_references_to_readme_sections_exist():
             if section.strip().lower() not in headings:
                 problems.append(f"{_rel(path)}: README has no section {section!r}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_exit_status_table_lists_every_command():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Exit status"):]
+    section = section[:section.index("\n## ")]
+    listed = set(re.findall(r"^\| `mhabench (\w+)`", section, re.M))
+    assert listed == set(doccheck.subparsers()), f"the exit status table lists {sorted(listed)}"
