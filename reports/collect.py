@@ -181,7 +181,9 @@ def verdict(data: ReportData) -> list[str]:
         c = data.comparison
         lines.append(f"comparison B/A: {len(c.regressions)} regressions, {len(c.improvements)} improvements "
                      f"past ±{c.threshold:.0%} and the runs' noise in {len(c.table)} shared benchmarks; "
-                     f"{len(c.conformance_changes)} conformance rows changed status")
+                     f"{len(c.conformance_changes)} conformance rows changed status"
+                     + (f"; {len(c.not_run_in_b)} benchmarks of A not run in B (outside its selection)"
+                        if len(c.not_run_in_b) else ""))
         if data.comparison_only:
             return lines
     if data.conformance is not None:
