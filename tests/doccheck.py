@@ -563,6 +563,7 @@ def check_block_commands(block: Block) -> None:
 PATH_SUFFIXES = (".py", ".toml", ".json", ".jsonl", ".csv", ".md", ".txt", ".yml", ".html", ".cfg", ".conf")
 IDENTIFIER = re.compile(r"[A-Za-z_][\w]*\*?(\(\))?")
 DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_*][\w*]*)+(\(\))?")
+BENCHMARK_METHOD = re.compile(r"(track|time|peakmem|mem)_[\w*]+")
 ADAPTER = re.compile(r"[a-z_]+(@[a-z]+)?(\+[a-z_]+)?")
 
 
@@ -581,20 +582,13 @@ def check_path(span: str, doc: Path) -> str | None:
         if list(ROOT.glob(str(target.resolve().relative_to(ROOT)))) if "*" in pattern else target.exists():
             return None
     name = pattern.rsplit("/", 1)[-1]
-    if "/" not in pattern and any(fnmatch.fnmatchcase(f, name) for f in repository_files()):
-        return None  # a file named by itself, in a sentence that says where
+    if "/" not in pattern and any(True for _ in doc.parent.rglob(pattern) if SKIP_DIRS.isdisjoint(_.parts)):
+        return None  # a file named by itself, under the document's folder, in a sentence that says where
+    if name.endswith(".py"):
+        return f"{span}: no such module in the repository"
     if index().has_file_named(name) or index().has_file_named(name.rsplit(".", 1)[0]):
         return None  # a file the project writes (results, reports) or names
     return f"{span}: no such file in the repository, and nothing in the project writes one of that name"
-
-
-@functools.lru_cache(maxsize=None)
-def repository_files() -> frozenset:
-    names = set()
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".") or d in (".github", ".ci")]
-        names.update(files)
-    return frozenset(names)
 
 
 def check_span(span: str, doc: Path) -> str | None:
@@ -610,6 +604,8 @@ def check_span(span: str, doc: Path) -> str | None:
         return f"{option}: no such option of mhabench, its modules or pytest"
     if " " in span or span.startswith("-"):
         return None
+    if re.search(r"\b[A-Z]{3,}\b", span) and (":" in span or not span.endswith(PATH_SUFFIXES)):
+        return None  # a form with placeholders (FILE.py:CLASS), not a name
     if "/" in span or span.endswith(PATH_SUFFIXES):
         return check_path(span, doc)
     if ("+" in span or "@" in span) and ADAPTER.fullmatch(span):
@@ -620,6 +616,10 @@ def check_span(span: str, doc: Path) -> str | None:
         if found is None or found:
             return None
         return f"{span}: the project has no such module, class, function or attribute"
+    if BENCHMARK_METHOD.fullmatch(span):  # an asv benchmark method: one the benchmark classes have
+        methods = {n.rsplit(".", 1)[1] for n in benchmark_names()}
+        return None if any(fnmatch.fnmatchcase(m, span) or m.startswith(span) for m in methods) else \
+            f"{span}: no benchmark method of that name ({', '.join(sorted(methods))})"
     if IDENTIFIER.fullmatch(span) and ("_" in span or span.endswith("()") or span.isupper()):
         word = span.removesuffix("()")
         if "*" in word:

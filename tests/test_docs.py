@@ -196,7 +196,9 @@ def test_a_broken_doc_fails(tmp_path):
     doc = tmp_path / "README.md"
     doc.write_text("x\n")
     assert doccheck.check_span("flops.CAUSAL_SKIPS", doc)
-    assert doccheck.check_span("track_teraflops_*", doc)
+    assert doccheck.check_span("track_gflops_*", doc)
+    assert doccheck.check_span("memory.py", ROOT / "benchmarks" / "README.md")
+    assert not doccheck.check_span("memory.py", ROOT / "README.md")
     assert doccheck.check_span("--no-such-option", doc)
     assert doccheck.check_span("../shared/DESIGN.md", ROOT / "conformance" / "README.md")
     assert doccheck.check_span("benchmarks/memory.py", doc)
@@ -257,3 +259,10 @@ def test_the_exit_status_table_lists_every_command():
     section = section[:section.index("\n## ")]
     listed = set(re.findall(r"^\| `mhabench (\w+)`", section, re.M))
     assert listed == set(doccheck.subparsers()), f"the exit status table lists {sorted(listed)}"
+
+
+def test_the_example_readme_says_how_to_opt_into_every_modern_feature():
+    from mhabench.impls.base import EXTENSION_FEATURES
+    text = (ROOT / "examples" / "README.md").read_text()
+    assert "supported_extensions" in text
+    assert [f for f in EXTENSION_FEATURES if f"`{f}`" not in text] == []
