@@ -74,3 +74,15 @@ def test_the_command_exits_1_strict_and_0_without_and_writes_the_report_either_w
     assert "strict: " in capsys.readouterr().err
     assert (tmp_path / "b" / "index.html").is_file()
     assert cli.main(["report", "--strict", "--results", str(_green(tmp_path / "g")), "--out", str(tmp_path / "c")]) == 0
+
+
+@pytest.mark.parametrize("fixture, strict, expected", [("mixed", True, 1), ("mixed", False, 0), ("green", True, 0)])
+def test_the_command_s_exit_status(tmp_path, monkeypatch, capsys, fixture, strict, expected):
+    """The command's exit path, with the page's build left out (the slow test below builds it)."""
+    from mhabench.commands import report
+    root = _green(tmp_path) if fixture == "green" else _copy(fixture, tmp_path)
+    paths = {"html": tmp_path / "index.html", "markdown": tmp_path / "summary.md"}
+    monkeypatch.setattr(report, "build", lambda results, *args: (reports.collect([Path(r) for r in results]), paths))
+    argv = ["report", *(["--strict"] if strict else []), "--results", str(root), "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == expected
+    assert ("strict: " in capsys.readouterr().err) == bool(expected)
