@@ -266,3 +266,16 @@ def test_the_example_readme_says_how_to_opt_into_every_modern_feature():
     text = (ROOT / "examples" / "README.md").read_text()
     assert "supported_extensions" in text
     assert [f for f in EXTENSION_FEATURES if f"`{f}`" not in text] == []
+
+
+@pytest.mark.slow
+def test_the_example_passes_the_whole_matrix(tmp_path):
+    """examples/my_attention.py over the whole default matrix (its README runs the reduced one): no fail or error
+    row, S = 0 and NaN in masked values included."""
+    shutil.copy(ROOT / "examples" / "my_attention.py", tmp_path / "my_attention.py")
+    done = subprocess.run([sys.executable, "-m", "mhabench", "conform", "--adapter", "my_attention:MyAttention",
+                           "--adapters", "my_attention", "--results", str(tmp_path / "results")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    rows = json.loads((tmp_path / "results" / "conformance" / "results.json").read_text())["rows"]
+    bad = [r["row_id"] for r in rows if r["status"] in ("fail", "error")]
+    assert done.returncode == 0 and len(rows) > 5000 and not bad, (bad[:5], done.stderr[-2000:])
