@@ -332,9 +332,19 @@ def cli_options() -> frozenset:
 
 
 @functools.lru_cache(maxsize=None)
+def builtin_adapter_names() -> frozenset:
+    """The registry's adapters as a fresh process sees them, less the installed entry-point plugins (tests in
+    this process may have registered adapters of their own)."""
+    script = ("from importlib.metadata import entry_points; from mhabench.impls import registry; "
+              "plugins = {e.name for e in entry_points(group=registry.ENTRY_POINT_GROUP)}; "
+              "print('\\n'.join(n for n in registry.list_adapters() if n not in plugins))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return frozenset(done.stdout.split())
+
+
 def adapter_names() -> frozenset:
-    from mhabench.impls import registry
-    return frozenset(registry.list_adapters()) | frozenset(entry_point_names())
+    return builtin_adapter_names() | frozenset(entry_point_names())
 
 
 def entry_point_names() -> list[str]:
