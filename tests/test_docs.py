@@ -279,3 +279,12 @@ def test_the_example_passes_the_whole_matrix(tmp_path):
     rows = json.loads((tmp_path / "results" / "conformance" / "results.json").read_text())["rows"]
     bad = [r["row_id"] for r in rows if r["status"] in ("fail", "error")]
     assert done.returncode == 0 and len(rows) > 5000 and not bad, (bad[:5], done.stderr[-2000:])
+
+
+def test_the_columns_a_row_is_said_to_record_are_its_fields():
+    """conformance/README.md names the figures of a row: each is a column of rows.jsonl / results.csv."""
+    from mhabench.schema import FIELDS
+    text = (ROOT / "conformance" / "README.md").read_text()
+    paragraph = text[text.index("Each row records"):].split("\n\n")[0]
+    named = [n for n in re.findall(r"`(\w+)`", paragraph) if n not in ("reference", "floor", "rounding")]
+    assert len(named) >= 6 and [n for n in named if n not in FIELDS] == []
