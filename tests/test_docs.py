@@ -288,3 +288,19 @@ def test_the_columns_a_row_is_said_to_record_are_its_fields():
     paragraph = text[text.index("Each row records"):].split("\n\n")[0]
     named = [n for n in re.findall(r"`(\w+)`", paragraph) if n not in ("reference", "floor", "rounding")]
     assert len(named) >= 6 and [n for n in named if n not in FIELDS] == []
+
+
+def test_the_plugin_example_passes_the_reduced_matrix(tmp_path):
+    """examples/mhabench_plugin_example's adapter, as its entry point names it, through conform --quick: no
+    fail or error row (installed, its entry point gives the name; here a subclass does)."""
+    (tmp_path / "wrapper.py").write_text("from mhabench_plugin_example import LoopAdapter\n\n\n"
+                                         "class ExampleLoop(LoopAdapter):\n    name = 'example_loop'\n")
+    source = ROOT / "examples" / "mhabench_plugin_example" / "src"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(source), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "mhabench", "conform", "--adapter", "wrapper.py:ExampleLoop",
+                           "--adapters", "example_loop", "--quick", "--results", str(tmp_path / "results")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    rows = json.loads((tmp_path / "results" / "conformance" / "results.json").read_text())["rows"]
+    bad = [r["row_id"] for r in rows if r["status"] in ("fail", "error")]
+    assert done.returncode == 0 and rows and not bad, (bad[:5], done.stderr[-2000:])
+    assert any(r["status"] == "pass" and r["area"] == "modern" for r in rows)
