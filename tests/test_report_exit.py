@@ -86,3 +86,11 @@ def test_the_command_s_exit_status(tmp_path, monkeypatch, capsys, fixture, stric
     argv = ["report", *(["--strict"] if strict else []), "--results", str(root), "--out", str(tmp_path / "out")]
     assert cli.main(argv) == expected
     assert ("strict: " in capsys.readouterr().err) == bool(expected)
+
+
+def test_a_journal_with_no_readable_line_is_reported_not_a_traceback(tmp_path):
+    root = _green(tmp_path)
+    (root / "conformance" / "results.json").unlink()
+    (root / "conformance" / "rows.jsonl").write_text("{not json\n")
+    failures = " | ".join(reports.strict_failures(reports.collect(root)))
+    assert "INCOMPLETE" in failures and "unreadable" in failures
