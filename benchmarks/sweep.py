@@ -764,6 +764,11 @@ def _dry_run(plan, config, commit, options, say) -> int:
     return 0
 
 
+def skips_note(layout) -> str:
+    """Where the skip reasons are, named only when the run wrote any (an empty log is never created)."""
+    return f", skip reasons in {layout.skips}" if layout.skips.is_file() else ", nothing skipped"
+
+
 def bench_plan(options: Options, plan: list[Chunk], selected: int, commit: str) -> dict:
     """What bench/plan.json records: the benchmarks this run set out to measure, and of how many in all."""
     out = {"profile": options.profile, "commit": commit, "machine": options.machine,
@@ -789,8 +794,8 @@ def _run_chunks(sweep: Run, plan: list[Chunk], chosen: set) -> int:
             tally.add(chunk.key, len(chunk.benchmarks))
             say(f"mhabench bench: {tally.line()}")
     sweep.remeasure(chosen)
-    say(f"mhabench bench: done in {time.monotonic() - sweep.started:.0f} s; results in {sweep.layout.asv}, "
-        f"skip reasons in {sweep.layout.skips}"
+    say(f"mhabench bench: done in {time.monotonic() - sweep.started:.0f} s; results in {sweep.layout.asv}"
+        + skips_note(sweep.layout)
         + (f"; {sweep.failures} chunk(s) had failing benchmarks" if sweep.failures else ""))
     return 1 if sweep.failures else 0
 
@@ -857,7 +862,7 @@ def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
     say(f"mhabench bench: done in {spent:.0f} s of a {options.budget:.0f} s budget; "
         f"{sum(not_run.values())} benchmarks not run (budget)"
         + (": " + ", ".join(f"{a} {n}" for a, n in not_run.items()) if not_run else "")
-        + f"; results in {layout.asv}, skip reasons in {layout.skips}"
+        + f"; results in {layout.asv}" + skips_note(layout)
         + (f"; {sweep.failures} step(s) had failing benchmarks" if sweep.failures else ""))
     return 1 if sweep.failures else 0
 

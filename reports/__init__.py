@@ -3,7 +3,7 @@
 Reads only result files, so a report can be built where no framework is installed.
 """
 from .build import build_report, write_report
-from .collect import collect, verdict
+from .collect import collect, strict_failures, verdict
 from .compare import compare
 from .load import ResultsError, load_benchmarks, load_conformance, load_results
 

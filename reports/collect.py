@@ -154,6 +154,20 @@ def alarms(data: ReportData) -> list[str]:
     return lines
 
 
+def strict_failures(data: ReportData) -> list[str]:
+    """Why ``mhabench report --strict`` exits 1: the alarms (error and fail rows, stale catalogue entries, red
+    kernel switch settings), an incomplete conformance run (a missing shard, rows missing against the plan),
+    result lines that could not be read, and with ``--compare`` the regressions. Empty when the run is green."""
+    lines = alarms(data)
+    if data.conformance is not None and not data.comparison_only:
+        lines += [line for line in completeness(data.conformance) if line.startswith("INCOMPLETE")]
+    if data.problems:
+        lines.append(f"{len(data.problems)} unreadable line(s) in the results, first {data.problems[0]}")
+    if data.comparison is not None and len(data.comparison.regressions):
+        lines.append(f"{len(data.comparison.regressions)} regressions in B against A")
+    return lines
+
+
 def _short(text, limit: int = 200) -> str:
     text = " ".join(str(text or "").split())
     return text if len(text) <= limit else text[:limit - 1] + "…"
@@ -167,7 +181,9 @@ def verdict(data: ReportData) -> list[str]:
         c = data.comparison
         lines.append(f"comparison B/A: {len(c.regressions)} regressions, {len(c.improvements)} improvements "
                      f"past ±{c.threshold:.0%} and the runs' noise in {len(c.table)} shared benchmarks; "
-                     f"{len(c.conformance_changes)} conformance rows changed status")
+                     f"{len(c.conformance_changes)} conformance rows changed status"
+                     + (f"; {len(c.not_run_in_b)} benchmarks of A not run in B (outside its selection)"
+                        if len(c.not_run_in_b) else ""))
         if data.comparison_only:
             return lines
     if data.conformance is not None:

@@ -20,11 +20,14 @@ judged on its own: it takes its time's verdict ("follows time").
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from mhabench import results
 
 from .load import Benchmarks, Conformance, ResultsError, load_benchmarks, load_conformance
 
@@ -61,6 +64,11 @@ class Comparison:
     @property
     def regressions(self) -> pd.DataFrame:
         return self.table[self.table["change"].isin(["regression", "failed in B"])]
+
+    @property
+    def not_run_in_b(self) -> pd.DataFrame:
+        """Benchmarks A measured that B did not set out to run (outside B's selection): not regressions."""
+        return self.table[self.table["change"] == "not run in B"]
 
     @property
     def improvements(self) -> pd.DataFrame:
@@ -147,6 +155,23 @@ def classify(a: dict, b: dict, factor: float, moved: Drift = Drift()) -> tuple[s
 DERIVED = {"track_gflops_forward": "time_forward", "track_gflops_forward_backward": "time_forward_backward"}
 
 
+def selected(bench: Benchmarks):
+    """Whether a run set out to measure a benchmark (``{"benchmark", "params_key", "adapter"}``): inside the
+    selection its bench/plan.json records (``--adapters``, ``--bench``), or, with no plan, an adapter of which
+    it measured anything. A benchmark outside it is "not run" there, never "failed": comparing a whole run
+    with a run of two adapters is not hundreds of regressions."""
+    try:
+        plan = results.read_json(results.Layout(Path(bench.source).parent).bench_plan)
+    except (OSError, ValueError):
+        plan = None
+    if isinstance(plan, dict) and plan.get("adapters"):
+        adapters, pattern = set(plan["adapters"]), plan.get("bench")
+        return lambda record: record["adapter"] in adapters and (
+            not pattern or re.search(pattern, f"{record['benchmark']}({record['params_key']})") is not None)
+    measured = set(bench.results.loc[np.isfinite(bench.results["value"]), "adapter"].dropna())
+    return lambda record: record["adapter"] in measured
+
+
 def compare_benchmarks(bench_a: Benchmarks, bench_b: Benchmarks, threshold: float = DEFAULT_THRESHOLD):
     """The comparison table, the number measured only in A and only in B, and the drift per unit (log space)."""
     if not 0 <= threshold < 10:
@@ -169,8 +194,14 @@ def compare_benchmarks(bench_a: Benchmarks, bench_b: Benchmarks, threshold: floa
     if "GFLOP/s" in drifts:  # older results hold GFLOP/s as asv benchmarks of their own: it follows the time
         del drifts["GFLOP/s"]
     rows, verdicts = [], {}
+    in_a, in_b = selected(bench_a), selected(bench_b)
     for rec_a, rec_b, record in pairs:
         change, ratio, worse, noise = classify(rec_a, rec_b, factor, drifts.get(rec_a["unit"], Drift()))
+        record = {**record, "adapter": record.get("adapter_a", record.get("adapter"))}
+        if change == "failed in B" and not in_b(record):
+            change, worse = "not run in B", 0.0
+        elif change == "fixed in B" and not in_a(record):
+            change = "not run in A"
         verdicts[(record["benchmark"].rpartition(".")[0], rec_a["method"], record["params_key"])] = change
         rows.append({
             "benchmark": record["benchmark"], "params": record["params_key"], "method": rec_a["method"],

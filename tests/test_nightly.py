@@ -231,6 +231,10 @@ def test_the_nightly_steps_run_here_and_the_merge_equals_the_unsharded_run(tmp_p
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode == 0, missing.stderr
     assert "INCOMPLETE: machine nightly-cpu: shard 2/3 missing" in missing.stdout
+    strict = subprocess.run([sys.executable, "-m", "mhabench", "report", "--strict", "--results", str(shard_dirs[0]),
+                             str(shard_dirs[2]), "--out", str(tmp_path / "partial")], env={**os.environ, **overrides},
+                            capture_output=True, text=True, timeout=600)
+    assert strict.returncode == 1 and "strict: INCOMPLETE" in strict.stderr, strict.stderr  # what the workflow fails on
 
     # the next night compares with this one
     local.run_id = 2

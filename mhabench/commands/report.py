@@ -28,6 +28,10 @@ def register(parser):
                              "regressions and improvements flagged")
     parser.add_argument("--threshold", type=float, default=10.0, metavar="PERCENT",
                         help="smallest change flagged by --compare, in percent (default: 10)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when the results are red or incomplete: fail or error rows, stale catalogue "
+                             "entries, a missing shard or planned rows missing, unreadable result lines, and with "
+                             "--compare any regression (the report is written either way)")
 
 
 def _percent(value: float) -> float:
@@ -69,6 +73,11 @@ def main(args) -> int:
         _print_comparison(data.comparison)
     print(f"report: {paths['html'].resolve()}")
     print(f"summary: {paths['markdown'].resolve()}")
+    if args.strict:
+        failures = reports.strict_failures(data)
+        for line in failures:
+            print(printable(f"strict: {line}"), file=sys.stderr)
+        return 1 if failures else 0
     return 0
 
 
