@@ -86,7 +86,9 @@ def _scratch(block: Block, tmp_path: Path) -> Path:
 
 def _run_shell(block: Block, tmp_path: Path) -> None:
     cwd = _scratch(block, tmp_path)
-    env = dict(os.environ, MHABENCH_CACHE_DIR=str(tmp_path / "cache"))
+    # the documented commands as a user with this environment activated runs them: its scripts first on PATH
+    env = dict(os.environ, MHABENCH_CACHE_DIR=str(tmp_path / "cache"),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     for line in doccheck.command_lines(block.source):
         done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (f"{block.where}: {line.strip()} exited {done.returncode}\n"
