@@ -452,6 +452,18 @@ class Results:
         return max(0, int(self.plan.get("rows", 0)) - len(self.rows))
 
 
+def _optional_json(path: Path, problems: list[str], shape=lambda value: value):
+    """``shape`` of the JSON in ``path``; None when there is no such file or it cannot be read or shaped (the
+    reason joins ``problems``): a reader of a results directory keeps going past one damaged file."""
+    if not path.is_file():
+        return None
+    try:
+        return shape(read_json(path))
+    except (ValueError, TypeError) as exc:
+        problems.append(str(exc))
+        return None
+
+
 def read_results(root: str | os.PathLike) -> Results | None:
     """The conformance results under ``root`` (a results directory); None when there are none.
 
@@ -462,29 +474,15 @@ def read_results(root: str | os.PathLike) -> Results | None:
     if not layout.conformance.is_dir():
         return None
     problems: list[str] = []
-    plan = None
-    if layout.plan.is_file():
-        try:
-            plan = read_json(layout.plan)
-        except ValueError as exc:
-            problems.append(str(exc))
-        if not isinstance(plan, dict):
-            plan = None
-    catalogue = []
-    if layout.catalogue.is_file():
-        try:
-            catalogue = list(read_json(layout.catalogue))
-        except (ValueError, TypeError) as exc:
-            problems.append(str(exc))
-    portability = None
-    if layout.portability.is_file():
-        try:
-            portability = read_json(layout.portability)
-            if not isinstance(portability, dict) or not isinstance(portability.get("changes"), list):
-                raise ValueError(f"{layout.portability} has no 'changes' list")
-        except ValueError as exc:
-            problems.append(str(exc))
-            portability = None
+    plan = _optional_json(layout.plan, problems)
+    plan = plan if isinstance(plan, dict) else None
+    catalogue = _optional_json(layout.catalogue, problems, list) or []
+
+    def portability_table(value):
+        if not isinstance(value, dict) or not isinstance(value.get("changes"), list):
+            raise ValueError(f"{layout.portability} has no 'changes' list")
+        return value
+    portability = _optional_json(layout.portability, problems, portability_table)
     run = (plan or {}).get("run")
     if layout.rows.is_file():  # the journal: results.json is read for its meta only (it may be a GB of rows)
         summary_meta = None
