@@ -180,7 +180,8 @@ def _tidy_conformance(batches) -> pd.DataFrame:
     for name in [*results.FIELDS, *(n for n in parts if n not in results.FIELDS)]:
         arrays = parts.pop(name, [])  # joined one field at a time, each batch's arrays let go as it goes
         have = sum(len(a) for a in arrays)
-        columns[name] = np.concatenate(arrays + ([_blank(name, count - have)] if count > have else []))
+        # a field no batch wrote (no batch at all: a run killed before its first row) is blank throughout
+        columns[name] = np.concatenate(arrays + ([_blank(name, count - have)] if count > have or not arrays else []))
         del arrays
     rows = pd.DataFrame(columns)
     if rows["row_id"].duplicated().any():

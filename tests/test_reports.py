@@ -373,6 +373,27 @@ def test_a_run_killed_after_a_finished_one_is_incomplete_not_the_old_summary(tmp
     assert f"conformance: 1 adapters, {len(journal)} rows" in out
 
 
+def test_a_run_killed_before_its_first_row_is_reported_as_incomplete_with_no_rows(tmp_path, monkeypatch, capsys):
+    """A second run killed before it wrote a row (its frameworks still starting) leaves a plan and an empty
+    journal: the report says so in one line, without the first run's rows and without a traceback."""
+    from mhabench.conformance import session
+    root = tmp_path / "r"
+    plan = session.make_plan("numpy_oracle", "float32", "masks")
+    session.run(plan, root, jobs=1)
+
+    def killed_before_any_row(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(session, "run_rows", killed_before_any_row)
+    with pytest.raises(KeyboardInterrupt):
+        session.run(plan, root, jobs=1)
+    assert (root / "conformance" / "rows.jsonl").read_text() == ""
+    assert cli.main(["report", "--results", str(root), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"is an earlier run's and is not counted): 0 of {plan.rows} planned rows present" in out
+    assert "conformance: 0 adapters, 0 rows" in out
+    assert (tmp_path / "out" / "index.html").read_text().rstrip().endswith("</html>")
+
+
 def test_a_report_the_disk_cannot_hold_leaves_the_previous_one_whole(tmp_path, monkeypatch, capsys):
     import errno
     import os
