@@ -514,17 +514,15 @@ def version_changes(rows: pd.DataFrame) -> pd.DataFrame:
     again = rows[rows.duplicated(place, keep=False)]  # a merge keeps a row id twice on a place only per version
     if again.empty:
         return pd.DataFrame(columns=columns)
-    again = again.assign(device=again["device"].fillna(""), _outcome=again["status"] + again["divergence"].map(
-        lambda d: f" ({d})" if isinstance(d, str) else ""), _version=again["framework_version"].fillna("not recorded"))
-    out = []
-    for (machine, device, row_id), group in again.groupby(place, sort=False):
-        if group["_outcome"].nunique() < 2:
-            continue
-        first = group.iloc[-1]
-        out.append({"machine": machine, "device": device, "adapter": first["adapter"], "row_id": row_id,
-                    "case": first["case"], "dtype": first["dtype"], "quantity": first["quantity"],
-                    "versions": " → ".join(group["_version"]), "outcomes": " → ".join(group["_outcome"])})
-    return pd.DataFrame(out, columns=columns)
+    named = again["divergence"].notna()
+    again = again.assign(device=again["device"].fillna(""), _version=again["framework_version"].fillna("not recorded"),
+                         _outcome=again["status"].where(~named, again["status"] + " (" + again["divergence"] + ")"))
+    changed = again[again.groupby(place, sort=False)["_outcome"].transform("nunique") > 1]
+    joined = lambda values: " → ".join(values)  # in the rows' order: the runs', oldest first
+    table = changed.groupby(place, sort=False).agg(
+        adapter=("adapter", "last"), case=("case", "last"), dtype=("dtype", "last"), quantity=("quantity", "last"),
+        versions=("_version", joined), outcomes=("_outcome", joined))
+    return table.reset_index()[columns]
 
 
 def _facts(value) -> dict:
