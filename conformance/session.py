@@ -362,10 +362,12 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     checks = entries.check(rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
     for line in switch_warnings(plan, rows):
         warn(line)
+    # results.json says the run reached its end, so it is written last: a disk that fills at the catalogue
+    # leaves the run to --resume, never a "complete" run checked against no catalogue or an earlier one
+    results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     results.write_results(layout.root, rows, {**results.meta(versions(adapters_run), machine=machine,
                                                              facts=machine_facts(adapters_run),
                                                              switches=plan.switches), "run": run_id})
-    results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
 
 

@@ -245,7 +245,9 @@ def status_chart(summary: pd.DataFrame) -> str | None:
     if summary.empty:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(summary) + 1.4))
-    names = [plain(a) for a in summary["adapter"]]
+    several = summary["adapter"].duplicated(keep=False)  # an adapter with a line per framework version
+    names = [plain(f"{a} ({v})" if twice else a)
+             for a, v, twice in zip(summary["adapter"], summary["framework_version"], several)]
     left = np.zeros(len(summary))
     for status, colour in STATUS_COLOURS.items():
         counts = summary[status].to_numpy(dtype=float)

@@ -88,6 +88,7 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         data.tables["agreement"] = tables.agreement(rows, conformance.catalogue)
         data.tables["machines"] = tables.machine_matrix(rows)
         data.tables["cross_machine"] = tables.cross_machine(rows, tables.machine_facts_map(conformance))
+        data.tables["version_changes"] = tables.version_changes(rows)
         data.tables["machine_facts"] = tables.machine_facts_table(conformance)
         data.tables["kernel_facts"] = tables.kernel_facts(rows)
         data.tables["portability"], data.tables["portability_changes"] = tables.portability(conformance)
@@ -183,7 +184,8 @@ def verdict(data: ReportData) -> list[str]:
                      f"past ±{c.threshold:.0%} and the runs' noise in {len(c.table)} shared benchmarks; "
                      f"{len(c.conformance_changes)} conformance rows changed status"
                      + (f"; {len(c.not_run_in_b)} benchmarks of A not run in B (outside its selection)"
-                        if len(c.not_run_in_b) else ""))
+                        if len(c.not_run_in_b) else "")
+                     + (f"; framework versions changed: {', '.join(c.versions_changed)}" if c.versions_changed else ""))
         if data.comparison_only:
             return lines
     if data.conformance is not None:

@@ -50,6 +50,11 @@ class Comparison:
     conf_a: Conformance | None
     conf_b: Conformance | None
 
+    @property
+    def versions_changed(self) -> list[str]:
+        """The framework versions that changed from A to B, as recorded by the conformance runs."""
+        return version_changes(self.conf_a, self.conf_b)
+
     def rule(self) -> str:
         """The flagging rule in words, with how B moved from A as a whole per unit."""
         moved = "; ".join(f"{unit}: B moved {math.expm1(d.shift):+.1%} as a whole, scatter {math.expm1(d.scatter):.1%} "
@@ -232,16 +237,33 @@ def _interval(record: dict) -> str:
     return f"[{record['ci_low']:.4g}, {record['ci_high']:.4g}]"
 
 
+CONFORMANCE_CHANGE_COLUMNS = ["row_id", "adapter", "status_a", "status_b", "framework_version_a",
+                              "framework_version_b", "error_ratio_a", "error_ratio_b"]
+
+
 def compare_conformance(conf_a: Conformance, conf_b: Conformance) -> pd.DataFrame:
-    """Rows whose status changed between A and B (matched on row_id)."""
-    columns = ["row_id", "adapter", "status_a", "status_b", "error_ratio_a", "error_ratio_b"]
+    """Rows whose status changed between A and B (matched on row_id), each beside the framework version that
+    computed it on either side: an upgrade between two nights shows next to the verdicts it changed."""
     a = conf_a.rows.dropna(subset=["row_id"]).drop_duplicates("row_id", keep="last").set_index("row_id")
     b = conf_b.rows.dropna(subset=["row_id"]).drop_duplicates("row_id", keep="last").set_index("row_id")
     common = a.index.intersection(b.index)
     changed = [r for r in common if a.at[r, "status"] != b.at[r, "status"]]
+    version = lambda side, r: side.at[r, "framework_version"] if "framework_version" in side else None
     return pd.DataFrame([{"row_id": r, "adapter": b.at[r, "adapter"], "status_a": a.at[r, "status"],
-                          "status_b": b.at[r, "status"], "error_ratio_a": a.at[r, "error_ratio"],
-                          "error_ratio_b": b.at[r, "error_ratio"]} for r in changed], columns=columns)
+                          "status_b": b.at[r, "status"], "framework_version_a": version(a, r),
+                          "framework_version_b": version(b, r), "error_ratio_a": a.at[r, "error_ratio"],
+                          "error_ratio_b": b.at[r, "error_ratio"]} for r in changed],
+                        columns=CONFORMANCE_CHANGE_COLUMNS)
+
+
+def version_changes(conf_a: Conformance | None, conf_b: Conformance | None) -> list[str]:
+    """The distributions whose recorded version differs between A's and B's conformance runs (meta
+    ``versions``), as "torch 2.12.1 -> 2.13.0"; "(none)" for a side that did not record it."""
+    recorded = [c.meta.get("versions") if c is not None and isinstance(c.meta.get("versions"), dict) else {}
+                for c in (conf_a, conf_b)]
+    a, b = recorded
+    return [f"{name} {a.get(name) or '(none)'} -> {b.get(name) or '(none)'}"
+            for name in sorted(set(a) | set(b)) if a.get(name) != b.get(name)]
 
 
 def _load_side(path: Path, label: str):
@@ -269,7 +291,7 @@ def compare(path_a: Path, path_b: Path, threshold: float = DEFAULT_THRESHOLD) ->
     if bench_a is not None and bench_b is not None:
         table, only_a, only_b, drifts = compare_benchmarks(bench_a, bench_b, threshold)
     changes = compare_conformance(conf_a, conf_b) if conf_a is not None and conf_b is not None \
-        else pd.DataFrame(columns=["row_id", "adapter", "status_a", "status_b", "error_ratio_a", "error_ratio_b"])
+        else pd.DataFrame(columns=CONFORMANCE_CHANGE_COLUMNS)
     shared_rows = (conf_a is not None and conf_b is not None
                    and len(set(conf_a.rows["row_id"].dropna()) & set(conf_b.rows["row_id"].dropna())) > 0)
     if table.empty and not shared_rows:

@@ -137,8 +137,17 @@ def section_conformance(data: ReportData) -> str:
     out.append("<h3>Per adapter</h3>")
     out.append(figure(charts.status_chart(summary), "conformance rows per adapter, by status"))
     out.append(table(summary, ["adapter", "kernel", "framework", "framework_version", *STATUSES, "total",
-                               "pass_rate", "divergences"],
+                               "pass_rate", "divergences", *(["machines"] if _machines(data) > 1 else [])],
                      cell=lambda c, v, r: f'<td class="num">{v:.1%}</td>' if c == "pass_rate" and v == v else None))
+    changes = data.tables.get("version_changes")
+    if summary["adapter"].duplicated().any():
+        out.append(f"<h3 id='version-changes'>The same adapter and case, a different verdict per framework version "
+                   f"({len(changes)})</h3><p class='muted'>The results hold rows of an adapter computed by several "
+                   "versions of its framework: each version's rows are kept, with a line per version above. Here, "
+                   "the rows whose verdict differs between versions on one machine and device; between machines, "
+                   "the Machines section names the versions in <code>differs</code>.</p>")
+        out.append(table(changes, limit=DRILL_DOWN_LIMIT, row_class=None) if not changes.empty else
+                   "<p class='muted'>Every version gives the same verdict on every case.</p>")
     out.append("<h3>Matrix: adapter × area</h3>")
     out.append("<p class='legend'>" + "".join(f"<span class='{s}'>{s}</span>" for s in STATUSES)
                + " · a cell is coloured by its worst status; r = worst error ratio "

@@ -596,11 +596,17 @@ def conformance_machine(meta: dict, asv_machines: list[str], override: str | Non
     return " + ".join(str(meta[k]) for k in ("cpu", "gpu") if meta.get(k)) or "unknown"
 
 
-def merge_conformance(parts: list[Conformance]) -> Conformance | None:
-    """Several directories' conformance results as one: each row once per (machine, device, row id).
+MERGE_KEY = ["machine", "device", "row_id", "framework_version"]
 
-    Where two directories hold the same row (overlapping shards, two nights), the newer run's row is kept
-    (meta ``created``; else the directory given later) and the overlap is reported in ``notes``.
+
+def merge_conformance(parts: list[Conformance]) -> Conformance | None:
+    """Several directories' conformance results as one: each row once per (machine, device, row id, framework
+    version).
+
+    Where two directories hold the same row computed by the same framework version (overlapping shards, two
+    nights), the newer run's row is kept (meta ``created``; else the directory given later) and the overlap is
+    reported in ``notes``. Rows computed by different versions of their framework are different results: each
+    version's are kept, and ``notes`` names the versions per machine.
     """
     if not parts:
         return None
@@ -612,15 +618,15 @@ def merge_conformance(parts: list[Conformance]) -> Conformance | None:
         return part
     ordered = sorted(parts, key=lambda p: str(p.meta.get("created") or ""))  # stable: the given order breaks ties
     combined = pd.concat([p.rows for p in ordered], ignore_index=True)
-    key = ["machine", "device", "row_id"]
-    dropped = combined.duplicated(key, keep="last")
+    dropped = combined.duplicated(MERGE_KEY, keep="last")
     notes = []
     for (machine, where), group in combined[dropped].groupby(["machine", "results"], sort=False):
         notes.append(f"machine {machine}: {len(group)} row(s) of {where} also appear in a newer results directory "
-                     f"(overlapping shards or runs); each is counted once, the newer")
+                     f"with the same framework versions (overlapping shards or runs); each is counted once, the newer")
     missing_shards, repeated = shard_notes(parts)
     notes.extend(repeated)
     rows = combined[~dropped].reset_index(drop=True)
+    notes.extend(version_notes(rows))
     planned = [p.planned for p in parts]
     return Conformance(meta=dict(parts[0].meta), rows=rows, catalogue=_merge_catalogues(parts), source=parts[0].source,
                        problems=[q for p in parts for q in p.problems],
@@ -630,14 +636,36 @@ def merge_conformance(parts: list[Conformance]) -> Conformance | None:
                        notes=notes, missing_shards=missing_shards)
 
 
+def version_notes(rows: pd.DataFrame) -> list[str]:
+    """Per machine, the adapters whose rows were computed by more than one version of their framework, each
+    version with the results directories that recorded it (oldest run first, the order of ``rows``)."""
+    if "framework_version" not in rows:
+        return []
+    recorded = rows.loc[rows["framework_version"].notna(), ["machine", "adapter", "framework_version", "results"]]
+    recorded = recorded.drop_duplicates()
+    notes = []
+    for machine, on_machine in recorded.groupby("machine", sort=True):
+        several = on_machine.groupby("adapter")["framework_version"].nunique()
+        adapters = sorted(several[several > 1].index)
+        if not adapters:
+            continue
+        where = on_machine[on_machine["adapter"].isin(adapters)].groupby("framework_version", sort=False)["results"]
+        versions = "; ".join(f"{version} in {', '.join(dict.fromkeys(dirs))}" for version, dirs in where)
+        notes.append(f"machine {machine}: {', '.join(adapters)} ran under several framework versions ({versions}); "
+                     f"each version's rows are kept, side by side")
+    return notes
+
+
 def shard_notes(parts: list[Conformance]) -> tuple[list[str], list[str]]:
-    """(shards missing, shards given twice), per machine and shard count (plan.json's optional "shard")."""
-    groups: dict[tuple[str, int], list] = {}
+    """(shards missing, shards given twice), per machine, framework versions and shard count (plan.json's
+    optional "shard"): the shards of two runs with different versions are two runs, not one shard twice."""
+    groups: dict[tuple, list] = {}
     for part in parts:
         if part.shard is not None:
-            groups.setdefault((part.machine, part.shard[1]), []).append(part)
+            versions = part.meta.get("versions") if isinstance(part.meta.get("versions"), dict) else {}
+            groups.setdefault((part.machine, part.shard[1], _frozen(versions)), []).append(part)
     missing, repeated = [], []
-    for (machine, count), members in sorted(groups.items()):
+    for (machine, count, _versions), members in sorted(groups.items(), key=lambda kv: kv[0][:2]):
         seen = Counter(p.shard[0] for p in members)
         absent = [f"{k}/{count}" for k in range(1, count + 1) if k not in seen]
         if absent:

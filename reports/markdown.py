@@ -146,6 +146,15 @@ def _machines(data: ReportData) -> list[str]:
             md_table(matrix, list(matrix.columns))]
 
 
+def _version_changes(data: ReportData) -> list[str]:
+    if not data.tables["conformance_adapters"]["adapter"].duplicated().any():
+        return []
+    changes = data.tables["version_changes"]
+    return [f"### The same adapter and case, a different verdict per framework version ({len(changes)})", "",
+            md_table(changes, list(changes.columns), limit=SUMMARY_LIMIT) if not changes.empty else
+            "Every version gives the same verdict on every case.", ""]
+
+
 def _portability(data: ReportData) -> list[str]:
     settings, changes = data.tables.get("portability"), data.tables.get("portability_changes")
     if settings is None or settings.empty:
@@ -193,6 +202,7 @@ def render_markdown(data: ReportData) -> str:
         out += ["## Conformance", "",
                 md_table(data.tables["conformance_adapters"], ["adapter", "kernel", "framework_version", *STATUSES,
                                                               "pass_rate", "divergences"], {"pass_rate": _percent}),
+                *_version_changes(data),
                 "### Adapter × area (pass/total)", "", _matrix(data.tables["conformance_matrix"]),
                 *_kernels(data),
                 "## What did not pass", ""]

@@ -159,18 +159,23 @@ def _gqa(spec) -> bool:
 
 
 def adapter_summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per adapter: counts and the pass rate over the rows that ran to a verdict."""
+    """Per adapter and the framework version its rows recorded (a merge of runs with different versions keeps
+    each version's rows: one line each, oldest run first): counts, the pass rate over the rows that ran to a
+    verdict, and the machines the rows come from."""
     columns = ["adapter", "framework", "framework_version", *STATUSES, "total", "pass_rate", "divergences", "kernel",
-               "opset"]
+               "opset", "machines"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
     out = []
     kernels = _kernels(rows)
-    for adapter, group in rows.groupby("adapter", sort=True):
+    version = rows["framework_version"] if "framework_version" in rows else pd.Series(None, index=rows.index)
+    groups = rows.groupby([rows["adapter"], version.rename("_version")], sort=False, dropna=False)
+    for (adapter, _), group in sorted(groups, key=lambda kv: kv[0][0]):  # stable: versions in the rows' order
         counts = group["status"].value_counts()
         record = {"adapter": adapter, "kernel": kernels.get(adapter),
                   "framework": _first(group.get("framework")),
-                  "framework_version": _first(group.get("framework_version"))}
+                  "framework_version": _first(group.get("framework_version")),
+                  "machines": join_values(group["machine"]) if "machine" in group else ""}
         for status in STATUSES:
             record[status] = int(counts.get(status, 0))
         record["total"] = len(group)
@@ -471,9 +476,11 @@ def machine_matrix(rows: pd.DataFrame) -> pd.DataFrame:
 
 def cross_machine(rows: pd.DataFrame, machine_facts: dict | None = None) -> pd.DataFrame:
     """Rows of the same adapter on the same case, dtype and quantity whose verdict differs between machines
-    (or devices): one line each, the outcome per machine / device side by side, and ``differs``: the facts that
-    chose the kernels (the rows' own, then the machines', ``machine_facts`` {machine: meta machine_facts}) whose
-    values differ between them, the likely reason."""
+    (or devices): one line each, the outcome per machine / device side by side, and ``differs``: the framework
+    version and the facts that chose the kernels (the rows' own, then the machines', ``machine_facts``
+    {machine: meta machine_facts}) whose values differ between them, the likely reason. Where one machine and
+    device holds several framework versions, its newest run's row is the one compared (``version_changes``
+    sets the versions side by side)."""
     key = ["row_id", "adapter", "case", "dtype", "quantity", *(["path"] if "path" in rows else [])]
     if rows.empty or rows.groupby(["machine", rows["device"].fillna("")]).ngroups < 2:
         return pd.DataFrame(columns=[*key, "differs"])
@@ -490,9 +497,32 @@ def cross_machine(rows: pd.DataFrame, machine_facts: dict | None = None) -> pd.D
     for record in rows[rows["row_id"].isin(set(wide["row_id"]))].to_dict("records"):
         place = record["_where"]
         machine = (machine_facts or {}).get(record["machine"]) or {}
-        facts.setdefault(record["row_id"], {})[place] = {**flat_machine_facts(machine), **_facts(record.get("facts"))}
+        facts.setdefault(record["row_id"], {})[place] = {"framework_version": record.get("framework_version"),
+                                                          **flat_machine_facts(machine), **_facts(record.get("facts"))}
     wide["differs"] = [fact_differences(facts.get(r, {})) for r in wide["row_id"]]
     return wide
+
+
+def version_changes(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the same adapter on the same case, dtype and quantity, machine and device whose verdict differs
+    between the framework versions that computed them (a merge of runs before and after an upgrade keeps each
+    version's rows): one line each, the versions and their outcomes in run order, oldest first."""
+    columns = ["machine", "device", "adapter", "row_id", "case", "dtype", "quantity", "versions", "outcomes"]
+    if rows.empty or "framework_version" not in rows:
+        return pd.DataFrame(columns=columns)
+    place = ["machine", "device", "row_id"]
+    again = rows[rows.duplicated(place, keep=False)]  # a merge keeps a row id twice on a place only per version
+    if again.empty:
+        return pd.DataFrame(columns=columns)
+    named = again["divergence"].notna()
+    again = again.assign(device=again["device"].fillna(""), _version=again["framework_version"].fillna("not recorded"),
+                         _outcome=again["status"].where(~named, again["status"] + " (" + again["divergence"] + ")"))
+    changed = again[again.groupby(place, sort=False)["_outcome"].transform("nunique") > 1]
+    joined = lambda values: " → ".join(values)  # in the rows' order: the runs', oldest first
+    table = changed.groupby(place, sort=False).agg(
+        adapter=("adapter", "last"), case=("case", "last"), dtype=("dtype", "last"), quantity=("quantity", "last"),
+        versions=("_version", joined), outcomes=("_outcome", joined))
+    return table.reset_index()[columns]
 
 
 def _facts(value) -> dict:
@@ -513,7 +543,8 @@ def fact_differences(by_place: dict[str, dict]) -> str:
     each place lacks; "" when none differ (or only one place recorded facts)."""
     if len(by_place) < 2:
         return ""
-    names = sorted(set().union(*by_place.values()), key=lambda n: (n != "tf_onednn", n.startswith("env "), n))
+    names = sorted(set().union(*by_place.values()),
+                   key=lambda n: (n != "framework_version", n != "tf_onednn", n.startswith("env "), n))
     out = []
     for name in names:
         values = {place: facts.get(name) for place, facts in by_place.items()}

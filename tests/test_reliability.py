@@ -196,6 +196,28 @@ def test_a_disk_full_spell_stops_conform_with_one_line_and_resume_loses_nothing(
     assert {r["row_id"] for r in written.rows} <= {r["row_id"] for r in rows}
 
 
+def test_a_disk_that_fills_at_the_last_write_leaves_the_run_incomplete_not_complete_without_its_catalogue(
+        tmp_path, monkeypatch, capsys):
+    """results.json says a run reached its end, so it is written last: a full disk at the catalogue's write
+    leaves no results.json that the report would take for a complete run checked against no catalogue."""
+    from mhabench import cli, results
+    real = results.atomic_write_many
+
+    def full_at_the_catalogue(files):
+        if any(Path(path).name == "catalogue.json" for path in files):
+            raise results.WriteFailed(next(iter(files)), OSError(28, "No space left on device"))
+        return real(files)
+    monkeypatch.setattr(results, "atomic_write_many", full_at_the_catalogue)
+    args = ["conform", "--adapters", "numpy_oracle", "--areas", "masks", "--dtypes", "float32", "--results",
+            str(tmp_path)]
+    assert cli.main(args) == 2
+    assert "catalogue.json: No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "conformance" / "results.json").exists()
+    monkeypatch.undo()  # space freed
+    assert cli.main(args + ["--resume"]) == 0
+    assert (tmp_path / "conformance" / "results.json").is_file() and (tmp_path / "conformance" / "catalogue.json").is_file()
+
+
 # ---- a plugin that misbehaves at load time: its interface check runs in a worker -------------------------
 
 @pytest.mark.parametrize("command", [["conform", "--adapters", "numpy_oracle", "--quick"], ["adapters"]])

@@ -373,6 +373,27 @@ def test_a_run_killed_after_a_finished_one_is_incomplete_not_the_old_summary(tmp
     assert f"conformance: 1 adapters, {len(journal)} rows" in out
 
 
+def test_a_run_killed_before_its_first_row_is_reported_as_incomplete_with_no_rows(tmp_path, monkeypatch, capsys):
+    """A second run killed before it wrote a row (its frameworks still starting) leaves a plan and an empty
+    journal: the report says so in one line, without the first run's rows and without a traceback."""
+    from mhabench.conformance import session
+    root = tmp_path / "r"
+    plan = session.make_plan("numpy_oracle", "float32", "masks")
+    session.run(plan, root, jobs=1)
+
+    def killed_before_any_row(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(session, "run_rows", killed_before_any_row)
+    with pytest.raises(KeyboardInterrupt):
+        session.run(plan, root, jobs=1)
+    assert (root / "conformance" / "rows.jsonl").read_text() == ""
+    assert cli.main(["report", "--results", str(root), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"is an earlier run's and is not counted): 0 of {plan.rows} planned rows present" in out
+    assert "conformance: 0 adapters, 0 rows" in out
+    assert (tmp_path / "out" / "index.html").read_text().rstrip().endswith("</html>")
+
+
 def test_a_report_the_disk_cannot_hold_leaves_the_previous_one_whole(tmp_path, monkeypatch, capsys):
     import errno
     import os
@@ -486,6 +507,97 @@ def test_the_same_results_twice_are_counted_once(tmp_path):
     notes = " ".join(data.notes)
     assert f"{len(raw_rows(MIXED))} row(s) of {a} also appear in a newer results directory" in notes
     assert "appear in more than one asv result file" in notes
+
+
+def _with_torch(root: Path, version: str, created: str, fail: str | None = None) -> Path:
+    """``root``'s conformance results as recorded under another torch: its rows' framework_version and the run's
+    meta; ``fail``: a row id that fails under this version."""
+    path = root / "conformance" / "results.json"
+    results = json.loads(path.read_text())
+    results["meta"].update(created=created, versions={**results["meta"]["versions"], "torch": version})
+    for row in results["rows"]:
+        if row["adapter"] == "torch_mha":
+            row["framework_version"] = f"torch {version}"
+        if row["row_id"] == fail:
+            row.update(status="fail", message="fails under this version")
+    path.write_text(json.dumps(results))
+    return root
+
+
+def _three_torches(tmp_path: Path):
+    """MIXED's conformance run as three nights of one machine under torch 2.13.0, 2.12.1 and 2.9.0 (oldest first,
+    given in another order), a torch_mha row failing under 2.9.0 only; and that row's id."""
+    changed = next(r["row_id"] for r in raw_rows(MIXED) if r["status"] == "pass" and r["adapter"] == "torch_mha")
+    nights = {version: _with_torch(_copy(MIXED, tmp_path / version, ("conformance",)), version,
+                                   f"2026-12-0{day}T00:00:00+00:00", changed if version == "2.9.0" else None)
+              for day, version in ((1, "2.13.0"), (2, "2.12.1"), (3, "2.9.0"))}
+    return [nights["2.9.0"], nights["2.13.0"], nights["2.12.1"]], changed
+
+
+def test_rows_of_different_framework_versions_are_all_kept_by_a_merge(tmp_path, capsys):
+    dirs, changed = _three_torches(tmp_path)
+    data = reports.collect(dirs)
+    rows = data.conformance.rows
+    torch_rows = sum(r["adapter"] == "torch_mha" for r in raw_rows(MIXED))
+    assert len(rows) == len(raw_rows(MIXED)) + 2 * torch_rows  # numpy's rows, one version, counted once
+    torch = rows[rows["adapter"] == "torch_mha"]
+    assert torch.groupby("framework_version").size().to_dict() == \
+        {f"torch {v}": torch_rows for v in ("2.13.0", "2.12.1", "2.9.0")}
+    notes = " ".join(data.notes)
+    assert f"{len(raw_rows(MIXED)) - torch_rows} row(s) of {dirs[1]} also appear" in notes  # the numpy rows only
+    assert f"torch_mha ran under several framework versions (torch 2.13.0 in {dirs[1]}; torch 2.12.1 in " \
+           f"{dirs[2]}; torch 2.9.0 in {dirs[0]})" in notes
+    summary = data.tables["conformance_adapters"]
+    lines = summary[summary["adapter"] == "torch_mha"]
+    assert list(lines["framework_version"]) == ["torch 2.13.0", "torch 2.12.1", "torch 2.9.0"]  # run order
+    assert list(lines["total"]) == [torch_rows] * 3 and list(lines["fail"].diff().fillna(0)) == [0, 0, 1]
+    changes = data.tables["version_changes"]
+    assert list(changes["row_id"]) == [changed]
+    assert changes.iloc[0]["versions"] == "torch 2.13.0 → torch 2.12.1 → torch 2.9.0"
+    assert changes.iloc[0]["outcomes"] == "pass → pass → fail"
+    code = cli.main(["report", "--results", *map(str, dirs), "--out", str(tmp_path / "out")])
+    assert code == 0 and "ran under several framework versions" in capsys.readouterr().out
+    page = (tmp_path / "out" / "index.html").read_text()
+    section = page.split("id='version-changes'")[1].split("<h3")[0]
+    assert html.escape(changed) in section and "torch 2.13.0 → torch 2.12.1 → torch 2.9.0" in section
+    summary_md = (tmp_path / "out" / "summary.md").read_text()
+    assert "a different verdict per framework version (1)" in summary_md
+
+
+def test_machines_of_different_framework_versions_are_labelled_with_their_own(tmp_path):
+    dirs, changed = _three_torches(tmp_path)
+    data = reports.collect(dirs, machines=["old-box", "new-box", "mid-box"])
+    summary = data.tables["conformance_adapters"]
+    lines = summary[summary["adapter"] == "torch_mha"].set_index("machines")["framework_version"]
+    assert lines.to_dict() == {"new-box": "torch 2.13.0", "mid-box": "torch 2.12.1", "old-box": "torch 2.9.0"}
+    cross = data.tables["cross_machine"].set_index("row_id")
+    assert list(cross.index) == [changed] and cross.at[changed, "old-box / cpu"] == "fail"
+    assert cross.at[changed, "differs"].startswith("framework_version: ")
+    assert "old-box / cpu torch 2.9.0" in cross.at[changed, "differs"]
+    assert data.tables["version_changes"].empty  # each machine ran one version
+
+
+def test_a_comparison_shows_the_version_change_beside_the_verdict_change(tmp_path, capsys):
+    dirs, changed = _three_torches(tmp_path)
+    old, new = dirs[1], dirs[2]
+    _with_torch(new, "2.13.1", "2026-12-05T00:00:00+00:00", changed)  # the next night upgrades torch
+    data = reports.collect(None, reports.compare(old, new))
+    row = data.comparison.conformance_changes.set_index("row_id").loc[changed]
+    assert (row["status_a"], row["status_b"]) == ("pass", "fail")
+    assert (row["framework_version_a"], row["framework_version_b"]) == ("torch 2.13.0", "torch 2.13.1")
+    assert "framework versions changed: torch 2.13.0 -> 2.13.1" in reports.verdict(data)[0]
+    code = cli.main(["report", "--compare", str(old), str(new), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0 and f"pass -> fail  {changed}  (torch 2.13.0 -> torch 2.13.1)" in out
+
+
+def test_shards_of_two_runs_under_different_versions_are_two_runs(tmp_path):
+    first, second = _shards(tmp_path / "night1", 2), _shards(tmp_path / "night2", 2)
+    for root in second:
+        _with_torch(root, "2.14.0", "2026-12-06T00:00:00+00:00")
+    data = reports.collect([*first, *second])
+    assert not any("given 2 times" in note for note in data.notes) and not data.conformance.missing_shards
+    assert len(data.conformance.rows) == 222 + sum(r["adapter"] == "torch_mha" for r in raw_rows(MIXED))
 
 
 def _shards(tmp_path: Path, count: int) -> list[Path]:

@@ -88,4 +88,6 @@ def _print_comparison(comparison) -> None:
         ratio = f"{record['ratio']:.2f}" if record["ratio"] == record["ratio"] else "n/a"
         print(printable(f"  {record['change']:<12} {ratio:>6}  {record['benchmark']}({record['params']})"))
     for record in comparison.conformance_changes.head(20).to_dict("records"):
-        print(printable(f"  {record['status_a']} -> {record['status_b']}  {record['row_id']}"))
+        version_a, version_b = record.get("framework_version_a"), record.get("framework_version_b")
+        upgraded = f"  ({version_a} -> {version_b})" if version_a != version_b else ""
+        print(printable(f"  {record['status_a']} -> {record['status_b']}  {record['row_id']}{upgraded}"))
