@@ -271,6 +271,10 @@ def section_drill_down(data: ReportData) -> str:
     shown_entries = divergences[divergences["rows"] > 0]
     out.append(f"<h3 id='divergences'>Catalogued divergences ({len(shown_entries)} entries, "
                f"{int(shown_entries['rows'].sum())} rows)</h3>")
+    if not shown_entries.empty:
+        linked = int(shown_entries["upstream"].fillna("").astype(bool).sum())
+        out.append(f"<p>{linked} of these {len(shown_entries)} entries link an upstream report; the other "
+                   f"{len(shown_entries) - linked} have none filed that we know of.</p>")
     if not data.conformance.catalogue:
         out.append("<p class='muted'>The results carry no catalogue.json (an interrupted run); entries are named by "
                    "the ids recorded on the rows.</p>")
