@@ -11,7 +11,7 @@ import pandas as pd
 from . import charts, tables
 from .collect import ReportData, alarms, verdict
 from .units import format_value
-from mhabench import plausibility
+from mhabench import plausibility, results
 from mhabench.results import STATUSES
 
 DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them all
@@ -289,6 +289,9 @@ def section_drill_down(data: ReportData) -> str:
             rendered, shown_columns = _entry_groups(group)
             total = len(rendered)
         upstream = f" · upstream: {link_list(entry['upstream'])}" if entry["upstream"] else " · no upstream issue"
+        script = results.reproducer_name(entry["id"])
+        if script in data.reproducers:
+            upstream += f" · <a href='reproducers/{esc(script)}'>standalone script</a>"
         out.append(
             f"<details class='fg' id='{_anchor('div', entry['id'])}'><summary><b>{esc(entry['id'])}</b> · "
             f"{esc(entry['adapters'])} · {esc(entry['dtypes'])} · <span class='shown'>{entry['rows']}</span> of "

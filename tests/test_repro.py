@@ -163,3 +163,22 @@ def test_cli_refuses_an_unknown_id_in_one_line():
                             text=True, timeout=120)
     assert result.returncode == 2
     assert "neither a catalogue entry id nor a row id" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry_id", [e.id for e in load()])
+def test_every_scriptable_entry_has_a_reproducer_that_exits_1_here(entry_id, catalogue):
+    """Every entry a template can express gets a script (unshrunk: the cases as the matrix has them) that exits
+    1 in a fresh interpreter, wherever the catalogue says the entry shows on this machine. A script that stops
+    exiting 1 is an entry whose behaviour moved: the catalogue's check will call it stale too."""
+    entry = catalogue.get(entry_id)
+    candidates = repro.targets(entry, catalogue)
+    if not candidates:
+        pytest.skip(f"no script: {repro.build(entry, candidates).reason}")
+    if not _installed(candidates[0]):
+        pytest.skip(f"{candidates[0].family.imports} not installed")
+    if not _shows_here(candidates[0]):
+        pytest.skip(f"{entry_id} applies when {entry.conditions}: not this machine's kernels")
+    made = repro.build(entry, candidates, shrinking=False)
+    assert made.source, made.reason
+    assert made.verified.returncode == 1

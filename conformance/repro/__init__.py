@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mhabench.results import reproducer_name
 from mhabench.schema import RowId
 
 from ..cases import Case, default_cases
@@ -64,6 +65,11 @@ class Target:
     case: Case
     dtype: str
     quantity: str
+    origin: Case | None = None  # the matrix case it was simplified or shrunk from (None: ``case`` itself)
+
+    @property
+    def original(self) -> Case:
+        return self.origin or self.case
 
     @property
     def family(self) -> Family:
@@ -71,7 +77,8 @@ class Target:
 
     @property
     def row_id(self) -> str:
-        return RowId(self.adapter, self.case.id, self.dtype, self.quantity).format()
+        """The matrix row this call comes from."""
+        return RowId(self.adapter, self.original.id, self.dtype, self.quantity).format()
 
     def switches(self) -> dict[str, str]:
         """The environment the entry's facts need, where a variable sets them (TensorFlow's oneDNN)."""
@@ -113,10 +120,26 @@ def unscriptable(entry: Entry) -> str | None:
     return None
 
 
+def simplified(case: Case) -> Case | None:
+    """``case`` without what a template cannot express: no causal, window, bias, lengths or shared input, all
+    inner axes attended, value_dim = key_dim, the default output, biases on, no dropout, as many key/value heads
+    as heads. None when that is ``case`` itself or no valid case."""
+    spec = {**case.spec, "value_dim": None, "output_shape": None, "use_bias": True, "dropout": 0.0,
+            "num_kv_heads": None, "attention_axes": None}
+    try:
+        plain = dataclasses.replace(case, id=case.id + "-simplified", spec=spec, causal=False, window=None,
+                                    bias=None, lengths=None, shared_input=False, mask_lead=None)
+        plain.call()
+    except (ValueError, TypeError):
+        return None
+    return None if _key(dataclasses.replace(plain, id=case.id)) == _key(case) else plain
+
+
 def targets(entry: Entry, catalogue: Catalogue | None = None) -> list[Target]:
     """The calls a script could reproduce ``entry`` with, smallest case first: its adapters that have a
-    template, the default matrix's cases it covers, its dtypes (float32 first) and quantities (the default
-    call's output first)."""
+    template, the default matrix's cases it covers (as they are, or ``simplified`` where the template cannot
+    express them and the simpler case keeps the properties the entry's ``when`` names), its dtypes (float32
+    first) and quantities (the default call's output first)."""
     catalogue = catalogue or Catalogue([entry])
     if unscriptable(entry):
         return []
@@ -133,10 +156,14 @@ def targets(entry: Entry, catalogue: Catalogue | None = None) -> list[Target]:
                       and (case.dtypes is None or d in case.dtypes)]
             quantities = [q for q in QUANTITY_ORDER if q in {x.value for x in case.quantities()}]
             for quantity in quantities:
-                if not dtypes or not family.fits(case, quantity):
+                if not dtypes or not catalogue.covers(entry, adapter, case.id, dtypes[0], quantity):
                     continue
-                if catalogue.covers(entry, adapter, case.id, dtypes[0], quantity):
+                if family.fits(case, quantity):
                     out.append(Target(entry, adapter, case, dtypes[0], quantity))
+                    break
+                plain = simplified(case)
+                if plain is not None and family.fits(plain, quantity) and _has_properties(entry, plain):
+                    out.append(Target(entry, adapter, plain, dtypes[0], quantity, origin=case))
                     break
     return sorted(out, key=lambda t: (input_elements(t.case), QUANTITY_ORDER.index(t.quantity)))
 
@@ -157,12 +184,11 @@ def resolve(identifier: str, catalogue: Catalogue | None = None) -> tuple[Entry,
     if not covering:
         raise ReproError(f"row {identifier!r} is covered by no catalogue entry: nothing known to reproduce")
     entry = covering[0]
-    own = [t for t in targets(entry, catalogue) if t.adapter == row.adapter and t.case.id == row.case]
     case = next((c for c in default_cases() if c.id == row.case), None)
     first = []
     if isinstance(case, Case) and row.adapter in FAMILIES and FAMILIES[row.adapter].fits(case, row.quantity):
         first = [Target(entry, row.adapter, case, row.dtype, row.quantity)]
-    rest = [t for t in targets(entry, catalogue) if t not in own]
+    rest = [t for t in targets(entry, catalogue) if not (t.adapter == row.adapter and t.original.id == row.case)]
     return entry, first + rest
 
 
@@ -257,21 +283,20 @@ if __name__ == "__main__":
 '''
 
 
-def render(target: Target, original: Case | None = None) -> str:
-    """The reproducer of ``target`` as Python source (``original``: the case it was shrunk from)."""
-    case, entry, family = target.case, target.entry, target.family
+def render(target: Target) -> str:
+    """The reproducer of ``target`` as Python source."""
+    case, entry, family, original = target.case, target.entry, target.family, target.original
     inputs = case.inputs()
     spec = case.attention_spec
-    original = original or case
     call = case.call()
     mask = call.flat_mask()
     frameworks = ", ".join(FRAMEWORK_NAMES.get(m, m) for m in family.imports)
     header = [f"{entry.id}: a standalone reproducer ({frameworks} and NumPy only).", "",
               *textwrap.wrap(behaviour_sentence(entry), 100), "",
               f"Call: {family.call} (as the adapter {target.adapter} calls it), {target.quantity}, {target.dtype}.",
-              f"Original row: {RowId(target.adapter, original.id, target.dtype, target.quantity).format()}",
-              *textwrap.wrap(f"({shape_text(original)}), shrunk greedily while the behaviour persisted to "
-                             f"{shape_text(case)}.", 100),
+              f"Original row: {target.row_id}",
+              *textwrap.wrap(f"({shape_text(original)}), {'simplified and ' if case.id.endswith('-simplified') else ''}"
+                             f"shrunk greedily while the behaviour persisted to {shape_text(case)}.", 100),
               f"Upstream: {entry.upstream or 'none filed that we know of.'}",
               "Exit status: 1 while the framework's result differs from the canonical one computed below in NumPy,",
               "0 once it agrees. Written by `mhabench repro`; nothing here imports mhabench."]
@@ -392,16 +417,22 @@ def _smaller(n: int) -> list[int]:
     return sorted({1, n // 2, n - 1} - {0, n}) if n > 1 else []
 
 
+MIN_POSITIONS = 2  # query and key positions kept, so a row that shows it sits beside one that does not and a
+                   # uniform row (1/S) differs from a one-hot one
+
+
 def moves(case: Case) -> list[Case]:
-    """One-step smaller versions of ``case`` (some invalid: the caller drops those), biggest reductions first."""
+    """One-step smaller versions of ``case`` (some invalid: the caller drops those), biggest reductions first;
+    never fewer than MIN_POSITIONS query or key positions."""
     spec = case.spec
     out = [dataclasses.replace(case, batch=b) for b in _smaller(case.batch)]
-    for axis in range(len(case.q_shape)):
-        for n in _smaller(case.q_shape[axis]):
-            out.append(dataclasses.replace(case, q_shape=case.q_shape[:axis] + (n,) + case.q_shape[axis + 1:]))
-    for axis in range(len(case.k_shape)):
-        for n in _smaller(case.k_shape[axis]):
-            out.append(dataclasses.replace(case, k_shape=case.k_shape[:axis] + (n,) + case.k_shape[axis + 1:]))
+    for name in ("q_shape", "k_shape"):
+        shape = getattr(case, name)
+        for axis in range(len(shape)):
+            for n in _smaller(shape[axis]):
+                smaller = shape[:axis] + (n,) + shape[axis + 1:]
+                if math.prod(smaller) >= min(MIN_POSITIONS, math.prod(shape)):
+                    out.append(dataclasses.replace(case, **{name: smaller}))
     if len(case.q_shape) > 1 and spec.get("attention_axes") is None:  # one attended axis fewer
         out.append(dataclasses.replace(case, q_shape=case.q_shape[:-1], k_shape=case.k_shape[:-1]))
     for heads in _smaller(spec["num_heads"]):
@@ -437,15 +468,14 @@ class Shrunk:
 def shrink(target: Target, worker: Worker, limit: int = 60) -> Shrunk:
     """Greedy delta debugging: take the first one-step smaller case that keeps the entry's properties, fits
     the template and whose script still exits 1; repeat until none does (or ``limit`` candidates ran)."""
-    result = Shrunk(target, target.case)
+    result = Shrunk(target, target.original)
     seen = {_key(target.case)}
     improved = True
     while improved and result.tried < limit:
         improved = False
         for candidate in moves(result.target.case):
             try:
-                candidate = _tie_widths(dataclasses.replace(candidate, id=target.case.id + "-shrunk"),
-                                        target.family)
+                candidate = _tie_widths(candidate, target.family)
                 if _key(candidate) in seen or input_elements(candidate) > input_elements(result.target.case):
                     continue
                 seen.add(_key(candidate))
@@ -453,9 +483,9 @@ def shrink(target: Target, worker: Worker, limit: int = 60) -> Shrunk:
                     continue
             except (ValueError, IndexError):
                 continue
-            step = dataclasses.replace(result.target, case=candidate)
+            step = dataclasses.replace(result.target, case=candidate, origin=target.original)
             result.tried += 1
-            if worker.status(render(step, result.original)) == 1:
+            if worker.status(render(step)) == 1:
                 result.target, result.steps, improved = step, result.steps + 1, True
                 break
             if result.tried >= limit:
@@ -504,8 +534,8 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
             log(f"{entry.id}: {target.row_id}: exit {status}")
             if status != 1:
                 continue
-            shrunk = shrink(target, worker) if shrinking else Shrunk(target, target.case)
-            source = render(shrunk.target, shrunk.original)
+            shrunk = shrink(target, worker) if shrinking else Shrunk(target, target.original)
+            source = render(shrunk.target)
             with tempfile.TemporaryDirectory(prefix="mhabench-repro-") as tmp:
                 path = Path(tmp) / "repro.py"
                 path.write_text(source)
@@ -522,7 +552,8 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
 
 
 def script_name(entry_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in entry_id) + ".py"
+    """The reproducer's file name, the one a results directory's reproducers/ uses (the report links it)."""
+    return reproducer_name(entry_id)
 
 
 def write_directory(reproducers: list[Reproducer], directory) -> Path:
