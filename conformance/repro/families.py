@@ -140,6 +140,15 @@ def framework(quantity):
     return as64(grads[quantity[5:]])
 '''
 
+# Keras 3 and Keras 2 (tf_keras) take the weights and the mask alike
+KERAS_SETUP = '''
+    layer(*args, **kwargs)  # builds the layer for these shapes
+    layer.set_weights([W[name] for name in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")])
+    if mask is not None:
+        kwargs["attention_mask"] = np.broadcast_to(mask[:, 0], (query.shape[0], np.prod(Q_SHAPE), np.prod(K_SHAPE))
+                                                   ).reshape(query.shape[0], *Q_SHAPE, *K_SHAPE)
+'''
+
 KERAS_MHA = '''
 import keras
 
@@ -153,11 +162,7 @@ def framework(quantity):
     tensor = lambda x: ops.convert_to_tensor(x, dtype=DTYPE)
     args = (tensor(query), tensor(value))
     kwargs = {"key": tensor(INPUTS["key"])} if "key" in INPUTS else {}
-    layer(*args, **kwargs)  # builds the layer for these shapes
-    layer.set_weights([W[name] for name in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")])
-    if mask is not None:
-        kwargs["attention_mask"] = np.broadcast_to(mask[:, 0], (query.shape[0], np.prod(Q_SHAPE), np.prod(K_SHAPE))
-                                                   ).reshape(query.shape[0], *Q_SHAPE, *K_SHAPE)
+    # KERAS_SETUP
     with_scores = quantity in ("output_with_scores", "scores")
     result = layer(*args, return_attention_scores=with_scores, **kwargs)
     if with_scores:
@@ -179,11 +184,7 @@ def framework(quantity):
     leaves = {name: tf.Variable(tf.cast(x, DTYPE)) for name, x in INPUTS.items()}
     args = (leaves["query"], leaves["value"])
     kwargs = {"key": leaves["key"]} if "key" in leaves else {}
-    layer(*args, **kwargs)  # builds the layer for these shapes
-    layer.set_weights([W[name] for name in ("Wq", "bq", "Wk", "bk", "Wv", "bv", "Wo", "bo")])
-    if mask is not None:
-        kwargs["attention_mask"] = np.broadcast_to(mask[:, 0], (query.shape[0], np.prod(Q_SHAPE), np.prod(K_SHAPE))
-                                                   ).reshape(query.shape[0], *Q_SHAPE, *K_SHAPE)
+    # KERAS_SETUP
     with_scores = quantity in ("output_with_scores", "scores")
     with tf.GradientTape() as tape:
         result = layer(*args, return_attention_scores=with_scores, **kwargs)
@@ -194,6 +195,8 @@ def framework(quantity):
         result = tape.gradient(loss, leaves[quantity[5:]])
     return tf.cast(result, "float64").numpy()
 '''
+
+KERAS_MHA, TF_KERAS_MHA = (t.replace("    # KERAS_SETUP\n", KERAS_SETUP.lstrip("\n")) for t in (KERAS_MHA, TF_KERAS_MHA))
 
 
 @dataclass(frozen=True)
