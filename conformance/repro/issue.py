@@ -52,30 +52,47 @@ def environment(reproducer) -> list[str]:
     return lines
 
 
+def _printed(output: str):
+    """(part, text) of what a reproducer prints: its expected and actual arrays and its verdict line."""
+    part, lines = None, {}
+    for line in output.splitlines():
+        if line.startswith(("expected (", "actual,")):
+            part = line.split(" ", 1)[0].rstrip(",")
+            lines[part] = [line.split(":", 1)[0]]
+        elif line.startswith(("DIFFERS", "matches")):
+            yield "verdict", line
+            part = None
+        elif part:
+            lines[part].append(line)
+    yield from ((name, "\n".join(text)) for name, text in lines.items())
+
+
 def issue_body(reproducer) -> str:
     """A ready issue body in Markdown for a reproducer that was verified here."""
     from . import behaviour_sentence
     target, entry = reproducer.target, reproducer.entry
     output = reproducer.verified.stdout.strip() if reproducer.verified else ""
-    expected = output.split("expected", 1)[-1].split("actual", 1)[0].strip() if output else ""
-    actual = output.split("actual", 1)[-1].strip() if output else ""
+    printed = dict(_printed(output))
     tracker = TRACKERS[target.adapter]
-    cause = entry.observed.strip()
+    sentence = behaviour_sentence(entry)
+    cause = entry.observed.strip()[len(sentence):].strip(" .;:")
     parts = {
-        "summary": [f"{target.family.call}: {behaviour_sentence(entry)}", "",
+        "summary": [f"{target.family.call}: {sentence}", "",
                     "The script below imports only the framework and NumPy, computes the expected result in "
                     "float64 NumPy, and exits 1 while the two differ.", ""],
         "code": ["```python", reproducer.source.rstrip(), "```"],
         "output": ["Output here:", "", "```", output, "```"],
-        "expected": [f"`{target.quantity}` as computed in NumPy: `expected {expected}`".replace("\n", " ")],
-        "actual": [f"`actual {actual}`".replace("\n", " ")],
-        "cause": ["", "What we found of the cause (from our catalogue of divergences, entry "
-                      f"`{entry.id}`): {cause}"],
+        "expected": [f"`{target.quantity}`, computed in float64 NumPy by the script:", "", "```",
+                     printed.get("expected", ""), "```"],
+        "actual": [f"`{target.quantity}` from {target.family.call}:", "", "```", printed.get("actual", ""), "```",
+                   "", printed.get("verdict", "")],
+        "cause": ["More of what we found (entry `{}` of our catalogue of divergences): {}.".format(entry.id, cause)]
+        if cause else [],
         "environment": environment(reproducer),
         "versions": [", ".join(line[2:] for line in environment(reproducer)[:2])],
         "accelerator": ["- [x] CPU"],
     }
-    title = behaviour_sentence(entry).split(":")[0].split(", so ")[0].rstrip(".")
+    title = sentence.split(":")[0].split(", so ")[0].rstrip(".")
     lines = [f"<!-- title: {target.family.call}: {title} -->", ""]
     for heading, names in TEMPLATES[tracker]:
         lines += [heading, ""]
