@@ -182,3 +182,13 @@ def test_every_scriptable_entry_has_a_reproducer_that_exits_1_here(entry_id, cat
     made = repro.build(entry, candidates, shrinking=False)
     assert made.source, made.reason
     assert made.verified.returncode == 1
+
+
+def test_a_candidate_that_crashes_or_hangs_counts_as_not_showing_and_the_worker_goes_on():
+    worker = repro.Worker({}, timeout=5)
+    try:
+        assert worker.status("import os\nos._exit(3)\n").startswith("error: the interpreter")
+        assert worker.status("import time\ntime.sleep(60)\n") == "error: no answer in 5 s"
+        assert worker.status("def main():\n    return 1\n") == 1
+    finally:
+        worker.close()

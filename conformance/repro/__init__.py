@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -380,35 +381,55 @@ def run_script(path, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProces
 
 
 class Worker:
-    """One warm interpreter that runs candidate scripts of one entry (one framework, one Keras backend)."""
+    """One warm interpreter that runs candidate scripts of one entry (one framework, one Keras backend). A
+    candidate that crashes the interpreter or runs past ``timeout`` counts as not showing the behaviour, and
+    the next one gets a fresh interpreter."""
 
-    def __init__(self, switches: dict):
+    def __init__(self, switches: dict, timeout: float = RUN_TIMEOUT):
         self.dir = tempfile.TemporaryDirectory(prefix="mhabench-repro-")
-        env = _isolated_env({**switches, "PYTHONPATH": _blocker_dir()})
-        self.process = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                        cwd=self.dir.name)
+        self.env = _isolated_env({**switches, "PYTHONPATH": _blocker_dir()})
+        self.timeout = timeout
+        self.process = None
         self.count = 0
+
+    def _start(self):
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                        env=self.env, cwd=self.dir.name)
 
     def status(self, source: str):
         """The script's exit status (0 or 1), or an error text."""
+        if self.process is None or self.process.poll() is not None:
+            self._start()
         self.count += 1
         path = Path(self.dir.name) / f"candidate_{self.count}.py"
         path.write_text(source)
-        self.process.stdin.write(f"{path}\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
+        try:
+            self.process.stdin.write(f"{path}\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self._stop()
+            return "error: the interpreter exited"
+        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+        line = self.process.stdout.readline() if ready else ""
         if not line:
-            raise RuntimeError("the reproducer worker died (a framework crash)")
+            self._stop()
+            return "error: the interpreter crashed" if ready else f"error: no answer in {self.timeout:g} s"
         return json.loads(line)
 
+    def _stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
     def close(self):
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.stdin.close()
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self._stop()
         self.dir.cleanup()
 
 
