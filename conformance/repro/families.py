@@ -190,9 +190,8 @@ def framework(quantity):
         result = layer(*args, return_attention_scores=with_scores, **kwargs)
         if with_scores:
             result = result[1] if quantity == "scores" else result[0]
-        loss = tf.reduce_sum(tf.cast(result, "float64") * cotangent)
-    if quantity.startswith("grad_"):
-        result = tape.gradient(loss, leaves[quantity[5:]])
+        if quantity.startswith("grad_"):
+            result = tape.gradient(tf.reduce_sum(tf.cast(result, "float64") * cotangent), leaves[quantity[5:]])
     return tf.cast(result, "float64").numpy()
 '''
 
