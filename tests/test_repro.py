@@ -192,3 +192,15 @@ def test_a_candidate_that_crashes_or_hangs_counts_as_not_showing_and_the_worker_
         assert worker.status("def main():\n    return 1\n") == 1
     finally:
         worker.close()
+
+
+def test_every_subpackage_is_in_the_distribution():
+    """setuptools installs only the packages pyproject lists: a new subpackage (repro/) must be among them."""
+    import tomllib
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    for package, folder in config["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            if "tests" not in parts and not any(p.startswith(".") for p in parts):
+                assert ".".join((package, *parts)) in listed, f"{init.parent} is not in pyproject's packages"
