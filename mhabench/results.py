@@ -12,6 +12,7 @@ Layout of a results directory::
     conformance/results.csv     the same rows, one per line
     conformance/catalogue.json  the divergence entries the run checked, each with its verdict
     conformance/portability.json  ``conform --switches``: the rows whose verdict changes under each kernel switch
+    conformance/reproducers/    ``repro --all --out``: one standalone script per catalogue entry (``reproducer_name``)
     switches/<name>-<setting>/  ``conform --switches``: the same selection under that setting (a results directory)
     bench/skips.jsonl           why a benchmark case did not run
     bench/plan.json             what a benchmark run set out to do (benchmarks planned, its shard K/N)
@@ -59,7 +60,8 @@ def quantity(method: str) -> str:
 
 __all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
            "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
-           "summarise", "meta", "WriteFailed", "atomic_write", "atomic_write_many", "append_jsonl"]
+           "summarise", "meta", "WriteFailed", "atomic_write", "atomic_write_many", "append_jsonl", "reproducer_name",
+           "read_reproducers"]
 
 
 class Layout:
@@ -74,6 +76,7 @@ class Layout:
         self.results_csv = self.conformance / "results.csv"
         self.catalogue = self.conformance / "catalogue.json"
         self.portability = self.conformance / "portability.json"
+        self.reproducers = self.conformance / "reproducers"
         self.switches = self.root / "switches"
         self.bench = self.root / "bench"
         self.skips = self.bench / "skips.jsonl"
@@ -399,6 +402,23 @@ def new_run_id() -> str:
     results.json this run wrote from one an earlier run left."""
     import uuid
     return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+def reproducer_name(entry_id: str) -> str:
+    """The file name of a catalogue entry's standalone reproducer (the entry id, safe as a file name)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(entry_id)) + ".py"
+
+
+def read_reproducers(root) -> dict[str, str]:
+    """``{file name: source}`` of the reproducers a results directory holds (none: an empty dict)."""
+    folder = Layout(root).reproducers
+    out = {}
+    for path in sorted(folder.glob("*.py")) if folder.is_dir() else ():
+        try:
+            out[path.name] = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+    return out
 
 
 @dataclass

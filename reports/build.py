@@ -26,6 +26,8 @@ def write_report(data: ReportData, out_dir: Path) -> dict:
         raise ResultsError(f"cannot create the report directory {out_dir}: {exc.strerror or exc}") from None
     paths = {name: out_dir / f"{name}.csv" for name in data.tables}
     files = {paths[name]: table.to_csv(index=False) for name, table in data.tables.items()}
+    # the entries' standalone scripts travel with the CSVs; the page links them
+    files.update({out_dir / "reproducers" / name: source for name, source in data.reproducers.items()})
     paths["html"] = out_dir / "index.html"
     paths["markdown"] = out_dir / "summary.md"
     files[paths["html"]] = render_html(data)

@@ -31,6 +31,7 @@ class ReportData:
     notes: list = field(default_factory=list)
     problems: list = field(default_factory=list)  # "path:line: ..." for every line or file that could not be read
     comparison_only: bool = False  # `report --compare A B` without --results: the page is about the change
+    reproducers: dict = field(default_factory=dict)  # file name -> source: the entries' standalone scripts
 
     def summary(self) -> dict:
         """The figures of the verdict line."""
@@ -73,6 +74,8 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
     label = results_dir if isinstance(results_dir, (str, Path)) else " + ".join(str(d) for d in results_dir)
     data = ReportData(results_dir=str(label), generated=_now(), conformance=conformance, benchmarks=benchmarks,
                       environment=tables.environment(conformance, benchmarks), comparison=comparison)
+    for directory in ([results_dir] if isinstance(results_dir, (str, Path)) else results_dir):
+        data.reproducers.update(results.read_reproducers(directory))
     if conformance is not None:
         data.problems.extend(conformance.problems)
         data.notes.extend(conformance.notes)

@@ -11,7 +11,7 @@ import pandas as pd
 from . import charts, tables
 from .collect import ReportData, alarms, verdict
 from .units import format_value
-from mhabench import plausibility
+from mhabench import plausibility, results
 from mhabench.results import STATUSES
 
 DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them all
@@ -280,6 +280,10 @@ def section_drill_down(data: ReportData) -> str:
     shown_entries = divergences[divergences["rows"] > 0]
     out.append(f"<h3 id='divergences'>Catalogued divergences ({len(shown_entries)} entries, "
                f"{int(shown_entries['rows'].sum())} rows)</h3>")
+    if not shown_entries.empty:
+        linked = int(shown_entries["upstream"].fillna("").astype(bool).sum())
+        out.append(f"<p>{linked} of these {len(shown_entries)} entries link an upstream report; the other "
+                   f"{len(shown_entries) - linked} have none filed that we know of.</p>")
     if not data.conformance.catalogue:
         out.append("<p class='muted'>The results carry no catalogue.json (an interrupted run); entries are named by "
                    "the ids recorded on the rows.</p>")
@@ -294,6 +298,9 @@ def section_drill_down(data: ReportData) -> str:
             rendered, shown_columns = _entry_groups(group)
             total = len(rendered)
         upstream = f" · upstream: {link_list(entry['upstream'])}" if entry["upstream"] else " · no upstream issue"
+        script = results.reproducer_name(entry["id"])
+        if script in data.reproducers:
+            upstream += f" · <a href='reproducers/{esc(script)}'>standalone script</a>"
         out.append(
             f"<details class='fg' id='{_anchor('div', entry['id'])}'><summary><b>{esc(entry['id'])}</b> · "
             f"{esc(entry['adapters'])} · {esc(entry['dtypes'])} · <span class='shown'>{entry['rows']}</span> of "

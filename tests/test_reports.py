@@ -23,6 +23,7 @@ pytest.importorskip("matplotlib")
 
 from mhabench import reports  # noqa: E402
 from mhabench import cli  # noqa: E402
+from mhabench import results  # noqa: E402
 from mhabench.reports import tables  # noqa: E402
 from mhabench.reports.compare import Drift, classify, drift  # noqa: E402
 
@@ -1060,3 +1061,24 @@ def test_benchmark_results_carry_the_kernel_recorded_with_their_flops():
              ("x", "torch_sdpa"): {"params": {"adapter": "torch_sdpa"}, "kernel": "default"}}
     kernels = list(load.with_kernels(frame, flops)["kernel"])
     assert kernels[:3] == ["default", "flash", "xla"] and pd.isna(kernels[3])
+
+
+def test_entries_link_their_standalone_scripts_which_travel_with_the_csvs(tmp_path):
+    """A results directory's conformance/reproducers/ (``mhabench repro --all --out``) goes into the report
+    next to the CSVs, and each divergence entry links its script; the page counts the entries with an
+    upstream report."""
+    results_dir = tmp_path / "r"
+    shutil.copytree(FIXTURE / "conformance", results_dir / "conformance")
+    entry = next(r["divergence"] for r in raw_rows() if r.get("divergence"))
+    script = results.reproducer_name(entry)
+    (results_dir / "conformance" / "reproducers").mkdir()
+    (results_dir / "conformance" / "reproducers" / script).write_text("import sys\nsys.exit(1)\n")
+    data, paths = reports.build_report(results_dir, tmp_path / "out")
+    assert (tmp_path / "out" / "reproducers" / script).read_text() == "import sys\nsys.exit(1)\n"
+    page = paths["html"].read_text()
+    summary = page.split(f"id='div-{entry}'>", 1)[1].split("</summary>", 1)[0]
+    assert f"<a href='reproducers/{script}'>standalone script</a>" in summary
+    shown = data.tables["divergences"]
+    shown = shown[shown["rows"] > 0]
+    linked = int(shown["upstream"].fillna("").astype(bool).sum())
+    assert f"<p>{linked} of these {len(shown)} entries link an upstream report" in page
