@@ -170,6 +170,10 @@ class Feature(Name):
     WINDOW = ("window", "a sliding window (left, right)", True)
     BIAS = ("bias", "an additive float bias on the logits", True)
     LENGTHS = ("lengths", "padding given as query / key-value lengths", True)
+    QUERY_OFFSET = ("query_offset", "per-sequence query positions (query_offset: query i of batch b at "
+                                    "query_offset[b] + i)", True)
+    SOFTCAP = ("softcap", "a soft cap on the logits (softcap * tanh(logits / softcap))", True)
+    SCALE = ("scale", "an explicit logit scale (scale=, replacing 1/sqrt(key_dim))", True)
 
 
 class RefusalKind(Name):
