@@ -33,11 +33,6 @@ def _masked_empty_rows_only(case) -> bool:
     return bool(np.array_equal(np.broadcast_to(by_all, shape), np.broadcast_to(by_masking, shape)))
 
 
-def _top_left_causal_kv_lengths(case) -> bool:
-    call = case.call()
-    return call.top_left_causal and call.key_value_lengths is not None
-
-
 def _empty_rows(case) -> bool:
     allowed = case.call().flat_allowed()
     return allowed is not None and not np.all(np.any(allowed, axis=-1))
@@ -109,7 +104,6 @@ CASE_PROPERTIES = {
     or case.window is not None or case.lengths is not None or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
     # causal on the top-left diagonal (or bottom-right with T == S, the same triangle) with key/value lengths
-    "top_left_causal_kv_lengths": _top_left_causal_kv_lengths,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
     "masked_empty_rows_only": _masked_empty_rows_only,  # ... and each is emptied by masking, not query lengths or -inf
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
@@ -182,14 +176,19 @@ def _nan_row_output_is_bias(expected: np.ndarray, inputs, quantity: str) -> np.n
     return out
 
 
-def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
-    """The float64 result when the logits are scaled by ``scale`` instead of 1/sqrt(key_dim).
+def _call_scale(inputs) -> float:
+    """The scale of the case's logits: its ``scale=``, else 1/sqrt(key_dim)."""
+    return inputs.scale if inputs.scale is not None else 1.0 / np.sqrt(inputs.spec.key_dim)
 
-    Scaling the query by ``scale`` equals scaling Wq and bq by ``r = scale * sqrt(key_dim)`` under the exact
+
+def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
+    """The float64 result when the logits are scaled by ``scale`` instead of the call's scale (:func:`_call_scale`).
+
+    Scaling the query by ``scale`` equals scaling Wq and bq by ``r = scale / call's scale`` under the exact
     scale, so the oracle computes it; the gradients of Wq and bq pick up the factor ``r`` once more (chain rule).
     """
     from mhabench.impls import Weights, oracle, oracle_backward
-    r = scale * np.sqrt(inputs.spec.key_dim)
+    r = scale / _call_scale(inputs)
     arrays = dict(inputs.weights.as_dict())
     arrays["Wq"] = arrays["Wq"] * r
     if "bq" in arrays:
@@ -205,35 +204,19 @@ def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
 
 
 def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 result when the 1/sqrt(key_dim) scale is first rounded to float32 (float64 rows only)."""
-    return _with_scale(inputs, quantity, float(np.float32(1.0 / np.sqrt(inputs.spec.key_dim))))
+    """The float64 result when the call's scale (1/sqrt(key_dim) by default) is first rounded to float32 (float64
+    rows only)."""
+    return _with_scale(inputs, quantity, float(np.float32(_call_scale(inputs))))
 
 
 def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 result of the ONNX Attention operator's function body (onnx 1.23): it computes
-    ``sqrt(1 / sqrt(key_dim))`` in float32 (from the head size cast to float32) and multiplies q and k by it,
-    so the logits are scaled by that float32 number squared (float64 rows only)."""
+    """The float64 result of the ONNX Attention operator's function body (onnx 1.23): it computes the square root of
+    the scale in float32 (the ``scale`` attribute, a float32 as every ONNX float attribute; by default
+    ``1 / sqrt(key_dim)`` from the head size cast to float32) and multiplies q and k by it, so the logits are
+    scaled by that float32 number squared (float64 rows only)."""
     f32 = np.float32
-    root = f32(np.sqrt(f32(f32(1) / f32(np.sqrt(f32(inputs.spec.key_dim))))))
-    return _with_scale(inputs, quantity, float(root) ** 2)
-
-
-def _causal_from_kv_lengths(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 forward when the causal diagonal of each sequence sits at its key/value length: query row i
-    may attend key j iff ``j <= i + key_value_lengths[b] - T`` (instead of the call's diagonal, ``j <= i`` when
-    T == S or top-left). The ONNX Attention operator's ``is_causal`` with ``nonpad_kv_seqlen`` (opset 24) reads
-    the lengths as an external KV cache whose last T entries are the queries. Every other restriction stays."""
-    from mhabench.impls import oracle
-    from mhabench.impls.validation import band_mask
-    call = oracle.prepare(inputs.spec, inputs.weights, *inputs.args(), **inputs.features())
-    T, S, nb = call.q_len, call.k_len, call.n_batch
-    lengths = call.flat_lengths()[1]
-    band = np.stack([band_mask(0, T, S, offset=int(n) - T, causal=True) for n in lengths])  # [N, T, S]
-    band = band.reshape(call.scores_shape[:nb] + (1,) + call.scores_shape[nb + 1:])
-    mask = band if call.mask is None else np.logical_and(call.mask, band)
-    out, scores = oracle.forward(inputs.spec, inputs.weights, inputs.query, inputs.value, inputs.key, mask, False,
-                                 **inputs.features())
-    return scores if quantity == "scores" else out
+    scale = f32(inputs.scale) if inputs.scale is not None else f32(f32(1) / f32(np.sqrt(f32(inputs.spec.key_dim))))
+    return _with_scale(inputs, quantity, float(f32(np.sqrt(scale))) ** 2)
 
 
 @dataclass(frozen=True)
@@ -253,8 +236,6 @@ BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray] | Modelled
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
     "sqrt_scale_rounded_to_float32": _sqrt_scale_rounded_to_float32,
-    # ONNX Attention's is_causal with nonpad_kv_seqlen: each sequence's diagonal at its key/value length
-    "causal_from_kv_lengths": _causal_from_kv_lengths,
     # jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias
     # kept, the rows past the query lengths zeroed
     "jax_masked_logits_filled": Modelled("jax_filled_attention"),

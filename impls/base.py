@@ -164,13 +164,28 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
             used.add("bias")
         if call.query_lengths is not None or call.key_value_lengths is not None:
             used.add("lengths")
-        if call.query_offset is not None and call.positions_matter and np.any(call.query_offset):
+        if call.uses_query_offset:
             used.add("query_offset")
         if call.softcap is not None:
             used.add("softcap")
         if call.scale is not None:
             used.add("scale")
     return used
+
+
+def emulated(call: Call, *, causal: bool = False, window: bool = False, lengths: bool = False) -> tuple[str, ...]:
+    """What a layer records as emulated (``Layer.emulations``) when it builds the call's causal triangle, its window
+    or its lengths into a mask because its framework has no argument for them: causal under the name of the
+    diagonal it is measured from (:attr:`Call.causal_feature`: per-sequence positions, bottom-right or plain), the
+    window, and with it ``query_offset`` where the window is measured from per-sequence positions."""
+    names = []
+    if causal and call.causal:
+        names.append(call.causal_feature)
+    if window and call.window is not None:
+        names += ["window"] + (["query_offset"] if call.uses_query_offset else [])
+    if lengths and (call.query_lengths is not None or call.key_value_lengths is not None):
+        names.append("lengths")
+    return tuple(dict.fromkeys(names))
 
 
 def _given(**features) -> dict:
@@ -493,6 +508,11 @@ class Layer:
         """Features of ``call`` this layer emulates (e.g. by building a mask itself) because its framework
         offers nothing to express them; recorded on every row of the call."""
         return ()
+
+    def call_opset(self, call: Call) -> int | None:
+        """The ONNX opset of the graph this call runs (the adapter's ``opset`` unless a call needs another);
+        recorded on every row of the call."""
+        return self.adapter.opset
 
     # ---- what subclasses implement ---------------------------------------------------------
     # A layer either implements ``_forward`` on NumPy arrays (the simplest plugin), or the native

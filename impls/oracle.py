@@ -27,14 +27,14 @@ never materialised (memory O(S * block)).
 """
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .spec import AttentionSpec, Weights
-from .validation import Call, check_dtype, check_policy, flatten, numpy_dtype, unflatten, validate_call, weights_dims
+from .validation import (Call, check_dtype, check_policy, flatten, numpy_dtype, score_scale, unflatten,
+                         validate_call, weights_dims)
 
 __all__ = ["forward", "Numerics", "masked_softmax", "prepare"]
 
@@ -189,10 +189,6 @@ def prepare(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
     weights.check_spec(spec)
     return validate_call(spec, weights_dims(weights), query, value, key, mask, causal, **features)
 
-
-def score_scale(spec: AttentionSpec, call: Call) -> float:
-    """What ``q . k`` is multiplied by: the call's ``scale``, else 1/sqrt(key_dim)."""
-    return call.scale if call.scale is not None else 1.0 / math.sqrt(spec.key_dim)
 
 
 def _project(num: Numerics, x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:

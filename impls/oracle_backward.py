@@ -45,9 +45,9 @@ from __future__ import annotations
 import numpy as np
 
 from .oracle import (Numerics, _attention_weights, _projections, effective_allowed, expand_heads, grouped_matmul,
-                     prepare, read_positions, score_scale, split_nonfinite, weighted_values)
+                     prepare, read_positions, split_nonfinite, weighted_values)
 from .spec import AttentionSpec, Weights
-from .validation import Call, check_cotangent, check_policy, flatten, unflatten
+from .validation import Call, check_cotangent, check_policy, flatten, score_scale, unflatten
 
 __all__ = ["backward", "softmax_backward"]
 

@@ -10,9 +10,11 @@
   the small functions a user writes: the boolean mask tensor (True = attend, our polarity) read as
   ``M[q, kv]``, ``M[b, q, kv]``, ``M[h, q, kv]`` or ``M[b, h, q, kv]`` (batch and head axes only where the
   mask varies along them; the block mask broadcasts the rest); causal ``kv <= q + d`` (d = 0 top-left,
-  S - T bottom-right); the window ``q + d - left <= kv <= q + d + right``; key/value and query lengths
-  ``kv < kv_len[b]``, ``q < q_len[b]``. The additive bias is a ``score_mod`` (``score + bias[b, h, q,
-  kv]``, reading index 0 along the axes it broadcasts); grouped-query attention is ``enable_gqa=True``
+  S - T bottom-right, ``d[b]`` per sequence for query positions: a decoder's cache lengths); the window
+  ``q + d - left <= kv <= q + d + right``; key/value and query lengths ``kv < kv_len[b]``, ``q < q_len[b]``.
+  The ``score_mod`` a user writes carries the soft cap (``softcap * tanh(score / softcap)``, on the score
+  FlexAttention has already scaled) and the additive bias after it (``+ bias[b, h, q, kv]``, reading index 0
+  along the axes it broadcasts); the scale is ``scale=``; grouped-query attention is ``enable_gqa=True``
   with K and V projected with ``num_kv_heads`` heads. Nothing is emulated.
 * Compile budget: every new shape, ``mask_mod`` code object and dtype is a recompile (5-30 s each on a
   small CPU), and past ``torch._dynamo.config.recompile_limit`` (8) dynamo silently falls back to the
@@ -30,6 +32,7 @@ import numpy as np
 from ..schema import Refusal
 from . import _torch
 from .base import Capabilities, UnsupportedError
+from .validation import score_scale
 
 RECOMPILE_LIMIT = 4096
 _compiled = None
@@ -62,20 +65,22 @@ def _mask_reader(mask, batch: bool, heads: bool):
     return lambda b, h, q, kv: mask[q, kv]
 
 
-def mask_mod(mask=None, batch: bool = False, heads: bool = False, *, causal: bool = False, offset: int = 0,
+def mask_mod(mask=None, batch: bool = False, heads: bool = False, *, causal: bool = False, offset=0,
              window=None, kv_lengths=None, q_lengths=None):
     """The mask_mod a user writes, each restriction a small function ANDed by ``and_masks``: the boolean ``mask``
-    tensor (True = attend); causal, ``kv <= q + offset``; the window ``(left, right)`` around the same diagonal;
-    ``kv < kv_lengths[b]`` and ``q < q_lengths[b]`` for the lengths. None when nothing restricts."""
+    tensor (True = attend); causal, ``kv <= q + offset`` (``offset`` an int, or a tensor of one query position per
+    sequence read as ``offset[b]``: a decoder's cache lengths); the window ``(left, right)`` around the same
+    diagonal; ``kv < kv_lengths[b]`` and ``q < q_lengths[b]`` for the lengths. None when nothing restricts."""
     from torch.nn.attention.flex_attention import and_masks
     parts = [] if mask is None else [_mask_reader(mask, batch, heads)]
+    position = (lambda b, q: q + offset) if isinstance(offset, int) else (lambda b, q: q + offset[b])
     if causal:
-        parts.append(lambda b, h, q, kv: kv <= q + offset)
+        parts.append(lambda b, h, q, kv: kv <= position(b, q))
     left, right = window if window is not None else (None, None)
     if left is not None:
-        parts.append(lambda b, h, q, kv: kv >= q + offset - left)
+        parts.append(lambda b, h, q, kv: kv >= position(b, q) - left)
     if right is not None:
-        parts.append(lambda b, h, q, kv: kv <= q + offset + right)
+        parts.append(lambda b, h, q, kv: kv <= position(b, q) + right)
     if kv_lengths is not None:
         parts.append(lambda b, h, q, kv: kv < kv_lengths[b])
     if q_lengths is not None:
@@ -85,11 +90,18 @@ def mask_mod(mask=None, batch: bool = False, heads: bool = False, *, causal: boo
     return parts[0] if len(parts) == 1 else and_masks(*parts)
 
 
-def score_mod(bias):
-    """The score_mod that adds the additive ``bias`` (``[N|1, H|1, T|1, S|1]``), reading index 0 along the axes it
-    broadcasts."""
+def score_mod(bias=None, softcap: float | None = None):
+    """The score_mod a user writes: the soft cap ``softcap * tanh(score / softcap)`` (on the scaled score, as
+    FlexAttention hands it over), then the additive ``bias`` (``[N|1, H|1, T|1, S|1]``, reading index 0 along the
+    axes it broadcasts). None when there is neither."""
+    if bias is None and softcap is None:
+        return None
+    import torch
+    cap = (lambda score: score) if softcap is None else (lambda score: softcap * torch.tanh(score / softcap))
+    if bias is None:
+        return lambda score, b, hh, q, kv: cap(score)
     n, h, t, s = (size > 1 for size in bias.shape)
-    return lambda score, b, hh, q, kv: score + bias[b if n else 0, hh if h else 0, q if t else 0, kv if s else 0]
+    return lambda score, b, hh, q, kv: cap(score) + bias[b if n else 0, hh if h else 0, q if t else 0, kv if s else 0]
 
 
 class TorchFlexLayer(_torch.ProjectedLayer):
@@ -113,18 +125,20 @@ class TorchFlexLayer(_torch.ProjectedLayer):
             mask = _torch.bool_tensor(self.torch, np.ascontiguousarray(mask), self.device)
         q_lengths, kv_lengths = (None if n is None else self.torch.as_tensor(n, device=self.device)
                                  for n in call.flat_lengths())
-        mod = mask_mod(mask, batch, heads, causal=call.causal, offset=call.diagonal_offset, window=call.window,
+        offset = self.torch.as_tensor(call.flat_offsets(), device=self.device) if call.offsets_vary \
+            else call.diagonal_offset
+        mod = mask_mod(mask, batch, heads, causal=call.causal, offset=offset, window=call.window,
                        kv_lengths=kv_lengths, q_lengths=q_lengths)
         if mod is None:
             return None
-        per_batch = batch or q_lengths is not None or kv_lengths is not None
+        per_batch = batch or q_lengths is not None or kv_lengths is not None or not isinstance(offset, int)
         return self.flex.create_block_mask(mod, call.n_flat if per_batch else None,
                                            self.spec.num_heads if heads else None, call.q_len, call.k_len,
                                            device=self.device)
 
     def _heads(self, q, k, v, mask, bias, dropout_p, call):
-        return self._flex(q, k, v, score_mod=None if bias is None else score_mod(bias), block_mask=mask,
-                          enable_gqa=self.spec.kv_heads != self.spec.num_heads)
+        return self._flex(q, k, v, score_mod=score_mod(bias, call.softcap), block_mask=mask,
+                          scale=score_scale(self.spec, call), enable_gqa=self.spec.kv_heads != self.spec.num_heads)
 
     def _run(self, inputs, return_scores, training, seed):
         raise UnsupportedError(self.adapter.name, "this call", "flex_attention returns no attention probabilities")
@@ -151,7 +165,8 @@ class TorchFlexAdapter(_torch.TorchAdapter):
                 "dropout": "flex_attention has no dropout",
             },
             devices=("cpu", "cuda"), modes=("eager", "compiled"),
-            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths",
+                                            "query_offset", "softcap", "scale"}))
 
     def unsupported_reason(self, spec, weights, *, dtype="float32", device="cpu", mode="compiled",
                            gradients=False, **kwargs):

@@ -169,6 +169,22 @@ class Call:
         return self.causal or self.window is not None
 
     @property
+    def uses_query_offset(self) -> bool:
+        """Whether the call's ``query_offset`` changes what it computes: an offset other than 0, read by causal or a
+        window (the feature ``query_offset``)."""
+        return self.query_offset is not None and self.positions_matter and bool(np.any(self.query_offset))
+
+    @property
+    def causal_feature(self) -> str:
+        """The feature that names this call's causal triangle: ``query_offset`` (per-sequence positions),
+        ``causal_bottom_right`` (bottom-right with T != S) or ``causal``."""
+        if self.uses_query_offset:
+            return "query_offset"
+        if self.causal_alignment == "bottom_right" and self.q_len != self.k_len:
+            return "causal_bottom_right"
+        return "causal"
+
+    @property
     def top_left_causal(self) -> bool:
         """Causal on the top-left diagonal: top-left alignment, or bottom-right with T == S (the same triangle),
         or query offsets that are all 0. The triangle most frameworks' own causal flag builds (``is_causal``,
@@ -594,6 +610,11 @@ def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_a
         raise ValueError(f"{name} of shape {list(mask.shape)} does not broadcast to the scores "
                          f"{list(scores_shape)}: {rule}")
     return full
+
+
+def score_scale(spec: AttentionSpec, call: Call) -> float:
+    """What ``q . k`` is multiplied by: the call's ``scale``, else 1/sqrt(key_dim)."""
+    return call.scale if call.scale is not None else 1.0 / math.sqrt(spec.key_dim)
 
 
 def check_cotangent(call: Call, cotangent) -> np.ndarray:

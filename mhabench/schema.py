@@ -84,6 +84,7 @@ class Area(Name):
     INVALID = "invalid"
     GRADIENTS = "gradients"
     MODERN = "modern"
+    DECODE = "decode"
     PAIRS = "pairs"
     RANDOM = "random"
     PLUGIN = "plugin"
@@ -426,6 +427,9 @@ class Row:
     window: list | None = None       # the case's modern call features: the window, the bias kind, the lengths kind
     bias: str | None = None
     lengths: str | None = None
+    query_offset: list | None = None  # inference attention: each sequence's query position, the soft cap, the scale
+    softcap: float | None = None
+    logit_scale: float | None = None
     duration_s: float | None = None
     opset: int | None = None         # the ONNX opset of the graphs an ONNX Runtime adapter runs
 

@@ -339,11 +339,14 @@ JAX_MODERN = {
                 "window_2_1_cross", "window_unbounded_left_causal", "window_bottom_right_decode",
                 "window_mask_axes_23_5d", "bias_BHTS_mask", "bias_B1S_causal", "bias_axes_2_4d", "kv_lengths",
                 "lengths_free_axis", "bottom_right_T6_S3", "bias_neg_inf_row", "query_lengths", "lengths_zero",
-                "modern_everything", "key_value_length_0_everything"],
+                "modern_everything", "key_value_length_0_everything", "offset_decode_T1_S7",
+                "offset_speculative_T3_S8_cache", "offset_int_window", "offset_negative_rows_see_nothing",
+                "offset_causal_window_mask", "scale"],
     # flax_mha has no bias argument (its limits are tested apart)
     "flax_mha": ["gqa_2of4", "gqa_no_bias_axes_1_4d", "mqa_per_head_mask",
                  "bottom_right_T4_S7", "bottom_right_T6_S3", "window_1_0_self", "window_unbounded_left_causal",
-                 "window_mask_axes_23_5d", "kv_lengths", "query_lengths", "lengths_axes_23_5d"],
+                 "window_mask_axes_23_5d", "kv_lengths", "query_lengths", "lengths_axes_23_5d", "offset_decode_T1_S7",
+                 "offset_int_window", "offset_axes_23_5d"],
 }
 MODERN_PARAMS = [(n, c, d) for n, ids in JAX_MODERN.items() for c in ids for d in ("float64", "float32")]
 
