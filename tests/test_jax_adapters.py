@@ -405,6 +405,38 @@ def test_modern_features_forward_and_gradients(name, case_id, dtype):
     _close(layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)[0], want_out, tol)
 
 
+def test_jax_dpa_takes_a_decode_step_as_cache_lengths_and_masks_only_what_it_cannot_say():
+    """One query per sequence at its own position: key_value_seq_lengths = offset + 1, is_causal off, no mask, nothing
+    emulated; three speculative queries per sequence: the diagonals go into the mask (emulated); scale= passed."""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(kwargs)
+        return real(q, k, v, **kwargs)
+
+    def run(case_id):
+        case = MODERN_BY_ID[case_id]
+        w, q, v, k, mask, kwargs, call, _ = _modern_call(case)
+        layer = impls.get_adapter("jax_dpa").build(case.spec, w, dtype="float64", mode="eager")
+        seen.clear()
+        jax.nn.dot_product_attention = spy
+        try:
+            out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
+        finally:
+            jax.nn.dot_product_attention = real
+        _close(out, oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)[0], SOFTMAX_IN_F32)
+        return seen[0], layer.emulations(call)
+
+    kwargs, emulated = run("offset_decode_T1_S7")  # offsets (0, 3, 6)
+    assert list(np.asarray(kwargs["key_value_seq_lengths"])) == [1, 4, 7] and not kwargs["is_causal"]
+    assert kwargs["mask"] is None and emulated == ()
+    kwargs, emulated = run("offset_speculative_T3_S8_cache")
+    assert kwargs["mask"] is not None and not kwargs["is_causal"] and emulated == ("query_offset",)
+    kwargs, emulated = run("scale")
+    assert kwargs["scale"] == 0.9 and emulated == ()
+
+
 def test_jax_dpa_gets_the_functions_own_arguments():
     """GQA as fewer K/V heads, the bias, the lengths, local_window_size (bottom-right causal as its band) and
     is_causal reach jax.nn.dot_product_attention itself; nothing is emulated."""

@@ -235,6 +235,12 @@ def test_sdpa_gets_its_native_arguments():
     assert kwargs["attn_mask"].dtype == torch.bool and emulated == ("window",)
     kwargs, emulated = call(by_id["lengths_both_causal_mask"])
     assert kwargs["attn_mask"].dtype == torch.bool and not kwargs["is_causal"] and emulated == ("causal", "lengths")
+    kwargs, emulated = call(by_id["scale"])
+    assert kwargs["scale"] == 0.9 and kwargs["attn_mask"] is None and emulated == ()
+    # per-sequence positions have no argument: causal at each sequence's diagonal is built into the mask
+    kwargs, emulated = call(by_id["offset_decode_T1_S7"])
+    assert kwargs["attn_mask"].shape == (3, 1, 1, 7) and not kwargs["is_causal"] and emulated == ("query_offset",)
+    assert kwargs["attn_mask"][:, 0, 0].sum(dim=-1).tolist() == [1, 4, 7]
 
 
 def test_a_kernel_variant_refuses_instead_of_falling_back():

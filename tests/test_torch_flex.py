@@ -145,6 +145,26 @@ def test_flex_compiled_modern_features_match_the_oracle(case_id):
     assert errors["output"] < 2e-6, errors
 
 
+def test_flex_takes_positions_in_its_mask_mod_and_the_soft_cap_as_its_score_mod():
+    """inference_everything (per-sequence offsets, their cache lengths, a window, GQA, softcap, scale, a bias): the
+    block mask holds each sequence's diagonal, the score_mod caps then adds the bias, scale= is passed; nothing is
+    emulated, and the eager float64 result is the oracle's."""
+    case = MODERN_BY_ID["inference_everything"]
+    w, q, v, k, mask = case.build(seed=4)
+    layer = ADAPTER.build(case.spec, w, dtype="float64", mode="eager")
+    call = layer.validate(q, v, k, mask, case.causal, **case.feature_kwargs(4))
+    inputs = layer._native(call)
+    from torch.nn.attention.flex_attention import create_mask
+    dense = create_mask(inputs["mask"].mask_mod, call.n_flat, 1, call.q_len, call.k_len, device="cpu").numpy()[:, 0]
+    np.testing.assert_array_equal(dense, call.flat_allowed(bias=False)[:, 0])
+    assert layer.emulations(call) == ()
+    import torch
+    from mhabench.impls.torch_flex import score_mod
+    mod = score_mod(torch.zeros((1, 1, 1, 1), dtype=torch.float64), 1.0)
+    assert float(mod(torch.tensor(100.0, dtype=torch.float64), 0, 0, 0, 0)) == pytest.approx(1.0)
+    assert modern_forward_errors("torch_flex", case, "float64", mode="eager")["output"] < 1e-12
+
+
 def test_flex_mask_mod_is_the_and_of_what_a_user_writes():
     """Each restriction of modern_everything (mask, bottom-right causal, window, both lengths) lands in the block
     mask, per flattened batch element, with nothing emulated; the bias is a score_mod."""
