@@ -1,12 +1,15 @@
 """Multi-head attention over sequence length, heads, adapter, mode and device.
 
 Each class is one attention pattern (self, causal self, cross with S = T/2);
-each method one measurement. Setup builds, compiles and calls the layer once;
-the timed bodies are one native call that ends with the framework's device
-sync. Peak memory is the rise during one call (the adapter's own probe: VmHWM
-on CPU, the framework's counter where it pools memory or on GPU), not the
-process's. GFLOP/s is not a measurement of its own: setup records each case's
-FLOPs (``benchmarks.flops``) and the report divides them by asv's timings.
+each method one measurement. Setup builds, compiles and calls the layer once.
+Time is sampled by the suite (``benchmarks.sampling``: one native call per
+sample, each ending with the framework's device sync, until the median is
+known to 2% or the point's cap), and handed to asv as its samples, which asv
+summarises with its own statistics. Peak memory is what one call allocates,
+not the process: the compiler's figure where it states one (XLA), else the
+adapter's probe after a warm-up (VmHWM on CPU, the framework's counter where it
+pools memory or on GPU). GFLOP/s is not a measurement of its own: setup records
+each case's FLOPs (``benchmarks.flops``) and the report divides them by the times.
 """
 from mhabench.benchmarks import common
 from mhabench.benchmarks.profiles import MODES, get_profile
@@ -14,8 +17,8 @@ from mhabench.benchmarks.profiles import MODES, get_profile
 PROFILE = get_profile()
 common.preimport_for_forkserver()
 
-FORWARD_METHODS = ("time_forward", "track_peakmem_forward")
-BACKWARD_METHODS = ("time_forward_backward", "track_peakmem_forward_backward")
+FORWARD_METHODS = ("track_time_forward", "track_peakmem_forward")
+BACKWARD_METHODS = ("track_time_forward_backward", "track_peakmem_forward_backward")
 
 
 def _warm_backward(*params):
@@ -41,9 +44,6 @@ class _AttentionBenchmark:
     param_names = ["adapter", "mode", "seq_len", "num_heads", "device"]
     params = [list(PROFILE.adapters), list(MODES), list(PROFILE.seq_lens), list(PROFILE.num_heads),
               list(PROFILE.devices)]
-    rounds = PROFILE.rounds
-    repeat = PROFILE.repeat
-    warmup_time = PROFILE.warmup_time
     timeout = PROFILE.timeout
     running: "_AttentionBenchmark | None" = None  # the instance asv set up in this process, for _warm_backward
 
@@ -56,30 +56,31 @@ class _AttentionBenchmark:
         _AttentionBenchmark.running = self
         self.prepared = common.prepare(case, PROFILE, self.names(FORWARD_METHODS + BACKWARD_METHODS))
         common.record_flops(f"bench_attention.{type(self).__name__}", case)
-        self.forward, self.inputs = self.prepared.native_forward, self.prepared.inputs
-
-    def time_forward(self, *params):
-        self.forward(self.inputs)
-
-    def time_forward_backward(self, *params):
-        self.prepared.native_forward_backward(self.prepared.inputs_grad)
 
     def _track(self, method, measure):
         try:
-            return measure()
+            return measure(self.names([method])[0])
         except Exception as exc:
             common.record(self.names([method]), self.prepared.case.params(), "failed",
                           f"{type(exc).__name__}: {exc}")
             raise
 
+    def track_time_forward(self, *params):
+        return self._track("track_time_forward", lambda name: self.prepared.timed(name, backward=False))
+
+    def track_time_forward_backward(self, *params):
+        return self._track("track_time_forward_backward", lambda name: self.prepared.timed(name, backward=True))
+
     def track_peakmem_forward(self, *params):
-        return self._track("track_peakmem_forward", lambda: self.prepared.peak_bytes(backward=False))
+        return self._track("track_peakmem_forward", lambda name: self.prepared.peak_bytes(name, backward=False))
 
     def track_peakmem_forward_backward(self, *params):
-        return self._track("track_peakmem_forward_backward", lambda: self.prepared.peak_bytes(backward=True))
+        return self._track("track_peakmem_forward_backward",
+                           lambda name: self.prepared.peak_bytes(name, backward=True))
 
+    track_time_forward.unit = track_time_forward_backward.unit = "seconds"
     track_peakmem_forward.unit = track_peakmem_forward_backward.unit = "bytes"
-    time_forward_backward.setup = _warm_backward
+    track_time_forward_backward.setup = _warm_backward
     track_peakmem_forward_backward.setup = _warm_backward
 
 

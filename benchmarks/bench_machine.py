@@ -2,6 +2,7 @@
 ``benchmarks.peak``, which ``mhabench bench`` also takes before and after each chunk)."""
 from mhabench.benchmarks import common, peak
 from mhabench.benchmarks.profiles import get_profile
+from mhabench.impls.worker import die_with_parent
 
 PROFILE = get_profile()
 
@@ -12,6 +13,7 @@ class Machine:
     timeout = PROFILE.timeout
 
     def setup(self, device):
+        die_with_parent()  # a benchmark process ends with asv's forkserver
         try:
             peak._matmul(device)
         except ValueError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +22,16 @@ import numpy as np
 from mhabench import results
 from mhabench.impls import memory
 from mhabench.impls.base import UnsupportedError
+from mhabench.impls.worker import die_with_parent
 
 from . import flops as flops_mod
+from . import sampling
 from .profiles import Profile
 
 ENV_RESULTS = "MHABENCH_RESULTS"
 ENV_BUDGET = "MHABENCH_MEMORY_BUDGET"
 ENV_PREIMPORT = "MHABENCH_PREIMPORT"
+ENV_VERIFY = "MHABENCH_VERIFY"  # "1": time each point plainly too, call by call beside the suite (bench --verify)
 BUDGET_FRACTION = 0.5          # default CPU budget: half the machine's RAM
 GPU_BUDGET_FRACTION = 0.9
 FLOAT_BYTES = 4                # the benchmarks run float32
@@ -55,29 +60,46 @@ def _append_once(path: Path, records: list[dict]) -> None:
     """Append each record as a JSON line unless that exact line is there already (asv re-runs setup per
     sample and per method, so the same record is seen many times)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         seen = set(path.read_text().splitlines()) if path.exists() else set()
         new = [line for line in (json.dumps(r, sort_keys=True) for r in records) if line not in seen]
         if new:
-            with open(path, "a") as fh:
-                fh.write("".join(line + "\n" for line in new))
+            with results.Appender(path) as out:  # whole lines or none, on a full disk too
+                out.write_lines(new)
     except OSError as exc:  # a read-only results dir must not turn a skip into a crash
-        print(f"mhabench: cannot write {path}: {exc}", file=sys.stderr)
+        print(f"mhabench: {exc}", file=sys.stderr)
 
 
-def record(benchmarks, params: dict, status: str, reason: str) -> None:
-    """One line per benchmark name in skips.jsonl: why it did not run."""
-    _append_once(skips_path(), [{"benchmark": b, "params": params, "status": status, "reason": reason}
-                                for b in benchmarks])
+def record(benchmarks, params: dict, status: str, reason: str, path: Path | None = None, **facts) -> None:
+    """One line per benchmark name in skips.jsonl (``path``, else this process's results directory's): why it
+    did not run, with any further ``facts`` (a budget's prediction)."""
+    _append_once(path or skips_path(), [{"benchmark": b, "params": params, "status": status, "reason": reason,
+                                         **facts} for b in benchmarks])
 
 
 def record_flops(benchmark_class: str, case: "Case") -> None:
     """The FLOPs of a case's forward and forward+backward calls (bench/flops.jsonl): the report divides them
-    by asv's own steady-state timings to give GFLOP/s, so throughput and time come from one measurement."""
+    by asv's own steady-state timings to give GFLOP/s, so throughput and time come from one measurement.
+    With them, the facts of the adapter's kernel the report reads the line by: its framework family, and
+    whether it holds the [B, H, T, S] scores (the plausibility rules expect such a kernel's time to grow at
+    least linearly)."""
     from mhabench import impls
+    adapter = impls.get_adapter(case.adapter)
     _append_once(results.Layout(results_dir()).flops,
                  [{"benchmark": benchmark_class, "params": case.params(), "forward": case.flops(False),
-                   "forward_backward": case.flops(True), "kernel": impls.get_adapter(case.adapter).kernel}])
+                   "forward_backward": case.flops(True), "kernel": adapter.kernel, "family": adapter.family,
+                   "holds_scores": adapter.score_buffers > 0}])
+
+
+def record_point(benchmark: str, params: dict, facts: dict) -> None:
+    """One measured point in bench/points.jsonl (appended; the newest line of a point wins when read)."""
+    path = results.Layout(results_dir()).points
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"benchmark": benchmark, "params": params, **facts, "time": time.time()},
+                                sort_keys=True) + "\n")
+    except OSError as exc:
+        print(f"mhabench: cannot write {path}: {exc}", file=sys.stderr)
 
 
 # ---- memory budget ------------------------------------------------------------------------------
@@ -180,7 +202,9 @@ class PreparedCase:
     def __init__(self, case: Case, profile: Profile):
         self.case, self.profile = case, profile
         self._backward_state: BaseException | bool | None = None  # None: not tried; True: warm
+        started = time.perf_counter()
         self._check_and_build()
+        self.setup_seconds = time.perf_counter() - started  # build, compile and first call
 
     def _check_and_build(self):
         case = self.case
@@ -248,13 +272,57 @@ class PreparedCase:
         self._backward_state = True
 
     # ---- measurements used by the track_ benchmarks ----
-    def peak_bytes(self, backward: bool) -> int:
-        """The median of a few per-call peaks (one sample moves in allocator-sized steps), measured by the
-        probe the adapter declares."""
+    def _native(self, backward: bool):
         fn, inputs = ((self.native_forward_backward, self.inputs_grad) if backward
                       else (self.native_forward, self.inputs))
-        probe = lambda call: self.adapter.peak_memory(call, self.case.device)
-        return memory.median_peak(probe, lambda: fn(inputs), self.profile.memory_samples)
+        return (lambda: fn(inputs)), inputs
+
+    def timed(self, benchmark: str, backward: bool) -> dict:
+        """The per-call times of the adaptive sampling (``benchmarks.sampling``), in the form asv takes a
+        timing in (``{"samples", "number"}``), so asv's own statistics (median, 99% interval, quartiles,
+        count) summarise them. With ``MHABENCH_VERIFY=1`` the same call is also timed plainly
+        (``sampling.plain_call``) after each of the suite's samples, in this process, and the point's line in
+        bench/points.jsonl carries that plain median."""
+        call, _ = self._native(backward)
+        rules = self.profile.sampling.from_environment()
+        hand: list[float] = []
+        verify = os.environ.get(ENV_VERIFY) == "1"
+        found = sampling.sample(call, rules, between=(lambda: hand.append(sampling.plain_call(call))) if verify
+                                else None)
+        low, high = found.interval(rules.confidence)
+        q25, _, q75 = sampling.quartiles(found.seconds)
+        facts = {"quantity": "time", "median": found.median, "ci95": [low, high], "q25": q25, "q75": q75,
+                 "samples": len(found.seconds), "stopped": found.stopped, "warmup_calls": found.warmup_calls,
+                 "sampling_seconds": found.wall_seconds, "setup_seconds": self.setup_seconds,
+                 "scale": float(os.environ.get(sampling.ENV_SCALE) or 1)}
+        if verify:  # each plain call ran right after its suite sample: their ratio sees one load
+            paired = statistics.median(s / h for s, h in zip(found.seconds, hand) if h > 0)
+            facts["verify"] = {"median": statistics.median(hand), "samples": len(hand), "paired_ratio": paired}
+        record_point(benchmark, self.case.params(), facts)
+        return {"samples": found.seconds, "number": 1}
+
+    def peak_bytes(self, benchmark: str, backward: bool) -> dict | int:
+        """The per-call peak memory, measured after the same warm-up as the time.
+
+        Where the adapter's compiler states what a call allocates (XLA's buffer assignment for compiled JAX
+        programs) that figure is the result, exact; elsewhere the per-call peaks of the probe the adapter
+        declares, as asv's samples (one moves in allocator-sized steps, so their median is the figure). Both
+        go to bench/points.jsonl, so the report can show the probe's figure beside the compiler's."""
+        call, inputs = self._native(backward)
+        rules = self.profile.sampling.from_environment()
+        started = time.perf_counter()
+        warm = sampling.warm_up(call, rules)
+        peaks = [self.adapter.peak_memory(call, self.case.device) for _ in range(max(1, rules.memory_samples))]
+        program = self.layer.native_program_bytes(inputs, backward=backward)
+        q25, median, q75 = sampling.quartiles(peaks)
+        facts = {"quantity": "memory", "charted": "program" if program is not None else "probe",
+                 "program_bytes": program, "program_source": "XLA buffer assignment (temp + output)"
+                 if program is not None else None, "probe": self.adapter.memory_source(self.case.device),
+                 "probe_median": median, "probe_q25": q25, "probe_q75": q75,
+                 "samples": len(peaks), "warmup_calls": warm, "sampling_seconds": time.perf_counter() - started,
+                 "setup_seconds": self.setup_seconds, "scale": float(os.environ.get(sampling.ENV_SCALE) or 1)}
+        record_point(benchmark, self.case.params(), facts)
+        return program if program is not None else {"samples": peaks, "number": 1}
 
 
 _CACHE: dict[Case, PreparedCase | BaseException] = {}
@@ -264,6 +332,7 @@ def prepare(case: Case, profile: Profile, benchmark_names) -> PreparedCase:
     """The case built once per process; a skip or failure is recorded once and raised every time."""
     cached = _CACHE.get(case)
     if cached is None:
+        die_with_parent()  # a benchmark process (forked by asv's forkserver) ends with the forkserver
         try:
             cached = PreparedCase(case, profile)
         except Skip as exc:
@@ -286,8 +355,11 @@ def preimport_for_forkserver() -> None:
     """With asv's forkserver, modules imported here are inherited by every forked benchmark
     process, which then skips the framework import. Only the server does it (not discovery),
     and only for the modules ``mhabench bench`` names for the adapter being run."""
+    if "run_server" not in sys.argv:
+        return
+    die_with_parent()  # asv's forkserver ends with asv (which ends with mhabench bench)
     names = os.environ.get(ENV_PREIMPORT, "")
-    if not names or "run_server" not in sys.argv:
+    if not names:
         return
     import importlib
     for name in names.split(","):

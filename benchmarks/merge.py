@@ -133,6 +133,5 @@ def _join_lines(source: Path, target: Path) -> None:
     have = set(target.read_text().splitlines()) if target.exists() else set()
     new = [line for line in source.read_text().splitlines() if line.strip() and line not in have]
     if new:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "a") as fh:
-            fh.write("".join(line + "\n" for line in new))
+        with results.Appender(target) as out:  # whole lines or none, on a full disk too
+            out.write_lines(new)

@@ -11,7 +11,6 @@ keeps the best of them.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 GEMM_SIZE = {"cpu": 2048, "cuda": 8192}
@@ -84,10 +83,12 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"gemm peak: {exc}")
         return 0
-    layout.peaks.parent.mkdir(parents=True, exist_ok=True)
-    with open(layout.peaks, "a") as fh:
-        fh.write(json.dumps({"device": args.device, "gflops": max(rates), "windows": rates, "label": args.label,
-                             "time": time.time()}) + "\n")
+    try:
+        results.append_jsonl(layout.peaks, [{"device": args.device, "gflops": max(rates), "windows": rates,
+                                             "label": args.label, "time": time.time()}])
+    except results.WriteFailed as exc:
+        print(f"gemm peak: {exc}")
+        return 2
     print(f"gemm peak {args.device}: {max(rates):.1f} GFLOP/s (windows {', '.join(f'{r:.0f}' for r in rates)})")
     return 0
 

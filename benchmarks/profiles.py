@@ -14,18 +14,43 @@ from dataclasses import dataclass
 
 from mhabench.impls.base import MODES
 
+from .sampling import Sampling
+
 DEVICES = ("cpu", "cuda")
 ENV_PROFILE = "MHABENCH_PROFILE"
-ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # ad-hoc plugin adapters ("file.py:Class"), separated by os.pathsep
+ENV_ADAPTERS = "MHABENCH_ADAPTERS"  # the --adapter plugins of ``mhabench bench``, as :func:`plugins_env` writes them
+
+
+def plugins_env(targets, directory: str | None = None) -> str:
+    """``MHABENCH_ADAPTERS`` for asv's processes: JSON, so no target's own characters (the ':' between file and
+    class, a Windows drive letter, a space) can split it; files made absolute, and the directory a module
+    target is found from (``mhabench bench`` was run there; asv's processes run elsewhere)."""
+    import json
+    from mhabench.impls import plugins
+    return json.dumps({"adapters": [plugins.portable_target(t) for t in targets],
+                       "path": [directory or os.getcwd()]})
 
 
 def load_plugins() -> list[str]:
-    """Register the ``--adapter`` plugins ``mhabench bench`` passed to this (asv) process; their names."""
-    targets = [t for t in os.environ.get(ENV_ADAPTERS, "").split(os.pathsep) if t]
-    if not targets:
+    """Register the ``--adapter`` plugins ``mhabench bench`` passed to this (asv) process; their names.
+
+    Without the interface check: ``mhabench bench`` made it before starting asv, and running an adapter here,
+    where asv's forkserver imports the suite, would start its framework's thread pool, in which every
+    benchmark process forked from the server then hangs (GNU OpenMP does not survive a fork)."""
+    import json
+    import sys
+    text = os.environ.get(ENV_ADAPTERS, "")
+    if not text:
         return []
+    try:
+        passed = json.loads(text)
+        targets, path = list(passed["adapters"]), list(passed.get("path", []))
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{ENV_ADAPTERS}={text!r}: expected what mhabench bench writes "
+                         f'({{"adapters": ["file.py:Class", ...], "path": [...]}})') from None
+    sys.path.extend(p for p in path if p not in sys.path)
     from mhabench.impls import plugins
-    return [plugins.load_adhoc(t) for t in targets]
+    return [plugins.load_adhoc(t, isolate=False, check=False) for t in targets]
 
 
 def adapter_names() -> tuple[str, ...]:
@@ -47,13 +72,9 @@ class Profile:
     one_mode: bool = False          # each adapter in its quick_mode only (else every mode it has)
     classes: tuple[str, ...] | None = None  # benchmark classes run (None: all)
     methods: tuple[str, ...] | None = None  # benchmark methods run (None: all)
-    # lengths only an adapter whose kernel never holds the scores (score_buffers == 0) runs: the fast ones
-    fused_only_lens: tuple[int, ...] = ()
-    # asv timing attributes
-    rounds: int = 2
-    repeat: tuple[int, int, float] = (5, 20, 10.0)   # (min, max samples, max seconds)
-    warmup_time: float = 0.2
-    memory_samples: int = 5                          # per-call peaks whose median is reported
+    # the longest sweeps first cover this many lengths per adapter and class (mhabench bench --budget)
+    coverage_lengths: int = 4
+    sampling: Sampling = Sampling(max_samples=100, max_seconds=5.0, warmup_seconds=0.2)
     timeout: float = 600.0
 
     @property
@@ -69,24 +90,19 @@ class Profile:
             return mode == (a.quick_mode or a.default_mode)
         return mode in a.capabilities().modes
 
-    def keeps(self, benchmark: str, adapter: str, seq_len: int) -> bool:
-        """Whether this profile runs ``benchmark`` ("bench_attention.Class.method") for ``adapter`` at ``seq_len``."""
+    def keeps(self, benchmark: str) -> bool:
+        """Whether this profile runs ``benchmark`` ("bench_attention.Class.method")."""
         _, cls, method = benchmark.split(".")
-        if (self.classes and cls not in self.classes) or (self.methods and method not in self.methods):
-            return False
-        if seq_len in self.fused_only_lens:
-            from mhabench import impls
-            return impls.get_adapter(adapter).score_buffers == 0
-        return True
+        return not ((self.classes and cls not in self.classes) or (self.methods and method not in self.methods))
 
 
 PROFILES = {
     # the main job's: time and per-call memory of self and causal self-attention against L, enough lengths
     # to fit the exponent (the heads sweep and cross-attention are the default profile's)
     "quick": Profile("quick", seq_lens=(128, 256, 512, 1024, 2048, 4096), num_heads=(8,), one_mode=True,
-                     classes=("SelfAttention", "CausalSelfAttention"), methods=("time_forward", "track_peakmem_forward"),
-                     fused_only_lens=(4096,), rounds=1, repeat=(3, 10, 0.5), warmup_time=0.05, memory_samples=3,
-                     timeout=120.0),
+                     classes=("SelfAttention", "CausalSelfAttention"),
+                     methods=("track_time_forward", "track_peakmem_forward"),
+                     sampling=Sampling(max_samples=40, max_seconds=1.0, warmup_seconds=0.05), timeout=300.0),
     "default": Profile("default", seq_lens=tuple(2 ** p for p in range(7, 14)), num_heads=(1, 4, 8, 16)),
     "full": Profile("full", seq_lens=tuple(2 ** p for p in range(7, 16)), num_heads=(1, 4, 8, 16),
                     timeout=1800.0),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -26,11 +27,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhabench import results, shards
+from mhabench import plausibility, results, shards
 from mhabench.impls import registry
+from mhabench.impls.worker import dies_with_parent
 from mhabench.progress import Tally
 
-from .profiles import DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, get_profile
+from . import budget, common, sampling
+from .profiles import DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, get_profile, plugins_env
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 PLACEHOLDER_HASH = "0" * 40  # recorded when the sources are not a git checkout
@@ -108,8 +111,7 @@ def selection(profile_name: str, adapters, devices, bench_regex) -> list[tuple[s
                 continue
             if not machine:
                 adapter, mode = combo[0].strip("'"), combo[1].strip("'")
-                if adapter not in adapters or not profile.keeps_mode(adapter, mode) \
-                        or not profile.keeps(name, adapter, int(combo[2])):
+                if adapter not in adapters or not profile.keeps_mode(adapter, mode) or not profile.keeps(name):
                     continue
             if bench_regex and not re.search(bench_regex, f"{name}({', '.join(combo)})"):
                 continue
@@ -127,8 +129,8 @@ MACHINE_MS = 10000           # the GEMM peak benchmark
 
 def estimated_ms(profile_name: str, name: str, combo: tuple[str, ...]) -> int:
     """A benchmark's estimated cost in whole milliseconds, from its parameters alone (the same on every
-    machine). Time methods take asv's samples (its ``repeat``: at least min, at most max samples, or
-    max seconds), tracked figures a few calls; forward and backward cost about three forward calls."""
+    machine): setup, then the calls its sampling makes (``sampling.calls_per_point``) at an assumed rate of
+    attention work; forward and backward cost about three forward calls."""
     from .flops import attention_flops
     if name.startswith("bench_machine"):
         return MACHINE_MS
@@ -139,11 +141,7 @@ def estimated_ms(profile_name: str, name: str, combo: tuple[str, ...]) -> int:
     backward = method.endswith("forward_backward")
     call = attention_flops(profile.batch, seq_len, kv_len, profile.model_dim, heads, profile.model_dim // heads,
                            causal=cls == "CausalSelfAttention", backward=backward) / FLOPS_PER_MS
-    min_samples, max_samples, max_seconds = profile.repeat
-    if method.startswith("time_"):
-        calls = profile.rounds * min(max_samples * call, max(min_samples * call, 1000 * max_seconds)) / max(call, 1e-9)
-    else:
-        calls = profile.memory_samples
+    calls = sampling.calls_per_point(profile.sampling, method, call / 1000)
     return int(SETUP_MS + (COMPILE_MS if mode == "compiled" else 0) + (calls + 1) * call)
 
 
@@ -207,12 +205,28 @@ class Options:
     adhoc: list[str] = field(default_factory=list)
     shard: tuple[int, int] | None = None
     machine: str | None = None  # asv's machine name (default: asv's own, the host name)
+    budget: float | None = None  # seconds of wall-clock time for the whole run (benchmarks.budget); None: no limit
+    verify: bool = False        # also time each point's call plainly, call by call beside the suite
+
+
+def parse_budget(text) -> float | None:
+    """``--budget SECONDS``: a number of seconds, 0 for none; SweepError naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except (TypeError, ValueError):
+        raise SweepError(f"--budget {text!r}: expected a number of seconds, such as 150 (0: no budget)") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise SweepError(f"--budget {text!r}: expected a number of seconds >= 0 (0: no budget)")
+    return seconds or None
 
 
 def make_options(profile=None, adapters=None, devices=None, results_dir="results", bench=None, memory_budget=None,
-                 adhoc=(), shard=None, machine=None) -> Options:
+                 adhoc=(), shard=None, machine=None, budget=None, verify=False) -> Options:
     """Checked options: ``adapters``/``devices`` comma-separated (the syntax of every list option),
-    ``shard`` "K/N", ``machine`` a name for asv's results of this machine."""
+    ``shard`` "K/N", ``machine`` a name for asv's results of this machine, ``budget`` seconds (0: none)."""
+    budget = parse_budget(budget)
     from mhabench.benchmarks.common import parse_bytes
     from mhabench.options import SelectionError, load_plugins, runnable_adapters, split_list
     profile = profile or os.environ.get(ENV_PROFILE) or "default"
@@ -255,7 +269,8 @@ def make_options(profile=None, adapters=None, devices=None, results_dir="results
         raise SweepError(f"results directory {root} is not writable: {exc.strerror or exc}") from None
     if shutil.which("asv") is None and not _asv_module_available():
         raise SweepError('asv is not installed; install with: pip install "mhabench[bench]"')
-    return Options(profile, chosen, device_list, root, bench, memory_budget, list(adhoc), shard, machine)
+    return Options(profile, chosen, device_list, root, bench, memory_budget, list(adhoc), shard, machine, budget,
+                   bool(verify))
 
 
 def _asv_module_available() -> bool:
@@ -294,9 +309,95 @@ def finished_chunks(layout: results.Layout, run_key: dict) -> set[str]:
 
 
 def mark_finished(layout: results.Layout, run_key: dict, chunk: str, seconds: float) -> None:
-    layout.progress.parent.mkdir(parents=True, exist_ok=True)
-    with open(layout.progress, "a") as fh:
-        fh.write(json.dumps({**run_key, "chunk": chunk, "seconds": round(seconds, 1)}) + "\n")
+    results.append_jsonl(layout.progress, [{**run_key, "chunk": chunk, "seconds": round(seconds, 1)}])
+
+
+# ---- asv's own files: a damaged one found and moved aside, a chunk's writes guarded -----------------------
+DAMAGED_SUFFIX = ".damaged"
+
+
+def damage(path: Path) -> str | None:
+    """Why asv cannot read the JSON file ``path`` (empty, cut short, not an object), or None."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not data.strip():
+        return f"{len(data)} bytes"
+    try:
+        parsed = json.loads(data)
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    return None if isinstance(parsed, dict) else "not a JSON object"
+
+
+def asv_files(layout: results.Layout, commit: str | None = None) -> list[Path]:
+    """asv's JSON files under the results directory: benchmarks.json, each machine's machine.json and result
+    files (only those of ``commit`` when given: asv names them after its first 8 characters)."""
+    if not layout.asv.is_dir():
+        return []
+    found = [layout.asv / "benchmarks.json"] + sorted(layout.asv.glob("*/machine.json"))
+    found += sorted(p for p in layout.asv.glob("*/*.json") if p.name != "machine.json"
+                    and (commit is None or p.name.startswith(commit[:8])))
+    return [p for p in found if p.is_file()]
+
+
+def damaged_files(layout: results.Layout) -> list[tuple[Path, str]]:
+    return [(path, why) for path in asv_files(layout) if (why := damage(path))]
+
+
+def repair(layout: results.Layout, say=print) -> None:
+    """Move each damaged asv file aside (``<name>.damaged``, kept for a look), and forget the finished chunks
+    whose results a damaged result file held, so ``--resume`` measures them again."""
+    for path, why in damaged_files(layout):
+        aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        path.replace(aside)
+        say(f"mhabench bench: {path} was damaged ({why}); moved aside to {aside}")
+        if path.name not in ("benchmarks.json", "machine.json") and layout.progress.is_file():
+            kept = [r for r in results.read_jsonl(layout.progress)[0]
+                    if not str(r.get("commit", "")).startswith(path.name[:8])]
+            results.atomic_write(layout.progress, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def refuse_damaged(layout: results.Layout) -> None:
+    """SweepError (one line) naming the first damaged asv file, and the way out: asv cannot run with one."""
+    damaged = damaged_files(layout)
+    if damaged:
+        (path, why), more = damaged[0], len(damaged) - 1
+        raise SweepError(f"{path} is damaged ({why}: a disk that filled up, or a run killed while asv wrote it)"
+                         + (f", and {more} more asv file{'s' if more > 1 else ''}" if more else "")
+                         + "; asv cannot run with it. Run again with --repair to move it aside (the benchmarks it "
+                           "held are measured again with --resume)")
+
+
+class GuardedChunk:
+    """asv's files of one commit as they were before a chunk, kept in memory: asv writes its results file in
+    place, so a disk that fills up while it writes would leave it empty and every earlier chunk's results
+    lost. After the chunk, a file asv left damaged is put back as it was (one it created is removed), and
+    SweepError says what happened."""
+
+    def __init__(self, layout: results.Layout, commit: str):
+        self.layout, self.commit = layout, commit
+        self.before = {path: path.read_bytes() for path in asv_files(layout, commit)}
+
+    def check(self) -> None:
+        broken = [(path, why) for path in asv_files(self.layout, self.commit) if (why := damage(path))]
+        if not broken:
+            return
+        unrestored = []
+        for path, _ in broken:
+            try:
+                if path in self.before:
+                    results.atomic_write(path, self.before[path])
+                else:
+                    path.unlink()
+            except OSError:
+                unrestored.append(path)
+        path, why = broken[0]
+        then = "could not be put back (run again with --repair once there is space)" if path in unrestored else \
+            "was put back as it was before this chunk" if path in self.before else "was removed (it held nothing else)"
+        raise SweepError(f"asv could not write {path} ({why}: is the disk full?); it {then}. Free space and run "
+                         f"the same command with --resume: the chunks finished before are kept")
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -343,16 +444,29 @@ def worth_showing(line: str) -> bool:
     return not set(text.split("···")[-1].strip()) <= set("=- ")
 
 
-def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print) -> int:
-    """Run asv, echoing its progress with the chunk as prefix; stderr is merged."""
+STOPPED = -1  # stream's answer when it stopped asv at the deadline
+
+
+def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print, deadline: float | None = None) -> int:
+    """Run asv, echoing its progress with the chunk as prefix; stderr is merged. ``deadline`` (time.monotonic):
+    asv is stopped there and STOPPED returned (its results of this run are lost: asv writes them at its end)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, cwd=BENCHMARK_DIR.parent)
+                            bufsize=1, cwd=BENCHMARK_DIR.parent, preexec_fn=dies_with_parent())
+    timer = None
+    if deadline is not None:
+        import threading
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), stop_tree, (proc,))
+        timer.daemon = True
+        timer.start()
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             if verbose or worth_showing(line):
                 say(f"{prefix} {line}")
-        return proc.wait()
+        code = proc.wait()
+        if deadline is not None and time.monotonic() >= deadline and code != 0:
+            return STOPPED
+        return code
     except KeyboardInterrupt:
         proc.terminate()
         try:
@@ -360,19 +474,239 @@ def stream(cmd: list[str], env, prefix: str, verbose: bool = False, say=print) -
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, read from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_tree(proc) -> None:
+    """SIGTERM to asv and to every process it started (its forkserver and the benchmark running), which asv
+    would otherwise leave behind."""
+    import signal
+    for pid in reversed(descendants(proc.pid)):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.terminate()
 
 
 def measure_peak(layout: results.Layout, env, label: str, say, prefix: str, devices=("cpu",)) -> None:
     """The GEMM peak next to the benchmarks it divides (benchmarks.peak, in its own process)."""
     for device in devices:
         done = subprocess.run([sys.executable, "-m", "mhabench.benchmarks.peak", "--results", str(layout.root),
-                               "--device", device, "--label", label], env=env, capture_output=True, text=True)
+                               "--device", device, "--label", label], env=env, capture_output=True, text=True,
+                              preexec_fn=dies_with_parent())
         line = (done.stdout.strip().splitlines() or [done.stderr.strip()[-200:]])[-1]
+        if done.returncode == 2:  # it could not write bench/peaks.jsonl: the disk is full or read-only
+            raise SweepError(line)
         say(f"{prefix} {line}")
 
 
-def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=print) -> int:
-    """Run the sweep; 0 when every chunk ran clean, 1 when some benchmark failed (results written all the same)."""
+# ---- the points journal -------------------------------------------------------------------------------
+REMEASURE_SCALE = 4  # a point measured again takes this many times the samples (benchmarks.sampling)
+
+
+def bench_of(record: dict) -> budget.Bench:
+    """The benchmark a points.jsonl line measured, as the sweep selects it."""
+    p = record["params"]
+    return budget.Bench(record["benchmark"], tuple(repr(v) for v in (p["adapter"], p["mode"], int(p["seq_len"]),
+                                                                     int(p["num_heads"]), p["device"])))
+
+
+def read_points(layout: results.Layout, since: float = 0.0) -> list[tuple[budget.Bench, dict]]:
+    """The points measured since ``since`` (time.time()), oldest first; unreadable lines are left out."""
+    check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "quantity"} <= set(r) else "not a point"
+    records, _ = results.read_jsonl(layout.points, check)
+    out = []
+    for record in records:
+        if float(record.get("time") or 0) < since:
+            continue
+        try:
+            out.append((bench_of(record), record))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def latest_points(layout: results.Layout, keep) -> dict[budget.Bench, dict]:
+    """The newest line of each point ``keep`` (a set of Bench) holds."""
+    return {bench: record for bench, record in read_points(layout) if bench in keep}
+
+
+def point_value(record: dict) -> float:
+    """The figure a point's line shows: its time's median; XLA's figure where the memory charts it, else the
+    probe's median."""
+    if record.get("quantity") == "memory":
+        return float(record["program_bytes"] if record.get("charted") == "program" else record["probe_median"])
+    return float(record["median"])
+
+
+def implausible(points: dict[budget.Bench, dict]) -> dict[budget.Bench, plausibility.Breach]:
+    """The points of lines that break a plausibility rule (``mhabench.plausibility``), each with the breach."""
+    lines: dict[tuple, list[tuple[budget.Bench, dict]]] = {}
+    for bench, record in points.items():
+        lines.setdefault((bench.name, bench.line), []).append((bench, record))
+    out = {}
+    for (_, line), members in lines.items():
+        quantity = members[0][1]["quantity"]
+        if quantity not in ("time", "memory"):
+            continue
+        at = {bench.seq_len: bench for bench, _ in members}
+        made = [plausibility.Point(bench.seq_len, point_value(r), float(r.get("q25") or math.nan),
+                                   float(r.get("q75") or math.nan)) for bench, r in members]
+        holds = registry.get_adapter(line[1]).score_buffers > 0 if line[1] in registry.list_adapters() else None
+        _, breaches = plausibility.check(made, quantity, holds)
+        for breach in breaches:
+            for length in breach.lengths:
+                out.setdefault(at[length], breach)
+    return out
+
+
+def verify_table(points: list[tuple[budget.Bench, dict]]) -> list[dict]:
+    """Suite / plain timing per point timed with --verify (the newest of each point)."""
+    newest = {bench: record for bench, record in points if record.get("verify")}
+    rows = []
+    for bench, record in newest.items():
+        hand = record["verify"]["median"]
+        rows.append({"benchmark": bench.name, "adapter": bench.adapter, "class": bench.line[0], "L": bench.seq_len,
+                     "suite": record["median"], "hand": hand, "ratio": record["median"] / hand if hand else math.nan,
+                     "paired": record["verify"].get("paired_ratio", math.nan)})
+    return sorted(rows, key=lambda r: (r["adapter"], r["class"], r["L"]))
+
+
+
+# ---- running ------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What every asv run of one sweep shares, and what the sweep did."""
+
+    options: Options
+    layout: results.Layout
+    config: Path
+    commit: str
+    run_key: dict
+    done: set
+    env: dict
+    verbose: bool
+    say: callable
+    started: float = field(default_factory=time.monotonic)
+    started_wall: float = field(default_factory=time.time)
+    failures: int = 0
+    steps: int = 0
+
+    def step(self, key: str, group: Group, regexes: list[str], count: int, *, extra_env=None, peaks=True,
+             deadline: float | None = None) -> str:
+        """One asv run; "ran", "earlier" (finished by an earlier run, --resume) or "stopped" (at ``deadline``)."""
+        self.steps += 1
+        prefix = f"[{self.steps} {key}]"
+        if key in self.done:
+            self.say(f"{prefix} finished earlier, skipped (--resume)")
+            return "earlier"
+        chunk_env = dict(self.env, MHABENCH_PREIMPORT=",".join(group.modules), **dict(group.env), **(extra_env or {}))
+        cmd = asv_command(self.config, self.commit, regexes, self.verbose, self.options.machine)
+        t0 = time.monotonic()
+        if peaks:
+            measure_peak(self.layout, self.env, f"before {key}", self.say, prefix, self.options.devices)
+        guard = GuardedChunk(self.layout, self.commit)
+        code = stream(cmd, chunk_env, prefix, self.verbose, self.say, deadline)
+        guard.check()
+        if code == STOPPED:
+            self.say(f"{prefix} stopped at the budget's deadline; its {count} benchmarks are not recorded")
+            return "stopped"
+        if peaks:
+            measure_peak(self.layout, self.env, f"after {key}", self.say, prefix, self.options.devices)
+        if code not in (0, 2):  # 2: some benchmark failed, the results are written all the same
+            raise SweepError(f"asv stopped with exit status {code} in chunk {key}; see its output above")
+        self.failures += code == 2
+        mark_finished(self.layout, self.run_key, key, time.monotonic() - t0)
+        return "ran"
+
+    def remeasure(self, selected: set, budget_end: float | None = None, deadline: float | None = None,
+                  model: budget.CostModel | None = None) -> int:
+        """Measure again, with REMEASURE_SCALE times the samples and each in a fresh asv process, the points of
+        every line that breaks a plausibility rule; bench/remeasured.jsonl records each, before and after.
+        Under a budget, only the points whose predicted cost fits before ``budget_end``, and the asv runs are
+        stopped at ``deadline`` (both time.monotonic()). Returns how many were measured again."""
+        before = latest_points(self.layout, selected)
+        breaches = implausible(before)
+        if not breaches:
+            return 0
+        chosen = list(breaches)
+        if budget_end is not None and model is not None:
+            left, kept, opened = budget_end - time.monotonic(), [], set()
+            for bench in chosen:
+                group = group_of(bench.adapter).key
+                cost = model.point_seconds(bench, group) * REMEASURE_SCALE + \
+                    (0.0 if group in opened else model.step_seconds(group, []))  # an asv run's own start, once
+                if cost <= left:
+                    kept.append(bench)
+                    opened.add(group)
+                    left -= cost
+            chosen = kept
+        self.say(f"mhabench bench: {len(chosen)} of {len(breaches)} points of implausible lines measured again "
+                 f"({REMEASURE_SCALE}x the samples, a fresh process each)")
+        by_group: dict[str, list[budget.Bench]] = {}
+        for bench in chosen:
+            by_group.setdefault(group_of(bench.adapter).key, []).append(bench)
+        for key, benches in by_group.items():
+            outcome = self.step(f"remeasure:{key}", group_of(benches[0].adapter), exact_regexes(benches),
+                                len(benches), extra_env={sampling.ENV_SCALE: str(REMEASURE_SCALE)}, peaks=False,
+                                deadline=deadline)
+            if outcome == "stopped":
+                break
+        after = latest_points(self.layout, set(chosen))
+        records = []
+        for bench in chosen:
+            breach, old, new = breaches[bench], before[bench], after.get(bench)
+            if new is None or new is old or new.get("time") == old.get("time"):
+                continue
+            records.append({"benchmark": bench.name, "params": bench.param_dict, "rule": breach.rule,
+                            "detail": breach.detail, "before": point_value(old), "after": point_value(new),
+                            "samples_before": old.get("samples"), "samples_after": new.get("samples"),
+                            "time": time.time()})
+        if records:
+            with open(self.layout.remeasured, "a") as fh:
+                fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        return len(records)
+
+
+def exact_regexes(benches: list[budget.Bench]) -> list[str]:
+    """asv --bench regexes selecting exactly these benchmarks: one per benchmark and line, lengths alternated."""
+    lines: dict[tuple, list[str]] = {}
+    for bench in benches:
+        adapter, mode, length, heads, device = bench.combo
+        lines.setdefault((bench.name, adapter, mode, heads, device), []).append(length)
+    out = []
+    for (name, adapter, mode, heads, device), lengths in lines.items():
+        alternatives = "|".join(re.escape(v) for v in sorted(set(lengths), key=int))
+        out.append(f"^{re.escape(name)}\\({re.escape(adapter)}, {re.escape(mode)}, ({alternatives}), "
+                   f"{re.escape(heads)}, {re.escape(device)}\\)$")
+    return out
+
+
+def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=print, fix=False) -> int:
+    """Run the sweep; 0 when every chunk ran clean, 1 when some benchmark failed (results written all the same).
+
+    An asv file left damaged by an earlier run stops it (SweepError naming the file) unless ``fix``, which
+    moves such files aside first (:func:`repair`)."""
     selected = selection(options.profile, options.adapters, options.devices, options.bench)
     if not selected:
         raise SweepError("no benchmark matches these --adapters/--devices/--bench")
@@ -382,68 +716,160 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     run_key = {"commit": commit, "profile": options.profile}
     if options.shard:
         run_key["shard"] = "{}/{}".format(*options.shard)
+    if options.budget:
+        run_key["budget"] = options.budget
     if not dry_run:
         results.write_json(layout.bench_plan, bench_plan(options, plan, len(selected), commit))
     if not plan:  # more shards than benchmarks: this one has none, which is not an error
         say(f"mhabench bench: shard {run_key['shard']} has none of the {len(selected)} selected benchmarks; "
             f"nothing to run")
         return 0
+    if not dry_run:
+        if fix:
+            repair(layout, say)
+        refuse_damaged(layout)
     config = asv_config(layout)
     done = finished_chunks(layout, run_key) if resume else set()
     env = dict(os.environ, MHABENCH_PROFILE=options.profile, MHABENCH_RESULTS=str(layout.root), PYTHONUNBUFFERED="1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ log lines stay out of the sweep's output
+    env.pop(sampling.ENV_SCALE, None)
+    env[common.ENV_VERIFY] = "1" if options.verify else "0"
     if options.adhoc:
-        env[ENV_ADAPTERS] = os.pathsep.join(os.path.abspath(t.rpartition(":")[0]) + ":" + t.rpartition(":")[2]
-                                            if t.rpartition(":")[0].endswith(".py") else t for t in options.adhoc)
+        env[ENV_ADAPTERS] = plugins_env(options.adhoc)
     if options.memory_budget:
         env["MHABENCH_MEMORY_BUDGET"] = options.memory_budget
     # asv starts a process per case: the adapters' persistent compilation cache (impls.cache) lets JAX
     # compile each shape once, not once per process (only setup gets faster; the timed calls are the same)
-    return _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, options)
+    if dry_run:
+        return _dry_run(plan, config, commit, options, say)
+    ensure_machine(config, env, options.machine)
+    sweep = Run(options, layout, config, commit, run_key, done, env, verbose, say)
+    chosen = {budget.Bench(n, c) for chunk in plan for n, c in chunk.benchmarks if n.startswith("bench_attention")}
+    if options.budget:
+        status = _run_budgeted(sweep, plan, chosen)
+    else:
+        status = _run_chunks(sweep, plan, chosen)
+    if options.verify:
+        _say_verify(sweep, chosen)
+    return status
+
+
+def _dry_run(plan, config, commit, options, say) -> int:
+    say(f"mhabench bench: profile {options.profile}, {sum(len(c.benchmarks) for c in plan)} benchmarks in "
+        f"{len(plan)} chunks, commit {commit[:10]}" + (f", budget {options.budget:.0f} s (planned as it goes)"
+                                                        if options.budget else ""))
+    for number, chunk in enumerate(plan, 1):
+        cmd = asv_command(config, commit, chunk.regexes, False, options.machine)
+        say(f"[{number}/{len(plan)} {chunk.key}] {' '.join(cmd[:12])} ... ({len(chunk.regexes)} --bench regexes)")
+    return 0
 
 
 def bench_plan(options: Options, plan: list[Chunk], selected: int, commit: str) -> dict:
     """What bench/plan.json records: the benchmarks this run set out to measure, and of how many in all."""
     out = {"profile": options.profile, "commit": commit, "machine": options.machine,
            "adapters": options.adapters, "devices": options.devices, "bench": options.bench,
-           "benchmarks": sum(len(c.benchmarks) for c in plan), "chunks": [c.key for c in plan]}
+           "benchmarks": sum(len(c.benchmarks) for c in plan), "chunks": [c.key for c in plan],
+           "budget_seconds": options.budget, "verify": options.verify}
     if options.shard:
         out.update(shard=list(options.shard), benchmarks_all_shards=selected)
     return out
 
 
-def _run_chunks(plan, config, commit, run_key, done, env, layout, verbose, dry_run, say, options) -> int:
-    if not dry_run:
-        ensure_machine(config, env, options.machine)
-    shard = f", shard {run_key['shard']}" if "shard" in run_key else ""
-    say(f"mhabench bench: profile {run_key['profile']}{shard}, {sum(len(c.benchmarks) for c in plan)} benchmarks "
-        f"in {len(plan)} chunks, commit {commit[:10]}, results {layout.asv}"
-        + (f" ({len(done & {c.key for c in plan})} already finished)" if done else ""))
+def _run_chunks(sweep: Run, plan: list[Chunk], chosen: set) -> int:
+    options, say = sweep.options, sweep.say
+    shard = f", shard {sweep.run_key['shard']}" if "shard" in sweep.run_key else ""
+    say(f"mhabench bench: profile {options.profile}{shard}, {sum(len(c.benchmarks) for c in plan)} benchmarks "
+        f"in {len(plan)} chunks, commit {sweep.commit[:10]}, results {sweep.layout.asv}"
+        + (f" ({len(sweep.done & {c.key for c in plan})} already finished)" if sweep.done else ""))
     tally = Tally({c.key: len(c.benchmarks) for c in plan},
                   {c.key: sum(estimated_ms(options.profile, *b) for b in c.benchmarks) for c in plan},
-                  {c.key: len(c.benchmarks) for c in plan if c.key in done}, unit="benchmarks")
-    failures, started = 0, time.monotonic()
-    for number, chunk in enumerate(plan, 1):
-        prefix = f"[{number}/{len(plan)} {chunk.key}]"
-        if chunk.key in done:
-            say(f"{prefix} finished earlier, skipped (--resume)")
-            continue
-        chunk_env = dict(env, MHABENCH_PREIMPORT=",".join(chunk.group.modules), **dict(chunk.group.env))
-        cmd = asv_command(config, commit, chunk.regexes, verbose, options.machine)
-        if dry_run:
-            say(f"{prefix} {' '.join(cmd[:12])} ... ({len(chunk.regexes)} --bench regexes)")
-            continue
-        t0 = time.monotonic()
-        measure_peak(layout, env, f"before {chunk.key}", say, prefix, options.devices)
-        code = stream(cmd, chunk_env, prefix, verbose, say)
-        measure_peak(layout, env, f"after {chunk.key}", say, prefix, options.devices)
-        if code not in (0, 2):  # 2: some benchmark failed, the results are written all the same
-            raise SweepError(f"asv stopped with exit status {code} in chunk {chunk.key}; see its output above")
-        failures += code == 2
-        mark_finished(layout, run_key, chunk.key, time.monotonic() - t0)
-        tally.add(chunk.key, len(chunk.benchmarks))
-        say(f"mhabench bench: {tally.line()}")
-    if not dry_run:
-        say(f"mhabench bench: done in {time.monotonic() - started:.0f} s; results in {layout.asv}, "
-            f"skip reasons in {layout.skips}" + (f"; {failures} chunk(s) had failing benchmarks" if failures else ""))
-    return 1 if failures else 0
+                  {c.key: len(c.benchmarks) for c in plan if c.key in sweep.done}, unit="benchmarks")
+    for chunk in plan:
+        if sweep.step(chunk.key, chunk.group, chunk.regexes, len(chunk.benchmarks)) == "ran":
+            tally.add(chunk.key, len(chunk.benchmarks))
+            say(f"mhabench bench: {tally.line()}")
+    sweep.remeasure(chosen)
+    say(f"mhabench bench: done in {time.monotonic() - sweep.started:.0f} s; results in {sweep.layout.asv}, "
+        f"skip reasons in {sweep.layout.skips}"
+        + (f"; {sweep.failures} chunk(s) had failing benchmarks" if sweep.failures else ""))
+    return 1 if sweep.failures else 0
+
+
+def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
+    """The sweep planned against ``--budget`` (``benchmarks.budget``): coverage first, each further length where
+    its predicted cost fits, the re-measurement from the reserve; what does not fit is recorded as not run."""
+    options, say, layout = sweep.options, sweep.say, sweep.layout
+    profile = get_profile(options.profile)
+    benches = sorted(chosen, key=lambda b: (options.adapters.index(b.adapter) if b.adapter in options.adapters
+                                            else len(options.adapters), b.name, b.seq_len))
+    model = budget.CostModel(profile.sampling, lambda b: estimated_ms(options.profile, b.name, b.combo) / 1000)
+    for bench, record in read_points(layout):  # earlier runs on this machine, into this results directory
+        if record.get("scale", 1) == 1:
+            model.observe(bench, record)
+    holds = lambda a: registry.get_adapter(a).score_buffers > 0
+    planner = budget.Planner(benches, lambda a: group_of(a).key, holds, model, profile.coverage_lengths,
+                             options.budget, started=sweep.started_wall)
+    budget_end = sweep.started + options.budget - budget.CLOSING_SECONDS
+    hard_stop = sweep.started + options.budget * budget.HARD_STOP - budget.CLOSING_SECONDS
+    say(f"mhabench bench: profile {options.profile}, budget {options.budget:.0f} s for {len(benches)} benchmarks "
+        f"(coverage first: {profile.coverage_lengths} lengths per adapter), commit {sweep.commit[:10]}, "
+        f"results {layout.asv}")
+    peak_started = time.monotonic()
+    measure_peak(layout, sweep.env, "before the sweep", say, "[peak]", options.devices)
+    peak_seconds = time.monotonic() - peak_started
+    budget_end -= peak_seconds  # the GEMM peak is measured again at the end: its time is kept for it
+    planner.closing += peak_seconds
+    stopped: list[budget.Bench] = []
+    while (step := planner.next_step(time.time())) is not None:
+        say(f"mhabench bench: {step.key}: {len(step.benches)} benchmarks, predicted {step.predicted:.0f} s; "
+            f"{planner.deadline - time.time():.0f} s of the budget left")
+        t0 = time.time()
+        outcome = sweep.step(step.key, group_of(step.benches[0].adapter), exact_regexes(step.benches),
+                             len(step.benches), peaks=False, deadline=hard_stop)
+        measured = [(b, r) for b, r in read_points(layout, since=t0)]
+        for bench, record in measured:
+            model.observe(bench, record)
+        model.observe_step(step.group, t0, time.time(), measured)
+        if outcome == "stopped":
+            stopped = step.benches
+            break
+    for skipped in planner.skipped:
+        for bench in skipped.benches:
+            common.record([bench.name], bench.param_dict, "skipped", skipped.reason, path=layout.skips,
+                          predicted_seconds=round(skipped.predicted, 1))
+    for bench in stopped:
+        common.record([bench.name], bench.param_dict, "skipped",
+                      f"{budget.BUDGET_REASON}: its asv run was stopped at the budget's deadline", path=layout.skips)
+    if not stopped:
+        sweep.remeasure(chosen, budget_end=budget_end, deadline=hard_stop, model=model)
+    if time.monotonic() + peak_seconds <= sweep.started + options.budget:
+        measure_peak(layout, sweep.env, "after the sweep", say, "[peak]", options.devices)
+    not_run: dict[str, int] = {}
+    for skipped in planner.skipped:
+        for bench in skipped.benches:
+            not_run[bench.adapter] = not_run.get(bench.adapter, 0) + 1
+    for bench in stopped:
+        not_run[bench.adapter] = not_run.get(bench.adapter, 0) + 1
+    spent = time.monotonic() - sweep.started
+    plan_record = results.read_json(layout.bench_plan)
+    plan_record.update(budget_spent_seconds=round(spent, 1), not_run_budget=not_run)
+    results.write_json(layout.bench_plan, plan_record)
+    say(f"mhabench bench: done in {spent:.0f} s of a {options.budget:.0f} s budget; "
+        f"{sum(not_run.values())} benchmarks not run (budget)"
+        + (": " + ", ".join(f"{a} {n}" for a, n in not_run.items()) if not_run else "")
+        + f"; results in {layout.asv}, skip reasons in {layout.skips}"
+        + (f"; {sweep.failures} step(s) had failing benchmarks" if sweep.failures else ""))
+    return 1 if sweep.failures else 0
+
+
+def _say_verify(sweep: Run, chosen: set) -> None:
+    rows = verify_table([(b, r) for b, r in read_points(sweep.layout, since=sweep.started_wall) if b in chosen])
+    if not rows:
+        return
+    low, high = plausibility.VERIFY_RANGE
+    sweep.say(f"mhabench bench --verify: suite / plain timing per point (the same call, timed plainly after each "
+              f"of the suite's samples in the same process; outside [{low}, {high}] flagged)")
+    for row in rows:
+        flag = "" if low <= row["paired"] <= high else "  <-- outside"
+        sweep.say(f"  {row['adapter']:<22} {row['class']:<20} L={row['L']:<5} suite {row['suite'] * 1e3:9.3f} ms  "
+                  f"plain {row['hand'] * 1e3:9.3f} ms  ratio {row['ratio']:.3f}  paired {row['paired']:.3f}{flag}")

@@ -223,9 +223,21 @@ def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) 
 class Modelled:
     """A behaviour given value for value by a framework model, ``framework_models.<model>(inputs, dtype)``: in
     float64 for the golden, rounded as the oracle is for the reference (so a modelled row is judged at its
-    dtype's tolerance). The goldens of a case build each model once per dtype (``Goldens.modelled``)."""
+    dtype's tolerance). The goldens of a case build each model once per dtype (``Goldens.modelled``).
+
+    A model of a machine-dependent kernel names the row ``facts`` it reads (the vector width, say): it is
+    then called with those facts and the dtype the row is judged in (``kernel_dtype``: its lanes), and cannot
+    apply to a row that does not record them."""
 
     model: str
+    facts: tuple[str, ...] = ()
+
+    def machine(self, facts, kernel_dtype: str) -> dict:
+        """The keywords the model takes from a row: {} for a model of no machine; KeyError for a row lacking
+        one of the facts it reads."""
+        if not self.facts:
+            return {}
+        return {"facts": {name: (facts or {})[name] for name in self.facts}, "kernel_dtype": kernel_dtype}
 
 
 # Named behaviours no oracle policy reproduces: (golden or reference, inputs, quantity) -> the array the
@@ -241,6 +253,11 @@ BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray] | Modelled
     "jax_masked_logits_filled": Modelled("jax_filled_attention"),
     # Keras 2 over several axes: exp(x - logsumexp(x)) with the -1e9 mask rounded in, weights 1 in empty rows
     "keras2_logsumexp_rounded": Modelled("keras2_logsumexp_rounded"),
+    # torch's CPU flash kernel: an all-NaN query row shorter than the vector width loses its NaN in the scalar
+    # tail of the row maximum and is zero-filled; the width is the row's torch_vector_bits
+    "torch_cpu_flash_row_max": Modelled("torch_cpu_flash_row_max", ("torch_vector_bits",)),
+    # compiled FlexAttention's CPU template: the same maximum drops a NaN at every length and width
+    "torch_flex_cpu_row_max": Modelled("torch_flex_cpu_row_max"),
 }
 
 
@@ -268,23 +285,22 @@ def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantit
                                               dtype, compare)
 
 
-def _nan_rows_nan_or_bias(actual, goldens, quantity, dtype, compare) -> bool:
-    """Each output row the golden makes NaN is either NaN (canonical) or the output bias (zero weights), and
-    every other row matches: a kernel whose handling of a NaN row depends on the machine."""
+def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quantity, dtype, compare) -> bool:
+    """The value gradient after a softmax that returns, for a row holding a NaN or Inf logit, NaN at those
+    positions and exactly 0 at the others: in each batch element with a NaN/Inf key (masked or not), the gradient
+    is NaN at every key position holding one and NaN or exactly 0 everywhere else (the rows' weights there are
+    0); every other batch element matches the golden."""
+    inputs = goldens.inputs
+    key = inputs.key if inputs.key is not None else inputs.value
+    bad_keys = ~np.isfinite(key).all(axis=-1)  # [B, *K]: the key positions holding a NaN or Inf
+    batches = bad_keys.reshape(len(key), -1).any(axis=1)
+    if quantity != "grad_value" or not batches.any():
+        return False
     golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
     reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
-    as_bias = _nan_row_output_is_bias(golden, goldens.inputs, quantity)
-    out_dims = goldens.inputs.weights.Wo.ndim - 2
-    flat = lambda a: a.reshape(a.shape[:a.ndim - out_dims] + (-1,))
-    nan_rows = np.isnan(flat(golden)).any(axis=-1)
-    got = flat(actual)[nan_rows]
-    from .tolerances import FLOOR
-    bias = flat(as_bias)[nan_rows]
-    close = np.abs(got - bias) <= FLOOR[dtype] * np.maximum(1.0, np.abs(bias))  # the bias, rounded to dtype
-    ok_rows = np.isnan(got).all(axis=-1) | np.all(close, axis=-1)
-    rest = ~nan_rows
-    return bool(ok_rows.all()) and compare(flat(golden)[rest], flat(reference)[rest], flat(actual)[rest], dtype,
-                                           quantity).ok
+    poisoned = actual[batches]
+    shaped = bool(np.isnan(actual[bad_keys]).all() and np.all(np.isnan(poisoned) | (poisoned == 0)))
+    return shaped and compare(golden[~batches], reference[~batches], actual[~batches], dtype, quantity).ok
 
 
 def _introduces_nan(actual, goldens, quantity, dtype, compare) -> bool:
@@ -315,10 +331,10 @@ def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> 
 # Named predicates, for behaviours whose exact values no model here reproduces:
 # (actual, goldens, quantity, dtype, compare) -> whether the actual array shows the behaviour.
 CHECKS: dict[str, Callable] = {
-    "nan_rows_nan_or_bias": _nan_rows_nan_or_bias,
     "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
     "finite_but_matches_no_policy": _finite_but_matches_no_policy,
     "poisoned_batch_scores_nan_only_at_nonfinite_logits": _poisoned_batch_scores_nan_only_at_nonfinite_logits,
     "introduces_nan": _introduces_nan,
+    "value_gradient_nan_at_nonfinite_keys_zero_elsewhere": _value_gradient_nan_at_nonfinite_keys_zero_elsewhere,
     "finite_and_off": _finite_and_off,
 }

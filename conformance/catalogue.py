@@ -18,8 +18,11 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
                                              # in this dtype (reference and floor of that dtype)
     backward_form = "flash"                  # optional, alone or with the above: gradients judged against a
                                              # reference whose softmax backward has that form (FlashAttention's)
+    facts = { tf_onednn = true }             # optional: the kernel facts under which it applies (a row's
+                                             # ``facts``; a list of values means any of them)
     upstream = "https://github.com/..."      # optional: only a real issue
-    varies = "why it shows on some machines only"   # optional: then its absence is not stale
+    varies = "the deciding fact is unknown: ..."   # optional, only where no recorded fact decides whether it
+                                             # shows: then its absence is not stale
 
 A row an entry covers that fails against the canonical golden but passes
 against the entry's description becomes status ``divergence``. The check is
@@ -27,7 +30,10 @@ strict: an entry is *stale* when a row it covers fails in another way than
 described, when a covered row passes canonically although the description
 predicts a visibly different result there (the framework was fixed), or when
 it shows in no row of a run that included its adapter and the whole default
-matrix, so the catalogue stays true as frameworks change.
+matrix, so the catalogue stays true as frameworks change. An entry with
+``facts`` covers only the rows computed under those facts: on a machine (or under
+a switch) where they do not hold, its rows are judged canonically and it is not
+expected to show.
 
 This module loads the entries and checks rows against them; what they are written in (the case
 properties, behaviours and checks they name) is ``behaviours``.
@@ -74,6 +80,7 @@ class Entry:
     backward_form: str | None = None
     upstream: str | None = None
     varies: str | None = None
+    facts: tuple[tuple[str, tuple], ...] = ()  # (kernel fact, the values under which the entry applies), sorted
     source: str = field(default="", compare=False)
 
     @property
@@ -84,8 +91,21 @@ class Entry:
                  f"check {self.check}" if self.check else None,
                  f"error ratio <= {self.max_error_ratio:g}" if self.max_error_ratio is not None else None,
                  f"computed in {self.precision}" if self.precision else None,
-                 f"{self.backward_form}-form backward" if self.backward_form else None]
+                 f"{self.backward_form}-form backward" if self.backward_form else None,
+                 f"when {self.conditions}" if self.facts else None]
         return ", ".join(p for p in parts if p)
+
+    def applies(self, facts) -> bool:
+        """Whether a row computed under ``facts`` (a row's ``facts``; None: unknown) is under this entry's facts."""
+        if not self.facts:
+            return True
+        facts = facts or {}
+        return all(name in facts and facts[name] in values for name, values in self.facts)
+
+    @property
+    def conditions(self) -> str:
+        """The facts it applies under, in words ("" for none)."""
+        return ", ".join(f"{name} = {' or '.join(_fact_text(v) for v in values)}" for name, values in self.facts)
 
     def matches(self, adapter: str, case_id: str, dtype: str, quantity: str) -> bool:
         """Whether the entry names this adapter, case, dtype and quantity (its ``when`` aside: the properties of
@@ -125,6 +145,27 @@ def _ratio(value, key, where):
     return float(value)
 
 
+def _fact_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _facts(value, key, where):
+    """An entry's ``facts`` table as sorted (name, values) pairs: known kernel facts (``impls.facts.KERNEL_FACTS``),
+    each a value or a list of values."""
+    from mhabench.impls.facts import KERNEL_FACTS
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where}: 'facts' must be a table of kernel facts, e.g. facts = {{ tf_onednn = true }}")
+    out = []
+    for name, given in sorted(value.items()):
+        if name not in KERNEL_FACTS:
+            raise ValueError(f"{where}: 'facts' names unknown fact {name!r}; known: {sorted(KERNEL_FACTS)}")
+        values = tuple(given) if isinstance(given, list) else (given,)
+        if not values or not all(isinstance(v, (bool, int, float, str)) for v in values):
+            raise ValueError(f"{where}: facts.{name} must be a value or a list of values, got {given!r}")
+        out.append((name, values))
+    return tuple(out)
+
+
 def _link(value, key, where):
     if not str(value).startswith("https://"):
         raise ValueError(f"{where}: upstream must be an https:// link, got {value!r}")
@@ -134,7 +175,7 @@ def _link(value, key, where):
 READ = {"adapters": _names, "cases": _names, "when": _properties, "dtypes": _names, "quantities": _names,
         "oracle_policy": _one_of(POLICIES), "behaviour": _one_of(BEHAVIOURS), "check": _one_of(CHECKS),
         "max_error_ratio": _ratio, "precision": _one_of(PRECISIONS), "backward_form": _one_of(("flash",)),
-        "upstream": _link}
+        "upstream": _link, "facts": _facts}
 KEYS = tuple(f.name for f in dataclasses.fields(Entry) if f.name != "source")
 REQUIRED = ("id", "adapters", "observed")
 HOW = ("oracle_policy", "behaviour", "check", "max_error_ratio")  # exactly one says how the entry is reproduced
@@ -193,10 +234,13 @@ class Catalogue:
                                                                         for name in entry.when)
 
     def covers_row(self, entry: Entry, row: Row) -> bool:
-        return self.covers(entry, row.adapter, row.case, row.dtype, row.quantity)
+        """Whether ``entry`` covers ``row``: its adapter, case, dtype and quantity, and the facts it was computed
+        under (a row contradicts an entry only under the facts the entry names)."""
+        return self.covers(entry, row.adapter, row.case, row.dtype, row.quantity) and entry.applies(row.facts)
 
-    def covering(self, adapter: str, case_id: str, dtype: str, quantity: str) -> list[Entry]:
-        return [e for e in self.entries if self.covers(e, adapter, case_id, dtype, quantity)]
+    def covering(self, adapter: str, case_id: str, dtype: str, quantity: str, facts=None) -> list[Entry]:
+        """The entries covering a row computed under ``facts``."""
+        return [e for e in self.entries if self.covers(e, adapter, case_id, dtype, quantity) and e.applies(facts)]
 
     def check(self, rows, adapters_run=(), full_matrix: bool = False) -> list["EntryCheck"]:
         """The strict check: every row an entry covers must show the divergence it describes.
@@ -213,9 +257,12 @@ class Catalogue:
             missing = [r.row_id for r in covered if r.divergence != e.id
                        and (r.status is Status.FAIL or r.contradicts == e.id)]
             shown = [r for r in covered if r.divergence == e.id]
-            # on the full matrix every adapter the entry names must show it somewhere: an entry never over-claims
-            silent = tuple(sorted(a for a in set(e.adapters) & set(adapters_run)
+            # on the full matrix every adapter the entry names must show it somewhere: an entry never over-claims.
+            # An adapter none of whose rows ran under the entry's facts cannot show it (another machine's kernels).
+            under = {r.adapter for r in rows if e.applies(r.facts)} if e.facts else set(adapters_run)
+            silent = tuple(sorted(a for a in set(e.adapters) & set(adapters_run) & under
                                   if not any(r.adapter == a for r in shown))) if full_matrix else ()
+            elsewhere = sorted(set(e.adapters) & set(adapters_run) - under)
             if missing:
                 out.append(EntryCheck(e.id, "stale", f"{len(missing)}/{len(covered)} covered rows no longer show "
                                       f"'{e.observed}': {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
@@ -230,6 +277,9 @@ class Catalogue:
                                       f"to)", len(shown), silent))
             elif shown:
                 out.append(EntryCheck(e.id, "ok", f"reproduced in {len(shown)} rows", len(shown)))
+            elif elsewhere and not covered:
+                out.append(EntryCheck(e.id, "unchecked", f"applies when {e.conditions}: no row of "
+                                      f"{', '.join(elsewhere)} ran under those facts here", 0))
             else:
                 out.append(EntryCheck(e.id, "unchecked", "none of its rows ran", 0))
         return out
@@ -257,8 +307,8 @@ def load(directory=DIVERGENCE_DIR) -> Catalogue:
     return Catalogue(entries)
 
 
-def covering(entries, adapter: str, case_id: str, dtype: str, quantity: str) -> list[Entry]:
-    return as_catalogue(entries).covering(adapter, case_id, dtype, quantity)
+def covering(entries, adapter: str, case_id: str, dtype: str, quantity: str, facts=None) -> list[Entry]:
+    return as_catalogue(entries).covering(adapter, case_id, dtype, quantity, facts)
 
 
 @dataclass
@@ -284,15 +334,16 @@ def export(entries, checks) -> list[dict]:
         out.append({"id": e.id, "framework": Path(e.source).stem, "adapters": list(e.adapters),
                     "cases": list(e.cases), "when": list(e.when), "dtypes": list(e.dtypes) if e.dtypes else None,
                     "quantities": list(e.quantities) if e.quantities else None, "observed": e.observed,
-                    "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
+                    "facts": {name: list(values) for name, values in e.facts} or None, "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
                     "message": c.message if c else "", "rows": c.rows if c else 0})
     return out
 
 
-def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonical, compare):
+def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonical, compare, facts=None):
     """Compare ``actual`` with what ``entry`` describes; a Comparison (``ok``: it shows), or None if the entry
     cannot be applied to this quantity. ``goldens.get(policy, dtype)`` gives the oracle's arrays,
-    ``goldens.modelled(model, dtype)`` a framework model's."""
+    ``goldens.modelled(model, dtype)`` a framework model's; ``facts`` are the row's (a model of a
+    machine-dependent kernel reads those it names)."""
     policy = entry.oracle_policy or "zeros"
     judged_as = entry.precision or dtype
     form = entry.backward_form or "probs"
@@ -309,8 +360,9 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
         behaviour = BEHAVIOURS[entry.behaviour]
         try:
             if isinstance(behaviour, Modelled):  # the model gives its own same-precision reference
-                golden = goldens.modelled(behaviour.model, "float64")[quantity]
-                reference = goldens.modelled(behaviour.model, judged_as)[quantity]
+                machine = behaviour.machine(facts, judged_as)
+                golden = goldens.modelled(behaviour.model, "float64", machine)[quantity]
+                reference = goldens.modelled(behaviour.model, judged_as, machine)[quantity]
             else:
                 golden = behaviour(np.asarray(golden, np.float64), goldens.inputs, quantity)
                 reference = behaviour(np.asarray(reference, np.float64), goldens.inputs, quantity)

@@ -60,13 +60,14 @@ class Goldens:
         """``form``: how the backward forms the softmax's gradient (``oracle_backward.backward``)."""
         return _Lazy(self, policy, dtype, form)
 
-    def modelled(self, model: str, dtype: str) -> dict[str, np.ndarray]:
+    def modelled(self, model: str, dtype: str, machine: dict | None = None) -> dict[str, np.ndarray]:
         """``framework_models.<model>`` of the case's inputs: every quantity, in float64 for the golden or rounded
-        to ``dtype`` as the oracle rounds its reference."""
-        key = ("model", model, dtype)
+        to ``dtype`` as the oracle rounds its reference. ``machine``: what a model of a machine-dependent
+        kernel reads (the row's facts it names, the dtype the kernel ran), passed to it as keywords."""
+        key = ("model", model, dtype, repr(sorted((machine or {}).items())))
         if key not in self._cache:
             from . import framework_models
-            self._cache[key] = getattr(framework_models, model)(self.inputs, dtype)
+            self._cache[key] = getattr(framework_models, model)(self.inputs, dtype, **(machine or {}))
         return self._cache[key]
 
     def sensitivity(self, dtype: str, quantity: str, policy: str = "zeros", form: str = "probs") -> float:
@@ -109,26 +110,28 @@ class _Lazy:
 
 
 def _judge(verdict: dict, adapter: str, case_id: str, quantity: str, actual, goldens: Goldens, dtype: str,
-           catalogue) -> None:
-    """Fill a row's verdict (figures and status): pass, fail, or divergence (a catalogued behaviour that shows)."""
+           catalogue, facts: dict | None = None) -> None:
+    """Fill a row's verdict (figures and status): pass, fail, or divergence (a catalogued behaviour that shows).
+    ``facts``: what chose the kernels that computed it; an entry applies only under the facts it names."""
     golden, reference = goldens.get("zeros", "float64")[quantity], goldens.get("zeros", dtype)[quantity]
     result = compare(golden, reference, actual, dtype, quantity, lambda: goldens.sensitivity(dtype, quantity))
     verdict.update(result.figures())
-    covering = catalogue.covering(adapter, case_id, dtype, quantity)
+    covering = catalogue.covering(adapter, case_id, dtype, quantity, facts)
+    reproduce = lambda entry, arr: catalogue_mod.reproduce(entry, quantity, dtype, arr, goldens, result, compare,
+                                                            facts)
     if result.ok:
         verdict.update(status=Status.PASS, message="")
         for entry in covering:  # a pass where the entry predicts a visibly different result contradicts it,
             if entry.max_error_ratio is not None or entry.check is not None:  # unless the result fits both
                 continue
-            predicted = catalogue_mod.reproduce(entry, quantity, dtype, golden, goldens, result, compare)
-            if predicted is not None and not predicted.ok and \
-                    not catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare).ok:
+            predicted = reproduce(entry, golden)
+            if predicted is not None and not predicted.ok and not reproduce(entry, actual).ok:
                 verdict.update(contradicts=entry.id, message=f"passes canonically, so catalogue entry {entry.id} "
                                                              f"no longer shows here")
         return
     verdict.update(status=Status.FAIL, message=result.message)
     for entry in covering:
-        alt = catalogue_mod.reproduce(entry, quantity, dtype, actual, goldens, result, compare)
+        alt = reproduce(entry, actual)
         if alt is None:
             verdict["message"] += f" (catalogue entry {entry.id} does not apply to {quantity})"
             continue
@@ -187,6 +190,8 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, catalogue, device) ->
 
     i = inputs
     started = time.perf_counter()
+    # what chose the kernels here (Adapter.kernel_facts): a catalogue entry may hold under some facts only
+    recorded["facts"] = adapter.row_facts()
     try:
         call = validate_call(i.spec, case.dims, *i.args(), **i.features())
         mode = adapter.preferred_mode(i.spec, case.dims, dtype=dtype, device=device, call=call)
@@ -254,7 +259,7 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, catalogue, device) ->
         if actual.get(q) is None:
             verdict.update(status=Status.ERROR, message=f"the adapter returned no {q}")
             continue
-        _judge(verdict, adapter.name, case.id, q, actual[q], goldens, dtype, catalogue)
+        _judge(verdict, adapter.name, case.id, q, actual[q], goldens, dtype, catalogue, recorded["facts"])
     return rows()
 
 

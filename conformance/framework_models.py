@@ -58,6 +58,56 @@ def keras2_logsumexp_rounded(inputs, dtype: str = "float64") -> dict[str, np.nda
     return _attention_model(inputs, weights, grad_where_masked=True, dtype=dtype)
 
 
+def torch_cpu_flash_row_max(inputs, dtype: str = "float64", facts=None, kernel_dtype: str = "float32"
+                            ) -> dict[str, np.ndarray]:
+    """What torch's CPU flash attention kernel (``cpu_flash_attention``, aten/src/ATen/native/cpu/
+    FlashAttentionKernel.cpp, the kernel SDPA runs on the CPU) gives a query row whose logits are all NaN or -inf,
+    for a call without a mask: the row maximum (``_mul_reduce_max_fusion_kernel``) runs the first
+    ``lanes * (S // lanes)`` logits through ``at::vec::maximum``, which keeps a NaN, and the rest through a scalar
+    ``std::max(max, x)``, which drops it (``x < NaN`` is false). With ``S < lanes`` the whole row is that scalar
+    tail, its maximum stays ``-inf``, and the kernel zero-fills the row as a fully masked one: zero weights, the
+    output bias. From ``lanes`` keys on the vectorised part sees the NaN and the row is NaN, as canonically; any
+    finite logit in the row makes it NaN too (``exp(NaN - max)``). With a mask the kernel takes its maximum with
+    ``vec::reduce_all``, which pads the tail into a vector, and the row is NaN: this model refuses masked calls.
+
+    ``lanes`` is the width of ``at::vec::Vectorized`` for the kernel's accumulation type (float for float16,
+    bfloat16 and float32, double for float64: ``kernel_dtype``, the dtype the kernel ran, whatever ``dtype`` the
+    model's stages are rounded to): ``facts["torch_vector_bits"]`` (512 under torch's AVX-512 capability, 256
+    under AVX2 and the scalar default) divided by 32 or 64. The backward is not modelled, only what the
+    forward's saved output gives: ``grad_Wo`` (the zero row contributes nothing to it)."""
+    bits = (facts or {})["torch_vector_bits"]
+    return _row_max_drops_nan(inputs, dtype, int(bits) // (64 if kernel_dtype == "float64" else 32))
+
+
+def torch_flex_cpu_row_max(inputs, dtype: str = "float64") -> dict[str, np.ndarray]:
+    """What compiled FlexAttention on the CPU (Inductor's C++ flex template, torch/_inductor/codegen/
+    cpp_flex_attention_template.py) gives a query row whose logits are all NaN or -inf: the template's
+    ``_mul_reduce_max_fusion_kernel`` takes the scalar tail's maximum with ``std::max`` and then combines it with
+    the vectorised part's as ``std::max(tail, vector)``, which drops a NaN coming from either side, so the row
+    maximum stays ``-inf`` at every key length and vector width and the row is zero-filled as a fully masked
+    one (the output bias). A +inf logit still reaches the maximum and makes the row NaN, as canonically.
+    Measured at S = 4, 8, 16, 17 and 33 under ATEN_CPU_CAPABILITY=avx512 and avx2."""
+    return _row_max_drops_nan(inputs, dtype, math.inf)
+
+
+def _row_max_drops_nan(inputs, dtype: str, lanes: float) -> dict[str, np.ndarray]:
+    """The oracle's attention, except that a query row shorter than ``lanes`` whose logits are all NaN or -inf
+    gets zero weights (a row maximum that never sees the NaN): ``output`` and ``grad_Wo``. Calls with a mask or
+    bias are refused (their kernels take another maximum)."""
+    call = oracle.prepare(inputs.spec, inputs.weights, *inputs.args(), **inputs.features())
+    if call.allowed_block(bias=False) is not None or call.bias is not None:
+        raise ValueError("the row-maximum models take calls without a mask or bias only")
+
+    def weights(logits, allowed):
+        probs = oracle.masked_softmax(logits, allowed)
+        if logits.shape[-1] < lanes:  # the whole row is the scalar tail: NaN never reaches its maximum
+            dropped = np.all(np.isnan(logits) | (logits == -np.inf), axis=-1, keepdims=True)
+            probs = np.where(dropped, 0.0, probs)
+        return probs, probs
+    model = _attention_model(inputs, weights, dtype=dtype)
+    return {q: model[q] for q in ("output", "grad_Wo")}
+
+
 def _attention_model(inputs, weights_of, grad_where_masked: bool = False, dtype: str = "float64"
                      ) -> dict[str, np.ndarray]:
     """The oracle's stages around a framework's own weights: ``weights_of(logits, allowed)`` gives the weights

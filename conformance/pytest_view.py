@@ -136,6 +136,16 @@ def under_xdist(config) -> bool:
     return hasattr(config, "workerinput")
 
 
+SWITCHED_TEST = "test_conformance_under_another_machines_kernels"  # conformance/test_switches.py
+
+
+def switch_setting_of(nodeid: str) -> str | None:
+    """The kernel switch setting ("tf_onednn=off") whose rows a test of ``SWITCHED_TEST`` reads: its adapters'
+    rows are computed together, once, so its tests go to one xdist worker."""
+    function, _, param = nodeid.rpartition("::")[2].partition("[")
+    return param.partition("-")[0] if function == SWITCHED_TEST and "=" in param else None
+
+
 def adapter_of(config, nodeid: str) -> str | None:
     """The adapter whose rows a test reads, from its node id (``...::test_conformance[<adapter>-<case>-<dtype>]``,
     ``test_random_cases[<adapter>]``, ``test_entry_reproduces[<entry>]``: the entry's first selected adapter),
@@ -170,7 +180,10 @@ def pytest_xdist_make_scheduler(config, log):
     class ByAdapter(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             adapter = adapter_of(config, nodeid)
-            return f"adapter {adapter}" if adapter is not None else nodeid
+            if adapter is not None:
+                return f"adapter {adapter}"
+            setting = switch_setting_of(nodeid)
+            return f"switch {setting}" if setting is not None else nodeid
 
     return ByAdapter(config, log)
 

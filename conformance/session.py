@@ -6,6 +6,8 @@ dtypes, the areas, the reduced matrix and the random cases.
 """
 from __future__ import annotations
 
+import math
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -15,12 +17,14 @@ from mhabench.options import SelectionError, broken_plugins, load_plugins, runna
 from mhabench.progress import Tally
 from mhabench.schema import AREAS, DTYPES, Area, Row, RowId
 
+from . import budget as budget_mod
 from . import catalogue as catalogue_mod
 from . import schedule
 from .cases import AnyCase, default_cases, find_case, random_cases, select
-from .runner import expected_row_ids, run_rows
+from .runner import default_jobs, expected_row_ids, planned_tasks, run_rows
 
 DEFAULT_EXAMPLES = 25
+WRAP_UP_S = 5.0  # a budgeted run's last seconds: reading the journal back, the catalogue check, results.json/csv
 SELECTABLE_AREAS = tuple(a for a in AREAS if a != Area.PLUGIN)
 
 
@@ -36,6 +40,9 @@ class Plan:
     shard: tuple[int, int] | None = None  # (K, N): this run is shard K of N
     include: set | None = None  # the (adapter, case id, dtype) tasks of that shard; None: every task
     reduced: dict = field(default_factory=dict)  # adapter -> why it runs only the reduced (quick) matrix
+    switches: dict = field(default_factory=dict)  # kernel switch -> setting, set in the workers it reaches
+    options: dict = field(default_factory=dict)  # the selection as given (make_plan's arguments): rest_command's
+    budget: dict | None = None  # under a time budget: its seconds, projections and what was not run (plan.json)
 
     def tasks(self) -> list[tuple[str, AnyCase, str]]:
         """(adapter, case, dtype) of every task this plan runs."""
@@ -65,11 +72,15 @@ class Plan:
             out.update(shard=list(self.shard), rows_all_shards=self.rows_all_shards)
         if self.reduced:
             out["reduced"] = dict(self.reduced)
+        if self.switches:
+            out["switches"] = dict(self.switches)
+        if self.budget is not None:
+            out["budget"] = dict(self.budget)
         return out
 
 
 def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=DEFAULT_EXAMPLES, adhoc=(),
-              default_dtypes=DTYPES, shard=None, every_case=False) -> Plan:
+              default_dtypes=DTYPES, shard=None, every_case=False, switches=(), timeout: float | None = None) -> Plan:
     """The session to run. ``adapters``, ``dtypes`` and ``areas`` are comma-separated strings or None.
 
     ``--adapters`` selects among every registered adapter, built-in and ``--adapter`` plugins alike;
@@ -79,12 +90,14 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
 
     An adapter that declares ``reduced_matrix`` (each new shape costs it a compilation or an export of
     seconds) runs only the reduced matrix's cases (``quick``) unless ``every_case``; the plan records why.
+    ``switches`` ("name=setting" strings, ``--switch``) are kernel switches some selected adapter declares.
+    ``timeout``: seconds the ``adhoc`` plugins' interface checks may take (``--timeout``), each in a worker.
     """
     if shard is not None and not isinstance(shard, tuple):
         shard = shards.parse(shard)
     if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:
         raise SelectionError(f"--examples must be an integer >= 0, got {examples!r}")
-    plugin_names = load_plugins(adhoc)
+    plugin_names = load_plugins(adhoc, timeout)
     chosen = split_list(adapters, registry.list_adapters(), "adapter", "--adapters")
     if chosen is None:
         chosen = runnable_adapters(plugin_names)
@@ -93,7 +106,9 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     matrix = default_cases() + (random_cases(examples) if area_list is None or "random" in area_list else [])
     matrix = select(matrix, area_list, quick=quick)
     full = not quick and area_list is None and set(dtype_list) == set(DTYPES)
-    plan = Plan(chosen, matrix, dtype_list, list(adhoc), full)
+    plan = Plan(chosen, matrix, dtype_list, list(adhoc), full, switches=parse_switches(switches, chosen),
+                options={"adapters": adapters, "dtypes": dtypes, "areas": areas, "quick": quick, "examples": examples,
+                         "every_case": every_case})
     if not quick and not every_case:
         plan.reduced = {a: why for a in chosen if (why := getattr(registry.get_adapter(a), "reduced_matrix", None))}
     if plan.reduced:
@@ -105,12 +120,78 @@ def make_plan(adapters=None, dtypes=None, areas=None, *, quick=False, examples=D
     return plan
 
 
+def declared_switches(adapters) -> list:
+    """The kernel switches the adapters declare (``Adapter.switches``), each once, in order."""
+    found: dict = {}
+    for name in adapters:
+        for switch in registry.get_adapter(name).switches():
+            found.setdefault(switch.name, switch)
+    return list(found.values())
+
+
+def parse_switches(texts, adapters) -> dict[str, str]:
+    """{switch: setting} from "name=setting" strings; SelectionError naming what the adapters declare."""
+    from mhabench.impls import facts
+    out: dict[str, str] = {}
+    for text in texts or ():
+        try:
+            switch, setting = facts.parse_setting(text, declared_switches(adapters))
+        except ValueError as exc:
+            raise SelectionError(str(exc)) from None
+        if switch.name in out and out[switch.name] != setting:
+            raise SelectionError(f"--switch {switch.name} given twice ({out[switch.name]} and {setting})")
+        out[switch.name] = setting
+    return out
+
+
+def switch_warnings(plan: Plan, rows) -> list[str]:
+    """A line for every forced setting the rows' facts do not show (the framework ignored it, or this CPU
+    cannot run it and the framework fell back to what it can)."""
+    lines = []
+    for switch in declared_switches(plan.adapters):
+        setting = plan.switches.get(switch.name)
+        if setting is None:
+            continue
+        seen = {(r.adapter, repr(r.facts.get(switch.fact))) for r in rows if r.facts
+                and switch in registry.get_adapter(r.adapter).switches()}
+        expected = repr(switch.expect[setting])
+        for adapter, got in sorted(seen):
+            if got != expected:
+                lines.append(f"--switch {switch.name}={setting} ({switch.variable}={switch.value(setting)}): "
+                             f"{adapter} reports {switch.fact} = {got}, not {expected}")
+    return lines
+
+
+def rest_command(plan: Plan, results_dir) -> str:
+    """The command that runs what a budgeted run of ``plan`` left out: the same selection, resumed."""
+    o = plan.options
+    words = ["mhabench", "conform", "--resume", "--results", str(results_dir)]
+    for option, value in (("--adapters", o.get("adapters")), ("--dtypes", o.get("dtypes")), ("--areas", o.get("areas"))):
+        if value:
+            words += [option, ",".join(v.strip() for v in str(value).split(",") if v.strip())]
+    words += ["--quick"] if o.get("quick") else []
+    words += ["--every-case"] if o.get("every_case") else []
+    if o.get("examples", DEFAULT_EXAMPLES) != DEFAULT_EXAMPLES and not o.get("quick"):
+        words += ["--examples", str(o["examples"])]
+    words += [f"--adapter={target}" for target in plan.adhoc]
+    if plan.shard is not None:
+        words += ["--shard", "{}/{}".format(*plan.shard)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def shard_tasks(plan: Plan, shard: tuple[int, int]) -> set[tuple[str, str, str]]:
     """The (adapter, case id, dtype) tasks of shard (K, N) of ``plan``."""
     costs = schedule.prior_costs(plan.adapters, plan.cases, plan.dtypes)
     keys = {"\t".join(task): task for task in costs}
     chosen = shards.select({key: costs[task] for key, task in keys.items()}, shard)
     return {keys[key] for key in chosen}
+
+
+def machine_facts(adapters) -> dict:
+    """The machine's facts (``impls.facts.machine_facts``), with the kernel variables the adapters declare."""
+    from mhabench.impls import facts
+    names = [v for name in adapters for v in registry.get_adapter(name).kernel_environment()]
+    return facts.machine_facts(names)
 
 
 def versions(adapters) -> dict[str, str]:
@@ -172,17 +253,22 @@ def rerun_target(row_id: str, layout: results.Layout, plan: Plan) -> tuple[str, 
 
 def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = None,
         timeout: float = 120.0, jobs: int | None = None, memory_budget: int | None = None,
-        on_start=None, on_rows=None, warn=lambda text: None, machine: str | None = None) -> Outcome:
+        on_start=None, on_rows=None, warn=lambda text: None, machine: str | None = None,
+        budget: float | None = None, started: float | None = None) -> Outcome:
     """Run ``plan`` into ``results_dir``: the journal as rows come, then results.json/csv and catalogue.json.
 
     ``resume`` keeps the journal's finished rows and runs the rest; ``rerun`` runs exactly the case
     behind one row id again (its new rows are appended and win). Otherwise the old journal is kept
-    aside as rows.jsonl.prev, and its durations order this run's work (``schedule``).
-    ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, whose ``plan`` is the plan
-    it counts) before anything runs, ``on_rows(rows)`` each batch once the tally counts it,
-    ``warn(text)`` each problem. ``machine`` names the machine in the results' meta (default: the host
-    name).
+    aside as rows.jsonl.prev. The durations this machine measured before (``schedule.learned_costs``) and
+    the previous journal's order this run's work; this run's are kept for the next.
+    ``budget``: seconds the run may take from ``started`` (a ``time.monotonic()``; default now), planned
+    coverage first (``budget``); what it leaves out is recorded in plan.json's ``budget`` with the command
+    that runs the rest. ``on_start(tally)`` sees the progress tally (``mhabench.progress.Tally``, whose
+    ``plan`` is the plan it counts) before anything runs, ``on_rows(rows)`` each batch once the tally
+    counts it, ``warn(text)`` each problem. ``machine`` names the machine in the results' meta (default:
+    the host name).
     """
+    started = time.monotonic() if started is None else started
     layout = results.Layout(results_dir)
     layout.conformance.mkdir(parents=True, exist_ok=True)
     try:
@@ -191,9 +277,11 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         raise SelectionError(f"divergence catalogue: {exc}") from None
     skip: set[str] = set()
     previous: list[dict] = []
+    if rerun or resume:  # the rows already there were computed under the run's kernel switches: so are the new
+        plan.switches = recorded_switches(layout, plan.switches)
     if rerun:
         adapter, case, dtype = rerun_target(rerun, layout, plan)
-        plan = Plan([adapter], [case], [dtype], plan.adhoc, False)
+        plan = Plan([adapter], [case], [dtype], plan.adhoc, False, switches=plan.switches)
     elif resume:
         journal = results.read_rows(layout.rows)
         for problem in journal.problems:
@@ -201,15 +289,42 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
         skip = {r.row_id for r in journal.rows}
         previous = journal.rows
     elif layout.rows.exists():
-        layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))  # a fresh run: the old journal is kept aside
+        if layout.rows.stat().st_size:  # a fresh run: the old journal is kept aside
+            layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))
+        else:  # a run killed before its first row: nothing to keep, and an older journal stays kept
+            layout.rows.unlink()
     if not rerun and not resume:
         previous = results.read_rows(layout.rows.with_suffix(".jsonl.prev")).rows
+    learned, startup = schedule.learned_costs()
+    history = {**learned, **schedule.measured_costs(previous)}
+    jobs = jobs or default_jobs()
+    rounds, deadline, left_out = None, None, set()
+    if budget and not rerun:
+        chosen = plan_budget(plan, budget - (time.monotonic() - started) - WRAP_UP_S, history, startup, skip, jobs)
+        rounds, deadline, left_out = chosen.rounds, started + budget - WRAP_UP_S, set(chosen.left_out)
+        plan.budget.update(seconds=budget, not_run=budget_mod.not_run_rows(left_out, rows_of(plan)),
+                           rest=rest_command(plan, results_dir))
+    run_meta = results.meta(versions(plan.adapters), machine=machine)
+    if rerun:  # the rows join the run the journal holds
+        try:
+            run_id = (results.read_json(layout.plan) if layout.plan.is_file() else {}).get("run")
+        except (ValueError, AttributeError):
+            run_id = None
+    else:
+        run_id = results.new_run_id()
+    write_plan = lambda: results.write_json(layout.plan, {**plan.to_dict(), "run": run_id,
+                                                          "meta": {**run_meta, "run": run_id}})
     if not rerun:
-        results.write_json(layout.plan, plan.to_dict())
-    history = schedule.measured_costs(previous)
+        write_plan()
     tally = progress_tally(plan, history, skip)
     if on_start is not None:
         on_start(tally)
+    tasks = lambda include: planned_tasks(plan.adapters, plan.cases, plan.dtypes, skip, include, history, rounds)
+    scheduler = schedule.Scheduler(
+        tasks(plan.include), deadline=deadline, grace=budget_grace(budget), jobs=jobs, startup_ms=startup,
+        extra=tasks(left_out) if left_out else [],
+        on_drop=lambda task: tally.drop(task.adapter, sum(len(expected_row_ids(task.adapter, task.case, [d]))
+                                                         for d in task.dtypes)))
 
     writer = results.RowWriter(layout.rows)
 
@@ -219,13 +334,22 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
             tally.add(row.adapter)
         if on_rows is not None:
             on_rows(rows)
-    started = time.perf_counter()
+    clock_started = time.perf_counter()
     try:
-        run_rows(plan.adapters, plan.cases, plan.dtypes, timeout=timeout, jobs=jobs, memory_budget=memory_budget,
-                 on_rows=write, skip=skip, adhoc=plan.adhoc, include=plan.include, history=history)
+        new_rows = run_rows(plan.adapters, plan.cases, plan.dtypes, timeout=timeout, jobs=jobs,
+                            memory_budget=memory_budget, on_rows=write, skip=skip, adhoc=plan.adhoc,
+                            include=plan.include, switches=plan.switches, scheduler=scheduler)
     finally:
         writer.close()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - clock_started
+    schedule.remember_costs(schedule.measured_costs(new_rows), scheduler.measured_startup)
+    if plan.budget is not None and not rerun:  # what ran: planned, or planned out and run after all; the rest is not
+        ran = {(r.adapter, r.case, str(r.dtype)) for r in new_rows}
+        offered = plan.include | left_out
+        plan.include = {key for key in offered if key in ran or key not in left_out and key not in dropped_keys(
+            scheduler)}
+        plan.budget["not_run"] = budget_mod.not_run_rows(offered - plan.include, rows_of(plan))
+        write_plan()
 
     journal = results.read_rows(layout.rows)
     for problem in journal.problems:
@@ -236,9 +360,74 @@ def run(plan: Plan, results_dir, *, resume: bool = False, rerun: str | None = No
     full = plan.full_matrix and plan.shard is None and not rerun
     # an adapter held to the reduced matrix cannot show every entry: its absences are not stale
     checks = entries.check(rows, [a for a in adapters_run if a not in plan.reduced], full_matrix=full)
-    results.write_results(layout.root, rows, results.meta(versions(adapters_run), machine=machine))
+    for line in switch_warnings(plan, rows):
+        warn(line)
+    results.write_results(layout.root, rows, {**results.meta(versions(adapters_run), machine=machine,
+                                                             facts=machine_facts(adapters_run),
+                                                             switches=plan.switches), "run": run_id})
     results.write_json(layout.catalogue, catalogue_mod.export(entries, checks))
     return Outcome(rows, checks, elapsed, journal.problems, layout, plan)
+
+
+def recorded_switches(layout: results.Layout, given: dict) -> dict:
+    """The kernel switches the run in ``layout`` was made with (its plan.json), which a resumed run or a rerun
+    must use too; SelectionError when ``given`` (``--switch``) names others."""
+    try:
+        recorded = dict((results.read_json(layout.plan) or {}).get("switches") or {}) if layout.plan.is_file() else {}
+    except (ValueError, TypeError, AttributeError):
+        recorded = {}
+    if given and recorded and given != recorded:
+        raise SelectionError(f"{layout.root} was run with --switch {_switch_text(recorded)}, not "
+                             f"{_switch_text(given)}: its rows would mix two machines' kernels")
+    return dict(given or recorded)
+
+
+def _switch_text(switches: dict) -> str:
+    return " --switch ".join(f"{k}={v}" for k, v in sorted(switches.items()))
+
+
+def dropped_keys(scheduler: schedule.Scheduler) -> set:
+    return {(t.adapter, t.case.id, d) for t in scheduler.dropped for d in t.dtypes}
+
+
+def budget_grace(budget: float | None) -> float:
+    """How far past a budget's deadline a running task may go before it is stopped (and not run): a
+    twentieth of the budget, so the run ends within a tenth of it."""
+    return 0.05 * budget if budget else 0.0
+
+
+def rows_of(plan: Plan):
+    """(adapter, case id, dtype) -> the number of rows that task writes, for ``plan``'s cases."""
+    cases = {c.id: c for c in plan.cases}
+    return lambda key: len(expected_row_ids(key[0], cases[key[1]], [key[2]]))
+
+
+def cost_model(history: dict, startup: dict):
+    """(estimate_ms(adapter, case, dtype), startup_ms(adapter)): the scheduler's estimates, with what was measured."""
+    memo: dict = {}
+    return (lambda a, c, d: schedule.estimate_ms(a, c, d, history, _compiles=memo),
+            lambda a: startup.get(a, schedule.STARTUP_MS))
+
+
+def needs(plan: Plan, jobs: int | None = None) -> tuple[float, float]:
+    """Seconds ``plan`` needs on this machine, by what it measured before: for its coverage (a task per adapter x
+    area x dtype), and for all of it (``budget.plan``'s projections, the wrap-up included)."""
+    learned, startup = schedule.learned_costs()
+    chosen = budget_mod.plan(plan.tasks(), math.inf, *cost_model(learned, startup), jobs or default_jobs())
+    return chosen.coverage_s + WRAP_UP_S, chosen.all_s + WRAP_UP_S
+
+
+def plan_budget(plan: Plan, seconds: float, history: dict, startup: dict, skip: set,
+                jobs: int) -> budget_mod.BudgetPlan:
+    """Narrow ``plan`` to the tasks that fit ``seconds``, coverage first (``budget.plan``), and record the
+    projections in ``plan.budget``."""
+    tasks = plan.tasks()
+    done = {(a, c.id, d) for a, c, d in tasks if all(r in skip for r in expected_row_ids(a, c, [d]))}
+    chosen = budget_mod.plan(tasks, max(0.0, seconds), *cost_model(history, startup), jobs, done)
+    plan.include = set(chosen.selected) | done
+    plan.budget = {"estimated_s": round(chosen.estimated_s, 1), "coverage_s": round(chosen.coverage_s, 1),
+                   "all_s": round(chosen.all_s, 1), "coverage_complete": chosen.complete_coverage}
+    return chosen
 
 
 def progress_tally(plan: Plan, history: dict, skip=()) -> Tally:

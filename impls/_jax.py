@@ -22,6 +22,18 @@ from .spec import Weights
 from .validation import Call, numpy_dtype
 
 
+# XLA reads its CPU code generation flags (--xla_cpu_max_isa, --xla_cpu_enable_fast_math, ...) from XLA_FLAGS
+KERNEL_ENV = ("XLA_FLAGS",)
+
+
+def kernel_facts() -> dict:
+    """XLA's CPU target as this process sets it: the --xla_cpu_* flags of XLA_FLAGS (none: the CPU's own ISA)."""
+    import os
+    import jax
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_cpu")]
+    return {"xla_cpu_flags": " ".join(flags) or None, "jax_backend": jax.default_backend()}
+
+
 def available_devices() -> tuple[str, ...]:
     import jax
     try:
@@ -119,6 +131,19 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
+def program_bytes(jitted, *args, **kwargs) -> int | None:
+    """XLA's figure for one call of ``jitted`` on these arguments: its temporaries plus its output
+    (``jax.stages.Compiled.memory_analysis()``, the compiler's buffer assignment; the arguments and the
+    outputs aliased to them are not counted). None where the backend reports no analysis."""
+    try:
+        stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    except NotImplementedError:
+        return None
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+
 def gpu_peak_rise(fn) -> int:
     """JAX's peak counter never resets: a call below an earlier peak reports 0, so run this first."""
     import jax
@@ -145,6 +170,12 @@ class JaxAdapter(Adapter):
 
     def available_devices(self):
         return available_devices()
+
+    def kernel_environment(self):
+        return KERNEL_ENV
+
+    def kernel_facts(self):
+        return kernel_facts()
 
     def peak_memory(self, fn, device="cpu"):
         return gpu_peak_rise(fn) if device.startswith("cuda") else memory.cpu_peak_rise(fn)
@@ -291,6 +322,17 @@ class JaxLayer(Layer):
 
     def _sync(self, x):
         return block(x)
+
+    def native_program_bytes(self, inputs, backward=False):
+        if self.mode != "compiled":
+            return None
+        x = inputs["inputs"]
+        with precision_scope(self.dtype):
+            if backward:
+                return program_bytes(self._vjp_fn, self.params, x["query"], x["value"], x["key"], x["extras"],
+                                     inputs["cotangent"], layout=x["layout"], flags=x["flags"])
+            return program_bytes(self._apply_fn, self.params, x["query"], x["value"], x["key"], x["extras"],
+                                 layout=x["layout"], flags=x["flags"])
 
     def export_weights(self) -> Weights:
         with precision_scope(self.dtype):

@@ -18,10 +18,15 @@ import numpy as np
 from ..schema import Refusal
 from . import cache, memory, worker
 from .base import Adapter, Layer, UnsupportedError, emulated, kernel_refusals, to_numpy
+from .facts import ONEDNN_ISA_CAP, Switch
 from .spec import Weights
 from .validation import numpy_dtype
 
 BACKENDS = ("tensorflow", "jax", "torch")
+# The adapters load the canonical weights into a layer right after building it, so what its initializers draw is
+# thrown away; zeros cost nothing to draw, where glorot_uniform on JAX compiles a random program for every kernel
+# shape (2-4 s each on a small CPU, more than the case's own program)
+NOT_DRAWN = {"kernel_initializer": "zeros", "bias_initializer": "zeros"}
 FRAMEWORK_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
@@ -181,6 +186,27 @@ def dense_variables(layer, attributes: dict) -> dict:
 TENSORFLOW_ENV = {"TF_CPU_ALLOCATOR_USE_BFC": "true"}
 
 
+# TensorFlow's oneDNN kernels: on by default under Linux only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or
+# AMX (DefaultOneDnnPolicy, tensorflow/core/util/port.cc); TF_ENABLE_ONEDNN_OPTS overrides that either way, read
+# once per process when TensorFlow first asks (IsMklEnabled).
+ONEDNN = Switch(
+    name="tf_onednn", variable="TF_ENABLE_ONEDNN_OPTS", settings={"on": "1", "off": "0"},
+    fact="tf_onednn", expect={"on": True, "off": False},
+    description="TensorFlow's oneDNN kernels on or off (its default follows the CPU)")
+TENSORFLOW_KERNEL_ENV = ("TF_ENABLE_ONEDNN_OPTS", "TF_DISABLE_MKL", *ONEDNN_ISA_CAP)
+
+
+def tensorflow_facts() -> dict:
+    """TensorFlow's kernel choice in this process, as TensorFlow reports it (``IsMklEnabled``: whether its
+    oneDNN kernels are on, after TF_ENABLE_ONEDNN_OPTS and the CPU)."""
+    import tensorflow  # noqa: F401  (loads the library the query lives in)
+    from tensorflow.python.util import _pywrap_util_port
+    return {"tf_onednn": bool(_pywrap_util_port.IsMklEnabled())}
+
+
+TENSORFLOW_SOURCE = "TensorFlow allocator peak"
+
+
 def tensorflow_peak_rise(fn, device: str = "cpu") -> int:
     """TensorFlow keeps freed tensor memory in its own allocator pool on CPU too, so a repeated
     call raises no RSS: its allocator's own peak counter is the measure, on CPU and GPU."""
@@ -241,6 +267,24 @@ class KerasAdapter(Adapter):
         """Whether this process's Keras runs (or will run) this adapter's backend."""
         return active_backend() == self.backend
 
+    def switches(self):
+        from . import _torch
+        return {"tensorflow": (ONEDNN,), "torch": (_torch.CPU_CAPABILITY,)}.get(self.backend, ())
+
+    def kernel_environment(self):
+        from . import _jax
+        extra = {"tensorflow": TENSORFLOW_KERNEL_ENV, "jax": _jax.KERNEL_ENV}.get(self.backend, ())
+        return tuple(dict.fromkeys((*super().kernel_environment(), *extra)))
+
+    def kernel_facts(self):
+        """The backend's facts, from the process that runs this adapter's layers (a worker where this process's
+        Keras runs another backend)."""
+        if not self.in_process():
+            return worker.shared_worker(self.worker_env()).run("mhabench.impls.facts:adapter_facts", self.name)
+        from . import _jax, _torch
+        facts = {"tensorflow": tensorflow_facts, "jax": _jax.kernel_facts, "torch": _torch.kernel_facts}[self.backend]()
+        return {"keras_backend": self.backend, **facts}
+
     def available_devices(self):
         return available_devices(self.backend)
 
@@ -249,6 +293,9 @@ class KerasAdapter(Adapter):
         if self.backend == "tensorflow":
             env.update(TENSORFLOW_ENV)
         return env
+
+    def memory_source(self, device="cpu"):
+        return TENSORFLOW_SOURCE if self.backend == "tensorflow" else super().memory_source(device)
 
     def peak_memory(self, fn, device="cpu"):
         if self.backend == "tensorflow":
@@ -493,6 +540,18 @@ class KerasAttentionLayer(Layer):
 
     def _output(self, inputs):
         return self._run(inputs, False, False)[0]
+
+    def native_program_bytes(self, inputs, backward=False):
+        """XLA's figure for the jitted forward on JAX in compiled mode (the backward's gradients are taken
+        outside one program, so it has none)."""
+        if self.ops.backend != "jax" or self.mode != "compiled" or backward:
+            return None
+        from ._jax import program_bytes
+        x = inputs["inputs"]
+        layer, _, fn = self._layer(x["call"].rank, x["window"])
+        trainable, non_trainable = self._state(layer)
+        return program_bytes(fn, trainable, non_trainable, x["query"], x["value"], x["key"], x["mask"],
+                             (x["causal"], False, False))
 
     def _forward(self, call, return_scores, training, seed):
         with kernel_refusals(self.adapter.name, self.flash_attention is True, "Keras's flash_attention=True"):

@@ -7,11 +7,13 @@ NumPy arrays and runs synchronously, so conversion is a cast and the device sync
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 
 import numpy as np
 
-from . import memory
+from . import cache, memory
 from .base import Adapter, Capabilities, Layer, to_numpy
 
 PROVIDER = "CPUExecutionProvider"
@@ -24,15 +26,59 @@ def element_type(dtype: str) -> int:
     return getattr(onnx.TensorProto, ELEMENT_TYPES[dtype])
 
 
-def session(model):
-    """An inference session on the CPU provider for ``model`` (a ModelProto, or its serialized bytes)."""
+def _options():
     import onnxruntime as ort
     options = ort.SessionOptions()
     # errors only: onnx 1.23's shape inference gives Attention's qk_matmul_output a last dimension of 0 when the
     # key length is symbolic, and ORT would warn about it on every run (the values are right)
     options.log_severity_level = 3
+    return options
+
+
+def machine_key() -> str:
+    """What an optimised model depends on besides itself: ORT's version and the CPU it was optimised for
+    (ORT_ENABLE_ALL may lay tensors out for this CPU's vector width)."""
+    import platform
+    import onnxruntime as ort
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"onnxruntime {ort.__version__} {PROVIDER} {platform.machine()} {cpu}"
+
+
+def session(model):
+    """An inference session on the CPU provider for ``model`` (a ModelProto, or its serialized bytes).
+
+    ORT optimises a graph when the session is created. The optimised model is kept in the cache's ``onnx/``
+    folder (``SessionOptions.optimized_model_filepath``), keyed by the model and :func:`machine_key`; a later
+    session of the same model, in any process, loads it with the optimisations already applied (ORT's
+    offline mode) and runs the same graph."""
+    import onnxruntime as ort
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=[PROVIDER])
+    folder = cache.folder("onnx")
+    if folder is None:
+        return ort.InferenceSession(data, _options(), providers=[PROVIDER])
+    digest = hashlib.sha256(machine_key().encode() + b"\0" + data).hexdigest()[:32]
+    optimised = folder / f"ort-optimised-{digest}.onnx"
+    if optimised.is_file():
+        options = _options()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(optimised), options, providers=[PROVIDER])
+        except Exception:  # unreadable (a write cut short): optimise again below
+            pass
+    options = _options()
+    partial = optimised.with_name(f".{optimised.name}.{os.getpid()}.{threading.get_ident()}")
+    options.optimized_model_filepath = str(partial)
+    created = ort.InferenceSession(data, options, providers=[PROVIDER])
+    try:
+        os.replace(partial, optimised)
+    except OSError:  # an unwritable cache costs the next process the optimisation, never a result
+        pass
+    return created
 
 
 _measuring = threading.local()
@@ -76,9 +122,18 @@ class OrtAdapter(Adapter):
     def version(self) -> str:
         return f"{super().version()}; ONNX opset {self.opset} on {PROVIDER}"
 
+    def kernel_facts(self):
+        """The provider running the graphs (their opset is the row's own ``opset``). ORT's CPU kernels (MLAS) pick
+        their ISA from the CPU alone, with no switch to set, so the machine's ISA set in the run's facts is what
+        decides them."""
+        return {"ort_provider": PROVIDER}
+
     def capabilities(self) -> Capabilities:
         return Capabilities(unsupported_features=self.unsupported_features(), unsupported_dtypes=self.unsupported_dtypes(),
                             modes=("compiled",), supported_extensions=self.supported_extensions)
+
+    def memory_source(self, device="cpu"):
+        return "VmHWM rise, the ORT arena shrunk after each run"
 
     def peak_memory(self, fn, device="cpu"):
         return arena_peak_rise(fn)

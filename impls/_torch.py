@@ -13,6 +13,7 @@ import numpy as np
 
 from . import cache, memory
 from .base import Adapter, Layer
+from .facts import Switch
 from .validation import flatten, unflatten
 
 TORCH_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "float64": "float64"}
@@ -91,6 +92,28 @@ def refusal_reason(exc: BaseException, caught) -> str | None:
     return "; ".join(why + [text.strip()])
 
 
+# torch compiles its vectorised CPU kernels once per capability and picks one at start-up, from the CPU or from
+# ATEN_CPU_CAPABILITY; Inductor follows the same variable (torch/_inductor/cpu_vec_isa.py, pick_vec_isa).
+CPU_CAPABILITY = Switch(
+    name="torch_cpu", variable="ATEN_CPU_CAPABILITY",
+    settings={"default": "default", "avx2": "avx2", "avx512": "avx512"},
+    fact="torch_cpu_capability", expect={"default": "default", "avx2": "avx2", "avx512": "avx512"},
+    requires={"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")},
+    description="torch's vectorised CPU kernels: the scalar build (default), AVX2 or AVX-512")
+# Lanes of at::vec::Vectorized: 64 bytes under the AVX-512 capability, 32 under every other x86 one, the scalar
+# default included (aten/src/ATen/cpu/vec/vec_base.h, VECTOR_WIDTH)
+VECTOR_BITS = {"avx512": 512, "avx2": 256, "default": 256}
+
+
+def kernel_facts() -> dict:
+    """torch's kernel choice in this process, as torch reports it."""
+    import torch
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return {"torch_cpu_capability": capability, "torch_vector_bits": VECTOR_BITS.get(capability),
+            "torch_mkldnn": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+            "torch_threads": torch.get_num_threads()}
+
+
 class TorchAdapter(Adapter):
     """The facts every PyTorch adapter shares."""
 
@@ -101,6 +124,12 @@ class TorchAdapter(Adapter):
 
     def available_devices(self):
         return available_devices()
+
+    def switches(self):
+        return (CPU_CAPABILITY,)
+
+    def kernel_facts(self):
+        return kernel_facts()
 
     def peak_memory(self, fn, device="cpu"):
         return cuda_peak_rise(fn) if device.startswith("cuda") else memory.cpu_peak_rise(fn)

@@ -13,6 +13,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -307,6 +308,35 @@ class Adapter:
         """Whether this process can run the adapter's layers itself (else they live in a worker)."""
         return True
 
+    # ---- what chooses the kernels -------------------------------------------
+    def switches(self) -> tuple:
+        """The kernel switches (``impls.facts.Switch``) that reach this adapter's kernels: environment variables
+        one machine sets to run another machine's kernels (TensorFlow's oneDNN on or off, torch's CPU
+        capability)."""
+        return ()
+
+    def kernel_environment(self) -> tuple[str, ...]:
+        """Environment variables that change this adapter's kernels: its switches' and any other."""
+        return tuple(s.variable for s in self.switches())
+
+    def kernel_facts(self) -> dict:
+        """What the framework reports about the kernels it chose, in the process that runs this adapter's layers
+        (TensorFlow's oneDNN state, torch's CPU capability, ...): flat, JSON-able, recorded on every row."""
+        return {}
+
+    def row_facts(self) -> dict:
+        """:meth:`kernel_facts` and the kernel environment variables set in this process, gathered once: the
+        ``facts`` of every row this process computes. A framework that cannot say gives ``facts_error``."""
+        cached = getattr(self, "_row_facts", None)
+        if cached is None:
+            try:
+                cached = dict(self.kernel_facts())
+            except Exception as exc:  # never lose a row for want of a fact
+                cached = {"facts_error": f"{type(exc).__name__}: {exc}"}
+            cached.update({v: os.environ[v] for v in self.kernel_environment() if v in os.environ})
+            self._row_facts = cached
+        return dict(cached)
+
     def peak_memory(self, fn, device: str = "cpu") -> int:
         """Bytes by which memory peaks during one ``fn()`` call, measured the way this framework allows.
 
@@ -315,6 +345,10 @@ class Adapter:
         if device.split(":")[0] == "cpu":
             return memory.cpu_peak_rise(fn)
         raise memory.MemoryProbeUnavailable(f"{self.name}: no peak-memory probe for device {device}")
+
+    def memory_source(self, device: str = "cpu") -> str:
+        """What :meth:`peak_memory` reads, in words (the report says which figure it charts)."""
+        return "VmHWM rise" if device.split(":")[0] == "cpu" else f"{self.framework} peak counter"
 
     def capabilities(self) -> Capabilities:
         return Capabilities()
@@ -595,6 +629,13 @@ class Layer:
     def native_forward(self, inputs):
         """One default call on native inputs, ending with the framework's device sync."""
         return self._sync(self._output(inputs["inputs"]))
+
+    def native_program_bytes(self, inputs, backward: bool = False) -> int | None:
+        """The bytes one native call allocates (its temporaries and its output, beyond the inputs and weights), as
+        the compiler's own buffer assignment states them for the compiled program; None where no compiler
+        states it (eager frameworks, runtimes without the analysis). Unlike a process's memory high-water mark,
+        it does not depend on what the allocator already holds from earlier calls."""
+        return None
 
     def native_forward_backward(self, inputs):
         """One forward and backward call (inputs from ``native_inputs(..., requires_grad=True)``), synced."""

@@ -2,8 +2,10 @@
 
 One directory, ``$MHABENCH_CACHE_DIR`` or ``~/.cache/mhabench`` (``$XDG_CACHE_HOME`` respected), with a
 folder per compiler: ``jax/`` (XLA's persistent compilation cache, used by the JAX adapters and Keras on
-JAX, every program cached however small or quick to compile), ``inductor/`` (torch.compile's). Delete
-it to start cold; move it with the variable (``mhabench conform --cache-dir`` sets it). Set
+JAX, every program cached however small or quick to compile), ``inductor/`` (torch.compile's), ``onnx/``
+(the graphs ``torch.onnx.export`` exported and the models onnxruntime optimised); and ``costs/``, what
+this machine's earlier runs measured, from which a run with a time budget plans its work. Delete it to
+start cold; move it with the variable (``mhabench conform --cache-dir`` sets it). Set
 ``MHABENCH_CACHE_DIR=off`` to keep nothing.
 """
 from __future__ import annotations
@@ -26,16 +28,17 @@ def cache_root() -> Path | None:
     return Path(base) / "mhabench"
 
 
-def _folder(name: str) -> Path | None:
+def folder(name: str) -> Path | None:
+    """The cache's folder ``name``, created; None when caching is off or the folder cannot be made."""
     root = cache_root()
     if root is None:
         return None
-    folder = root / name
+    path = root / name
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError:  # an unwritable cache costs speed, never a result
         return None
-    return folder
+    return path
 
 
 def enable_jax() -> None:
@@ -43,16 +46,16 @@ def enable_jax() -> None:
     if "jax" in _enabled:
         return
     _enabled.add("jax")
-    folder = _folder("jax")
-    if folder is None:
+    where = folder("jax")
+    if where is None:
         return
     import jax
-    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_dir", str(where))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def torch_environment() -> dict[str, str]:
     """The environment torch.compile reads its cache folder from (set before torch compiles anything)."""
-    folder = _folder("inductor")
-    return {} if folder is None else {"TORCHINDUCTOR_CACHE_DIR": str(folder)}
+    where = folder("inductor")
+    return {} if where is None else {"TORCHINDUCTOR_CACHE_DIR": str(where)}

@@ -47,7 +47,7 @@ class KerasGQALayer(_keras.KerasAttentionLayer):
         layer = self.keras.layers.GroupQueryAttention(
             head_dim=spec.key_dim, num_query_heads=spec.num_heads, num_key_value_heads=spec.kv_heads,
             dropout=spec.dropout, use_bias=spec.use_bias, sliding_window=window, flash_attention=self.flash_attention,
-            dtype=self.dtype)
+            dtype=self.dtype, **_keras.NOT_DRAWN)
         layer.build((None, None, q_dim), (None, None, v_dim), (None, None, k_dim))
         return layer
 

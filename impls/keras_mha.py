@@ -70,7 +70,7 @@ class KerasMHALayer(_keras.KerasAttentionLayer):
             num_heads=spec.num_heads, key_dim=spec.key_dim, value_dim=spec.value_dim,
             dropout=spec.dropout, use_bias=spec.use_bias, output_shape=spec.output_shape,
             attention_axes=keras_axes(spec, rank), sliding_window=window, flash_attention=self.flash_attention,
-            dtype=self.dtype)
+            dtype=self.dtype, **_keras.NOT_DRAWN)
         free = (None,) * (rank - 1)
         layer.build(free + (q_dim,), free + (v_dim,), free + (k_dim,))
         return layer

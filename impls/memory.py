@@ -9,15 +9,14 @@ every GPU, are measured by the framework's own peak counter instead: each
 adapter declares which probe measures it (``Adapter.peak_memory``), and the
 family helpers (``_torch``, ``_jax``, ``_keras``) hold those probes.
 
-One sample moves in steps of a few MiB (the allocator's arenas), so
-:func:`median_peak` takes several and reports the median.
+One sample moves in steps of a few MiB (the allocator's arenas), so the
+benchmarks take several, after a warm-up, and report their median.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
-import statistics
 from typing import Callable
 
 _STATUS = "/proc/self/status"
@@ -80,11 +79,6 @@ def cpu_peak_rise(fn: Callable[[], object]) -> int:
     peak = hwm_bytes()
     del result
     return max(peak - base, 0)
-
-
-def median_peak(probe: Callable[[Callable[[], object]], int], fn: Callable[[], object], samples: int = 5) -> int:
-    """The median of ``samples`` per-call peaks of ``fn`` measured by ``probe``."""
-    return int(statistics.median(probe(fn) for _ in range(max(1, samples))))
 
 
 # ---- refusing a call that cannot fit ----------------------------------------------------------------

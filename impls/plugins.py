@@ -29,8 +29,7 @@ from . import interface, registry
 from .registry import ENTRY_POINT_GROUP  # noqa: F401  (documented here, defined where it is read)
 
 
-class PluginLoadError(ValueError):
-    """An adapter named by the user (``--adapter``) could not be loaded; the message says why."""
+from .isolation import CHECK_TIMEOUT, PluginLoadError, check_isolated  # noqa: F401  (part of this API)
 
 
 def split_target(target) -> tuple[str, str]:
@@ -44,8 +43,19 @@ def split_target(target) -> tuple[str, str]:
     return module_part, attr
 
 
+def _is_file(module_part: str) -> bool:
+    return module_part.endswith(".py") or os.sep in module_part or "/" in module_part
+
+
+def portable_target(target: str) -> str:
+    """``target`` as another process finds it whatever its directory: a file made absolute, a module as
+    it is (the process adds the caller's directory to its path)."""
+    module_part, attr = split_target(target)
+    return f"{os.path.abspath(module_part)}:{attr}" if _is_file(module_part) else target
+
+
 def _import_target(module_part: str, attr: str):
-    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+    if _is_file(module_part):
         path = os.path.abspath(module_part)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file {module_part!r}")
@@ -68,24 +78,31 @@ def _import_target(module_part: str, attr: str):
     return obj
 
 
-def load_adhoc(target: str) -> str:
+def load_adhoc(target: str, *, timeout: float = CHECK_TIMEOUT, isolate: bool | None = None,
+               check: bool = True) -> str:
     """Register the adapter named by ``"module:Class"`` (or ``"file.py:Class"``); return its name.
 
-    The adapter's own ``name`` attribute names it. PluginLoadError (a ValueError) when the target
-    cannot be imported, gives no named Adapter, takes a name already used by another adapter, or
+    The adapter's own ``name`` attribute names it. PluginLoadError (a ValueError, one line) when the
+    target cannot be imported, gives no named Adapter, takes a name already used by another adapter, or
     fails the interface check.
+
+    The plugin is imported and its interface checked (a build, a call, the weights' round trip) in a
+    worker process first (:func:`check_isolated`, ``timeout`` seconds for the check's calls), so a
+    plugin that hangs, crashes, exits or floods its output there costs one line, not this process.
+    ``isolate`` False checks it here instead: in a process that is itself a worker (the default there),
+    or whose parent checked the same plugin. ``check`` False loads it without any check: a process whose
+    parent checked it and that must not run the framework while loading (asv's benchmark processes, where
+    running it would start the framework's thread pool in asv's forkserver and every benchmark forked from
+    it would hang: see ``benchmarks.profiles.load_plugins``).
     """
-    module_part, attr = split_target(target)
+    split_target(target)  # a malformed target is refused before any process starts
     shown = interface.printable(target)
-    try:
-        adapter = interface.as_adapter(_import_target(module_part, attr), shown)
-    except SyntaxError as exc:
-        raise PluginLoadError(f"could not load {shown}: SyntaxError at line {exc.lineno}: {exc.msg}") from None
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # a plugin's own error, whatever it raised at import (SystemExit included)
-        raise PluginLoadError(f"could not load {shown} ({type(exc).__name__}: "
-                              f"{interface.printable(exc)})") from None
+    if isolate is None:
+        from .worker import in_worker
+        isolate = not in_worker()
+    if check and isolate and portable_target(target) not in _passed:
+        check_isolated(portable_target(target), timeout, shown)
+    adapter = _imported(target, shown)
     name = adapter.name
     if not isinstance(name, str) or not name:
         raise PluginLoadError(f"could not load {shown}: {type(adapter).__name__} has no name: set the class "
@@ -99,9 +116,43 @@ def load_adhoc(target: str) -> str:
         if type(current) is not type(adapter):
             raise PluginLoadError(f"could not load {shown}: adapter name {name!r} is already taken by {current!r}")
         return name  # the same class loaded twice
+    if check and not isolate:
+        _checked(adapter, shown)
+    registry.register_adapter(name, adapter)
+    _passed.add(portable_target(target))
+    return name
+
+
+_passed: set[str] = set()  # targets this process loaded after their check: loading one again is not checked again
+
+
+def _imported(target: str, shown: str):
+    """The Adapter ``target`` names, imported in this process; PluginLoadError saying why not."""
+    module_part, attr = split_target(target)
+    try:
+        return interface.as_adapter(_import_target(module_part, attr), shown)
+    except SyntaxError as exc:
+        raise PluginLoadError(f"could not load {shown}: SyntaxError at line {exc.lineno}: {exc.msg}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a plugin's own error, whatever it raised at import (SystemExit included)
+        raise PluginLoadError(f"could not load {shown} ({type(exc).__name__}: "
+                              f"{interface.printable(exc)})") from None
+
+
+def _checked(adapter, shown: str) -> None:
     try:
         interface.checked(adapter)
     except Exception as exc:
         raise PluginLoadError(f"could not load {shown}: {interface.printable(exc)}") from None
-    registry.register_adapter(name, adapter)
-    return name
+
+
+_in_worker: dict = {}  # the adapter the worker imported, for the check that follows
+
+
+def _import_in_worker(target: str, shown: str) -> None:
+    _in_worker["adapter"] = _imported(target, shown)
+
+
+def _check_in_worker(shown: str) -> None:
+    _checked(_in_worker["adapter"], shown)

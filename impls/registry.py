@@ -98,9 +98,14 @@ def _register_entry_point(ep) -> None:
         return
 
     def load() -> Adapter:
+        from .worker import in_worker
+        isolate = not in_worker() and bool(ep.attr)
+        if isolate:  # imported and checked in a worker process first, as an --adapter plugin is
+            from .isolation import check_isolated
+            check_isolated(f"{ep.module}:{ep.attr}")
         adapter = interface.as_adapter(ep.load(), f"entry point {ep.name} = {ep.value!r}")
         adapter.name = adapter.name or ep.name
-        return interface.checked(adapter)
+        return adapter if isolate else interface.checked(adapter)
     _registered[ep.name] = load
 
 
@@ -166,3 +171,13 @@ def all_distributions() -> list[tuple[str, ...]]:
         for names in get_adapter(name).distribution_names():
             seen.setdefault(names, None)
     return list(seen)
+
+
+def resolve(target) -> Adapter:
+    """An adapter from a registered name or a "module:Class" path (what a worker is asked to build)."""
+    if target in list_adapters():
+        return get_adapter(target)
+    module, _, cls = str(target).partition(":")
+    if not cls:
+        raise ValueError(f"adapter target must be a registered name or 'module:Class', got {target!r}")
+    return getattr(importlib.import_module(module), cls)()

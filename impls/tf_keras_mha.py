@@ -33,9 +33,11 @@ class TfKerasMHALayer(Layer):
         import tf_keras
         self.tf, self.tf_keras, self.weights = tf, tf_keras, weights
         self.tf_device = "/GPU:0" if device.startswith("cuda") else "/CPU:0"
-        self._layers: dict = {}  # rank -> (layer, canonical name -> variable, call, gradient function)
-        if _keras.default_rank(spec) is not None:
-            self._layer(_keras.default_rank(spec))
+        # rank -> (layer, canonical name -> variable, call, gradient function), built at the first call of each
+        # rank, after the shared validation: building runs the layer once, and with TensorFlow's oneDNN kernels
+        # on, its Softmax refuses the scores of more than 5 dimensions that a spec's widest rank can have
+        # (AbortedError 'Input dims must be <= 5'), which must not pre-empt the validation's message
+        self._layers: dict = {}
 
     def _layer(self, rank: int):
         if rank not in self._layers:
@@ -159,6 +161,18 @@ class TfKerasMHAAdapter(Adapter):
 
     def worker_env(self):
         return dict(_keras.TENSORFLOW_ENV)
+
+    def switches(self):
+        return (_keras.ONEDNN,)
+
+    def kernel_environment(self):
+        return _keras.TENSORFLOW_KERNEL_ENV
+
+    def kernel_facts(self):
+        return _keras.tensorflow_facts()
+
+    def memory_source(self, device="cpu"):
+        return _keras.TENSORFLOW_SOURCE
 
     def peak_memory(self, fn, device="cpu"):
         return _keras.tensorflow_peak_rise(fn, device)

@@ -1,11 +1,16 @@
 """PyTorch FlexAttention: ``torch.nn.attention.flex_attention``, compiled as its users run it.
 
-* Compiled: ``torch.compile(flex_attention, dynamic=False)``, once per process (Inductor's fused
-  CPU/GPU template; static shapes, as gpt-fast and most FlexAttention examples compile it); the
-  projections stay eager. Why not dynamic shapes: on the CPU, once dynamo marks a size dynamic, a
-  ``mask_mod`` that reads a captured mask tensor fails to compile (Inductor's C++ names an
-  undeclared ``cur_kvSplitSize5`` or ``cur_qSplitSize1``; ``tests/test_torch_flex.py`` reproduces it).
-  "eager" mode calls the uncompiled function (PyTorch warns that it materialises the scores).
+* Compiled: ``torch.compile(flex_attention)`` (Inductor's fused CPU/GPU template), made once per
+  process; the projections stay eager. With ``dynamic=True``, the form FlexAttention users write for
+  varying lengths, one program serves every length (a new one only where dynamo's guards on the sizes
+  change: a size of 1, such as a batch of 1 or a single block of 128 positions; T == S; T < S). A call
+  whose ``mask_mod`` or ``score_mod`` reads more than the positions (a mask, lengths or bias tensor, or a
+  window's bounds) compiles with ``dynamic=False`` instead, a program per shape: with symbolic sizes,
+  Inductor's CPU template writes C++ naming an undeclared ``cur_kvSplitSize5`` and the compile fails.
+  ``CppFlexAttentionTemplate.modification`` renames the split-size symbols to ``cur_qSplitSize`` and
+  ``cur_kvSplitSize`` with a plain ``str.replace``, which also rewrites each longer size variable the
+  name is a prefix of (``ks4`` inside ``ks45``); ``tests/test_torch_flex.py`` reproduces it. "eager"
+  mode calls the uncompiled function (PyTorch warns that it materialises the scores).
 * Every restriction is a ``BlockMask`` from ``create_block_mask``, whose ``mask_mod`` ANDs (``and_masks``)
   the small functions a user writes: the boolean mask tensor (True = attend, our polarity) read as
   ``M[q, kv]``, ``M[b, q, kv]``, ``M[h, q, kv]`` or ``M[b, h, q, kv]`` (batch and head axes only where the
@@ -16,11 +21,12 @@
   FlexAttention has already scaled) and the additive bias after it (``+ bias[b, h, q, kv]``, reading index 0
   along the axes it broadcasts); the scale is ``scale=``; grouped-query attention is ``enable_gqa=True``
   with K and V projected with ``num_kv_heads`` heads. Nothing is emulated.
-* Compile budget: every new shape, ``mask_mod`` code object and dtype is a recompile (5-30 s each on a
-  small CPU), and past ``torch._dynamo.config.recompile_limit`` (8) dynamo silently falls back to the
-  unfused path. The compiled function raises the limits to ``RECOMPILE_LIMIT`` and makes a hit an
-  error (``fail_on_recompile_limit_hit``), so a row never silently judges the fallback; the adapter
-  declares ``reduced_matrix``.
+* Compile budget: every new ``mask_mod`` code object and dtype is a recompile (5-30 s each on a small
+  CPU), and so is every new shape of a call compiled for its shape; past
+  ``torch._dynamo.config.recompile_limit`` (8) dynamo silently falls back to the unfused path. The
+  compiled function raises the limits to ``RECOMPILE_LIMIT`` and makes a hit an error
+  (``fail_on_recompile_limit_hit``), so a row never silently judges the fallback; the adapter declares
+  ``reduced_matrix``.
 * What FlexAttention refuses (each reason is the framework's): float64 when compiled for the CPU
   (Inductor's CPU template takes float32, float16 and bfloat16; float64 then runs the eager path),
   gradients on the CPU, dropout; it never returns the attention probabilities.
@@ -35,13 +41,12 @@ from .base import Capabilities, UnsupportedError
 from .validation import score_scale
 
 RECOMPILE_LIMIT = 4096
-_compiled = None
+_compiled: dict = {}  # dynamic (bool) -> the compiled flex_attention
 
 
-def compiled_flex():
-    """``torch.compile(flex_attention, dynamic=False)``, shared by every layer of this process."""
-    global _compiled
-    if _compiled is None:
+def compiled_flex(dynamic: bool = True):
+    """``torch.compile(flex_attention, dynamic=dynamic)``, shared by every layer of this process."""
+    if dynamic not in _compiled:
         import torch
         import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
@@ -49,8 +54,16 @@ def compiled_flex():
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT)
         config.fail_on_recompile_limit_hit = True
-        _compiled = torch.compile(flex_attention, dynamic=False)
-    return _compiled
+        _compiled[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _compiled[dynamic]
+
+
+def static_shapes(call, bias) -> bool:
+    """Whether the call compiles for its own shape: its mask_mod or score_mod reads more than the positions (a
+    mask, lengths, bias or per-sequence offset tensor, the window's bounds, the soft cap), which Inductor's CPU
+    template cannot compile with symbolic sizes (see the module docstring)."""
+    return (call.mask is not None or bias is not None or call.window is not None or call.offsets_vary
+            or call.softcap is not None or any(n is not None for n in call.flat_lengths()))
 
 
 def _mask_reader(mask, batch: bool, heads: bool):
@@ -109,7 +122,6 @@ class TorchFlexLayer(_torch.ProjectedLayer):
         super().__init__(adapter, spec, weights, dtype, device, "eager", **options)  # eager projections
         from torch.nn.attention import flex_attention
         self.mode, self.flex = mode, flex_attention
-        self._flex = compiled_flex() if mode == "compiled" else flex_attention.flex_attention
 
     def emulations(self, call):
         return ()  # the block mask and score_mod express every feature natively
@@ -137,8 +149,9 @@ class TorchFlexLayer(_torch.ProjectedLayer):
                                            device=self.device)
 
     def _heads(self, q, k, v, mask, bias, dropout_p, call):
-        return self._flex(q, k, v, score_mod=score_mod(bias, call.softcap), block_mask=mask,
-                          scale=score_scale(self.spec, call), enable_gqa=self.spec.kv_heads != self.spec.num_heads)
+        flex = compiled_flex(not static_shapes(call, bias)) if self.mode == "compiled" else self.flex.flex_attention
+        return flex(q, k, v, score_mod=score_mod(bias, call.softcap), block_mask=mask, scale=score_scale(self.spec, call),
+                    enable_gqa=self.spec.kv_heads != self.spec.num_heads)
 
     def _run(self, inputs, return_scores, training, seed):
         raise UnsupportedError(self.adapter.name, "this call", "flex_attention returns no attention probabilities")
@@ -150,8 +163,9 @@ class TorchFlexAdapter(_torch.TorchAdapter):
     description = "torch.einsum projections + torch.compile(flex_attention) with a BlockMask for masks and causal"
     layer_class = TorchFlexLayer
     default_mode = "compiled"
-    reduced_matrix = ("compiled flex_attention is recompiled for every new shape, mask layout and dtype, 5-30 s each "
-                      "on a small CPU (Inductor's C++ template): about an hour for the full matrix")
+    reduced_matrix = ("compiled flex_attention is recompiled for every new mask layout and dtype, and with a mask, "
+                      "lengths or a bias for every new shape, 5-30 s each on a small CPU (Inductor's C++ template): "
+                      "about an hour for the full matrix")
     causal_skips_masked_blocks = True  # the BlockMask lists no key block above the diagonal
     score_buffers = 0  # the compiled kernel never holds a [T, S] score matrix
     empty_keys_refused = ("the compiled flex_attention kernel on the CPU dies with SIGFPE (an integer division by "
@@ -179,4 +193,23 @@ class TorchFlexAdapter(_torch.TorchAdapter):
         if reason is None and cpu and mode == "compiled" and dtype == "float64":
             return Refusal.dtype(dtype, "Inductor's FlexAttention CPU template raises 'torch.float, torch.float16 and "
                                         "torch.bfloat16 are supported in FlexAttention for CPU device'")
+        if reason is None and cpu and mode == "compiled" and inductor_vector_bits() is None:
+            return Refusal.device("cpu", "Inductor compiles for no vector ISA here (torch's scalar capability: "
+                                         "ATEN_CPU_CAPABILITY=default, or a CPU without AVX2), and its CPU "
+                                         "FlexAttention template does not compile without one: CppCompileError, "
+                                         "'transpose_block' and 'pack_vnni2' are not members of 'at::vec'")
         return reason
+
+    def kernel_facts(self):
+        return {**super().kernel_facts(), "inductor_vector_bits": inductor_vector_bits()}
+
+
+def inductor_vector_bits() -> int | None:
+    """The vector width Inductor compiles CPU code for in this process (it follows ATEN_CPU_CAPABILITY and the
+    CPU: torch/_inductor/cpu_vec_isa.py, pick_vec_isa), None for none; 0 where torch cannot say."""
+    try:
+        from torch._inductor import cpu_vec_isa
+        isa = cpu_vec_isa.pick_vec_isa()
+    except Exception:  # a torch without this module: let the compile decide
+        return 0
+    return isa.bit_width() if isa else None

@@ -11,18 +11,22 @@ ORT then runs the ONNX graph on the call's tensors. Modern attention goes throug
 maps it (a float ``attn_mask`` for the bias, ``key_padding_mask`` for key/value lengths, bottom-right
 causal, windows and query lengths in ``attn_mask``): each is only another tensor of the exported call.
 
-Exporting takes seconds, so a graph is exported once per process for each structure (module
-configuration, dtype, which masks are tensors and their ranks, need_weights) and later layers of
-that structure load their own weights into a copy of it by initializer name; where the exporter
-folded a weight into another constant, the layer exports its own graph.
+Exporting takes seconds, so a graph is exported once for each structure (module configuration,
+dtype, which masks are tensors and their ranks, need_weights) and kept: in this process, and in the
+cache's ``onnx/`` folder (keyed by the structure and the exporter's versions), so a new process loads
+the file instead of exporting again. Later layers of that structure load their own weights into a copy
+of it by initializer name; where the exporter folded a weight into another constant, the layer exports
+its own graph. ORT's optimised model is kept as well (``_onnx.session``).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import os
 import threading
 
-from . import _onnx, torch_mha
+from . import _onnx, cache, torch_mha
 
 EXPORT_OPSET = 25
 TENSOR_ARGUMENTS = ("query", "key", "value", "attn_mask", "key_padding_mask")  # what the exported graph takes
@@ -73,7 +77,7 @@ class ExportedCall:
         from onnx import numpy_helper
         with _lock:
             if structure not in _templates:
-                _templates[structure] = self._export(tensors, constants)
+                _templates[structure] = self._exported(structure, tensors, constants)
             model = onnx.ModelProto()
             model.CopyFrom(_templates[structure])
         state = {f"mha.{k}": v for k, v in self.layer.module.state_dict().items()}
@@ -83,6 +87,25 @@ class ExportedCall:
         for init in model.graph.initializer:
             if init.name in state:
                 init.CopyFrom(numpy_helper.from_array(_torch_numpy(state[init.name]), init.name))
+        return model
+
+    def _exported(self, structure, tensors, constants):
+        """The structure's graph from the cache folder, or exported now and written there."""
+        import onnx
+        path = template_path(structure)
+        if path is not None and path.is_file():
+            try:
+                return onnx.load(str(path))
+            except Exception:  # unreadable (a write cut short): export again
+                pass
+        model = self._export(tensors, constants)
+        if path is not None:
+            partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            try:
+                onnx.save(model, str(partial))
+                os.replace(partial, path)
+            except OSError:  # an unwritable cache costs the next process an export, never a result
+                pass
         return model
 
     def _export(self, tensors, constants):
@@ -110,6 +133,18 @@ class ExportedCall:
             program = torch.onnx.export(Call(layer.module).eval(), args, dynamo=True, opset_version=EXPORT_OPSET,
                                         dynamic_shapes=shapes, verbose=False)
         return program.model_proto
+
+
+def template_path(structure):
+    """Where the cache keeps the graph exported for ``structure``: named by the structure and the versions of
+    everything that writes the graph (torch's exporter, onnxscript, onnx, the opset); None when caching is off."""
+    import importlib.metadata
+    folder = cache.folder("onnx")
+    if folder is None:
+        return None
+    versions = [f"{dist} {importlib.metadata.version(dist)}" for dist in ("torch", "onnxscript", "onnx")]
+    key = repr((structure, versions, EXPORT_OPSET)).encode()
+    return folder / f"torch_mha-{hashlib.sha256(key).hexdigest()[:32]}.onnx"
 
 
 def _torch_numpy(t):

@@ -38,6 +38,63 @@ import traceback
 from .base import Layer
 
 
+# ---- children die with their parent ------------------------------------------------------------------
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ends, however it ends (Linux's
+    PR_SET_PDEATHSIG; strictly, when the parent's thread that started this process ends). A parent
+    killed with SIGKILL cleans nothing up, and a child left behind goes on working: a worker stuck in a
+    hung case, asv measuring into the next run. ``parent``: the pid that started this process (default:
+    the current parent); if it has already gone, the signal comes now. Elsewhere than Linux, nothing.
+
+    The one mechanism for every child mhabench starts: workers arm it as they start (:func:`serve`),
+    asv and the main job's stages through :func:`dies_with_parent`, asv's own processes as they import
+    the benchmarks."""
+    prctl = _prctl()
+    if prctl is None:
+        return
+    parent = os.getppid() if parent is None else parent
+    prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it ended before the signal was armed
+        os.kill(os.getpid(), sig)
+
+
+def dies_with_parent(sig: int = signal.SIGKILL):
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child arms :func:`die_with_parent` before it runs
+    its program (for a program that cannot arm it itself). libc is looked up here, before the fork."""
+    parent = os.getpid()
+    _prctl()
+    return lambda: die_with_parent(sig, parent)
+
+
+_libc_prctl = []
+
+
+def _prctl():
+    if not _libc_prctl:
+        try:
+            import ctypes
+            _libc_prctl.append(ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None)
+        except (OSError, AttributeError):
+            _libc_prctl.append(None)
+    return _libc_prctl[0]
+
+
+_spawner = None  # (pid, executor): one long-lived thread of this process starts every worker
+_spawner_lock = threading.Lock()
+
+
+def _spawn(*args, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, run by one thread that lives as long as this process: a child's parent-death signal
+    fires when the thread that started it ends, and a worker may be started from a short-lived thread."""
+    global _spawner
+    from concurrent.futures import ThreadPoolExecutor
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():  # a forked process starts its own thread
+            _spawner = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mhabench-spawner"))
+        spawner = _spawner[1]
+    return spawner.submit(subprocess.Popen, *args, **kwargs).result()
+
+
 def kill(proc: subprocess.Popen) -> None:
     """Kill a child started in its own session, with everything it started, and reap it."""
     if proc.poll() is None:
@@ -131,8 +188,9 @@ class Worker:
         req_r, self._req = os.pipe()
         self._rep, rep_w = os.pipe()
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-c", f"from mhabench.impls.worker import serve; serve({req_r}, {rep_w})"],
+            self._proc = _spawn(
+                [sys.executable, "-c", f"from mhabench.impls.worker import serve; serve({req_r}, {rep_w}, "
+                                       f"{os.getpid()})"],
                 env=env, pass_fds=(req_r, rep_w), stdin=subprocess.DEVNULL, stdout=self._stderr,
                 stderr=self._stderr, start_new_session=True)
         finally:
@@ -298,22 +356,16 @@ def import_target(target: str):
     return getattr(importlib.import_module(module), attr)
 
 
-def resolve(target):
-    """An adapter from a registered name or a "module:Class" path."""
-    from .registry import get_adapter, list_adapters
-    if target in list_adapters():
-        return get_adapter(target)
-    module, _, cls = str(target).partition(":")
-    if not cls:
-        raise ValueError(f"adapter target must be a registered name or 'module:Class', got {target!r}")
-    return getattr(importlib.import_module(module), cls)()
+# The registry that turns an adapter's name into the adapter, named as every request names its code: the
+# worker sits below the registry (which runs plugins' checks in workers), so it imports no part of it.
+RESOLVE = "mhabench.impls.registry:resolve"
 
 
 def host(target: str, spec, weights, dtype="float32", device="cpu", mode="eager", *, adapter=None,
          env: dict | None = None, worker: Worker | None = None, build_timeout: float = BUILD_TIMEOUT,
          call_timeout: float = CALL_TIMEOUT, **options) -> WorkerLayer:
     """Build ``target``'s layer in a worker process (the shared one for ``env`` unless ``worker`` is given)."""
-    adapter = adapter if adapter is not None else resolve(target)
+    adapter = adapter if adapter is not None else import_target(RESOLVE)(target)
     worker = worker if worker is not None else shared_worker(env)
     return WorkerLayer(adapter, spec, weights, dtype, device, mode, target=target, worker=worker,
                        build_timeout=build_timeout, call_timeout=call_timeout, options=options)
@@ -329,10 +381,22 @@ def _error_payload(exc: BaseException):
     return (exc_bytes, type(exc).__name__, str(exc), traceback.format_exc())
 
 
-def serve(req_fd: int, rep_fd: int) -> None:
-    """The child's loop: answer requests until the parent closes the pipe."""
+_serving = False  # this process is a worker child (``serve`` runs)
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker child: isolated already, so what would be isolated runs here."""
+    return _serving
+
+
+def serve(req_fd: int, rep_fd: int, parent: int | None = None) -> None:
+    """The child's loop: answer requests until the parent closes the pipe. ``parent``: the pid of the
+    process that started it, which it dies with (:func:`die_with_parent`)."""
+    global _serving
+    die_with_parent(signal.SIGKILL, parent)
     import faulthandler
     faulthandler.enable()  # a segfault leaves a traceback in the stderr tail
+    _serving = True
     held, ids = {}, itertools.count(1)  # the layers built (by handle) and the objects made (by name)
     while True:
         try:
@@ -346,7 +410,7 @@ def serve(req_fd: int, rep_fd: int) -> None:
             elif op == "build":
                 target, spec, weights, dtype, device, mode, options = message[1:]
                 handle = next(ids)
-                held[handle] = resolve(target).build(spec, weights, dtype, device, mode, **options)
+                held[handle] = import_target(RESOLVE)(target).build(spec, weights, dtype, device, mode, **options)
                 result = handle
             elif op == "call":
                 handle, method, args, kwargs = message[1:]

@@ -25,12 +25,14 @@ def split_list(value, known, what: str, option: str) -> list[str] | None:
     return list(dict.fromkeys(items))
 
 
-def load_plugins(targets) -> list[str]:
-    """Register each ``module:Class`` adapter the user named; SelectionError (one line) if one cannot load."""
+def load_plugins(targets, timeout: float | None = None) -> list[str]:
+    """Register each ``module:Class`` adapter the user named, each checked in a worker process whose calls
+    may take ``timeout`` seconds (default ``plugins.CHECK_TIMEOUT``); SelectionError (one line) if one
+    cannot load."""
     names = []
     for target in targets or ():
         try:
-            names.append(plugins.load_adhoc(target))
+            names.append(plugins.load_adhoc(target, timeout=timeout or plugins.CHECK_TIMEOUT))
         except (plugins.PluginLoadError, TypeError, ValueError) as exc:
             raise SelectionError(f"--adapter {interface.printable(target)}: {exc}") from None
     return names

@@ -38,6 +38,11 @@ class Tally:
         self.done[group] += count
         self.planned[group] = max(self.planned[group], self.done[group])
 
+    def drop(self, group: str, count: int) -> None:
+        """Items planned that will not be done after all (a time budget ran out): planned no more."""
+        if group in self.planned:
+            self.planned[group] = max(self.done[group], self.planned[group] - count)
+
     @property
     def total(self) -> int:
         return sum(self.planned.values())

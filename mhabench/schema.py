@@ -432,16 +432,15 @@ class Row:
     logit_scale: float | None = None
     duration_s: float | None = None
     opset: int | None = None         # the ONNX opset of the graphs an ONNX Runtime adapter runs
+    # what chose the kernels in the process that computed the row, as its framework reports it (Adapter.kernel_facts:
+    # {"tf_onednn": true}, {"torch_cpu_capability": "avx2", "torch_vector_bits": 256, ...}); None: not recorded
+    facts: dict | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
-        for name, kind in (("area", Area), ("dtype", DType), ("quantity", Quantity), ("status", Status)):
+        for name, kind in _NAMED_FIELDS:
             set_(name, kind.parse(getattr(self, name), name))
-        expected = self.id.format()
-        if self.row_id is None:
-            set_("row_id", expected)
-        elif self.row_id != expected:
-            raise ValueError(f"row_id {self.row_id!r} does not name its row ({expected!r})")
+        set_("row_id", _checked_row_id(self.row_id, self.id.format()))
 
     @property
     def id(self) -> RowId:
@@ -463,27 +462,28 @@ class Row:
 
     @classmethod
     def from_dict(cls, record) -> "Row":
-        """The row a file holds; ValueError saying what is wrong with a record that is not one.
-
-        Files written by earlier versions lack later fields: they take their defaults, and a row with no
-        ``kernel`` gets the one its adapter's name gives (:func:`legacy_kernel`). Fields this version does
-        not know (written by a newer one) are left out."""
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-        missing = [k for k in REQUIRED if k not in record]
-        if missing:
-            raise ValueError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-        if record["status"] not in STATUSES:
-            raise ValueError(f"unknown status {record['status']!r}")
-        known = {k: v for k, v in record.items() if k in _FIELD_SET}
-        if known.get("kernel") in (None, ""):
-            known["kernel"] = legacy_kernel(record["adapter"])
-        if known.get("message") is None:
-            known["message"] = ""
+        """The row a file holds, as earlier and later versions wrote it (:func:`_known_fields`); ValueError
+        saying what is wrong with a record that is not one."""
         try:
-            return cls(**known)
+            return cls(**_known_fields(record))
         except TypeError as exc:  # a field of the wrong type for the enums' parsing
             raise ValueError(str(exc)) from None
+
+    @staticmethod
+    def record(record) -> dict[str, Any]:
+        """``Row.from_dict(record).to_dict()``, checked the same way (the same ValueError), without making
+        the Row: what a reader of a million rows (the report) takes each one through."""
+        known = _known_fields(record)
+        try:
+            for name, kind in _NAMED_FIELDS:
+                value = known[name]
+                if type(value) is not str or value not in _NAMED_VALUES[name]:  # a known text is its own value
+                    known[name] = kind.parse(value, name).value
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        known["row_id"] = _checked_row_id(known["row_id"], RowId(known["adapter"], known["case"], known["dtype"],
+                                                                 known["quantity"]).format())
+        return {**_BLANK_RECORD, **known}  # every field, in FIELDS order
 
     # ---- the dict view, for readers written when rows were dicts -------------------------------------
     def __getitem__(self, name: str):
@@ -507,7 +507,38 @@ class Row:
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Row))
 _FIELD_SET = frozenset(FIELDS)
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Row) if f.default is not dataclasses.MISSING}
+_BLANK_RECORD = {name: _DEFAULTS.get(name) for name in FIELDS}
+_NAMED_FIELDS = (("area", Area), ("dtype", DType), ("quantity", Quantity), ("status", Status))
+_NAMED_VALUES = {name: frozenset(kind.values()) for name, kind in _NAMED_FIELDS}
 REQUIRED = ("row_id", "adapter", "case", "area", "dtype", "quantity", "status")  # a record lacking one is no row
+_REQUIRED_SET = frozenset(REQUIRED)
+
+
+def _known_fields(record) -> dict[str, Any]:
+    """The fields of a row a file holds, with what earlier versions did not write filled in; ValueError
+    for a record that is no row. Files written by earlier versions lack later fields: they take their
+    defaults, and a row with no ``kernel`` gets the one its adapter's name gives (:func:`legacy_kernel`).
+    Fields this version does not know (written by a newer one) are left out."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    if not record.keys() >= _REQUIRED_SET:
+        missing = [k for k in REQUIRED if k not in record]
+        raise ValueError(f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if record["status"] not in STATUSES:
+        raise ValueError(f"unknown status {record['status']!r}")
+    known = dict(record) if record.keys() <= _FIELD_SET else {k: v for k, v in record.items() if k in _FIELD_SET}
+    if known.get("kernel") in (None, ""):
+        known["kernel"] = legacy_kernel(record["adapter"])
+    if known.get("message") is None:
+        known["message"] = ""
+    return known
+
+
+def _checked_row_id(row_id: str | None, expected: str) -> str:
+    if row_id is not None and row_id != expected:
+        raise ValueError(f"row_id {row_id!r} does not name its row ({expected!r})")
+    return expected
 NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
 
 DTYPES: tuple[str, ...] = DType.values()

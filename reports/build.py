@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mhabench import results
+
 from .collect import ReportData, collect
 from .compare import Comparison
 from .html import render_html
@@ -11,21 +13,27 @@ from .markdown import render_markdown
 
 
 def write_report(data: ReportData, out_dir: Path) -> dict:
-    """Write index.html, summary.md and one CSV per table; return their paths."""
+    """Write index.html, summary.md and one CSV per table; return their paths.
+
+    All or nothing: every file is rendered and written to a temporary file first, and only then renamed
+    into place (``results.atomic_write_many``), so a full disk, a read-only folder or a directory where a
+    file goes leaves the previous report whole and no temporary file behind (a ResultsError naming the
+    file)."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ResultsError(f"cannot create the report directory {out_dir}: {exc.strerror}") from None
-    paths = {}
-    for name, table in data.tables.items():
-        path = out_dir / f"{name}.csv"
-        table.to_csv(path, index=False)
-        paths[name] = path
+        raise ResultsError(f"cannot create the report directory {out_dir}: {exc.strerror or exc}") from None
+    paths = {name: out_dir / f"{name}.csv" for name in data.tables}
+    files = {paths[name]: table.to_csv(index=False) for name, table in data.tables.items()}
     paths["html"] = out_dir / "index.html"
-    paths["html"].write_text(render_html(data), encoding="utf-8")
     paths["markdown"] = out_dir / "summary.md"
-    paths["markdown"].write_text(render_markdown(data), encoding="utf-8")
+    files[paths["html"]] = render_html(data)
+    files[paths["markdown"]] = render_markdown(data)
+    try:
+        results.atomic_write_many(files)
+    except results.WriteFailed as exc:
+        raise ResultsError(f"{exc}; the report in {out_dir} was left as it was") from None
     return paths
 
 

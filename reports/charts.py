@@ -23,7 +23,7 @@ METHOD_TITLES = {
     "track_peakmem_forward_backward": "forward + backward peak memory per call",
     "track_gflops_forward": "forward GFLOP/s", "track_gflops_forward_backward": "forward + backward GFLOP/s",
 }
-UNIT_LABELS = {"seconds": "time per call", "bytes": "peak memory per call"}
+UNIT_LABELS = {"seconds": "time per call", "bytes": "memory per call", "fraction": "fraction of GEMM peak"}
 STATUS_COLOURS = {"pass": "#4caf50", "fail": "#e53935", "divergence": "#fb8c00", "unsupported": "#9e9e9e",
                   "error": "#8e24aa", "skip": "#cfd8dc"}
 
@@ -57,6 +57,11 @@ def _colours(series: list[str]) -> dict:
     return {name: cmap(i % cmap.N) for i, name in enumerate(sorted(series))}
 
 
+REFERENCE = "torch_sdpa"      # drawn in every panel, so each family reads against one line
+PANEL_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
+                 "#bcbd22", "#7f7f7f")  # tab10, red second: the first lines of a panel are far apart
+
+
 def _log_axes(ax, unit: str, y_log: bool = True) -> None:
     """Log axes with plain labels (L as integers, y in ms/MiB); no mathtext, which is slow to lay out.
 
@@ -88,42 +93,131 @@ def _guides(ax, lengths, values) -> None:
     ax.plot(xs, anchor * (xs / l_min) ** 2, color="0.55", linestyle=":", linewidth=1.2, label="O(L²) guide")
 
 
-def _panels(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device):
-    """One panel per method with measurements: (figure, [(axes, method, rows)], colour per line) or None."""
-    panels = [(m, tables.sweep(frame[frame["device"] == device], klass, m)) for m in methods]
-    panels = [(m, rows) for m, rows in panels if not rows.empty and np.isfinite(rows["value"]).any()]
-    if not panels:
-        return None
-    colours = _colours(list({s for _, rows in panels for s in rows["series"]}))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), squeeze=False)
-    return fig, [(ax, m, rows) for ax, (m, rows) in zip(axes[0], panels)], colours
+def _families(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The panels: one per framework family, largest first (a line without a recorded family is its own)."""
+    family = rows["family"] if "family" in rows else pd.Series([None] * len(rows), index=rows.index)
+    family = family.where(family.notna(), rows["adapter"].astype(str))
+    groups = [(str(name), part) for name, part in rows.assign(_family=family).groupby("_family", sort=True)]
+    return sorted(groups, key=lambda g: (-g[1]["series"].nunique(), g[0]))
 
 
-def scaling_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device) -> str | None:
-    """Log-log value against L, one line per adapter(+mode), fitted exponent in the legend."""
-    drawn = _panels(frame, klass, methods, device)
-    if drawn is None:
+def _by_last_value(rows: pd.DataFrame) -> list[str]:
+    """Line names ordered by their value at their largest length, highest first: the legend reads top-down as the
+    lines end on the right."""
+    ends = rows.sort_values("seq_len").groupby("series")["value"].last()
+    return list(ends.sort_values(ascending=False).index)
+
+
+def _grid(count: int, width: float = 5.2, height: float = 5.0):
+    columns = min(3, count)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for extra in axes.flat[count:]:
+        extra.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _draw_line(ax, line: pd.DataFrame, colour, label: str, flagged: bool, spread=True) -> None:
+    """One line; each point with its samples' interquartile range as an error bar where it has one, and hollow
+    where its value is the compiler's own figure (XLA's memory)."""
+    line = line.sort_values("seq_len")
+    style = dict(color=colour, linewidth=1.4, markersize=4, linestyle=":" if flagged else "-",
+                 marker="x" if flagged else "o")
+    ax.plot(line["seq_len"], line["value"], label=label, **style)
+    if spread:
+        _draw_spread(ax, line, colour)
+    hollow = (line["memory_charted"] == "program").to_numpy() if "memory_charted" in line else None
+    if hollow is not None and hollow.any():
+        ax.plot(line["seq_len"][hollow], line["value"][hollow], linestyle="none", marker="o", markersize=7,
+                markerfacecolor="white", markeredgecolor=colour, zorder=3)
+
+
+def _draw_spread(ax, line: pd.DataFrame, colour) -> None:
+    """Each point's interquartile range as an error bar, where the point has one."""
+    if not {"q25", "q75"} <= set(line):
+        return
+    low, high = line["q25"].to_numpy(float), line["q75"].to_numpy(float)
+    known = np.isfinite(low) & np.isfinite(high) & (high > low)
+    if known.any():
+        y = line["value"].to_numpy(float)[known]
+        ax.errorbar(line["seq_len"].to_numpy(float)[known], y,
+                    yerr=[np.clip(y - low[known], 0, None), np.clip(high[known] - y, 0, None)], fmt="none",
+                    ecolor=colour, elinewidth=0.9, capsize=2.5, alpha=0.7)
+
+
+def scaling_chart(frame: pd.DataFrame, klass: str, method: str, device, flagged: set = frozenset(),
+                  y_of=None, unit: str | None = None, guides: bool = True, title: str | None = None) -> str | None:
+    """Value against L on log-log axes, one panel per framework family (small multiples), each with the reference
+    line (torch_sdpa) and the O(L) and O(L²) guides; each point with its interquartile range as an error bar; a
+    line's legend entry gives its fitted exponent, and the legend runs in the order the lines end at the largest L. A line that breaks a plausibility rule
+    (``flagged``) is dotted with crosses and says so. ``y_of``: the value to draw from a row (default: the
+    value), with its ``unit``."""
+    rows = tables.sweep(frame[frame["device"] == device], klass, method)
+    if rows.empty or not np.isfinite(rows["value"]).any():
         return None
-    fig, panels, colours = drawn
-    for ax, method, rows in panels:
-        for series, line in rows.groupby("series", sort=True):
-            line = line[np.isfinite(line["value"]) & (line["value"] > 0)]
-            if line.empty:
-                continue
-            exponent = tables.fit_exponent(line["seq_len"], line["value"])
-            label = plain(series) + (f"  (L^{exponent:.2f})" if math.isfinite(exponent) else "")
-            ax.plot(line["seq_len"], line["value"], marker="o", markersize=3.5, color=colours[series], label=label)
-        _guides(ax, rows["seq_len"], rows["value"])
-        _log_axes(ax, rows["unit"].iloc[0])
-        heads = rows["num_heads"].iloc[0]
-        ax.set_title(plain(f"{klass}: {METHOD_TITLES.get(method, method)} ({device}, heads={_int(heads)})"),
-                     fontsize=10)
+    rows = rows[np.isfinite(rows["value"]) & (rows["value"] > 0)].copy()
+    if y_of is not None:
+        rows["value"] = y_of(rows)
+        rows = rows[np.isfinite(rows["value"])]
+    if rows.empty:
+        return None
+    unit = unit or rows["unit"].iloc[0]
+    reference = rows[rows["adapter"] == REFERENCE]
+    reference_series = set(reference["series"])
+    panels = _families(rows)
+    fig, axes = _grid(len(panels))
+    heads = _int(rows["num_heads"].iloc[0])
+    for ax, (family, part) in zip(axes, panels):
+        names = [s for s in _by_last_value(part) if s not in reference_series]
+        colours = {name: PANEL_COLOURS[i % len(PANEL_COLOURS)] for i, name in enumerate(names)}
+        drawn = pd.concat([part, reference]).drop_duplicates()
+        for series in _by_last_value(drawn):
+            line = drawn[drawn["series"] == series]
+            is_flagged = (klass, method, device, series) in flagged
+            exponent = tables.fit_exponent(line["seq_len"], line["value"]) if y_of is None else math.nan
+            label = plain(series) + (f"  L^{exponent:.2f}" if math.isfinite(exponent) else "") + \
+                (" (reference)" if series in reference_series else "") + (" IMPLAUSIBLE" if is_flagged else "")
+            if series in reference_series:
+                ax.plot(line.sort_values("seq_len")["seq_len"], line.sort_values("seq_len")["value"], color="black",
+                        linewidth=2.2, alpha=0.35, label=label)
+                if y_of is None:
+                    _draw_spread(ax, line, "0.55")
+            else:
+                _draw_line(ax, line, colours[series], label, is_flagged, spread=y_of is None)
+        if guides:  # clipped to the lines' own range, so a steep guide never squeezes the lines together
+            _guides(ax, drawn["seq_len"], drawn["value"])
+            ax.set_ylim(drawn["value"].min() / 1.6, drawn["value"].max() * 1.6)
+        _log_axes(ax, unit, y_log=guides)
+        if unit == "fraction":
+            ax.set_ylim(bottom=0)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0%}"))
+            if (drawn["value"] > 1).any():
+                ax.axhline(1.0, color="#d62728", linewidth=1, label="GEMM peak: above it, a measurement fault")
+        ax.set_title(plain(f"{family}"), fontsize=10)
         ax.set_xlabel("sequence length L")
-        ax.set_ylabel(UNIT_LABELS.get(rows["unit"].iloc[0], plain(rows["unit"].iloc[0])))
+        ax.set_ylabel(UNIT_LABELS.get(unit, plain(unit)))
         ax.grid(True, which="both", alpha=0.25)
-        # beside the plot, not over the lines: with a dozen adapters an inside legend hides the small lengths
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        # under the panel, never over its lines; in the order the lines end at the largest L
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), borderaxespad=0.0, frameon=False)
+    fig.suptitle(plain(f"{klass}: {title or METHOD_TITLES.get(method, method)} ({device}, heads={heads})"),
+                 fontsize=11)
+    fig.tight_layout()
     return to_data_uri(fig)
+
+
+def fraction_chart(frame: pd.DataFrame, klass: str, method: str, device, peaks: dict,
+                   flagged: set = frozenset()) -> str | None:
+    """GFLOP/s as a fraction of its machine's GEMM peak against L, one panel per framework family. A fraction
+    above 1 is a measurement fault (the peak was measured low), drawn at its value and marked by the line at 1."""
+    def fraction(rows):
+        peak = [peaks.get((str(m), str(d)), math.nan) for m, d in zip(rows["machine"], rows["device"])]
+        return rows["value"].to_numpy(float) / np.asarray(peak, float)
+    known = [v for v in peaks.values() if np.isfinite(v)]
+    if not known:
+        return None
+    title = f"{METHOD_TITLES.get(method, method)} as a fraction of the GEMM peak ({max(known):.0f} GFLOP/s)"
+    return scaling_chart(frame, klass, method, device, flagged, y_of=fraction, unit="fraction", guides=False,
+                         title=title)
 
 
 def heads_chart(frame: pd.DataFrame, klass: str, method: str) -> str | None:
@@ -143,31 +237,6 @@ def heads_chart(frame: pd.DataFrame, klass: str, method: str) -> str | None:
     ax.set_ylabel(UNIT_LABELS.get(rows["unit"].iloc[0], plain(rows["unit"].iloc[0])))
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7)
-    return to_data_uri(fig)
-
-
-def gflops_chart(frame: pd.DataFrame, klass: str, methods: tuple[str, ...], device, peaks: dict) -> str | None:
-    """GFLOP/s against L, with each machine's GEMM peak (``peaks``: label -> GFLOP/s) as a horizontal line."""
-    drawn = _panels(frame, klass, methods, device)
-    if drawn is None:
-        return None
-    fig, panels, colours = drawn
-    for ax, method, rows in panels:
-        for series, line in rows.groupby("series", sort=True):
-            line = line[np.isfinite(line["value"])]
-            ax.plot(line["seq_len"], line["value"], marker="o", markersize=3.5, color=colours[series],
-                    label=plain(series))
-        for (label, peak), style in zip(sorted(peaks.items()), ("--", ":", "-.", (0, (5, 1)))):
-            if peak and math.isfinite(peak):
-                ax.axhline(peak, color="black", linestyle=style, linewidth=1,
-                           label=plain(f"GEMM peak {label if len(peaks) > 1 else ''} {peak:.1f} GFLOP/s"))
-        _log_axes(ax, "GFLOP/s", y_log=False)
-        ax.set_title(plain(f"{klass}: {METHOD_TITLES.get(method, method)} ({device})"), fontsize=10)
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel("GFLOP/s")
-        ax.set_ylim(bottom=0)
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, loc="lower right")
     return to_data_uri(fig)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mhabench import results
+
 from . import tables
 from .compare import Comparison
 from .load import Benchmarks, Conformance, ResultsError, load_results
@@ -85,18 +87,23 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         data.tables["not_run"] = tables.not_run_groups(rows)
         data.tables["agreement"] = tables.agreement(rows, conformance.catalogue)
         data.tables["machines"] = tables.machine_matrix(rows)
-        data.tables["cross_machine"] = tables.cross_machine(rows)
+        data.tables["cross_machine"] = tables.cross_machine(rows, tables.machine_facts_map(conformance))
+        data.tables["machine_facts"] = tables.machine_facts_table(conformance)
+        data.tables["kernel_facts"] = tables.kernel_facts(rows)
+        data.tables["portability"], data.tables["portability_changes"] = tables.portability(conformance)
     if benchmarks is not None:
         attention = tables.attention_results(benchmarks)
         data.peaks = tables.gemm_peaks(benchmarks)
         measured = benchmarks.results[np.isfinite(benchmarks.results["value"])]  # not asv's empty grid slots
         data.tables["benchmarks"] = measured.drop(columns=["samples", "file"], errors="ignore")
         data.tables["scaling"] = tables.scaling_table(attention)
+        flagged = tables.flagged_lines(data.tables["scaling"])
         data.tables["peak_fraction"] = tables.peak_fraction(attention, data.peaks)
-        data.tables["scaling_winners"] = tables.scaling_winners(attention)
+        data.tables["scaling_winners"] = tables.scaling_winners(attention, flagged)
         data.tables["scaling_lines"] = tables.scaling_lines(data.tables["scaling"], data.tables["peak_fraction"])
+        data.tables["verify"] = tables.verify_ratios(attention)
         data.tables["bench_skips"] = benchmarks.skips
-        data.headline = tables.headline(attention) if not attention.empty else {}
+        data.headline = tables.headline(attention, flagged=flagged) if not attention.empty else {}
         data.notes.extend(benchmarks.notes)
         data.problems.extend(benchmarks.problems)
         data.attention = attention
@@ -111,6 +118,47 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def alarms(data: ReportData) -> list[str]:
+    """What makes the run red, worst first, each with its first instance named: error rows, fail rows, stale
+    catalogue entries, and the kernel switch settings (``conform --switches``) that have any of them. Empty
+    when the run is green."""
+    if data.conformance is None or data.comparison_only:
+        return []
+    lines = []
+    failures = data.tables.get("failures")
+    several = data.conformance.rows["machine"].nunique() > 1
+    for status in ("error", "fail"):
+        found = failures[failures["status"] == status] if failures is not None and not failures.empty else failures
+        if found is None or found.empty:
+            continue
+        first = found.iloc[0]
+        where = f" on {first['machine']}" if several else ""
+        lines.append(f"{len(found)} {status} row{'s' if len(found) > 1 else ''}, first {first['row_id']}{where}: "
+                     f"{_short(first['message'])}")
+    divergences = data.tables.get("divergences")
+    if divergences is not None and not divergences.empty:
+        stale = divergences[divergences["status"] == "stale"]
+        if not stale.empty:
+            first = stale.iloc[0]
+            lines.append(f"{len(stale)} stale catalogue entr{'ies' if len(stale) > 1 else 'y'}, first {first['id']}: "
+                         f"{_short(first['message'])}")
+    settings = data.tables.get("portability")
+    if settings is not None and not settings.empty:
+        red = settings[(settings["fail"] > 0) | (settings["error"] > 0) | (settings["stale"] != "")]
+        for record in red.to_dict("records"):
+            stale = [s for s in str(record["stale"]).split(", ") if s]
+            where = f" on {record['machine']}" if several else ""
+            lines.append(f"under {record['switch']}={record['setting']}{where}: {record['fail']} fail, "
+                         f"{record['error']} error rows, {len(stale)} stale entries"
+                         + (f", first {stale[0]}" if stale else ""))
+    return lines
+
+
+def _short(text, limit: int = 200) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def verdict(data: ReportData) -> list[str]:
     """A few plain lines: adapters, rows, divergences, fastest and leanest at the largest L."""
     s = data.summary()
@@ -118,7 +166,7 @@ def verdict(data: ReportData) -> list[str]:
     if data.comparison is not None:
         c = data.comparison
         lines.append(f"comparison B/A: {len(c.regressions)} regressions, {len(c.improvements)} improvements "
-                     f"past ±{c.threshold:.0%} in {len(c.table)} shared benchmarks; "
+                     f"past ±{c.threshold:.0%} and the runs' noise in {len(c.table)} shared benchmarks; "
                      f"{len(c.conformance_changes)} conformance rows changed status")
         if data.comparison_only:
             return lines
@@ -135,13 +183,15 @@ def verdict(data: ReportData) -> list[str]:
         lines.append("conformance: no results")
     if data.benchmarks is not None:
         fastest, leanest = s.get("fastest"), s.get("leanest")
+        excluded = lambda h: f"; {h['excluded']} implausible line(s) left out" if h.get("excluded") else ""
         if fastest:
-            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there): "
+            lines.append(f"fastest at L={fastest['seq_len']} (of {fastest['lines']} measured there{excluded(fastest)}): "
                          f"{fastest['series']} "
                          f"({format_value(fastest['value'], fastest['unit'])} per forward call)")
         if leanest:
-            lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}): {leanest['series']} "
-                         f"({format_value(leanest['value'], leanest['unit'])} peak per forward call)")
+            lines.append(f"leanest at L={leanest['seq_len']} (of {leanest['lines']}{excluded(leanest)}): "
+                         f"{leanest['series']} "
+                         f"({format_value(leanest['value'], leanest['unit'])} per forward call)")
         if not fastest and not leanest:
             lines.append("benchmarks: no attention timings in the results")
     else:
@@ -158,11 +208,18 @@ def completeness(conformance: Conformance) -> list[str]:
         where = "" if len(parts) == 1 else f" in {part.source.parent.parent}"
         present = f"{len(part.rows)} of {part.planned} planned rows present" if part.planned is not None else \
             f"{len(part.rows)} rows present, the number planned unknown (no plan.json)"
-        if not part.complete:
+        if not part.complete and part.stale is not None:
+            lines.append(f"INCOMPLETE conformance run{where} (the latest run was interrupted; {part.stale} is an "
+                         f"earlier run's and is not counted): {present}")
+        elif not part.complete:
             lines.append(f"INCOMPLETE conformance run{where} (no results.json: interrupted?): {present}")
         elif part.missing:
             lines.append(f"INCOMPLETE conformance run{where}: {present}")
     lines += [f"INCOMPLETE: {note}" for note in conformance.missing_shards]
+    budget = []  # what a time budget left out, per directory
+    for part in parts:
+        where = "" if len(parts) == 1 else f"{part.source.parent.parent}: "
+        budget += [where + line for line in results.not_run_lines(part.plan.get("budget"), "conformance rows")]
     if not lines:
         present = sum(len(p.rows) for p in parts)
         where = f" in {len(parts)} directories" if len(parts) > 1 else ""
@@ -170,4 +227,4 @@ def completeness(conformance: Conformance) -> list[str]:
                      if conformance.planned is not None else
                      f"conformance run finished (results.json written): {present} rows{where}; the number planned "
                      f"was not recorded (no plan.json)")
-    return lines
+    return lines + budget

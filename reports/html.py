@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from . import charts, tables
-from .collect import ReportData, verdict
+from .collect import ReportData, alarms, verdict
 from .units import format_value
+from mhabench import plausibility
 from mhabench.results import STATUSES
 
 DRILL_DOWN_LIMIT = 400  # rows shown in the page; the CSV next to it has them all
@@ -28,7 +29,8 @@ th{background:#f3f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.msg{min-width:340px;max-width:620px;white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,monospace;
 font-size:.92em}td.id{max-width:330px;overflow-wrap:anywhere}
 .verdict{background:#eef5ff;border:1px solid #c9dcf5;padding:10px 14px;border-radius:6px}
-.verdict li{margin:2px 0}
+.verdict li{margin:2px 0}.verdict.red{background:#fdecea;border:2px solid #c62828}
+.verdict li.alarm{color:#b71c1c;font-weight:600}.verdict li.green{color:#1b5e20;font-weight:600}
 .pass{background:#d8f0d9}.fail{background:#f8d0cf}.divergence{background:#ffe2bf}
 .unsupported{background:#e7e7e7}.error{background:#e9d2f0}.skip{background:#f1f4f5}.empty{background:#fff}
 td.cell{min-width:88px;font-size:.92em}td.cell b{font-size:1.05em}
@@ -430,6 +432,25 @@ def _agreement_cell(record: dict) -> str:
 
 # --- machines -------------------------------------------------------------------------------------
 
+def machine_facts_html(data: ReportData) -> str:
+    """The facts that chose the kernels, per machine: the run's (CPU, ISA, vector width, BLAS, threads, kernel
+    variables, switches forced) and each adapter's (as its framework reported them in its process)."""
+    facts, kernels = data.tables.get("machine_facts"), data.tables.get("kernel_facts")
+    out = []
+    if facts is not None and not facts.empty:
+        out.append("<h3 id='machine-facts'>What chose the kernels</h3><p class='muted'>Frameworks pick kernels by "
+                   "the machine (TensorFlow turns oneDNN on by default only on CPUs with AVX512_VNNI, AVX512_BF16, "
+                   "AVX_VNNI or AMX; torch's vectorised kernels run 16 float lanes under AVX-512, 8 under AVX2), so "
+                   "a verdict holds for the facts it was reached under.</p>")
+        out.append(table(facts, ["machine", "cpu_model", "isa", "vector_bits", "numpy_blas", "cpu_threads",
+                                 "environment", "switches"]))
+    if kernels is not None and not kernels.empty:
+        out.append("<p class='muted'>Per adapter, as each framework reported them in the process that ran it "
+                   "(recorded on every row as <code>facts</code>):</p>")
+        out.append(table(kernels, ["machine", "adapter", "facts", "rows"]))
+    return "".join(out)
+
+
 def section_machines(data: ReportData) -> str:
     if data.conformance is None:
         return ""
@@ -440,9 +461,14 @@ def section_machines(data: ReportData) -> str:
         place = places.iloc[0] if not places.empty else {"machine": "unknown", "device": ""}
         return out[0] + (f"<p>Every row comes from one machine and device: <b>{esc(place['machine'])}</b> "
                          f"({esc(place['device'])}). Merge several results directories with "
-                         "<code>mhabench report --results DIR DIR ...</code> to set machines side by side.</p>")
+                         "<code>mhabench report --results DIR DIR ...</code> to set machines side by side.</p>") \
+            + machine_facts_html(data)
+    out.append(machine_facts_html(data))
     cross = data.tables["cross_machine"]
-    out.append(f"<h3 id='cross-machine'>The same adapter and case, a different verdict per machine ({len(cross)})</h3>")
+    out.append(f"<h3 id='cross-machine'>The same adapter and case, a different verdict per machine ({len(cross)})</h3>"
+               "<p class='muted'><code>differs</code> names the facts that chose the kernels whose values differ "
+               "between the machines: the likely reason, reproducible on one machine with "
+               "<code>mhabench conform --switch</code>.</p>")
     out.append(table(cross, limit=DRILL_DOWN_LIMIT, row_class=None) if not cross.empty else
                "<p class='muted'>Every adapter gives the same verdict on every case on every machine and device.</p>")
     out.append("<h3>Per machine × device</h3>")
@@ -465,6 +491,39 @@ def section_machines(data: ReportData) -> str:
     return "".join(out)
 
 
+def section_portability(data: ReportData) -> str:
+    """``conform --switches``: per kernel switch setting, the rows whose verdict changes, and what decides it."""
+    settings, changes = data.tables.get("portability"), data.tables.get("portability_changes")
+    if settings is None or settings.empty:
+        return ""
+    out = ["<h2 id='portability'>Portability: verdicts that depend on the machine</h2>"
+           "<p class='muted'>The same selection run on this machine under each setting of each kernel switch "
+           "(<code>mhabench conform --switches</code>): another machine's kernels, reproduced. A row listed below "
+           "gets a different verdict on a machine whose framework makes the other choice; a setting with a fail row "
+           "or a stale entry is red on such a machine.</p>"]
+    columns = [*(["machine"] if settings["machine"].nunique() > 1 else []), "switch", "setting", "variable", "value",
+               "rows", "changed", "fail", "error", "stale", "changed_by_adapter", "warnings"]
+    state = lambda r: "fail" if r["fail"] or r["stale"] else "error" if r["error"] else "pass"
+    out.append(table(settings, columns, row_class=state))
+    if changes is not None and not changes.empty:
+        out.append(f"<h3>Rows whose verdict changes ({len(changes)})</h3>")
+        out.append(table(changes, [*(["machine"] if changes["machine"].nunique() > 1 else []), "switch", "setting",
+                                   "adapter", "row_id", "own_choice", "switched", "facts"], limit=DRILL_DOWN_LIMIT))
+    return "".join(out)
+
+
+MEMORY_NOTE = (
+    "Memory per call is what one forward call allocates beyond its inputs and weights (its temporaries and its "
+    "output), measured after the same warm-up as the time. For compiled JAX programs (jax_dpa, flax_mha, "
+    "Keras on JAX) the chart shows XLA's own figure, the compiler's buffer assignment (temp + output, from "
+    "<code>jax.stages.Compiled.memory_analysis()</code>), drawn as hollow markers: XLA:CPU keeps memory resident "
+    "between calls, so the process's high-water mark rises by only what the allocator did not already hold, "
+    "which is nearly nothing at small L (the dip that made earlier charts' JAX memory exponents 3 to 5). Every "
+    "other line is the adapter's probe: the rise of the process high-water mark (VmHWM) during the call on CPU, "
+    "or the framework's allocator peak where it pools memory (TensorFlow). The table of points gives both "
+    "figures where there are two.")
+
+
 def section_scaling_summary(data: ReportData) -> str:
     """Who wins where, above the charts: each row links to the chart it summarises."""
     winners, lines = data.tables.get("scaling_winners"), data.tables.get("scaling_lines")
@@ -472,27 +531,116 @@ def section_scaling_summary(data: ReportData) -> str:
         return ""
     out = ["<h3 id='scaling-summary'>Summary: who is fastest and leanest</h3>",
            "<p class='muted'>Forward pass at the sweep's head count. Per class and L: the fastest and the leanest "
-           "line among those measured there. Per line: the exponent of L fitted over its three largest lengths "
-           "(1 is O(L), 2 is O(L²)) for time and per-call memory, and GFLOP/s as a fraction of the machine's GEMM "
-           "peak at the largest L.</p>"]
+           "line among those measured there that break no plausibility rule. Per line: the power law fitted over "
+           "its three largest lengths for time and per-call memory (exponent 1 is O(L), 2 is O(L²)), with the "
+           "fit's residual (how far the points lie from the law, typically) and in words how well a power law fits "
+           "(good: within 5%; fair: within 15%; poor: not one power law there), and GFLOP/s as a fraction of the "
+           "machine's GEMM peak at the largest L.</p>"]
     shown = winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
                            memory=[format_value(v, "bytes") for v in winners["memory"]])
     link = lambda c, v, r: f"<td><a href='#{esc(r['chart'])}'>{esc(v)}</a></td>" if c == "class" else None
     out.append(table(shown, ["class", "device", "L", "fastest", "time", "leanest", "memory", "lines"], cell=link))
+
+    def fitted(exponent, residual, quality):
+        if exponent != exponent:
+            return "one L"
+        return f"{exponent:.2f} (±{residual:.0%}, {quality})" if residual == residual else f"{exponent:.2f}"
+
+    compact = lines.assign(
+        time=[fitted(*v) for v in zip(lines["time_exponent"], lines["time_fit_residual"], lines["time_fit"])],
+        memory=[fitted(*v) for v in zip(lines["memory_exponent"], lines["memory_fit_residual"],
+                                        lines["memory_fit"])],
+        time_noise=[f"{v:.0%}" if v == v else "" for v in lines["time_widest_spread"]])
 
     def line_cell(column, value, record):
         if column == "class":
             return link(column, value, record)
         if column == "fraction_of_peak_at_L_max":
             if record["fault"]:
-                return f"<td class='fault'>{esc(record['fault'])}</td>"
+                return f"<td class='fault' title='{esc(record['fault'])}'>measurement fault</td>"
             return f'<td class="num">{value:.1%}</td>' if value == value else "<td></td>"
-        if column in ("time_exponent", "memory_exponent"):
-            return f'<td class="num">{value:.2f}</td>' if value == value else "<td class='muted'>one L</td>"
+        if column in ("time", "memory"):
+            return f"<td class='num'>{esc(value)}</td>"
+        if column == "implausible":
+            return f"<td class='fault why'>{esc(value)}</td>" if value else "<td></td>"
         return None
-    out.append(table(lines, ["class", "device", "series", "kernel", "L_max", "time_exponent", "memory_exponent",
-                             "fraction_of_peak_at_L_max"], cell=line_cell))
+    out.append("<p class='muted'>Per line: time and memory exponent (± the fit's residual, how well a power law "
+               "fits); time_noise, the widest interquartile range of its time points over their median (the "
+               "charts draw each point's as an error bar); the full figures are in <code>scaling_lines.csv</code>."
+               "</p>")
+    out.append(table(compact, ["class", "device", "series", "L_max", "time", "time_noise", "memory",
+                               "fraction_of_peak_at_L_max", "implausible", "remeasured"], cell=line_cell,
+                     row_class=lambda r: "fault" if r.get("implausible") else None))
     return "".join(out)
+
+
+def section_implausible(data: ReportData) -> str:
+    """The lines that break a plausibility rule, each with the rule and the numbers: above the charts, since
+    what they show of those lines is not a result."""
+    scaling = data.tables.get("scaling")
+    if scaling is None or scaling.empty:
+        return ""
+    bad = scaling[scaling["implausible"].astype(str) != ""]
+    rules = "".join(f"<li>{esc(rule)}</li>" for rule in plausibility.RULES)
+    head = ("<p class='muted'>Each line is checked against physical bounds: " f"<ul>{rules}</ul>"
+            "A point of a line that breaks one is measured again by <code>mhabench bench</code>, with four times the "
+            "samples and in a fresh process; a line that still breaks it is flagged here and in its chart (dotted, "
+            "crosses), and the verdict does not quote it.</p>")
+    if bad.empty:
+        return "<h3 id='plausibility'>Plausibility</h3>" + head + "<p>Every line passes.</p>"
+    items = "".join(f"<li><b>{esc(r['series'])}</b>, {esc(r['class'])} {esc(charts.METHOD_TITLES.get(r['method'], r['method']))}"
+                    f" ({esc(r['device'])}): {esc(r['implausible'])}"
+                    + (f" <span class='muted'>Measured again: {esc(r['remeasured'])}.</span>" if r["remeasured"] else
+                       " <span class='muted'>Not measured again.</span>") + "</li>"
+                    for r in bad.to_dict("records"))
+    return (f"<h3 id='plausibility'>Plausibility</h3>{head}<div class='note'><b>{len(bad)} line(s) break a "
+            f"plausibility rule</b><ul>{items}</ul></div>")
+
+
+def section_verify(data: ReportData) -> str:
+    verify = data.tables.get("verify")
+    if verify is None or verify.empty:
+        return ""
+    low, high = plausibility.VERIFY_RANGE
+    outside = verify[verify["flag"] != ""]
+    shown = verify.assign(suite=[format_value(v, "seconds") for v in verify["suite"]],
+                          plain=[format_value(v, "seconds") for v in verify["plain"]])
+    ratio = lambda c, v, r: (f"<td class='num{' fault' if r['flag'] else ''}'>{v:.3f}</td>"
+                             if c in ("ratio", "paired_ratio") and v == v else None)
+    return (f"<h3 id='verify'>Timings checked against plain timing</h3><p class='muted'><code>mhabench bench "
+            f"--verify</code> timed each point's forward call a second way, in the same process: perf_counter_ns "
+            f"around the call alone (which ends with the adapter's own sync), once after each of the suite's own "
+            f"samples, so both see the same load; the plain figure is the median. The ratio is suite / plain; "
+            f"the paired ratio is the median of each sample over the plain call right after it, which load that "
+            f"changes from second to second does not move. Outside [{low}, {high}] (the paired ratio) is "
+            f"flagged: {len(outside)} of {len(verify)} points. This checks how the suite times "
+            f"the adapter's call (its sampling, asv's statistics, what reaches this page); it does not check the "
+            f"adapter's call against attention written by hand.</p>"
+            + table(shown, ["class", "device", "series", "L", "suite", "plain", "ratio", "paired_ratio", "samples",
+                            "plain_samples", "flag"], cell=ratio, limit=DRILL_DOWN_LIMIT))
+
+
+def section_points(data: ReportData) -> str:
+    """Every forward point with its spread and sample count, and both memory figures where there are two."""
+    attention = data.attention
+    if attention.empty:
+        return ""
+    forward = attention[attention["method"].isin(["time_forward", "track_peakmem_forward"])].copy()
+    if forward.empty:
+        return ""
+    spread = lambda r: (format_value(r["q25"], r["unit"]) + " – " + format_value(r["q75"], r["unit"])
+                        if r["q25"] == r["q25"] else "exact")
+    forward["median"] = [format_value(v, u) for v, u in zip(forward["value"], forward["unit"])]
+    forward["IQR"] = [spread(r) for r in forward.to_dict("records")]
+    forward["samples"] = forward["repeat"]
+    forward["probe"] = [format_value(v, "bytes") if v == v and v is not None else "" for v in forward["probe_bytes"]]
+    forward["charted"] = [{"program": "XLA", "probe": "probe"}.get(c, "") for c in forward["memory_charted"]]
+    forward = forward.assign(_o=forward["class"].map(tables.class_rank)).sort_values(
+        ["_o", "method", "series", "seq_len"])
+    return ("<details><summary>Every forward point: median, spread (IQR) and samples; why sampling stopped; both "
+            "memory figures</summary>" + table(forward, ["class", "method", "series", "seq_len", "median", "IQR",
+                                                         "samples", "stopped", "charted", "probe", "memory_probe"],
+                                               limit=DRILL_DOWN_LIMIT) + "</details>")
 
 
 def section_benchmarks(data: ReportData) -> str:
@@ -503,43 +651,57 @@ def section_benchmarks(data: ReportData) -> str:
     if attention.empty:
         out.append("<p class='muted'>No attention benchmarks in the results.</p>")
     else:
+        flagged = tables.flagged_lines(data.tables["scaling"])
         out.append(section_scaling_summary(data))
+        out.append(section_implausible(data))
+        out.append(section_verify(data))
         devices = list(dict.fromkeys(attention["device"]))
-        classes = list(dict.fromkeys(attention["class"]))
+        classes = sorted(dict.fromkeys(attention["class"]), key=tables.class_rank)
+        out.append("<p class='muted'>The charts: one panel per framework family, each with torch_sdpa as the "
+                   "reference (grey) and the O(L) and O(L²) guides (dashed, dotted); a legend under each panel lists "
+                   "its lines in the order they end at the largest L, each with its fitted exponent. Error bars: "
+                   "each point's interquartile range. Dotted with crosses: a line that breaks a plausibility "
+                   "rule.</p>")
         for klass in classes:
             for device in devices:
-                out.append(figure(charts.scaling_chart(attention, klass, ("time_forward", "time_forward_backward"),
-                                                       device), f"{klass} time against L ({device})",
-                                  tables.chart_id(klass, device, "time")))
-                out.append(figure(charts.scaling_chart(attention, klass, ("track_peakmem_forward",
-                                                                          "track_peakmem_forward_backward"), device),
-                                  f"{klass} peak memory per call against L ({device})",
-                                  tables.chart_id(klass, device, "memory")))
+                for method, what in (("time_forward", "time"), ("time_forward_backward", "time-backward")):
+                    out.append(figure(charts.scaling_chart(attention, klass, method, device, flagged),
+                                      f"{klass}: {charts.METHOD_TITLES[method]} against L ({device})",
+                                      tables.chart_id(klass, device, what)))
+                for method, what in (("track_peakmem_forward", "memory"),
+                                     ("track_peakmem_forward_backward", "memory-backward")):
+                    out.append(figure(charts.scaling_chart(attention, klass, method, device, flagged),
+                                      f"{klass}: {charts.METHOD_TITLES[method]} against L ({device}); hollow "
+                                      f"markers: XLA's figure", tables.chart_id(klass, device, what)))
+        out.append(f"<p class='muted'>{MEMORY_NOTE}</p>")
+        out.append(section_points(data))
         out.append("<h3>Fitted exponents</h3><p class='muted'>Least-squares slope of log(value) on log(L) over "
                    "the three largest lengths of the sweep (L_min to L_max and points: what was measured) at the "
-                   "default head count: 1 is O(L), 2 is O(L²).</p>")
+                   "default head count: 1 is O(L), 2 is O(L²); the residual is how far those points lie from the "
+                   "power law, typically.</p>")
         scaling = data.tables["scaling"].copy()
         if not scaling.empty and scaling["exponent"].isna().all():
-            out.append("<p class='note'>Every sweep here has a single sequence length (the quick profile), so no "
-                       "exponent can be fitted; <code>mhabench bench</code> (default profile) sweeps L.</p>")
+            out.append("<p class='note'>Every sweep here has a single sequence length, so no exponent can be "
+                       "fitted; <code>mhabench bench</code> sweeps L.</p>")
         scaling["value_at_L_max"] = [format_value(v, u) for v, u in zip(scaling["value_at_L_max"], scaling["unit"])]
         out.append(table(scaling, ["class", "method", "device", "series", "kernel", "num_heads", "points", "L_min",
-                                   "L_max", "exponent", "value_at_L_max"]))
+                                   "L_max", "exponent", "fit_residual", "fit", "value_at_L_max", "implausible"]))
         out.append("<h3 id='heads'>Heads sweep</h3>")
         heads = [figure(charts.heads_chart(attention, klass, "time_forward"), f"{klass} time against heads")
                  for klass in classes]
         out.append("".join(heads) or "<p class='muted'>No run with more than one head count.</p>")
-        out.append("<h3 id='gflops'>Throughput</h3>")
+        out.append("<h3 id='gflops'>Fraction of peak</h3><p class='muted'>GFLOP/s (the FLOPs of the call over its "
+                   "time) as a fraction of this machine's float32 GEMM rate, against L.</p>")
         for klass in classes:
             for device in devices:
-                peaks = {tables.peak_label(k, data.peaks): v for k, v in data.peaks.items() if k[1] == str(device)}
-                out.append(figure(charts.gflops_chart(attention, klass, ("track_gflops_forward",
-                                                                         "track_gflops_forward_backward"),
-                                                      device, peaks),
-                                  f"{klass} GFLOP/s against L ({device})", tables.chart_id(klass, device, "gflops")))
+                peaks = {k: v for k, v in data.peaks.items() if k[1] == str(device)}
+                out.append(figure(charts.fraction_chart(attention, klass, "track_gflops_forward", device, peaks,
+                                                        flagged),
+                                  f"{klass}: forward GFLOP/s as a fraction of the GEMM peak against L ({device})",
+                                  tables.chart_id(klass, device, "gflops")))
         peaks = ", ".join(f"{esc(tables.peak_label(k, data.peaks))}: {p:.1f} GFLOP/s"
                           for k, p in data.peaks.items()) or "not measured"
-        out.append(f"<p>Machine GEMM peak (Machine.track_gemm_gflops): {peaks}.</p>")
+        out.append(f"<p>Machine GEMM peak (the best of the measurements next to the benchmarks): {peaks}.</p>")
         fraction = data.tables["peak_fraction"]
         if not fraction.empty and (fraction["fault"] != "").any():
             out.append("<p class='note'>A fraction of the GEMM peak above 100% is a measurement fault, not a "
@@ -565,8 +727,8 @@ def section_comparison(data: ReportData) -> str:
     if comparison is None:
         return ""
     out = [f"<h2 id='comparison'>Comparison: B / A</h2><p>A = <code>{esc(comparison.label_a)}</code>, "
-           f"B = <code>{esc(comparison.label_b)}</code>. A change is flagged past ±{comparison.threshold:.0%} "
-           "unless the asv 99% confidence intervals of A and B overlap (then it is marked insignificant). "
+           f"B = <code>{esc(comparison.label_b)}</code>: {esc(comparison.rule())}. A change past the threshold "
+           "but within the noise is marked 'within noise'; noise is the factor a change had to exceed. "
            "For GFLOP/s higher is better; for time and memory lower is better.</p>"]
     counts = comparison.table["change"].value_counts()
     out.append("<p>" + ", ".join(f"{int(n)} {esc(k)}" for k, n in counts.items()) +
@@ -574,11 +736,11 @@ def section_comparison(data: ReportData) -> str:
     shown = comparison.table.copy()
     shown["a"] = [format_value(v, u) for v, u in zip(shown["a"], shown["unit"])]
     shown["b"] = [format_value(v, u) for v, u in zip(shown["b"], shown["unit"])]
-    out.append(table(shown, ["benchmark", "params", "a", "b", "ratio", "change", "better", "a_ci", "b_ci"],
+    out.append(table(shown, ["benchmark", "params", "a", "b", "ratio", "noise", "change", "better", "a_ci", "b_ci"],
                      limit=DRILL_DOWN_LIMIT,
                      row_class=lambda r: {"regression": "regression", "failed in B": "regression",
                                           "improvement": "improvement", "fixed in B": "improvement",
-                                          "insignificant": "insignificant"}.get(r["change"])))
+                                          "within noise": "insignificant"}.get(r["change"])))
     if not comparison.conformance_changes.empty:
         out.append("<h3>Conformance rows whose status changed</h3>")
         out.append(table(comparison.conformance_changes, limit=DRILL_DOWN_LIMIT))
@@ -625,12 +787,16 @@ def render_html(data: ReportData) -> str:
         sections, nav = [section_environment(data), section_comparison(data)], ["environment", "comparison"]
     else:
         sections = [section_conformance(data), section_drill_down(data), section_agreement(data),
-                    section_machines(data), section_benchmarks(data), section_comparison(data),
-                    section_environment(data)]
-        nav = ["conformance", "drill-down", "agreement", "machines", "scaling"] + \
+                    section_machines(data), section_portability(data), section_benchmarks(data),
+                    section_comparison(data), section_environment(data)]
+        nav = ["conformance", "drill-down", "agreement", "machines", "portability", "scaling"] + \
             (["comparison"] if data.comparison else []) + ["environment"]
         nav = [n for n in nav if f"id='{n}'" in "".join(sections)]
-    verdict_items = "".join(f"<li>{esc(line)}</li>" for line in verdict(data))
+    red = alarms(data)
+    verdict_items = "".join(f"<li class='alarm'>{esc(line)}</li>" for line in red)
+    if not red and data.conformance is not None and not data.comparison_only:
+        verdict_items += "<li class='green'>no fail or error rows, no stale catalogue entries</li>"
+    verdict_items += "".join(f"<li>{esc(line)}</li>" for line in verdict(data))
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -639,7 +805,7 @@ def render_html(data: ReportData) -> str:
         "<h1>mhabench: multi-head attention conformance and benchmarks</h1>"
         f"<p class='muted'>Results: <code>{esc(data.results_dir)}</code> · generated {esc(data.generated)}</p>"
         f"<nav>{''.join(f'<a href=#{n}>{n}</a>' for n in nav)}</nav>"
-        f"<div class='verdict'><b>Verdict</b><ul>{verdict_items}</ul></div>"
+        f"<div class='verdict{' red' if red else ''}'><b>Verdict</b><ul>{verdict_items}</ul></div>"
         + section_problems(data) + "".join(sections) +
         f"</main><script>{SCRIPT}</script></body></html>\n"
     )

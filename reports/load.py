@@ -43,6 +43,8 @@ class Conformance:
     parts: list = field(default_factory=list)  # merged: the Conformance of each directory, in the order given
     notes: list = field(default_factory=list)  # merged: overlapping rows, repeated shards
     missing_shards: list = field(default_factory=list)  # "machine M: shard 2/3 missing ..." per gap
+    portability: dict | None = None  # conform --switches: the verdicts that change under each kernel switch
+    stale: Path | None = None  # a results.json an earlier run left (the latest run did not reach its end)
 
     @property
     def missing(self) -> int | None:
@@ -88,7 +90,10 @@ def _read_json(path: Path):
 # --- conformance --------------------------------------------------------------------------------
 
 def load_conformance(results_dir: Path) -> Conformance | None:
-    """The conformance results under a results directory (through ``mhabench.results``); None if absent."""
+    """The conformance results under a results directory (through ``mhabench.results``); None if absent.
+
+    The rows are read as a stream and held compactly (see :func:`_tidy_conformance`), so a journal of a
+    million rows fits in a few hundred MB."""
     try:
         found = results.read_results(results_dir)
     except ValueError as exc:
@@ -96,23 +101,90 @@ def load_conformance(results_dir: Path) -> Conformance | None:
     if found is None:
         return None
     meta = dict(found.meta)
-    rows = _tidy_conformance([row.to_dict() for row in found.rows])
+    rows = _tidy_conformance(found.batches(records=True))
     rows["results"] = str(Path(results_dir))
     catalogue = {str(entry["id"]): entry for entry in found.catalogue if isinstance(entry, dict) and entry.get("id")}
     plan = found.plan if isinstance(found.plan, dict) else {}
-    return Conformance(meta=meta, rows=rows, catalogue=catalogue, source=found.source, problems=found.problems,
-                       complete=found.complete, planned=plan.get("rows"), plan=plan,
-                       machine=conformance_machine(meta, [], None))
+    return Conformance(meta=meta, rows=rows, catalogue=catalogue, source=found.source or results.Layout(results_dir).rows,
+                       problems=found.problems, complete=found.complete, planned=plan.get("rows"), plan=plan,
+                       machine=conformance_machine(meta, [], None), stale=found.stale, portability=found.portability)
 
 
-def _tidy_conformance(records: list) -> pd.DataFrame:
-    rows = pd.DataFrame.from_records(records, columns=list(results.FIELDS)) if not records else \
-        pd.DataFrame.from_records(records)
-    for column in results.FIELDS:
-        if column not in rows:
-            rows[column] = None
-    for column in results.NUMERIC:
-        rows[column] = pd.to_numeric(rows[column], errors="coerce")
+def _frozen(value):
+    """A hashable stand-in for a value read from JSON, equal for equal values of the same types."""
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("list", tuple(_frozen(v) for v in value))
+    return (type(value).__name__, value)
+
+
+class _Shared:
+    """One object per distinct value across the batches of a load: a million rows repeat a few hundred
+    adapters, cases, statuses and specs, so the table holds references to shared values instead of a
+    million copies of each."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def one(self, value):
+        """The shared copy of a string, dict or list (another value is returned as it is: sharing 1 and
+        True, which hash alike, would change a row)."""
+        if isinstance(value, str):
+            return self.values.setdefault(value, value)
+        if isinstance(value, (dict, list)):
+            return self.values.setdefault(_frozen(value), value)
+        return value
+
+    def column(self, values: pd.Series) -> pd.Series:
+        """``values`` with each string, dict and list replaced by its shared copy; a column of strings is
+        hashed in C."""
+        kind = pd.api.types.infer_dtype(values, skipna=True)
+        if kind in ("string", "empty"):
+            codes, uniques = pd.factorize(values)
+            table = np.array([self.one(v) for v in uniques] + [None], dtype=object)
+            out = table[codes]  # code -1, a missing value, takes the last slot: None
+            return pd.Series(out, index=values.index, dtype=object)
+        if kind == "mixed":  # dicts and lists (a spec, a shape), or strings among other values
+            return pd.Series([self.one(v) for v in values], index=values.index, dtype=object)
+        return values
+
+
+def _blank(name: str, count: int) -> np.ndarray:
+    """``count`` rows of a field that was not written: NaN for a figure, None otherwise."""
+    return np.full(count, np.nan) if name in results.NUMERIC else np.full(count, None, dtype=object)
+
+
+def _tidy_conformance(batches) -> pd.DataFrame:
+    """The rows as a table, from batches of row records (the last row per row_id wins, in the place it was
+    written); every field of the schema present, figures as floats."""
+    shared = _Shared()
+    parts: dict[str, list] = {}  # field -> its arrays, one per batch
+    count = 0
+    for batch in batches:
+        read = pd.DataFrame.from_records(batch)
+        for name in read.columns:  # each field's own array: the parsed copies are let go with the batch
+            column = read[name].astype(object)
+            if name in results.NUMERIC:
+                values = pd.to_numeric(column, errors="coerce").to_numpy(float)
+            elif name == "row_id":  # unique per row: nothing to share
+                values = column.to_numpy(object, copy=True)
+            else:  # a copy: a view would keep the whole batch alive
+                values = shared.column(column).to_numpy(object, copy=True)
+            missing = count - sum(len(p) for p in parts.get(name, []))  # a field earlier batches lacked
+            parts.setdefault(name, []).extend([_blank(name, missing)] if missing else [])
+            parts[name].append(values)
+        count += len(read)
+        del read
+    columns = {}
+    for name in [*results.FIELDS, *(n for n in parts if n not in results.FIELDS)]:
+        arrays = parts.pop(name, [])  # joined one field at a time, each batch's arrays let go as it goes
+        have = sum(len(a) for a in arrays)
+        columns[name] = np.concatenate(arrays + ([_blank(name, count - have)] if count > have else []))
+        del arrays
+    rows = pd.DataFrame(columns)
+    if rows["row_id"].duplicated().any():
+        rows = rows.drop_duplicates("row_id", keep="last")
     rows["divergence"] = rows["divergence"].where(rows["divergence"].notna() & (rows["divergence"] != ""), None)
     return rows.reset_index(drop=True)
 
@@ -143,29 +215,45 @@ def load_benchmarks(path: Path, *, latest_only: bool = True) -> Benchmarks | Non
         if asv_dir is None:
             return None
         files = [p for p in sorted(asv_dir.glob("*/*.json")) if p.name != "machine.json"]
+    problems: list[str] = []
+
+    def read(json_file: Path):
+        """A file of the tree; in a directory, one that is damaged (a full disk, a run killed while asv wrote
+        it) is left out and listed, so the rest is still reported."""
+        try:
+            return _read_json(json_file)
+        except ResultsError as exc:
+            if path.is_file():
+                raise
+            problems.append(f"{exc}: left out (mhabench bench --repair --results {asv_dir.parent} moves it aside)")
+            return None
     benchmarks_meta = {}
     if (asv_dir / "benchmarks.json").is_file():
-        benchmarks_meta = _read_json(asv_dir / "benchmarks.json")
+        benchmarks_meta = read(asv_dir / "benchmarks.json") or {}
     machines, runs, frames = {}, [], []
     for file in files:
         machine_json = file.parent / "machine.json"
-        if machine_json.is_file():
-            machines[file.parent.name] = _read_json(machine_json)
-        data = _read_json(file)
+        if machine_json.is_file() and file.parent.name not in machines:
+            machines[file.parent.name] = read(machine_json)
+        data = read(file)
+        if data is None:
+            continue
         if not isinstance(data, dict) or "results" not in data:
             raise ResultsError(f"{file} is not an asv results file (no 'results')")
         run = _run_info(data, file)
         runs.append(run)
         frames.append(_tidy_asv(data, run, benchmarks_meta, file))
     if not runs:
+        if problems:
+            raise ResultsError(problems[0])
         return None
     runs_frame = pd.DataFrame(runs)
     frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     skips_dir = path if path.is_dir() else asv_dir.parent
-    problems: list[str] = []
     skips = load_skips(skips_dir, problems)
     flops = load_flops(skips_dir, problems)
     frame = with_kernels(with_throughput(frame, flops), flops)
+    frame = with_points(frame, load_points(skips_dir, problems), load_remeasured(skips_dir, problems))
     bench = Benchmarks(results=frame, machines=machines, runs=runs_frame, skips=skips, source=asv_dir,
                        problems=problems, peaks=load_peaks(skips_dir, runs_frame, problems))
     return newest_measurements(bench) if latest_only else bench
@@ -188,17 +276,78 @@ def load_flops(results_dir: Path, problems: list) -> dict:
 
 
 def with_kernels(frame: pd.DataFrame, flops: dict) -> pd.DataFrame:
-    """A ``kernel`` column: the kernel each benchmark case recorded with its FLOPs; for results written before
-    kernels were recorded, the one its adapter's name gives (``legacy_kernel``, as ``Row`` reads old rows)."""
+    """The facts of each benchmark case's kernel, as recorded with its FLOPs: ``kernel`` (for results written
+    before kernels were recorded, the one its adapter's name gives: ``legacy_kernel``, as ``Row`` reads old
+    rows), ``family`` (the framework family its adapter declares) and ``holds_scores`` (whether the kernel holds
+    the [B, H, T, S] scores; None where not recorded)."""
     if frame.empty or "adapter" not in frame:
         return frame
     recorded = {}
     for record in flops.values():
         params = record.get("params") or {}
-        recorded[params.get("adapter")] = record.get("kernel")
+        recorded[params.get("adapter")] = record
     frame = frame.copy()
-    frame["kernel"] = [None if a is None or a != a else recorded.get(a) or results.legacy_kernel(a)
+    known = lambda a: a is not None and a == a
+    frame["kernel"] = [recorded.get(a, {}).get("kernel") or results.legacy_kernel(a) if known(a) else None
                        for a in frame["adapter"]]
+    frame["family"] = [recorded.get(a, {}).get("family") if known(a) else None for a in frame["adapter"]]
+    frame["holds_scores"] = [recorded.get(a, {}).get("holds_scores") if known(a) else None for a in frame["adapter"]]
+    return frame
+
+
+POINT_COLUMNS = {"stopped": "stopped", "charted": "memory_charted", "program_bytes": "program_bytes",
+                 "probe_median": "probe_bytes", "probe": "memory_probe", "program_source": "memory_program"}
+
+
+def _point_key(benchmark: str, params: dict) -> tuple:
+    return (results.quantity(benchmark.rpartition(".")[2]), benchmark.split(".")[-2] if "." in benchmark else "",
+            *(params.get(k) for k in BENCH_PARAMS))
+
+
+def load_points(results_dir: Path, problems: list) -> dict:
+    """bench/points.jsonl: the newest line of each measured point, keyed like a results row."""
+    path = results.Layout(results_dir).points
+    if not path.is_file():
+        return {}
+    check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "quantity"} <= set(r) and \
+        isinstance(r["params"], dict) else "needs benchmark, params and quantity"
+    records, bad = results.read_jsonl(path, check)
+    problems.extend(bad)
+    return {_point_key(r["benchmark"], r["params"]): r for r in records}
+
+
+def load_remeasured(results_dir: Path, problems: list) -> dict:
+    """bench/remeasured.jsonl: the newest re-measurement of each point, keyed like a results row."""
+    path = results.Layout(results_dir).remeasured
+    if not path.is_file():
+        return {}
+    check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "rule", "before"} <= set(r) and \
+        isinstance(r["params"], dict) else "needs benchmark, params, rule and before"
+    records, bad = results.read_jsonl(path, check)
+    problems.extend(bad)
+    return {_point_key(r["benchmark"], r["params"]): r for r in records}
+
+
+def with_points(frame: pd.DataFrame, points: dict, remeasured: dict) -> pd.DataFrame:
+    """What the suite recorded of each point beside asv's figures: why its sampling stopped, both memory figures
+    and which one is the result, the plain timing's median (``--verify``) and, for a point measured again
+    because its line broke a plausibility rule, the rule and the value before."""
+    columns = [*POINT_COLUMNS.values(), "verify_median", "verify_samples", "verify_paired_ratio", "remeasured_rule",
+               "remeasured_before"]
+    frame = frame.copy()
+    for column in columns:
+        frame[column] = None
+    if frame.empty or "adapter" not in frame or not (points or remeasured):
+        return frame
+    keys = [(m, c, *(r.get(k) for k in BENCH_PARAMS)) for m, c, r in
+            zip(frame["method"], frame["class"], frame[list(BENCH_PARAMS)].to_dict("records"))]
+    for column, source in (("verify_median", "median"), ("verify_samples", "samples"),
+                           ("verify_paired_ratio", "paired_ratio")):
+        frame[column] = [((points.get(k) or {}).get("verify") or {}).get(source) for k in keys]
+    for field_name, column in POINT_COLUMNS.items():
+        frame[column] = [(points.get(k) or {}).get(field_name) for k in keys]
+    frame["remeasured_rule"] = [(remeasured.get(k) or {}).get("rule") for k in keys]
+    frame["remeasured_before"] = [(remeasured.get(k) or {}).get("before") for k in keys]
     return frame
 
 
@@ -301,6 +450,7 @@ def _tidy_asv(data: dict, run: dict, benchmarks_meta: dict, file: Path) -> pd.Da
         repeat, number, samples = column("stats_repeat"), column("stats_number"), column("samples")
         klass, _, method = name.rpartition(".")
         klass = klass.rpartition(".")[2] if "." in klass else klass
+        method = results.quantity(method)  # the suite's sampled time and asv's own timing are one quantity
         for j, combo in enumerate(combos):
             record = {
                 "benchmark": name, "class": klass or name, "method": method,
@@ -400,7 +550,13 @@ def _load_one(results_dir: Path, override: str | None):
     if not results_dir.is_dir():
         raise ResultsError(f"{results_dir} is not a directory")
     conformance = load_conformance(results_dir)
-    benchmarks = load_benchmarks(results_dir)
+    try:
+        benchmarks = load_benchmarks(results_dir)
+    except ResultsError as exc:  # no asv results file could be read: the conformance half is still reported
+        if conformance is None:
+            raise
+        conformance.problems.append(str(exc))
+        benchmarks = None
     if conformance is None and benchmarks is None:
         raise ResultsError(f"no conformance or benchmark results in {results_dir} "
                            "(expected conformance/results.json or asv/<machine>/*.json)")

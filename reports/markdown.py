@@ -8,7 +8,7 @@ import re
 import pandas as pd
 
 from . import tables
-from .collect import ReportData, verdict
+from .collect import ReportData, alarms, verdict
 from .units import format_value
 from mhabench.results import STATUSES
 
@@ -133,13 +133,30 @@ def _agreement(data: ReportData) -> list[str]:
 
 
 def _machines(data: ReportData) -> list[str]:
-    matrix = data.tables["machines"]
+    matrix, facts = data.tables["machines"], data.tables.get("machine_facts")
+    out = []
+    if facts is not None and not facts.empty:
+        out += ["### What chose the kernels", "", md_table(facts, list(facts.columns)),
+                md_table(data.tables["kernel_facts"], ["machine", "adapter", "facts", "rows"])]
     if len(matrix[["machine", "device"]].drop_duplicates()) < 2:
-        return []
+        return ["## Machines", "", *out] if out else []
     cross = data.tables["cross_machine"]
-    return ["## Machines", "", f"### The same adapter and case, a different verdict per machine ({len(cross)})", "",
-            md_table(cross, list(cross.columns), limit=SUMMARY_LIMIT), "### Per machine × device", "",
+    return ["## Machines", "", *out, f"### The same adapter and case, a different verdict per machine ({len(cross)})",
+            "", md_table(cross, list(cross.columns), limit=SUMMARY_LIMIT), "### Per machine × device", "",
             md_table(matrix, list(matrix.columns))]
+
+
+def _portability(data: ReportData) -> list[str]:
+    settings, changes = data.tables.get("portability"), data.tables.get("portability_changes")
+    if settings is None or settings.empty:
+        return []
+    return ["## Portability: verdicts that depend on the machine", "",
+            "Each kernel switch setting run on this machine (`mhabench conform --switches`): rows whose verdict "
+            "differs from the machine's own choice.", "",
+            md_table(settings, ["machine", "switch", "setting", "rows", "changed", "fail", "error", "stale",
+                                "changed_by_adapter"]),
+            md_table(changes, ["machine", "switch", "setting", "row_id", "own_choice", "switched", "facts"],
+                     limit=SUMMARY_LIMIT)]
 
 
 def _scaling(data: ReportData) -> list[str]:
@@ -151,13 +168,17 @@ def _scaling(data: ReportData) -> list[str]:
             md_table(winners.assign(time=[format_value(v, "seconds") for v in winners["time"]],
                                     memory=[format_value(v, "bytes") for v in winners["memory"]]),
                      ["class", "device", "L", "fastest", "time", "leanest", "memory"]),
-            md_table(shown, ["class", "device", "series", "kernel", "time_exponent", "memory_exponent",
-                             "fraction_of_peak_at_L_max"],
+            md_table(shown, ["class", "device", "series", "kernel", "time_exponent", "time_fit", "memory_exponent",
+                             "memory_fit", "fraction_of_peak_at_L_max", "implausible"],
                      {"time_exponent": exponent, "memory_exponent": exponent})]
 
 
 def render_markdown(data: ReportData) -> str:
     out = ["# mhabench summary", "", f"Results: `{md(data.results_dir)}`, generated {md(data.generated)}", ""]
+    red = alarms(data)
+    out += [f"- **RED: {md(line)}**" for line in red]
+    if not red and data.conformance is not None and not data.comparison_only:
+        out.append("- **green: no fail or error rows, no stale catalogue entries**")
     out += [f"- {md(line)}" for line in verdict(data)] + [""]
     if data.problems:
         out += ["## Unreadable lines", ""] + [f"- `{md_code(p)}`" for p in data.problems] + [""]
@@ -175,7 +196,7 @@ def render_markdown(data: ReportData) -> str:
                 "### Adapter × area (pass/total)", "", _matrix(data.tables["conformance_matrix"]),
                 *_kernels(data),
                 "## What did not pass", ""]
-        out += _failures(data) + _divergences(data) + _agreement(data) + _machines(data)
+        out += _failures(data) + _divergences(data) + _agreement(data) + _machines(data) + _portability(data)
     else:
         out += ["## Conformance", "", "No conformance results.", ""]
     if data.benchmarks is not None and not data.attention.empty:
@@ -200,9 +221,11 @@ def render_markdown(data: ReportData) -> str:
         comparison = data.comparison
         flagged = comparison.table[comparison.table["change"].isin(["regression", "failed in B", "improvement",
                                                                    "fixed in B"])]
-        out += [f"## Comparison B/A (threshold ±{comparison.threshold:.0%}, CI-aware)", "",
+        out += [f"## Comparison B/A (threshold ±{comparison.threshold:.0%} and the runs' noise)", "",
                 f"A = `{md(comparison.label_a)}`, B = `{md(comparison.label_b)}`: "
-                f"{len(comparison.regressions)} regressions, {len(comparison.improvements)} improvements.", "",
-                md_table(flagged, ["change", "benchmark", "params", "ratio"],
-                         {"ratio": lambda v: f"{v:.2f}" if math.isfinite(v) else "n/a"}, limit=SUMMARY_LIMIT)]
+                f"{len(comparison.regressions)} regressions, {len(comparison.improvements)} improvements; "
+                f"{md(comparison.rule())}.", "",
+                md_table(flagged, ["change", "benchmark", "params", "ratio", "noise"],
+                         {"ratio": lambda v: f"{v:.2f}" if math.isfinite(v) else "n/a",
+                          "noise": lambda v: f"{v:.2f}" if math.isfinite(v) else ""}, limit=SUMMARY_LIMIT)]
     return "\n".join(out).rstrip() + "\n"

@@ -10,10 +10,11 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from mhabench import results
+from mhabench import plausibility, results
 from mhabench.results import AREAS, PROBLEM_STATUSES, STATUSES
 
 from .load import Benchmarks, Conformance
+from .units import format_value
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -73,8 +74,9 @@ def conformance_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     columns = ["adapter", "area", *STATUSES, "total", "worst_error_ratio", "kernel"]
     if rows.empty:
         return pd.DataFrame(columns=columns)
-    records = rows[["adapter", "area", "status", "error_ratio", "tolerance_source"]].to_dict("records")
-    summary = results.summarise(records)
+    fields = ["adapter", "area", "status", "error_ratio", "tolerance_source"]
+    # one record at a time: the same summary as the terminal's, without a million dicts at once
+    summary = results.summarise(dict(zip(fields, values)) for values in zip(*(rows[f] for f in fields)))
     kernels = _kernels(rows)
     order = {area: i for i, area in enumerate(AREAS)}
     out = []
@@ -102,6 +104,9 @@ def _kernels(rows: pd.DataFrame) -> dict:
     return dict(zip(rows["adapter"], rows["kernel"]))
 
 
+FEATURE_ORDER = ("classic", "gqa", "causal_bottom_right", "window", "bias", "lengths")
+
+
 def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     """Framework x kernel x modern feature: the status counts of the rows that use the feature, one row per
     (adapter, kernel, feature); ``classic`` for the rows that use none. How each kernel agrees, feature by feature."""
@@ -109,20 +114,35 @@ def kernel_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return pd.DataFrame(columns=columns)
     kernels = _kernels(rows)
-    feature_of = lambda r: [name for name, on in (
-        ("gqa", _gqa(r.get("spec"))), ("causal_bottom_right", r.get("causal") == "bottom_right"),
-        ("window", _given(r.get("window"))), ("bias", _given(r.get("bias"))),
-        ("lengths", _given(r.get("lengths")))) if on] or ["classic"]
-    counts: dict = {}
-    for record in rows[rows["quantity"] != "raises"].to_dict("records"):
-        for feature in feature_of(record):
-            cell = counts.setdefault((record["adapter"], feature), Counter())
-            cell[record["status"]] += 1
-    order = ["classic", "gqa", "causal_bottom_right", "window", "bias", "lengths"]
+    part = rows.loc[rows["quantity"] != "raises", ["adapter", "status", "spec", "causal", "window", "bias", "lengths"]]
+    uses = {"gqa": once_per_value(part["spec"], _gqa),
+            "causal_bottom_right": once_per_value(part["causal"], lambda c: c == "bottom_right"),
+            **{name: once_per_value(part[name], _given) for name in ("window", "bias", "lengths")}}
+    uses = {"classic": ~np.logical_or.reduce(list(uses.values())), **uses}
+    counted = []
+    for feature, used in uses.items():
+        counts = part.loc[used].groupby(["adapter", "status"]).size()
+        counted += [(adapter, feature, status, int(n)) for (adapter, status), n in counts.items() if n]
+    cells: dict = {}
+    for adapter, feature, status, n in counted:
+        cells.setdefault((adapter, feature), {})[status] = n
     out = [{"adapter": adapter, "kernel": kernels.get(adapter), "feature": feature,
             **{s: cell.get(s, 0) for s in STATUSES}, "total": sum(cell.values())}
-           for (adapter, feature), cell in sorted(counts.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])))]
+           for (adapter, feature), cell in sorted(cells.items(),
+                                                  key=lambda kv: (kv[0][0], FEATURE_ORDER.index(kv[0][1])))]
     return pd.DataFrame(out, columns=columns)
+
+
+def once_per_value(values: pd.Series, test) -> np.ndarray:
+    """``test`` of each value, as a boolean array, asked once per distinct object: the loaded rows share
+    one object per distinct spec, window, bias or lengths (``load``), so a million rows ask a few hundred
+    times."""
+    objects = values.to_numpy(object)
+    codes, uniques = pd.factorize(np.fromiter(map(id, objects), dtype=np.uint64, count=len(objects)))
+    first = np.empty(len(uniques), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # where each object is first met
+    answers = np.array([bool(test(objects[i])) for i in first], dtype=bool)
+    return answers[codes] if len(codes) else np.zeros(0, dtype=bool)
 
 
 def _given(value) -> bool:
@@ -296,7 +316,10 @@ def _explain(div_id, catalogue: dict) -> str:
     return str(entry.get("how") or div_id)
 
 
-def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame:
+AGREEMENT_CHUNK_ROWS = 50_000  # rows whose pairs are formed at once: bounds the memory of a million-row report
+
+
+def agreement(rows: pd.DataFrame, catalogue: dict | None = None, chunk_rows: int = AGREEMENT_CHUNK_ROWS) -> pd.DataFrame:
     """Adapter x adapter: how far apart two adapters' outputs can be, from their rows alone.
 
     A row holds e = max|impl - golden| over the finite elements, not the output, so for adapters a and b
@@ -305,6 +328,11 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
     may have; both rows share it), maximised over every computation both judged against the golden.
     Upper <= 1: they agree within the tolerance; lower > 1: they certainly differ. Divergence rows are
     measured against the catalogued behaviour, not the golden, so they are named instead of bounded.
+
+    The pairs of rows are formed for a chunk of computations at a time (about ``chunk_rows`` rows) and
+    folded into running totals, so memory stays bounded however many rows and adapters there are. The
+    result does not depend on the chunking: the worst pair, and the order of the divergences named, are
+    decided by the pairs' places in the rows (row a's, then row b's), as one merge of every row gives them.
     """
     columns = ["adapter_a", "adapter_b", "compared", "cases", "dtypes", "upper_tol", "lower_tol", "upper_abs",
                "worst_case", "worst_dtype", "worst_quantity", "worst_machine", "worst_device", "worst_row_a",
@@ -313,48 +341,119 @@ def agreement(rows: pd.DataFrame, catalogue: dict | None = None) -> pd.DataFrame
         return pd.DataFrame(columns=columns)
     catalogue = catalogue or {}
     key = pair_key(rows)
-    fields = ["adapter", "row_id", "status", "max_abs_err", "tolerance", "divergence"]
-    ran = rows[rows["status"].isin(STATUSES) & (rows["quantity"] != "raises")][key + fields]
-    pairs = ran.merge(ran, on=key, suffixes=("_a", "_b"))
-    pairs = pairs[pairs["adapter_a"] < pairs["adapter_b"]].reset_index(drop=True)
-    if pairs.empty:
+    considered = np.flatnonzero((rows["status"].isin(STATUSES) & (rows["quantity"] != "raises")).to_numpy())
+    computation = np.zeros(len(considered), dtype=np.int64)
+    for name in key:  # one code per computation, column by column (kept below the row count, never overflowing)
+        codes, uniques = pd.factorize(rows[name].to_numpy(object)[considered], use_na_sentinel=False)
+        computation = pd.factorize(computation * len(uniques) + codes)[0]
+    order = np.argsort(computation, kind="stable")  # each computation's rows together, in their order
+    at, computation = considered[order], computation[order]  # at: the rows, as positions in ``rows``
+
+    def field(name: str, chosen) -> np.ndarray:
+        return rows[name].to_numpy(object)[at[chosen]] if name in rows else np.full(len(chosen), None, object)
+    adapter, names = pd.factorize(rows["adapter"].to_numpy(object)[at], sort=True)  # codes in name order
+    status = rows["status"].to_numpy(object)[at]
+    facts = {"adapter": adapter, "position": order.astype(np.int64), "computation": computation,
+             "judged": np.isin(status, JUDGED), "divergence": status == "divergence", "fail": status == "fail",
+             "error": rows["max_abs_err"].to_numpy(float)[at], "tolerance": rows["tolerance"].to_numpy(float)[at],
+             "divergence_id": pd.factorize(rows["divergence"].to_numpy(object)[at], use_na_sentinel=True)[0]}
+    for name in ("case", "dtype"):  # what each pair judged, counted as codes
+        facts[name], facts[f"{name}s"] = pd.factorize(field(name, np.arange(len(at))), use_na_sentinel=False)
+    ends = np.flatnonzero(np.diff(computation)) + 1  # where one computation's rows end
+    starts = [0]
+    for end in ends:
+        if end - starts[-1] >= chunk_rows:
+            starts.append(int(end))
+    starts.append(len(at))
+    folded = [_agreement_pairs(facts, lo, hi, len(names)) for lo, hi in zip(starts[:-1], starts[1:])]
+    folded = [f for f in folded if f is not None]
+    if not folded:
         return pd.DataFrame(columns=columns)
-    ea, eb, ta, tb = (pairs[c] for c in ("max_abs_err_a", "max_abs_err_b", "tolerance_a", "tolerance_b"))
-    judged = pairs["status_a"].isin(JUDGED) & pairs["status_b"].isin(JUDGED) & np.isfinite(ea) & np.isfinite(eb) \
-        & (ta > 0) & (tb > 0)
-    # conservative both ways should the two rows' tolerances ever differ: the smaller for the upper bound
-    pairs["_upper_abs"] = (ea + eb).where(judged)
-    pairs["_upper"] = pairs["_upper_abs"] / np.minimum(ta, tb)
-    pairs["_lower"] = ((ea - eb).abs() / np.maximum(ta, tb)).where(judged)
-    pairs["_fail"] = judged & ((pairs["status_a"] == "fail") | (pairs["status_b"] == "fail"))
-    ran_both = pairs["status_a"].isin([*JUDGED, "divergence"]) & pairs["status_b"].isin([*JUDGED, "divergence"])
-    divergent = ran_both & ((pairs["status_a"] == "divergence") | (pairs["status_b"] == "divergence"))
-    pairs["_not_compared"] = ~ran_both
-    pairs["_divergent"] = divergent
-    pairs["_case"] = pairs["case"].where(judged)
-    pairs["_dtype"] = pairs["dtype"].where(judged)
-    texts = {}
-    shown = pairs[divergent]
-    explained = Counter((a, b, f"{_explain(x, catalogue)} vs {_explain(y, catalogue)}") for a, b, x, y in
-                        zip(shown["adapter_a"], shown["adapter_b"], shown["divergence_a"], shown["divergence_b"]))
-    for (a, b, text), count in explained.most_common():
-        texts[(a, b)] = (texts[(a, b)] + "; " if (a, b) in texts else "") + f"{text} ({count})"
-    summary = pairs.groupby(["adapter_a", "adapter_b"]).agg(
-        compared=("_upper", "count"), cases=("_case", "nunique"), dtypes=("_dtype", join_values),
-        upper_tol=("_upper", "max"), lower_tol=("_lower", "max"), upper_abs=("_upper_abs", "max"),
-        fails=("_fail", "sum"), not_compared=("_not_compared", "sum"), divergent=("_divergent", "sum"),
-        worst=("_upper", lambda u: u.idxmax() if u.notna().any() else -1))
-    out = []
+    totals, worst, judged, named = (pd.concat(parts, ignore_index=True) for parts in zip(*folded))
+    summary = totals.groupby("pair").agg(
+        compared=("compared", "sum"), upper_tol=("upper_tol", "max"), lower_tol=("lower_tol", "max"),
+        upper_abs=("upper_abs", "max"), fails=("fails", "sum"), not_compared=("not_compared", "sum"),
+        divergent=("divergent", "sum"))
+    judged = judged.drop_duplicates()
+    cases = judged[judged["what"] == "case"].groupby("pair")["code"].nunique()
+    dtypes = judged[judged["what"] == "dtype"].groupby("pair")["code"].agg(
+        lambda codes: join_values(facts["dtypes"][codes]))
+    worst = worst.sort_values(["upper", "order"], ascending=[False, True], kind="stable").drop_duplicates("pair") \
+        .set_index("pair")
+    named["text"] = [f"{_explain(x, catalogue)} vs {_explain(y, catalogue)}"
+                     for x, y in zip(field("divergence", named["first_a"].to_numpy()),
+                                     field("divergence", named["first_b"].to_numpy()))]
+    named = named.groupby(["pair", "text"], sort=False).agg(count=("count", "sum"), order=("order", "min")) \
+        .sort_values(["count", "order"], ascending=[False, True], kind="stable").reset_index()
+    texts = named.groupby("pair", sort=False).apply(
+        lambda group: "; ".join(f"{t} ({int(c)})" for t, c in zip(group["text"], group["count"])))
     kernels = _kernels(rows)
-    for (a, b), record in summary.iterrows():
-        worst = pairs.loc[record["worst"]] if record["worst"] >= 0 else {}
+    out = []
+    for pair, record in summary.iterrows():
+        a, b = names[pair // len(names)], names[pair % len(names)]
+        found = {}
+        if pair in worst.index:
+            row_a, row_b = int(worst.at[pair, "row_a"]), int(worst.at[pair, "row_b"])
+            found = {f"worst_{k}": field(k, [row_a])[0] if k in key else None
+                     for k in ("case", "dtype", "quantity", "machine", "device")}
+            found.update(worst_row_a=field("row_id", [row_a])[0], worst_row_b=field("row_id", [row_b])[0])
         out.append({"adapter_a": a, "kernel_a": kernels.get(a), "adapter_b": b, "kernel_b": kernels.get(b),
-                    **record.drop("worst").to_dict(),
-                    **{k: int(record[k]) for k in ("compared", "fails", "not_compared", "divergent")},
-                    "divergences": texts.get((a, b), ""),
-                    **{f"worst_{k}": worst.get(k) for k in ("case", "dtype", "quantity", "machine", "device")},
-                    "worst_row_a": worst.get("row_id_a"), "worst_row_b": worst.get("row_id_b")})
+                    "compared": int(record["compared"]), "cases": int(cases.get(pair, 0)),
+                    "dtypes": dtypes.get(pair, ""), "upper_tol": record["upper_tol"],
+                    "lower_tol": record["lower_tol"], "upper_abs": record["upper_abs"],
+                    **{k: int(record[k]) for k in ("fails", "not_compared", "divergent")},
+                    "divergences": texts.get(pair, ""), **found})
     return pd.DataFrame(out, columns=columns)
+
+
+def _agreement_pairs(facts: dict, lo: int, hi: int, adapters: int):
+    """The pairs of rows lo:hi (whole computations) folded: (totals per adapter pair; the worst judged pair
+    of each; the cases and dtypes each judged, as codes; the divergences met, per adapter pair and pair of divergence ids, with
+    how often and first where). An adapter pair is ``a * adapters + b`` (codes in name order, a < b)."""
+    side = pd.DataFrame({"computation": facts["computation"][lo:hi], "row": np.arange(lo, hi)})
+    both = side.merge(side, on="computation", suffixes=("_a", "_b"))
+    a, b = both["row_a"].to_numpy(), both["row_b"].to_numpy()
+    keep = facts["adapter"][a] < facts["adapter"][b]
+    a, b = a[keep], b[keep]
+    if not len(a):
+        return None
+    judged_a, judged_b = facts["judged"][a], facts["judged"][b]
+    ea, eb, ta, tb = facts["error"][a], facts["error"][b], facts["tolerance"][a], facts["tolerance"][b]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        judged = judged_a & judged_b & np.isfinite(ea) & np.isfinite(eb) & (ta > 0) & (tb > 0)
+        upper_abs = np.where(judged, ea + eb, np.nan)
+        upper = upper_abs / np.minimum(ta, tb)  # conservative both ways, should two tolerances ever differ
+        lower = np.where(judged, np.abs(ea - eb) / np.maximum(ta, tb), np.nan)
+    diverges_a, diverges_b = facts["divergence"][a], facts["divergence"][b]
+    ran_both = (judged_a | diverges_a) & (judged_b | diverges_b)
+    divergent = ran_both & (diverges_a | diverges_b)
+    pair = facts["adapter"][a] * adapters + facts["adapter"][b]
+    place = facts["position"][a] * len(facts["position"]) + facts["position"][b]
+    folded = pd.DataFrame({"pair": pair, "upper": upper, "lower": lower, "upper_abs": upper_abs,
+                           "fail": judged & (facts["fail"][a] | facts["fail"][b]), "not_compared": ~ran_both,
+                           "divergent": divergent})
+    totals = folded.groupby("pair").agg(
+        compared=("upper", "count"), upper_tol=("upper", "max"), lower_tol=("lower", "max"),
+        upper_abs=("upper_abs", "max"), fails=("fail", "sum"), not_compared=("not_compared", "sum"),
+        divergent=("divergent", "sum")).reset_index()
+    worst = pd.DataFrame({"pair": pair[judged], "upper": upper[judged], "order": place[judged], "row_a": a[judged],
+                          "row_b": b[judged]}) \
+        .sort_values(["upper", "order"], ascending=[False, True], kind="stable").drop_duplicates("pair")
+    judged_rows = pd.concat([pd.DataFrame({"pair": pair[judged], "what": name, "code": facts[name][a[judged]]})
+                             .drop_duplicates() for name in ("case", "dtype")], ignore_index=True)
+    met = pd.DataFrame({"pair": pair[divergent], "order": place[divergent], "row_a": a[divergent],
+                        "row_b": b[divergent]})
+    return totals, worst, judged_rows, _divergences_met(met, facts)
+
+
+def _divergences_met(met: pd.DataFrame, facts: dict) -> pd.DataFrame:
+    """Per adapter pair and pair of divergence ids: how many pairs met it, the first place, and one pair of
+    rows that carries the ids (their text is made once per group)."""
+    ids = facts["divergence_id"]
+    met = met.assign(id_a=ids[met["row_a"].to_numpy()], id_b=ids[met["row_b"].to_numpy()])
+    return met.groupby(["pair", "id_a", "id_b"], sort=False).agg(
+        count=("order", "size"), order=("order", "min"), first_a=("row_a", "first"),
+        first_b=("row_b", "first")).reset_index()
 
 
 # --- machines -------------------------------------------------------------------------------------
@@ -370,42 +469,140 @@ def machine_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index()[columns]
 
 
-def cross_machine(rows: pd.DataFrame) -> pd.DataFrame:
+def cross_machine(rows: pd.DataFrame, machine_facts: dict | None = None) -> pd.DataFrame:
     """Rows of the same adapter on the same case, dtype and quantity whose verdict differs between machines
-    (or devices): one line each, the outcome per machine / device side by side."""
+    (or devices): one line each, the outcome per machine / device side by side, and ``differs``: the facts that
+    chose the kernels (the rows' own, then the machines', ``machine_facts`` {machine: meta machine_facts}) whose
+    values differ between them, the likely reason."""
     key = ["row_id", "adapter", "case", "dtype", "quantity", *(["path"] if "path" in rows else [])]
     if rows.empty or rows.groupby(["machine", rows["device"].fillna("")]).ngroups < 2:
-        return pd.DataFrame(columns=key)
+        return pd.DataFrame(columns=[*key, "differs"])
     rows = rows.assign(**{k: rows[k].fillna("") for k in key if k == "path"})  # pivot_table drops NaN keys
     where = rows["machine"].astype(str) + " / " + rows["device"].fillna("").astype(str)
     outcome = rows["status"] + rows["divergence"].map(lambda d: f" ({d})" if isinstance(d, str) else "")
-    wide = rows.assign(_where=where, _outcome=outcome).pivot_table(index=key, columns="_where", values="_outcome",
-                                                                  aggfunc="last")
+    rows = rows.assign(_where=where, _outcome=outcome)
+    wide = rows.pivot_table(index=key, columns="_where", values="_outcome", aggfunc="last")
     differs = wide.apply(lambda r: r.dropna().nunique() > 1, axis=1)
-    wide = wide[differs].fillna("(not run)")
-    return wide.reset_index().rename_axis(columns=None)
+    wide = wide[differs].fillna("(not run)").reset_index().rename_axis(columns=None)
+    if wide.empty:
+        return wide.assign(differs=[])
+    facts = {}
+    for record in rows[rows["row_id"].isin(set(wide["row_id"]))].to_dict("records"):
+        place = record["_where"]
+        machine = (machine_facts or {}).get(record["machine"]) or {}
+        facts.setdefault(record["row_id"], {})[place] = {**flat_machine_facts(machine), **_facts(record.get("facts"))}
+    wide["differs"] = [fact_differences(facts.get(r, {})) for r in wide["row_id"]]
+    return wide
+
+
+def _facts(value) -> dict:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def flat_machine_facts(facts: dict) -> dict:
+    """A run's machine facts as flat name -> value (the kernel variables one by one, as ``env NAME``)."""
+    out = {k: v for k, v in (facts or {}).items() if k != "environment"}
+    if isinstance(out.get("isa"), list):
+        out["isa"] = frozenset(out["isa"])
+    out.update({f"env {k}": v for k, v in ((facts or {}).get("environment") or {}).items()})
+    return out
+
+
+def fact_differences(by_place: dict[str, dict]) -> str:
+    """The facts whose values differ between places, named: "tf_onednn: a true, b false"; an ISA set as what
+    each place lacks; "" when none differ (or only one place recorded facts)."""
+    if len(by_place) < 2:
+        return ""
+    names = sorted(set().union(*by_place.values()), key=lambda n: (n != "tf_onednn", n.startswith("env "), n))
+    out = []
+    for name in names:
+        values = {place: facts.get(name) for place, facts in by_place.items()}
+        if len({repr(sorted(v) if isinstance(v, frozenset) else v) for v in values.values()}) < 2:
+            continue
+        if all(isinstance(v, frozenset) for v in values.values()):
+            union = frozenset().union(*values.values())
+            out.append(f"{name}: " + "; ".join(f"{p} lacks {' '.join(sorted(union - v))}" for p, v in values.items()
+                                               if union - v))
+        else:
+            unset = "unset" if name.isupper() or name.startswith("env ") else "not recorded"
+            out.append(f"{name}: " + ", ".join(f"{p} {unset if v is None else _fact_value(v)}"
+                                               for p, v in values.items()))
+    return "; ".join(out)
+
+
+def facts_text(facts) -> str:
+    """A row's facts as "name=value, ..." (booleans in lower case)."""
+    return ", ".join(f"{k}={_fact_value(v)}" for k, v in sorted(_facts(facts).items()))
+
+
+def _fact_value(value) -> str:
+    return "not recorded" if value is None else str(value).lower() if isinstance(value, bool) else _text(value)
+
+
+def machine_facts_table(conformance: Conformance | None) -> pd.DataFrame:
+    """Per machine, the facts its run recorded that choose kernels: CPU, ISA set, vector width, numpy's BLAS,
+    threads, the kernel variables set and the kernel switches forced."""
+    columns = ["machine", "cpu_model", "isa", "vector_bits", "numpy_blas", "cpu_threads", "environment", "switches"]
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    out = []
+    for part in parts:
+        facts = part.meta.get("machine_facts") or {}
+        if not facts:
+            continue
+        out.append({"machine": part.machine, "cpu_model": facts.get("cpu_model"), "isa": " ".join(facts.get("isa") or []),
+                    "vector_bits": facts.get("vector_bits"), "numpy_blas": facts.get("numpy_blas"),
+                    "cpu_threads": facts.get("cpu_threads"),
+                    "environment": ", ".join(f"{k}={v}" for k, v in (facts.get("environment") or {}).items()),
+                    "switches": ", ".join(f"{k}={v}" for k, v in (part.meta.get("switches") or {}).items())})
+    return pd.DataFrame(out, columns=columns).drop_duplicates().reset_index(drop=True)
+
+
+def machine_facts_map(conformance: Conformance | None) -> dict:
+    """{machine: the machine facts its run recorded}."""
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    return {part.machine: part.meta.get("machine_facts") or {} for part in parts}
+
+
+def kernel_facts(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per machine and adapter, the kernel facts its rows were computed under (one line per distinct set)."""
+    columns = ["machine", "adapter", "facts", "rows"]
+    if rows.empty or "facts" not in rows:
+        return pd.DataFrame(columns=columns)
+    text = rows["facts"].map(facts_text)
+    found = rows.assign(facts=text)[text != ""]
+    if found.empty:
+        return pd.DataFrame(columns=columns)
+    return found.groupby(["machine", "adapter", "facts"]).size().rename("rows").reset_index()[columns]
+
+
+def portability(conformance: Conformance | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per machine and switch setting: rows, changed, fail, error, stale; every row whose verdict changed) from
+    the portability tables ``conform --switches`` wrote."""
+    settings_columns = ["machine", "switch", "setting", "variable", "value", "adapters", "rows", "changed", "fail",
+                        "error", "stale", "changed_by_adapter", "warnings"]
+    change_columns = ["machine", "switch", "setting", "adapter", "row_id", "area", "dtype", "quantity", "own_choice",
+                      "switched", "facts"]
+    parts = (conformance.parts or [conformance]) if conformance is not None else []
+    settings, changes = [], []
+    for part in parts:
+        table = part.portability or {}
+        found = table.get("changes") or []
+        for s in table.get("settings") or []:
+            per = Counter(c.get("adapter") for c in found if (c.get("switch"), c.get("setting")) ==
+                          (s.get("switch"), s.get("setting")))
+            settings.append({**{k: s.get(k) for k in settings_columns}, "machine": part.machine,
+                             "adapters": ", ".join(s.get("adapters") or []), "stale": ", ".join(s.get("stale") or []),
+                             "changed_by_adapter": ", ".join(f"{a} {n}" for a, n in sorted(per.items())),
+                             "warnings": "; ".join(s.get("warnings") or [])})
+        changes += [{**{k: c.get(k) for k in change_columns}, "machine": part.machine} for c in found]
+    return pd.DataFrame(settings, columns=settings_columns), pd.DataFrame(changes, columns=change_columns)
 
 
 # --- benchmarks ---------------------------------------------------------------------------------
 
-FIT_POINTS = 3  # the exponent is fitted over this many of the largest lengths measured
-
-
-def fit_exponent(lengths, values, points: int = FIT_POINTS) -> float:
-    """Least-squares slope of log(value) on log(length) over the ``points`` largest lengths: 1 for O(L), 2 for
-    O(L^2). The largest lengths only, because that is where the growth shows: at small L the per-call overhead
-    and the projections (O(L)) dominate and pull a quadratic kernel's slope down (torch_sdpa's forward on this
-    suite's 2-core CPU: 1.31 over 128-4096, 1.67 over 1024-4096)."""
-    x = np.asarray(lengths, dtype=float)
-    y = np.asarray(values, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
-    x, y = x[keep], y[keep]
-    if len(np.unique(x)) < 2:
-        return math.nan
-    largest = np.sort(np.unique(x))[-points:]
-    x, y = x[np.isin(x, largest)], y[np.isin(x, largest)]
-    slope, _ = np.polyfit(np.log(x), np.log(y), 1)
-    return float(slope)
+def fit_exponent(lengths, values) -> float:
+    """The exponent of the power law fitted over the largest lengths (``mhabench.plausibility.power_fit``)."""
+    return plausibility.power_fit(lengths, values).exponent
 
 
 def series_label(record) -> str:
@@ -469,10 +666,32 @@ def heads_sweep(frame: pd.DataFrame, klass: str, method: str) -> pd.DataFrame:
     return part[part["seq_len"] == lengths.index.max()].sort_values(["series", "num_heads"])
 
 
+QUANTITY = {"time_forward": "time", "time_forward_backward": "time", "track_peakmem_forward": "memory",
+            "track_peakmem_forward_backward": "memory"}
+
+
+def _points(line: pd.DataFrame) -> list:
+    """The line's finite points, each with its samples' quartiles where asv gives them."""
+    cols = [line[c] if c in line else pd.Series([math.nan] * len(line), index=line.index)
+            for c in ("q25", "q75")]
+    return [plausibility.Point(int(L), float(v), float(lo) if lo == lo else math.nan, float(hi) if hi == hi else math.nan)
+            for L, v, lo, hi in zip(line["seq_len"], line["value"], *cols) if v == v and v > 0]
+
+
+def _holds_scores(line: pd.DataFrame):
+    if "holds_scores" not in line:
+        return None
+    known = [v for v in line["holds_scores"] if isinstance(v, (bool, np.bool_))]
+    return bool(known[0]) if known else None
+
+
 def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per benchmark and line: the fitted exponent in L and the value at the largest L."""
+    """Per benchmark and line: the power law fitted over its largest lengths (exponent, residual, how well it
+    fits), the value at the largest L, and the plausibility rules the line breaks (``mhabench.plausibility``),
+    with the numbers and whether its points were measured again before."""
     columns = ["class", "method", "device", "machine", "series", "adapter", "mode", "num_heads", "points", "L_min",
-               "L_max", "exponent", "value_at_L_max", "unit", "kernel"]
+               "L_max", "exponent", "fit_residual", "fit", "widest_spread", "value_at_L_max", "unit", "kernel",
+               "family", "implausible", "remeasured"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = []
@@ -484,19 +703,87 @@ def scaling_table(frame: pd.DataFrame) -> pd.DataFrame:
             for series, line in rows.groupby("series", sort=True):
                 finite = line[np.isfinite(line["value"])]
                 largest = finite.loc[finite["seq_len"].idxmax()] if not finite.empty else None
+                quantity = QUANTITY.get(method)
+                if quantity:
+                    fit, breaches = plausibility.check(_points(finite), quantity, _holds_scores(line))
+                else:
+                    fit, breaches = plausibility.power_fit(finite["seq_len"], finite["value"]), []
+                again = line[line["remeasured_rule"].notna()] if "remeasured_rule" in line else line.iloc[0:0]
                 out.append({
                     "class": klass, "method": method, "device": device, "machine": line["machine"].iloc[0],
                     "series": series, "adapter": line["adapter"].iloc[0],
                     "kernel": line["kernel"].iloc[0] if "kernel" in line else results.DEFAULT_KERNEL,
+                    "family": line["family"].iloc[0] if "family" in line else None,
                     "mode": line["mode"].iloc[0],
                     "num_heads": line["num_heads"].iloc[0], "points": len(finite),
                     "L_min": finite["seq_len"].min() if len(finite) else math.nan,
                     "L_max": finite["seq_len"].max() if len(finite) else math.nan,
-                    "exponent": fit_exponent(line["seq_len"], line["value"]),
+                    "exponent": fit.exponent, "fit_residual": fit.residual, "fit": fit.quality,
+                    "widest_spread": widest_spread(finite),
                     "value_at_L_max": largest["value"] if largest is not None else math.nan,
                     "unit": line["unit"].iloc[0],
+                    "implausible": "; ".join(f"{b.rule}: {b.detail}" for b in breaches),
+                    "remeasured": ", ".join(f"L={int(r['seq_len'])} (was {format_value(r['remeasured_before'], r['unit'])})"
+                                            for r in again.to_dict("records")),
                 })
     return pd.DataFrame(out, columns=columns)
+
+
+def verify_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per time point measured with ``mhabench bench --verify``: the suite's figure over the median of the plain
+    timings of the same call (one after each of the suite's samples, in the same process), and the median of
+    the ratios of each sample to the plain call right after it, which a shared machine's changing load does not
+    move; flagged outside ``plausibility.VERIFY_RANGE`` (the paired ratio where recorded)."""
+    columns = ["class", "device", "series", "L", "suite", "plain", "ratio", "paired_ratio", "samples",
+               "plain_samples", "flag"]
+    if frame.empty or "verify_median" not in frame:
+        return pd.DataFrame(columns=columns)
+    timed = frame[frame["method"].isin(["time_forward", "time_forward_backward"]) & frame["verify_median"].notna()]
+    low, high = plausibility.VERIFY_RANGE
+    out = []
+    for record in timed.to_dict("records"):
+        hand = float(record["verify_median"])
+        ratio = record["value"] / hand if hand > 0 else math.nan
+        paired = record.get("verify_paired_ratio")
+        paired = float(paired) if paired is not None and paired == paired else math.nan
+        judged = paired if math.isfinite(paired) else ratio
+        out.append({"class": record["class"], "device": record["device"], "series": record["series"],
+                    "L": int(record["seq_len"]), "suite": record["value"], "plain": hand, "ratio": ratio,
+                    "paired_ratio": paired, "samples": record.get("repeat"),
+                    "plain_samples": record.get("verify_samples"),
+                    "flag": "" if low <= judged <= high else f"outside [{low}, {high}]",
+                    "method": record["method"]})
+    table = pd.DataFrame(out, columns=columns + ["method"])
+    if table.empty:
+        return table
+    return table.assign(_o=table["class"].map(class_rank)).sort_values(["_o", "series", "method", "L"]) \
+        .drop(columns="_o").reset_index(drop=True)
+
+
+def widest_spread(line: pd.DataFrame) -> float:
+    """The line's noisiest point: its interquartile range over its median (nan where no point has one)."""
+    if not {"q25", "q75"} <= set(line) or line.empty:
+        return math.nan
+    spread = (line["q75"].astype(float) - line["q25"].astype(float)) / line["value"].astype(float)
+    spread = spread[np.isfinite(spread)]
+    return float(spread.max()) if not spread.empty else math.nan
+
+
+def flagged_lines(scaling: pd.DataFrame) -> set:
+    """(class, method, device, series) of every line that breaks a plausibility rule."""
+    if scaling.empty:
+        return set()
+    bad = scaling[scaling["implausible"].astype(str) != ""]
+    return set(zip(bad["class"], bad["method"], bad["device"], bad["series"]))
+
+
+def without_flagged(frame: pd.DataFrame, flagged: set) -> pd.DataFrame:
+    """The rows of lines that break no plausibility rule (what a verdict may quote)."""
+    if frame.empty or not flagged:
+        return frame
+    keep = [(c, m, d, s) not in flagged for c, m, d, s in zip(frame["class"], frame["method"], frame["device"],
+                                                               frame["series"])]
+    return frame[keep]
 
 
 def gemm_peaks(benchmarks: Benchmarks | None) -> dict:
@@ -564,15 +851,16 @@ def chart_id(klass: str, device, what: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", f"chart-{klass}-{device}-{what}")
 
 
-def scaling_winners(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per class, device and L of the forward sweep: the fastest and the leanest line, among those measured."""
+def scaling_winners(frame: pd.DataFrame, flagged: set = frozenset()) -> pd.DataFrame:
+    """Per class, device and L of the forward sweep: the fastest and the leanest line, among those measured that
+    break no plausibility rule (``flagged``)."""
     columns = ["class", "device", "L", "fastest", "time", "leanest", "memory", "lines", "chart"]
     if frame.empty:
         return pd.DataFrame(columns=columns)
     out = {}
     for what, method in (("time", "time_forward"), ("memory", "track_peakmem_forward")):
         for (klass, device), part in frame.groupby(["class", "device"], sort=False, dropna=False):
-            rows = sweep(part, klass, method)
+            rows = without_flagged(sweep(part, klass, method), flagged)
             rows = rows[np.isfinite(rows["value"])] if not rows.empty else rows
             for length, at_length in rows.groupby("seq_len"):
                 best = at_length.loc[at_length["value"].idxmin()]
@@ -594,22 +882,33 @@ def class_rank(klass: str) -> int:
 
 
 def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame:
-    """Per class, device and line: fitted time and memory exponents, and the fraction of peak at the largest L."""
-    columns = ["class", "device", "series", "L_max", "time_exponent", "memory_exponent", "fraction_of_peak_at_L_max",
-               "fault", "chart", "kernel"]
+    """Per class, device and line: fitted time and memory exponents with the residual of each fit and how well a
+    power law fits, the fraction of peak at the largest L, and the plausibility rules the line breaks."""
+    columns = ["class", "device", "series", "L_max", "time_exponent", "time_fit_residual", "time_fit",
+               "time_widest_spread", "memory_exponent", "memory_fit_residual", "memory_fit", "memory_widest_spread",
+               "fraction_of_peak_at_L_max", "fault", "implausible", "remeasured", "chart", "kernel", "family"]
     if scaling.empty:
         return pd.DataFrame(columns=columns)
     out = {}
     for record in scaling.to_dict("records"):
-        what = {"time_forward": "time_exponent", "track_peakmem_forward": "memory_exponent"}.get(record["method"])
+        what = {"time_forward": "time", "track_peakmem_forward": "memory"}.get(record["method"])
         if what is None:
             continue
         line = out.setdefault((record["class"], record["device"], record["series"]), {
             "class": record["class"], "device": record["device"], "series": record["series"],
-            "kernel": record.get("kernel"), "L_max": math.nan,
-            "time_exponent": math.nan, "memory_exponent": math.nan, "fraction_of_peak_at_L_max": math.nan,
-            "fault": "", "chart": chart_id(record["class"], record["device"], "time")})
-        line[what] = record["exponent"]
+            "kernel": record.get("kernel"), "family": record.get("family"), "L_max": math.nan,
+            "time_exponent": math.nan, "time_fit_residual": math.nan, "time_fit": "", "time_widest_spread": math.nan,
+            "memory_exponent": math.nan, "memory_fit_residual": math.nan, "memory_fit": "",
+            "memory_widest_spread": math.nan,
+            "fraction_of_peak_at_L_max": math.nan, "fault": "", "implausible": "", "remeasured": "",
+            "chart": chart_id(record["class"], record["device"], "time")})
+        line[f"{what}_exponent"] = record["exponent"]
+        line[f"{what}_fit_residual"] = record["fit_residual"]
+        line[f"{what}_fit"] = record["fit"]
+        line[f"{what}_widest_spread"] = record["widest_spread"]
+        for column in ("implausible", "remeasured"):
+            if record.get(column):
+                line[column] = "; ".join(filter(None, [line[column], f"{what}: {record[column]}"]))
         line["L_max"] = np.nanmax([line["L_max"], record["L_max"]])
     for record in fraction[fraction["method"] == "track_gflops_forward"].to_dict("records") if not fraction.empty \
             else []:
@@ -622,8 +921,9 @@ def scaling_lines(scaling: pd.DataFrame, fraction: pd.DataFrame) -> pd.DataFrame
         .drop(columns="_o").reset_index(drop=True)
 
 
-def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:
-    """The fastest and leanest line at the largest L of the forward sweep, among the lines measured there."""
+def headline(frame: pd.DataFrame, klass: str = "SelfAttention", flagged: set = frozenset()) -> dict:
+    """The fastest and leanest line at the largest L of the forward sweep, among the lines measured there that
+    break no plausibility rule (``flagged``: see :func:`flagged_lines`); ``excluded`` counts the others."""
     result = {}
     for key, method in (("fastest", "time_forward"), ("leanest", "track_peakmem_forward")):
         rows = sweep(frame, klass, method) if not frame.empty else frame
@@ -632,8 +932,12 @@ def headline(frame: pd.DataFrame, klass: str = "SelfAttention") -> dict:
             continue
         largest = rows["seq_len"].max()
         at_largest = rows[rows["seq_len"] == largest]
-        best = at_largest.loc[at_largest["value"].idxmin()]
+        plausible = without_flagged(at_largest, flagged)
+        if plausible.empty:
+            continue
+        best = plausible.loc[plausible["value"].idxmin()]
         result[key] = {"series": best["series"], "seq_len": int(largest), "value": float(best["value"]),
                        "unit": best["unit"], "num_heads": best["num_heads"],
-                       "lines": int(at_largest["series"].nunique())}
+                       "lines": int(plausible["series"].nunique()),
+                       "excluded": int(at_largest["series"].nunique() - plausible["series"].nunique())}
     return result

@@ -1,29 +1,31 @@
 """Misbehaving adapters for the reliability tests: each is the oracle with one planted fault.
 
 The fault fires only on a query of length 1 (case ``self_T1-len1``), so the
-case after it shows that the run goes on.
+case after it shows that the run goes on. The ``Always...`` adapters misbehave
+on every call, the interface check's at load time included.
 """
 import ctypes
 import os
+import sys
 import time
 
 from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
 
 
-def _fires(call) -> bool:
-    return call.q_len == 1
-
-
 class _FaultyLayer(NumpyOracleLayer):
     fault = None
+    every_call = False  # else only on a query of length 1
+
+    def _fires(self, call) -> bool:
+        return self.every_call or call.q_len == 1
 
     def _forward(self, call, return_scores, training, seed):
-        if _fires(call):
+        if self._fires(call):
             type(self).fault()
         return super()._forward(call, return_scores, training, seed)
 
     def _gradients(self, call, cotangent):
-        if _fires(call):
+        if self._fires(call):
             type(self).fault()
         return super()._gradients(call, cotangent)
 
@@ -48,8 +50,20 @@ def _slow():
     pass
 
 
-def _planted(name, fault, delay=0.0):
-    layer = type(f"{name}Layer", (_FaultyLayer,), {"fault": staticmethod(fault)})
+def _exit_quietly():
+    os._exit(0)
+
+
+def _garbage():
+    """64 KB of binary and terminal escape sequences on stdout and stderr."""
+    junk = bytes(range(256)) * 128 + b"\x1b[2J\x1b]0;planted\x07" * 1024
+    for stream in (sys.stdout, sys.stderr):
+        stream.buffer.write(junk)
+        stream.flush()
+
+
+def _planted(name, fault, delay=0.0, every_call=False):
+    layer = type(f"{name}Layer", (_FaultyLayer,), {"fault": staticmethod(fault), "every_call": every_call})
 
     class Planted(NumpyOracleAdapter):
         layer_class = layer
@@ -68,3 +82,22 @@ HangingAdapter = _planted("planted_hanging", _hang)
 ExitingAdapter = _planted("planted_exiting", _exit)
 SegfaultingAdapter = _planted("planted_segfaulting", _segfault)
 SlowAdapter = _planted("planted_slow", _slow, delay=0.05)
+AlwaysHanging = _planted("planted_always_hanging", _hang, every_call=True)
+AlwaysSegfaulting = _planted("planted_always_segfaulting", _segfault, every_call=True)
+AlwaysExitingQuietly = _planted("planted_always_exiting", _exit_quietly, every_call=True)
+AlwaysPrintingGarbage = _planted("planted_always_garbage", _garbage, every_call=True)
+
+
+class _Float16SegfaultingLayer(NumpyOracleLayer):
+    """Segfaults in every float16 call, as TensorFlow's 16-bit matmuls do under ONEDNN_MAX_CPU_ISA=AVX2."""
+
+    def _forward(self, call, return_scores, training, seed):
+        if self.dtype == "float16":
+            _segfault()
+        return super()._forward(call, return_scores, training, seed)
+
+
+class Float16SegfaultingAdapter(NumpyOracleAdapter):
+    name = "planted_float16_segfaulting"
+    framework = "planted"
+    layer_class = _Float16SegfaultingLayer

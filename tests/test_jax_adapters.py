@@ -497,3 +497,24 @@ def test_jax_kernel_variants():
     layer = impls.get_adapter("jax_dpa+xla").build(spec, w, dtype="float32")
     assert layer.implementation == "xla"
     assert "NVIDIA GPUs only" in impls.get_adapter("jax_dpa+cudnn").unsupported_reason(spec, w, device="cpu")
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_the_compiled_program_states_what_a_call_allocates(name):
+    """XLA's buffer assignment (temp + output) is the per-call memory of a compiled program: it holds the
+    [B, H, T, S] scores, grows as L² and does not depend on what earlier calls left resident; eager mode has
+    no program to ask."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=8)
+    w = impls.Weights.random(spec, query_dim=16, value_dim=16, seed=0)
+    found = {}
+    for length in (32, 64):
+        layer = impls.get_adapter(name).build(spec, w, dtype="float32", mode="compiled")
+        q = np.random.default_rng(0).standard_normal((1, length, 16)).astype(np.float32)
+        inputs = layer.native_inputs(q, q)
+        found[length] = layer.native_program_bytes(inputs)
+        assert found[length] >= 2 * length * length * 4  # the scores, at least
+        assert layer.native_program_bytes(layer.native_inputs(q, q, requires_grad=True), backward=True) \
+            > found[length]
+        eager = impls.get_adapter(name).build(spec, w, dtype="float32", mode="eager")
+        assert eager.native_program_bytes(eager.native_inputs(q, q)) is None
+    assert 3 < found[64] / found[32] <= 4.2

@@ -36,11 +36,6 @@ def test_nothing_allocated_reads_near_zero():
     assert memory.cpu_peak_rise(lambda: None) < 2 * MB
 
 
-def test_median_of_samples_is_steady():
-    samples = iter([30 * MB, 10 * MB, 20 * MB])
-    assert memory.median_peak(lambda fn: next(samples), lambda: None, samples=3) == 20 * MB
-
-
 def test_an_adapter_without_a_gpu_probe_says_so():
     class NoGPUProbe(impls.Adapter):
         name = "no_gpu_probe"

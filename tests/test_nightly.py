@@ -27,7 +27,7 @@ from mhabench import results
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "nightly.yml"
 CONFORM_ARGS = "--adapters numpy_oracle,torch_sdpa --areas masks --dtypes float32"
-BENCH_ARGS = r"--devices cpu --adapters numpy_oracle --bench=^bench_attention\.SelfAttention\.time_forward\('numpy_oracle',.'eager',.128,"
+BENCH_ARGS = r"--devices cpu --adapters numpy_oracle --bench=^bench_attention\.SelfAttention\.track_time_forward\('numpy_oracle',.'eager',.128,"
 
 
 def load_workflow() -> dict:

@@ -110,7 +110,7 @@ def test_bench_skips_the_adapter_with_what_to_install(hider, tmp_path):
     installed("onnxruntime")
     installed("asv")
     done = run(hider, "onnxruntime", "-m", "mhabench", "bench", "--quick", "--adapters", "ort_attention",
-               "--bench", "SelfAttention.time_forward", "--results", str(tmp_path), timeout=600)
+               "--bench", "SelfAttention.track_time_forward", "--results", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     skips = [json.loads(line) for line in (tmp_path / "bench" / "skips.jsonl").read_text().splitlines()]
     assert skips and all(s["status"] == "skipped" and HINTS["ort_attention"] in s["reason"] for s in skips)

@@ -428,3 +428,46 @@ def test_exported_module_keeps_torch_mha_modern_mapping(case_id):
     case = MODERN_BY_ID[case_id]
     errors = modern_forward_errors("torch_mha@ort", case, "float32", scores_policy="nan")
     assert max(errors.values()) < F32, errors
+
+
+# ---- what the cache folder keeps between processes ----------------------------------------------------------
+
+def test_an_optimised_model_is_kept_and_a_new_session_runs_it_unchanged(tmp_path, monkeypatch):
+    """ORT's optimised graph goes to the cache's onnx/ folder; a later session of the same model loads it
+    (optimisations already applied) and gives the same bits."""
+    monkeypatch.setenv("MHABENCH_CACHE_DIR", str(tmp_path))
+    case = BY_ID["everything"]
+    w, q, v, k, mask = case.build(seed=5)
+    first, _ = ORT.build(case.spec, w, dtype="float32")(q, v, k, mask, case.causal, return_scores=False)
+    kept = sorted((tmp_path / "onnx").glob("ort-optimised-*.onnx"))
+    assert kept and not list((tmp_path / "onnx").glob(".*"))  # written whole, no partial file left
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    again, _ = ORT.build(case.spec, w, dtype="float32")(q, v, k, mask, case.causal, return_scores=False)
+    np.testing.assert_array_equal(again, first)
+    assert [p.stat().st_mtime_ns for p in kept] == stamps  # loaded, not optimised and written again
+    kept[0].write_bytes(b"cut short")  # an unreadable file is optimised again, not an error
+    third, _ = ORT.build(case.spec, w, dtype="float32")(q, v, k, mask, case.causal, return_scores=False)
+    np.testing.assert_array_equal(third, first)
+
+
+@needs_export
+@pytest.mark.slow
+def test_a_new_process_loads_the_exported_graph_instead_of_exporting(tmp_path, monkeypatch):
+    """The graph exported for a structure is kept in the cache; with this process's templates forgotten (as in
+    a new process) the next layer of that structure loads it and exports nothing, computing the same bits."""
+    from mhabench.impls import torch_mha_ort
+    monkeypatch.setenv("MHABENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch_mha_ort, "_templates", {})
+    spec = impls.AttentionSpec(4, 2)  # a structure no other test exports
+    w = impls.Weights.random(spec, 8, 8, seed=11)
+    q, v, mask = _inputs(seed=6)
+    first, _ = EXPORTED.build(spec, w, dtype="float32")(q, v, None, mask, return_scores=False)
+    assert len(list((tmp_path / "onnx").glob("torch_mha-*.onnx"))) == 1
+    monkeypatch.setattr(torch_mha_ort, "_templates", {})
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+    monkeypatch.setattr(torch_mha_ort.ExportedCall, "_export", no_export)
+    again, _ = EXPORTED.build(spec, w, dtype="float32")(q, v, None, mask, return_scores=False)
+    np.testing.assert_array_equal(again, first)
+    assert rel_err(first, oracle.forward(spec, w, q, v, None, mask)[0]) < F32

@@ -139,9 +139,9 @@ def test_a_stage_dies_with_the_main_job():
     import subprocess
     import sys
     import time
-    code = ("import subprocess, sys, time; from mhabench.commands.run import _dies_with_parent; "
+    code = ("import signal, subprocess, sys, time; from mhabench.impls.worker import dies_with_parent; "
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
-            "preexec_fn=_dies_with_parent); print(p.pid, flush=True); time.sleep(60)")
+            "preexec_fn=dies_with_parent(signal.SIGTERM)); print(p.pid, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     stage = int(parent.stdout.readline())
     parent.kill()

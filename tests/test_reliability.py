@@ -163,3 +163,111 @@ def test_the_memory_check_can_be_switched_off(monkeypatch):
     layer.check_memory = True
     monkeypatch.setenv(memory.ENV_CHECK, "off")
     assert layer(x, x)[0].shape == (1, 6, 8)
+
+
+# ---- a full disk stops the run: one line, exit 2, nothing lost ------------------------------------------
+
+def test_a_disk_full_spell_stops_conform_with_one_line_and_resume_loses_nothing(tmp_path, monkeypatch, capsys):
+    from mhabench import cli, results
+    real, batches = results.RowWriter.write, [0]
+
+    def write(self, rows):  # the disk fills up after three batches of rows
+        batches[0] += 1
+        if batches[0] > 3:
+            raise results.WriteFailed(self.path, OSError(28, "No space left on device"))
+        return real(self, rows)
+    monkeypatch.setattr(results.RowWriter, "write", write)
+    args = ["conform", "--adapters", "numpy_oracle", "--areas", "masks", "--dtypes", "float32", "--jobs", "2",
+            "--results", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    journal = tmp_path / "conformance" / "rows.jsonl"
+    assert err.startswith(f"mhabench conform: error: cannot write {journal}: No space left on device") \
+        and "--resume" in err
+    written = results.read_rows(journal)
+    assert written.rows and not written.problems
+    assert not (tmp_path / "conformance" / "results.json").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+    monkeypatch.undo()  # space freed
+    assert cli.main(args + ["--resume"]) == 0
+    rows = json.loads((tmp_path / "conformance" / "results.json").read_text())["rows"]
+    planned = json.loads((tmp_path / "conformance" / "plan.json").read_text())["rows"]
+    assert len(rows) == len({r["row_id"] for r in rows}) == planned
+    assert {r["row_id"] for r in written.rows} <= {r["row_id"] for r in rows}
+
+
+# ---- a plugin that misbehaves at load time: its interface check runs in a worker -------------------------
+
+@pytest.mark.parametrize("command", [["conform", "--adapters", "numpy_oracle", "--quick"], ["adapters"]])
+@pytest.mark.parametrize("class_name, evidence", [
+    ("AlwaysHanging", "its interface check did not finish in 3 s (it hangs?); the process running it was killed"),
+    ("AlwaysSegfaulting", "its interface check ended the process running it (killed by SIGSEGV: Fatal Python "
+                          "error: Segmentation fault)"),
+    ("AlwaysExitingQuietly", "its interface check ended the process running it (exit status 0, without an answer)"),
+])
+def test_a_plugin_that_hangs_crashes_or_exits_at_load_time_is_one_line_and_exit_2(tmp_path, command, class_name,
+                                                                                   evidence):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "mhabench", *command, "--adapter", f"{PLANTED}:{class_name}",
+                           "--timeout", "3"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout == "" and done.stderr.count("\n") == 1 and evidence in done.stderr, done.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "results").exists(), "nothing ran"
+
+
+def test_a_plugin_that_floods_its_output_at_load_time_puts_nothing_on_the_terminal(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mhabench", "conform", "--adapter", f"{PLANTED}:AlwaysPrintingGarbage",
+                           "--adapters", "numpy_oracle", "--areas", "masks", "--dtypes", "float32", "--results",
+                           str(tmp_path)], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert b"\x1b" not in done.stdout + done.stderr and b"planted" not in done.stdout + done.stderr
+    assert len(done.stdout + done.stderr) < 20_000
+
+
+# ---- children die with their parent ---------------------------------------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    import psutil
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _all_gone(pids, seconds: float = 15.0) -> list[int]:
+    """The pids still alive (not zombies) after ``seconds``."""
+    import psutil
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_conform_takes_its_worker_with_it_even_mid_hang(tmp_path):
+    journal = tmp_path / "conformance" / "rows.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "mhabench", "conform", "--adapter", f"{PLANTED}:HangingAdapter",
+                             "--adapters", "planted_hanging", "--areas", "shapes", "--dtypes", "float32", "--jobs", "1",
+                             "--timeout", "600", "--results", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers, seen, still = time.monotonic() + 120, [], -1, 0
+    while time.monotonic() < deadline and proc.poll() is None and still < 15:  # until the case hangs: 3 s, no row
+        time.sleep(0.2)
+        workers = _descendants(proc.pid)
+        rows = len(_lines(journal))
+        still, seen = (still + 1, seen) if rows == seen and rows > 0 else (0, rows)
+    assert proc.poll() is None and workers and still >= 15, "the run never reached the hanging case"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        assert not _all_gone(workers), "a worker outlived the SIGKILLed conform"
+    finally:
+        for pid in _all_gone(workers, 0):
+            os.kill(pid, signal.SIGKILL)

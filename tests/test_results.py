@@ -149,6 +149,80 @@ def test_an_adapter_declaring_reduced_matrix_runs_the_quick_cases_unless_every_c
     assert not every.reduced and len(every.tasks()) == len(every.cases)
 
 
+# ---- full disks: nothing half-written, the file named -------------------------------------------------
+
+def _disk_fills_after(monkeypatch, room: int):
+    """os.write takes ``room`` more bytes, then fails as a full disk does (ENOSPC)."""
+    import errno
+    real, left = os.write, [room]
+
+    def write(fd, data):
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written = real(fd, bytes(data[:left[0]]))
+        left[0] -= written
+        return written
+    monkeypatch.setattr(os, "write", write)
+    return left
+
+
+def test_a_journal_batch_the_disk_cannot_take_is_taken_back_whole(tmp_path, monkeypatch):
+    path = tmp_path / "rows.jsonl"
+    writer = results.RowWriter(path)
+    writer.write([_row(0)])
+    before = path.read_bytes()
+    left = _disk_fills_after(monkeypatch, 100)  # part of the next batch fits, then the disk is full
+    with pytest.raises(results.WriteFailed, match=f"cannot write {path}: No space left on device"):
+        writer.write([_row(1), _row(2)])
+    assert path.read_bytes() == before, "no half line left behind"
+    left[0] = 10 ** 9  # space freed: the journal goes on with whole lines
+    writer.write([_row(3)])
+    writer.close()
+    journal = results.read_rows(path)
+    assert [r["case"] for r in journal.rows] == ["c0", "c3"] and not journal.problems
+
+
+def test_files_written_together_are_all_replaced_or_none(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.json", tmp_path / "b.csv"
+    first.write_text("old a")
+    second.write_text("old b")
+    _disk_fills_after(monkeypatch, 8)  # the first new file fits, the second does not
+    with pytest.raises(results.WriteFailed, match=f"cannot write {second}: No space left on device") as err:
+        results.atomic_write_many({first: "new a", second: "new b, longer"})
+    assert "\n" not in str(err.value)
+    assert (first.read_text(), second.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv"], "no temporary file left"
+    monkeypatch.undo()
+    (tmp_path / "c.html").mkdir()
+    with pytest.raises(results.WriteFailed, match="c.html: a directory is in the way"):
+        results.atomic_write_many({first: "new a", tmp_path / "c.html": "<p>"})
+    assert first.read_text() == "old a"
+
+
+def test_a_run_killed_after_a_finished_one_is_judged_by_its_journal_not_the_old_summary(tmp_path):
+    layout = results.Layout(tmp_path)
+    results.write_json(layout.plan, {"rows": 3, "run": "first"})
+    results.write_results(tmp_path, [_row(0), _row(1), _row(2)], {"run": "first", "machine": "m"})
+    journal = results.RowWriter(layout.rows)
+    journal.write([_row(0), _row(1), _row(2)])
+    journal.close()
+    found = results.read_results(tmp_path)
+    assert found.complete and found.stale is None and found.missing == 0 and found.meta["machine"] == "m"
+    # a second run starts (a new plan, the old journal kept aside) and is killed after one row
+    layout.rows.replace(layout.rows.with_suffix(".jsonl.prev"))
+    results.write_json(layout.plan, {"rows": 3, "run": "second", "meta": {"machine": "m2"}})
+    journal = results.RowWriter(layout.rows)
+    journal.write([_row(0, "fail")])
+    journal.close()
+    found = results.read_results(tmp_path)
+    assert not found.complete and found.stale == layout.results_json and found.missing == 2
+    assert [r["status"] for r in found.rows] == ["fail"] and found.meta == {"machine": "m2"}
+    # killed before its first row: nothing of it is counted, and the old summary is still not taken for it
+    layout.rows.unlink()
+    found = results.read_results(tmp_path)
+    assert not found.complete and found.rows == [] and found.missing == 3
+
+
 def test_rows_of_older_runs_read_with_their_kernel_and_newer_fields_are_left_out(tmp_path):
     """A results.json written before kernels were recorded (the report fixtures' rows) reads through Row with
     the kernel its adapter's name gives; a field this version does not know is dropped, not an error."""

@@ -116,9 +116,9 @@ def test_scheduled_rows_equal_serial_rows(monkeypatch):
     started = Counter()
     make_worker = runner.adapter_worker
 
-    def counting(name, setup, timeout):
+    def counting(name, setup, timeout, switches=None):
         started[name] += 1
-        return make_worker(name, setup, timeout)
+        return make_worker(name, setup, timeout, switches)
     monkeypatch.setattr(runner, "adapter_worker", counting)
     # measured costs that make torch_sdpa worth two processes
     history = {("torch_sdpa", c.id, d): 30_000 for c in selection for d in dtypes}

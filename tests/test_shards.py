@@ -115,7 +115,7 @@ def test_a_benchmark_shard_selects_exactly_its_benchmarks_with_asv_regexes():
 def test_an_empty_benchmark_shard_runs_nothing_and_says_so(tmp_path):
     from mhabench.benchmarks import sweep
     options = sweep.make_options("quick", "torch_sdpa", "cpu", tmp_path, r"^bench_attention\.SelfAttention\."
-                                 r"time_forward\('torch_sdpa', '\w+', 128, ", shard="2/2")
+                                 r"track_time_forward\('torch_sdpa', '\w+', 128, ", shard="2/2")
     said = []
     assert sweep.run(options, say=said.append) == 0
     assert "has none of the 1 selected benchmarks" in said[-1]

@@ -1,6 +1,6 @@
-"""torch_flex (FlexAttention) against the oracle, what it refuses, and the Inductor bug that keeps it on
-static shapes. Compiling costs 5-30 s per shape on a small CPU: the compiled tests are marked slow and
-share shapes; the eager path (float64) is cheap."""
+"""torch_flex (FlexAttention) against the oracle, what it refuses, and the Inductor bug that keeps the calls
+reading a tensor on static shapes. Compiling costs 5-30 s on a small CPU: the compiled tests are marked slow
+and share shapes; the eager path (float64) is cheap."""
 from __future__ import annotations
 
 import numpy as np
@@ -86,24 +86,41 @@ def test_flex_compiled_matches_the_oracle(dtype):
 
 @pytest.mark.slow
 def test_inductor_cpu_flex_fails_on_dynamic_shapes_with_a_captured_mask():
-    """Why the adapter compiles with dynamic=False. With automatic dynamic shapes, a mask_mod reading a
-    captured [B, T, S] mask compiles for the first two shapes and fails once the batch size changes too:
-    Inductor's CPU template emits C++ naming an undeclared cur_kvSplitSize<n>. When this test fails, the
-    bug is fixed and the adapter can compile as torch.compile(flex_attention) again."""
+    """Why a call whose mask_mod reads a tensor compiles with dynamic=False. With symbolic sizes, Inductor's CPU
+    template renames its split-size symbols in the generated C++ with a plain str.replace, which also rewrites
+    every longer size variable the symbol's name is a prefix of (ks4 inside ks45 becomes cur_kvSplitSize5): the
+    C++ names an undeclared variable and does not compile. When this test fails, the bug is fixed and every
+    call can compile with dynamic=True."""
     import torch._dynamo
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     torch._dynamo.reset()
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex_attention, dynamic=True)
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 6, 4), torch.randn(2, 2, 6, 4)
+    M = torch.rand(2, 5, 6) > 0.3
+    block = create_block_mask(lambda b, h, qi, kv: M[b, qi, kv], 2, None, 5, 6, device="cpu")
+    with pytest.raises(Exception, match=r"cur_(kv|q)SplitSize\d+. was not declared"):
+        compiled(q, k, v, block_mask=block)
 
-    def run(B, T, S):
-        q, k, v = torch.randn(B, 2, T, 4), torch.randn(B, 2, S, 4), torch.randn(B, 2, S, 4)
-        M = torch.rand(B, T, S) > 0.3
-        block = create_block_mask(lambda b, h, qi, kv: M[b, qi, kv], B, None, T, S, device="cpu")
-        return compiled(q, k, v, block_mask=block)
-    run(2, 5, 6)
-    run(2, 7, 9)
-    with pytest.raises(Exception, match="cur_kvSplitSize"):
-        run(3, 12, 6)
+
+@pytest.mark.slow
+def test_flex_compiles_one_program_for_every_length_of_a_causal_call():
+    """A call whose mask_mod reads no tensor runs the dynamic-shape program: the lengths of a benchmark sweep share
+    one compile, with the same values as the program compiled for the length alone."""
+    from mhabench.impls import torch_flex
+    from torch._dynamo.utils import counters
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch_flex._compiled.clear()
+    spec = impls.AttentionSpec(2, 4)
+    w = impls.Weights.random(spec, 8, 8, seed=3)
+    graphs = []
+    for length in (130, 200, 300):  # all past one block of 128 (a single block is a size-1 dimension dynamo specialises)
+        x = np.random.default_rng(length).normal(size=(1, length, 8))
+        out, _ = ADAPTER.build(spec, w, dtype="float32")(x, x, causal=True, return_scores=False)
+        graphs.append(counters["stats"]["unique_graphs"])
+        golden, _ = oracle.forward(spec, w, x, x, causal=True)
+        assert rel_err(out, golden) < 2e-6, length
+    assert graphs[-1] == graphs[0], graphs  # the later lengths compiled nothing
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mhabench import impls
-from mhabench.impls import worker as _worker, oracle
+from mhabench.impls import registry, worker as _worker, oracle
 from mhabench.impls.numpy_oracle import NumpyOracleAdapter, NumpyOracleLayer
 
 TRAP_LENGTH = 7  # a query of this length springs the layer's trap
@@ -145,4 +145,50 @@ def test_dying_worker_gives_an_error_and_next_call_works(worker, trap, how):
 
 def test_unknown_target_is_a_clear_error():
     with pytest.raises(ValueError, match="registered name or 'module:Class'"):
-        _worker.resolve("no_such_adapter")
+        registry.resolve("no_such_adapter")
+
+
+# ---- a worker dies with the process that started it --------------------------------------------------------
+
+ORPHAN_MAKER = """
+import threading, time
+from mhabench.impls import worker
+w = worker.Worker(name="orphan test")
+started = []
+thread = threading.Thread(target=lambda: started.append(w.request(("ping",), 60)))
+thread.start()
+thread.join()  # the thread that started the worker has ended: the worker lives on
+assert w.request(("ping",), 60) == started[0]
+threading.Thread(target=w.run, args=("time:sleep", 600), kwargs={"timeout": 900}, daemon=True).start()
+time.sleep(1)  # the worker is busy: it will not notice its pipe close
+print(started[0], flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has died
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _gone(pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_outlives_the_thread_that_started_it_but_not_its_process():
+    import signal
+    import subprocess
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_MAKER], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    child = int(parent.stdout.readline())
+    assert not _gone(child)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    assert _wait_gone(child), "the worker outlived its SIGKILLed parent"

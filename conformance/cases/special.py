@@ -18,10 +18,11 @@ def cases() -> list[Case]:
         c("cross_T8_S4-nan_masked_value", "nan_masked_value", k_shape=(4,), key_distinct=True),
         c("cross_T8_S4-inf_masked_value", "inf_masked_value", k_shape=(4,), key_distinct=True),
     ]
-    # a NaN query at key lengths below, between and above the CPU SIMD widths (8 and 16 float32 lanes):
-    # fused kernels treat a leftover tail of a row apart from its vectorised part
+    # a NaN query at key lengths below, between and above the CPU SIMD widths (8 and 16 float32 lanes, 4 and 8
+    # float64 ones): fused kernels treat a leftover tail of a row apart from its vectorised part. S = 3 is below
+    # every width, so such a kernel shows on every machine and in every dtype
     cases += [c(f"cross_T5_S{n}-nan_query", "nan_query", q_shape=(5,), k_shape=(n,), key_distinct=True)
-              for n in (4, 12, 40)]
+              for n in (3, 4, 12, 40)]
     # a non-finite query in a row that reads nothing (fully masked, or past its query length): canonically the row
     # outputs the output bias and every gradient stays finite
     cases += [c("self_T8-nan_query-mask_fully_masked_row", "nan_query", mask="fully_masked_row"),

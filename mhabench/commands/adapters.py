@@ -13,6 +13,9 @@ def register(parser):
                         "the devices it sees (slower; by default the listing reads package metadata only)")
     parser.add_argument("--adapter", action="append", default=[], metavar="MODULE:CLASS",
                         help="also load this adapter ad hoc (an importable module or path/to/file.py); repeatable")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="seconds the interface check of an --adapter plugin may take, in a process of its own "
+                             "(default 120)")
 
 
 def describe(name: str, check: bool = False) -> dict:
@@ -48,8 +51,10 @@ def main(args) -> int:
     from mhabench import impls
     from mhabench.cli import CLIError, printable
     from mhabench.options import SelectionError, load_plugins
+    if args.timeout is not None and not args.timeout > 0:
+        raise CLIError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     try:
-        load_plugins(args.adapter)
+        load_plugins(args.adapter, args.timeout)
     except SelectionError as exc:
         raise CLIError(str(exc)) from None
     rows = [describe(n, args.check) for n in impls.list_adapters()]

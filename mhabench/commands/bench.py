@@ -27,6 +27,15 @@ def register(parser):
                         "(default: $MHABENCH_CACHE_DIR or ~/.cache/mhabench; 'off' keeps nothing)")
     parser.add_argument("--memory-budget", metavar="BYTES", help="skip cases estimated above this "
                         "(e.g. 12GiB; default: half the RAM)")
+    parser.add_argument("--budget", metavar="SECONDS", help="wall-clock seconds for this whole command (0: no "
+                        "budget). Every adapter first gets its 4 shortest lengths of each selected benchmark; a "
+                        "longer length whose cost, predicted from what the run measured so far, would break the "
+                        "adapter's share of what is left is not run and recorded in bench/skips.jsonl as "
+                        "'not run: budget' with the prediction. The run ends within 10%% of the budget")
+    parser.add_argument("--verify", action="store_true", help="also time every point's call plainly "
+                        "(perf_counter_ns around the call and the adapter's own sync, once after each of the suite's "
+                        "samples, in the same process; the median), and print suite / plain per point; the report "
+                        "shows the ratios")
     parser.add_argument("-v", "--verbose", action="store_true", help="all of asv's output, with the "
                         "benchmarks' stderr")
     parser.add_argument("--dry-run", action="store_true", help="print the asv commands, run nothing")
@@ -35,6 +44,9 @@ def register(parser):
     parser.add_argument("--machine", metavar="NAME", help="the machine name asv files these results under "
                         "(default: asv's own, the host name); give every shard of one kind of machine the "
                         "same name, and conform the same --machine")
+    parser.add_argument("--repair", action="store_true", help="first move aside any asv file of the results "
+                        "directory that a full disk or a killed run left damaged (as <name>.damaged), and forget "
+                        "the finished chunks it held, so --resume measures them again")
     parser.add_argument("--merge", nargs="+", metavar="DIR", help="run nothing: merge the benchmark results of "
                         "these results directories (shards, machines, nights) into --results, one asv tree that "
                         "asv publish shows whole (asv publish --config RESULTS/bench/asv.conf.json)")
@@ -51,13 +63,13 @@ def main(args) -> int:
     try:
         options = sweep.make_options("quick" if args.quick else args.profile, args.adapters, args.devices,
                                      args.results, args.bench, args.memory_budget, args.adapter, args.shard,
-                                     args.machine)
+                                     args.machine, args.budget, args.verify)
         say = lambda line: print(printable(line), flush=True)
         if args.dry_run:
             return sweep.run(options, resume=args.resume, verbose=args.verbose, dry_run=True, say=say)
         with results.locked(options.results, " ".join(["mhabench", *sys.argv[1:]])):
-            return sweep.run(options, resume=args.resume, verbose=args.verbose, say=say)
-    except (sweep.SweepError, results.ResultsLocked) as exc:
+            return sweep.run(options, resume=args.resume, verbose=args.verbose, say=say, fix=args.repair)
+    except (sweep.SweepError, results.ResultsLocked, results.WriteFailed) as exc:
         raise CLIError(str(exc)) from None
 
 
@@ -67,7 +79,8 @@ def merge(args) -> int:
     from mhabench.benchmarks import sweep
     from mhabench.cli import CLIError, printable
     for option, given in (("--shard", args.shard), ("--resume", args.resume), ("--dry-run", args.dry_run),
-                          ("--bench", args.bench), ("--machine", args.machine)):
+                          ("--bench", args.bench), ("--machine", args.machine), ("--budget", args.budget),
+                          ("--verify", args.verify), ("--repair", args.repair)):
         if given:
             raise CLIError(f"--merge and {option} cannot be used together")
     missing = [d for d in args.merge if not os.path.isdir(d)]
@@ -78,7 +91,7 @@ def merge(args) -> int:
         with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
             lines = merge_mod.merge(args.merge, layout.root)
             config = sweep.asv_config(layout)
-    except (merge_mod.MergeError, results.ResultsLocked) as exc:
+    except (merge_mod.MergeError, results.ResultsLocked, results.WriteFailed) as exc:
         raise CLIError(str(exc)) from None
     for line in lines:
         print(printable(line))

@@ -44,6 +44,20 @@ def register(parser):
                         "options cover the whole run exactly once (merge them with mhabench report --results)")
     parser.add_argument("--machine", metavar="NAME", help="the machine name recorded with the results "
                         "(default: the host name); give every shard of one kind of machine the same name")
+    parser.add_argument("--switch", action="append", default=[], metavar="NAME=SETTING",
+                        help="run with a kernel switch forced in the workers of the adapters it reaches, to get "
+                             "another machine's kernels on this one (repeatable): tf_onednn=on|off "
+                             "(TF_ENABLE_ONEDNN_OPTS), torch_cpu=default|avx2|avx512 (ATEN_CPU_CAPABILITY); rows "
+                             "record the facts the frameworks report")
+    parser.add_argument("--switches", nargs="?", const="all", metavar="NAMES",
+                        help="run the selection with the machine's own kernels, then once per setting of each "
+                             "kernel switch the adapters declare (NAMES: a comma-separated few; settings this CPU "
+                             "cannot run are left out) into RESULTS/switches/, and write the portability table "
+                             "(RESULTS/conformance/portability.json): the rows whose verdict changes with each")
+    parser.add_argument("--budget", default="0", metavar="DURATION",
+                        help="end within this time (300, 90s, 5m; default 0: no budget), coverage first: every "
+                             "adapter x area x dtype gets a row before any gets a second; what does not fit is "
+                             "recorded as not run, with the command that runs the rest")
     parser.add_argument("--progress-every", type=float, default=PROGRESS_EVERY, metavar="SECONDS",
                         help=f"when stderr is not a terminal, a plain progress line this often (default "
                              f"{PROGRESS_EVERY:g}; 0: after every case); on a terminal, progress bars")
@@ -54,7 +68,11 @@ def check_options(args) -> None:
     conflicts = [("--self-check", args.self_check, "--rerun", args.rerun), ("--self-check", args.self_check,
                  "--resume", args.resume), ("--resume", args.resume, "--rerun", args.rerun),
                  ("--shard", args.shard, "--rerun", args.rerun), ("--shard", args.shard, "--self-check",
-                                                                   args.self_check)]
+                                                                   args.self_check),
+                 ("--switches", args.switches, "--switch", args.switch), ("--switches", args.switches, "--rerun",
+                                                                         args.rerun),
+                 ("--switches", args.switches, "--resume", args.resume),
+                 ("--switches", args.switches, "--self-check", args.self_check)]
     for a, a_set, b, b_set in conflicts:
         if a_set and b_set:
             raise CLIError(f"{a} and {b} cannot be used together")
@@ -68,14 +86,21 @@ def check_options(args) -> None:
         raise CLIError(f"--examples must be an integer >= 0, got {args.examples}")
     if not args.progress_every >= 0:
         raise CLIError(f"--progress-every must be a number of seconds >= 0, got {args.progress_every}")
+    from mhabench.budget import parse_duration
     from mhabench.results import machine_name
     try:
         machine_name(args.machine)
+        args.budget_seconds = parse_duration(args.budget)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    for option, given in (("--rerun", args.rerun), ("--self-check", args.self_check), ("--switches", args.switches)):
+        if args.budget_seconds and given:  # --switches runs the selection once per setting: one budget each is not one
+            raise CLIError(f"--budget and {option} cannot be used together")
 
 
 def main(args) -> int:
+    import time
+    started = time.monotonic()
     from mhabench import results
     from mhabench.cli import CLIError, printable
     from mhabench.conformance import session
@@ -86,7 +111,9 @@ def main(args) -> int:
         return 0 if mutants.print_catch_table(mutants.self_check()) else 1
     try:
         plan = session.make_plan(args.adapters, args.dtypes, args.areas, quick=args.quick, examples=args.examples,
-                                 adhoc=args.adapter, shard=args.shard, every_case=args.every_case)
+                                 adhoc=args.adapter, shard=args.shard, every_case=args.every_case,
+                                 switches=args.switch, timeout=args.timeout)
+        names = switch_names(args.switches, plan.adapters)
     except session.SelectionError as exc:
         raise CLIError(str(exc)) from None
     if not args.adapters:
@@ -95,32 +122,113 @@ def main(args) -> int:
     if not plan.adapters:
         raise CLIError("no adapter to run: none is installed here (see `mhabench adapters`)")
     warn = lambda text: print(printable(f"mhabench conform: warning: {text}"), file=sys.stderr)
+    from mhabench.impls.facts import isa_cap_warning
+    if isa_cap_warning():
+        warn(isa_cap_warning())
     budget = int(args.memory_budget * 2**20) if args.memory_budget else None
     layout = results.Layout(args.results)
-    display = progress_display(sys.stderr, args.progress_every)
+    displays = [progress_display(sys.stderr, args.progress_every)]  # one per run (--switches runs several)
+    journal = [layout.rows]  # where the current run's rows go
 
     def start(tally):
         plan = tally.plan
         shard = f" (shard {plan.shard[0]}/{plan.shard[1]}: {plan.rows} of {plan.rows_all_shards} rows)" \
             if plan.shard else ""
         print(f"mhabench conform: {len(plan.cases)} cases x {len(plan.adapters)} adapters x {len(plan.dtypes)} "
-              f"dtypes = {plan.rows_all_shards} rows{shard} -> {layout.rows}", file=sys.stderr, flush=True)
+              f"dtypes = {plan.rows_all_shards} rows{shard} -> {journal[-1]}", file=sys.stderr, flush=True)
         for name, why in plan.reduced.items():
             print(f"  {name}: the reduced matrix only (--every-case for all): {why}", file=sys.stderr, flush=True)
-        display.start(tally)
+        displays[-1].start(tally)
+    options = dict(timeout=args.timeout, jobs=args.jobs, memory_budget=budget, on_start=start,
+                   on_rows=lambda rows: displays[-1].update(rows), warn=warn, machine=args.machine,
+                   budget=args.budget_seconds or None, started=started)
+
+    def next_setting(label, root):
+        if displays[-1].tally is not None:  # the previous run's display ends before the next one starts
+            displays[-1].finish()
+            displays.append(progress_display(sys.stderr, args.progress_every))
+        journal.append(results.Layout(root).rows)
+        print(f"mhabench conform: kernels: {label}", file=sys.stderr, flush=True)
+    if plan.switches:
+        print(f"mhabench conform: kernel switches forced: "
+              f"{', '.join(f'{k}={v}' for k, v in sorted(plan.switches.items()))}", file=sys.stderr, flush=True)
     try:
         with results.locked(layout.root, " ".join(["mhabench", *sys.argv[1:]])):
             try:
-                outcome = session.run(plan, layout.root, resume=args.resume, rerun=args.rerun, timeout=args.timeout,
-                                      jobs=args.jobs, memory_budget=budget, on_start=start,
-                                      on_rows=display.update, warn=warn, machine=args.machine)
+                if names is not None:
+                    from mhabench.conformance import portability
+                    outcome, _, table = portability.run(plan, layout.root, names, on_setting=next_setting,
+                                                        **options)
+                else:
+                    outcome = session.run(plan, layout.root, resume=args.resume, rerun=args.rerun, **options)
             finally:
-                display.finish()
+                displays[-1].finish()
     except (session.SelectionError, results.ResultsLocked) as exc:
         raise CLIError(str(exc)) from None
+    except results.WriteFailed as exc:
+        again = "run the same command again" if args.rerun else "run the same command with --resume to finish it"
+        raise CLIError(f"{exc}; the run stopped. Every row written so far is kept in {layout.rows}: free "
+                       f"space and {again}") from None
     except OSError as exc:
         raise CLIError(f"results directory {layout.root}: {exc.strerror or exc}") from None
-    return print_summary(outcome, args.rerun)
+    status = print_summary(outcome, args.rerun)
+    if names is None:
+        return status
+    return max(status, print_portability(table, layout))
+
+
+def switch_names(text, adapters) -> list[str] | None:
+    """The switches ``--switches`` names (all the adapters declare for "all"); None without ``--switches``."""
+    from mhabench.conformance import session
+    if text is None:
+        return None
+    declared = [s.name for s in session.declared_switches(adapters)]
+    if not declared:
+        raise session.SelectionError("--switches: no selected adapter declares a kernel switch")
+    if text == "all":
+        return declared
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in declared]
+    if unknown or not names:
+        raise session.SelectionError(f"--switches {text!r}: expected some of {', '.join(declared)}")
+    return names
+
+
+def print_portability(table: dict, layout, console=None) -> int:
+    """Per switch setting, the rows whose verdict changed and what decides the run there; 1 when any setting
+    has a failing row or a stale entry."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    from mhabench.cli import printable
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
+    own = table["own_choice"]
+    grid = Table(title=f"portability: verdicts that change with a kernel switch (own choice: {own['rows']} rows, "
+                       f"{own['fail']} fail or error, {len(own['stale'])} stale)")
+    for column in ("switch", "adapters", "rows", "changed", "fail", "error", "stale", "changed per adapter"):
+        grid.add_column(column)
+    bad = 0
+    for s in table["settings"]:
+        per = {}
+        for c in table["changes"]:
+            if (c["switch"], c["setting"]) == (s["switch"], s["setting"]):
+                per[c["adapter"]] = per.get(c["adapter"], 0) + 1
+        red = s["fail"] or s["error"] or s["stale"]
+        bad += bool(s["fail"] or s["stale"])
+        grid.add_row(escape(f"{s['switch']}={s['setting']} ({s['variable']}={s['value']})"), str(len(s["adapters"])),
+                     str(s["rows"]), str(s["changed"]), f"[{'red' if s['fail'] else 'green'}]{s['fail']}[/]",
+                     str(s["error"]), f"[{'red' if s['stale'] else 'green'}]{len(s['stale'])}[/]",
+                     escape(", ".join(f"{a} {n}" for a, n in sorted(per.items())) or "-"),
+                     style="red" if red else None)
+        for line in s["warnings"]:
+            console.print(f"[yellow]warning[/] {escape(printable(line))}")
+    console.print(grid)
+    for s in table["settings"]:
+        for entry in s["stale"]:
+            console.print(f"[red]stale under {escape(s['switch'])}={escape(s['setting'])}[/] {escape(entry)} "
+                          f"({escape(str(layout.root / s['results']))})")
+    console.print(f"portability table: {escape(str(layout.portability))}")
+    return 1 if bad or own["fail"] or own["stale"] else 0
 
 
 # ---- progress --------------------------------------------------------------------------------------
@@ -270,5 +378,13 @@ def print_summary(outcome, rerun, console=None) -> int:
         for r in rows:
             if r.row_id == rerun:
                 console.print(f"{escape(printable(rerun))}: {r.status} {escape(printable(r.message))}")
+    for line in budget_lines(outcome.plan.budget):
+        console.print(f"[yellow]{escape(printable(line))}[/]")
     console.print(f"results: {escape(str(outcome.layout.conformance))}/results.json, results.csv, rows.jsonl")
     return 1 if failing or outcome.stale else 0
+
+
+def budget_lines(budget: dict | None) -> list[str]:
+    """What a budgeted run left out, per adapter, and the command that runs it (nothing when all ran)."""
+    from mhabench.results import not_run_lines
+    return not_run_lines(budget, "rows")
