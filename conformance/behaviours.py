@@ -78,6 +78,17 @@ def _nonfinite_query(case) -> bool:
     return bool(np.any(_bad_positions(case.call(), "query")))
 
 
+def _unread_nonfinite_query(case) -> bool:
+    """A NaN/Inf query in a row that reads nothing (no allowed key for any head: fully masked, or past its query
+    length), whose output and gradients are canonically finite."""
+    call = case.call()
+    allowed = call.flat_allowed()
+    if allowed is None:
+        return False
+    empty = ~np.any(allowed, axis=(1, 3))  # [N, T]: rows no head reads anything in
+    return bool(np.any(_bad_positions(call, "query") & empty))
+
+
 def _keras_tf_bias_add_shortcut(case) -> bool:
     """Shapes on which Keras's TensorFlow ``ops.add`` takes its ``tf.nn.bias_add`` shortcut along the wrong axis
     inside MultiHeadAttention's projections (keras/src/backend/tensorflow/numpy.py ``add``; the report is
@@ -111,6 +122,8 @@ CASE_PROPERTIES = {
     "masked_nonfinite_key": _masked_nonfinite_key,  # the same, in the key (so in the logits)
     "masked_nonfinite_value": _masked_nonfinite_value,  # the same, in the value
     "nonfinite_query": _nonfinite_query,        # a NaN or Inf in the query
+    "finite_query": lambda case: not _nonfinite_query(case),  # none there
+    "unread_nonfinite_query": _unread_nonfinite_query,  # a NaN or Inf query in a row that reads nothing
     "rank3": lambda case: len(case.q_shape) == 1,  # one sequence axis: [batch, length, features]
     # Keras's MultiHeadAttention calls ops.dot_product_attention (its fused path) only for rank-3 inputs
     # without dropout (keras/src/layers/attention/multi_head_attention.py, _compute_attention); a layer with
@@ -269,23 +282,26 @@ def _nan_rows_only_at_nonfinite_logits(golden, reference, actual, quantity, dtyp
     return bool(shaped) and compare(golden[~nan_rows], reference[~nan_rows], actual[~nan_rows], dtype, quantity).ok
 
 
-def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """Scores: where the golden's row is NaN, the row has NaN somewhere and exactly 0 everywhere else (the
     softmax of a row holding NaN/Inf logits zeroes the finite ones); every other row matches the golden."""
-    return _nan_rows_only_at_nonfinite_logits(goldens.get("zeros", "float64")[quantity],
-                                              goldens.get("zeros", dtype)[quantity], actual, quantity, dtype, compare)
+    return _nan_rows_only_at_nonfinite_logits(goldens.get(policy, "float64", form)[quantity],
+                                              goldens.get(policy, dtype, form)[quantity], actual, quantity, dtype, compare)
 
 
-def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """As nan_rows_keep_nan_only_at_nonfinite_logits, after a NaN/Inf input anywhere (masked or not) has made
     every row of its batch element NaN (nonfinite_input_poisons_batch)."""
     poison = lambda a: _nonfinite_input_poisons_batch(np.asarray(a, np.float64), goldens.inputs, quantity)
-    return _nan_rows_only_at_nonfinite_logits(poison(goldens.get("zeros", "float64")[quantity]),
-                                              poison(goldens.get("zeros", dtype)[quantity]), actual, quantity,
+    return _nan_rows_only_at_nonfinite_logits(poison(goldens.get(policy, "float64", form)[quantity]),
+                                              poison(goldens.get(policy, dtype, form)[quantity]), actual, quantity,
                                               dtype, compare)
 
 
-def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quantity, dtype, compare) -> bool:
+def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """The value gradient after a softmax that returns, for a row holding a NaN or Inf logit, NaN at those
     positions and exactly 0 at the others: in each batch element with a NaN/Inf key (masked or not), the gradient
     is NaN at every key position holding one and NaN or exactly 0 everywhere else (the rows' weights there are
@@ -296,31 +312,34 @@ def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quanti
     batches = bad_keys.reshape(len(key), -1).any(axis=1)
     if quantity != "grad_value" or not batches.any():
         return False
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    golden = np.asarray(goldens.get(policy, "float64", form)[quantity], np.float64)
+    reference = np.asarray(goldens.get(policy, dtype, form)[quantity], np.float64)
     poisoned = actual[batches]
     shaped = bool(np.isnan(actual[bad_keys]).all() and np.all(np.isnan(poisoned) | (poisoned == 0)))
     return shaped and compare(golden[~batches], reference[~batches], actual[~batches], dtype, quantity).ok
 
 
-def _introduces_nan(actual, goldens, quantity, dtype, compare) -> bool:
+def _introduces_nan(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """NaN where the golden is finite, and everywhere else within tolerance of the golden."""
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    golden = np.asarray(goldens.get(policy, "float64", form)[quantity], np.float64)
+    reference = np.asarray(goldens.get(policy, dtype, form)[quantity], np.float64)
     new_nan = np.isnan(actual) & np.isfinite(golden)
     rest = ~np.isnan(actual)
     return bool(new_nan.any()) and compare(golden[rest], reference[rest], actual[rest], dtype, quantity).ok
 
 
-def _finite_and_off(actual, goldens, quantity, dtype, compare) -> bool:
+def _finite_and_off(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """NaN and Inf exactly where the golden has them, but the values outside tolerance."""
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    golden = np.asarray(goldens.get(policy, "float64", form)[quantity], np.float64)
+    reference = np.asarray(goldens.get(policy, dtype, form)[quantity], np.float64)
     result = compare(golden, reference, actual, dtype, quantity)
     return not result.ok and not result.nonfinite
 
 
-def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> bool:
+def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """Finite everywhere, yet unlike what any fully-masked-row policy of the oracle gives."""
     if not np.all(np.isfinite(actual)):
         return False
@@ -329,7 +348,9 @@ def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> 
 
 
 # Named predicates, for behaviours whose exact values no model here reproduces:
-# (actual, goldens, quantity, dtype, compare) -> whether the actual array shows the behaviour.
+# (actual, goldens, quantity, dtype, compare, policy, form) -> whether the actual array shows the behaviour,
+# judged against the golden of the entry's fully-masked-row ``policy`` and backward ``form`` (canonical unless
+# the entry names them: a framework whose empty rows follow another policy shows a NaN on top of that one).
 CHECKS: dict[str, Callable] = {
     "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
     "finite_but_matches_no_policy": _finite_but_matches_no_policy,

@@ -6,6 +6,8 @@ against the framework in the tests, so a catalogue entry can describe the behavi
 """
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 

@@ -195,3 +195,18 @@ def test_flex_mask_mod_is_the_and_of_what_a_user_writes():
     dense = create_mask(block.mask_mod, call.n_flat, 1, call.q_len, call.k_len, device="cpu").numpy()[:, 0]
     np.testing.assert_array_equal(dense, call.flat_allowed(bias=False)[:, 0])
     assert layer.emulations(call) == () and inputs["bias"] is not None
+
+
+def test_calls_whose_mods_read_more_than_positions_compile_for_their_shape():
+    """Symbolic sizes fail in Inductor's CPU template for causal T != S, per-sequence offsets and the soft cap as
+    they do for a mask tensor; a causal T == S call keeps the one dynamic program a length sweep shares."""
+    from mhabench.impls.torch_flex import static_shapes
+    spec = impls.AttentionSpec(2, 4)
+    layer = ADAPTER.build(spec, impls.Weights.random(spec, 8, 8, seed=1), dtype="float32", mode="eager")
+    x6, x3 = np.zeros((2, 6, 8)), np.zeros((2, 3, 8))
+    assert not static_shapes(layer.validate(x6, x6, causal=True), None)
+    assert not static_shapes(layer.validate(x6, x6), None)
+    assert static_shapes(layer.validate(x3, x6, causal=True), None)
+    assert static_shapes(layer.validate(x3, x6, causal="bottom_right"), None)
+    assert static_shapes(layer.validate(x3, x6, causal=True, query_offset=np.array([0, 3])), None)
+    assert static_shapes(layer.validate(x6, x6, softcap=5.0), None)
