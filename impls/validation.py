@@ -414,13 +414,18 @@ def check_window(window) -> tuple[int | None, int | None] | None:
     return None if out == [None, None] else (out[0], out[1])
 
 
+def _host_array(x) -> np.ndarray:
+    """An integer argument given as a framework tensor (torch's, TensorFlow's, JAX's) or anything NumPy reads."""
+    if hasattr(x, "detach") or hasattr(x, "numpy") and not isinstance(x, np.ndarray):
+        x = x.detach().cpu().numpy() if hasattr(x, "detach") else x.numpy()
+    return np.asarray(x)
+
+
 def check_lengths(name: str, lengths, batch: int, limit: int, what: str) -> np.ndarray | None:
     """Lengths as an int64 ``[batch]`` array of values in ``0..limit`` (the flattened attended length)."""
     if lengths is None:
         return None
-    if hasattr(lengths, "detach") or hasattr(lengths, "numpy") and not isinstance(lengths, np.ndarray):
-        lengths = lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else lengths.numpy()
-    arr = np.asarray(lengths)
+    arr = _host_array(lengths)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array of shape [B] = [{batch}], got dtype {arr.dtype}")
     if arr.shape != (batch,):
@@ -439,9 +444,7 @@ def check_query_offset(query_offset, batch: int, q_len: int, k_len: int) -> np.n
     them all (an offset beyond either end restricts nothing more)."""
     if query_offset is None:
         return None
-    if hasattr(query_offset, "detach") or hasattr(query_offset, "numpy") and not isinstance(query_offset, np.ndarray):
-        query_offset = query_offset.detach().cpu().numpy() if hasattr(query_offset, "detach") else query_offset.numpy()
-    arr = np.asarray(query_offset)
+    arr = _host_array(query_offset)
     if arr.dtype.kind not in "iu":
         got = repr(query_offset) if arr.ndim == 0 else f"dtype {arr.dtype}"
         raise TypeError(f"query_offset must be an int or an integer array of shape [B] = [{batch}] (the position of "
