@@ -34,10 +34,12 @@
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..schema import Refusal
-from . import _torch
+from . import _torch, cache
 from .base import Capabilities, UnsupportedError
 from .validation import score_scale
 
@@ -45,9 +47,18 @@ RECOMPILE_LIMIT = 4096
 _compiled: dict = {}  # dynamic (bool) -> the compiled flex_attention
 
 
+def use_cache_folder() -> None:
+    """Point Inductor at this project's cache folder for the CPU capability in force, before anything in torch asks
+    where its cache is: the first to ask (the vector ISA check included) fixes it for the process, at Inductor's
+    default folder shared by every process of the user."""
+    for key, value in cache.torch_environment().items():
+        os.environ.setdefault(key, value)
+
+
 def compiled_flex(dynamic: bool = True):
     """``torch.compile(flex_attention, dynamic=dynamic)``, shared by every layer of this process."""
     if dynamic not in _compiled:
+        use_cache_folder()
         import torch
         import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
@@ -210,6 +221,7 @@ class TorchFlexAdapter(_torch.TorchAdapter):
 def inductor_vector_bits() -> int | None:
     """The vector width Inductor compiles CPU code for in this process (it follows ATEN_CPU_CAPABILITY and the
     CPU: torch/_inductor/cpu_vec_isa.py, pick_vec_isa), None for none; 0 where torch cannot say."""
+    use_cache_folder()  # the ISA check compiles a probe into the cache folder, and fixes which folder that is
     try:
         from torch._inductor import cpu_vec_isa
         isa = cpu_vec_isa.pick_vec_isa()

@@ -210,3 +210,24 @@ def test_calls_whose_mods_read_more_than_positions_compile_for_their_shape():
     assert static_shapes(layer.validate(x3, x6, causal="bottom_right"), None)
     assert static_shapes(layer.validate(x3, x6, causal=True, query_offset=np.array([0, 3])), None)
     assert static_shapes(layer.validate(x6, x6, softcap=5.0), None)
+
+
+def test_inductor_cache_is_kept_per_cpu_capability(monkeypatch, tmp_path):
+    """A program Inductor compiled under AVX-512 and loaded under ATEN_CPU_CAPABILITY=avx2 gives wrong decode
+    outputs, so the cache folder depends on the setting; with caching off Inductor's own default folder (shared by
+    every process) is not used either. The ISA check asks for the folder first, so it must be set by then."""
+    from mhabench.impls import cache
+    monkeypatch.setenv(cache.ENV, str(tmp_path))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    native = cache.torch_environment()["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    avx2 = cache.torch_environment()["TORCHINDUCTOR_CACHE_DIR"]
+    assert native != avx2 and avx2.endswith("avx2") and native.startswith(str(tmp_path))
+    monkeypatch.setenv(cache.ENV, "off")
+    assert cache.torch_environment() == {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    monkeypatch.setenv(cache.ENV, str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from mhabench.impls import torch_flex
+    torch_flex.use_cache_folder()
+    import os
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == avx2
