@@ -287,7 +287,8 @@ def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype
     """Scores: where the golden's row is NaN, the row has NaN somewhere and exactly 0 everywhere else (the
     softmax of a row holding NaN/Inf logits zeroes the finite ones); every other row matches the golden."""
     return _nan_rows_only_at_nonfinite_logits(goldens.get(policy, "float64", form)[quantity],
-                                              goldens.get(policy, dtype, form)[quantity], actual, quantity, dtype, compare)
+                                              goldens.get(policy, dtype, form)[quantity], actual, quantity, dtype,
+                                              compare)
 
 
 def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare, policy="zeros",

@@ -2,11 +2,11 @@
 
 One directory, ``$MHABENCH_CACHE_DIR`` or ``~/.cache/mhabench`` (``$XDG_CACHE_HOME`` respected), with a
 folder per compiler: ``jax/`` (XLA's persistent compilation cache, used by the JAX adapters and Keras on
-JAX, every program cached however small or quick to compile), ``inductor/<setting>/`` (torch.compile's, one per ``ATEN_CPU_CAPABILITY`` setting), ``onnx/``
-(the graphs ``torch.onnx.export`` exported and the models onnxruntime optimised); and ``costs/``, what
-this machine's earlier runs measured, from which a run with a time budget plans its work. Delete it to
-start cold; move it with the variable (``mhabench conform --cache-dir`` sets it). Set
-``MHABENCH_CACHE_DIR=off`` to keep nothing.
+JAX, every program cached however small or quick to compile), ``inductor/<setting>/`` (torch.compile's,
+one per ``ATEN_CPU_CAPABILITY`` setting), ``onnx/`` (the graphs ``torch.onnx.export`` exported and the
+models onnxruntime optimised); and ``costs/``, what this machine's earlier runs measured, from which a run
+with a time budget plans its work. Delete it to start cold; move it with the variable (``mhabench conform
+--cache-dir`` sets it). Set ``MHABENCH_CACHE_DIR=off`` to keep nothing.
 """
 from __future__ import annotations
 

@@ -164,8 +164,8 @@ class TorchFlexLayer(_torch.ProjectedLayer):
 
     def _heads(self, q, k, v, mask, bias, dropout_p, call):
         flex = compiled_flex(not static_shapes(call, bias)) if self.mode == "compiled" else self.flex.flex_attention
-        return flex(q, k, v, score_mod=score_mod(bias, call.softcap), block_mask=mask, scale=score_scale(self.spec, call),
-                    enable_gqa=self.spec.kv_heads != self.spec.num_heads)
+        return flex(q, k, v, score_mod=score_mod(bias, call.softcap), block_mask=mask,
+                    scale=score_scale(self.spec, call), enable_gqa=self.spec.kv_heads != self.spec.num_heads)
 
     def _run(self, inputs, return_scores, training, seed):
         raise UnsupportedError(self.adapter.name, "this call", "flex_attention returns no attention probabilities")
