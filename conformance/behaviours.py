@@ -143,10 +143,21 @@ class CaseProperties:
 
     def __init__(self):
         self._cases: dict | None = None  # the default matrix by id, indexed on first use
+        self._given: dict = {}  # cases being judged, by id: a hypothesis-drawn case cannot be rebuilt from its id
         self._known: dict[tuple[str, str], bool] = {}
 
+    def judging(self, case) -> None:
+        """Consult ``case`` itself for its id from now on (the case a row is being judged for): its properties
+        are its own, even where its id names no case of the matrix (hypothesis draws)."""
+        if self._given.get(case.id) is not case:
+            self._given[case.id] = case
+            self._known = {key: value for key, value in self._known.items() if key[0] != case.id}
+
     def case(self, case_id: str):
-        """The case behind ``case_id`` (the default matrix, or a random case rebuilt from its id), or None."""
+        """The case behind ``case_id`` (one being judged, the default matrix, or a random case rebuilt from its
+        id), or None."""
+        if case_id in self._given:
+            return self._given[case_id]
         if self._cases is None:
             self._cases = {case.id: case for case in default_cases()}
         if case_id not in self._cases:

@@ -165,6 +165,7 @@ def evaluate_case(adapter_name: str, case: Case, dtypes, entries=None, memory_bu
                            f"MiB, over the memory budget of {memory_budget / 2**20:.1f} MiB")
     inputs = case.inputs()
     goldens = Goldens(case, inputs)
+    catalogue.properties.judging(case)
     rows = []
     for dtype in dtypes:
         rows.extend(_evaluate_dtype(adapter, case, dtype, inputs, goldens, catalogue, device))

@@ -201,3 +201,22 @@ def test_a_check_is_judged_against_the_policy_its_entry_names(tmp_path):
     with pytest.raises(ValueError, match="exactly one of"):
         _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["numpy_oracle"]\nobserved="o"\n'
                                          'behaviour="nonfinite_input_poisons_batch"\noracle_policy="uniform"\n')
+
+
+def test_a_drawn_case_is_judged_by_its_own_properties():
+    """A hypothesis-drawn case cannot be rebuilt from its id, so a catalogue entry with a ``when`` property
+    covers its rows only because the case being judged is consulted itself: Keras's TensorFlow bias_add
+    shortcut (key_dim 1, a key length equal to the head count) is a divergence on such a case, not a fail."""
+    from mhabench.conformance.cases import Case
+    drawn = Case.from_dict({"id": "hyp0-1_2-heads2_kd1-mask_none", "area": "random", "spec": {
+        "num_heads": 2, "key_dim": 1, "value_dim": None, "output_shape": None, "attention_axes": None,
+        "use_bias": True, "dropout": 0.0, "num_kv_heads": None}, "batch": 1, "q_shape": [1], "k_shape": [2],
+        "query_dim": 1, "key_dim": 1, "value_dim": 1, "key_distinct": False, "mask": "none", "causal": False,
+        "scale": 1.0, "special": None, "seed": 0, "shared_input": False, "quick": False, "mask_lead": None,
+        "gradients": True, "dtypes": None, "window": None, "bias": None, "lengths": None})
+    assert find_case(drawn.id) is None
+    entries = catalogue.load()
+    entry = entries.get("keras_mha-tensorflow-bias_add-shortcut")
+    assert not entries.covers(entry, "keras_mha", drawn.id, "float32", "output")
+    entries.properties.judging(drawn)
+    assert entries.covers(entry, "keras_mha", drawn.id, "float32", "output")
