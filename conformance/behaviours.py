@@ -33,11 +33,6 @@ def _masked_empty_rows_only(case) -> bool:
     return bool(np.array_equal(np.broadcast_to(by_all, shape), np.broadcast_to(by_masking, shape)))
 
 
-def _top_left_causal_kv_lengths(case) -> bool:
-    call = case.call()
-    return call.top_left_causal and call.key_value_lengths is not None
-
-
 def _empty_rows(case) -> bool:
     allowed = case.call().flat_allowed()
     return allowed is not None and not np.all(np.any(allowed, axis=-1))
@@ -83,6 +78,17 @@ def _nonfinite_query(case) -> bool:
     return bool(np.any(_bad_positions(case.call(), "query")))
 
 
+def _unread_nonfinite_query(case) -> bool:
+    """A NaN/Inf query in a row that reads nothing (no allowed key for any head: fully masked, or past its query
+    length), whose output and gradients are canonically finite."""
+    call = case.call()
+    allowed = call.flat_allowed()
+    if allowed is None:
+        return False
+    empty = ~np.any(allowed, axis=(1, 3))  # [N, T]: rows no head reads anything in
+    return bool(np.any(_bad_positions(call, "query") & empty))
+
+
 def _keras_tf_bias_add_shortcut(case) -> bool:
     """Shapes on which Keras's TensorFlow ``ops.add`` takes its ``tf.nn.bias_add`` shortcut along the wrong axis
     inside MultiHeadAttention's projections (keras/src/backend/tensorflow/numpy.py ``add``; the report is
@@ -109,7 +115,6 @@ CASE_PROPERTIES = {
     or case.window is not None or case.lengths is not None or case.bias in ("neg_inf", "neg_inf_row"),
     "causal": lambda case: case.causal,
     # causal on the top-left diagonal (or bottom-right with T == S, the same triangle) with key/value lengths
-    "top_left_causal_kv_lengths": _top_left_causal_kv_lengths,
     "empty_rows": _empty_rows,                  # a query row with no allowed key
     "masked_empty_rows_only": _masked_empty_rows_only,  # ... and each is emptied by masking, not query lengths or -inf
     "nonfinite": _nonfinite,                    # a NaN or Inf in an input
@@ -117,6 +122,8 @@ CASE_PROPERTIES = {
     "masked_nonfinite_key": _masked_nonfinite_key,  # the same, in the key (so in the logits)
     "masked_nonfinite_value": _masked_nonfinite_value,  # the same, in the value
     "nonfinite_query": _nonfinite_query,        # a NaN or Inf in the query
+    "finite_query": lambda case: not _nonfinite_query(case),  # none there
+    "unread_nonfinite_query": _unread_nonfinite_query,  # a NaN or Inf query in a row that reads nothing
     "rank3": lambda case: len(case.q_shape) == 1,  # one sequence axis: [batch, length, features]
     # Keras's MultiHeadAttention calls ops.dot_product_attention (its fused path) only for rank-3 inputs
     # without dropout (keras/src/layers/attention/multi_head_attention.py, _compute_attention); a layer with
@@ -193,14 +200,19 @@ def _nan_row_output_is_bias(expected: np.ndarray, inputs, quantity: str) -> np.n
     return out
 
 
-def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
-    """The float64 result when the logits are scaled by ``scale`` instead of 1/sqrt(key_dim).
+def _call_scale(inputs) -> float:
+    """The scale of the case's logits: its ``scale=``, else 1/sqrt(key_dim)."""
+    return inputs.scale if inputs.scale is not None else 1.0 / np.sqrt(inputs.spec.key_dim)
 
-    Scaling the query by ``scale`` equals scaling Wq and bq by ``r = scale * sqrt(key_dim)`` under the exact
+
+def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
+    """The float64 result when the logits are scaled by ``scale`` instead of the call's scale (:func:`_call_scale`).
+
+    Scaling the query by ``scale`` equals scaling Wq and bq by ``r = scale / call's scale`` under the exact
     scale, so the oracle computes it; the gradients of Wq and bq pick up the factor ``r`` once more (chain rule).
     """
     from mhabench.impls import Weights, oracle, oracle_backward
-    r = scale * np.sqrt(inputs.spec.key_dim)
+    r = scale / _call_scale(inputs)
     arrays = dict(inputs.weights.as_dict())
     arrays["Wq"] = arrays["Wq"] * r
     if "bq" in arrays:
@@ -216,35 +228,19 @@ def _with_scale(inputs, quantity: str, scale: float) -> np.ndarray:
 
 
 def _scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 result when the 1/sqrt(key_dim) scale is first rounded to float32 (float64 rows only)."""
-    return _with_scale(inputs, quantity, float(np.float32(1.0 / np.sqrt(inputs.spec.key_dim))))
+    """The float64 result when the call's scale (1/sqrt(key_dim) by default) is first rounded to float32 (float64
+    rows only)."""
+    return _with_scale(inputs, quantity, float(np.float32(_call_scale(inputs))))
 
 
 def _sqrt_scale_rounded_to_float32(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 result of the ONNX Attention operator's function body (onnx 1.23): it computes
-    ``sqrt(1 / sqrt(key_dim))`` in float32 (from the head size cast to float32) and multiplies q and k by it,
-    so the logits are scaled by that float32 number squared (float64 rows only)."""
+    """The float64 result of the ONNX Attention operator's function body (onnx 1.23): it computes the square root of
+    the scale in float32 (the ``scale`` attribute, a float32 as every ONNX float attribute; by default
+    ``1 / sqrt(key_dim)`` from the head size cast to float32) and multiplies q and k by it, so the logits are
+    scaled by that float32 number squared (float64 rows only)."""
     f32 = np.float32
-    root = f32(np.sqrt(f32(f32(1) / f32(np.sqrt(f32(inputs.spec.key_dim))))))
-    return _with_scale(inputs, quantity, float(root) ** 2)
-
-
-def _causal_from_kv_lengths(expected: np.ndarray, inputs, quantity: str) -> np.ndarray:
-    """The float64 forward when the causal diagonal of each sequence sits at its key/value length: query row i
-    may attend key j iff ``j <= i + key_value_lengths[b] - T`` (instead of the call's diagonal, ``j <= i`` when
-    T == S or top-left). The ONNX Attention operator's ``is_causal`` with ``nonpad_kv_seqlen`` (opset 24) reads
-    the lengths as an external KV cache whose last T entries are the queries. Every other restriction stays."""
-    from mhabench.impls import oracle
-    from mhabench.impls.validation import band_mask
-    call = oracle.prepare(inputs.spec, inputs.weights, *inputs.args(), **inputs.features())
-    T, S, nb = call.q_len, call.k_len, call.n_batch
-    lengths = call.flat_lengths()[1]
-    band = np.stack([band_mask(0, T, S, offset=int(n) - T, causal=True) for n in lengths])  # [N, T, S]
-    band = band.reshape(call.scores_shape[:nb] + (1,) + call.scores_shape[nb + 1:])
-    mask = band if call.mask is None else np.logical_and(call.mask, band)
-    out, scores = oracle.forward(inputs.spec, inputs.weights, inputs.query, inputs.value, inputs.key, mask, False,
-                                 **inputs.features())
-    return scores if quantity == "scores" else out
+    scale = f32(inputs.scale) if inputs.scale is not None else f32(f32(1) / f32(np.sqrt(f32(inputs.spec.key_dim))))
+    return _with_scale(inputs, quantity, float(f32(np.sqrt(scale))) ** 2)
 
 
 @dataclass(frozen=True)
@@ -276,8 +272,6 @@ BEHAVIOURS: dict[str, Callable[[np.ndarray, object, str], np.ndarray] | Modelled
     "nan_row_output_is_bias": _nan_row_output_is_bias,
     "scale_rounded_to_float32": _scale_rounded_to_float32,
     "sqrt_scale_rounded_to_float32": _sqrt_scale_rounded_to_float32,
-    # ONNX Attention's is_causal with nonpad_kv_seqlen: each sequence's diagonal at its key/value length
-    "causal_from_kv_lengths": _causal_from_kv_lengths,
     # jax.nn.dot_product_attention's XLA path: masked logits replaced by a large finite negative, a -inf bias
     # kept, the rows past the query lengths zeroed
     "jax_masked_logits_filled": Modelled("jax_filled_attention"),
@@ -299,23 +293,27 @@ def _nan_rows_only_at_nonfinite_logits(golden, reference, actual, quantity, dtyp
     return bool(shaped) and compare(golden[~nan_rows], reference[~nan_rows], actual[~nan_rows], dtype, quantity).ok
 
 
-def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+def _nan_rows_keep_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """Scores: where the golden's row is NaN, the row has NaN somewhere and exactly 0 everywhere else (the
     softmax of a row holding NaN/Inf logits zeroes the finite ones); every other row matches the golden."""
-    return _nan_rows_only_at_nonfinite_logits(goldens.get("zeros", "float64")[quantity],
-                                              goldens.get("zeros", dtype)[quantity], actual, quantity, dtype, compare)
+    return _nan_rows_only_at_nonfinite_logits(goldens.get(policy, "float64", form)[quantity],
+                                              goldens.get(policy, dtype, form)[quantity], actual, quantity, dtype,
+                                              compare)
 
 
-def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare) -> bool:
+def _poisoned_batch_scores_nan_only_at_nonfinite_logits(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """As nan_rows_keep_nan_only_at_nonfinite_logits, after a NaN/Inf input anywhere (masked or not) has made
     every row of its batch element NaN (nonfinite_input_poisons_batch)."""
     poison = lambda a: _nonfinite_input_poisons_batch(np.asarray(a, np.float64), goldens.inputs, quantity)
-    return _nan_rows_only_at_nonfinite_logits(poison(goldens.get("zeros", "float64")[quantity]),
-                                              poison(goldens.get("zeros", dtype)[quantity]), actual, quantity,
+    return _nan_rows_only_at_nonfinite_logits(poison(goldens.get(policy, "float64", form)[quantity]),
+                                              poison(goldens.get(policy, dtype, form)[quantity]), actual, quantity,
                                               dtype, compare)
 
 
-def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quantity, dtype, compare) -> bool:
+def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """The value gradient after a softmax that returns, for a row holding a NaN or Inf logit, NaN at those
     positions and exactly 0 at the others: in each batch element with a NaN/Inf key (masked or not), the gradient
     is NaN at every key position holding one and NaN or exactly 0 everywhere else (the rows' weights there are
@@ -326,31 +324,34 @@ def _value_gradient_nan_at_nonfinite_keys_zero_elsewhere(actual, goldens, quanti
     batches = bad_keys.reshape(len(key), -1).any(axis=1)
     if quantity != "grad_value" or not batches.any():
         return False
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    golden = np.asarray(goldens.get(policy, "float64", form)[quantity], np.float64)
+    reference = np.asarray(goldens.get(policy, dtype, form)[quantity], np.float64)
     poisoned = actual[batches]
     shaped = bool(np.isnan(actual[bad_keys]).all() and np.all(np.isnan(poisoned) | (poisoned == 0)))
     return shaped and compare(golden[~batches], reference[~batches], actual[~batches], dtype, quantity).ok
 
 
-def _introduces_nan(actual, goldens, quantity, dtype, compare) -> bool:
+def _introduces_nan(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """NaN where the golden is finite, and everywhere else within tolerance of the golden."""
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    golden = np.asarray(goldens.get(policy, "float64", form)[quantity], np.float64)
+    reference = np.asarray(goldens.get(policy, dtype, form)[quantity], np.float64)
     new_nan = np.isnan(actual) & np.isfinite(golden)
     rest = ~np.isnan(actual)
     return bool(new_nan.any()) and compare(golden[rest], reference[rest], actual[rest], dtype, quantity).ok
 
 
-def _finite_and_off(actual, goldens, quantity, dtype, compare) -> bool:
+def _finite_and_off(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """NaN and Inf exactly where the golden has them, but the values outside tolerance."""
-    golden = np.asarray(goldens.get("zeros", "float64")[quantity], np.float64)
-    reference = np.asarray(goldens.get("zeros", dtype)[quantity], np.float64)
+    golden = np.asarray(goldens.get(policy, "float64", form)[quantity], np.float64)
+    reference = np.asarray(goldens.get(policy, dtype, form)[quantity], np.float64)
     result = compare(golden, reference, actual, dtype, quantity)
     return not result.ok and not result.nonfinite
 
 
-def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> bool:
+def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare, policy="zeros",
+        form="probs") -> bool:
     """Finite everywhere, yet unlike what any fully-masked-row policy of the oracle gives."""
     if not np.all(np.isfinite(actual)):
         return False
@@ -359,7 +360,9 @@ def _finite_but_matches_no_policy(actual, goldens, quantity, dtype, compare) -> 
 
 
 # Named predicates, for behaviours whose exact values no model here reproduces:
-# (actual, goldens, quantity, dtype, compare) -> whether the actual array shows the behaviour.
+# (actual, goldens, quantity, dtype, compare, policy, form) -> whether the actual array shows the behaviour,
+# judged against the golden of the entry's fully-masked-row ``policy`` and backward ``form`` (canonical unless
+# the entry names them: a framework whose empty rows follow another policy shows a NaN on top of that one).
 CHECKS: dict[str, Callable] = {
     "nan_rows_keep_nan_only_at_nonfinite_logits": _nan_rows_keep_nan_only_at_nonfinite_logits,
     "finite_but_matches_no_policy": _finite_but_matches_no_policy,

@@ -12,7 +12,8 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
     observed = "what the implementation does"
     oracle_policy = "nan"                    # the oracle's fully_masked policy that reproduces it, or
     behaviour = "..."                        # a named transformation of the golden in BEHAVIOURS, or
-    check = "..."                            # a named predicate on (golden, actual) in CHECKS, or
+    check = "..."                            # a named predicate on (golden, actual) in CHECKS (the golden of
+                                             # its oracle_policy and backward_form where given), or
     max_error_ratio = 6.0                    # a precision shortfall: fails only on magnitude, ratio <= this
     precision = "float32"                    # optional, alone or with a policy/behaviour: judged as computed
                                              # in this dtype (reference and floor of that dtype)
@@ -190,11 +191,11 @@ def _entry(raw: dict, source: str) -> Entry:
         if not raw.get(key):
             raise ValueError(f"{where}: '{key}' is required")
     given = {k: READ.get(k, lambda value, key, where: value)(v, k, where) for k, v in raw.items() if v is not None}
-    kinds = [k for k in HOW if k in given]
+    kinds = [k for k in HOW if k in given and not (k == "oracle_policy" and "check" in given)]
     if len(kinds) > 1 or (not kinds and "precision" not in given and "backward_form" not in given):
         raise ValueError(f"{where}: give exactly one of oracle_policy, behaviour, check and max_error_ratio "
-                         f"(or precision or backward_form alone), so the entry can be checked; got "
-                         f"{kinds or 'none'}")
+                         f"(or precision or backward_form alone; a check may name the oracle_policy it is judged "
+                         f"against), so the entry can be checked; got {kinds or 'none'}")
     given["cases"] = given.get("cases") or ("*",)
     return Entry(**given, source=source)
 
@@ -354,7 +355,8 @@ def reproduce(entry: Entry, quantity: str, dtype: str, actual, goldens, canonica
                  and canonical.error_ratio <= entry.max_error_ratio and not canonical.nonfinite)
         return Shown(shows, canonical)
     if entry.check is not None:
-        shows = CHECKS[entry.check](np.asarray(actual, np.float64), goldens, quantity, judged_as, compare)
+        shows = CHECKS[entry.check](np.asarray(actual, np.float64), goldens, quantity, judged_as, compare, policy,
+                                    form)
         return Shown(bool(shows), canonical)
     if entry.behaviour is not None:
         behaviour = BEHAVIOURS[entry.behaviour]

@@ -35,10 +35,11 @@ def _oracle_backward():
 
 def case_row(adapter, case: Case | InvalidCase, dtype: str, quantity: str, device: str = "cpu", **verdict) -> Row:
     """The row of ``adapter x case x dtype x quantity``: what the adapter and the case were, and ``verdict``
-    (status, message, figures, what the adapter recorded about the call)."""
+    (status, message, figures, what the adapter recorded about the call; a fact of ``ADAPTER_FACTS`` given there,
+    such as the opset of the graph this call ran, replaces the adapter's)."""
+    facts = {fact: verdict.pop(fact) if fact in verdict else getattr(adapter, fact) for fact in ADAPTER_FACTS}
     return Row(adapter=adapter.name, framework_version=adapter.version(), case=case.id, area=case.area, dtype=dtype,
-               device=device, quantity=quantity, **{fact: getattr(adapter, fact) for fact in ADAPTER_FACTS},
-               **case.row_fields(), **verdict)
+               device=device, quantity=quantity, **facts, **case.row_fields(), **verdict)
 
 
 def status_rows(adapter, case: Case | InvalidCase, dtypes, status: str, message: str, quantities=None) -> list[Row]:
@@ -204,6 +205,7 @@ def _evaluate_dtype(adapter, case, dtype, inputs, goldens, catalogue, device) ->
             return rows()
         layer = adapter.build(i.spec, i.weights, dtype=dtype, device=device, mode=mode)
         recorded["emulated"] = ", ".join(layer.emulations(call)) or None
+        recorded["opset"] = layer.call_opset(call)
     except UnsupportedError as exc:
         finish(verdicts, Status.UNSUPPORTED, exc.reason, started)
         return rows()

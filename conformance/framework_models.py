@@ -13,8 +13,8 @@ import numpy as np
 
 from mhabench.impls import oracle
 from mhabench.impls.oracle import group_sum
-from mhabench.impls.oracle_backward import projection_gradients
-from mhabench.impls.validation import flatten, numpy_dtype
+from mhabench.impls.oracle_backward import projection_gradients, softcap_backward
+from mhabench.impls.validation import flatten, numpy_dtype, score_scale
 
 
 def jax_filled_attention(inputs, dtype: str = "float64") -> dict[str, np.ndarray]:
@@ -119,15 +119,13 @@ def _attention_model(inputs, weights_of, grad_where_masked: bool = False, dtype:
     i = inputs
     call = oracle.prepare(i.spec, i.weights, *i.args(), **i.features())
     spec, num = i.spec, oracle.Numerics(dtype)
-    w, x, q, k, v = oracle._projections(spec, i.weights, call, num)  # q already scaled by 1/sqrt(key_dim)
+    w, x, q, k, v = oracle._projections(spec, i.weights, call, num)  # q already scaled (the call's scale)
     H, Hkv = spec.num_heads, spec.kv_heads
     K, V = oracle.expand_heads(k, H), oracle.expand_heads(v, H)
     N, _, T, _ = q.shape
     with np.errstate(all="ignore"):
-        logits = num(q @ np.swapaxes(K, -1, -2))
         bias = call.flat_bias()
-        if bias is not None:
-            logits = num(logits + num.cast(bias))
+        logits = oracle.logits(num, q, k, bias, softcap=call.softcap)  # scaled, soft-capped, biased
         masked = call.allowed_block(bias=False)
         allowed = np.ones((1, 1, 1, 1), bool) if masked is None else masked
         allowed = np.broadcast_to(allowed, logits.shape)
@@ -156,7 +154,9 @@ def _attention_model(inputs, weights_of, grad_where_masked: bool = False, dtype:
             g_logits = np.where(allowed, g_logits, 0.0)  # a filled position is a constant
         if bias is not None:
             grads["bias"] = call.bias_gradient(g_logits)
-        g_q = num(num(g_logits @ K) * num(1.0 / math.sqrt(spec.key_dim)))
+        if call.softcap is not None:
+            g_logits = softcap_backward(num, q, k, call.softcap, g_logits)
+        g_q = num(num(g_logits @ K) * num(score_scale(spec, call)))
         g_k = num(group_sum(np.swapaxes(g_logits, -1, -2) @ q, Hkv))
         gradients = projection_gradients(call, num, w, x, g_q, g_k, g_v, grads)
     result.update({f"grad_{name}": g for name, g in gradients.items()})

@@ -187,10 +187,12 @@ class JaxAdapter(Adapter):
 
 class Flags(NamedTuple):
     """The static part of a call the jitted functions specialise on: causal through the framework's own
-    ``is_causal`` (top-left), and the window as the framework's ``local_window_size`` (or None)."""
+    ``is_causal`` (top-left), the window as the framework's ``local_window_size`` (or None), and the logit scale
+    (None: the framework's default 1/sqrt(head_dim))."""
 
     causal: bool
     window: tuple[int, int] | None = None
+    scale: float | None = None
 
 
 class JaxLayer(Layer):
@@ -243,11 +245,9 @@ class JaxLayer(Layer):
         """The may-attend mask the with-scores call forms its weights with (everything, by default)."""
         return mask_array(call.flat_allowed(), self.jax_device)
 
-    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True, window=None,
-                 bias=None, query_lengths=None, key_value_lengths=None):
-        call = self._validated(query, value, key, mask, causal, dict(
-            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
-            return_scores=scores, gradients=cotangent is not None)
+    def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None, scores=True, **features):
+        call = self._validated(query, value, key, mask, causal, features, return_scores=scores,
+                               gradients=cotangent is not None)
         inputs = self._native(call)
         with precision_scope(self.dtype):
             ct = None if cotangent is None else array(cotangent, self.dtype, self.jax_device)

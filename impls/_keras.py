@@ -17,7 +17,7 @@ import numpy as np
 
 from ..schema import Refusal
 from . import cache, memory, worker
-from .base import Adapter, Layer, UnsupportedError, kernel_refusals, to_numpy
+from .base import Adapter, Layer, UnsupportedError, emulated, kernel_refusals, to_numpy
 from .facts import ONEDNN_ISA_CAP, Switch
 from .spec import Weights
 from .validation import numpy_dtype
@@ -322,9 +322,10 @@ def default_rank(spec) -> int | None:
 
 
 def native_causal_ok(call, flattened: bool = False) -> bool:
-    """Keras's own causal mask (a triangle over axis 1) is ours exactly when axis 1 is the only attended axis (or
-    the layer sees the call ``flattened`` to one sequence axis) and the alignment is top-left (or T == S)."""
-    return (flattened or call.attention_axes == (1,)) and (call.top_left_causal or not call.causal)
+    """Keras's own causal mask (a triangle over axis 1) and sliding window (around its diagonal) are ours exactly
+    when axis 1 is the only attended axis (or the layer sees the call ``flattened`` to one sequence axis) and the
+    diagonal is top-left for every sequence (bottom-right with T == S, or query offsets of 0)."""
+    return (flattened or call.attention_axes == (1,)) and not np.any(call.diagonal_offsets)
 
 
 def sliding_window(call, flattened: bool = False) -> int | None:
@@ -511,12 +512,8 @@ class KerasAttentionLayer(Layer):
         return allowed, value_mask, causal, window
 
     def emulations(self, call):
-        causal = call.causal and not native_causal_ok(call, self.flattens)
-        bottom_right = causal and call.causal_alignment == "bottom_right" and call.q_len != call.k_len
-        used = (("causal", causal and not bottom_right), ("causal_bottom_right", bottom_right),
-                ("window", call.window is not None and sliding_window(call, self.flattens) is None),
-                ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
-        return tuple(name for name, on in used if on)
+        return emulated(call, causal=not native_causal_ok(call, self.flattens),
+                        window=sliding_window(call, self.flattens) is None, lengths=True)
 
     def _native(self, call, requires_grad=False):
         t = lambda x: self.ops.tensor(x, self.dtype, requires_grad)

@@ -32,7 +32,8 @@ FEATURES: dict[str, str] = {feature.value: feature.description for feature in Fe
 # exact semantics in validate_call. An adapter written before they existed never silently ignores one.
 EXTENSION_FEATURES: tuple[str, ...] = tuple(feature.value for feature in Feature if feature.opt_in)
 # The call-level keyword arguments of validate_call, oracle.forward and Layer.__call__ beyond the classic ones.
-CALL_FEATURE_ARGS: tuple[str, ...] = ("window", "bias", "query_lengths", "key_value_lengths")
+CALL_FEATURE_ARGS: tuple[str, ...] = ("window", "bias", "query_lengths", "key_value_lengths", "query_offset", "softcap",
+                                      "scale")
 # How a layer runs: op by op ("eager"); traced into a graph the framework runs without an optimising compiler
 # ("graph": TensorFlow's tf.function without XLA); compiled (jax.jit, XLA, torch.compile).
 MODES = ("eager", "graph", "compiled")
@@ -116,7 +117,9 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
 
     ``gqa`` is a spec feature (the weights' shapes depend on it), so ``build`` already refuses it; the other
     modern features are call features: ``causal_bottom_right`` only where T != S (elsewhere it is plain
-    ``causal``, which a bottom-right call also uses), ``window``, ``bias``, ``lengths``."""
+    ``causal``, which a bottom-right call also uses), ``window``, ``bias``, ``lengths``; ``query_offset`` only
+    where an offset is not 0 and causal or a window reads it (elsewhere the positions change nothing);
+    ``softcap`` and ``scale`` whenever given."""
     q_dim, k_dim, v_dim = dims
     used = set()
     if k_dim != q_dim or v_dim != q_dim:
@@ -154,7 +157,7 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
         if call.causal:
             used.add("causal")
             # Bottom-right equals top-left when T == S: only a call where they differ relies on the alignment.
-            if not call.top_left_causal:
+            if call.causal_alignment == "bottom_right" and call.q_len != call.k_len:
                 used.add("causal_bottom_right")
         if call.window is not None:
             used.add("window")
@@ -162,7 +165,28 @@ def features_used(spec: AttentionSpec, dims: tuple[int, int, int], call: Call | 
             used.add("bias")
         if call.query_lengths is not None or call.key_value_lengths is not None:
             used.add("lengths")
+        if call.uses_query_offset:
+            used.add("query_offset")
+        if call.softcap is not None:
+            used.add("softcap")
+        if call.scale is not None:
+            used.add("scale")
     return used
+
+
+def emulated(call: Call, *, causal: bool = False, window: bool = False, lengths: bool = False) -> tuple[str, ...]:
+    """What a layer records as emulated (``Layer.emulations``) when it builds the call's causal triangle, its window
+    or its lengths into a mask because its framework has no argument for them: causal under the name of the
+    diagonal it is measured from (:attr:`Call.causal_feature`: per-sequence positions, bottom-right or plain), the
+    window, and with it ``query_offset`` where the window is measured from per-sequence positions."""
+    names = []
+    if causal and call.causal:
+        names.append(call.causal_feature)
+    if window and call.window is not None:
+        names += ["window"] + (["query_offset"] if call.uses_query_offset else [])
+    if lengths and (call.query_lengths is not None or call.key_value_lengths is not None):
+        names.append("lengths")
+    return tuple(dict.fromkeys(names))
 
 
 def _given(**features) -> dict:
@@ -438,9 +462,10 @@ class Layer:
 
     def validate(self, query, value, key=None, mask=None, causal=False, *, return_scores=False,
                  training=False, gradients=False, window=None, bias=None, query_lengths=None,
-                 key_value_lengths=None) -> Call:
+                 key_value_lengths=None, query_offset=None, softcap=None, scale=None) -> Call:
         call = validate_call(self.spec, self.dims, query, value, key, mask, causal, window=window, bias=bias,
-                             query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+                             query_lengths=query_lengths, key_value_lengths=key_value_lengths,
+                             query_offset=query_offset, softcap=softcap, scale=scale)
         reason = self.adapter.unsupported_reason(self.spec, self.dims, dtype=self.dtype, device=self.device,
                                                  mode=self.mode, call=call, return_scores=return_scores,
                                                  training=training, gradients=gradients)
@@ -451,14 +476,16 @@ class Layer:
         return call
 
     def __call__(self, query, value, key=None, mask=None, causal=False, return_scores=False, *,
-                 training=False, seed=None, window=None, bias=None, query_lengths=None, key_value_lengths=None):
+                 training=False, seed=None, window=None, bias=None, query_lengths=None, key_value_lengths=None,
+                 query_offset=None, softcap=None, scale=None):
         """Run the layer. Returns ``(output, scores)`` as NumPy arrays in the layer's dtype; ``scores`` is
         None unless ``return_scores`` (off by default, as Keras's ``return_attention_scores``: the default
         call is the framework's, the path its users run). ``causal`` (False, True, "top_left",
-        "bottom_right"), ``window``, ``bias`` and the lengths mean what :func:`impls.validation.validate_call`
-        says."""
+        "bottom_right"), ``window``, ``bias``, the lengths, ``query_offset``, ``softcap`` and ``scale`` mean
+        what :func:`impls.validation.validate_call` says."""
         call = self._validated(query, value, key, mask, causal, dict(
-            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths,
+            query_offset=query_offset, softcap=softcap, scale=scale),
             return_scores=return_scores, training=training)
         out, scores = self._forward(call, bool(return_scores), bool(training), seed)
         out = to_numpy(out, self.dtype)
@@ -473,7 +500,8 @@ class Layer:
         return out, None
 
     def gradients(self, query, value, key=None, mask=None, causal=False, cotangent=None, *, window=None,
-                  bias=None, query_lengths=None, key_value_lengths=None) -> dict[str, np.ndarray]:
+                  bias=None, query_lengths=None, key_value_lengths=None, query_offset=None, softcap=None,
+                  scale=None) -> dict[str, np.ndarray]:
         """Gradients of ``sum(output * cotangent)`` in the canonical layout, float64.
 
         Keys: ``query``, ``value``, ``key`` (only when a key was given; otherwise
@@ -481,8 +509,8 @@ class Layer:
         the adapter differentiates a given bias (the oracle does).
         """
         call = self._validated(query, value, key, mask, causal, dict(
-            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
-            gradients=True)
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths,
+            query_offset=query_offset, softcap=softcap, scale=scale), gradients=True)
         if cotangent is None:
             raise TypeError(f"cotangent must be an array of the output's shape {list(call.output_shape)}, got None")
         ct = check_cotangent(call, cotangent)
@@ -491,13 +519,14 @@ class Layer:
 
     def evaluate(self, query, value, key=None, mask=None, causal=False, *, cotangent=None,
                  scores: bool = True, window=None, bias=None, query_lengths=None,
-                 key_value_lengths=None) -> dict[str, np.ndarray]:
+                 key_value_lengths=None, query_offset=None, softcap=None, scale=None) -> dict[str, np.ndarray]:
         """Everything conformance judges about one call, in one go: ``output`` (the default call),
         ``output_with_scores`` and ``scores`` (when ``scores``) and, when a ``cotangent`` is given,
         ``gradients`` (a dict as :meth:`gradients` returns). A framework that compiles can override
         this to build one program for all of them; by default, one call per path. The call-level
         features mean what :meth:`__call__` says."""
-        features = _given(window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+        features = _given(window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths,
+                          query_offset=query_offset, softcap=softcap, scale=scale)
         result = {"output": self(query, value, key, mask, causal, return_scores=False, **features)[0]}
         if scores:
             result["output_with_scores"], result["scores"] = self(query, value, key, mask, causal,
@@ -513,6 +542,11 @@ class Layer:
         """Features of ``call`` this layer emulates (e.g. by building a mask itself) because its framework
         offers nothing to express them; recorded on every row of the call."""
         return ()
+
+    def call_opset(self, call: Call) -> int | None:
+        """The ONNX opset of the graph this call runs (the adapter's ``opset`` unless a call needs another);
+        recorded on every row of the call."""
+        return self.adapter.opset
 
     # ---- what subclasses implement ---------------------------------------------------------
     # A layer either implements ``_forward`` on NumPy arrays (the simplest plugin), or the native
@@ -581,11 +615,14 @@ class Layer:
 
     # ---- the native path used by benchmarks (conversion not timed) ---------
     def native_inputs(self, query, value, key=None, mask=None, causal=False, *, requires_grad=False, window=None,
-                      bias=None, query_lengths=None, key_value_lengths=None):
-        """Inputs converted once to the framework's objects on the layer's device."""
+                      bias=None, query_lengths=None, key_value_lengths=None, query_offset=None, softcap=None,
+                      scale=None):
+        """Inputs converted once to the framework's objects on the layer's device, the call-level features
+        (a decode step's ``query_offset``, GQA, ``softcap``, ``scale``) through the framework's own arguments
+        as the default call passes them, so a benchmark times exactly the call conformance judges."""
         call = self._validated(query, value, key, mask, causal, dict(
-            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths),
-            gradients=requires_grad)
+            window=window, bias=bias, query_lengths=query_lengths, key_value_lengths=key_value_lengths,
+            query_offset=query_offset, softcap=softcap, scale=scale), gradients=requires_grad)
         cotangent = self._native_array(np.ones(call.output_shape)) if requires_grad else None
         return {"inputs": self._native(call, requires_grad), "cotangent": cotangent}
 

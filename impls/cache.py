@@ -2,11 +2,11 @@
 
 One directory, ``$MHABENCH_CACHE_DIR`` or ``~/.cache/mhabench`` (``$XDG_CACHE_HOME`` respected), with a
 folder per compiler: ``jax/`` (XLA's persistent compilation cache, used by the JAX adapters and Keras on
-JAX, every program cached however small or quick to compile), ``inductor/`` (torch.compile's), ``onnx/``
-(the graphs ``torch.onnx.export`` exported and the models onnxruntime optimised); and ``costs/``, what
-this machine's earlier runs measured, from which a run with a time budget plans its work. Delete it to
-start cold; move it with the variable (``mhabench conform --cache-dir`` sets it). Set
-``MHABENCH_CACHE_DIR=off`` to keep nothing.
+JAX, every program cached however small or quick to compile), ``inductor/<setting>/`` (torch.compile's,
+one per ``ATEN_CPU_CAPABILITY`` setting), ``onnx/`` (the graphs ``torch.onnx.export`` exported and the
+models onnxruntime optimised); and ``costs/``, what this machine's earlier runs measured, from which a run
+with a time budget plans its work. Delete it to start cold; move it with the variable (``mhabench conform
+--cache-dir`` sets it). Set ``MHABENCH_CACHE_DIR=off`` to keep nothing.
 """
 from __future__ import annotations
 
@@ -55,7 +55,16 @@ def enable_jax() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Inductor's cache keys omit the CPU capability torch runs its own kernels with (ATEN_CPU_CAPABILITY): a
+# FlexAttention program compiled under AVX-512 and loaded under avx2 computes wrong outputs (decode calls with
+# per-sequence positions, off by up to 3.5, reproduced with one cache shared by the two settings). So each
+# setting gets a folder of its own, and with caching off Inductor keeps nothing either (its default folder is
+# shared by every process of the user).
+INDUCTOR_ISA_ENV = "ATEN_CPU_CAPABILITY"
+
+
 def torch_environment() -> dict[str, str]:
-    """The environment torch.compile reads its cache folder from (set before torch compiles anything)."""
-    where = folder("inductor")
-    return {} if where is None else {"TORCHINDUCTOR_CACHE_DIR": str(where)}
+    """The environment torch.compile reads its cache folder from (set before torch compiles anything): a
+    folder per CPU capability setting, or Inductor's caches disabled when caching is off."""
+    where = folder(f"inductor/{os.environ.get(INDUCTOR_ISA_ENV) or 'native'}")
+    return {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"} if where is None else {"TORCHINDUCTOR_CACHE_DIR": str(where)}

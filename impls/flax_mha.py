@@ -26,9 +26,13 @@ https://flax.readthedocs.io/en/latest/why.html
 * Modern attention: grouped-query attention is the module's own
   ``num_kv_heads`` (its key/value kernels ``[D, num_kv_heads, head_dim]``, the
   canonical layout). ``__call__`` takes only ``mask`` and ``is_causal`` (top-left):
-  bottom-right causal, the window and lengths are built into the mask
-  (recorded on the row as emulated), and there is no bias argument (the
-  attention function takes one, but the module never passes it).
+  bottom-right causal, query positions, the window and lengths are built into
+  the mask (recorded on the row as emulated), and there is no bias argument (the
+  attention function takes one, but the module never passes it). Its
+  ``decode=True`` cache keeps one index for the whole batch and one query at a
+  time, so per-sequence positions are not its own either. The module divides the
+  query by sqrt(head_dim) in its attention function and takes no scale or soft
+  cap (an ``attention_fn`` of one's own would be one's own attention).
 * Dropout: ``broadcast_dropout=False`` (Flax's default shares one dropout
   pattern over batch and heads; the canonical layer drops each weight
   independently). Any ``dropout_rate > 0`` also moves the module to the
@@ -43,7 +47,7 @@ call (https://flax.readthedocs.io/en/latest/guides/performance.html);
 from __future__ import annotations
 
 from . import _jax
-from .base import Capabilities
+from .base import Capabilities, emulated
 
 # canonical name -> (submodule, parameter) in nnx.MultiHeadAttention
 MODULE_NAMES = {
@@ -97,8 +101,9 @@ class FlaxMHALayer(_jax.JaxLayer):
     # ---- what the module takes: mask and is_causal (top-left); the rest is folded into the mask -------------
     @staticmethod
     def _causal_in_mask(call) -> bool:
-        """Bottom-right causal where it differs from top-left: the module's is_causal cannot say it."""
-        return call.causal_alignment == "bottom_right" and call.diagonal_offset != 0
+        """Causal on any diagonal but the top-left (bottom-right with T != S, query positions): the module's
+        is_causal cannot say it."""
+        return call.causal and not call.top_left_causal
 
     def _flags(self, call):
         return _jax.Flags(causal=call.causal and not self._causal_in_mask(call))
@@ -108,9 +113,7 @@ class FlaxMHALayer(_jax.JaxLayer):
                                self.jax_device)
 
     def emulations(self, call):
-        used = (("causal_bottom_right", self._causal_in_mask(call)), ("window", call.window is not None),
-                ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
-        return tuple(name for name, on in used if on)
+        return emulated(call, causal=self._causal_in_mask(call), window=True, lengths=True)
 
     # ---- the computation (pure functions of jax arrays) ---------------------
     def _module_call(self, params, query, value, key, extras, dropout_key, layout, flags, sow=False):
@@ -184,9 +187,12 @@ class FlaxMHAAdapter(_jax.JaxAdapter):
                              "key and value projections",
                 "bias": "nnx.MultiHeadAttention.__call__ takes a mask and is_causal only; its attention function "
                         "has a bias argument that the module never passes",
+                "softcap": "nnx.MultiHeadAttention has no logit soft cap",
+                "scale": "nnx.MultiHeadAttention's attention function divides the query by sqrt(head_dim) and takes "
+                         "no scale",
             },
             devices=("cpu", "cuda"), modes=("eager", "compiled"),
-            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths"}))
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths", "query_offset"}))
 
     def extra_constraints(self, spec, dims, call):
         q_dim, k_dim, v_dim = dims

@@ -27,7 +27,14 @@ Modern attention, every feature through the function's own arguments:
 * bottom-right causal: ``is_causal`` is always top-left (``tril(ones(T, S))``),
   so bottom-right causal (with its window, if any) is the band it is,
   ``local_window_size=(left - d, d)`` with d = S - T (an unbounded side as
-  T + S): the function's own band, no mask built here.
+  T + S): the function's own band, no mask built here. The same holds for
+  query positions shared by the whole batch (d = the offset);
+* query positions that differ between sequences: a decode step (T = 1,
+  causal) is what a JAX decoder passes, ``key_value_seq_lengths`` = each
+  cache's length (key j <= p[b] is j < p[b] + 1); anything else (speculative
+  queries, a left window) has no argument, and causal and the window are built
+  into the mask (recorded on the row as emulated);
+* the logit scale: ``scale=``. The function has no soft cap (unsupported).
 
 Behaviours of the function itself, kept (the harness reports them):
 
@@ -48,10 +55,11 @@ functions without the outer jit (JAX dispatches op by op).
 """
 from __future__ import annotations
 
-import math
+import numpy as np
 
 from . import _jax
-from .base import Capabilities, kernel_refusals
+from .base import Capabilities, emulated, kernel_refusals
+from .validation import score_scale
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -100,14 +108,25 @@ class JaxDPALayer(_jax.JaxLayer):
         return y if pad == 0 else self.jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, pad)))
 
     def _flags(self, call):
-        return _jax.Flags(causal=call.causal and not _bottom_right(call), window=local_window_size(call))
+        return _jax.Flags(causal=call.causal and not call.offsets_vary and call.diagonal_offset == 0,
+                          window=local_window_size(call), scale=score_scale(self.spec, call))
+
+    def _mask(self, call):
+        positions = _positions_in_mask(call)
+        return _jax.mask_array(call.flat_mask(with_causal=positions, window=positions), self.jax_device)
 
     def _extras(self, call):
         q_len, kv_len = call.flat_lengths()
+        if _decode_lengths(call):  # one query at position p[b]: causal is "the first p[b] + 1 keys"
+            reach = call.flat_offsets() + 1
+            kv_len = reach if kv_len is None else np.minimum(kv_len, reach)
         lengths = lambda n: None if n is None else self.jax.device_put(n.astype("int32"), self.jax_device)
         bias = call.flat_bias()
         return {"mask": self._mask(call), "bias": None if bias is None else _jax.array(bias, self.dtype, self.jax_device),
                 "query_lengths": lengths(q_len), "key_value_lengths": lengths(kv_len)}
+
+    def emulations(self, call):
+        return emulated(call, causal=True, window=True) if _positions_in_mask(call) else ()
 
     def _apply(self, params, query, value, key, extras, layout, flags):
         kd, vd = self.spec.key_dim, self.spec.value_head_dim
@@ -117,7 +136,7 @@ class JaxDPALayer(_jax.JaxLayer):
         k = self._project(key, params["Wk"], params.get("bk"), layout, width)
         v = self._project(value, params["Wv"], params.get("bv"), layout, width)
         o = self.jax.nn.dot_product_attention(
-            q, k, v, bias=extras["bias"], mask=extras["mask"], scale=1.0 / math.sqrt(kd), is_causal=flags.causal,
+            q, k, v, bias=extras["bias"], mask=extras["mask"], scale=flags.scale, is_causal=flags.causal,
             query_seq_lengths=extras["query_lengths"], key_value_seq_lengths=extras["key_value_lengths"],
             local_window_size=flags.window, implementation=self.implementation)
         o = _jax.unflatten_query(o[..., :vd], query.shape, layout)  # [B, *Q, H, vd]
@@ -135,25 +154,36 @@ class JaxDPALayer(_jax.JaxLayer):
             return self._output(inputs), None
 
 
-def _bottom_right(call) -> bool:
-    """Bottom-right causal where it differs from top-left (T != S)."""
-    return call.causal_alignment == "bottom_right" and call.diagonal_offset != 0
+def _decode_lengths(call) -> bool:
+    """One query per sequence at positions that differ (a decode step against caches of different lengths), causal,
+    with no left window bound: "key j <= p[b]" is the length ``p[b] + 1``, and ``key_value_seq_lengths`` says it,
+    as a JAX decoder passes its caches' lengths."""
+    return call.offsets_vary and call.causal and call.q_len == 1 and (call.window is None or call.window[0] is None)
+
+
+def _positions_in_mask(call) -> bool:
+    """Per-sequence positions the function has no argument for (its is_causal and local_window_size are one
+    diagonal for the whole batch): causal and the window are built into the mask."""
+    return call.offsets_vary and call.positions_matter and not _decode_lengths(call)
 
 
 def local_window_size(call) -> tuple[int, int] | None:
-    """The call's window, and bottom-right causal, as ``local_window_size=(left, right)`` around the function's
-    top-left diagonal (key k allowed iff q - left <= k <= q + right), or None.
+    """The call's window, and causal on a diagonal other than the top-left, as ``local_window_size=(left, right)``
+    around the function's top-left diagonal (key k allowed iff q - left <= k <= q + right), or None (also where
+    the diagonals differ between sequences: see :func:`_positions_in_mask`).
 
-    Ours is measured from the diagonal i + d (d = S - T bottom-right, else 0): i + d - left <= j <= i + d + right,
-    so the function's sides are (left - d, right + d); bottom-right causal caps the right side at the diagonal
-    (right = 0). An unbounded side is T + S, further than any key."""
-    bottom_right = _bottom_right(call)
-    if call.window is None and not bottom_right:
+    Ours is measured from the diagonal i + d (d = S - T bottom-right, the query offset, or 0):
+    i + d - left <= j <= i + d + right, so the function's sides are (left - d, right + d); causal on a moved
+    diagonal caps the right side at it (right = 0). An unbounded side is T + S, further than any key."""
+    if call.offsets_vary:
+        return None
+    d = call.diagonal_offset
+    moved = call.causal and d != 0
+    if call.window is None and not moved:
         return None
     far = call.q_len + call.k_len
     left, right = (far if w is None else w for w in (call.window or (None, None)))
-    d = call.diagonal_offset if bottom_right else 0
-    if bottom_right:
+    if moved:
         right = 0
     return (left - d, right + d)
 
@@ -168,9 +198,12 @@ class JaxDPAAdapter(_jax.JaxAdapter):
         return Capabilities(
             unsupported_features={"dropout": "jax.nn.dot_product_attention has no dropout argument",
                                   "scores": "jax.nn.dot_product_attention returns the output only; the weights "
-                                            "it used are never exposed"},
+                                            "it used are never exposed",
+                                  "softcap": "jax.nn.dot_product_attention has no hook on the logits but its "
+                                             "additive bias, which cannot cap them"},
             devices=("cpu", "cuda"), modes=("eager", "compiled"),
-            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths", "query_offset",
+                                            "scale"}))
 
 
 class JaxDPAXlaAdapter(JaxDPAAdapter):

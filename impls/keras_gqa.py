@@ -15,8 +15,9 @@ MultiHeadAttention (same backend rules, worker processes, modes and dropout seed
 * Modern attention, as ``keras_mha`` maps it but over the flattened sequence: the window as the
   constructor's ``sliding_window=w`` (``|i - j| < w``: our ``(w - 1, w - 1)``, or ``(w - 1, any)`` with
   causal; one Keras layer per window met), key/value lengths as ``value_mask [N, S]`` (Keras has no
-  lengths argument: recorded as emulated); bottom-right causal, other windows and query lengths go
-  into ``attention_mask`` (emulated). The layer takes no additive bias.
+  lengths argument: recorded as emulated); bottom-right causal, per-sequence query positions, other
+  windows and query lengths go into ``attention_mask`` (emulated). The layer takes no additive bias, no
+  logit scale and no soft cap.
 * Paths: without scores Keras calls ``ops.dot_product_attention`` (the backend's fused attention);
   with ``return_attention_scores=True`` or dropout, its own einsum and masked softmax.
 """
@@ -31,6 +32,9 @@ UNSUPPORTED = {
     "output_shape": "GroupQueryAttention's output projection maps back to the query's feature width",
     "multi_output": "GroupQueryAttention's output is [batch, length, query features]",
     "bias": "GroupQueryAttention.call takes no additive bias",
+    "softcap": "GroupQueryAttention has no logit soft cap (keras.ops.dot_product_attention's attn_logits_soft_cap is "
+               "never passed by the layer)",
+    "scale": "GroupQueryAttention scales the query by 1/sqrt(head_dim) itself and takes no scale",
 }
 DENSE = {"q": "_query_dense", "k": "_key_dense", "v": "_value_dense", "o": "_output_dense"}
 
@@ -93,7 +97,8 @@ class KerasGQAAdapter(_keras.KerasAttentionAdapter):
 
     def capabilities(self):
         return Capabilities(devices=("cpu", "cuda"), modes=self.modes, unsupported_features=UNSUPPORTED,
-                            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths"}))
+                            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "lengths",
+                                                            "query_offset"}))
 
 
 class KerasGQAJaxAdapter(KerasGQAAdapter):

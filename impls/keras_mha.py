@@ -21,8 +21,13 @@
   are used (one Keras layer per window met), and key/value lengths become
   ``value_mask`` (Keras has no lengths argument: emulated). Everything else
   Keras cannot say goes into ``attention_mask``, recorded as emulated:
-  bottom-right causal, other windows, query lengths (``call(query_mask=...)``
-  is silently ignored: ``call`` overwrites it with the query's Keras mask).
+  bottom-right causal, per-sequence query positions (``query_offset``: Keras's
+  causal mask is one top-left triangle), other windows, query lengths
+  (``call(query_mask=...)`` is silently ignored: ``call`` overwrites it with
+  the query's Keras mask). The layer has no argument for a logit scale or a
+  soft cap (it multiplies the query by 1/sqrt(key_dim) itself; the soft cap
+  of ``keras.ops.dot_product_attention``, ``attn_logits_soft_cap``, is never
+  passed): both unsupported, as no mask can say them.
   Keras's layer takes no additive bias (``keras.ops.dot_product_attention``
   has one; the layer never passes it) and projects key and value with
   ``num_heads`` heads (grouped-query attention is the separate
@@ -47,6 +52,9 @@ UNSUPPORTED_MODERN = {
            "is the separate keras.layers.GroupQueryAttention",
     "bias": "keras.layers.MultiHeadAttention.call takes no additive bias (keras.ops.dot_product_attention has one, "
             "which the layer never passes)",
+    "softcap": "keras.layers.MultiHeadAttention has no logit soft cap (keras.ops.dot_product_attention's "
+               "attn_logits_soft_cap is never passed by the layer)",
+    "scale": "keras.layers.MultiHeadAttention scales the query by 1/sqrt(key_dim) itself and takes no scale",
 }
 
 
@@ -87,7 +95,8 @@ class KerasMHAAdapter(_keras.KerasAttentionAdapter):
 
     def capabilities(self):
         return Capabilities(devices=("cpu", "cuda"), modes=self.modes, unsupported_features=UNSUPPORTED_MODERN,
-                            supported_extensions=frozenset({"causal_bottom_right", "window", "lengths"}))
+                            supported_extensions=frozenset({"causal_bottom_right", "window", "lengths",
+                                                            "query_offset"}))
 
 
 class KerasMHAJaxAdapter(KerasMHAAdapter):

@@ -11,10 +11,11 @@ it is rounded.
 Masked positions are never read: a NaN or Inf in a masked key or value does
 not reach the output (plain ``weights @ values`` would give ``0 * NaN``).
 
-The call-level features (causal alignment, window, bias, lengths; see
+The call-level features (causal alignment, query positions, window, bias, lengths, softcap, scale; see
 :func:`impls.validation.validate_call`) all reach the core through one
-definition of the may-attend positions, :meth:`Call.allowed_block`, and the
-bias through :meth:`Call.flat_bias`. Grouped-query attention shares each
+definition of the may-attend positions, :meth:`Call.allowed_block`, the
+bias through :meth:`Call.flat_bias`, and the logits through :func:`logits`
+(scaled, soft-capped, biased, in that order). Grouped-query attention shares each
 key/value head among ``spec.group_size`` consecutive query heads.
 
 Speed: every contraction is a BLAS matmul on ``[N, Hkv, rows, k]`` stacks, and
@@ -26,14 +27,14 @@ never materialised (memory O(S * block)).
 """
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .spec import AttentionSpec, Weights
-from .validation import Call, check_dtype, check_policy, flatten, numpy_dtype, unflatten, validate_call, weights_dims
+from .validation import (Call, check_dtype, check_policy, flatten, numpy_dtype, score_scale, unflatten,
+                         validate_call, weights_dims)
 
 __all__ = ["forward", "Numerics", "masked_softmax", "prepare"]
 
@@ -178,15 +179,16 @@ def effective_allowed(allowed: np.ndarray | None, fully_masked: str) -> np.ndarr
     return allowed | ~np.any(allowed, axis=-1, keepdims=True)
 
 
-def prepare(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False, *,
-            window=None, bias=None, query_lengths=None, key_value_lengths=None) -> Call:
+def prepare(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
+            **features) -> Call:
+    """The validated call (``features``: the call-level keyword arguments of :func:`validate_call`)."""
     if not isinstance(spec, AttentionSpec):
         raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
     if not isinstance(weights, Weights):
         raise TypeError(f"weights must be a Weights, got {type(weights).__name__}")
     weights.check_spec(spec)
-    return validate_call(spec, weights_dims(weights), query, value, key, mask, causal, window=window, bias=bias,
-                         query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+    return validate_call(spec, weights_dims(weights), query, value, key, mask, causal, **features)
+
 
 
 def _project(num: Numerics, x: np.ndarray, W: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -204,7 +206,7 @@ def _projections(spec: AttentionSpec, weights: Weights, call: Call, num: Numeric
 
     Returns ``(w, x, q, k, v)``: the weights in ``num``'s precision, the flattened
     inputs ``x["query"|"key"|"value"]`` ``[N, L, D]`` and their projections:
-    ``q`` ``[N, H, T, key_dim]`` already scaled by 1/sqrt(key_dim), ``k`` and ``v``
+    ``q`` ``[N, H, T, key_dim]`` already scaled (:func:`score_scale`), ``k`` and ``v``
     ``[N, Hkv, S, *]`` (``Hkv = spec.kv_heads``; query head h reads kv head h // group_size).
     """
     w = {k: num.cast(v) for k, v in weights.as_dict().items()}
@@ -212,7 +214,7 @@ def _projections(spec: AttentionSpec, weights: Weights, call: Call, num: Numeric
     q = _project(num, x["query"], w["Wq"], w.get("bq"))
     k = _project(num, x["key"], w["Wk"], w.get("bk"))
     v = _project(num, x["value"], w["Wv"], w.get("bv"))
-    q = num(q * num(1.0 / math.sqrt(spec.key_dim)))
+    q = num(q * num(score_scale(spec, call)))
     return w, x, q, k, v
 
 
@@ -254,21 +256,24 @@ def output_projection(spec: AttentionSpec, w: dict, call: Call, num: Numerics, o
 
 
 def logits(num: Numerics, q: np.ndarray, k: np.ndarray, bias: np.ndarray | None,
-           out: np.ndarray | None = None) -> np.ndarray:
-    """Scaled scores ``q . k`` (``q`` pre-scaled), plus the bias where given: ``[N, H, r, S]``, rounded after
-    the product and again after the sum, as a framework adding a bias to its scores does. ``out``: a buffer
-    of the compute dtype to reuse (see :func:`forward`)."""
+           out: np.ndarray | None = None, softcap: float | None = None) -> np.ndarray:
+    """Scaled scores ``q . k`` (``q`` pre-scaled), soft-capped where ``softcap`` is given, plus the bias where
+    given: ``[N, H, r, S]``, rounded after the product, after each step of the cap (divide, tanh, multiply:
+    the operations a framework without a fused cap runs) and after the sum, as a framework adding a bias to its
+    scores does. ``out``: a buffer of the compute dtype to reuse (see :func:`forward`)."""
     scores = num(grouped_matmul(q, np.swapaxes(k, -1, -2), out=out))
+    if softcap is not None:
+        scores = num(num(np.tanh(num(scores / softcap))) * softcap)
     if bias is not None:
         with np.errstate(invalid="ignore"):
             scores = num(np.add(scores, num.cast(bias), out=scores if not num.rounds else None))
     return scores
 
 
-def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str, bias=None, out=None):
-    """Scores ``q . k`` (+ bias) and their masked softmax, ``[N, H, T, S]``. ``allowed`` has passed through
-    :func:`effective_allowed`; ``out`` as :func:`logits`."""
-    scores = logits(num, q, k, bias, out=out)
+def _attention_weights(num: Numerics, q, k, allowed, fully_masked: str, bias=None, out=None, softcap=None):
+    """Scores ``q . k`` (soft-capped, + bias) and their masked softmax, ``[N, H, T, S]``. ``allowed`` has passed
+    through :func:`effective_allowed`; ``out`` and ``softcap`` as :func:`logits`."""
+    scores = logits(num, q, k, bias, out=out, softcap=softcap)
     return num(_softmax_inplace(scores, allowed, fully_masked))
 
 
@@ -312,18 +317,23 @@ def weighted_values(num: Numerics, probs: np.ndarray, v: np.ndarray, allowed: np
 def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
             return_scores=True, *, fully_masked: str = "zeros", dtype: str = "float64",
             block_size: int | None = None, window=None, bias=None, query_lengths=None, key_value_lengths=None,
-            rounding_noise: int | None = None):
+            query_offset=None, softcap=None, scale=None, rounding_noise: int | None = None):
     """Canonical MHA. Returns ``(output, scores)``; ``scores`` is None unless requested.
 
     ``output``: ``[B, *Q, *out]``; ``scores``: ``[B, *non_attended, H, *Q_att, *K_att]``,
     both float64 (values rounded to ``dtype`` when a lower precision is chosen).
-    ``causal``, ``window``, ``bias``, ``query_lengths`` and ``key_value_lengths`` mean what
-    :func:`impls.validation.validate_call` says. A query row with no allowed key (including every row
-    when S = 0, and query rows past ``query_lengths``) follows ``fully_masked``; the canonical ``zeros``
-    gives it output ``bo``. ``rounding_noise``: see ``Numerics``.
+    ``causal``, ``window``, ``bias``, ``query_lengths``, ``key_value_lengths``, ``query_offset``, ``softcap``
+    and ``scale`` mean what :func:`impls.validation.validate_call` says. A query row with no allowed key
+    (including every row when S = 0, and query rows past ``query_lengths``) follows ``fully_masked``; the
+    canonical ``zeros`` gives it output ``bo``. ``rounding_noise``: see ``Numerics``.
+
+    A decode step (T = 1, or a few speculative queries, against a long key/value cache) is the blockwise
+    mode's natural call: ``forward(..., causal=True, query_offset=past_lengths, return_scores=False,
+    block_size=...)`` never holds more than ``block_size`` rows of scores.
     """
     call = prepare(spec, weights, query, value, key, mask, causal, window=window, bias=bias,
-                   query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+                   query_lengths=query_lengths, key_value_lengths=key_value_lengths, query_offset=query_offset,
+                   softcap=softcap, scale=scale)
     check_policy(fully_masked)
     if block_size is not None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -348,7 +358,7 @@ def forward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=
         allowed = effective_allowed(call.allowed_block(start, stop), fully_masked)
         out = None if buffer is None else buffer[:N * H * (stop - start) * S].reshape(N, H, stop - start, S)
         probs = _attention_weights(num, q[:, :, start:stop], k, allowed, fully_masked, call.flat_bias(start, stop),
-                                   out=out)
+                                   out=out, softcap=call.softcap)
         return probs, weighted_values(num, probs, v, allowed, fully_masked, values_finite)
 
     if block_size is None:

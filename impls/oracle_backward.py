@@ -9,12 +9,15 @@ batch and non-attended axes, L = flattened attended positions) with every
 contraction a BLAS matmul; only the input gradients are put back into the
 inputs' layout.
 
-The call-level features: causal alignment, window and lengths only choose
+The call-level features: causal alignment, query positions, window and lengths only choose
 positions (no gradient of their own); a ``bias`` gets its gradient under the
 key ``"bias"``, in the shape it was given (the scores' gradient summed over the
 axes it broadcasts along; zero at masked and ``-inf`` positions, which no
-perturbation of the bias can unmask). Grouped-query attention: a key/value
-head's gradient is the sum over the query heads of its group.
+perturbation of the bias can unmask). The soft cap ``c * tanh(s / c)`` passes
+the gradient times ``1 - tanh(s / c)^2`` to the scaled logits (the bias, added
+after it, is not capped); the scale multiplies the gradient of ``q`` as it
+multiplies ``q``. Grouped-query attention: a key/value head's gradient is the
+sum over the query heads of its group.
 
 Fully masked query rows follow the forward's ``fully_masked`` policy:
 ``zeros`` and ``uniform`` rows are constants, so no gradient reaches their
@@ -38,26 +41,25 @@ With ``dtype`` other than float64 every intermediate is rounded like
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
-from .oracle import (Numerics, _attention_weights, _projections, effective_allowed, expand_heads, prepare,
-                     read_positions, split_nonfinite, weighted_values)
+from .oracle import (Numerics, _attention_weights, _projections, effective_allowed, expand_heads, grouped_matmul,
+                     prepare, read_positions, split_nonfinite, weighted_values)
 from .spec import AttentionSpec, Weights
-from .validation import Call, check_cotangent, check_policy, flatten, unflatten
+from .validation import Call, check_cotangent, check_policy, flatten, score_scale, unflatten
 
 __all__ = ["backward", "softmax_backward"]
 
 
-def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o, fully_masked: str):
+def _flash_weights(num: Numerics, q, k, allowed, bias, probs, o, g_o, fully_masked: str, softcap=None):
     """The weights and ``sum(d p * p)`` as FlashAttention's backward forms them (see :func:`backward`):
     ``exp(s - lse)`` and ``rowsum(d o * o)``. Rows with no allowed key keep the policy's weights, except
     under ``uniform_rounded``: there a large negative was *added* to every logit, so ``lse`` rounds to it
     (its spacing dwarfs ``log S``) and each recomputed weight is ``exp(0) = 1``, not ``1/S``."""
     from .oracle import logits
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        s = logits(num, q, k, bias)
+        s = logits(num, q, k, bias, softcap=softcap)
         if allowed is not None:
             s = np.where(allowed, s, -np.inf)
         row_max = np.max(s, axis=-1, keepdims=True, initial=-np.inf)  # (S = 0: no key, every row is empty)
@@ -87,6 +89,16 @@ def softmax_backward(num: Numerics, probs: np.ndarray, g_probs: np.ndarray, allo
         if np.any(empty):
             g_scores = np.where(empty, 0.0, g_scores)  # constant rows: the uniform policy needs this explicitly
     return g_scores
+
+
+def softcap_backward(num: Numerics, q: np.ndarray, k: np.ndarray, softcap: float, g_capped: np.ndarray) -> np.ndarray:
+    """The gradient into the scaled logits ``s = q . k`` (``q`` pre-scaled) from that of the capped ones,
+    ``c * tanh(s / c)``: times ``1 - tanh(s / c)^2``. Where no gradient arrives (a masked position, whose
+    logit may be NaN) nothing leaves."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        t = num(np.tanh(num(num(grouped_matmul(q, np.swapaxes(k, -1, -2))) / softcap)))
+        g = num(g_capped * num(1.0 - num(t * t)))
+    return np.where(g_capped == 0, 0.0, g)
 
 
 def _stacked(x: np.ndarray, kv_heads: int) -> np.ndarray:
@@ -123,7 +135,7 @@ def _safe_matmul(a: np.ndarray, b: np.ndarray, guard: str) -> np.ndarray:
 
 def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask=None, causal=False,
              cotangent=None, *, fully_masked: str = "zeros", dtype: str = "float64", window=None, bias=None,
-             query_lengths=None, key_value_lengths=None,
+             query_lengths=None, key_value_lengths=None, query_offset=None, softcap=None, scale=None,
              rounding_noise: int | None = None, form: str = "probs") -> dict[str, np.ndarray]:
     """Gradients of ``sum(output * cotangent)``: ``query``, ``value``, ``key`` (only when a key
     was given; otherwise ``value`` holds the total through both uses), ``bias`` (only when a bias was
@@ -138,7 +150,8 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
     if form not in ("probs", "flash"):
         raise ValueError(f"form must be 'probs' or 'flash', got {form!r}")
     call = prepare(spec, weights, query, value, key, mask, causal, window=window, bias=bias,
-                   query_lengths=query_lengths, key_value_lengths=key_value_lengths)
+                   query_lengths=query_lengths, key_value_lengths=key_value_lengths, query_offset=query_offset,
+                   softcap=softcap, scale=scale)
     check_policy(fully_masked)
     if cotangent is None:
         raise TypeError(f"cotangent must be an array of the output's shape {list(call.output_shape)}, got None")
@@ -150,7 +163,7 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
     w, x, q, k, v = _projections(spec, weights, call, num)
     N, _, T, _ = q.shape
     allowed = effective_allowed(call.allowed_block(), fully_masked)
-    probs = _attention_weights(num, q, k, allowed, fully_masked, call.flat_bias())
+    probs = _attention_weights(num, q, k, allowed, fully_masked, call.flat_bias(), softcap=call.softcap)
     values_finite = bool(np.all(np.isfinite(v)))
     o = weighted_values(num, probs, v, allowed, fully_masked, values_finite)
 
@@ -179,17 +192,20 @@ def backward(spec: AttentionSpec, weights: Weights, query, value, key=None, mask
         g_probs = num(g_probs)
     inner = None
     if form == "flash":
-        probs, inner = _flash_weights(num, q, k, allowed, call.flat_bias(), probs, o, g_o, fully_masked)
+        probs, inner = _flash_weights(num, q, k, allowed, call.flat_bias(), probs, o, g_o, fully_masked,
+                                      call.softcap)
     with np.errstate(invalid="ignore"):
         g_v = num(np.matmul(np.swapaxes(_stacked(probs, Hkv), -1, -2), _stacked(g_o, Hkv)))
     g_scores = softmax_backward(num, probs, g_probs, allowed, fully_masked, inner)
     if call.bias is not None:
         grads["bias"] = num(call.bias_gradient(g_scores))  # the scores' gradient, summed to the bias's shape
+    if call.softcap is not None:  # the bias is added after the cap: only the logits pass through it
+        g_scores = softcap_backward(num, q, k, call.softcap, g_scores)
 
     # Scores = (q * scale) . k; ``q`` from _projections is already scaled.
     with np.errstate(invalid="ignore"):
         g_q = _safe_matmul(_stacked(g_scores, Hkv), k, guard="b").reshape(q.shape)
-        g_q = num(num(g_q) * num(1.0 / math.sqrt(spec.key_dim)))
+        g_q = num(num(g_q) * num(score_scale(spec, call)))
         g_k = num(_safe_matmul(np.swapaxes(_stacked(g_scores, Hkv), -1, -2), _stacked(q, Hkv), guard="b"))
 
     return projection_gradients(call, num, w, x, g_q, g_k, g_v, grads)

@@ -150,7 +150,11 @@ class TfKerasMHAAdapter(Adapter):
             "window": "tf_keras.layers.MultiHeadAttention has no sliding window (not emulated in attention_mask)",
             "lengths": "tf_keras.layers.MultiHeadAttention takes padding as attention_mask only (lengths are not "
                        "emulated)",
-            "causal_bottom_right": "tf_keras's use_causal_mask is top-left only (bottom-right is not emulated)"})
+            "causal_bottom_right": "tf_keras's use_causal_mask is top-left only (bottom-right is not emulated)",
+            "query_offset": "tf_keras's use_causal_mask is top-left only (query positions are not emulated)",
+            "softcap": "tf_keras.layers.MultiHeadAttention has no logit soft cap",
+            "scale": "tf_keras.layers.MultiHeadAttention always scales the query by 1/sqrt(key_dim) and takes no "
+                     "scale"})
 
     def available_devices(self):
         return _keras.available_devices("tensorflow")

@@ -11,10 +11,11 @@
 * Modern attention: the additive bias is a float ``attn_mask`` (the module
   adds it to the logits), ``-inf`` where the boolean restrictions mask
   (``bias.masked_fill(mask, -inf)``); key/value lengths become its
-  ``key_padding_mask``. The module has no argument for bottom-right causal, a
-  window or query lengths: those go into ``attn_mask`` (emulated, recorded on
-  the row), as does key padding when another restriction needs the mask. It
-  projects key and value with ``num_heads`` heads: no grouped-query attention.
+  ``key_padding_mask``. The module has no argument for bottom-right causal,
+  query positions, a window or query lengths: those go into ``attn_mask``
+  (emulated, recorded on the row), as does key padding when another restriction
+  needs the mask. It projects key and value with ``num_heads`` heads: no
+  grouped-query attention; it scales by 1/sqrt(head_dim) and has no soft cap.
 * ``average_attn_weights=False`` so the scores stay per head.
 * Weights: ``in_proj_weight [3E, E]`` (or separate ``q/k/v_proj_weight`` when
   the key/value widths differ from E), ``y = x @ W.T + b``; head ``h`` owns
@@ -25,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _torch
-from .base import Capabilities
+from .base import Capabilities, emulated
 from .spec import Weights
 
 
@@ -103,14 +104,7 @@ class TorchMHALayer(_torch.TorchLayer):
         return key_padding, None if allowed is None else _torch.bool_tensor(self.torch, allowed, self.device)
 
     def emulations(self, call):
-        built = [f for f, used in (("causal", call.causal and call.causal_alignment != "bottom_right"),
-                                   ("causal_bottom_right", call.causal_alignment == "bottom_right"),
-                                   ("window", call.window is not None),
-                                   ("lengths", call.query_lengths is not None or call.key_value_lengths is not None))
-                 if used]
-        if call.causal_alignment == "bottom_right" and call.q_len == call.k_len:
-            built[built.index("causal_bottom_right")] = "causal"
-        return tuple(built)
+        return emulated(call, causal=True, window=True, lengths=True)
 
     def _attn_mask(self, call, allowed, bias):
         """The module's attn_mask: boolean True = masked, or, with a bias, float (the bias, -inf where masked);
@@ -183,6 +177,9 @@ class TorchMHAAdapter(_torch.TorchAdapter):
                 "output_shape": "nn.MultiheadAttention's out_proj maps back to embed_dim (the query width)",
                 "multi_output": "nn.MultiheadAttention's output is [L, N, embed_dim]",
                 "head_width": why_width,
+                "softcap": "nn.MultiheadAttention has no logit soft cap (its attn_mask is additive)",
+                "scale": "nn.MultiheadAttention scales by 1/sqrt(head_dim) itself and takes no scale (the "
+                         "functional F.multi_head_attention_forward has none either)",
             },
             devices=("cpu", "cuda"), modes=("eager", "compiled"),
-            supported_extensions=frozenset({"causal_bottom_right", "window", "bias", "lengths"}))
+            supported_extensions=frozenset({"causal_bottom_right", "window", "bias", "lengths", "query_offset"}))

@@ -22,9 +22,12 @@ Modern attention, through SDPA's own arguments wherever it has one:
 * the additive bias: a float ``attn_mask``, combined with the boolean
   restrictions the way a torch user does, ``bias.masked_fill(~mask, -inf)``;
   its gradient is autograd's through ``attn_mask``;
-* SDPA has no window and no lengths argument: both are built into the boolean
-  mask (a band; a ``key_padding``-style ``[N, 1, 1, S]`` and query rows), and
-  recorded on the row as emulated.
+* SDPA has no window, no lengths and no query positions argument: they are
+  built into the boolean mask (a band; a ``key_padding``-style ``[N, 1, 1, S]``
+  and query rows; per-sequence diagonals, a decode step against a cache), and
+  recorded on the row as emulated. A causal-only call whose every sequence sits
+  at ``S - T`` is ``causal_lower_right``, however it was said;
+* the logit scale: ``scale=``; SDPA has no soft cap (unsupported).
 
 The kernel is an axis: ``torch_sdpa`` lets SDPA choose (what users run);
 ``torch_sdpa+math``, ``+flash``, ``+efficient`` and ``+cudnn`` restrict
@@ -35,11 +38,11 @@ the math and flash kernels; efficient and cuDNN attention exist only on CUDA.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 from . import _torch
-from .base import Capabilities, UnsupportedError
+from .base import Capabilities, UnsupportedError, emulated
+from .validation import score_scale
 
 # Our kernel names -> torch.nn.attention.SDPBackend members
 SDPA_BACKENDS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -51,20 +54,15 @@ class TorchSDPALayer(_torch.ProjectedLayer):
     # ---- what SDPA takes natively, what is folded into its mask ------------------------------------------
     @staticmethod
     def _causal_is_native(call) -> bool:
-        """SDPA takes causal alone (is_causal or causal_lower_right) only when nothing else restricts the call."""
-        return call.causal and call.mask is None and call.bias is None and call.window is None \
+        """SDPA takes causal alone (is_causal or causal_lower_right) only when nothing else restricts the call, and
+        every sequence's diagonal is top-left or bottom-right (offsets that differ between sequences, or sit
+        elsewhere, need a mask)."""
+        alone = call.causal and call.mask is None and call.bias is None and call.window is None \
             and call.query_lengths is None and call.key_value_lengths is None
+        return alone and not call.offsets_vary and call.diagonal_offset in (0, call.k_len - call.q_len)
 
     def emulations(self, call):
-        folded = []
-        if call.causal and not self._causal_is_native(call):
-            bottom_right = call.causal_alignment == "bottom_right" and call.q_len != call.k_len
-            folded.append("causal_bottom_right" if bottom_right else "causal")
-        if call.window is not None:
-            folded.append("window")
-        if call.query_lengths is not None or call.key_value_lengths is not None:
-            folded.append("lengths")
-        return tuple(folded)
+        return emulated(call, causal=not self._causal_is_native(call), window=True, lengths=True)
 
     def _mask(self, call):
         """The boolean attn_mask (mask, and whatever SDPA has no argument for), or None."""
@@ -77,7 +75,7 @@ class TorchSDPALayer(_torch.ProjectedLayer):
         """(is_causal, a CausalBias for attn_mask or None) for a call whose causal SDPA takes natively."""
         if not self._causal_is_native(call):
             return False, None
-        if call.causal_alignment == "bottom_right" and call.q_len != call.k_len:
+        if call.diagonal_offset != 0:  # S - T: bottom-right, however the call said it
             from torch.nn.attention.bias import causal_lower_right
             return False, causal_lower_right(call.q_len, call.k_len)
         return True, None
@@ -92,7 +90,7 @@ class TorchSDPALayer(_torch.ProjectedLayer):
         elif mask is not None:
             attn_mask = mask
         return self._sdpa(F.scaled_dot_product_attention, q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                          is_causal=is_causal, scale=1.0 / math.sqrt(self.spec.key_dim),
+                          is_causal=is_causal, scale=score_scale(self.spec, call),
                           enable_gqa=self.spec.kv_heads != self.spec.num_heads)
 
     def _sdpa(self, sdpa, *args, **kwargs):
@@ -140,9 +138,13 @@ class TorchSDPAAdapter(_torch.TorchAdapter):
     def capabilities(self):
         return Capabilities(
             unsupported_features={"scores": "F.scaled_dot_product_attention returns the output only; the weights "
-                                            "its kernel used are never exposed"},
+                                            "its kernel used are never exposed",
+                                  "softcap": "F.scaled_dot_product_attention has no hook on the logits but an "
+                                             "additive attn_mask, which cannot cap them (FlexAttention's score_mod "
+                                             "can: torch_flex)"},
             devices=("cpu", "cuda"), modes=("eager", "compiled"),
-            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths"}))
+            supported_extensions=frozenset({"gqa", "causal_bottom_right", "window", "bias", "lengths", "query_offset",
+                                            "scale"}))
 
 
 class TorchSDPAKernelAdapter(TorchSDPAAdapter):

@@ -85,6 +85,9 @@ class Call:
     - ``bias``: the additive float bias read by the mask rule (scores' rank, broadcasts to
       ``scores_shape``); ``given_bias`` as the user passed it.
     - ``query_lengths`` / ``key_value_lengths``: int64 ``[B]`` or None.
+    - ``query_offset``: int64 ``[B]`` (an int given is repeated over the batch) or None: where each sequence's
+      query block sits along the key positions (:attr:`diagonal_offsets` resolves it with the alignment).
+    - ``softcap`` and ``scale``: floats or None.
 
     Every position restriction (mask, causal, window, lengths, a ``-inf`` bias) is combined by AND in
     :meth:`allowed` and its flattened forms, which take keyword flags to leave out the parts an adapter
@@ -108,6 +111,9 @@ class Call:
     given_bias: np.ndarray | None = None
     query_lengths: np.ndarray | None = None
     key_value_lengths: np.ndarray | None = None
+    query_offset: np.ndarray | None = None
+    softcap: float | None = None
+    scale: float | None = None
 
     @property
     def rank(self) -> int:
@@ -131,17 +137,59 @@ class Call:
     def k_len(self) -> int:
         return math.prod(self.key.shape[a] for a in self.attention_axes)
 
+    @functools.cached_property
+    def diagonal_offsets(self) -> np.ndarray:
+        """int64 ``[B]``: query row i of batch element b sits at key position ``i + diagonal_offsets[b]``, its
+        diagonal. ``query_offset`` where given; else ``S - T`` for ``"bottom_right"`` causal, 0 otherwise
+        (top-left). Causal and the window are both measured from it."""
+        if self.query_offset is not None:
+            return self.query_offset
+        offset = self.k_len - self.q_len if self.causal_alignment == "bottom_right" else 0
+        return np.full(self.query.shape[0], offset, dtype=np.int64)
+
+    @property
+    def offsets_vary(self) -> bool:
+        """Whether the diagonal differs between the sequences of the batch (per-sequence query positions)."""
+        offsets = self.diagonal_offsets
+        return offsets.size > 1 and bool(np.any(offsets != offsets[0]))
+
     @property
     def diagonal_offset(self) -> int:
-        """Query row i's diagonal is key ``i + diagonal_offset``: 0 (top-left), or ``S - T`` when the call
-        is causal with ``"bottom_right"`` alignment. Causal and the window are both measured from it."""
-        return self.k_len - self.q_len if self.causal_alignment == "bottom_right" else 0
+        """The diagonal's offset shared by every sequence (:attr:`diagonal_offsets`): 0 top-left, ``S - T``
+        bottom-right. A ValueError where it differs between sequences (:attr:`offsets_vary`): a caller that
+        reads one offset cannot express that call."""
+        if self.offsets_vary:
+            raise ValueError(f"query_offset differs between sequences ({self.diagonal_offsets.tolist()}): there is "
+                             f"no single diagonal offset")
+        return int(self.diagonal_offsets[0]) if self.diagonal_offsets.size else 0
+
+    @property
+    def positions_matter(self) -> bool:
+        """Whether the query positions restrict anything: causal or a window is measured from the diagonal."""
+        return self.causal or self.window is not None
+
+    @property
+    def uses_query_offset(self) -> bool:
+        """Whether the call's ``query_offset`` changes what it computes: an offset other than 0, read by causal or a
+        window (the feature ``query_offset``)."""
+        return self.query_offset is not None and self.positions_matter and bool(np.any(self.query_offset))
+
+    @property
+    def causal_feature(self) -> str:
+        """The feature that names this call's causal triangle: ``query_offset`` (per-sequence positions),
+        ``causal_bottom_right`` (bottom-right with T != S) or ``causal``."""
+        if self.uses_query_offset:
+            return "query_offset"
+        if self.causal_alignment == "bottom_right" and self.q_len != self.k_len:
+            return "causal_bottom_right"
+        return "causal"
 
     @property
     def top_left_causal(self) -> bool:
-        """Causal on the top-left diagonal: top-left alignment, or bottom-right with T == S (the same triangle).
-        The triangle most frameworks' own causal flag builds (``is_causal``, ``use_causal_mask``)."""
-        return self.causal and self.diagonal_offset == 0
+        """Causal on the top-left diagonal: top-left alignment, or bottom-right with T == S (the same triangle),
+        or query offsets that are all 0. The triangle most frameworks' own causal flag builds (``is_causal``,
+        ``use_causal_mask``)."""
+        return self.causal and not np.any(self.diagonal_offsets)
 
     @property
     def causal_argument(self):
@@ -149,11 +197,12 @@ class Call:
         return "bottom_right" if self.causal_alignment == "bottom_right" else self.causal
 
     def feature_kwargs(self) -> dict:
-        """The keyword arguments (``window``, ``bias`` as given, ``query_lengths``, ``key_value_lengths``) that
-        re-issue this call's call-level features; only those given, so a callee that knows none of them still
-        works for a call that uses none."""
+        """The keyword arguments (``window``, ``bias`` as given, ``query_lengths``, ``key_value_lengths``,
+        ``query_offset``, ``softcap``, ``scale``) that re-issue this call's call-level features; only those
+        given, so a callee that knows none of them still works for a call that uses none."""
         given = {"window": self.window, "bias": self.given_bias, "query_lengths": self.query_lengths,
-                 "key_value_lengths": self.key_value_lengths}
+                 "key_value_lengths": self.key_value_lengths, "query_offset": self.query_offset,
+                 "softcap": self.softcap, "scale": self.scale}
         return {k: v for k, v in given.items() if v is not None}
 
     # ---- the may-attend positions -------------------------------------------------------------------
@@ -190,6 +239,10 @@ class Call:
         for a framework that takes lengths per sequence of its one-sequence layout."""
         return tuple(None if n is None else self._flat_lengths(n) for n in (self.query_lengths, self.key_value_lengths))
 
+    def flat_offsets(self) -> np.ndarray:
+        """:attr:`diagonal_offsets` per sequence of the flattened batch, int64 ``[N]``."""
+        return self._flat_lengths(self.diagonal_offsets)
+
     def allowed_block(self, start: int = 0, stop: int | None = None, *, mask: bool = True, causal: bool = True,
                       window: bool = True, lengths: bool | str = True, bias: bool = True) -> np.ndarray | None:
         """May-attend for query rows ``start:stop`` of the flattened layout, compact: a boolean
@@ -198,8 +251,9 @@ class Call:
         The parts, combined by AND (each flag leaves its part out): the mask; causal (key j <= i + d);
         the window (i + d - left <= j <= i + d + right); the lengths (j < key_value_lengths[b] and
         i < query_lengths[b]; ``lengths="key_value"`` or ``"query"`` takes one side only, for a framework
-        that has an argument for the other); the bias (a ``-inf`` bias position is masked). ``d`` is
-        :attr:`diagonal_offset`. This is the one definition the oracle and every flattened form use.
+        that has an argument for the other); the bias (a ``-inf`` bias position is masked). ``d`` is the
+        sequence's :attr:`diagonal_offsets` (the band has a batch axis where they differ). This is the one
+        definition the oracle and every flattened form use.
         """
         T, S = self.q_len, self.k_len
         stop = T if stop is None else min(stop, T)
@@ -215,8 +269,10 @@ class Call:
         restrict_causal = causal and self.causal
         restrict_window = window and self.window is not None
         if restrict_causal or restrict_window:
-            parts.append(band_mask(start, stop, S, offset=self.diagonal_offset, causal=restrict_causal,
-                                   window=self.window if restrict_window else None)[None, None])
+            offsets = self.flat_offsets() if self.offsets_vary else self.diagonal_offset
+            band = band_mask(start, stop, S, offset=offsets, causal=restrict_causal,
+                             window=self.window if restrict_window else None)
+            parts.append(band[:, None] if self.offsets_vary else band[None, None])
         if lengths not in (True, False, "key_value", "query"):
             raise ValueError(f"lengths must be True, False, 'key_value' or 'query', got {lengths!r}")
         if lengths in (True, "key_value") and self.key_value_lengths is not None:
@@ -293,10 +349,13 @@ class Call:
         return all(d == 1 for d in self.mask.shape[nb:nb + 1 + len(self.attention_axes)])
 
 
-def band_mask(start: int, stop: int, s: int, *, offset: int = 0, causal: bool = False,
+def band_mask(start: int, stop: int, s: int, *, offset=0, causal: bool = False,
               window: tuple[int | None, int | None] | None = None) -> np.ndarray:
-    """``[stop - start, s]`` booleans for query rows ``start:stop``: key j is allowed iff
-    ``j <= i + offset`` (causal) and ``i + offset - left <= j <= i + offset + right`` (window)."""
+    """``[stop - start, s]`` booleans for query rows ``start:stop`` (``[N, stop - start, s]`` when ``offset`` is
+    an ``[N]`` array, one per sequence): key j is allowed iff ``j <= i + offset`` (causal) and
+    ``i + offset - left <= j <= i + offset + right`` (window)."""
+    offset = np.asarray(offset, dtype=np.int64)
+    offset = offset[:, None, None] if offset.ndim else offset
     rel = np.arange(s)[None, :] - np.arange(start, stop)[:, None] - offset  # j - diagonal(i)
     ok = np.ones(rel.shape, dtype=bool)
     if causal:
@@ -355,13 +414,18 @@ def check_window(window) -> tuple[int | None, int | None] | None:
     return None if out == [None, None] else (out[0], out[1])
 
 
+def _host_array(x) -> np.ndarray:
+    """An integer argument given as a framework tensor (torch's, TensorFlow's, JAX's) or anything NumPy reads."""
+    if hasattr(x, "detach") or hasattr(x, "numpy") and not isinstance(x, np.ndarray):
+        x = x.detach().cpu().numpy() if hasattr(x, "detach") else x.numpy()
+    return np.asarray(x)
+
+
 def check_lengths(name: str, lengths, batch: int, limit: int, what: str) -> np.ndarray | None:
     """Lengths as an int64 ``[batch]`` array of values in ``0..limit`` (the flattened attended length)."""
     if lengths is None:
         return None
-    if hasattr(lengths, "detach") or hasattr(lengths, "numpy") and not isinstance(lengths, np.ndarray):
-        lengths = lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else lengths.numpy()
-    arr = np.asarray(lengths)
+    arr = _host_array(lengths)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array of shape [B] = [{batch}], got dtype {arr.dtype}")
     if arr.shape != (batch,):
@@ -374,9 +438,58 @@ def check_lengths(name: str, lengths, batch: int, limit: int, what: str) -> np.n
     return arr.astype(np.int64)
 
 
+def check_query_offset(query_offset, batch: int, q_len: int, k_len: int) -> np.ndarray | None:
+    """``query_offset`` as an int64 ``[batch]`` array (an int is every sequence's), each in ``-T..S``: from a
+    block whose every query precedes the keys (row i sees key j <= i - T < 0: nothing) to one that follows
+    them all (an offset beyond either end restricts nothing more)."""
+    if query_offset is None:
+        return None
+    arr = _host_array(query_offset)
+    if arr.dtype.kind not in "iu":
+        got = repr(query_offset) if arr.ndim == 0 else f"dtype {arr.dtype}"
+        raise TypeError(f"query_offset must be an int or an integer array of shape [B] = [{batch}] (the position of "
+                        f"each sequence's first query among the keys), got {got}")
+    if arr.ndim == 0:
+        arr = np.full(batch, int(arr), dtype=np.int64)
+    if arr.shape != (batch,):
+        raise ValueError(f"query_offset must be an int or have shape [B] = [{batch}] (one offset per batch element), "
+                         f"got shape {list(arr.shape)}")
+    bad = np.nonzero((arr < -q_len) | (arr > k_len))[0]
+    if bad.size:
+        raise ValueError(f"query_offset must be in -{q_len}..{k_len} (-T..S, attended axes flattened: from a query "
+                         f"block before every key to one after them all), got {arr[bad[0]]} at index {bad[0]}")
+    return arr.astype(np.int64)
+
+
+def _check_real(name: str, value, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}, or None, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be {what}, or None, got {value!r}")
+    return float(value)
+
+
+def check_softcap(softcap) -> float | None:
+    """``softcap`` as a float > 0, or None (no cap). 0 is refused rather than read as "off" (ONNX's
+    attribute default): a cap of 0 has no meaning, and None says "off" unambiguously."""
+    value = _check_real("softcap", softcap, "a positive finite number (logits become softcap * tanh(logits / "
+                                            "softcap))")
+    if value is not None and value <= 0:
+        raise ValueError(f"softcap must be a positive finite number (logits become softcap * tanh(logits / "
+                         f"softcap)), or None, got {softcap!r}")
+    return value
+
+
+def check_scale(scale) -> float | None:
+    """``scale`` as a finite float (it multiplies q . k in place of 1/sqrt(key_dim)), or None."""
+    return _check_real("scale", scale, "a finite number (it multiplies q . k in place of 1/sqrt(key_dim))")
+
+
 def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query, value, key=None,
                   mask=None, causal=False, *, window=None, bias=None, query_lengths=None,
-                  key_value_lengths=None) -> Call:
+                  key_value_lengths=None, query_offset=None, softcap=None, scale=None) -> Call:
     """Check one call against the spec and the weights' feature widths (Dq, Dk, Dv).
 
     Positions are those of the flattened attended axes: query row i in ``0..T-1``, key j in ``0..S-1``.
@@ -397,6 +510,15 @@ def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query
     - ``query_lengths`` / ``key_value_lengths``: int arrays ``[B]``, broadcast over non-attended axes. Key j
       of batch b is allowed iff ``j < key_value_lengths[b]``; query rows ``i >= query_lengths[b]`` attend
       to nothing, so they are fully masked (output ``bo``), as JAX's ``query_seq_lengths`` gives.
+    - ``query_offset``: an int or an int array ``[B]`` in ``-T..S``: query row i of batch element b sits at key
+      position ``query_offset[b] + i`` (keys at 0..S-1), and causal and the window are measured from that
+      diagonal. 0 is top-left; ``S - T`` is bottom-right; a decoder with a key/value cache holding ``P[b]``
+      earlier tokens and T new ones passes ``P`` (ONNX's ``past_key`` length, or ``nonpad_kv_seqlen - T``;
+      FlashAttention's ``cache_seqlens``). It needs ``causal`` True (not ``"bottom_right"``, which fixes the
+      offset at ``S - T``) or a window to restrict anything; alone it changes nothing.
+    - ``softcap``: a float > 0: each scaled logit s becomes ``softcap * tanh(s / softcap)``, before the bias
+      is added and before masking (so a masked position stays masked), as ONNX's ``softcap`` attribute.
+    - ``scale``: a finite float multiplying ``q . k`` in place of ``1 / sqrt(key_dim)``.
 
     All restrictions combine with the mask by AND.
     """
@@ -407,6 +529,7 @@ def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query
     key = _as_array("key", key) if key_given else value
     alignment = check_causal(causal)
     window = check_window(window)
+    softcap, scale = check_softcap(softcap), check_scale(scale)
     if query.ndim < 3:
         raise ValueError(f"query must have shape [B, *Q, {q_dim}] (rank >= 3), got shape {list(query.shape)}")
     for name, arr in (("value", value), ("key", key)):
@@ -453,11 +576,15 @@ def validate_call(spec: AttentionSpec, weights_dims: tuple[int, int, int], query
     q_len, k_len = math.prod(q_att), math.prod(k_att)
     query_lengths = check_lengths("query_lengths", query_lengths, B, q_len, "query")
     key_value_lengths = check_lengths("key_value_lengths", key_value_lengths, B, k_len, "key/value")
+    query_offset = check_query_offset(query_offset, B, q_len, k_len)
+    if query_offset is not None and alignment == "bottom_right":
+        raise ValueError("query_offset cannot be combined with causal='bottom_right', which fixes every sequence's "
+                         "offset at S - T; pass causal=True with query_offset")
     return Call(query=query, value=value, key=key, key_given=key_given, mask=mask, causal=alignment is not None,
                 attention_axes=axes, batch_axes=batch_axes, scores_shape=scores_shape,
                 output_shape=output_shape, given_mask=given, causal_alignment=alignment, window=window,
                 bias=bias, given_bias=given_bias, query_lengths=query_lengths,
-                key_value_lengths=key_value_lengths)
+                key_value_lengths=key_value_lengths, query_offset=query_offset, softcap=softcap, scale=scale)
 
 
 def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_attended: int,
@@ -486,6 +613,11 @@ def read_mask(mask: np.ndarray, scores_shape: tuple[int, ...], n_batch: int, n_a
         raise ValueError(f"{name} of shape {list(mask.shape)} does not broadcast to the scores "
                          f"{list(scores_shape)}: {rule}")
     return full
+
+
+def score_scale(spec: AttentionSpec, call: Call) -> float:
+    """What ``q . k`` is multiplied by: the call's ``scale``, else 1/sqrt(key_dim)."""
+    return call.scale if call.scale is not None else 1.0 / math.sqrt(spec.key_dim)
 
 
 def check_cotangent(call: Call, cotangent) -> np.ndarray:

@@ -338,6 +338,9 @@ class WorkerLayer(Layer):
     def emulations(self, call):
         return self.remote("emulations", call)
 
+    def call_opset(self, call):
+        return self.remote("call_opset", call)
+
     def native_inputs(self, *args, **kwargs):
         raise NotImplementedError(f"{self.adapter.name} is hosted in a worker process here: no native benchmark "
                                   f"path (run it in a process where it runs in-process)")

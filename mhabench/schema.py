@@ -84,6 +84,7 @@ class Area(Name):
     INVALID = "invalid"
     GRADIENTS = "gradients"
     MODERN = "modern"
+    DECODE = "decode"
     PAIRS = "pairs"
     RANDOM = "random"
     PLUGIN = "plugin"
@@ -170,6 +171,10 @@ class Feature(Name):
     WINDOW = ("window", "a sliding window (left, right)", True)
     BIAS = ("bias", "an additive float bias on the logits", True)
     LENGTHS = ("lengths", "padding given as query / key-value lengths", True)
+    QUERY_OFFSET = ("query_offset", "per-sequence query positions (query_offset: query i of batch b at "
+                                    "query_offset[b] + i)", True)
+    SOFTCAP = ("softcap", "a soft cap on the logits (softcap * tanh(logits / softcap))", True)
+    SCALE = ("scale", "an explicit logit scale (scale=, replacing 1/sqrt(key_dim))", True)
 
 
 class RefusalKind(Name):
@@ -422,6 +427,9 @@ class Row:
     window: list | None = None       # the case's modern call features: the window, the bias kind, the lengths kind
     bias: str | None = None
     lengths: str | None = None
+    query_offset: list | None = None  # inference attention: each sequence's query position, the soft cap, the scale
+    softcap: float | None = None
+    logit_scale: float | None = None
     duration_s: float | None = None
     opset: int | None = None         # the ONNX opset of the graphs an ONNX Runtime adapter runs
     # what chose the kernels in the process that computed the row, as its framework reports it (Adapter.kernel_facts:

@@ -102,12 +102,17 @@ class ModernCase(FeatureCase):
     bias: str | None = None  # "TS", "BHTS", "B1S", "neg_inf", "neg_inf_row", "nan_where_masked"
     query_lengths: tuple | None = None
     key_value_lengths: tuple | None = None
+    query_offset: int | tuple | None = None
+    softcap: float | None = None
+    scale: float | None = None
 
     def feature_kwargs(self, seed=0) -> dict:
-        """``window``, ``bias``, ``query_lengths``, ``key_value_lengths`` for this case (None where unused)."""
-        return {"window": self.window, "bias": self.make_bias(seed),
-                "query_lengths": None if self.query_lengths is None else np.array(self.query_lengths),
-                "key_value_lengths": None if self.key_value_lengths is None else np.array(self.key_value_lengths)}
+        """``window``, ``bias``, ``query_lengths``, ``key_value_lengths``, ``query_offset``, ``softcap`` and ``scale``
+        for this case (None where unused)."""
+        array = lambda x: None if x is None else np.array(x)
+        return {"window": self.window, "bias": self.make_bias(seed), "query_lengths": array(self.query_lengths),
+                "key_value_lengths": array(self.key_value_lengths), "query_offset": array(self.query_offset),
+                "softcap": self.softcap, "scale": self.scale}
 
     def make_bias(self, seed):
         if self.bias is None:
@@ -182,6 +187,23 @@ MODERN_CASES = [
     M("modern_everything", S(4, 2, value_dim=3, output_shape=(2, 3), num_kv_heads=2, attention_axes=(1,)),
       (2, 5, 3, 8), (2, 7, 3, 6), key=(2, 7, 3, 5), mask="BTS", causal="bottom_right", window=(3, None),
       bias="TS", query_lengths=(5, 4), key_value_lengths=(7, 6)),
+    # inference attention: per-sequence query positions (a key/value cache), the soft cap, the scale
+    M("offset_decode_T1_S7", S(2, 4), (3, 1, 8), (3, 7, 8), causal=True, query_offset=(0, 3, 6)),
+    M("offset_speculative_T3_S8_cache", S(4, 2, num_kv_heads=2), (3, 3, 8), (3, 8, 8), causal=True,
+      query_offset=(5, 0, 2), key_value_lengths=(8, 3, 5)),
+    M("offset_int_window", S(2, 4), (2, 3, 8), (2, 7, 8), window=(1, 1), query_offset=2),
+    M("offset_negative_rows_see_nothing", S(2, 4), (2, 4, 8), (2, 4, 8), causal=True, query_offset=(-2, -4)),
+    M("offset_causal_window_mask", S(2, 4), (2, 2, 8), (2, 6, 8), causal=True, window=(2, 0), mask="BTS",
+      query_offset=(4, 1)),
+    M("offset_axes_23_5d", S(2, 4, attention_axes=(2, 3)), (2, 2, 1, 2, 8), (2, 2, 3, 2, 8), causal=True,
+      query_offset=(4, 0)),
+    M("softcap", S(2, 4), (2, 4, 8), (2, 6, 8), softcap=0.7),
+    M("softcap_bias_mask", S(3, 4), (2, 4, 12), (2, 6, 12), softcap=2.0, bias="BHTS", mask="BTS"),
+    M("scale", S(2, 4), (2, 4, 8), (2, 6, 8), scale=0.9),
+    M("scale_softcap_causal_gqa", S(4, 3, num_kv_heads=2), (2, 5, 12), (2, 5, 12), causal=True, scale=-0.4,
+      softcap=1.5),
+    M("inference_everything", S(4, 2, num_kv_heads=2, value_dim=3), (3, 2, 8), (3, 9, 8), causal=True, window=(4, 0),
+      query_offset=(7, 0, 3), key_value_lengths=(9, 2, 5), softcap=1.0, scale=0.8, bias="TS"),
     M("key_value_length_0", S(2, 4), (2, 3, 8), (2, 0, 8)),
     M("key_value_length_0_everything", S(4, 2, num_kv_heads=2), (2, 3, 8), (2, 0, 8), causal="bottom_right",
       window=(1, 1), bias="TS", query_lengths=(3, 1), key_value_lengths=(0, 0)),

@@ -4,10 +4,12 @@ Written independently of impls.oracle: explicit loops over every batch
 position, head, query position and key position, and no flattening tricks.
 Each modern feature is written from its definition, position by position:
 query head h reads key/value head h // (H // Hkv); causal top-left j <= i,
-bottom-right j <= i + S - T; the window i + d - left <= j <= i + d + right
-(d the causal diagonal's offset); the bias read by the mask rule and added to
-the scaled logit, a -inf bias masking its position; key j of batch b allowed
-iff j < key_value_lengths[b], query rows i >= query_lengths[b] attend nothing.
+bottom-right j <= i + S - T, or at per-sequence positions j <= i + query_offset[b];
+the window i + d - left <= j <= i + d + right (d the diagonal's offset); the logit
+q . k times scale (default 1/sqrt(key_dim)), then softcap * tanh(logit / softcap);
+the bias read by the mask rule and added to that, a -inf bias masking its position;
+key j of batch b allowed iff j < key_value_lengths[b], query rows i >= query_lengths[b]
+attend nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import numpy as np
 
 
 def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fully_masked="zeros", *,
-                    window=None, bias=None, query_lengths=None, key_value_lengths=None):
+                    window=None, bias=None, query_lengths=None, key_value_lengths=None, query_offset=None,
+                    softcap=None, scale=None):
     key = value if key is None else key
     rank = query.ndim
     axes = spec.resolve_axes(rank)
@@ -34,7 +37,11 @@ def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fu
     k_att = [key.shape[a] for a in axes]
     T, S = math.prod(q_att), math.prod(k_att)
     alignment = {False: None, True: "top_left"}.get(causal, causal) if not isinstance(causal, str) else causal
-    diagonal = S - T if alignment == "bottom_right" else 0
+    if query_offset is None:
+        offsets = [S - T if alignment == "bottom_right" else 0] * query.shape[0]
+    else:
+        offsets = [int(p) for p in np.broadcast_to(query_offset, (query.shape[0],))]
+    logit_scale = 1.0 / math.sqrt(kd) if scale is None else scale
     combined = np.empty(query.shape[:-1] + (H, v.shape[-1]))
     scores_shape = [query.shape[0]] + [query.shape[a] for a in other] + [H] + q_att + k_att
     scores = np.zeros(scores_shape)
@@ -46,6 +53,7 @@ def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fu
         index = tuple(lead_index[:n_lead]) + tuple(qp) + tuple(kp)
         return array[tuple(0 if size == 1 else i for i, size in zip(index, array.shape))]
     for b in range(query.shape[0]):
+        diagonal = offsets[b]
         for rest in itertools.product(*[range(query.shape[a]) for a in other]):
             for h in range(H):
                 g = h // (H // kv_heads)  # the key/value head this query head reads
@@ -63,7 +71,9 @@ def naive_attention(spec, w, query, value, key=None, mask=None, causal=False, fu
                         ki = list(qi)
                         for a, p in zip(axes, kp):
                             ki[a] = p
-                        logit = float(np.dot(q[tuple(qi)][h], k[tuple(ki)][g])) / math.sqrt(kd)
+                        logit = float(np.dot(q[tuple(qi)][h], k[tuple(ki)][g])) * logit_scale
+                        if softcap is not None:
+                            logit = softcap * math.tanh(logit / softcap)
                         ok = True if mask is None else bool(read_at(mask, (b, *rest, h), qp, kp))
                         if bias is not None:
                             extra = float(read_at(bias, (b, *rest, h), qp, kp))

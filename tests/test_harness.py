@@ -180,6 +180,29 @@ def test_torch_mha_fully_masked_row_is_judged_per_path():
 
 
 
+def test_a_check_is_judged_against_the_policy_its_entry_names(tmp_path):
+    """introduces_nan on top of another fully-masked-row policy: a NaN in one row that reads nothing, the other
+    such rows (past their query length) with uniform weights. Only the entry that names the uniform policy sees
+    the rest agree; an entry may pair a check with the policy it is judged against."""
+    from mhabench.conformance.behaviours import CHECKS
+    from mhabench.conformance.evaluate import Goldens
+    case = find_case("self_T8-nan_query_padded-lengths_query")
+    goldens = Goldens(case, case.inputs())
+    actual = np.array(goldens.get("uniform", "float64")["output"], np.float64)
+    canonical = np.asarray(goldens.get("zeros", "float64")["output"], np.float64)
+    assert np.isfinite(canonical).all() and not np.allclose(actual[1, 4:7], canonical[1, 4:7])
+    actual[1, 7] = np.nan
+    check = CHECKS["introduces_nan"]
+    assert not check(actual, goldens, "output", "float32", compare)  # rows 4-6 are uniform, canonically zero weights
+    assert check(actual, goldens, "output", "float32", compare, "uniform")
+    [entry] = _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["numpy_oracle"]\nobserved="o"\n'
+                                               'check="introduces_nan"\noracle_policy="uniform"\n')
+    assert (entry.check, entry.oracle_policy) == ("introduces_nan", "uniform")
+    with pytest.raises(ValueError, match="exactly one of"):
+        _write_toml(tmp_path / "x.toml", '[[divergence]]\nid="a"\nadapters=["numpy_oracle"]\nobserved="o"\n'
+                                         'behaviour="nonfinite_input_poisons_batch"\noracle_policy="uniform"\n')
+
+
 def test_a_drawn_case_is_judged_by_its_own_properties():
     """A hypothesis-drawn case cannot be rebuilt from its id, so a catalogue entry with a ``when`` property
     covers its rows only because the case being judged is consulted itself: Keras's TensorFlow bias_add

@@ -339,11 +339,14 @@ JAX_MODERN = {
                 "window_2_1_cross", "window_unbounded_left_causal", "window_bottom_right_decode",
                 "window_mask_axes_23_5d", "bias_BHTS_mask", "bias_B1S_causal", "bias_axes_2_4d", "kv_lengths",
                 "lengths_free_axis", "bottom_right_T6_S3", "bias_neg_inf_row", "query_lengths", "lengths_zero",
-                "modern_everything", "key_value_length_0_everything"],
+                "modern_everything", "key_value_length_0_everything", "offset_decode_T1_S7",
+                "offset_speculative_T3_S8_cache", "offset_int_window", "offset_negative_rows_see_nothing",
+                "offset_causal_window_mask", "scale"],
     # flax_mha has no bias argument (its limits are tested apart)
     "flax_mha": ["gqa_2of4", "gqa_no_bias_axes_1_4d", "mqa_per_head_mask",
                  "bottom_right_T4_S7", "bottom_right_T6_S3", "window_1_0_self", "window_unbounded_left_causal",
-                 "window_mask_axes_23_5d", "kv_lengths", "query_lengths", "lengths_axes_23_5d"],
+                 "window_mask_axes_23_5d", "kv_lengths", "query_lengths", "lengths_axes_23_5d", "offset_decode_T1_S7",
+                 "offset_int_window", "offset_axes_23_5d"],
 }
 MODERN_PARAMS = [(n, c, d) for n, ids in JAX_MODERN.items() for c in ids for d in ("float64", "float32")]
 
@@ -400,6 +403,38 @@ def test_modern_features_forward_and_gradients(name, case_id, dtype):
         _close(found["gradients"][grad_name], g, 50 * tol)
     # the default call outside evaluate's one program: the same
     _close(layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)[0], want_out, tol)
+
+
+def test_jax_dpa_takes_a_decode_step_as_cache_lengths_and_masks_only_what_it_cannot_say():
+    """One query per sequence at its own position: key_value_seq_lengths = offset + 1, is_causal off, no mask, nothing
+    emulated; three speculative queries per sequence: the diagonals go into the mask (emulated); scale= passed."""
+    seen = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(kwargs)
+        return real(q, k, v, **kwargs)
+
+    def run(case_id):
+        case = MODERN_BY_ID[case_id]
+        w, q, v, k, mask, kwargs, call, _ = _modern_call(case)
+        layer = impls.get_adapter("jax_dpa").build(case.spec, w, dtype="float64", mode="eager")
+        seen.clear()
+        jax.nn.dot_product_attention = spy
+        try:
+            out, _ = layer(q, v, k, mask, case.causal, return_scores=False, **kwargs)
+        finally:
+            jax.nn.dot_product_attention = real
+        _close(out, oracle.forward(case.spec, w, q, v, k, mask, case.causal, **kwargs)[0], SOFTMAX_IN_F32)
+        return seen[0], layer.emulations(call)
+
+    kwargs, emulated = run("offset_decode_T1_S7")  # offsets (0, 3, 6)
+    assert list(np.asarray(kwargs["key_value_seq_lengths"])) == [1, 4, 7] and not kwargs["is_causal"]
+    assert kwargs["mask"] is None and emulated == ()
+    kwargs, emulated = run("offset_speculative_T3_S8_cache")
+    assert kwargs["mask"] is not None and not kwargs["is_causal"] and emulated == ("query_offset",)
+    kwargs, emulated = run("scale")
+    assert kwargs["scale"] == 0.9 and emulated == ()
 
 
 def test_jax_dpa_gets_the_functions_own_arguments():

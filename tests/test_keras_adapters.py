@@ -345,8 +345,8 @@ def test_backend_choice():
 # ---- modern attention on Keras's own arguments (sliding_window, value_mask), the rest emulated ------------------
 from tests.feature_cases import MODERN_CASES, modern_support, rel_err  # noqa: E402
 
-KERAS_REFUSES = {"keras_mha": ("grouped-query attention", "an additive float bias"),
-                 "keras_gqa": ("an additive float bias", "value_dim", "output_shape")}
+KERAS_REFUSES = {"keras_mha": ("grouped-query attention", "an additive float bias", "a soft cap", "an explicit logit"),
+                 "keras_gqa": ("an additive float bias", "value_dim", "output_shape", "a soft cap", "an explicit logit")}
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -274,7 +274,8 @@ def test_modern_features_match_naive_loops(case):
 @pytest.mark.parametrize("policy", ["uniform", "nan", "unmasked"])
 @pytest.mark.parametrize("case", [c for c in MODERN_CASES if c.id in (
     "bottom_right_T6_S3", "window_1_none_T6_S3", "bias_neg_inf_row", "lengths_zero", "modern_everything",
-    "key_value_length_0_everything")], ids=lambda c: c.id)
+    "key_value_length_0_everything", "offset_negative_rows_see_nothing", "inference_everything")],
+    ids=lambda c: c.id)
 def test_modern_fully_masked_rows_follow_every_policy(case, policy):
     w, q, v, k, mask, kwargs = _modern(case)
     out, scores = oracle.forward(case.spec, w, q, v, k, mask, case.causal, fully_masked=policy, **kwargs)
@@ -286,7 +287,8 @@ def test_modern_fully_masked_rows_follow_every_policy(case, policy):
 @pytest.mark.parametrize("block", [1, 2, 5])
 @pytest.mark.parametrize("case", [c for c in MODERN_CASES if c.id in (
     "gqa_cross_causal_mask_value_dim", "bottom_right_T6_S3", "window_2_1_cross", "bias_BHTS_mask",
-    "lengths_both_causal_mask", "lengths_axes_23_5d", "modern_everything", "key_value_length_0")],
+    "lengths_both_causal_mask", "lengths_axes_23_5d", "modern_everything", "key_value_length_0",
+    "offset_speculative_T3_S8_cache", "offset_axes_23_5d", "softcap_bias_mask", "inference_everything")],
     ids=lambda c: c.id)
 def test_modern_blockwise_equals_dense(case, block):
     w, q, v, k, mask, kwargs = _modern(case, seed=7)
@@ -386,6 +388,93 @@ def test_bottom_right_last_query_sees_every_key_and_equals_top_left_when_square(
     decode = rng.normal(size=(2, 1, 8))  # one new token against the whole cache: nothing masked
     np.testing.assert_array_equal(oracle.forward(spec, w, decode, v, causal="bottom_right")[0],
                                   oracle.forward(spec, w, decode, v)[0])
+
+
+# -- per-sequence query positions (a key/value cache)
+def test_query_offset_zero_is_top_left_and_s_minus_t_is_bottom_right(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=2)
+    q, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 8))
+    for window in (None, (2, 1)):
+        np.testing.assert_array_equal(oracle.forward(spec, w, q, v, causal=True, query_offset=0, window=window)[0],
+                                      oracle.forward(spec, w, q, v, causal=True, window=window)[0])
+        np.testing.assert_array_equal(oracle.forward(spec, w, q, v, causal=True, query_offset=[4, 4], window=window)[0],
+                                      oracle.forward(spec, w, q, v, causal="bottom_right", window=window)[0])
+
+
+def test_each_sequence_sits_at_its_own_offset(rng):
+    """A batch with offsets (0, 3, 6) computes, per batch element, what that element alone computes with its
+    offset: query i of element b sees keys j <= offsets[b] + i."""
+    spec = impls.AttentionSpec(num_heads=4, key_dim=2, num_kv_heads=2)
+    w = impls.Weights.random(spec, 8, 8, seed=3)
+    q, v = rng.normal(size=(3, 2, 8)), rng.normal(size=(3, 8, 8))
+    offsets = [0, 3, 6]
+    out, scores = oracle.forward(spec, w, q, v, causal=True, query_offset=offsets, window=(2, None))
+    for b, offset in enumerate(offsets):
+        alone, alone_scores = oracle.forward(spec, w, q[b:b + 1], v[b:b + 1], causal=True, query_offset=offset,
+                                             window=(2, None))
+        np.testing.assert_array_equal(out[b:b + 1], alone)
+        np.testing.assert_array_equal(scores[b:b + 1], alone_scores)
+        allowed = np.array([[offset + i - 2 <= j <= offset + i for j in range(8)] for i in range(2)])
+        np.testing.assert_array_equal(scores[b, 0] > 0, allowed)
+
+
+def test_query_offset_alone_changes_nothing(rng):
+    """Without causal or a window nothing reads the positions (as ONNX's nonpad_kv_seqlen without is_causal)."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=2)
+    q, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 7, 8))
+    np.testing.assert_array_equal(oracle.forward(spec, w, q, v, query_offset=[1, 4])[0],
+                                  oracle.forward(spec, w, q, v)[0])
+
+
+def test_decode_blockwise_at_a_long_cache_equals_dense(rng):
+    """The blockwise mode on a decode step (T = 4 speculative queries, S = 3000 keys, offsets differing per
+    sequence, grouped heads, softcap and scale): what a decode benchmark's reference computes."""
+    spec = impls.AttentionSpec(num_heads=8, key_dim=4, num_kv_heads=2)
+    w = impls.Weights.random(spec, 8, 8, seed=6)
+    q, v = rng.normal(size=(3, 4, 8)), rng.normal(size=(3, 3000, 8))
+    kwargs = dict(causal=True, query_offset=[0, 1500, 2996], key_value_lengths=[4, 1504, 3000], softcap=5.0,
+                  scale=0.3)
+    dense, _ = oracle.forward(spec, w, q, v, **kwargs)
+    blocked, _ = oracle.forward(spec, w, q, v, return_scores=False, block_size=1, **kwargs)
+    np.testing.assert_allclose(blocked, dense, rtol=1e-12, atol=1e-12)
+
+
+# -- soft cap and scale
+def test_softcap_bounds_the_logits_before_the_bias_and_the_mask(rng):
+    """softcap * tanh(s / softcap), applied to the scaled logits before the bias: a huge softcap changes nothing,
+    a small one flattens the weights toward uniform; a -inf bias (added after the cap) still masks."""
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=8)
+    q, v = 30 * rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 5, 8))
+    plain, plain_scores = oracle.forward(spec, w, q, v)
+    np.testing.assert_allclose(oracle.forward(spec, w, q, v, softcap=1e9)[0], plain, rtol=1e-9)
+    _, capped = oracle.forward(spec, w, q, v, softcap=0.01)
+    assert np.max(np.abs(capped - 0.2)) < 0.01 < np.max(np.abs(plain_scores - 0.2))
+    bias = rng.normal(size=(3, 5))
+    bias[:, 1] = -np.inf
+    _, scores = oracle.forward(spec, w, q, v, softcap=0.5, bias=bias)
+    np.testing.assert_array_equal(scores[..., 1], 0.0)
+    # the bias is not capped: a bias of 3 on key 0 moves its logit by 3 even with a cap of 0.5
+    bias = np.zeros((3, 5))
+    bias[:, 0] = 3.0
+    _, base = oracle.forward(spec, w, q, v, softcap=0.5)
+    _, shifted = oracle.forward(spec, w, q, v, softcap=0.5, bias=bias)
+    ratio = (shifted[..., 0] / shifted[..., 2]) / (base[..., 0] / base[..., 2])
+    np.testing.assert_allclose(ratio, np.exp(3.0), rtol=1e-12)
+
+
+def test_scale_replaces_one_over_sqrt_key_dim(rng):
+    spec = impls.AttentionSpec(num_heads=2, key_dim=4)
+    w = impls.Weights.random(spec, 8, 8, seed=8)
+    q, v = rng.normal(size=(2, 3, 8)), rng.normal(size=(2, 5, 8))
+    np.testing.assert_array_equal(oracle.forward(spec, w, q, v, scale=0.5)[0], oracle.forward(spec, w, q, v)[0])
+    _, zero = oracle.forward(spec, w, q, v, scale=0.0)  # every logit 0: uniform weights
+    np.testing.assert_allclose(zero, 0.2, rtol=1e-15)
+    doubled = impls.Weights(**{**w.as_dict(), "Wq": 2 * w.Wq, "bq": 2 * w.bq})
+    np.testing.assert_allclose(oracle.forward(spec, w, q, v, scale=1.0)[0], oracle.forward(spec, doubled, q, v)[0],
+                               rtol=1e-12)
 
 
 # -- sliding window

@@ -24,8 +24,8 @@ def test_a_name_is_its_text_everywhere():
     assert f"{Status.FAIL}" == str(Status.FAIL) == "fail" and json.dumps([Area.MODERN]) == '["modern"]'
     assert Quantity.gradient("Wq") is Quantity.GRAD_WQ and Quantity.GRAD_WQ.gradient_of == "Wq"
     assert not Quantity.SCORES.is_gradient and Status.ERROR.failing and Status.SKIP.not_run
-    with pytest.raises(ValueError, match="unknown area 'decode'; expected one of shapes, masks"):
-        Area.parse("decode")
+    with pytest.raises(ValueError, match="unknown area 'serving'; expected one of shapes, masks"):
+        Area.parse("serving")
 
 
 @pytest.mark.parametrize("row_id, parts", [

@@ -162,6 +162,26 @@ def test_flex_compiled_modern_features_match_the_oracle(case_id):
     assert errors["output"] < 2e-6, errors
 
 
+def test_flex_takes_positions_in_its_mask_mod_and_the_soft_cap_as_its_score_mod():
+    """inference_everything (per-sequence offsets, their cache lengths, a window, GQA, softcap, scale, a bias): the
+    block mask holds each sequence's diagonal, the score_mod caps then adds the bias, scale= is passed; nothing is
+    emulated, and the eager float64 result is the oracle's."""
+    case = MODERN_BY_ID["inference_everything"]
+    w, q, v, k, mask = case.build(seed=4)
+    layer = ADAPTER.build(case.spec, w, dtype="float64", mode="eager")
+    call = layer.validate(q, v, k, mask, case.causal, **case.feature_kwargs(4))
+    inputs = layer._native(call)
+    from torch.nn.attention.flex_attention import create_mask
+    dense = create_mask(inputs["mask"].mask_mod, call.n_flat, 1, call.q_len, call.k_len, device="cpu").numpy()[:, 0]
+    np.testing.assert_array_equal(dense, call.flat_allowed(bias=False)[:, 0])
+    assert layer.emulations(call) == ()
+    import torch
+    from mhabench.impls.torch_flex import score_mod
+    mod = score_mod(torch.zeros((1, 1, 1, 1), dtype=torch.float64), 1.0)
+    assert float(mod(torch.tensor(100.0, dtype=torch.float64), 0, 0, 0, 0)) == pytest.approx(1.0)
+    assert modern_forward_errors("torch_flex", case, "float64", mode="eager")["output"] < 1e-12
+
+
 def test_flex_mask_mod_is_the_and_of_what_a_user_writes():
     """Each restriction of modern_everything (mask, bottom-right causal, window, both lengths) lands in the block
     mask, per flattened batch element, with nothing emulated; the bias is a score_mod."""
@@ -175,3 +195,39 @@ def test_flex_mask_mod_is_the_and_of_what_a_user_writes():
     dense = create_mask(block.mask_mod, call.n_flat, 1, call.q_len, call.k_len, device="cpu").numpy()[:, 0]
     np.testing.assert_array_equal(dense, call.flat_allowed(bias=False)[:, 0])
     assert layer.emulations(call) == () and inputs["bias"] is not None
+
+
+def test_calls_whose_mods_read_more_than_positions_compile_for_their_shape():
+    """Symbolic sizes fail in Inductor's CPU template for causal T != S, per-sequence offsets and the soft cap as
+    they do for a mask tensor; a causal T == S call keeps the one dynamic program a length sweep shares."""
+    from mhabench.impls.torch_flex import static_shapes
+    spec = impls.AttentionSpec(2, 4)
+    layer = ADAPTER.build(spec, impls.Weights.random(spec, 8, 8, seed=1), dtype="float32", mode="eager")
+    x6, x3 = np.zeros((2, 6, 8)), np.zeros((2, 3, 8))
+    assert not static_shapes(layer.validate(x6, x6, causal=True), None)
+    assert not static_shapes(layer.validate(x6, x6), None)
+    assert static_shapes(layer.validate(x3, x6, causal=True), None)
+    assert static_shapes(layer.validate(x3, x6, causal="bottom_right"), None)
+    assert static_shapes(layer.validate(x3, x6, causal=True, query_offset=np.array([0, 3])), None)
+    assert static_shapes(layer.validate(x6, x6, softcap=5.0), None)
+
+
+def test_inductor_cache_is_kept_per_cpu_capability(monkeypatch, tmp_path):
+    """A program Inductor compiled under AVX-512 and loaded under ATEN_CPU_CAPABILITY=avx2 gives wrong decode
+    outputs, so the cache folder depends on the setting; with caching off Inductor's own default folder (shared by
+    every process) is not used either. The ISA check asks for the folder first, so it must be set by then."""
+    from mhabench.impls import cache
+    monkeypatch.setenv(cache.ENV, str(tmp_path))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    native = cache.torch_environment()["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    avx2 = cache.torch_environment()["TORCHINDUCTOR_CACHE_DIR"]
+    assert native != avx2 and avx2.endswith("avx2") and native.startswith(str(tmp_path))
+    monkeypatch.setenv(cache.ENV, "off")
+    assert cache.torch_environment() == {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    monkeypatch.setenv(cache.ENV, str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    from mhabench.impls import torch_flex
+    torch_flex.use_cache_folder()
+    import os
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == avx2

@@ -229,6 +229,31 @@ BAD_FEATURE_CALLS = [
      r"query_lengths must be in 0..3 \(the number of query positions, attended axes flattened\), got 4 at index 1"),
     ("key_value_lengths_negative", dict(key_value_lengths=[-1, 5]), ValueError,
      r"key_value_lengths must be in 0..5 \(the number of key/value positions.*got -1 at index 0"),
+    ("query_offset_float", dict(query_offset=1.5, causal=True), TypeError,
+     r"query_offset must be an int or an integer array of shape \[B\] = \[2\] \(the position of each sequence's "
+     r"first query among the keys\), got 1.5"),
+    ("query_offset_bool", dict(query_offset=np.array([True, False]), causal=True), TypeError,
+     r"query_offset must be an int or an integer array of shape \[B\] = \[2\].*got dtype bool"),
+    ("query_offset_shape", dict(query_offset=[1, 2, 3], causal=True), ValueError,
+     r"query_offset must be an int or have shape \[B\] = \[2\] \(one offset per batch element\), got shape \[3\]"),
+    ("query_offset_past_the_keys", dict(query_offset=[0, 6], causal=True), ValueError,
+     r"query_offset must be in -3..5 \(-T..S, attended axes flattened.*got 6 at index 1"),
+    ("query_offset_before_the_block", dict(query_offset=-4, causal=True), ValueError,
+     r"query_offset must be in -3..5 .*got -4 at index 0"),
+    ("query_offset_with_bottom_right", dict(query_offset=[1, 2], causal="bottom_right"), ValueError,
+     r"query_offset cannot be combined with causal='bottom_right', which fixes every sequence's offset at S - T; "
+     r"pass causal=True with query_offset"),
+    ("softcap_zero", dict(softcap=0.0), ValueError,
+     r"softcap must be a positive finite number \(logits become softcap \* tanh\(logits / softcap\)\), or None, got 0.0"),
+    ("softcap_negative", dict(softcap=-1), ValueError, r"softcap must be a positive finite number.*got -1"),
+    ("softcap_inf", dict(softcap=float("inf")), ValueError, r"softcap must be a positive finite number.*got inf"),
+    ("softcap_bool", dict(softcap=True), TypeError, r"softcap must be a positive finite number.*got True"),
+    ("softcap_string", dict(softcap="50"), TypeError, r"softcap must be a positive finite number.*got '50'"),
+    ("softcap_array", dict(softcap=np.array([1.0, 2.0])), TypeError, r"softcap must be a positive finite number"),
+    ("scale_nan", dict(scale=float("nan")), ValueError,
+     r"scale must be a finite number \(it multiplies q . k in place of 1/sqrt\(key_dim\)\), or None, got nan"),
+    ("scale_string", dict(scale="0.5"), TypeError, r"scale must be a finite number.*got '0.5'"),
+    ("scale_bool", dict(scale=False), TypeError, r"scale must be a finite number.*got False"),
 ]
 
 
@@ -255,6 +280,29 @@ def test_call_features_are_read_into_the_call():
     assert plain.causal_alignment == "top_left" and plain.causal_argument is True and plain.window is None
     assert plain.feature_kwargs() == {} and plain.diagonal_offset == 0
     assert validate_call(SPEC, (8, 8, 8), Q, V).causal_alignment is None
+
+
+def test_inference_features_are_read_into_the_call():
+    from mhabench.impls.base import features_used
+    from mhabench.impls.validation import validate_call
+    call = validate_call(SPEC, (8, 8, 8), Q, V, causal=True, query_offset=[2, 0], softcap=np.float32(30),
+                         scale=np.float64(0.25))
+    assert call.query_offset.dtype == np.int64 and call.diagonal_offsets.tolist() == [2, 0] and call.offsets_vary
+    assert call.softcap == 30.0 and type(call.softcap) is float and call.scale == 0.25 and type(call.scale) is float
+    assert not call.top_left_causal and call.causal_argument is True
+    with pytest.raises(ValueError, match=r"query_offset differs between sequences \(\[2, 0\]\)"):
+        call.diagonal_offset
+    assert set(call.feature_kwargs()) == {"query_offset", "softcap", "scale"}
+    assert {"query_offset", "softcap", "scale", "causal"} <= features_used(SPEC, (8, 8, 8), call)
+    assert "causal_bottom_right" not in features_used(SPEC, (8, 8, 8), call)
+    shared = validate_call(SPEC, (8, 8, 8), Q, V, causal=True, query_offset=2)  # an int is every sequence's
+    assert shared.query_offset.tolist() == [2, 2] and shared.diagonal_offset == 2 and not shared.offsets_vary
+    bottom_right = validate_call(SPEC, (8, 8, 8), Q, V, causal="bottom_right")
+    assert bottom_right.diagonal_offsets.tolist() == [2, 2] and bottom_right.query_offset is None
+    # positions read by nothing (no causal, no window), or all 0, use no feature
+    for unread in (dict(query_offset=[2, 1]), dict(query_offset=0, causal=True)):
+        assert "query_offset" not in features_used(SPEC, (8, 8, 8), validate_call(SPEC, (8, 8, 8), Q, V, **unread))
+    assert validate_call(SPEC, (8, 8, 8), Q, V, query_offset=[0, 0], causal=True).top_left_causal
 
 
 def test_allowed_combines_every_restriction_and_its_flags_leave_parts_out():

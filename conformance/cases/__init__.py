@@ -2,7 +2,8 @@
 
 - ``case``: the :class:`Case` type (everything needed to rebuild a call bit for bit) and the inputs it draws;
 - one module per area family: ``shapes`` (areas shapes, dtypes), ``masks`` (masks, axes), ``special``,
-  ``gradients``, ``modern``, ``pairs`` (the pairwise covering design, read from ``pair_design.txt``);
+  ``gradients``, ``modern``, ``decode`` (inference attention against a key/value cache), ``pairs`` (the pairwise
+  covering design, read from ``pair_design.txt``);
 - ``invalid``: bad input, its own type (:class:`InvalidCase`, PyTorch OpInfo's ``ErrorInput`` for attention);
 - ``random_cases``: the random area, drawn from a seed or by hypothesis.
 
@@ -15,7 +16,7 @@ from dataclasses import replace
 
 from mhabench.schema import DTYPES, FORWARD_QUANTITIES  # noqa: F401  (the dtypes a case runs in)
 
-from . import gradients, invalid, masks, modern, pairs, shapes, special
+from . import decode, gradients, invalid, masks, modern, pairs, shapes, special
 from .case import (BIAS_KINDS, LENGTHS_KINDS, MASK_KINDS, SPECIALS, Case, Inputs, case_seed, make_bias,  # noqa: F401
                    make_lengths, make_mask, spec)
 from .invalid import INVALID_INPUTS, BadCall, InvalidCase  # noqa: F401
@@ -30,7 +31,7 @@ __all__ = ["AnyCase", "FAMILIES", "default_cases", "select", "find_case", "from_
            "pair_coverage", "describe_random", "random_case", "random_cases", "random_case_from_id", "reproducer"]
 
 AnyCase = Case | InvalidCase
-FAMILIES = (shapes, masks, special, gradients, invalid, modern, pairs)  # each module's cases() joins the matrix
+FAMILIES = (shapes, masks, special, gradients, invalid, modern, decode, pairs)  # each module's cases() joins the matrix
 
 
 def default_cases() -> list[AnyCase]:

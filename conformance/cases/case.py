@@ -15,21 +15,26 @@ import numpy as np
 
 from mhabench.impls import AttentionSpec, Weights
 from mhabench.impls.base import EXTENSION_FEATURES, features_used
-from mhabench.impls.validation import Call, check_causal, check_window, validate_call
+from mhabench.impls.validation import Call, check_causal, check_scale, check_softcap, check_window, validate_call
 from mhabench.schema import FORWARD_QUANTITIES, INPUT_GRADIENTS, WEIGHT_GRADIENTS, Area, Quantity
 
 MASK_KINDS = ("none", "full", "broadcast", "padding", "per_head", "fully_masked_row", "all_allowed")
 # The additive float bias of modern attention (drawn like a mask, read by the mask rule): ``TS`` one [T, S] for
 # every batch and head; ``B1S`` per batch and key (a padding-like penalty); ``BHTS`` the full scores rank with a
 # head axis; ``neg_inf`` some -inf entries, never a whole row; ``neg_inf_row`` query row 1 of batch 0 all -inf
-# (a fully masked row made by the bias alone).
-BIAS_KINDS = ("TS", "B1S", "BHTS", "neg_inf", "neg_inf_row")
+# (a fully masked row made by the bias alone); ``huge_where_masked`` standard normal where the call's other
+# restrictions (mask, causal, window, lengths) allow, and +inf or 1e30 wherever they mask (a masked position stays
+# masked whatever its bias).
+BIAS_KINDS = ("TS", "B1S", "BHTS", "neg_inf", "neg_inf_row", "huge_where_masked")
 # Padding given as lengths: ``key_value`` (batch b keeps fewer keys as b grows), ``query`` (likewise for query rows,
-# which then attend to nothing), ``both``, and ``empty`` (a key/value length 0 in batch 0 and a query length 0 in
-# the last batch element: whole fully masked batches).
-LENGTHS_KINDS = ("key_value", "query", "both", "empty")
+# which then attend to nothing), ``both``, ``empty`` (a key/value length 0 in batch 0 and a query length 0 in
+# the last batch element: whole fully masked batches), and ``cache`` (an external key/value cache: sequence b holds
+# query_offset[b] + T valid keys, its past and its T new tokens, and the rest of the buffer is padding).
+LENGTHS_KINDS = ("key_value", "query", "both", "empty", "cache")
+# ``nan_query_padded``: a NaN in the last query row of the last batch element (a row past its query length, with
+# query lengths): a row that reads nothing, whose gradients are canonically finite.
 SPECIALS = (None, "nan_query", "nan_key", "nan_value", "inf_query", "inf_key", "ninf_value", "nan_masked_key",
-            "nan_masked_value", "inf_masked_value")
+            "nan_masked_value", "inf_masked_value", "nan_query_padded")
 @dataclass(frozen=True)
 class Case:
     """One conformance case. Shapes exclude batch and features: ``query [batch, *q_shape, query_dim]``."""
@@ -60,6 +65,11 @@ class Case:
     window: tuple | None = None        # (left, right), either None = unbounded
     bias: str | None = None            # one of BIAS_KINDS
     lengths: str | None = None         # one of LENGTHS_KINDS
+    # inference attention: each sequence's query position (an int for all, or one per batch element; causal True
+    # or a window reads it), the logits' soft cap and scale
+    query_offset: int | tuple[int, ...] | None = None
+    softcap: float | None = None
+    logit_scale: float | None = None   # the call's scale= (``scale`` above scales the inputs)
 
     computes = True  # the rows judge what the call computes (an InvalidCase's, the error it raises)
 
@@ -85,6 +95,12 @@ class Case:
         object.__setattr__(self, "causal", "bottom_right" if alignment == "bottom_right" else alignment is not None)
         window = check_window(self.window)
         object.__setattr__(self, "window", None if window is None else tuple(window))
+        if isinstance(self.query_offset, (list, tuple)):
+            object.__setattr__(self, "query_offset", tuple(int(p) for p in self.query_offset))
+        if self.lengths == "cache" and self.query_offset is None:
+            raise ValueError(f"case {self.id}: lengths='cache' (query_offset + T valid keys) needs a query_offset")
+        check_softcap(self.softcap)
+        check_scale(self.logit_scale)
         object.__setattr__(self, "spec", AttentionSpec(**self.spec).to_dict())  # normalised, JSON-ready
         object.__setattr__(self, "q_shape", tuple(self.q_shape))
         object.__setattr__(self, "k_shape", tuple(self.k_shape))
@@ -163,7 +179,10 @@ class Case:
         return {"seed": self.seed, "spec": self.spec, "query_shape": list(self.query_shape),
                 "key_shape": list(self.key_shape) if self.key_shape else None, "value_shape": list(self.value_shape),
                 "mask": self.mask, "causal": self.causal, "bias": self.bias, "lengths": self.lengths,
-                "window": list(self.window) if self.window is not None else None}
+                "window": list(self.window) if self.window is not None else None,
+                "query_offset": None if self.query_offset is None else list(np.broadcast_to(
+                    np.array(self.query_offset, dtype=np.int64), (self.batch,)).tolist()),
+                "softcap": self.softcap, "logit_scale": self.logit_scale}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -195,9 +214,18 @@ class Case:
         cotangent = rng.standard_normal(call.output_shape)
         # the modern features draw from their own stream, so every classic case keeps its inputs
         bias = make_bias(self.bias, call, spec.num_heads, np.random.default_rng([self.seed, 2]))
-        query_lengths, key_value_lengths = make_lengths(self.lengths, call)
+        query_offset = None if self.query_offset is None else np.array(self.query_offset, dtype=np.int64)
+        query_lengths, key_value_lengths = make_lengths(self.lengths, call, query_offset)
+        if self.bias == "huge_where_masked":
+            restricted = validate_call(spec, self.dims, query, value, key, mask, self.causal, window=self.window,
+                                       query_lengths=query_lengths, key_value_lengths=key_value_lengths,
+                                       query_offset=query_offset)
+            allowed = restricted.allowed()
+            if allowed is not None:
+                huge = np.where(np.arange(bias.size).reshape(bias.shape) % 2, np.inf, 1e30)
+                bias = np.where(np.broadcast_to(allowed, restricted.scores_shape), bias, huge)
         return Inputs(spec, weights, query, value, key, mask, self.causal, cotangent, self.window, bias,
-                      query_lengths, key_value_lengths)
+                      query_lengths, key_value_lengths, query_offset, self.softcap, self.logit_scale)
 
 
 @dataclass
@@ -214,6 +242,9 @@ class Inputs:
     bias: np.ndarray | None = field(default=None, repr=False)
     query_lengths: np.ndarray | None = None
     key_value_lengths: np.ndarray | None = None
+    query_offset: np.ndarray | None = None
+    softcap: float | None = None
+    scale: float | None = None
 
     def args(self):
         """The positional arguments of the call: query, value, key, mask, causal."""
@@ -222,7 +253,8 @@ class Inputs:
     def features(self) -> dict:
         """The call-level keyword arguments of modern attention that the case gives (none for a classic case)."""
         given = {"window": self.window, "bias": self.bias, "query_lengths": self.query_lengths,
-                 "key_value_lengths": self.key_value_lengths}
+                 "key_value_lengths": self.key_value_lengths, "query_offset": self.query_offset,
+                 "softcap": self.softcap, "scale": self.scale}
         return {k: v for k, v in given.items() if v is not None}
 
 
@@ -286,7 +318,7 @@ def make_bias(kind: str | None, call, num_heads: int, rng) -> np.ndarray | None:
         return rng.standard_normal(q_att + k_att)
     if kind == "B1S":
         return rng.standard_normal(batch_shape[:1] + (1,) * (nb - 1 + len(q_att)) + k_att)
-    if kind == "BHTS":
+    if kind in ("BHTS", "huge_where_masked"):  # (the huge entries go in where the call masks: Case.inputs)
         return rng.standard_normal(batch_shape + (num_heads,) + q_att + k_att)
     b = rng.standard_normal(batch_shape + q_att + k_att)
     flat = b.reshape(batch_shape + (math.prod(q_att), math.prod(k_att)))  # a view: writes reach b
@@ -298,11 +330,14 @@ def make_bias(kind: str | None, call, num_heads: int, rng) -> np.ndarray | None:
     return b
 
 
-def make_lengths(kind: str | None, call) -> tuple[np.ndarray | None, np.ndarray | None]:
+def make_lengths(kind: str | None, call, query_offset=None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(query_lengths, key_value_lengths) of the given kind (LENGTHS_KINDS), int64 [B]: deterministic, like the
-    padding mask, from the call's shapes."""
+    padding mask, from the call's shapes (and, for ``cache``, the query offsets)."""
     if kind is None:
         return None, None
+    if kind == "cache":  # the external cache's valid length: the past, then the T new tokens
+        T = _attended(call)[0]
+        return None, np.broadcast_to(np.asarray(query_offset, dtype=np.int64) + T, (call.scores_shape[0],)).copy()
     T, S, _, _ = _attended(call)
     B = call.scores_shape[0]
     shrink = lambda n: np.maximum(min(n, 1), n - np.arange(B) * max(n // 2, 1)).astype(np.int64)  # n, n - n//2, .., 1
@@ -323,12 +358,14 @@ def _plant_special(special, query, value, key):
     if special is None:
         return query, value, key
     kind, _, where = special.partition("_")
-    target, index = {"masked_key": ("key", -1), "masked_value": ("value", -1)}.get(where, (where, 1))
+    batch, (target, index) = 0, {"masked_key": ("key", -1), "masked_value": ("value", -1)}.get(where, (where, 1))
+    if where == "query_padded":  # the last row of the last batch element
+        batch, target, index = -1, "query", -1
     if target == "key" and key is None:
         target = "value"
     arrays = {"query": query, "value": value, "key": key}
     arr = arrays[target].copy()
-    arr[(0,) + (index,) * (arr.ndim - 2) + (0,)] = {"nan": np.nan, "inf": np.inf, "ninf": -np.inf}[kind]
+    arr[(batch,) + (index,) * (arr.ndim - 2) + (0,)] = {"nan": np.nan, "inf": np.inf, "ninf": -np.inf}[kind]
     arrays[target] = arr
     return arrays["query"], arrays["value"], arrays["key"]
 

@@ -28,6 +28,7 @@ def cases() -> list[Case]:
         c("bottom_right-cross_T5_S8-mask_full", q_shape=(5,), causal="bottom_right", mask="full"),
         c("bottom_right-rank4-axes_default-cross", q_shape=(2, 2), k_shape=(2, 3), causal="bottom_right"),
         c("bottom_right-gqa_h4_kv2-cross_T3_S7", spec=gqa, q_shape=(3,), k_shape=(7,), causal="bottom_right"),
+        c("bottom_right-gqa_h4_kv2-decode_T1_S9", spec=gqa, q_shape=(1,), k_shape=(9,), causal="bottom_right"),
         # sliding windows, measured from the causal diagonal
         c("window_2_2-self_T8", window=(2, 2)),
         c("window_3_0-self_T8", window=(3, 0), quick=True),
@@ -54,6 +55,10 @@ def cases() -> list[Case]:
         c("bias_BHTS-gqa_h4_kv2-rank4-axes_2", spec=spec(4, 2, num_kv_heads=2, attention_axes=(2,)), q_shape=(3, 4),
           k_shape=(3, 5), bias="BHTS"),
         c("bias_TS-large_logits", bias="TS", scale=60.0),
+        # +inf and 1e30 wherever the mask, causal or lengths mask: those positions stay masked
+        c("bias_huge_where_masked-self_T8-causal-mask_padding", bias="huge_where_masked", causal=True, mask="padding"),
+        c("bias_huge_where_masked-gqa_h4_kv2-cross_T4_S9-lengths_key_value", spec=gqa, q_shape=(4,), k_shape=(9,),
+          bias="huge_where_masked", lengths="key_value"),
         # padding given as lengths
         c("lengths_key_value-cross_T6_S8", q_shape=(6,), lengths="key_value", quick=True),
         c("lengths_query-self_T8", lengths="query"),

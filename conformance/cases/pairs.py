@@ -26,15 +26,24 @@ PAIR_FACTORS = {
     "key": ("value", "distinct"),
     "bias": (True, False),
     "widths": ("equal", "mixed"),
-    # modern attention: grouped-query ("fewer": one key/value head), the window ((1, 2), or (2, 0)), the additive
-    # bias (BIAS_KINDS) and lengths (LENGTHS_KINDS)
-    "kv_heads": ("all", "fewer"),
+    # modern attention: key/value heads ("one": multi-query; "grouped": 4 query heads over 2 key/value heads, where
+    # "h // group" and "h % Hkv" differ), the window ((1, 2), or (2, 0)), the additive bias (BIAS_KINDS) and lengths
+    # (LENGTHS_KINDS)
+    "kv_heads": ("all", "one", "grouped"),
     "window": ("none", "band", "left"),
     "logit_bias": ("none", "TS", "BHTS", "neg_inf_row"),
     "padding_lengths": ("none", "key_value", "query", "both"),
+    # inference attention: the query positions (one offset for the batch, as an internal cache or bottom-right
+    # gives; or one per sequence, as an external cache gives: ONNX's past_key and nonpad_kv_seqlen), and the logits'
+    # soft cap or scale
+    "query_offset": ("none", "shared", "per_sequence"),
+    "logits": ("default", "softcap", "scale"),
 }
-# Pairs no case can have: one head has no fewer key/value heads.
-PAIR_EXCLUDED = {("heads", 1, "kv_heads", "fewer")}
+# Pairs no case can have: one head has no fewer key/value heads, and grouping needs more heads than 2 (the heads
+# level 3 means "3 or more": 4 with grouped key/value heads); bottom-right causal fixes the query offset at S - T.
+PAIR_EXCLUDED = {("heads", 1, "kv_heads", "one"), ("heads", 1, "kv_heads", "grouped"), ("heads", 2, "kv_heads", "grouped"),
+                 ("causal", "bottom_right", "query_offset", "shared"),
+                 ("causal", "bottom_right", "query_offset", "per_sequence")}
 PairLevels = namedtuple("PairLevels", PAIR_FACTORS)  # one case of the design: a level per factor, by name
 
 
@@ -67,17 +76,25 @@ _SHAPES = {  # axes level -> (attention_axes, batch, lengths level -> (q_shape, 
 }
 _PAIR_WINDOWS = {"none": None, "band": (1, 2), "left": (2, 0)}
 _PAIR_CAUSAL = {False: "", True: "-causal", "bottom_right": "-causal_bottom_right"}
+# the query offsets per lengths level (T, S): one for the batch, or one per sequence (cycled over the batch), each in
+# -T..S; negative ones leave the first rows nothing under causal (ONNX's "structurally empty" rows)
+_PAIR_OFFSETS = {"shared": {"T=S": 2, "T<S": 1, "T>S": -2, "T=1": 3},
+                 "per_sequence": {"T=S": (0, 3, -2), "T<S": (3, 0, 2), "T>S": (-3, 0, -1), "T=1": (5, 0, 2)}}
+_PAIR_LOGITS = {"default": {}, "softcap": {"softcap": 1.5}, "scale": {"logit_scale": 0.35}}
 
 
 def pair_case(index: int, level: PairLevels) -> Case:
     """The case of line ``index`` of the design."""
     axes, batch, shape = _SHAPES[level.axes]
     q_shape, k_shape = shape(*_LENGTHS[level.lengths])
-    heads, key_dim = level.heads, level.key_dim
+    heads, key_dim = 4 if level.kv_heads == "grouped" else level.heads, level.key_dim
     spec = make_spec(heads, key_dim, attention_axes=axes, use_bias=level.bias,
                      value_dim=key_dim + 2 if level.value_dim == "other" else None,
                      output_shape={"default": None, "width5": 5, "2x3": (2, 3)}[level.output],
-                     num_kv_heads=1 if level.kv_heads == "fewer" else None)
+                     num_kv_heads={"all": None, "one": 1, "grouped": 2}[level.kv_heads])
+    offset = _PAIR_OFFSETS.get(level.query_offset, {}).get(level.lengths)
+    if isinstance(offset, tuple):
+        offset = tuple(offset[b % len(offset)] for b in range(batch))
     window = _PAIR_WINDOWS[level.window]
     bias, lengths = (None if kind == "none" else kind for kind in (level.logit_bias, level.padding_lengths))
     distinct = level.key == "distinct"
@@ -88,12 +105,14 @@ def pair_case(index: int, level: PairLevels) -> Case:
             f"-mask_{level.mask}{_PAIR_CAUSAL[level.causal]}-heads{heads}_kd{key_dim}"
             f"{'-value_dim' if level.value_dim == 'other' else ''}-out_{level.output}"
             f"{'-key_distinct' if distinct else ''}{'' if level.bias else '-no_bias'}-widths_{level.widths}"
-            f"{'-mqa' if level.kv_heads == 'fewer' else ''}"
+            f"{ {'all': '', 'one': '-mqa', 'grouped': '-gqa'}[level.kv_heads]}"
             f"{'' if window is None else '-window_' + '_'.join(str(w).lower() for w in window)}"
-            f"{'' if bias is None else '-bias_' + bias}{'' if lengths is None else '-lengths_' + lengths}")
+            f"{'' if bias is None else '-bias_' + bias}{'' if lengths is None else '-lengths_' + lengths}"
+            f"{'' if offset is None else '-offset_' + level.query_offset}"
+            f"{'' if level.logits == 'default' else '-' + level.logits}")
     return Case(id=name, area="pairs", spec=spec, batch=batch, q_shape=q_shape, k_shape=k_shape, key_distinct=distinct,
                 mask=level.mask, causal=level.causal, quick=index < 3, window=window, bias=bias, lengths=lengths,
-                **widths)
+                query_offset=offset, **_PAIR_LOGITS[level.logits], **widths)
 
 
 def cases() -> list[Case]:
@@ -103,7 +122,7 @@ def cases() -> list[Case]:
 def case_factors(case: Case) -> dict:
     """The levels of PAIR_FACTORS a case exercises, read from its fields (not from the design table)."""
     spec = case.attention_spec
-    call = case.shape_call()
+    call = case.call() if case.query_offset is not None else case.shape_call()
     t, s = call.q_len, call.k_len
     n_att = len(call.attention_axes)
     axes = "rank3" if case.query_shape.__len__() == 3 else (
@@ -123,9 +142,11 @@ def case_factors(case: Case) -> dict:
         "output": "default" if spec.output_shape is None else "width5" if len(spec.output_shape) == 1 else "2x3",
         "axes": axes, "key": "distinct" if case.key_distinct else "value", "bias": spec.use_bias,
         "widths": "equal" if q_dim == k_dim == v_dim == spec.num_heads * spec.key_dim else "mixed",
-        "kv_heads": "all" if spec.kv_heads == spec.num_heads else "fewer",
+        "kv_heads": "all" if spec.kv_heads == spec.num_heads else "one" if spec.kv_heads == 1 else "grouped",
         "window": "none" if case.window is None else "left" if case.window[1] == 0 else "band",
         "logit_bias": case.bias or "none", "padding_lengths": case.lengths or "none",
+        "query_offset": "none" if call.query_offset is None else "per_sequence" if call.offsets_vary else "shared",
+        "logits": "softcap" if case.softcap is not None else "scale" if case.logit_scale is not None else "default",
     }
 
 

@@ -23,4 +23,9 @@ def cases() -> list[Case]:
     # every width, so such a kernel shows on every machine and in every dtype
     cases += [c(f"cross_T5_S{n}-nan_query", "nan_query", q_shape=(5,), k_shape=(n,), key_distinct=True)
               for n in (3, 4, 12, 40)]
+    # a non-finite query in a row that reads nothing (fully masked, or past its query length): canonically the row
+    # outputs the output bias and every gradient stays finite
+    cases += [c("self_T8-nan_query-mask_fully_masked_row", "nan_query", mask="fully_masked_row"),
+              c("self_T8-inf_query-mask_fully_masked_row", "inf_query", mask="fully_masked_row"),
+              c("self_T8-nan_query_padded-lengths_query", "nan_query_padded", lengths="query")]
     return cases

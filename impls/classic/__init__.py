@@ -20,4 +20,7 @@ MODERN_REASONS = {
     "window": "the textbook layer has no sliding window",
     "bias": "the textbook layer takes a 0/1 mask it turns into -1e9, no additive float bias",
     "lengths": "the textbook layer takes padding only as a mask, no lengths",
+    "query_offset": "the textbook layer knows one causal triangle, top-left: no query positions",
+    "softcap": "the textbook layer applies softmax to q . k / sqrt(depth) as it is: no logit soft cap",
+    "scale": "the textbook layer divides by sqrt(depth) and takes no scale",
 }
