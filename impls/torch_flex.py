@@ -5,7 +5,7 @@
   varying lengths, one program serves every length (a new one only where dynamo's guards on the sizes
   change: a size of 1, such as a batch of 1 or a single block of 128 positions; T == S; T < S). A call
   whose ``mask_mod`` or ``score_mod`` reads more than the positions (a mask, lengths, bias or per-sequence
-  offset tensor, a window's bounds, the soft cap), or is causal with T != S, compiles with ``dynamic=False``
+  offset tensor, a window's bounds, the soft cap), or is causal, compiles with ``dynamic=False``
   instead, a program per shape: with symbolic sizes,
   Inductor's CPU template writes C++ naming an undeclared ``cur_kvSplitSize5`` and the compile fails.
   ``CppFlexAttentionTemplate.modification`` renames the split-size symbols to ``cur_qSplitSize`` and
@@ -72,11 +72,12 @@ def compiled_flex(dynamic: bool = True):
 
 def static_shapes(call, bias) -> bool:
     """Whether the call compiles for its own shape: its mask_mod or score_mod reads more than the positions (a
-    mask, lengths, bias or per-sequence offset tensor, the window's bounds, the soft cap), or is causal with
-    T != S or off the top-left diagonal (the diagonal then relates two symbolic sizes), which Inductor's CPU
-    template cannot compile with symbolic sizes (see the module docstring)."""
+    mask, lengths, bias or per-sequence offset tensor, the window's bounds, the soft cap), or is causal (the
+    diagonal relates the query and key positions, and with symbolic sizes Inductor's CPU template writes C++
+    naming an undeclared split size for causal calls, T == S included), which Inductor's CPU template cannot
+    compile with symbolic sizes (see the module docstring)."""
     return (call.mask is not None or bias is not None or call.window is not None or call.softcap is not None
-            or (call.causal and (call.q_len != call.k_len or bool(np.any(call.diagonal_offsets))))
+            or call.causal
             or any(n is not None for n in call.flat_lengths()))
 
 
