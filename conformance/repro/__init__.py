@@ -108,10 +108,22 @@ def _has_properties(entry: Entry, case: Case) -> bool:
         return all(CASE_PROPERTIES[name](case) for name in entry.when)
 
 
+# Entries whose behaviour needs what the templates do not write yet (found by the slow test that runs every
+# script): the reason is shown where their script would be.
+TEMPLATE_GAPS = {
+    "jax-unread_nonfinite_query-gradients-nan": "it shows in the projections' weight gradients, and the JAX "
+                                                "templates compute the input gradients only",
+    "torch_mha-positive_bias_at_padded_key-nan": "it needs a bias and padding lengths together, and the "
+                                                 "nn.MultiheadAttention template takes neither",
+}
+
+
 def unscriptable(entry: Entry) -> str | None:
     """Why no script can show ``entry`` (None when one can): an entry judged by its error against a
     reference computed in the same low precision differs from float64 NumPy by rounding that a script's fixed
-    tolerance cannot tell from the behaviour."""
+    tolerance cannot tell from the behaviour; an entry in TEMPLATE_GAPS needs what no template writes yet."""
+    if entry.id in TEMPLATE_GAPS:
+        return TEMPLATE_GAPS[entry.id]
     if entry.max_error_ratio is not None:
         return (f"a precision shortfall judged against a same-dtype reference (error ratio <= "
                 f"{entry.max_error_ratio:g}): compared with float64 NumPy it looks like ordinary rounding")
