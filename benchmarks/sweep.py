@@ -282,13 +282,25 @@ def commit_hash() -> str:
     return results.commit() or PLACEHOLDER_HASH
 
 
+def checkout_branch(repo: Path) -> str:
+    """The branch asv is told about: the checkout's own (asv refuses a branch the repository lacks, as a clone made
+    with ``git clone -b other`` lacks ``main``), "HEAD" for a detached checkout, "main" where git cannot tell."""
+    try:
+        done = subprocess.run(["git", "-C", str(repo), "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "main"
+    name = done.stdout.strip()
+    return name if done.returncode == 0 and name else "main"
+
+
 def asv_config(layout: results.Layout) -> Path:
     """An asv.conf.json with results_dir/html_dir under the results directory (asv takes them only from a
     config) and this package's benchmark directory, which is there in a checkout and in a wheel alike."""
     repo = BENCHMARK_DIR.parent if (BENCHMARK_DIR.parent / ".git").exists() else BENCHMARK_DIR
     conf = {"version": 1, "project": "mhabench", "repo": str(repo), "dvcs": "git", "environment_type": "existing",
             "benchmark_dir": str(BENCHMARK_DIR), "results_dir": str(layout.asv), "html_dir": str(layout.asv_html),
-            "branches": ["main"], "default_benchmark_timeout": 600}
+            "branches": [checkout_branch(repo)], "default_benchmark_timeout": 600}
     results.atomic_write(layout.asv_config, json.dumps(conf, indent=2))
     return layout.asv_config
 

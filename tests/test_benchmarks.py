@@ -1,6 +1,7 @@
 """The asv suite's own logic: skips with reasons, the skips file, the CLI's checks and chunk plan,
 and one smallest-size call of every benchmark method, in-process."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -304,3 +305,20 @@ def test_compare_check_counts_false_positives_and_detection(tmp_path):
     assert (found["slowed_time_benchmarks"], found["detected"]) == (2, 1)
     # asv's rule flags the 1.5 whose intervals are apart and the 1.2 memory without intervals; both slowed points
     assert (found["asv_rule_false_positives"], found["asv_rule_detected"]) == (2, 2)
+
+
+def test_asv_is_told_the_checkouts_own_branch(tmp_path):
+    """asv stops with "Unknown branch main" in a clone without a main branch (``git clone -b other``): the config
+    names the checkout's branch, "HEAD" when it is detached, and "main" only where git cannot tell."""
+    import subprocess
+    git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    assert sweep.checkout_branch(tmp_path) == "main"  # not a repository
+    git("init", "-q", "-b", "other")
+    git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x")
+    assert sweep.checkout_branch(tmp_path) == "other"
+    git("checkout", "-q", "--detach")
+    assert sweep.checkout_branch(tmp_path) == "HEAD"
+    layout = results.Layout(tmp_path / "results")
+    layout.bench.mkdir(parents=True)
+    conf = json.loads(sweep.asv_config(layout).read_text())
+    assert conf["branches"] == [sweep.checkout_branch(Path(conf["repo"]))]
