@@ -10,8 +10,13 @@ not the process: the compiler's figure where it states one (XLA), else the
 adapter's probe after a warm-up (VmHWM on CPU, the framework's counter where it
 pools memory or on GPU). GFLOP/s is not a measurement of its own: setup records
 each case's FLOPs (``benchmarks.flops``) and the report divides them by the times.
+
+The accuracy classes (``SelfAccuracy``, ``CausalAccuracy`` and their ``Peaky`` twins) track each adapter's
+error against the float64 oracle over the same L grid, per dtype: the largest error relative to the output's
+scale, the RMS error and the error of the output-weighted sum (``benchmarks.accuracy``), so a kernel whose
+error jumps between two nights is flagged by ``mhabench report --compare`` as a slowdown is.
 """
-from mhabench.benchmarks import common
+from mhabench.benchmarks import accuracy, common
 from mhabench.benchmarks.profiles import MODES, get_profile
 
 PROFILE = get_profile()
@@ -97,3 +102,78 @@ class CausalSelfAttention(_AttentionBenchmark):
 class CrossAttention(_AttentionBenchmark):
     """Query of length seq_len attending to a memory of length seq_len * cross_kv_ratio (key = value)."""
     kind = "cross"
+
+
+# ---- accuracy: error against the float64 oracle as L grows (benchmarks.accuracy) ------------------------
+def _accuracy_method(metric: str, dtype: str):
+    """``track_<metric>_<dtype>``: one figure of the case's accuracy record. Its own setup skips the method
+    where the adapter cannot run ``dtype`` (with the adapter's reason), as asv skips a case."""
+    def track(self, *params):
+        value = self.records[dtype].get(metric)
+        return float("nan") if value is None else float(value)
+
+    def setup(*params):
+        bench = _AccuracyBenchmark.running
+        rec = bench.records.get(dtype) or {"status": "skipped", "reason": f"{dtype} was not measured"}
+        if rec.get("status") != "ok":
+            names = bench.names([f"track_{m}_{dtype}" for m in accuracy.METRICS])
+            status = "skipped" if rec.get("status") == "skipped" else "failed"
+            common.record(names, bench.case.params(), status, str(rec.get("reason")))
+            raise common.Skip(str(rec.get("reason")))
+
+    track.__name__ = track.__qualname__ = f"track_{metric}_{dtype}"
+    track.unit = accuracy.UNITS[metric]
+    track.setup = setup
+    return track
+
+
+class _AccuracyBenchmark:
+    """Shared by the accuracy classes: the same parameters as the attention classes (so a sweep, its budget and
+    its shards treat them alike), at the profile's accuracy head count only. One method per figure and dtype;
+    the figures of a case are measured once (``common.accuracy_records``)."""
+
+    kind = "self"
+    inputs = "normal"
+    param_names = _AttentionBenchmark.param_names
+    params = _AttentionBenchmark.params
+    timeout = PROFILE.timeout
+    running: "_AccuracyBenchmark | None" = None
+
+    def names(self, methods):
+        return [f"bench_attention.{type(self).__name__}.{m}" for m in methods]
+
+    def setup(self, adapter, mode, seq_len, num_heads, device):
+        self.case = common.Case(self.kind, adapter, mode, int(seq_len), int(num_heads), device, PROFILE.batch,
+                                PROFILE.model_dim, PROFILE.cross_kv_ratio)
+        _AccuracyBenchmark.running = self
+        methods = [m for m in dir(type(self)) if m.startswith("track_")]
+        if not PROFILE.keeps(self.names(methods[:1])[0], num_heads, seq_len):
+            raise common.Skip(f"the {PROFILE.name} profile measures accuracy at {PROFILE.accuracy_heads} heads and "
+                              f"L in {PROFILE.accuracy_lens or PROFILE.seq_lens} only")
+        self.records = common.accuracy_records(f"bench_attention.{type(self).__name__}", self.case, self.inputs,
+                                               PROFILE, self.names(methods))
+
+
+for _metric in accuracy.METRICS:
+    for _dtype in accuracy.DTYPES:
+        setattr(_AccuracyBenchmark, f"track_{_metric}_{_dtype}", _accuracy_method(_metric, _dtype))
+
+
+class SelfAccuracy(_AccuracyBenchmark):
+    """Self-attention's error against the float64 oracle, seeded standard normal inputs."""
+    kind, inputs = "self", "normal"
+
+
+class CausalAccuracy(_AccuracyBenchmark):
+    """Causal self-attention's error against the float64 oracle, seeded standard normal inputs."""
+    kind, inputs = "causal", "normal"
+
+
+class PeakySelfAccuracy(_AccuracyBenchmark):
+    """Self-attention's error with peaky softmax rows: the queries scaled so the logits' spread is about 8."""
+    kind, inputs = "self", "peaky"
+
+
+class PeakyCausalAccuracy(_AccuracyBenchmark):
+    """Causal self-attention's error with peaky softmax rows."""
+    kind, inputs = "causal", "peaky"

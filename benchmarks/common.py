@@ -32,6 +32,7 @@ ENV_RESULTS = "MHABENCH_RESULTS"
 ENV_BUDGET = "MHABENCH_MEMORY_BUDGET"
 ENV_PREIMPORT = "MHABENCH_PREIMPORT"
 ENV_VERIFY = "MHABENCH_VERIFY"  # "1": time each point plainly too, call by call beside the suite (bench --verify)
+ENV_SWEEP = "MHABENCH_SWEEP_ID"  # one mhabench bench run: its processes share each accuracy case's measurement
 BUDGET_FRACTION = 0.5          # default CPU budget: half the machine's RAM
 GPU_BUDGET_FRACTION = 0.9
 FLOAT_BYTES = 4                # the benchmarks run float32
@@ -196,6 +197,41 @@ class Case:
                               backward)
 
 
+def checked_adapter(case: Case, profile: Profile):
+    """The case's adapter, after every rule that skips a case (Skip with the reason): not registered, needs
+    another process configuration, unavailable, refuses the call in float32, another mode than the profile
+    runs, the device absent, over the memory budget."""
+    from mhabench import impls
+    if case.adapter not in impls.list_adapters():
+        raise Skip(f"adapter {case.adapter!r} is not registered")
+    adapter = impls.get_adapter(case.adapter)
+    for key, value in adapter.worker_env().items():  # e.g. KERAS_BACKEND, read at the framework's import
+        os.environ.setdefault(key, value)
+    if not adapter.in_process():
+        raise Skip(f"{case.adapter} needs {adapter.worker_env()} in its process, which already runs "
+                   f"another configuration (Keras picks its backend once per process)")
+    ok, why = adapter.availability()
+    if not ok:
+        raise Skip(f"unavailable here: {why}")
+    spec = impls.AttentionSpec(num_heads=case.num_heads, key_dim=case.key_dim)
+    dims = (case.model_dim,) * 3
+    reason = adapter.unsupported_reason(spec, dims, dtype="float32", device=case.device, mode=case.mode)
+    if reason:
+        raise Skip(reason)
+    if not profile.keeps_mode(case.adapter, case.mode):
+        raise Skip(f"the {profile.name} profile runs {case.adapter} in "
+                   f"{adapter.quick_mode or adapter.default_mode} mode only")
+    if case.device not in adapter.available_devices():
+        raise Skip(f"device {case.device} absent: {adapter.framework} sees "
+                   f"{', '.join(adapter.available_devices())} only")
+    budget = memory_budget(case.device)
+    need = case.estimate(adapter.score_buffers)
+    if need > budget:
+        raise Skip(f"estimated forward peak {gib(need)} exceeds the memory budget {gib(budget)} "
+                   f"({ENV_BUDGET})")
+    return adapter
+
+
 class PreparedCase:
     """A built layer with converted inputs; ``forward``/``forward_backward`` are the native calls."""
 
@@ -209,33 +245,8 @@ class PreparedCase:
     def _check_and_build(self):
         case = self.case
         from mhabench import impls
-        if case.adapter not in impls.list_adapters():
-            raise Skip(f"adapter {case.adapter!r} is not registered")
-        adapter = self.adapter = impls.get_adapter(case.adapter)
-        for key, value in adapter.worker_env().items():  # e.g. KERAS_BACKEND, read at the framework's import
-            os.environ.setdefault(key, value)
-        if not adapter.in_process():
-            raise Skip(f"{case.adapter} needs {adapter.worker_env()} in its process, which already runs "
-                       f"another configuration (Keras picks its backend once per process)")
-        ok, why = adapter.availability()
-        if not ok:
-            raise Skip(f"unavailable here: {why}")
+        adapter = self.adapter = checked_adapter(case, self.profile)
         spec = impls.AttentionSpec(num_heads=case.num_heads, key_dim=case.key_dim)
-        dims = (case.model_dim,) * 3
-        reason = adapter.unsupported_reason(spec, dims, dtype="float32", device=case.device, mode=case.mode)
-        if reason:
-            raise Skip(reason)
-        if not self.profile.keeps_mode(case.adapter, case.mode):
-            raise Skip(f"the {self.profile.name} profile runs {case.adapter} in "
-                       f"{adapter.quick_mode or adapter.default_mode} mode only")
-        if case.device not in adapter.available_devices():
-            raise Skip(f"device {case.device} absent: {adapter.framework} sees "
-                       f"{', '.join(adapter.available_devices())} only")
-        budget = memory_budget(case.device)
-        need = case.estimate(adapter.score_buffers)
-        if need > budget:
-            raise Skip(f"estimated forward peak {gib(need)} exceeds the memory budget {gib(budget)} "
-                       f"({ENV_BUDGET})")
         rng = np.random.default_rng(0)
         self.query = rng.standard_normal((case.batch, case.q_len, case.model_dim)).astype(np.float32)
         self.value = (self.query if case.kind != "cross" else
@@ -349,6 +360,80 @@ def prepare(case: Case, profile: Profile, benchmark_names) -> PreparedCase:
     if isinstance(cached, BaseException):
         raise cached
     return cached
+
+
+# ---- the accuracy of a case: measured once, read by every method ----------------------------------
+_ACCURACY: dict[tuple, dict | BaseException] = {}
+
+
+def accuracy_records(benchmark: str, case: Case, inputs: str, profile: Profile, benchmark_names) -> dict[str, dict]:
+    """dtype -> the case's accuracy record (``benchmarks.accuracy.measure``), measured once: every dtype and
+    figure of a case comes from one measurement, which bench/accuracy.jsonl keeps. asv runs each method in a
+    process of its own, so the processes of one ``mhabench bench`` run (``MHABENCH_SWEEP_ID``) read the records
+    the first one wrote. A skip is recorded once and raised every time, as ``prepare`` does."""
+    key = (benchmark, case, inputs)
+    cached = _ACCURACY.get(key)
+    if cached is None:
+        die_with_parent()
+        try:
+            cached = _recorded_accuracy(benchmark, case) or _measure_accuracy(benchmark, case, inputs, profile)
+        except Skip as exc:
+            record(benchmark_names, case.params(), "skipped", str(exc))
+            cached = exc
+        except NotImplementedError as exc:
+            cached = Skip(str(exc))
+            record(benchmark_names, case.params(), "skipped", str(cached))
+        except Exception as exc:
+            record(benchmark_names, case.params(), "failed", f"{type(exc).__name__}: {exc}")
+            cached = exc
+        _ACCURACY.clear()
+        _ACCURACY[key] = cached
+    if isinstance(cached, BaseException):
+        raise cached
+    return cached
+
+
+def _recorded_accuracy(benchmark: str, case: Case) -> dict[str, dict] | None:
+    sweep = os.environ.get(ENV_SWEEP)
+    path = results.Layout(results_dir()).accuracy
+    if not sweep or not path.is_file():
+        return None
+    found = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("sweep") == sweep and rec.get("benchmark") == benchmark \
+                and rec.get("params") == case.params():
+            found[rec.get("dtype")] = rec
+    from .accuracy import DTYPES
+    return found if all(d in found for d in DTYPES) else None
+
+
+def _measure_accuracy(benchmark: str, case: Case, inputs: str, profile: Profile) -> dict[str, dict]:
+    from mhabench import impls
+    from . import accuracy
+    adapter = checked_adapter(case, profile)
+    problem = accuracy.Problem(case.kind, inputs, case.seq_len, case.num_heads, case.batch, case.model_dim)
+    weights = problem.weights()
+    dims = (case.model_dim,) * 3
+
+    def build(dtype):
+        reason = adapter.unsupported_reason(problem.spec, dims, dtype=dtype, device=case.device, mode=case.mode)
+        return str(reason) if reason else adapter.build(problem.spec, weights, dtype=dtype, device=case.device,
+                                                         mode=case.mode)
+    started = time.perf_counter()
+    measured = accuracy.measure(build, problem)
+    facts = {"benchmark": benchmark, "params": case.params(), "sweep": os.environ.get(ENV_SWEEP),
+             "kernel": adapter.kernel, "family": adapter.family, "seconds": round(time.perf_counter() - started, 3),
+             "time": time.time()}
+    records = [{**facts, **r} for r in measured]
+    try:
+        results.append_jsonl(results.Layout(results_dir()).accuracy, records)
+    except OSError as exc:  # a full or read-only results dir must not lose the figures asv records
+        print(f"mhabench: {exc}", file=sys.stderr)
+    return {r["dtype"]: r for r in records}
 
 
 def preimport_for_forkserver() -> None:

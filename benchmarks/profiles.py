@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 from mhabench.impls.base import MODES
+from mhabench.results import is_accuracy
 
 from .sampling import Sampling
 
@@ -74,6 +75,8 @@ class Profile:
     methods: tuple[str, ...] | None = None  # benchmark methods run (None: all)
     # the longest sweeps first cover this many lengths per adapter and class (mhabench bench --budget)
     coverage_lengths: int = 4
+    accuracy_heads: int = 8         # the accuracy classes run at this head count only
+    accuracy_lens: tuple[int, ...] | None = None  # and at these lengths (None: every one of seq_lens)
     sampling: Sampling = Sampling(max_samples=100, max_seconds=5.0, warmup_seconds=0.2)
     timeout: float = 600.0
 
@@ -90,18 +93,36 @@ class Profile:
             return mode == (a.quick_mode or a.default_mode)
         return mode in a.capabilities().modes
 
-    def keeps(self, benchmark: str) -> bool:
-        """Whether this profile runs ``benchmark`` ("bench_attention.Class.method")."""
+    def keeps(self, benchmark: str, num_heads: int | None = None, seq_len: int | None = None) -> bool:
+        """Whether this profile runs ``benchmark`` ("bench_attention.Class.method"), at ``num_heads`` and
+        ``seq_len`` when given (the accuracy classes run at ``accuracy_heads`` and ``accuracy_lens`` only)."""
         _, cls, method = benchmark.split(".")
+        if is_accuracy(cls) and (num_heads is not None and int(num_heads) != self.accuracy_heads or seq_len is not
+                                 None and self.accuracy_lens is not None and int(seq_len) not in self.accuracy_lens):
+            return False
         return not ((self.classes and cls not in self.classes) or (self.methods and method not in self.methods))
+
+
+
+
+ACCURACY_CLASSES = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "PeakyCausalAccuracy")
+
+
+def accuracy_methods(metrics=None, dtypes=None) -> tuple[str, ...]:
+    """The accuracy classes' method names (``track_<figure>_<dtype>``), for the figures and dtypes given."""
+    from .accuracy import DTYPES, METRICS
+    return tuple(f"track_{m}_{d}" for m in metrics or METRICS for d in dtypes or DTYPES)
 
 
 PROFILES = {
     # the main job's: time and per-call memory of self and causal self-attention against L, enough lengths
     # to fit the exponent (the heads sweep and cross-attention are the default profile's)
     "quick": Profile("quick", seq_lens=(128, 256, 512, 1024, 2048, 4096), num_heads=(8,), one_mode=True,
-                     classes=("SelfAttention", "CausalSelfAttention"),
-                     methods=("track_time_forward", "track_peakmem_forward"),
+                     # accuracy: self and causal self-attention on normal inputs at the 4 shortest lengths, one
+                     # asv method per dtype (each case's measurement records every figure in bench/accuracy.jsonl)
+                     classes=("SelfAttention", "CausalSelfAttention", "SelfAccuracy", "CausalAccuracy"),
+                     methods=("track_time_forward", "track_peakmem_forward") + accuracy_methods(["rms_error"]),
+                     accuracy_lens=(128, 256, 512, 1024),
                      sampling=Sampling(max_samples=40, max_seconds=1.0, warmup_seconds=0.05), timeout=300.0),
     "default": Profile("default", seq_lens=tuple(2 ** p for p in range(7, 14)), num_heads=(1, 4, 8, 16)),
     "full": Profile("full", seq_lens=tuple(2 ** p for p in range(7, 16)), num_heads=(1, 4, 8, 16),

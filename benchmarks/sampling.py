@@ -155,6 +155,9 @@ def calls_per_point(sampling: Sampling, method: str, seconds_per_call: float) ->
     """How many calls one point's measurement makes at most, for a call of ``seconds_per_call``: the warm-up,
     then the samples up to the point's cap; a memory point (``method`` names peakmem), the warm-up and its
     probes."""
+    if "_error_" in method:  # an accuracy figure: no sampling, a share of its case's one measurement
+        from .accuracy import CALLS_PER_METHOD
+        return CALLS_PER_METHOD
     seconds_per_call = max(seconds_per_call, 1e-6)
     warmup = max(sampling.warmup_calls, sampling.warmup_seconds / seconds_per_call)
     if "peakmem" in method:

@@ -33,7 +33,9 @@ from mhabench.impls.worker import dies_with_parent
 from mhabench.progress import Tally
 
 from . import budget, common, sampling
-from .profiles import DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, get_profile, plugins_env
+from .accuracy import DTYPES
+from .profiles import (DEVICES, ENV_ADAPTERS, ENV_PROFILE, MODES, PROFILES, accuracy_methods, get_profile,
+                       is_accuracy, plugins_env)
 
 BENCHMARK_DIR = Path(__file__).resolve().parent
 PLACEHOLDER_HASH = "0" * 40  # recorded when the sources are not a git checkout
@@ -78,7 +80,10 @@ def grid(profile_name: str) -> list[tuple[str, list[tuple[str, ...]]]]:
     attention_params = [list(profile.adapters), list(MODES), list(profile.seq_lens), list(profile.num_heads),
                         list(profile.devices)]
     out = []
-    for cls in (bench_attention.SelfAttention, bench_attention.CausalSelfAttention, bench_attention.CrossAttention):
+    classes = (bench_attention.SelfAttention, bench_attention.CausalSelfAttention, bench_attention.CrossAttention,
+               bench_attention.SelfAccuracy, bench_attention.CausalAccuracy, bench_attention.PeakySelfAccuracy,
+               bench_attention.PeakyCausalAccuracy)
+    for cls in classes:
         for method in sorted(m for m in dir(cls) if m.startswith(("time_", "track_"))):
             out.append((f"bench_attention.{cls.__name__}.{method}",
                         [tuple(map(repr, p)) for p in itertools.product(*attention_params)]))
@@ -111,7 +116,8 @@ def selection(profile_name: str, adapters, devices, bench_regex) -> list[tuple[s
                 continue
             if not machine:
                 adapter, mode = combo[0].strip("'"), combo[1].strip("'")
-                if adapter not in adapters or not profile.keeps_mode(adapter, mode) or not profile.keeps(name):
+                if adapter not in adapters or not profile.keeps_mode(adapter, mode) or \
+                        not profile.keeps(name, int(combo[3]), int(combo[2])):
                     continue
             if bench_regex and not re.search(bench_regex, f"{name}({', '.join(combo)})"):
                 continue
@@ -125,6 +131,7 @@ SETUP_MS = 3000
 COMPILE_MS = 2000            # more setup for a compiled mode
 FLOPS_PER_MS = 10e6          # 10 GFLOP/s
 MACHINE_MS = 10000           # the GEMM peak benchmark
+ACCURACY_PROCESS_MS = 100    # an accuracy method's own process, which reads its case's measurement
 
 
 def estimated_ms(profile_name: str, name: str, combo: tuple[str, ...]) -> int:
@@ -137,6 +144,11 @@ def estimated_ms(profile_name: str, name: str, combo: tuple[str, ...]) -> int:
     profile = get_profile(profile_name)
     _, cls, method = name.split(".")
     adapter, mode, seq_len, heads, _device = (ast.literal_eval(v) for v in combo)
+    if is_accuracy(cls):  # each method's process, and its share of the case's one measurement
+        call = attention_flops(profile.batch, seq_len, seq_len, profile.model_dim, heads, profile.model_dim // heads,
+                               causal=False) / FLOPS_PER_MS
+        share = (len(DTYPES) * (SETUP_MS + (COMPILE_MS if mode == "compiled" else 0))) / len(accuracy_methods())
+        return int(ACCURACY_PROCESS_MS + share + sampling.calls_per_point(profile.sampling, method, call / 1000) * call)
     kv_len = max(1, int(seq_len * profile.cross_kv_ratio)) if cls == "CrossAttention" else seq_len
     backward = method.endswith("forward_backward")
     call = attention_flops(profile.batch, seq_len, kv_len, profile.model_dim, heads, profile.model_dim // heads,
@@ -746,6 +758,7 @@ def run(options: Options, *, resume=False, verbose=False, dry_run=False, say=pri
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ log lines stay out of the sweep's output
     env.pop(sampling.ENV_SCALE, None)
     env[common.ENV_VERIFY] = "1" if options.verify else "0"
+    env[common.ENV_SWEEP] = f"{commit[:12]}-{os.getpid()}-{time.time_ns()}"  # this run's accuracy records
     if options.adhoc:
         env[ENV_ADAPTERS] = plugins_env(options.adhoc)
     if options.memory_budget:

@@ -4,7 +4,8 @@ One directory, ``$MHABENCH_CACHE_DIR`` or ``~/.cache/mhabench`` (``$XDG_CACHE_HO
 folder per compiler: ``jax/`` (XLA's persistent compilation cache, used by the JAX adapters and Keras on
 JAX, every program cached however small or quick to compile), ``inductor/<setting>/`` (torch.compile's,
 one per ``ATEN_CPU_CAPABILITY`` setting), ``onnx/`` (the graphs ``torch.onnx.export`` exported and the
-models onnxruntime optimised); and ``costs/``, what this machine's earlier runs measured, from which a run
+models onnxruntime optimised); ``accuracy/``, the float64 goldens of the accuracy benchmarks and their
+same-precision references' errors; and ``costs/``, what this machine's earlier runs measured, from which a run
 with a time budget plans its work. Delete it to start cold; move it with the variable (``mhabench conform
 --cache-dir`` sets it). Set ``MHABENCH_CACHE_DIR=off`` to keep nothing.
 """

@@ -85,6 +85,7 @@ class Layout:
         self.flops = self.bench / "flops.jsonl"
         self.points = self.bench / "points.jsonl"
         self.remeasured = self.bench / "remeasured.jsonl"
+        self.accuracy = self.bench / "accuracy.jsonl"
         self.bench_plan = self.bench / "plan.json"
         self.asv_config = self.bench / "asv.conf.json"
         self.asv = self.root / "asv"
@@ -194,6 +195,25 @@ def read_rows(path: str | os.PathLike) -> Journal:
     (``--resume`` runs them again)."""
     rows, problems = read_jsonl(path, parse=Row.from_dict)
     return Journal(rows, problems)
+
+
+ACCURACY_FIGURES = ("max_rel_error", "rms_error", "sum_error")
+
+
+def is_accuracy(benchmark_class: str) -> bool:
+    """Whether an asv benchmark class measures accuracy (``SelfAccuracy``, ...): its methods track errors
+    against the oracle, not time or memory, and its records are in bench/accuracy.jsonl."""
+    return str(benchmark_class).endswith("Accuracy")
+
+
+def accuracy_problem(record) -> str | None:
+    """Why ``record`` is not a line of bench/accuracy.jsonl, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [k for k in ("benchmark", "params", "dtype", "seq_len", "status") if k not in record]
+    if missing:
+        return f"missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    return None if isinstance(record["params"], dict) else "params is not an object"
 
 
 def skip_problem(record) -> str | None:

@@ -266,3 +266,52 @@ def _int(value):
         return int(value)
     except (TypeError, ValueError):
         return value
+
+
+DTYPE_STYLES = {"float32": "-", "float16": "--", "bfloat16": ":"}
+ACCURACY_TITLES = {"rms_error": "RMS error against the float64 oracle",
+                   "ratio_rms_error": "RMS error over the same-precision reference's"}
+
+
+def accuracy_chart(accuracy: pd.DataFrame, klass: str, device, figure: str = "rms_error") -> str | None:
+    """An accuracy figure against L on log-log axes, one panel per framework family, one line per adapter (a
+    colour) and dtype (a line style), each labelled with its fitted exponent. ``rms_error``: the same-precision
+    reference of each dtype in grey underneath, so a line above its grey one is worse than a plain
+    implementation in that dtype; ``ratio_rms_error``: the ratio itself, with 1 marked."""
+    rows = accuracy[(accuracy["class"] == klass) & (accuracy["device"] == device) & (accuracy["status"] == "ok")]
+    rows = rows[np.isfinite(rows[figure].astype(float)) & (rows[figure].astype(float) > 0)].copy()
+    if rows.empty:
+        return None
+    rows["series"] = [tables.accuracy_series(r) for r in rows.to_dict("records")]
+    rows["value"] = rows[figure].astype(float)
+    panels = _families(rows)
+    fig, axes = _grid(len(panels))
+    for ax, (family, part) in zip(axes, panels):
+        adapters = list(dict.fromkeys(tables.series_label(r) for r in part.sort_values("adapter").to_dict("records")))
+        colours = {name: PANEL_COLOURS[i % len(PANEL_COLOURS)] for i, name in enumerate(adapters)}
+        if figure == "rms_error":  # the reference of each dtype: the same inputs, so one line per dtype
+            for dtype, ref in part.groupby("dtype"):
+                ref = ref.drop_duplicates("seq_len").sort_values("seq_len")
+                ax.plot(ref["seq_len"], ref["reference_rms_error"], color="black", alpha=0.3, linewidth=2.2,
+                        linestyle=DTYPE_STYLES.get(dtype, "-"), label=plain(f"reference {dtype}"))
+        else:
+            ax.axhline(1.0, color="0.55", linewidth=1, label="as the reference")
+        for series in _by_last_value(part):
+            line = part[part["series"] == series].sort_values("seq_len")
+            first = line.iloc[0]
+            exponent = tables.fit_exponent(line["seq_len"], line["value"])
+            ax.plot(line["seq_len"], line["value"], color=colours[tables.series_label(first)], marker="o",
+                    markersize=3.5, linewidth=1.3, linestyle=DTYPE_STYLES.get(first["dtype"], "-"),
+                    label=plain(series) + (f"  L^{exponent:.2f}" if math.isfinite(exponent) else ""))
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_yscale("log")
+        ax.set_title(plain(family), fontsize=10)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel("RMS error" if figure == "rms_error" else "error / reference error")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), borderaxespad=0.0, frameon=False)
+    fig.suptitle(plain(f"{klass}: {ACCURACY_TITLES.get(figure, figure)} ({device})"), fontsize=11)
+    fig.tight_layout()
+    return to_data_uri(fig)

@@ -12,7 +12,7 @@ from mhabench import results
 
 from . import tables
 from .compare import Comparison
-from .load import Benchmarks, Conformance, ResultsError, load_results
+from .load import Benchmarks, Conformance, ResultsError, load_accuracy, load_results
 from .units import format_value
 
 
@@ -25,6 +25,7 @@ class ReportData:
     environment: pd.DataFrame
     tables: dict = field(default_factory=dict)  # name -> DataFrame, each written as <name>.csv
     attention: pd.DataFrame = field(default_factory=pd.DataFrame)  # the attention benchmarks, with line labels
+    accuracy: pd.DataFrame = field(default_factory=pd.DataFrame)  # bench/accuracy.jsonl's records, newest first
     peaks: dict = field(default_factory=dict)
     headline: dict = field(default_factory=dict)
     comparison: Comparison | None = None
@@ -111,6 +112,12 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         data.notes.extend(benchmarks.notes)
         data.problems.extend(benchmarks.problems)
         data.attention = attention
+    data.accuracy = load_accuracy([results_dir] if isinstance(results_dir, (str, Path)) else results_dir,
+                                  data.problems)
+    if not data.accuracy.empty:
+        data.tables["accuracy"] = data.accuracy
+        data.tables["accuracy_lines"] = tables.accuracy_lines(data.accuracy)
+        data.tables["accuracy_skips"] = tables.accuracy_skips(data.accuracy)
     if comparison is not None:
         data.tables["comparison"] = comparison.table
         data.tables["conformance_changes"] = comparison.conformance_changes

@@ -738,6 +738,54 @@ def section_benchmarks(data: ReportData) -> str:
     return "".join(out)
 
 
+def _error(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
+
+
+def section_accuracy(data: ReportData) -> str:
+    """Error against L, kernel by kernel and dtype by dtype, against a plain implementation in the same dtype."""
+    accuracy = data.accuracy
+    if accuracy.empty:
+        return ""
+    lines = data.tables["accuracy_lines"]
+    out = ["<h2 id='accuracy'>Accuracy</h2>",
+           "<p class='muted'>Each adapter's output in each dtype against the float64 oracle, on the same seeded "
+           "inputs and weights, through the public call (<code>benchmarks/accuracy.py</code>): <b>max_rel_error</b> "
+           "is the largest absolute error over the largest magnitude of the exact output; <b>rms_error</b> the root "
+           "mean square of the error; <b>sum_error</b> the error of the output-weighted sum Σ w·y (the scalar a loss "
+           "sees), relative to Σ|w·y|. The <b>reference</b> is the oracle run in the same dtype, every stage rounded "
+           "as the kernels round: a ratio above 1 is worse than a plain implementation in that dtype. Inputs: "
+           "standard normals (the logits' spread is about 1), and <i>peaky</i>, the queries scaled by 8 so each "
+           "softmax row is dominated by a few keys. The exponents are fitted over the three largest lengths; "
+           f"<b>grows_faster</b>: the error's exponent exceeds the reference's by more than "
+           f"{tables.FASTER_GROWTH}.</p>"]
+    shown = lines.copy()
+    for column in ("max_rel_error", "rms_error", "sum_error", "reference_rms_error", "ratio_rms_error",
+                   "ratio_max_rel_error", "exponent", "reference_exponent", "ratio_exponent"):
+        shown[column] = [_error(v) if "exponent" not in column else (f"{v:.2f}" if v == v else "")
+                         for v in shown[column]]
+    out.append("<h3 id='accuracy-ranking'>At the largest length, ranked by RMS error</h3>")
+    out.append(table(shown, ["class", "device", "dtype", "rank", "series", "kernel", "L_max", "max_rel_error",
+                             "rms_error", "sum_error", "reference_rms_error", "ratio_rms_error", "exponent",
+                             "reference_exponent", "grows_faster"],
+                     row_class=lambda r: "fault" if r.get("grows_faster") else None))
+    devices = list(dict.fromkeys(accuracy["device"]))
+    classes = sorted(dict.fromkeys(accuracy["class"]), key=lambda c: tables.ACCURACY_CLASS_ORDER.index(c)
+                     if c in tables.ACCURACY_CLASS_ORDER else len(tables.ACCURACY_CLASS_ORDER))
+    for klass in classes:
+        for device in devices:
+            for figure_name in ("rms_error", "ratio_rms_error"):
+                out.append(figure(charts.accuracy_chart(accuracy, klass, device, figure_name),
+                                  f"{klass}: {charts.ACCURACY_TITLES[figure_name]} against L ({device}); line style: "
+                                  f"dtype (solid float32, dashed float16, dotted bfloat16)",
+                                  tables.chart_id(klass, device, figure_name)))
+    skips = data.tables.get("accuracy_skips")
+    if skips is not None and not skips.empty:
+        out.append(f"<h3>Dtypes not measured ({len(skips)})</h3>")
+        out.append(table(skips))
+    return "".join(out)
+
+
 def section_comparison(data: ReportData) -> str:
     comparison = data.comparison
     if comparison is None:
@@ -804,8 +852,8 @@ def render_html(data: ReportData) -> str:
     else:
         sections = [section_conformance(data), section_drill_down(data), section_agreement(data),
                     section_machines(data), section_portability(data), section_benchmarks(data),
-                    section_comparison(data), section_environment(data)]
-        nav = ["conformance", "drill-down", "agreement", "machines", "portability", "scaling"] + \
+                    section_accuracy(data), section_comparison(data), section_environment(data)]
+        nav = ["conformance", "drill-down", "agreement", "machines", "portability", "scaling", "accuracy"] + \
             (["comparison"] if data.comparison else []) + ["environment"]
         nav = [n for n in nav if f"id='{n}'" in "".join(sections)]
     red = alarms(data)

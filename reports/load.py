@@ -509,6 +509,45 @@ def load_skips(results_dir: Path, problems: list | None = None) -> pd.DataFrame:
     return frame[columns].drop_duplicates().reset_index(drop=True)
 
 
+ACCURACY_COLUMNS = ["class", "adapter", "mode", "num_heads", "device", "kernel", "family", "kind", "inputs",
+                    "dtype", "seq_len", "status", "reason", *results.ACCURACY_FIGURES,
+                    *(f"reference_{m}" for m in results.ACCURACY_FIGURES),
+                    *(f"ratio_{m}" for m in results.ACCURACY_FIGURES), "source"]
+
+
+def load_accuracy(results_dirs, problems: list | None = None) -> pd.DataFrame:
+    """The accuracy records of bench/accuracy.jsonl (``benchmarks.accuracy``), one row per class, adapter, mode,
+    device, dtype and L: the newest record wins, so a run into the same directory replaces an earlier one's
+    figures. Every line that cannot be read is added to ``problems``."""
+    rows = []
+    for directory in ([results_dirs] if isinstance(results_dirs, (str, Path)) else results_dirs):
+        path = results.Layout(directory).accuracy
+        if not path.is_file():
+            continue
+        records, bad = results.read_jsonl(path, results.accuracy_problem)
+        if problems is not None:
+            problems.extend(bad)
+        for rec in records:
+            params = rec["params"]
+            row = {"class": str(rec["benchmark"]).rpartition(".")[2], **{k: params.get(k) for k in
+                   ("adapter", "mode", "num_heads", "device")}, "source": str(directory), "time": rec.get("time")}
+            row.update({k: rec.get(k) for k in ("kernel", "family", "kind", "inputs", "dtype", "seq_len", "status",
+                                                 "reason")})
+            for m in results.ACCURACY_FIGURES:
+                row[m] = _num(rec.get(m))
+                row[f"reference_{m}"] = _num((rec.get("reference") or {}).get(m))
+                row[f"ratio_{m}"] = _num((rec.get("ratio") or {}).get(m))
+            rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=ACCURACY_COLUMNS)
+    frame = pd.DataFrame.from_records(rows)
+    frame["seq_len"] = pd.to_numeric(frame["seq_len"], errors="coerce")
+    frame["time"] = pd.to_numeric(frame["time"], errors="coerce").fillna(0)
+    key = ["class", "adapter", "mode", "device", "dtype", "seq_len", "source"]
+    frame = frame.sort_values("time").drop_duplicates(key, keep="last")
+    return frame[ACCURACY_COLUMNS].sort_values(["class", "adapter", "dtype", "seq_len"]).reset_index(drop=True)
+
+
 def load_results(results_dirs, machines=None) -> tuple[Conformance | None, Benchmarks | None]:
     """Both halves of one or several results directories, merged; a ResultsError when a directory holds neither.
 

@@ -182,6 +182,24 @@ def _scaling(data: ReportData) -> list[str]:
                      {"time_exponent": exponent, "memory_exponent": exponent})]
 
 
+def _accuracy(data: ReportData) -> list[str]:
+    lines = data.tables.get("accuracy_lines")
+    if lines is None or lines.empty:
+        return []
+    error = lambda v: f"{v:.3g}" if isinstance(v, float) and math.isfinite(v) else ""
+    exponent = lambda v: f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else ""
+    lines = lines.sort_values("ratio_rms_error", ascending=False)  # the worst against a plain implementation first
+    return ["## Accuracy at the largest length (error against the float64 oracle), worst ratio first", "",
+            "rms_error is the RMS error, max_rel_error the largest error over the output's largest magnitude; "
+            "ratio_rms_error is the RMS error over the same-precision reference's (the oracle rounded in the dtype): "
+            "above 1, worse than a plain implementation in that dtype. Exponents of L over the three largest "
+            "lengths.", "",
+            md_table(lines, ["class", "dtype", "rank", "series", "L_max", "max_rel_error", "rms_error",
+                             "ratio_rms_error", "exponent", "reference_exponent", "grows_faster"],
+                     {c: error for c in ("max_rel_error", "rms_error", "ratio_rms_error")}
+                     | {c: exponent for c in ("exponent", "reference_exponent")}, limit=SUMMARY_LIMIT)]
+
+
 def render_markdown(data: ReportData) -> str:
     out = ["# mhabench summary", "", f"Results: `{md(data.results_dir)}`, generated {md(data.generated)}", ""]
     red = alarms(data)
@@ -227,6 +245,8 @@ def render_markdown(data: ReportData) -> str:
                                     "fault"], {"best_fraction": _percent, "fraction_at_L_max": _percent})]
     elif data.benchmarks is None and not data.comparison_only:
         out += ["## Benchmarks", "", "No benchmark results.", ""]
+    if not data.comparison_only:
+        out += _accuracy(data)
     if data.comparison is not None:
         comparison = data.comparison
         flagged = comparison.table[comparison.table["change"].isin(["regression", "failed in B", "improvement",

@@ -652,7 +652,8 @@ def attention_results(benchmarks: Benchmarks | None) -> pd.DataFrame:
     if benchmarks is None or benchmarks.results.empty:
         return pd.DataFrame()
     frame = benchmarks.results
-    frame = frame[frame["adapter"].notna() & frame["seq_len"].notna() & np.isfinite(frame["value"])].copy()
+    frame = frame[frame["adapter"].notna() & frame["seq_len"].notna() & np.isfinite(frame["value"])
+                  & ~frame["class"].map(results.is_accuracy)].copy()  # accuracy has a section of its own
     if frame.empty:
         return frame
     frame["series"] = frame.apply(series_label, axis=1)
@@ -972,3 +973,65 @@ def headline(frame: pd.DataFrame, klass: str = "SelfAttention", flagged: set = f
                        "lines": int(plausible["series"].nunique()),
                        "excluded": int(at_largest["series"].nunique() - plausible["series"].nunique())}
     return result
+
+
+# ---- accuracy: error against L (benchmarks.accuracy) ---------------------------------------------------
+ACCURACY_CLASS_ORDER = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "PeakyCausalAccuracy")
+DTYPE_ORDER = ("float32", "float16", "bfloat16")
+FASTER_GROWTH = 0.2  # an error exponent this far above the reference's grows faster than a plain implementation
+
+
+def accuracy_series(record) -> str:
+    return f"{series_label(record)} {record['dtype']}"
+
+
+def accuracy_lines(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """Per class, device and line (adapter x mode x dtype), at the line's largest L: the three figures, the
+    same-precision reference's RMS error and the ratios to it, and the power laws fitted to the RMS error and to
+    the reference's (``plausibility.power_fit``: over the three largest lengths), ranked by RMS error within
+    each class and dtype. ``grows_faster``: the error's exponent exceeds the reference's by ``FASTER_GROWTH``."""
+    columns = ["class", "device", "dtype", "rank", "series", "adapter", "mode", "kernel", "family", "points",
+               "L_max", "max_rel_error", "rms_error", "sum_error", "reference_rms_error", "ratio_rms_error",
+               "ratio_max_rel_error", "exponent", "reference_exponent", "ratio_exponent", "grows_faster"]
+    ok = accuracy[(accuracy["status"] == "ok") & np.isfinite(accuracy["rms_error"].astype(float))] \
+        if not accuracy.empty else accuracy
+    if ok.empty:
+        return pd.DataFrame(columns=columns)
+    out = []
+    for (klass, device, adapter, mode, dtype), line in ok.groupby(["class", "device", "adapter", "mode", "dtype"],
+                                                                  sort=True, dropna=False):
+        line = line.sort_values("seq_len")
+        last = line.iloc[-1]
+        fit = plausibility.power_fit(line["seq_len"], line["rms_error"])
+        reference = plausibility.power_fit(line["seq_len"], line["reference_rms_error"])
+        ratio = plausibility.power_fit(line["seq_len"], line["ratio_rms_error"])
+        faster = math.isfinite(fit.exponent) and math.isfinite(reference.exponent) and \
+            fit.exponent - reference.exponent > FASTER_GROWTH
+        out.append({"class": klass, "device": device, "dtype": dtype, "series": accuracy_series(last),
+                    "adapter": adapter, "mode": mode, "kernel": last["kernel"], "family": last["family"],
+                    "points": len(line), "L_max": int(last["seq_len"]),
+                    **{k: float(last[k]) for k in ("max_rel_error", "rms_error", "sum_error", "reference_rms_error",
+                                                    "ratio_rms_error", "ratio_max_rel_error")},
+                    "exponent": fit.exponent, "reference_exponent": reference.exponent,
+                    "ratio_exponent": ratio.exponent, "grows_faster": "yes" if faster else ""})
+    frame = pd.DataFrame(out)
+    frame["_class"] = frame["class"].map(lambda c: ACCURACY_CLASS_ORDER.index(c) if c in ACCURACY_CLASS_ORDER
+                                         else len(ACCURACY_CLASS_ORDER))
+    frame["_dtype"] = frame["dtype"].map(lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER))
+    frame = frame.sort_values(["_class", "device", "_dtype", "L_max", "rms_error"], ascending=[True, True, True, False,
+                                                                                               True])
+    frame["rank"] = frame.groupby(["_class", "device", "_dtype", "L_max"]).cumcount() + 1
+    return frame.drop(columns=["_class", "_dtype"])[columns].reset_index(drop=True)
+
+
+def accuracy_skips(accuracy: pd.DataFrame) -> pd.DataFrame:
+    """The dtypes an adapter did not run, and the measurements that failed, once per adapter, dtype and reason."""
+    columns = ["adapter", "mode", "dtype", "status", "reason", "classes", "lengths"]
+    if accuracy.empty:
+        return pd.DataFrame(columns=columns)
+    rest = accuracy[accuracy["status"] != "ok"]
+    if rest.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = rest.groupby(["adapter", "mode", "dtype", "status", "reason"], dropna=False)
+    return grouped.agg(classes=("class", lambda c: ", ".join(sorted(set(c)))),
+                       lengths=("seq_len", "nunique")).reset_index()[columns]

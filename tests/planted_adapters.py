@@ -101,3 +101,36 @@ class Float16SegfaultingAdapter(NumpyOracleAdapter):
     name = "planted_float16_segfaulting"
     framework = "planted"
     layer_class = _Float16SegfaultingLayer
+
+
+class _SequentialHalfLayer(NumpyOracleLayer):
+    """In float16, the weighted sum of the values accumulated key by key in a float16 register, as a kernel
+    without a wider accumulator would: each addition rounds the running sum, so the error grows with the number
+    of keys. Everything else, and every other dtype, is the oracle's."""
+
+    def _forward(self, call, return_scores, training, seed):
+        if self.dtype != "float16" or return_scores:
+            return super()._forward(call, return_scores, training, seed)
+        import numpy as np
+        w = {k: np.asarray(v, np.float32) for k, v in self.weights.as_dict().items()}
+        x, kv = np.asarray(call.query, np.float32), np.asarray(call.value, np.float32)
+        q = np.einsum("bte,ehk->bhtk", x, w["Wq"]) + w["bq"][None, :, None, :]
+        k = np.einsum("bse,ehk->bhsk", kv, w["Wk"]) + w["bk"][None, :, None, :]
+        v = np.einsum("bse,ehk->bhsk", kv, w["Wv"]) + w["bv"][None, :, None, :]
+        logits = np.einsum("bhtk,bhsk->bhts", q, k) / np.float32(np.sqrt(q.shape[-1]))
+        if call.causal:
+            T, S = logits.shape[-2:]
+            logits = np.where(np.tril(np.ones((T, S), bool)), logits, -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        acc = np.zeros(q.shape[:3] + v.shape[-1:], np.float16)
+        for s in range(v.shape[2]):
+            acc = (acc + (p[..., s:s + 1] * v[:, :, s:s + 1, :]).astype(np.float16)).astype(np.float16)
+        out = np.einsum("bhtk,hkd->btd", acc.astype(np.float32), w["Wo"]) + w["bo"]
+        return out, None
+
+
+class SequentialHalfAdapter(NumpyOracleAdapter):
+    name = "planted_sequential_half"
+    framework = "planted"
+    layer_class = _SequentialHalfLayer

@@ -233,10 +233,12 @@ def test_quick_plan_groups_adapters_by_framework_and_keeps_each_in_one_mode():
     assert all("'cuda'" not in n for n in torch_names)
     # self and causal self-attention, time and per-call memory forward, L = 128 ... 4096 at 8 heads (under a
     # budget the kernels that hold the scores reach 4096 only where it allows)
-    per_adapter = 2 * 2 * 6
+    # and the accuracy of self and causal self-attention, one method per dtype, at L = 128 ... 1024
+    per_adapter = 2 * 2 * 6 + 2 * 3 * 4
     assert len(torch_names) == 2 * per_adapter + 1  # + Machine on cpu
     assert all("'eager'" in n for n in torch_names if "bench_attention" in n)
-    assert {n.split(".")[1] for n in torch_names if "bench_attention" in n} == {"SelfAttention", "CausalSelfAttention"}
+    assert {n.split(".")[1] for n in torch_names if "bench_attention" in n} == {
+        "SelfAttention", "CausalSelfAttention", "SelfAccuracy", "CausalAccuracy"}
     jax_names = picked_names("quick", plan[1].regexes)
     assert len(jax_names) == per_adapter and all("('jax_dpa', 'compiled'," in n for n in jax_names)
 
@@ -252,9 +254,11 @@ def test_chunk_plan_by_class_with_a_regex():
 
 
 def test_grid_matches_the_classes():
+    from mhabench.benchmarks.profiles import ACCURACY_CLASSES, accuracy_methods
     names = {n for n, _ in sweep.grid("quick")}
     expected = {f"bench_attention.{c.__name__}.{m}" for c in CLASSES for m in METHODS}
-    assert names == expected | {"bench_machine.Machine.track_gemm_gflops"}
+    accuracy = {f"bench_attention.{c}.{m}" for c in ACCURACY_CLASSES for m in accuracy_methods()}
+    assert names == expected | accuracy | {"bench_machine.Machine.track_gemm_gflops"}
 
 
 def test_resume_skips_finished_chunks(tmp_path):

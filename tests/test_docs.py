@@ -242,6 +242,15 @@ def test_the_profiles_table_is_the_profiles():
         sampling = profile.sampling
         quoted = f"{sampling.max_samples} samples or {sampling.max_seconds:g} s"
         assert quoted in text, f"{name}: its sampling stops at {quoted}; the README does not say so"
+    accuracy = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)`, accuracy \|(.*)$", text, re.M)}
+    assert set(accuracy) == {n for n, p in PROFILES.items() if p.accuracy_lens}, "the accuracy rows"
+    for name, row in accuracy.items():
+        profile = PROFILES[name]
+        cells = [c.strip() for c in row.split("|")]
+        lengths = [int(n) for n in re.findall(r"\d+", cells[1].split("(")[0])]
+        assert (lengths[0], lengths[-1]) == (min(profile.accuracy_lens), max(profile.accuracy_lens)), name
+        assert [int(n) for n in re.findall(r"\d+", cells[2])] == [profile.accuracy_heads], f"{name}: heads"
+        assert set(re.findall(r"`(\w+Accuracy)`", cells[0])) == {c for c in profile.classes if "Accuracy" in c}
 
 
 def test_references_to_readme_sections_exist():
