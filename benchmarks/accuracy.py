@@ -10,6 +10,11 @@ weights, through the public call users make (``layer(query, value, causal=...)``
 - ``sum_error``: the error of the output-weighted sum ``sum(w * y)``, the scalar a loss sees and the one whose
   gradient the backward computes (``w``: seeded standard normals, the cotangent), relative to ``sum|w * g|``.
 
+Where the adapter has a backward and ``gradients`` is asked (the default and full profiles), also
+``grad_rel_rms_error``: the gradients of ``sum(w * y)`` (``layer.gradients``, with respect to the inputs and
+every weight) against the float64 oracle's backward, the largest over the gradients of ``rms(error) /
+rms(exact)``; up to ``GRADIENT_MAX_LEN`` keys, since the oracle's backward holds the scores whole.
+
 Beside each, the same figure of the *same-precision reference* (the oracle run in that dtype, every stage
 rounded as the frameworks' kernels round, as conformance uses it), so a kernel's error reads against what a
 plain implementation in the dtype gets: ``ratio`` = error / reference error.
@@ -35,19 +40,22 @@ import numpy as np
 from mhabench.results import ACCURACY_FIGURES
 
 DTYPES = ("float32", "float16", "bfloat16")
-METRICS = ACCURACY_FIGURES
+METRICS = ACCURACY_FIGURES[:3]             # the forward's figures
+GRADIENT = "grad_rel_rms_error"            # the gradients' figure
+GRADIENT_MAX_LEN = 2048
 INPUTS = ("normal", "peaky")
 KINDS = ("self", "causal")
 # asv's unit of each figure: all three are dimensionless (the RMS error is in the output's own units, which
 # with unit-variance inputs and Glorot weights are of order 1)
-UNITS = {"max_rel_error": "relative error", "rms_error": "RMS error", "sum_error": "relative error"}
+UNITS = {"max_rel_error": "relative error", "rms_error": "RMS error", "sum_error": "relative error",
+         "grad_rel_rms_error": "relative error"}
 PEAKY_QUERY_SCALE = 8.0
 BLOCKWISE_FROM = 1024      # keys; the golden's block of query rows is BLOCK_ROWS
 BLOCK_ROWS = 256
 SEED = 0
 # A case's measurement costs about this many forward calls (one per dtype, and the oracle's golden and its
 # references, which NumPy computes at a fraction of a kernel's speed), shared by its nine methods
-CALLS_PER_METHOD = (len(DTYPES) + 24) / (len(DTYPES) * len(METRICS))
+CALLS_PER_METHOD = (len(DTYPES) + 24) / (len(DTYPES) * len(ACCURACY_FIGURES))
 VERSION = 1                # of the cached goldens: bump when how they are computed changes
 
 
@@ -119,6 +127,13 @@ class Problem:
                           sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
+    def oracle_gradients(self, dtype: str = "float64") -> dict[str, np.ndarray]:
+        """The oracle's gradients of ``sum(w * output)`` in ``dtype`` (float64: the golden)."""
+        from mhabench.impls import oracle_backward
+        query, value, weight = self.draw()
+        return oracle_backward.backward(self.spec, self.weights(), query, value, causal=self.causal,
+                                        cotangent=weight, dtype=dtype)
+
     def oracle(self, dtype: str = "float64") -> np.ndarray:
         """The oracle's output in ``dtype`` (float64: the golden), blockwise at long lengths."""
         from mhabench.impls import oracle
@@ -129,53 +144,88 @@ class Problem:
         return out
 
 
+def gradient_error(actual: dict, golden: dict) -> float:
+    """The largest, over the gradients both hold, of ``rms(actual - golden) / rms(golden)``; NaN where a gradient
+    is not finite or none is shared."""
+    worst = math.nan
+    for name in sorted(set(actual) & set(golden)):
+        y, g = np.asarray(actual[name], np.float64), np.asarray(golden[name], np.float64)
+        if y.shape != g.shape or not np.all(np.isfinite(y)):
+            return math.nan
+        scale = float(np.sqrt(np.mean(g * g))) or 1.0
+        error = float(np.sqrt(np.mean((y - g) ** 2))) / scale
+        worst = error if not worst >= error else worst
+    return worst
+
+
 @dataclass
 class Golden:
-    """The float64 golden of a problem and its same-precision reference's errors per dtype."""
+    """The float64 golden of a problem, its gradients when asked, and its same-precision reference's errors per
+    dtype (``{dtype: {figure: error}}``)."""
 
     output: np.ndarray
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    gradients: dict[str, np.ndarray] | None = None
 
 
-def golden(problem: Problem, dtypes=DTYPES) -> Golden:
+def golden(problem: Problem, dtypes=DTYPES, gradients: bool = False) -> Golden:
     """The problem's golden and reference errors, from the cache folder where an earlier process left them."""
     from mhabench.impls import cache
     folder = cache.folder("accuracy")
     stem = folder / problem.key() if folder is not None else None
-    found = _read(stem)
+    found = _read(stem, gradients)
     if found is None:
         found = Golden(problem.oracle("float64"))
     _, _, weight = problem.draw()
-    missing = [d for d in dtypes if d not in found.reference]
-    for dtype in missing:
-        found.reference[dtype] = errors(problem.oracle(dtype), found.output, weight)
-    if stem is not None and (missing or not stem.with_suffix(".npy").exists()):
+    changed = found.output is not None and stem is not None and not stem.with_suffix(".npy").exists()
+    for dtype in dtypes:
+        if dtype not in found.reference:
+            found.reference[dtype] = errors(problem.oracle(dtype), found.output, weight)
+            changed = True
+    if gradients:
+        if found.gradients is None:
+            found.gradients = problem.oracle_gradients("float64")
+            changed = True
+        for dtype in dtypes:
+            if GRADIENT not in found.reference[dtype]:
+                found.reference[dtype][GRADIENT] = gradient_error(problem.oracle_gradients(dtype), found.gradients)
+                changed = True
+    if stem is not None and changed:
         _write(stem, found)
     return found
 
 
-def _read(stem) -> Golden | None:
+def _read(stem, gradients: bool) -> Golden | None:
     if stem is None:
         return None
     try:
         output = np.load(stem.with_suffix(".npy"), allow_pickle=False)
         reference = json.loads(stem.with_suffix(".json").read_text())
+        grads = None
+        if gradients and stem.with_suffix(".npz").exists():
+            with np.load(stem.with_suffix(".npz"), allow_pickle=False) as stored:
+                grads = {k: stored[k] for k in stored.files}
     except (OSError, ValueError):
         return None
     if not isinstance(reference, dict):
         return None
-    return Golden(output, reference)
+    return Golden(output, reference, grads)
 
 
 def _write(stem, found: Golden) -> None:
-    """Both files through a temporary file and a rename: a reader in another process sees whole files."""
+    """The files through a temporary file and a rename each: a reader in another process sees whole files."""
     import io
     from mhabench import results
+    files = {stem.with_suffix(".json"): json.dumps(found.reference, sort_keys=True)}
     buffer = io.BytesIO()
     np.save(buffer, found.output, allow_pickle=False)
+    files[stem.with_suffix(".npy")] = buffer.getvalue()
+    if found.gradients is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **found.gradients)
+        files[stem.with_suffix(".npz")] = buffer.getvalue()
     try:
-        results.atomic_write_many({stem.with_suffix(".npy"): buffer.getvalue(),
-                                   stem.with_suffix(".json"): json.dumps(found.reference, sort_keys=True)})
+        results.atomic_write_many(files)
     except OSError:  # an unwritable cache costs time, never a result
         pass
 
@@ -189,11 +239,14 @@ def ratio(error: float, reference: float) -> float:
     return error / reference
 
 
-def measure(build, problem: Problem, dtypes=DTYPES) -> list[dict]:
+def measure(build, problem: Problem, dtypes=DTYPES, gradients: bool = False) -> list[dict]:
     """One record per dtype. ``build(dtype)`` gives the layer, or the reason (a str) it cannot run in that dtype;
     a layer is built, called and dropped before the next. A record holds the three figures, the reference's and
-    their ratios, or the ``skipped``/``failed`` reason (a build or call that raises fails its dtype only)."""
-    gold = golden(problem, DTYPES)
+    their ratios, or the ``skipped``/``failed`` reason (a build or call that raises fails its dtype only).
+    ``gradients``: also the gradients' figure (``GRADIENT``), where the adapter has a backward and L is at most
+    ``GRADIENT_MAX_LEN``; ``gradient_status`` and ``gradient_reason`` say why where it is not measured."""
+    gradients = gradients and problem.seq_len <= GRADIENT_MAX_LEN
+    gold = golden(problem, DTYPES, gradients)
     query, value, weight = problem.draw()
     out = []
     for dtype in dtypes:
@@ -206,14 +259,29 @@ def measure(build, problem: Problem, dtypes=DTYPES) -> list[dict]:
             with np.errstate(all="ignore"):
                 actual, _ = layer(query, value, causal=problem.causal)
         except Exception as exc:  # the adapter's fault: the record says so and the other dtypes go on
-            from mhabench.impls.base import UnsupportedError
-            status = "skipped" if isinstance(exc, (UnsupportedError, NotImplementedError)) else "failed"
-            out.append({**record, "status": status, "reason": f"{type(exc).__name__}: {exc}"})
+            out.append({**record, "status": _status(exc), "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        finally:
-            layer = None
         figures = errors(actual, gold.output, weight)
-        reference = gold.reference[dtype]
+        reference = dict(gold.reference[dtype])
+        if gradients:
+            try:
+                with np.errstate(all="ignore"):
+                    grads = layer.gradients(query, value, causal=problem.causal, cotangent=weight)
+                figures[GRADIENT] = gradient_error(grads, gold.gradients)
+                record["gradient_status"] = "ok"
+            except Exception as exc:  # no backward, or a backward that fails: the forward's figures stand
+                record.update(gradient_status=_status(exc), gradient_reason=f"{type(exc).__name__}: {exc}")
+        else:
+            record.update(gradient_status="skipped", gradient_reason="gradients not asked" if problem.seq_len <=
+                          GRADIENT_MAX_LEN else f"gradients are measured up to L = {GRADIENT_MAX_LEN} (the float64 "
+                          f"oracle's backward holds the scores whole)")
+        reference = {k: v for k, v in reference.items() if k in figures}
+        layer = None
         out.append({**record, "status": "ok", **figures,
-                    "reference": reference, "ratio": {m: ratio(figures[m], reference[m]) for m in METRICS}})
+                    "reference": reference, "ratio": {m: ratio(figures[m], reference[m]) for m in figures}})
     return out
+
+
+def _status(exc: BaseException) -> str:
+    from mhabench.impls.base import UnsupportedError
+    return "skipped" if isinstance(exc, (UnsupportedError, NotImplementedError)) else "failed"

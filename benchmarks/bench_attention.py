@@ -13,7 +13,8 @@ each case's FLOPs (``benchmarks.flops``) and the report divides them by the time
 
 The accuracy classes (``SelfAccuracy``, ``CausalAccuracy`` and their ``Peaky`` twins) track each adapter's
 error against the float64 oracle over the same L grid, per dtype: the largest error relative to the output's
-scale, the RMS error and the error of the output-weighted sum (``benchmarks.accuracy``), so a kernel whose
+scale, the RMS error, the error of the output-weighted sum and, where the profile asks, the gradients' relative
+RMS error (``benchmarks.accuracy``), so a kernel whose
 error jumps between two nights is flagged by ``mhabench report --compare`` as a slowdown is.
 """
 from mhabench.benchmarks import accuracy, common
@@ -115,11 +116,14 @@ def _accuracy_method(metric: str, dtype: str):
     def setup(*params):
         bench = _AccuracyBenchmark.running
         rec = bench.records.get(dtype) or {"status": "skipped", "reason": f"{dtype} was not measured"}
-        if rec.get("status") != "ok":
-            names = bench.names([f"track_{m}_{dtype}" for m in accuracy.METRICS])
-            status = "skipped" if rec.get("status") == "skipped" else "failed"
-            common.record(names, bench.case.params(), status, str(rec.get("reason")))
-            raise common.Skip(str(rec.get("reason")))
+        figures = accuracy.METRICS
+        status, reason = rec.get("status"), rec.get("reason")
+        if status == "ok" and metric == accuracy.GRADIENT:
+            figures, status, reason = (accuracy.GRADIENT,), rec.get("gradient_status"), rec.get("gradient_reason")
+        if status != "ok":
+            names = bench.names([f"track_{m}_{dtype}" for m in figures])
+            common.record(names, bench.case.params(), "skipped" if status == "skipped" else "failed", str(reason))
+            raise common.Skip(str(reason))
 
     track.__name__ = track.__qualname__ = f"track_{metric}_{dtype}"
     track.unit = accuracy.UNITS[metric]
@@ -154,7 +158,7 @@ class _AccuracyBenchmark:
                                                PROFILE, self.names(methods))
 
 
-for _metric in accuracy.METRICS:
+for _metric in accuracy.ACCURACY_FIGURES:
     for _dtype in accuracy.DTYPES:
         setattr(_AccuracyBenchmark, f"track_{_metric}_{_dtype}", _accuracy_method(_metric, _dtype))
 

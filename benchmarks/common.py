@@ -424,7 +424,7 @@ def _measure_accuracy(benchmark: str, case: Case, inputs: str, profile: Profile)
         return str(reason) if reason else adapter.build(problem.spec, weights, dtype=dtype, device=case.device,
                                                          mode=case.mode)
     started = time.perf_counter()
-    measured = accuracy.measure(build, problem)
+    measured = accuracy.measure(build, problem, gradients=profile.accuracy_gradients)
     facts = {"benchmark": benchmark, "params": case.params(), "sweep": os.environ.get(ENV_SWEEP),
              "kernel": adapter.kernel, "family": adapter.family, "seconds": round(time.perf_counter() - started, 3),
              "time": time.time()}

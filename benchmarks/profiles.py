@@ -77,6 +77,7 @@ class Profile:
     coverage_lengths: int = 4
     accuracy_heads: int = 8         # the accuracy classes run at this head count only
     accuracy_lens: tuple[int, ...] | None = None  # and at these lengths (None: every one of seq_lens)
+    accuracy_gradients: bool = True  # the accuracy of the gradients too (up to accuracy.GRADIENT_MAX_LEN)
     sampling: Sampling = Sampling(max_samples=100, max_seconds=5.0, warmup_seconds=0.2)
     timeout: float = 600.0
 
@@ -110,8 +111,8 @@ ACCURACY_CLASSES = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "Peak
 
 def accuracy_methods(metrics=None, dtypes=None) -> tuple[str, ...]:
     """The accuracy classes' method names (``track_<figure>_<dtype>``), for the figures and dtypes given."""
-    from .accuracy import DTYPES, METRICS
-    return tuple(f"track_{m}_{d}" for m in metrics or METRICS for d in dtypes or DTYPES)
+    from .accuracy import ACCURACY_FIGURES, DTYPES
+    return tuple(f"track_{m}_{d}" for m in metrics or ACCURACY_FIGURES for d in dtypes or DTYPES)
 
 
 PROFILES = {
@@ -122,7 +123,7 @@ PROFILES = {
                      # asv method per dtype (each case's measurement records every figure in bench/accuracy.jsonl)
                      classes=("SelfAttention", "CausalSelfAttention", "SelfAccuracy", "CausalAccuracy"),
                      methods=("track_time_forward", "track_peakmem_forward") + accuracy_methods(["rms_error"]),
-                     accuracy_lens=(128, 256, 512, 1024),
+                     accuracy_lens=(128, 256, 512, 1024), accuracy_gradients=False,
                      sampling=Sampling(max_samples=40, max_seconds=1.0, warmup_seconds=0.05), timeout=300.0),
     "default": Profile("default", seq_lens=tuple(2 ** p for p in range(7, 14)), num_heads=(1, 4, 8, 16)),
     "full": Profile("full", seq_lens=tuple(2 ** p for p in range(7, 16)), num_heads=(1, 4, 8, 16),

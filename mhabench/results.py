@@ -197,7 +197,7 @@ def read_rows(path: str | os.PathLike) -> Journal:
     return Journal(rows, problems)
 
 
-ACCURACY_FIGURES = ("max_rel_error", "rms_error", "sum_error")
+ACCURACY_FIGURES = ("max_rel_error", "rms_error", "sum_error", "grad_rel_rms_error")
 
 
 def is_accuracy(benchmark_class: str) -> bool:

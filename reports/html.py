@@ -756,18 +756,23 @@ def section_accuracy(data: ReportData) -> str:
            "sees), relative to Σ|w·y|. The <b>reference</b> is the oracle run in the same dtype, every stage rounded "
            "as the kernels round: a ratio above 1 is worse than a plain implementation in that dtype. Inputs: "
            "standard normals (the logits' spread is about 1), and <i>peaky</i>, the queries scaled by 8 so each "
-           "softmax row is dominated by a few keys. The exponents are fitted over the three largest lengths; "
+           "softmax row is dominated by a few keys. <b>grad_rel_rms_error</b>: the gradients of Σ w·y (inputs and "
+           "weights) against the oracle's backward, the largest relative RMS error of any of them, at the largest L "
+           "where it was measured (<b>grad_L_max</b>: the oracle's backward holds the scores, so up to 2048). "
+           "The exponents are fitted over the three largest lengths; "
            f"<b>grows_faster</b>: the error's exponent exceeds the reference's by more than "
            f"{tables.FASTER_GROWTH}.</p>"]
     shown = lines.copy()
     for column in ("max_rel_error", "rms_error", "sum_error", "reference_rms_error", "ratio_rms_error",
-                   "ratio_max_rel_error", "exponent", "reference_exponent", "ratio_exponent"):
+                   "ratio_max_rel_error", "exponent", "reference_exponent", "ratio_exponent", "grad_rel_rms_error",
+                   "ratio_grad_rel_rms_error"):
         shown[column] = [_error(v) if "exponent" not in column else (f"{v:.2f}" if v == v else "")
                          for v in shown[column]]
     out.append("<h3 id='accuracy-ranking'>At the largest length, ranked by RMS error</h3>")
     out.append(table(shown, ["class", "device", "dtype", "rank", "series", "kernel", "L_max", "max_rel_error",
                              "rms_error", "sum_error", "reference_rms_error", "ratio_rms_error", "exponent",
-                             "reference_exponent", "grows_faster"],
+                             "reference_exponent", "grows_faster", "grad_L_max", "grad_rel_rms_error",
+                             "ratio_grad_rel_rms_error"],
                      row_class=lambda r: "fault" if r.get("grows_faster") else None))
     devices = list(dict.fromkeys(accuracy["device"]))
     classes = sorted(dict.fromkeys(accuracy["class"]), key=lambda c: tables.ACCURACY_CLASS_ORDER.index(c)

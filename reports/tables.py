@@ -992,7 +992,8 @@ def accuracy_lines(accuracy: pd.DataFrame) -> pd.DataFrame:
     each class and dtype. ``grows_faster``: the error's exponent exceeds the reference's by ``FASTER_GROWTH``."""
     columns = ["class", "device", "dtype", "rank", "series", "adapter", "mode", "kernel", "family", "points",
                "L_max", "max_rel_error", "rms_error", "sum_error", "reference_rms_error", "ratio_rms_error",
-               "ratio_max_rel_error", "exponent", "reference_exponent", "ratio_exponent", "grows_faster"]
+               "ratio_max_rel_error", "exponent", "reference_exponent", "ratio_exponent", "grows_faster",
+               "grad_L_max", "grad_rel_rms_error", "ratio_grad_rel_rms_error"]
     ok = accuracy[(accuracy["status"] == "ok") & np.isfinite(accuracy["rms_error"].astype(float))] \
         if not accuracy.empty else accuracy
     if ok.empty:
@@ -1007,13 +1008,20 @@ def accuracy_lines(accuracy: pd.DataFrame) -> pd.DataFrame:
         ratio = plausibility.power_fit(line["seq_len"], line["ratio_rms_error"])
         faster = math.isfinite(fit.exponent) and math.isfinite(reference.exponent) and \
             fit.exponent - reference.exponent > FASTER_GROWTH
+        graded = line[np.isfinite(line["grad_rel_rms_error"].astype(float))] if "grad_rel_rms_error" in line \
+            else line.iloc[0:0]
+        grad = graded.iloc[-1] if not graded.empty else None
         out.append({"class": klass, "device": device, "dtype": dtype, "series": accuracy_series(last),
                     "adapter": adapter, "mode": mode, "kernel": last["kernel"], "family": last["family"],
                     "points": len(line), "L_max": int(last["seq_len"]),
                     **{k: float(last[k]) for k in ("max_rel_error", "rms_error", "sum_error", "reference_rms_error",
                                                     "ratio_rms_error", "ratio_max_rel_error")},
                     "exponent": fit.exponent, "reference_exponent": reference.exponent,
-                    "ratio_exponent": ratio.exponent, "grows_faster": "yes" if faster else ""})
+                    "ratio_exponent": ratio.exponent, "grows_faster": "yes" if faster else "",
+                    "grad_L_max": int(grad["seq_len"]) if grad is not None else math.nan,
+                    "grad_rel_rms_error": float(grad["grad_rel_rms_error"]) if grad is not None else math.nan,
+                    "ratio_grad_rel_rms_error": float(grad["ratio_grad_rel_rms_error"]) if grad is not None
+                    else math.nan})
     frame = pd.DataFrame(out)
     frame["_class"] = frame["class"].map(lambda c: ACCURACY_CLASS_ORDER.index(c) if c in ACCURACY_CLASS_ORDER
                                          else len(ACCURACY_CLASS_ORDER))

@@ -262,3 +262,30 @@ def test_a_jump_in_error_between_two_nights_is_flagged_as_a_regression():
     assert classify(night, {**night, "value": 1.02e-3}, 1.1)[0] == "unchanged"
     assert classify(night, {**night, "value": 3.0e-3}, 1.1)[0] == "regression"
     assert classify(night, {**night, "value": 0.3e-3}, 1.1)[0] == "improvement"
+
+
+def test_the_gradients_figure_is_measured_where_there_is_a_backward_and_said_why_where_not(monkeypatch):
+    problem = accuracy.Problem("causal", "normal", 16, num_heads=2, model_dim=16)
+    oracle = impls.get_adapter("numpy_oracle")
+    build = lambda d: oracle.build(problem.spec, problem.weights(), dtype=d, device="cpu", mode="eager")
+    got = {r["dtype"]: r for r in accuracy.measure(build, problem, gradients=True)}
+    for record in got.values():  # the oracle's backward is its own reference
+        assert record["gradient_status"] == "ok" and record["ratio"][accuracy.GRADIENT] == 1.0
+    assert 0 < got["float32"][accuracy.GRADIENT] < got["float16"][accuracy.GRADIENT]
+
+    class NoBackward:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, *args, **kwargs):
+            return self.layer(*args, **kwargs)
+
+        def gradients(self, *args, **kwargs):
+            raise NotImplementedError("no backward path")
+    got = {r["dtype"]: r for r in accuracy.measure(lambda d: NoBackward(build(d)), problem, gradients=True)}
+    assert got["float16"]["status"] == "ok" and got["float16"]["ratio"]["rms_error"] == 1.0
+    assert got["float16"]["gradient_status"] == "skipped" and "no backward path" in got["float16"]["gradient_reason"]
+    assert accuracy.GRADIENT not in got["float16"] and accuracy.GRADIENT not in got["float16"]["ratio"]
+    monkeypatch.setattr(accuracy, "GRADIENT_MAX_LEN", 8)
+    got = accuracy.measure(build, problem, ("float32",), gradients=True)[0]
+    assert got["gradient_status"] == "skipped" and "up to L = 8" in got["gradient_reason"]
