@@ -33,7 +33,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from mhabench import plausibility
+from mhabench.results import is_accuracy
 
+from .accuracy import DTYPES, ORACLE_CALLS
 from .sampling import calls_per_point
 
 HARD_STOP = 1.08            # an asv run still going at this multiple of the budget is stopped
@@ -67,6 +69,11 @@ class Bench:
         """What a line of the report is: class, adapter, mode, heads, device (the length varies along it)."""
         adapter, mode, _, heads, device = self.params
         return (self.name.split(".")[1], adapter, mode, int(heads), device)
+
+    @property
+    def case(self) -> tuple:
+        """The measurement a benchmark reads: an accuracy case's methods all read one (``common.accuracy_records``)."""
+        return (self.name.split(".")[1],) + tuple(self.params)
 
     @property
     def param_dict(self) -> dict:
@@ -103,6 +110,7 @@ class CostModel:
         self.point_wall: dict[Bench, float] = {}
         self.fixed: dict[str, float] = {}      # group -> an asv run's own start
         self.per_process: dict[str, float] = {}  # group -> overhead per point beyond its setup and sampling
+        self.case_methods: dict[tuple, int] = {}  # Bench.case -> how many selected methods read it
 
     def observe(self, bench: Bench, record: dict) -> None:
         """A point's line in points.jsonl."""
@@ -155,6 +163,9 @@ class CostModel:
         call = self.call_seconds(bench)
         if call is None or not self.setup.get(bench.adapter):
             return self.prior_seconds(bench) * self.calibration() + self.per_process.get(group, 0.0)
+        if is_accuracy(bench.name.split(".")[1]):  # a layer built and called per dtype, and the oracle's golden,
+            work = len(DTYPES) * (statistics.median(self.setup[bench.adapter]) + call) + ORACLE_CALLS * call
+            return work / max(1, self.case_methods.get(bench.case, 1)) + self.per_process.get(group, 0.0)
         setup = statistics.median(self.setup[bench.adapter]) + call  # its first call, at this length
         return setup + calls_per_point(self.rules, bench.name.split(".")[-1], call) * call + \
             self.per_process.get(group, 0.0)
@@ -192,6 +203,9 @@ class Planner:
         for bench in self.benches:
             self.by_adapter[bench.adapter][bench.seq_len].append(bench)
         self.adapters = list(dict.fromkeys(b.adapter for b in self.benches))
+        shared = getattr(self.model, "case_methods", None)  # the accuracy methods of a case share one measurement
+        for bench in self.benches if shared is not None else ():
+            shared[bench.case] = shared.get(bench.case, 0) + 1
         self.growing: dict[str, list[int]] = {}  # adapter -> the lengths past its coverage still to decide
 
     @property

@@ -251,3 +251,18 @@ def test_a_compiled_adapter_nothing_is_known_of_gets_its_coverage_alone():
     assert plan.coverage_units() == [["fused_a", "dense_a"], ["dense_c"]]
     known.observe(compiled[0], {"quantity": "time", "median": 1e-3, "setup_seconds": 30.0, "sampling_seconds": 1.0})
     assert plan.coverage_units() == [["fused_a", "dense_a", "dense_c"]]  # measured before: it joins its group
+
+
+def test_the_accuracy_methods_of_a_case_share_its_one_measurement():
+    """A case's first accuracy method builds and calls a layer per dtype (and the oracle's golden); the rest read
+    what it recorded: the planner predicts the work once per case, split over the case's selected methods."""
+    from mhabench.benchmarks.accuracy import DTYPES, ORACLE_CALLS
+    rules = Sampling(max_samples=10, max_seconds=1.0, warmup_seconds=0.0)
+    model = budget.CostModel(rules, lambda b: 1.0)
+    time_bench = Bench("bench_attention.SelfAttention.track_time_forward", ("'a'", "'eager'", "512", "8", "'cpu'"))
+    model.observe(time_bench, {"quantity": "time", "median": 0.01, "setup_seconds": 2.0, "sampling_seconds": 0.1})
+    accuracy = [Bench(f"bench_attention.SelfAccuracy.track_rms_error_{d}", ("'a'", "'eager'", "512", "8", "'cpu'"))
+                for d in DTYPES]
+    Planner(accuracy, lambda a: "g", lambda a: True, model, coverage_lengths=4, budget=100.0, started=0.0)
+    work = len(DTYPES) * (2.0 + 0.01) + ORACLE_CALLS * 0.01
+    assert [model.point_seconds(b, "g") for b in accuracy] == pytest.approx([work / len(DTYPES)] * len(DTYPES))
