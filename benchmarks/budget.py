@@ -194,6 +194,7 @@ class Planner:
     skipped: list[Skipped] = field(default_factory=list)
     uncovered: dict = field(default_factory=dict)  # adapter -> (its coverage, predicted cost, seconds left then)
     _queue: list = field(default_factory=list)
+    _given: set = field(default_factory=set)  # the benchmarks of every step handed out
     _units: list = field(default_factory=list)
     _phase: int = 0
     _group: int = 0
@@ -348,7 +349,21 @@ class Planner:
                 return None
         step = self._queue.pop(0)
         step.predicted = self.model.step_seconds(step.group, step.benches)
+        self._given.update(step.benches)
         return step
+
+    def stop(self, step: Step) -> None:
+        """The sweep ends at the deadline, ``step``'s asv run stopped there (asv writes its results at its end, so
+        none of its points is kept): its benchmarks, and every one the plan had not reached, are not run, each
+        recorded with why, so nothing selected goes missing without a word."""
+        self._skip(step.benches, "its asv run was stopped at the budget's deadline", step.predicted)
+        done = self._given | {b for s in self.skipped for b in s.benches}
+        for adapter in self.adapters:
+            left = [b for b in self.benches if b.adapter == adapter and b not in done]
+            predicted = sum(self.model.point_seconds(b, self.group_of(adapter)) for b in left)
+            self._skip(left, "the budget ran out before its turn (an asv run before it was stopped at the "
+                             "deadline)", predicted)
+        self._queue, self._phase = [], 4
 
     def skipped_benches(self) -> int:
         return sum(len(s.benches) for s in self.skipped)

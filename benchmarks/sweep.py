@@ -861,15 +861,13 @@ def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
             model.observe(bench, record)
         model.observe_step(step.group, t0, time.time(), measured)
         if outcome == "stopped":
+            planner.stop(step)
             stopped = step.benches
             break
     for skipped in planner.skipped:
         for bench in skipped.benches:
             common.record([bench.name], bench.param_dict, "skipped", skipped.reason, path=layout.skips,
                           predicted_seconds=round(skipped.predicted, 1))
-    for bench in stopped:
-        common.record([bench.name], bench.param_dict, "skipped",
-                      f"{budget.BUDGET_REASON}: its asv run was stopped at the budget's deadline", path=layout.skips)
     if not stopped:
         sweep.remeasure(chosen, budget_end=budget_end, deadline=hard_stop, model=model)
     if time.monotonic() + peak_seconds <= sweep.started + options.budget:
@@ -878,8 +876,6 @@ def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
     for skipped in planner.skipped:
         for bench in skipped.benches:
             not_run[bench.adapter] = not_run.get(bench.adapter, 0) + 1
-    for bench in stopped:
-        not_run[bench.adapter] = not_run.get(bench.adapter, 0) + 1
     spent = time.monotonic() - sweep.started
     plan_record = results.read_json(layout.bench_plan)
     plan_record.update(budget_spent_seconds=round(spent, 1), not_run_budget=not_run)

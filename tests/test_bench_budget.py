@@ -266,3 +266,19 @@ def test_the_accuracy_methods_of_a_case_share_its_one_measurement():
     Planner(accuracy, lambda a: "g", lambda a: True, model, coverage_lengths=4, budget=100.0, started=0.0)
     work = len(DTYPES) * (2.0 + 0.01) + ORACLE_CALLS * 0.01
     assert [model.point_seconds(b, "g") for b in accuracy] == pytest.approx([work / len(DTYPES)] * len(DTYPES))
+
+
+def test_a_run_stopped_at_the_deadline_records_every_benchmark_it_never_reached():
+    """An asv run stopped at the deadline ends the sweep: its benchmarks and those of every group the plan had not
+    reached yet are "not run: budget", each with why; none goes missing without a word."""
+    plan = planner(10_000)
+    first = plan.next_step(0.0)
+    second = plan.next_step(first.predicted)
+    plan.stop(second)
+    assert plan.next_step(1e9) is None
+    skipped = {b: s.reason for s in plan.skipped for b in s.benches}
+    assert set(first.benches) | set(skipped) == set(benches()) and not set(first.benches) & set(skipped)
+    assert {skipped[b] for b in second.benches} == {f"{budget.BUDGET_REASON}: its asv run was stopped at the "
+                                                     f"budget's deadline"}
+    rest = [b for b in benches() if b not in set(first.benches) | set(second.benches)]
+    assert rest and all("ran out before its turn" in skipped[b] for b in rest)
