@@ -555,10 +555,45 @@ def bench_of(record: dict) -> budget.Bench:
                                                                      int(p["num_heads"]), p["device"])))
 
 
-def read_points(layout: results.Layout, since: float = 0.0) -> list[tuple[budget.Bench, dict]]:
-    """The points measured since ``since`` (time.time()), oldest first; unreadable lines are left out."""
+REMEMBERED_POINTS = "bench-points.jsonl"  # in the cache's costs/ folder: what this machine's earlier runs measured
+REMEMBERED_MAX_BYTES = 4 << 20
+
+
+def remembered_points() -> list[tuple[budget.Bench, dict]]:
+    """The points earlier runs on this machine measured, into any results directory (the cache's ``costs/``), so a
+    budget's plan starts from this machine's costs rather than from the static estimate."""
+    from mhabench.impls import cache
+    where = cache.folder("costs")
+    return read_points(where / REMEMBERED_POINTS) if where is not None else []
+
+
+def remember_points(measured: list[tuple[budget.Bench, dict]]) -> None:
+    """Append what a budget's planner learns from (each point's quantity, median, setup and sampling seconds) to the
+    cache's ``costs/``; past REMEMBERED_MAX_BYTES the older half is dropped. An unwritable cache costs planning
+    accuracy, never a result."""
+    from mhabench.impls import cache
+    where = cache.folder("costs")
+    if where is None or not measured:
+        return
+    path = where / REMEMBERED_POINTS
+    keep = ("benchmark", "params", "quantity", "median", "setup_seconds", "sampling_seconds", "scale", "time")
+    try:
+        if path.is_file() and path.stat().st_size > REMEMBERED_MAX_BYTES:
+            lines = path.read_text().splitlines()
+            results.atomic_write(path, "".join(line + "\n" for line in lines[len(lines) // 2:]))
+        results.append_jsonl(path, [{k: r[k] for k in keep if k in r} for _, r in measured])
+    except OSError:
+        pass
+
+
+def read_points(source, since: float = 0.0) -> list[tuple[budget.Bench, dict]]:
+    """The points measured since ``since`` (time.time()), oldest first, of a results directory (its Layout) or a
+    points file; unreadable lines are left out."""
     check = lambda r: None if isinstance(r, dict) and {"benchmark", "params", "quantity"} <= set(r) else "not a point"
-    records, _ = results.read_jsonl(layout.points, check)
+    path = source.points if isinstance(source, results.Layout) else Path(source)
+    if not path.is_file():
+        return []
+    records, _ = results.read_jsonl(path, check)
     out = []
     for record in records:
         if float(record.get("time") or 0) < since:
@@ -833,7 +868,8 @@ def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
     benches = sorted(chosen, key=lambda b: (options.adapters.index(b.adapter) if b.adapter in options.adapters
                                             else len(options.adapters), b.name, b.seq_len))
     model = budget.CostModel(profile.sampling, lambda b: estimated_ms(options.profile, b.name, b.combo) / 1000)
-    for bench, record in read_points(layout):  # earlier runs on this machine, into this results directory
+    # what earlier runs on this machine measured: into any results directory (the cache), then into this one
+    for bench, record in remembered_points() + read_points(layout):
         if record.get("scale", 1) == 1:
             model.observe(bench, record)
     holds = lambda a: registry.get_adapter(a).score_buffers > 0
@@ -859,6 +895,7 @@ def _run_budgeted(sweep: Run, plan: list[Chunk], chosen: set) -> int:
         measured = [(b, r) for b, r in read_points(layout, since=t0)]
         for bench, record in measured:
             model.observe(bench, record)
+        remember_points(measured)
         model.observe_step(step.group, t0, time.time(), measured)
         if outcome == "stopped":
             planner.stop(step)

@@ -282,3 +282,31 @@ def test_a_run_stopped_at_the_deadline_records_every_benchmark_it_never_reached(
                                                      f"budget's deadline"}
     rest = [b for b in benches() if b not in set(first.benches) | set(second.benches)]
     assert rest and all("ran out before its turn" in skipped[b] for b in rest)
+
+
+def test_coverage_of_an_adapter_nothing_is_known_of_is_tried_and_what_is_measured_is_remembered(tmp_path,
+                                                                                                monkeypatch):
+    """With no measurement of this machine the prediction is the static estimate: coverage is tried rather than
+    dropped on it. The points measured go to the cache, so the next run, into another results directory, plans
+    from them."""
+    import json
+    monkeypatch.setenv("MHABENCH_CACHE_DIR", str(tmp_path / "cache"))
+    rules = Sampling(max_samples=10, max_seconds=1.0, warmup_seconds=0.0)
+    model = budget.CostModel(rules, lambda b: 1000.0)  # a prior far above the budget
+    plan = Planner(benches(["fused_a"]), lambda a: "g1", lambda a: False, model, coverage_lengths=4, budget=100.0,
+                   started=0.0)
+    step = plan.next_step(0.0)
+    assert step is not None and {b.seq_len for b in step.benches} == set(LENGTHS[:4])
+    record = {"benchmark": step.benches[0].name, "params": step.benches[0].param_dict, "quantity": "time",
+              "median": 0.001, "setup_seconds": 0.5, "sampling_seconds": 0.2, "time": 1.0, "q25": 1}
+    sweep.remember_points([(step.benches[0], record)])
+    [(bench, kept)] = sweep.remembered_points()
+    assert bench == step.benches[0] and "q25" not in kept and kept["setup_seconds"] == 0.5
+    later = budget.CostModel(rules, lambda b: 1000.0)
+    later.observe(bench, kept)
+    assert later.knows("fused_a")
+    later_plan = Planner(benches(["fused_a"]), lambda a: "g1", lambda a: False, later, coverage_lengths=4,
+                         budget=1.0, started=0.0)
+    later_plan.next_step(0.0)
+    assert "fused_a" in later_plan.uncovered  # known, and predicted beyond the budget: not tried
+    assert json.loads((tmp_path / "cache" / "costs" / sweep.REMEMBERED_POINTS).read_text())["median"] == 0.001
