@@ -151,9 +151,11 @@ class _AccuracyBenchmark:
                                 PROFILE.model_dim, PROFILE.cross_kv_ratio)
         _AccuracyBenchmark.running = self
         methods = [m for m in dir(type(self)) if m.startswith("track_")]
-        if not PROFILE.keeps(self.names(methods[:1])[0], num_heads, seq_len):
-            raise common.Skip(f"the {PROFILE.name} profile measures accuracy at {PROFILE.accuracy_heads} heads and "
-                              f"L in {PROFILE.accuracy_lens or PROFILE.seq_lens} only")
+        if not PROFILE.keeps_accuracy_point(num_heads, seq_len):
+            why = (f"the {PROFILE.name} profile measures accuracy at {PROFILE.accuracy_heads} heads and L in "
+                   f"{PROFILE.accuracy_lens or PROFILE.seq_lens} only")
+            common.record(self.names(methods), self.case.params(), "skipped", why)
+            raise common.Skip(why)
         self.records = common.accuracy_records(f"bench_attention.{type(self).__name__}", self.case, self.inputs,
                                                PROFILE, self.names(methods))
 

@@ -98,12 +98,14 @@ class Profile:
         """Whether this profile runs ``benchmark`` ("bench_attention.Class.method"), at ``num_heads`` and
         ``seq_len`` when given (the accuracy classes run at ``accuracy_heads`` and ``accuracy_lens`` only)."""
         _, cls, method = benchmark.split(".")
-        if is_accuracy(cls) and (num_heads is not None and int(num_heads) != self.accuracy_heads or seq_len is not
-                                 None and self.accuracy_lens is not None and int(seq_len) not in self.accuracy_lens):
+        if is_accuracy(cls) and not self.keeps_accuracy_point(num_heads, seq_len):
             return False
         return not ((self.classes and cls not in self.classes) or (self.methods and method not in self.methods))
 
-
+    def keeps_accuracy_point(self, num_heads: int | None, seq_len: int | None) -> bool:
+        """Whether the accuracy classes run at this head count and length (None: any)."""
+        return (num_heads is None or int(num_heads) == self.accuracy_heads) and \
+            (seq_len is None or self.accuracy_lens is None or int(seq_len) in self.accuracy_lens)
 
 
 ACCURACY_CLASSES = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "PeakyCausalAccuracy")

@@ -289,3 +289,15 @@ def test_the_gradients_figure_is_measured_where_there_is_a_backward_and_said_why
     monkeypatch.setattr(accuracy, "GRADIENT_MAX_LEN", 8)
     got = accuracy.measure(build, problem, ("float32",), gradients=True)[0]
     assert got["gradient_status"] == "skipped" and "up to L = 8" in got["gradient_reason"]
+
+
+def test_the_main_jobs_profile_measures_its_accuracy_points(monkeypatch):
+    """The quick profile keeps one method per dtype: a case's setup must not judge its point by a method the
+    profile leaves out (it once did, and every accuracy point of the main job was skipped without a word)."""
+    monkeypatch.setattr(bench_attention, "PROFILE", get_profile("quick"))
+    monkeypatch.setattr(accuracy, "measure", lambda build, problem, dtypes=accuracy.DTYPES, gradients=False: [
+        {"dtype": d, "status": "ok", "rms_error": 1e-3, "reference": {}, "ratio": {}} for d in dtypes])
+    params = ("numpy_oracle", "eager", 128, 8, "cpu")
+    assert run_method(bench_attention.CausalAccuracy(), "track_rms_error_float16", params) == 1e-3
+    with pytest.raises(NotImplementedError, match="measures accuracy at 8 heads and L in"):
+        bench_attention.CausalAccuracy().setup("numpy_oracle", "eager", 2048, 8, "cpu")
