@@ -138,6 +138,7 @@ def _judge(verdict: dict, adapter: str, case_id: str, quantity: str, actual, gol
         if alt.ok:
             verdict.update(alt.figures())
             verdict.update(status=Status.DIVERGENCE, divergence=entry.id,
+                           canonical_err=result.max_abs_err, canonical_nonfinite=result.nonfinite,
                            message=f"{entry.observed} (canonical comparison: {result.message})")
             return
     if covering:

@@ -413,6 +413,10 @@ class Row:
     tolerance_source: str | None = None
     divergence: str | None = None    # the catalogue entry whose behaviour the row shows
     contradicts: str | None = None   # a catalogue entry the row passes against although it predicts otherwise
+    # a divergence row's figures measure it against its entry's description; these say how far it is from the
+    # canonical golden: max|golden - impl| over the elements finite in both, and whether NaN/Inf sit elsewhere
+    canonical_err: float | None = None
+    canonical_nonfinite: bool | None = None
     message: str = ""
     mode: str | None = None          # eager, graph or compiled
     kernel: str = DEFAULT_KERNEL     # the attention kernel the adapter forces ("default": the framework chooses)
