@@ -57,17 +57,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from mhabench.schema import Row, Status
+from mhabench.schema import DivergenceKind, Row, Status
 
 from .behaviours import BEHAVIOURS, CASE_PROPERTIES, CHECKS, POLICIES, CaseProperties, Modelled
 
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
 PRECISIONS = ("float32", "float16", "bfloat16")
-# What an entry means to someone porting a model, most urgent first (the page groups entries in this order)
-KINDS = {"answer": "A different answer in the working dtype",
-         "precision": "Reduced precision (a float64 computed in float32, a 16-bit accumulation)",
-         "nonfinite": "Non-finite handling (NaN or Inf in, or behind, the mask)",
-         "empty_rows": "A policy for rows with no allowed key"}
+KINDS = DivergenceKind.values()  # what an entry means to someone porting a model, most urgent first
 # the case properties that say an entry is about NaN/Inf in the inputs
 NONFINITE_PROPERTIES = ("nonfinite", "masked_nonfinite", "masked_nonfinite_key", "masked_nonfinite_value",
                         "nonfinite_query", "unread_nonfinite_query")
