@@ -1157,3 +1157,26 @@ def test_each_entry_says_its_largest_error_and_who_it_affects(kinds_report):
     assert "largest error <b class='err'>0.01</b>" in block
     assert "affects: default call, gradients · float64 · any input (areas: dtypes, shapes)" in block
     assert "softmax in float32" in block and block.count('<tr class="f"') == 2  # its rows stay under it
+
+
+def test_an_entry_whose_travelling_script_exits_0_is_stale_on_the_page(tmp_path):
+    """repro --all --out RESULTS/conformance/reproducers writes status.json beside the scripts: an entry it found
+    stale is stale in the report, as an entry a passing row contradicts is (the page's stale list, --strict)."""
+    results_dir = tmp_path / "r"
+    shutil.copytree(FIXTURE / "conformance", results_dir / "conformance")
+    entry = next(r["divergence"] for r in raw_rows() if r.get("divergence"))
+    scripts = results_dir / "conformance" / "reproducers"
+    scripts.mkdir()
+    (scripts / results.reproducer_name(entry)).write_text("print('canonical')\n")
+    (scripts / results.REPRODUCER_STATUS).write_text(json.dumps({entry: {
+        "status": "stale", "script": results.reproducer_name(entry), "reason": "its script exits 0 here"}}))
+    data, paths = reports.build_report(results_dir, tmp_path / "report")
+    table = data.tables["divergences"].set_index("id")
+    assert table.at[entry, "status"] == "stale" and "standalone script: its script exits 0 here" in \
+        table.at[entry, "message"]
+    page = paths["html"].read_text()
+    stale_section = page[page.index("id='stale'"):page.index("id='divergences'")]
+    assert html.escape(entry) in stale_section
+    from mhabench.reports.collect import alarms
+    assert any("stale catalogue entr" in line for line in alarms(data))
+    assert (tmp_path / "report" / "reproducers" / results.reproducer_name(entry)).is_file()  # it travels on
