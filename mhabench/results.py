@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The row schema is the contract's (mhabench.schema): re-exported here, where readers of a results directory look.
-from .schema import AREAS, DEFAULT_KERNEL, DTYPES, DivergenceKind, FIELDS, NUMERIC, REQUIRED, STATUSES, Row, Status, legacy_kernel
+from .schema import (AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, STATUSES, DivergenceKind, Row, Status,
+                     legacy_kernel)
 
 PROBLEM_STATUSES = (Status.ERROR, Status.FAIL, Status.DIVERGENCE, Status.UNSUPPORTED, Status.SKIP)  # worst first
 
@@ -59,10 +60,10 @@ def quantity(method: str) -> str:
     return SAMPLED_TIME.get(method, method)
 
 
-__all__ = ["AREAS", "DTYPES", "DivergenceKind", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
+__all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
            "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
            "summarise", "meta", "WriteFailed", "atomic_write", "atomic_write_many", "append_jsonl", "reproducer_name",
-           "read_reproducers", "read_reproducer_status", "REPRODUCER_STATUS"]
+           "read_reproducers", "read_reproducer_status", "REPRODUCER_STATUS", "DivergenceKind"]
 
 
 class Layout:

@@ -16,10 +16,10 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["Name", "DType", "Status", "DivergenceKind", "Area", "Quantity", "Feature", "RefusalKind", "Refusal", "FindingKind",
+__all__ = ["Name", "DType", "Status", "Area", "Quantity", "Feature", "RefusalKind", "Refusal", "FindingKind",
            "Finding", "Comparison", "RowId", "Row", "DTYPES", "STATUSES", "AREAS", "FIELDS", "REQUIRED",
            "NUMERIC", "DEFAULT_KERNEL", "FORWARD_QUANTITIES", "INPUT_GRADIENTS", "WEIGHT_GRADIENTS",
-           "legacy_kernel"]
+           "legacy_kernel", "DivergenceKind"]
 
 
 class Name(str, enum.Enum):

@@ -95,7 +95,8 @@ def _divergences(data: ReportData) -> list[str]:
         out += [f"### {title} ({len(part)} entries)", ""]
         for r in part.to_dict("records"):
             upstream = f" ({md(r['upstream'])})" if r["upstream"] else ""
-            out.append(f"- **{md(r['id'])}** (largest error {md(tables.error_text(r['largest_err'], r['largest_nonfinite']))}; "
+            error = tables.error_text(r["largest_err"], r["largest_nonfinite"])
+            out.append(f"- **{md(r['id'])}** (largest error {md(error)}; "
                        f"{r['rows']} rows): affects {md(r['affected'])}. {md(r['observed'])}{upstream}")
         out.append("")
     not_run = data.tables["not_run"]

@@ -286,11 +286,11 @@ def divergence_catalogue(rows: pd.DataFrame, catalogue: dict, scripts: dict | No
             "status": entry.get("status") or ("ok" if shown else "not in this run"),
             "message": entry.get("message") or "",
         })
-        script = scripts.get(div_id) or {}
+        script, record = scripts.get(div_id) or {}, out[-1]
         if script.get("status") == "stale":
-            out[-1]["message"] = "; ".join(m for m in (out[-1]["message"] if out[-1]["status"] == "stale" else "",
-                                                       f"standalone script: {script.get('reason') or 'exits 0'}") if m)
-            out[-1]["status"] = "stale"
+            said = f"standalone script: {script.get('reason') or 'exits 0 here'}"
+            record["message"] = f"{record['message']}; {said}" if record["status"] == "stale" else said
+            record["status"] = "stale"
     table = pd.DataFrame(out, columns=columns)
     if table.empty:
         return table
@@ -305,9 +305,9 @@ KIND_ORDER = {kind.value: place for place, kind in enumerate(results.DivergenceK
 
 
 def largest_error(group: pd.DataFrame) -> tuple[float, bool]:
-    """The largest distance from the canonical golden among an entry's rows: max|golden - impl| / max(1,
-    max|golden|) over the elements finite in both (NaN where no row recorded it: results of earlier versions), and whether any row
-    has NaN or Inf where the golden has none (or none where it has)."""
+    """The largest distance from the canonical golden among an entry's rows, max|golden - impl| / max(1,
+    max|golden|) over the elements finite in both (NaN where no row recorded it: results of earlier versions),
+    and whether any row has NaN or Inf where the golden has none (or none where it has)."""
     if group.empty or "canonical_err" not in group:
         return float("nan"), False
     errors = pd.to_numeric(group["canonical_err"], errors="coerce")

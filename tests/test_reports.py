@@ -1147,7 +1147,8 @@ def test_each_entry_says_its_largest_error_and_who_it_affects(kinds_report):
     data, paths = kinds_report
     table = data.tables["divergences"].set_index("id")
     assert table.at["big-precision", "largest_err"] == pytest.approx(0.01)
-    assert table.at["big-precision", "affected"] == "default call, gradients · float64 · any input (areas: dtypes, shapes)"
+    assert table.at["big-precision", "affected"] == \
+        "default call, gradients · float64 · any input (areas: dtypes, shapes)"
     assert table.at["wrong-answer", "affected"] == "with scores · float16 · keras tf bias add shortcut (areas: masks)"
     assert table.at["nan-out", "largest_nonfinite"] and not table.at["nan-grads", "largest_nonfinite"]
     assert tables.error_text(table.at["nan-out", "largest_err"], True) == "NaN/Inf; 0.001 elsewhere"
