@@ -21,6 +21,9 @@ One TOML file per framework in ``conformance/divergences/``. Each entry::
                                              # reference whose softmax backward has that form (FlashAttention's)
     facts = { tf_onednn = true }             # optional: the kernel facts under which it applies (a row's
                                              # ``facts``; a list of values means any of them)
+    kind = "answer"                          # what a porter meets (KINDS); only where it is not derived:
+                                             # a `when` naming NaN/Inf or empty rows, an oracle_policy, or a
+                                             # precision figure alone (precision, max_error_ratio, backward_form)
     upstream = "https://github.com/..."      # optional: only a real issue
     varies = "the deciding fact is unknown: ..."   # optional, only where no recorded fact decides whether it
                                              # shows: then its absence is not stale
@@ -54,12 +57,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from mhabench.schema import Row, Status
+from mhabench.schema import DivergenceKind, Row, Status
 
 from .behaviours import BEHAVIOURS, CASE_PROPERTIES, CHECKS, POLICIES, CaseProperties, Modelled
 
 DIVERGENCE_DIR = Path(__file__).parent / "divergences"
 PRECISIONS = ("float32", "float16", "bfloat16")
+KINDS = DivergenceKind.values()  # what an entry means to someone porting a model, most urgent first
+# the case properties that say an entry is about NaN/Inf in the inputs
+NONFINITE_PROPERTIES = ("nonfinite", "masked_nonfinite", "masked_nonfinite_key", "masked_nonfinite_value",
+                        "nonfinite_query", "unread_nonfinite_query")
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class Entry:
     max_error_ratio: float | None = None
     precision: str | None = None
     backward_form: str | None = None
+    kind: str | None = None  # one of KINDS: declared, or derived when the catalogue is loaded (derived_kind)
     upstream: str | None = None
     varies: str | None = None
     facts: tuple[tuple[str, tuple], ...] = ()  # (kernel fact, the values under which the entry applies), sorted
@@ -176,7 +184,7 @@ def _link(value, key, where):
 READ = {"adapters": _names, "cases": _names, "when": _properties, "dtypes": _names, "quantities": _names,
         "oracle_policy": _one_of(POLICIES), "behaviour": _one_of(BEHAVIOURS), "check": _one_of(CHECKS),
         "max_error_ratio": _ratio, "precision": _one_of(PRECISIONS), "backward_form": _one_of(("flash",)),
-        "upstream": _link, "facts": _facts}
+        "upstream": _link, "facts": _facts, "kind": _one_of(KINDS)}
 KEYS = tuple(f.name for f in dataclasses.fields(Entry) if f.name != "source")
 REQUIRED = ("id", "adapters", "observed")
 HOW = ("oracle_policy", "behaviour", "check", "max_error_ratio")  # exactly one says how the entry is reproduced
@@ -197,7 +205,35 @@ def _entry(raw: dict, source: str) -> Entry:
                          f"(or precision or backward_form alone; a check may name the oracle_policy it is judged "
                          f"against), so the entry can be checked; got {kinds or 'none'}")
     given["cases"] = given.get("cases") or ("*",)
+    given["kind"] = _kind(given, where)
     return Entry(**given, source=source)
+
+
+def derived_kind(given: dict) -> tuple[str, str] | None:
+    """An entry's kind as its other keys give it, and which key gave it; None where they do not tell."""
+    nonfinite = [p for p in given.get("when", ()) if p in NONFINITE_PROPERTIES]
+    if nonfinite:
+        return "nonfinite", f"'when' names {nonfinite[0]}"
+    if "empty_rows" in given.get("when", ()):
+        return "empty_rows", "'when' names empty_rows"
+    if "oracle_policy" in given:
+        return "empty_rows", f"oracle_policy {given['oracle_policy']!r} is a policy for rows with no allowed key"
+    if not any(k in given for k in ("oracle_policy", "behaviour", "check")):
+        return "precision", "it is judged by precision alone (precision, max_error_ratio or backward_form)"
+    return None
+
+
+def _kind(given: dict, where: str) -> str:
+    """Exactly one kind per entry: derived where its keys tell, declared (``kind``) where not, never both
+    different."""
+    derived, declared = derived_kind(given), given.get("kind")
+    if derived is None and declared is None:
+        raise ValueError(f"{where}: 'kind' is required (one of {list(KINDS)}): its behaviour or check does not "
+                         f"say which kind of divergence it is")
+    if derived is not None and declared is not None and declared != derived[0]:
+        raise ValueError(f"{where}: kind {declared!r} contradicts the kind {derived[0]!r} its keys give "
+                         f"({derived[1]}); leave 'kind' out")
+    return declared or derived[0]
 
 
 class Catalogue:
@@ -335,7 +371,8 @@ def export(entries, checks) -> list[dict]:
         out.append({"id": e.id, "framework": Path(e.source).stem, "adapters": list(e.adapters),
                     "cases": list(e.cases), "when": list(e.when), "dtypes": list(e.dtypes) if e.dtypes else None,
                     "quantities": list(e.quantities) if e.quantities else None, "observed": e.observed,
-                    "facts": {name: list(values) for name, values in e.facts} or None, "how": e.how, "upstream": e.upstream, "status": c.status if c else "unchecked",
+                    "facts": {name: list(values) for name, values in e.facts} or None, "how": e.how, "kind": e.kind,
+                    "upstream": e.upstream, "status": c.status if c else "unchecked",
                     "message": c.message if c else "", "rows": c.rows if c else 0})
     return out
 

@@ -138,10 +138,20 @@ def _judge(verdict: dict, adapter: str, case_id: str, quantity: str, actual, gol
         if alt.ok:
             verdict.update(alt.figures())
             verdict.update(status=Status.DIVERGENCE, divergence=entry.id,
+                           canonical_err=_relative(result.max_abs_err, golden), canonical_nonfinite=result.nonfinite,
                            message=f"{entry.observed} (canonical comparison: {result.message})")
             return
     if covering:
         verdict["message"] += " (covered by a catalogue entry, but not as it describes)"
+
+
+def _relative(abs_err: float | None, golden) -> float | None:
+    """``abs_err`` relative to the golden's largest finite magnitude where that exceeds 1, absolute below (a
+    gradient that is canonically zero, such as the key bias's, would make any relative figure unbounded):
+    comparable across quantities and input scales."""
+    finite = np.abs(np.asarray(golden, np.float64))
+    finite = finite[np.isfinite(finite)]
+    return None if abs_err is None else abs_err / max(1.0, float(finite.max()) if finite.size else 1.0)
 
 
 def _error_text(exc: BaseException) -> str:

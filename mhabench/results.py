@@ -12,7 +12,8 @@ Layout of a results directory::
     conformance/results.csv     the same rows, one per line
     conformance/catalogue.json  the divergence entries the run checked, each with its verdict
     conformance/portability.json  ``conform --switches``: the rows whose verdict changes under each kernel switch
-    conformance/reproducers/    ``repro --all --out``: one standalone script per catalogue entry (``reproducer_name``)
+    conformance/reproducers/    ``repro --all --out``: one standalone script per catalogue entry (``reproducer_name``),
+                                and status.json: which reproduce, which are stale (their script exits 0 here)
     switches/<name>-<setting>/  ``conform --switches``: the same selection under that setting (a results directory)
     bench/skips.jsonl           why a benchmark case did not run
     bench/plan.json             what a benchmark run set out to do (benchmarks planned, its shard K/N)
@@ -43,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The row schema is the contract's (mhabench.schema): re-exported here, where readers of a results directory look.
-from .schema import AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, STATUSES, Row, Status, legacy_kernel
+from .schema import (AREAS, DEFAULT_KERNEL, DTYPES, FIELDS, NUMERIC, REQUIRED, STATUSES, DivergenceKind, Row, Status,
+                     legacy_kernel)
 
 PROBLEM_STATUSES = (Status.ERROR, Status.FAIL, Status.DIVERGENCE, Status.UNSUPPORTED, Status.SKIP)  # worst first
 
@@ -61,7 +63,7 @@ def quantity(method: str) -> str:
 __all__ = ["AREAS", "DTYPES", "FIELDS", "NUMERIC", "REQUIRED", "STATUSES", "DEFAULT_KERNEL", "PROBLEM_STATUSES",
            "Row", "legacy_kernel", "Layout", "Journal", "read_rows", "RowWriter", "write_results", "read_results",
            "summarise", "meta", "WriteFailed", "atomic_write", "atomic_write_many", "append_jsonl", "reproducer_name",
-           "read_reproducers"]
+           "read_reproducers", "read_reproducer_status", "REPRODUCER_STATUS", "DivergenceKind"]
 
 
 class Layout:
@@ -427,6 +429,20 @@ def new_run_id() -> str:
 def reproducer_name(entry_id: str) -> str:
     """The file name of a catalogue entry's standalone reproducer (the entry id, safe as a file name)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(entry_id)) + ".py"
+
+
+REPRODUCER_STATUS = "status.json"  # beside the scripts: {entry id: {"status", "script", "reason"}}
+
+
+def read_reproducer_status(root) -> dict[str, dict]:
+    """What ``repro --all --out`` found per entry, from the ``status.json`` beside a results directory's
+    reproducers (none, or unreadable: an empty dict): ``{entry id: {"status": reproduces | stale | no script,
+    "script", "reason"}}``."""
+    try:
+        status = json.loads((Layout(root).reproducers / REPRODUCER_STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): v for k, v in status.items() if isinstance(v, dict)} if isinstance(status, dict) else {}
 
 
 def read_reproducers(root) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 __all__ = ["Name", "DType", "Status", "Area", "Quantity", "Feature", "RefusalKind", "Refusal", "FindingKind",
            "Finding", "Comparison", "RowId", "Row", "DTYPES", "STATUSES", "AREAS", "FIELDS", "REQUIRED",
            "NUMERIC", "DEFAULT_KERNEL", "FORWARD_QUANTITIES", "INPUT_GRADIENTS", "WEIGHT_GRADIENTS",
-           "legacy_kernel"]
+           "legacy_kernel", "DivergenceKind"]
 
 
 class Name(str, enum.Enum):
@@ -50,6 +50,23 @@ class DType(Name):
     BFLOAT16 = "bfloat16"
     FLOAT32 = "float32"
     FLOAT64 = "float64"
+
+
+class DivergenceKind(Name):
+    """What a catalogued divergence means to someone porting a model, most urgent first (the declared order is
+    the order the page lists them in)."""
+
+    ANSWER = "answer"
+    PRECISION = "precision"
+    NONFINITE = "nonfinite"
+    EMPTY_ROWS = "empty_rows"
+
+    @property
+    def title(self) -> str:
+        return {"answer": "A different answer in the working dtype",
+                "precision": "Reduced precision (a float64 computed in float32, a 16-bit accumulation)",
+                "nonfinite": "Non-finite handling (NaN or Inf in, or behind, the mask)",
+                "empty_rows": "A policy for rows with no allowed key"}[self.value]
 
 
 class Status(Name):
@@ -413,6 +430,11 @@ class Row:
     tolerance_source: str | None = None
     divergence: str | None = None    # the catalogue entry whose behaviour the row shows
     contradicts: str | None = None   # a catalogue entry the row passes against although it predicts otherwise
+    # a divergence row's figures measure it against its entry's description; these say how far it is from the
+    # canonical golden: max|golden - impl| over the elements finite in both, divided by max(1, max|golden|) (so
+    # comparable across quantities and input scales), and whether NaN/Inf sit elsewhere
+    canonical_err: float | None = None
+    canonical_nonfinite: bool | None = None
     message: str = ""
     mode: str | None = None          # eager, graph or compiled
     kernel: str = DEFAULT_KERNEL     # the attention kernel the adapter forces ("default": the framework chooses)
@@ -539,7 +561,7 @@ def _checked_row_id(row_id: str | None, expected: str) -> str:
     if row_id is not None and row_id != expected:
         raise ValueError(f"row_id {row_id!r} does not name its row ({expected!r})")
     return expected
-NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "duration_s")
+NUMERIC = ("max_abs_err", "max_rel_err", "tolerance", "reference_err", "error_ratio", "canonical_err", "duration_s")
 
 DTYPES: tuple[str, ...] = DType.values()
 STATUSES: tuple[str, ...] = Status.values()

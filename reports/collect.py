@@ -75,8 +75,10 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
     label = results_dir if isinstance(results_dir, (str, Path)) else " + ".join(str(d) for d in results_dir)
     data = ReportData(results_dir=str(label), generated=_now(), conformance=conformance, benchmarks=benchmarks,
                       environment=tables.environment(conformance, benchmarks), comparison=comparison)
+    scripts_found = {}
     for directory in ([results_dir] if isinstance(results_dir, (str, Path)) else results_dir):
         data.reproducers.update(results.read_reproducers(directory))
+        scripts_found.update(results.read_reproducer_status(directory))
     if conformance is not None:
         data.problems.extend(conformance.problems)
         data.notes.extend(conformance.notes)
@@ -87,7 +89,7 @@ def collect(results_dir, comparison: Comparison | None = None, machines=None) ->
         data.tables["kernel_matrix"] = tables.kernel_matrix(rows)
         data.tables["conformance_non_passing"] = tables.non_passing(rows)
         data.tables["failures"] = tables.failures(rows, plugins)
-        data.tables["divergences"] = tables.divergence_catalogue(rows, conformance.catalogue)
+        data.tables["divergences"] = tables.divergence_catalogue(rows, conformance.catalogue, scripts_found)
         data.tables["not_run"] = tables.not_run_groups(rows)
         data.tables["agreement"] = tables.agreement(rows, conformance.catalogue)
         data.tables["machines"] = tables.machine_matrix(rows)

@@ -38,7 +38,7 @@ td.cell{min-width:88px;font-size:.92em}td.cell b{font-size:1.05em}
 .legend span{display:inline-block;padding:1px 8px;margin-right:6px;border:1px solid #dfe3e8}
 figure{margin:10px 0}img.chart{max-width:100%;border:1px solid #eceff1}
 details.fg,details{margin:4px 0;border:1px solid #dfe3e8;border-radius:4px;padding:4px 8px}
-summary{cursor:pointer}.observed{color:#3d4650;font-size:.9em}.fault{background:#fff3e0;color:#8a4b00}
+summary{cursor:pointer}.observed{color:#3d4650;font-size:.9em}.affected{color:#1f3b57;font-size:.9em}h4.kind{margin:1.1em 0 .3em;border-bottom:1px solid #d0d7de}.fault{background:#fff3e0;color:#8a4b00}
 .filters{position:sticky;top:0;background:#f8fafc;border:1px solid #dfe3e8;padding:6px 10px;z-index:1}
 .filters label{margin-right:12px}.filters button{border:1px solid #b0bac4;border-radius:10px;margin:0 2px;
 padding:1px 8px;cursor:pointer}.filters button[aria-pressed=false]{opacity:.35;text-decoration:line-through}
@@ -254,7 +254,9 @@ def section_drill_down(data: ReportData) -> str:
     if data.conformance is None:
         return out[0] + "<p class='muted'>No conformance results.</p>"
     out.append("<p class='muted'>Most important first: failures and errors one by one, then one line per "
-               "catalogued divergence (click to expand its rows), then what could not run, grouped by reason. "
+               "catalogued divergence (click to expand its rows), grouped by what it means to a model porter (a different "
+               "answer first, then reduced precision, non-finite handling, rows with no allowed key) and largest "
+               "error first, then what could not run, grouped by reason. "
                "Click a column heading to sort; every row is in the CSV next to this page.</p>")
     out.append(filter_bar(data))
     rows = data.conformance.rows
@@ -290,22 +292,12 @@ def section_drill_down(data: ReportData) -> str:
     groups = dict(list(rows[rows["divergence"].notna()].groupby("divergence", sort=False)))
     columns = ["row_id", *(["machine"] if _machines(data) > 1 else []), "device", "dtype", "quantity",
                *tables.present(rows, tables.OPTIONAL), "error_ratio", "max_abs_err"]
-    for entry in shown_entries.to_dict("records"):
-        group = groups.get(entry["id"], rows.iloc[0:0])
-        if len(group) <= ENTRY_ROWS:  # few rows: each one
-            rendered, shown_columns, total = [_row(r, columns) for r in group.to_dict("records")], columns, len(group)
-        else:  # many: one line per adapter x area x dtype x quantity, counted, with its worst row
-            rendered, shown_columns = _entry_groups(group)
-            total = len(rendered)
-        upstream = f" · upstream: {link_list(entry['upstream'])}" if entry["upstream"] else " · no upstream issue"
-        script = results.reproducer_name(entry["id"])
-        if script in data.reproducers:
-            upstream += f" · <a href='reproducers/{esc(script)}'>standalone script</a>"
-        out.append(
-            f"<details class='fg' id='{_anchor('div', entry['id'])}'><summary><b>{esc(entry['id'])}</b> · "
-            f"{esc(entry['adapters'])} · {esc(entry['dtypes'])} · <span class='shown'>{entry['rows']}</span> of "
-            f"{entry['rows']} rows{upstream}<br><span class='observed'>{esc(entry['observed'])}</span></summary>"
-            + _sortable(shown_columns, rendered, total, "conformance_non_passing.csv") + "</details>")
+    for kind, title, part in tables.by_kind(shown_entries):
+        out.append(f"<h4 class='kind' id='{_anchor('kind', kind or 'none')}'>{esc(title)} ({len(part)} entries, "
+                   f"{int(part['rows'].sum())} rows)</h4>")
+        out += [_divergence_entry(entry, groups.get(entry["id"], rows.iloc[0:0]), columns, data)
+                for entry in part.to_dict("records")]
+    absent = divergences[(divergences["rows"] == 0) & (divergences["status"] != "stale")]
     absent = divergences[(divergences["rows"] == 0) & (divergences["status"] != "stale")]
     if not absent.empty:
         out.append(f"<details><summary>{len(absent)} catalogue entries with no row in this run (their adapter, "
@@ -330,6 +322,27 @@ def section_drill_down(data: ReportData) -> str:
                    f"{esc(group['adapters'])}<br><span class='observed'>{esc(group['reason'])}</span></summary>"
                    + _sortable(columns, rendered, len(detail), "not_run.csv") + "</details>")
     return "".join(out)
+
+
+def _divergence_entry(entry: dict, group: pd.DataFrame, columns: list[str], data: ReportData) -> str:
+    """One catalogued divergence: its id, largest error, who it affects and what it does, its rows folded under
+    it, its upstream report and standalone script."""
+    if len(group) <= ENTRY_ROWS:  # few rows: each one
+        rendered, shown_columns, total = [_row(r, columns) for r in group.to_dict("records")], columns, len(group)
+    else:  # many: one line per adapter x area x dtype x quantity, counted, with its worst row
+        rendered, shown_columns = _entry_groups(group)
+        total = len(rendered)
+    upstream = f" · upstream: {link_list(entry['upstream'])}" if entry["upstream"] else " · no upstream issue"
+    script = results.reproducer_name(entry["id"])
+    if script in data.reproducers:
+        upstream += f" · <a href='reproducers/{esc(script)}'>standalone script</a>"
+    error = tables.error_text(entry["largest_err"], entry["largest_nonfinite"])
+    return (f"<details class='fg' id='{_anchor('div', entry['id'])}'><summary><b>{esc(entry['id'])}</b> · "
+            f"largest error <b class='err'>{esc(error)}</b> · {esc(entry['adapters'])} · "
+            f"<span class='shown'>{entry['rows']}</span> of {entry['rows']} rows{upstream}"
+            f"<br><span class='affected'>affects: {esc(entry['affected'])}</span>"
+            f"<br><span class='observed'>{esc(entry['observed'])}</span></summary>"
+            + _sortable(shown_columns, rendered, total, "conformance_non_passing.csv") + "</details>")
 
 
 def _entry_groups(group: pd.DataFrame) -> tuple[list[str], list[str]]:

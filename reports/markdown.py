@@ -91,11 +91,14 @@ def _divergences(data: ReportData) -> list[str]:
         out += [f"### Stale catalogue entries ({len(stale)})", ""]
         out += [f"- **{md(r['id'])}**: {md(r['message'])}" for r in stale.to_dict("records")] + [""]
     out += [f"## Known divergences ({len(shown)} entries, {int(shown['rows'].sum())} rows)", ""]
-    for r in shown.to_dict("records"):
-        upstream = f" ({md(r['upstream'])})" if r["upstream"] else ""
-        out.append(f"- **{md(r['id'])}** ({md(r['adapters'])}; {md(r['dtypes'])}; {r['rows']} rows): "
-                   f"{md(r['observed'])}{upstream}")
-    out.append("")
+    for kind, title, part in tables.by_kind(shown):
+        out += [f"### {title} ({len(part)} entries)", ""]
+        for r in part.to_dict("records"):
+            upstream = f" ({md(r['upstream'])})" if r["upstream"] else ""
+            error = tables.error_text(r["largest_err"], r["largest_nonfinite"])
+            out.append(f"- **{md(r['id'])}** (largest error {md(error)}; "
+                       f"{r['rows']} rows): affects {md(r['affected'])}. {md(r['observed'])}{upstream}")
+        out.append("")
     not_run = data.tables["not_run"]
     out += [f"### Unsupported or skipped, by reason ({int(not_run['rows'].sum()) if not not_run.empty else 0} rows)",
             "", md_table(not_run, ["status", "rows", "adapters", "reason"], limit=SUMMARY_LIMIT)]

@@ -249,12 +249,15 @@ def join_values(values, limit=None) -> str:
     return ", ".join(values)
 
 
-def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
+def divergence_catalogue(rows: pd.DataFrame, catalogue: dict, scripts: dict | None = None) -> pd.DataFrame:
     """One line per divergence entry: the ones the rows show, stale entries first, then those not shown here.
 
-    ``rows`` counts the rows that carry the id, so an entry's line and its expanded rows agree."""
-    columns = ["id", "framework", "adapters", "dtypes", "quantities", "machines", "rows", "cases", "observed", "how",
-               "upstream", "status", "message"]
+    ``rows`` counts the rows that carry the id, so an entry's line and its expanded rows agree. ``scripts``: what
+    ``repro --all`` found per entry (``results.read_reproducer_status``); an entry whose standalone script exits
+    0 where the catalogue says it shows is stale, as it is when a row it covers passes."""
+    scripts = scripts or {}
+    columns = ["id", "framework", "kind", "adapters", "dtypes", "quantities", "machines", "rows", "cases",
+               "largest_err", "largest_nonfinite", "affected", "observed", "how", "upstream", "status", "message"]
     seen = rows[rows["divergence"].notna()] if not rows.empty else rows
     ids = list(dict.fromkeys(seen["divergence"].astype(str))) if not seen.empty else []
     ids += [i for i in catalogue if i not in ids]
@@ -263,9 +266,14 @@ def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
         entry = catalogue.get(div_id, {})
         group = seen[seen["divergence"].astype(str) == div_id] if not seen.empty else seen
         shown = not group.empty
+        largest, nonfinite = largest_error(group)
         out.append({
             "id": div_id,
             "framework": entry.get("framework") or (_first(group["framework"]) if shown else "") or "",
+            "kind": entry.get("kind") or "",
+            "largest_err": largest,
+            "largest_nonfinite": nonfinite,
+            "affected": affected(entry, group),
             "adapters": join_values(group["adapter"] if shown else entry.get("adapters") or []),
             "dtypes": join_values(group["dtype"] if shown else entry.get("dtypes") or []),
             "quantities": join_values(group["quantity"] if shown else entry.get("quantities") or []),
@@ -278,12 +286,75 @@ def divergence_catalogue(rows: pd.DataFrame, catalogue: dict) -> pd.DataFrame:
             "status": entry.get("status") or ("ok" if shown else "not in this run"),
             "message": entry.get("message") or "",
         })
+        script, record = scripts.get(div_id) or {}, out[-1]
+        if script.get("status") == "stale":
+            said = f"standalone script: {script.get('reason') or 'exits 0 here'}"
+            record["message"] = f"{record['message']}; {said}" if record["status"] == "stale" else said
+            record["status"] = "stale"
     table = pd.DataFrame(out, columns=columns)
     if table.empty:
         return table
     order = table["status"].map(lambda s: 0 if s == "stale" else 1) * 2 + (table["rows"] == 0).astype(int)
     return table.assign(_o=order).sort_values(["_o", "framework", "id"], kind="stable") \
         .drop(columns="_o").reset_index(drop=True)
+
+
+# how a quantity is reached, in a porter's words: the call path it comes from
+CALL_PATHS = {"output": "default call", "output_with_scores": "with scores", "scores": "with scores"}
+KIND_ORDER = {kind.value: place for place, kind in enumerate(results.DivergenceKind)}
+
+
+def largest_error(group: pd.DataFrame) -> tuple[float, bool]:
+    """The largest distance from the canonical golden among an entry's rows, max|golden - impl| / max(1,
+    max|golden|) over the elements finite in both (NaN where no row recorded it: results of earlier versions),
+    and whether any row has NaN or Inf where the golden has none (or none where it has)."""
+    if group.empty or "canonical_err" not in group:
+        return float("nan"), False
+    errors = pd.to_numeric(group["canonical_err"], errors="coerce")
+    nonfinite = group["canonical_nonfinite"].map(lambda v: v is True or v in ("True", "true", 1)) \
+        if "canonical_nonfinite" in group else pd.Series(False, index=group.index)
+    return (float(errors.max()) if errors.notna().any() else float("nan")), bool(nonfinite.any())
+
+
+def error_text(largest: float, nonfinite: bool) -> str:
+    """The largest error as the page prints it."""
+    finite = "" if largest != largest else f"{largest:.3g}"
+    if nonfinite:
+        return "NaN/Inf" + (f"; {finite} elsewhere" if finite else "")
+    return finite or "not recorded"
+
+
+def affected(entry: dict, group: pd.DataFrame) -> str:
+    """Who meets an entry, in one line: the call paths (default call, with scores, gradients), the dtypes and
+    the inputs (the case properties its ``when`` names and the areas of its rows), from the rows where it
+    showed, else from the entry."""
+    quantities = list(group["quantity"]) if not group.empty else list(entry.get("quantities") or [])
+    paths = list(dict.fromkeys(CALL_PATHS.get(str(q), "gradients") for q in
+                               sorted(quantities, key=lambda q: (str(q).startswith("grad_"), str(q)))))
+    dtypes = join_values(group["dtype"]) if not group.empty else join_values(entry.get("dtypes") or []) or "every dtype"
+    when = [str(p).replace("_", " ") for p in entry.get("when") or []]
+    areas = join_values(group["area"]) if not group.empty and "area" in group else ""
+    inputs = ", ".join(when) or "any input"
+    return (f"{', '.join(paths) or 'every call'} · {dtypes} · {inputs}" + (f" (areas: {areas})" if areas else ""))
+
+
+def by_kind(table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """Entries grouped by kind, most urgent kind first (``DivergenceKind``'s order; an entry of no known kind, from
+    an earlier version's catalogue.json, last), largest error first within a kind (NaN/Inf above every finite
+    error; an error not recorded last): (kind, its title, its entries)."""
+    if table.empty:
+        return []
+    order = table.assign(
+        _kind=table["kind"].map(lambda k: KIND_ORDER.get(k, len(KIND_ORDER))),
+        _nonfinite=~table["largest_nonfinite"].astype(bool),
+        _err=-pd.to_numeric(table["largest_err"], errors="coerce").fillna(-np.inf))
+    order = order.sort_values(["_kind", "_nonfinite", "_err", "id"], kind="stable")
+    out = []
+    for place, part in order.groupby("_kind", sort=True):
+        kind = str(part["kind"].iloc[0]) if place < len(KIND_ORDER) else ""
+        title = results.DivergenceKind(kind).title if kind else "Of no recorded kind"
+        out.append((kind, title, part.drop(columns=["_kind", "_nonfinite", "_err"]).reset_index(drop=True)))
+    return out
 
 
 NOT_RUN = ("unsupported", "skip")

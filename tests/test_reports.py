@@ -25,6 +25,7 @@ from mhabench import reports  # noqa: E402
 from mhabench import cli  # noqa: E402
 from mhabench import results  # noqa: E402
 from mhabench.reports import tables  # noqa: E402
+from mhabench.schema import Row  # noqa: E402
 from mhabench.reports.compare import Drift, classify, drift  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "sample"
@@ -1082,3 +1083,101 @@ def test_entries_link_their_standalone_scripts_which_travel_with_the_csvs(tmp_pa
     shown = shown[shown["rows"] > 0]
     linked = int(shown["upstream"].fillna("").astype(bool).sum())
     assert f"<p>{linked} of these {len(shown)} entries link an upstream report" in page
+
+
+# --- the divergences by kind: what a model porter meets first ----------------------------------------
+
+def _divergence_row(entry, adapter, case, area, dtype, quantity, err, nonfinite=False):
+    return Row(adapter=adapter, case=case, area=area, dtype=dtype, quantity=quantity, status="divergence",
+               divergence=entry, canonical_err=err, canonical_nonfinite=nonfinite, message="m").to_dict()
+
+
+KINDS_ROWS = [
+    _divergence_row("small-precision", "a", "c1", "shapes", "float64", "output", 1e-8),
+    _divergence_row("big-precision", "a", "c1", "shapes", "float64", "grad_query", 0.01),
+    _divergence_row("big-precision", "a", "c2", "dtypes", "float64", "output", 0.002),
+    _divergence_row("wrong-answer", "b", "c3", "masks", "float16", "scores", 0.857),
+    _divergence_row("nan-out", "b", "c4", "special", "float32", "output_with_scores", 0.001, nonfinite=True),
+    _divergence_row("nan-grads", "b", "c4", "special", "bfloat16", "grad_value", 0.5),
+    _divergence_row("uniform-rows", "a", "c5", "masks", "float32", "output", 0.3),
+    _divergence_row("old-file", "a", "c6", "masks", "float32", "output", None),
+]
+KINDS_CATALOGUE = [
+    {"id": "small-precision", "kind": "precision", "adapters": ["a"], "when": [], "observed": "scale in float32"},
+    {"id": "big-precision", "kind": "precision", "adapters": ["a"], "when": [], "observed": "softmax in float32"},
+    {"id": "wrong-answer", "kind": "answer", "adapters": ["b"], "when": ["keras_tf_bias_add_shortcut"],
+     "observed": "the bias goes along the wrong axis"},
+    {"id": "nan-out", "kind": "nonfinite", "adapters": ["b"], "when": ["masked_nonfinite"], "observed": "NaN"},
+    {"id": "nan-grads", "kind": "nonfinite", "adapters": ["b"], "when": ["masked_nonfinite"], "observed": "NaN"},
+    {"id": "uniform-rows", "kind": "empty_rows", "adapters": ["a"], "when": ["empty_rows"], "observed": "uniform"},
+    {"id": "old-file", "adapters": ["a"], "when": [], "observed": "from a catalogue.json without kinds"},
+]
+
+
+@pytest.fixture(scope="module")
+def kinds_report(tmp_path_factory):
+    results_dir = tmp_path_factory.mktemp("kinds")
+    (results_dir / "conformance").mkdir()
+    (results_dir / "conformance" / "results.json").write_text(json.dumps({"meta": {}, "rows": KINDS_ROWS}))
+    (results_dir / "conformance" / "catalogue.json").write_text(json.dumps(KINDS_CATALOGUE))
+    return reports.build_report(results_dir, results_dir / "report")
+
+
+def test_divergences_group_by_kind_in_a_porters_order_and_by_largest_error_within(kinds_report):
+    data, paths = kinds_report
+    groups = tables.by_kind(data.tables["divergences"])
+    assert [(kind, list(part["id"])) for kind, _, part in groups] == [
+        ("answer", ["wrong-answer"]),
+        ("precision", ["big-precision", "small-precision"]),          # 0.01 before 1e-8
+        ("nonfinite", ["nan-out", "nan-grads"]),                      # NaN/Inf before any finite error
+        ("empty_rows", ["uniform-rows"]),
+        ("", ["old-file"])]                                           # no recorded kind: last
+    page = paths["html"].read_text()
+    section = page[page.index("id='divergences'"):page.index("id='not-run'")]
+    order = [section.index(f"id='div-{i}'") for _, _, part in groups for i in part["id"]]
+    assert order == sorted(order), "the page lists them in that order"
+    titles = [section.index(html.escape(results.DivergenceKind(k).title)) for k, _, _ in groups if k]
+    assert titles == sorted(titles)
+    summary = paths["markdown"].read_text()
+    assert summary.index("**wrong-answer**") < summary.index("**big-precision**") < summary.index(
+        "**small-precision**") < summary.index("**nan-out**") < summary.index("**uniform-rows**")
+
+
+def test_each_entry_says_its_largest_error_and_who_it_affects(kinds_report):
+    data, paths = kinds_report
+    table = data.tables["divergences"].set_index("id")
+    assert table.at["big-precision", "largest_err"] == pytest.approx(0.01)
+    assert table.at["big-precision", "affected"] == \
+        "default call, gradients · float64 · any input (areas: dtypes, shapes)"
+    assert table.at["wrong-answer", "affected"] == "with scores · float16 · keras tf bias add shortcut (areas: masks)"
+    assert table.at["nan-out", "largest_nonfinite"] and not table.at["nan-grads", "largest_nonfinite"]
+    assert tables.error_text(table.at["nan-out", "largest_err"], True) == "NaN/Inf; 0.001 elsewhere"
+    assert tables.error_text(table.at["old-file", "largest_err"], False) == "not recorded"
+    page = paths["html"].read_text()
+    block = page.split("id='div-big-precision'>", 1)[1].split("</details>", 1)[0]
+    assert "largest error <b class='err'>0.01</b>" in block
+    assert "affects: default call, gradients · float64 · any input (areas: dtypes, shapes)" in block
+    assert "softmax in float32" in block and block.count('<tr class="f"') == 2  # its rows stay under it
+
+
+def test_an_entry_whose_travelling_script_exits_0_is_stale_on_the_page(tmp_path):
+    """repro --all --out RESULTS/conformance/reproducers writes status.json beside the scripts: an entry it found
+    stale is stale in the report, as an entry a passing row contradicts is (the page's stale list, --strict)."""
+    results_dir = tmp_path / "r"
+    shutil.copytree(FIXTURE / "conformance", results_dir / "conformance")
+    entry = next(r["divergence"] for r in raw_rows() if r.get("divergence"))
+    scripts = results_dir / "conformance" / "reproducers"
+    scripts.mkdir()
+    (scripts / results.reproducer_name(entry)).write_text("print('canonical')\n")
+    (scripts / results.REPRODUCER_STATUS).write_text(json.dumps({entry: {
+        "status": "stale", "script": results.reproducer_name(entry), "reason": "its script exits 0 here"}}))
+    data, paths = reports.build_report(results_dir, tmp_path / "report")
+    table = data.tables["divergences"].set_index("id")
+    assert table.at[entry, "status"] == "stale" and "standalone script: its script exits 0 here" in \
+        table.at[entry, "message"]
+    page = paths["html"].read_text()
+    stale_section = page[page.index("id='stale'"):page.index("id='divergences'")]
+    assert html.escape(entry) in stale_section
+    from mhabench.reports.collect import alarms
+    assert any("stale catalogue entr" in line for line in alarms(data))
+    assert (tmp_path / "report" / "reproducers" / results.reproducer_name(entry)).is_file()  # it travels on

@@ -3,6 +3,7 @@ in a fresh interpreter, with mhabench not importable, wherever the catalogue say
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import re
 import subprocess
@@ -26,15 +27,6 @@ def catalogue():
 
 def _installed(target) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in target.family.imports)
-
-
-def _shows_here(target) -> bool:
-    """Whether the catalogue says the entry shows on this machine: its facts hold for the adapter's kernels
-    (a fact the script sets itself, TensorFlow's oneDNN switch, holds by construction)."""
-    from mhabench import impls
-    facts = dict(impls.get_adapter(target.adapter).kernel_facts())
-    facts.update({name: values[0] for name, values in target.entry.facts if name in repro.FACT_SWITCHES})
-    return target.entry.applies(facts)
 
 
 def _imported_modules(source: str) -> set[str]:
@@ -81,7 +73,7 @@ def _run_unshrunk(entry_id, catalogue, tmp_path):
     target = repro.targets(entry, catalogue)[0]
     if not _installed(target):
         pytest.skip(f"{target.family.imports} not installed")
-    if not _shows_here(target):
+    if not repro.shows_here(target):
         pytest.skip(f"{entry_id} applies when {entry.conditions}: not this machine's kernels")
     path = tmp_path / repro.script_name(entry_id)
     path.write_text(repro.render(target))
@@ -177,10 +169,10 @@ def test_every_scriptable_entry_has_a_reproducer_that_exits_1_here(entry_id, cat
         pytest.skip(f"no script: {repro.build(entry, candidates).reason}")
     if not _installed(candidates[0]):
         pytest.skip(f"{candidates[0].family.imports} not installed")
-    if not _shows_here(candidates[0]):
+    if not repro.shows_here(candidates[0]):
         pytest.skip(f"{entry_id} applies when {entry.conditions}: not this machine's kernels")
     made = repro.build(entry, candidates, shrinking=False)
-    assert made.source, made.reason
+    assert made.reproduces, f"{made.status}: {made.reason}"
     assert made.verified.returncode == 1
 
 
@@ -204,3 +196,51 @@ def test_every_subpackage_is_in_the_distribution():
             parts = init.parent.relative_to(ROOT / folder).parts
             if "tests" not in parts and not any(p.startswith(".") for p in parts):
                 assert ".".join((package, *parts)) in listed, f"{init.parent} is not in pyproject's packages"
+
+
+def _fixed(source: str) -> str:
+    """A reproducer as it reads once its framework is fixed: the framework call replaced by the canonical one."""
+    return source.replace("def main():", "framework = canonical\n\n\ndef main():")
+
+
+@pytest.fixture
+def fixed_framework(monkeypatch):
+    """Every script ``repro`` renders, as it runs once the framework agrees with the canonical result."""
+    render = repro.render
+    monkeypatch.setattr(repro, "render", lambda target: _fixed(render(target)))
+
+
+def test_an_entry_whose_script_exits_0_here_is_stale(catalogue, tmp_path, fixed_framework):
+    """Where the catalogue says the entry shows on this machine, a script that exits 0 makes the entry stale:
+    in the README (its own section, the script linked), status.json, and the exit status of repro --out."""
+    pytest.importorskip("torch")
+    entry = catalogue.get("torch-masked_nonfinite-poisons_batch")
+    made = repro.build(entry, repro.targets(entry, catalogue)[:1])
+    assert made.stale and made.status == "stale" and not made.reproduces
+    assert "exits 0" in made.reason and "update the entry" in made.reason
+    directory = repro.write_directory([made], tmp_path / "out")
+    readme = (directory / "README.md").read_text()
+    assert "## Stale entries (1)" in readme and f"[{entry.id}]({repro.script_name(entry.id)})" in readme
+    assert (directory / repro.script_name(entry.id)).is_file()  # the evidence: the script that exits 0
+    status = json.loads((directory / "status.json").read_text())
+    assert status[entry.id]["status"] == "stale"
+    assert repro.summarise([made])["scripts"] == 0 and repro.summarise([made])["stale"] == 1
+
+
+def test_repro_out_exits_1_on_a_stale_entry(catalogue, tmp_path, fixed_framework, capsys):
+    pytest.importorskip("torch")
+    from mhabench import cli
+    assert cli.main(["repro", "torch-masked_nonfinite-poisons_batch", "--no-shrink", "--out",
+                     str(tmp_path / "out")]) == 1
+    assert "1 stale entry" in capsys.readouterr().err
+
+
+def test_an_entry_that_does_not_show_here_is_not_stale_for_a_script_that_exits_0(catalogue, monkeypatch,
+                                                                                fixed_framework):
+    """Another machine's kernels (facts that do not hold here), or an entry that declares it varies: exit 0 is
+    what the catalogue expects there, not evidence that the behaviour is gone."""
+    pytest.importorskip("torch")
+    entry = catalogue.get("torch-masked_nonfinite-poisons_batch")
+    monkeypatch.setattr(repro, "shows_here", lambda target: False)
+    made = repro.build(entry, repro.targets(entry, catalogue)[:1], shrinking=False)
+    assert not made.stale and made.status == "no script"

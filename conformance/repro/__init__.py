@@ -16,7 +16,11 @@ How an entry becomes a script:
    Candidates run in one warm worker per entry (the framework imported once); the final script runs once more
    in a fresh interpreter with mhabench not importable, and only a script that exits 1 there is written.
 
-Nothing here judges a row: the script is the evidence, and it either shows the behaviour or is not written.
+Nothing here judges a row: the script is the evidence. Where the catalogue says an entry shows on this machine
+(its facts hold for the adapter's kernels here, and it does not declare that it ``varies``) but every candidate
+script exits 0, the entry is **stale**, as it is when a row it covers passes: its unshrunk script is written
+all the same, as the evidence, and ``write_directory`` lists it under the stale entries (README.md and
+``status.json``, which the report reads where the scripts travel with the results).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mhabench.results import reproducer_name
+from mhabench.results import REPRODUCER_STATUS, reproducer_name
 from mhabench.schema import RowId
 
 from ..cases import Case, default_cases
@@ -203,6 +207,15 @@ def resolve(identifier: str, catalogue: Catalogue | None = None) -> tuple[Entry,
         first = [Target(entry, row.adapter, case, row.dtype, row.quantity)]
     rest = [t for t in targets(entry, catalogue) if not (t.adapter == row.adapter and t.original.id == row.case)]
     return entry, first + rest
+
+
+def shows_here(target: Target) -> bool:
+    """Whether the catalogue says ``target``'s entry shows on this machine: its facts hold for the kernels the
+    adapter runs here (a fact the script sets itself, TensorFlow's oneDNN switch, holds by construction)."""
+    from mhabench import impls
+    facts = dict(impls.get_adapter(target.adapter).kernel_facts())
+    facts.update({name: values[0] for name, values in target.entry.facts if name in FACT_SWITCHES})
+    return target.entry.applies(facts)
 
 
 # ---- the script -------------------------------------------------------------------------------------------
@@ -537,6 +550,16 @@ class Reproducer:
     original: Case | None = None
     reason: str = ""
     verified: subprocess.CompletedProcess | None = field(default=None, repr=False)
+    stale: bool = False  # the catalogue says it shows here, yet every script tried exits 0 (``source``: one of them)
+
+    @property
+    def reproduces(self) -> bool:
+        """A script that shows the behaviour here (exit 1 in a fresh interpreter)."""
+        return bool(self.source) and not self.stale
+
+    @property
+    def status(self) -> str:
+        return "stale" if self.stale else "reproduces" if self.source else "no script"
 
     @property
     def lines(self) -> int:
@@ -557,6 +580,7 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
                + " (a causal, modern or per-head-mask case, a gradient a Keras template does not take, ...)")
         return Reproducer(entry, reason=why)
     by_switches: dict = {}
+    gone = []  # the targets whose script exits 0 cleanly: the behaviour does not show there
     try:
         for target in candidates[:CANDIDATES]:
             switches = tuple(sorted(target.switches().items()))
@@ -565,6 +589,8 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
             worker = by_switches[switches]
             status = worker.status(render(target))
             log(f"{entry.id}: {target.row_id}: exit {status}")
+            if status == 0:
+                gone.append(target)
             if status != 1:
                 continue
             shrunk = shrink(target, worker) if shrinking else Shrunk(target, target.original)
@@ -578,6 +604,10 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
             if verified.returncode == 1:
                 return Reproducer(entry, source, shrunk.target, shrunk.original, verified=verified)
         tried = ", ".join(t.row_id for t in candidates[:CANDIDATES])
+        if gone and not entry.varies and shows_here(gone[0]):
+            return Reproducer(entry, render(gone[0]), gone[0], gone[0].original, stale=True,
+                              reason=f"the catalogue says it shows on this machine, yet its script exits 0 "
+                                     f"(tried {tried}): the behaviour is gone or has moved; update the entry")
         return Reproducer(entry, reason=f"no script shows it here (tried {tried})")
     finally:
         for worker in by_switches.values():
@@ -590,10 +620,13 @@ def script_name(entry_id: str) -> str:
 
 
 def write_directory(reproducers: list[Reproducer], directory) -> Path:
-    """One script per reproduced entry and a README.md table linking them (the entries without one, with why)."""
+    """One script per reproduced entry and a README.md table linking them; the stale entries first, each with the
+    script that no longer shows it; the entries without one, with why. ``status.json`` says the same for
+    programs: {entry id: {"status": reproduces | stale | no script, "script", "reason"}}."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    made = [r for r in reproducers if r.source]
+    made = [r for r in reproducers if r.reproduces]
+    stale = [r for r in reproducers if r.stale]
     rows = ["| entry | call | quantity, dtype | elements (original → shrunk) | lines | upstream |",
             "|---|---|---|---|---|---|"]
     for r in made:
@@ -602,6 +635,8 @@ def write_directory(reproducers: list[Reproducer], directory) -> Path:
         rows.append(f"| [{r.entry.id}]({name}) | {r.target.adapter} | {r.target.quantity}, {r.target.dtype} | "
                     f"{input_elements(r.original)} → {input_elements(r.target.case)} | {r.lines} | "
                     f"{r.entry.upstream or 'none known'} |")
+    for r in stale:
+        (directory / script_name(r.entry.id)).write_text(r.source)
     missing = [f"- `{r.entry.id}`: {r.reason}" for r in reproducers if not r.source]
     summary = summarise(reproducers)
     text = ["# Standalone reproducers", "",
@@ -610,17 +645,27 @@ def write_directory(reproducers: list[Reproducer], directory) -> Path:
             "`mhabench repro`, each verified to exit 1 in a fresh interpreter on the machine that wrote it.", "",
             f"{summary['scripts']} scripts for {summary['entries']} entries; median script length "
             f"{summary['median_lines']} lines; median shrink {summary['median_original']} → "
-            f"{summary['median_shrunk']} input elements.", "", *rows]
+            f"{summary['median_shrunk']} input elements.", ""]
+    if stale:
+        text += [f"## Stale entries ({len(stale)})", "",
+                 "The catalogue says these show on this machine, yet their script exits 0 here: the behaviour is "
+                 "gone or has moved. Update the entry (or the template). Each script is the one that no longer "
+                 "shows it, unshrunk.", "",
+                 *[f"- [{r.entry.id}]({script_name(r.entry.id)}): {r.reason}" for r in stale], ""]
+    text += rows
     if missing:
         text += ["", f"## Entries without a script ({len(missing)})", "", *missing]
     (directory / "README.md").write_text("\n".join(text) + "\n")
+    status = {r.entry.id: {"status": r.status, "script": script_name(r.entry.id) if r.source else None,
+                           "reason": r.reason} for r in reproducers}
+    (directory / REPRODUCER_STATUS).write_text(json.dumps(status, indent=1) + "\n")
     return directory
 
 
 def summarise(reproducers: list[Reproducer]) -> dict:
-    made = [r for r in reproducers if r.source]
+    made = [r for r in reproducers if r.reproduces]
     med = lambda values: float(np.median(values)) if values else 0.0
-    return {"entries": len(reproducers), "scripts": len(made),
+    return {"entries": len(reproducers), "scripts": len(made), "stale": sum(r.stale for r in reproducers),
             "median_lines": med([r.lines for r in made]),
             "median_original": med([input_elements(r.original) for r in made]),
             "median_shrunk": med([input_elements(r.target.case) for r in made])}

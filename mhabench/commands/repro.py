@@ -45,13 +45,19 @@ def main(args) -> int:
         print(f"{summary['scripts']} reproducers for {summary['entries']} entries in {directory} (median "
               f"{summary['median_lines']:g} lines; median shrink {summary['median_original']:g} -> "
               f"{summary['median_shrunk']:g} input elements)")
+        stale = [r.entry.id for r in made if r.stale]
+        if stale:  # as a stale catalogue entry fails a conformance run
+            print(f"mhabench repro: {len(stale)} stale entr{'ies' if len(stale) > 1 else 'y'} (the catalogue says "
+                  f"they show here, yet their script exits 0): {', '.join(stale)} (README.md says more)",
+                  file=sys.stderr)
+            return 1
         missing = [r.entry.id for r in made if not r.source]
         if missing and not args.all:  # an entry asked for by name that got no script
             print(f"mhabench repro: no reproducer for {', '.join(missing)} (README.md says why)", file=sys.stderr)
             return 1
         return 0
     result = made[0]
-    if not result.source:
+    if not result.reproduces:
         print(f"mhabench repro: no reproducer for {result.entry.id}: {result.reason}", file=sys.stderr)
         return 1
     print(issue_body(result) if args.issue else result.source, end="")
