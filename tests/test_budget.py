@@ -282,11 +282,18 @@ def test_the_main_job_gives_conform_its_share_and_bench_the_rest(tmp_path, monke
     learned = {"report_s": 10.0, "bench_s_per_benchmark": 0.2}
     monkeypatch.setattr(run, "conform_need", lambda stage: job_budget.Need(60, 200))
     bench = run.bench_need(stages[1], learned)
-    shares = run.plan_shares(stages, 300, learned)  # everything fits: each stage gets all it needs
+    shares = run.plan_shares(stages, 211 + bench.everything, learned)  # everything fits: each gets all it needs
     assert shares == {"conform": pytest.approx(200), "bench": pytest.approx(bench.everything), "report": 10}
     shares = run.plan_shares(stages, 160, learned)  # coverage first, the report kept aside
     assert shares["report"] == 10 and shares["conform"] + shares["bench"] == pytest.approx(150)
     assert shares["conform"] >= 60 and bench.coverage <= shares["bench"] < bench.everything
+
+    # an accuracy case's methods share one measurement: the need counts the case once
+    selected, _ = run.bench_selection(stages[1])
+    cases = {(n.rpartition(".")[0], c) for n, c in selected if "Accuracy." in n}
+    methods = [n for n, _ in selected if "Accuracy." in n]
+    assert cases and len(methods) > len(cases)
+    assert bench.everything == pytest.approx(run.CHILD_START_S + 0.2 * (len(selected) - len(methods) + len(cases)))
 
     monkeypatch.setattr(run, "bench_takes_budget", lambda: True)
     assert run.bench_budget_argv(stages[1], 123.4, learned) == (["--budget", "123"], 0)

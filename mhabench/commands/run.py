@@ -116,14 +116,22 @@ def bench_selection(stage: Stage) -> tuple[list, list[int]]:
     return sweep.selection("quick", adapters, devices, None), sorted(get_profile("quick").seq_lens)
 
 
+def bench_units(selected) -> int:
+    """The measurements of ``selected`` (benchmark name, params): one per benchmark, except that the accuracy
+    methods of one case share one measurement (``benchmarks.common.accuracy_records``), so a case counts once."""
+    from mhabench.results import is_accuracy
+    return len({(name.rpartition(".")[0], combo) if is_accuracy(name.split(".")[1]) else (name, combo)
+                for name, combo in selected})
+
+
 def bench_need(stage: Stage, learned: dict):
-    """What the bench stage needs: its benchmarks at the shortest ``COVERAGE_LENGTHS`` lengths, and all of them, at
-    what one benchmark took here before (``BENCHMARK_S`` until measured)."""
+    """What the bench stage needs: its measurements at the shortest ``COVERAGE_LENGTHS`` lengths, and all of them,
+    at what one took here before (``BENCHMARK_S`` until measured)."""
     from mhabench.budget import Need
     selected, lengths = bench_selection(stage)
     per = float(learned.get("bench_s_per_benchmark", BENCHMARK_S))
     covered = [b for b in selected if not b[0].startswith("bench_attention") or int(b[1][2]) in lengths[:COVERAGE_LENGTHS]]
-    return Need(CHILD_START_S + per * len(covered), CHILD_START_S + per * len(selected))
+    return Need(CHILD_START_S + per * bench_units(covered), CHILD_START_S + per * bench_units(selected))
 
 
 def plan_shares(stages: list[Stage], seconds: float, learned: dict) -> dict[str, float]:
@@ -262,7 +270,9 @@ def remember_costs(stages: list[Stage], results_dir) -> None:
                 ran = int(plan.get("benchmarks", 0)) - sum((plan.get("not_run_budget") or {}).values())
             except (OSError, ValueError, TypeError, AttributeError):
                 continue
-            if ran > 0:
+            if ran > 0:  # per measurement: an accuracy case's methods share one
+                selected, _ = bench_selection(stage)
+                ran *= bench_units(selected) / max(1, len(selected))
                 figures["bench_s_per_benchmark"] = round((stage.seconds - CHILD_START_S) / ran, 2)
     job_budget.remember(**figures)
 
