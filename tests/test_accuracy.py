@@ -301,3 +301,12 @@ def test_the_main_jobs_profile_measures_its_accuracy_points(monkeypatch):
     assert run_method(bench_attention.CausalAccuracy(), "track_rms_error_float16", params) == 1e-3
     with pytest.raises(NotImplementedError, match="measures accuracy at 8 heads and L in"):
         bench_attention.CausalAccuracy().setup("numpy_oracle", "eager", 2048, 8, "cpu")
+
+
+def test_a_gradient_that_is_zero_canonically_does_not_make_the_gradients_figure_unbounded():
+    """The key bias's gradient is 0 exactly (it adds the same to every logit of a row); any rounding there would be
+    an unbounded relative error, so it is left out, and the figure is the worst of the others."""
+    golden = {"query": np.ones((2, 3)), "Wq": np.full((2, 2), 2.0), "bk": np.full(3, 1e-17)}
+    actual = {"query": np.ones((2, 3)) * 1.01, "Wq": np.full((2, 2), 2.0), "bk": np.full(3, 1e-9)}
+    assert accuracy.gradient_error(actual, golden) == pytest.approx(0.01)
+    assert math.isnan(accuracy.gradient_error({**actual, "Wq": np.full((2, 2), np.nan)}, golden))
