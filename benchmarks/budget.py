@@ -9,9 +9,12 @@ The work, in order:
 
 1. **coverage**: every adapter gets its ``coverage_lengths`` (4) shortest lengths of every selected benchmark
    (time and memory, self and causal self-attention in the quick profile) before any adapter goes longer;
-2. the adapters whose kernel never holds the [B, H, T, S] scores go to their longest lengths;
-3. every other adapter, one length at a time for all of them (each reaches 2048 before any reaches 4096);
-4. the points of lines that broke a plausibility rule are measured again, from a reserve kept for it
+2. the accuracy benchmarks (``SelfAccuracy``, ...) at those lengths, once every adapter has its time and memory
+   there (an adapter's accuracy costs a layer built per dtype, which must not cost another adapter its
+   coverage);
+3. the adapters whose kernel never holds the [B, H, T, S] scores go to their longest lengths;
+4. every other adapter, one length at a time for all of them (each reaches 2048 before any reaches 4096);
+5. the points of lines that broke a plausibility rule are measured again, from a reserve kept for it
    (``REMEASURE_RESERVE``).
 
 Before each length the planner predicts what an adapter's points there will cost, from what has been
@@ -69,6 +72,10 @@ class Bench:
         """What a line of the report is: class, adapter, mode, heads, device (the length varies along it)."""
         adapter, mode, _, heads, device = self.params
         return (self.name.split(".")[1], adapter, mode, int(heads), device)
+
+    @property
+    def accuracy(self) -> bool:
+        return is_accuracy(self.name.split(".")[1])
 
     @property
     def case(self) -> tuple:
@@ -196,7 +203,7 @@ class Planner:
     _queue: list = field(default_factory=list)
     _given: set = field(default_factory=set)  # the benchmarks of every step handed out
     _units: list = field(default_factory=list)
-    _phase: int = 0
+    _phase: float = 0
     _group: int = 0
 
     def __post_init__(self):
@@ -208,6 +215,7 @@ class Planner:
         for bench in self.benches if shared is not None else ():
             shared[bench.case] = shared.get(bench.case, 0) + 1
         self.growing: dict[str, list[int]] = {}  # adapter -> the lengths past its coverage still to decide
+        self.accuracy_waiting: dict[str, list[Bench]] = {}  # adapter -> its accuracy at the coverage lengths
 
     @property
     def deadline(self) -> float:
@@ -243,9 +251,33 @@ class Planner:
         return any(b.params[1] == "compiled" for length in self.by_adapter[adapter].values() for b in length)
 
     def _coverage_of(self, adapter: str) -> list[Bench]:
+        """The time and memory benchmarks of the adapter's shortest lengths; its accuracy there waits in
+        ``accuracy_waiting`` for the accuracy coverage, which comes after every adapter's time and memory."""
         lengths = sorted(self.by_adapter[adapter])
         self.growing[adapter] = lengths[self.coverage_lengths:]
-        return [b for length in lengths[:self.coverage_lengths] for b in self.by_adapter[adapter][length]]
+        shortest = [b for length in lengths[:self.coverage_lengths] for b in self.by_adapter[adapter][length]]
+        self.accuracy_waiting[adapter] = [b for b in shortest if b.accuracy]
+        return [b for b in shortest if not b.accuracy]
+
+    def accuracy_coverage(self, now: float) -> list[Step]:
+        """Each covered adapter's accuracy at its shortest lengths, one process group after another, where its
+        predicted cost fits what is left (an adapter nothing is known of is tried); the rest is not run."""
+        chosen, left = [], self.left(now)
+        for adapter in self.adapters:
+            benches = self.accuracy_waiting.pop(adapter, [])
+            if not benches or adapter in self.uncovered:
+                continue
+            group = self.group_of(adapter)
+            cost = sum(self.model.point_seconds(b, group) for b in benches)
+            if all(self.group_of(b.adapter) != group for b in chosen):
+                cost += self.model.step_seconds(group, [])
+            if cost > left and (self.model.knows(adapter) or left <= 0):
+                self._skip(benches, f"its accuracy at the coverage lengths was predicted at {cost:.0f} s with "
+                                    f"{max(left, 0):.0f} s of the budget left", cost)
+                continue
+            chosen.extend(benches)
+            left -= cost
+        return self._steps_of("accuracy", chosen)
 
     def coverage(self, now: float, adapters: list[str]) -> list[Step]:
         """The shortest lengths of ``adapters`` (one process group, or the ones left over), each where its
@@ -272,8 +304,9 @@ class Planner:
         """What still does not fit after every group had its turn is not run, nor anything longer."""
         for adapter, (benches, cost, left) in self.uncovered.items():
             longer = [b for length in self.growing.pop(adapter, []) for b in self.by_adapter[adapter][length]]
-            self._skip(benches + longer, f"its coverage was predicted at {cost:.0f} s with {left:.0f} s of the "
-                                         f"budget left", cost)
+            waiting = self.accuracy_waiting.pop(adapter, [])
+            self._skip(benches + waiting + longer, f"its coverage was predicted at {cost:.0f} s with {left:.0f} s "
+                                                   f"of the budget left", cost)
 
     def _no_longer_sweeps(self) -> None:
         """An adapter went without its coverage: no sweep goes longer (coverage comes first)."""
@@ -332,6 +365,9 @@ class Planner:
                     self._queue = self.coverage(now, self._units[self._group - 1])
                     continue
                 self._queue = self.coverage(now, list(self.uncovered)) if self.uncovered else []
+                self._phase = 0.5
+            elif self._phase == 0.5:  # accuracy after every adapter's time and memory, before any goes longer
+                self._queue = self.accuracy_coverage(now)
                 self._phase = 1
             elif self._phase == 1:
                 self._drop_uncovered()

@@ -310,3 +310,23 @@ def test_coverage_of_an_adapter_nothing_is_known_of_is_tried_and_what_is_measure
     later_plan.next_step(0.0)
     assert "fused_a" in later_plan.uncovered  # known, and predicted beyond the budget: not tried
     assert json.loads((tmp_path / "cache" / "costs" / sweep.REMEMBERED_POINTS).read_text())["median"] == 0.001
+
+
+def test_accuracy_comes_after_every_adapters_time_and_memory_coverage_and_before_any_longer_sweep():
+    accuracy = [Bench(f"bench_attention.SelfAccuracy.track_rms_error_{d}", (repr(a), "'eager'", str(L), "8", "'cpu'"))
+                for a in ADAPTERS for d in ("float32", "float16") for L in LENGTHS[:4]]
+    plan = Planner(benches() + accuracy, lambda a: ADAPTERS[a][0], lambda a: ADAPTERS[a][1], FakeModel(),
+                   coverage_lengths=4, budget=10_000, started=0.0)
+    steps, _ = drive(plan)
+    kinds = [s.key.split(":")[0] for s in steps]
+    first_accuracy = kinds.index("accuracy")
+    assert set(kinds[:first_accuracy]) == {"coverage"} and not any(b.accuracy for s in steps[:first_accuracy]
+                                                                     for b in s.benches)
+    assert sorted((b for s in steps if s.key.startswith("accuracy") for b in s.benches), key=repr) == \
+        sorted(accuracy, key=repr)
+    assert all(s.key.startswith("L") for s in steps[first_accuracy:] if not s.key.startswith("accuracy"))
+    # when the budget is short, the accuracy is what gives way, recorded with its prediction
+    tight = Planner(benches() + accuracy, lambda a: ADAPTERS[a][0], lambda a: ADAPTERS[a][1], FakeModel(),
+                    coverage_lengths=4, budget=160, started=0.0)
+    drive(tight)
+    assert any("its accuracy at the coverage lengths was predicted" in s.reason for s in tight.skipped)
