@@ -43,6 +43,7 @@ from .sampling import calls_per_point
 
 HARD_STOP = 1.08            # an asv run still going at this multiple of the budget is stopped
 REMEASURE_RESERVE = 0.10    # of the budget, kept for measuring implausible points again
+SPLIT_FRACTION = 0.4       # a group's asv run predicted to take more of what is left is split by adapter
 CLOSING_SECONDS = 5.0       # the final GEMM peak and the bookkeeping
 FIXED_PRIOR_SECONDS = 15.0  # an asv run's own start (discovery, the forkserver's framework import) before any is seen
 BUDGET_REASON = "not run: budget"
@@ -225,11 +226,22 @@ class Planner:
         """Seconds left for sweeping (the re-measurement reserve and the closing kept back)."""
         return self.deadline - now - REMEASURE_RESERVE * self.budget - self.closing
 
-    def _steps_of(self, phase: str, benches: list[Bench]) -> list[Step]:
+    def _steps_of(self, phase: str, benches: list[Bench], left: float | None = None) -> list[Step]:
+        """One asv run per process group; per adapter instead where a group's run is predicted to take more than
+        ``SPLIT_FRACTION`` of the ``left`` seconds: asv writes its results only when a run ends, so a run stopped at
+        the deadline loses all it measured, and a smaller run loses less (each pays the run's own start)."""
         groups: dict[str, list[Bench]] = {}
         for bench in benches:
             groups.setdefault(self.group_of(bench.adapter), []).append(bench)
-        return [Step(f"{phase}:{group}", group, members) for group, members in groups.items()]
+        steps = []
+        for group, members in groups.items():
+            adapters = list(dict.fromkeys(b.adapter for b in members))
+            if left is not None and len(adapters) > 1 and \
+                    self.model.step_seconds(group, members) > SPLIT_FRACTION * max(left, 0.0):
+                steps += [Step(f"{phase}:{group}:{a}", group, [b for b in members if b.adapter == a]) for a in adapters]
+            else:
+                steps.append(Step(f"{phase}:{group}", group, members))
+        return steps
 
     def _skip(self, benches: list[Bench], why: str, predicted: float) -> None:
         if benches:
@@ -277,7 +289,7 @@ class Planner:
                 continue
             chosen.extend(benches)
             left -= cost
-        return self._steps_of("accuracy", chosen)
+        return self._steps_of("accuracy", chosen, self.left(now))
 
     def coverage(self, now: float, adapters: list[str]) -> list[Step]:
         """The shortest lengths of ``adapters`` (one process group, or the ones left over), each where its
@@ -298,7 +310,7 @@ class Planner:
             self.uncovered.pop(adapter, None)
             chosen.extend(benches)
             left -= cost
-        return self._steps_of("coverage", chosen)
+        return self._steps_of("coverage", chosen, self.left(now))
 
     def _drop_uncovered(self) -> None:
         """What still does not fit after every group had its turn is not run, nor anything longer."""
@@ -349,7 +361,7 @@ class Planner:
             length_of[adapter] = length
             left -= cost
         lengths = sorted(set(length_of.values()))
-        return self._steps_of("L" + "+".join(map(str, lengths)), chosen)
+        return self._steps_of("L" + "+".join(map(str, lengths)), chosen, self.left(now))
 
     def next_step(self, now: float) -> Step | None:
         """The next asv run, or None when the sweep is done (the re-measurement is the sweep's own).

@@ -330,3 +330,14 @@ def test_accuracy_comes_after_every_adapters_time_and_memory_coverage_and_before
                     coverage_lengths=4, budget=160, started=0.0)
     drive(tight)
     assert any("its accuracy at the coverage lengths was predicted" in s.reason for s in tight.skipped)
+
+
+def test_a_groups_run_that_would_take_much_of_what_is_left_is_split_by_adapter():
+    """asv writes a run's results only at its end: a run stopped at the deadline loses everything it measured, so
+    where one group's run would take more than SPLIT_FRACTION of the time left, each adapter gets its own run."""
+    roomy, _ = drive(planner(100_000))
+    assert [s.key for s in roomy[:3]] == ["coverage:g1", "coverage:g2", "coverage:g3"]
+    tight = planner(120)
+    step = tight.next_step(0.0)
+    assert step.key == "coverage:g1:fused_a" and {b.adapter for b in step.benches} == {"fused_a"}
+    assert tight.next_step(step.predicted).key == "coverage:g1:dense_a"
