@@ -20,10 +20,11 @@ Beside each, the same figure of the *same-precision reference* (the oracle run i
 rounded as the frameworks' kernels round, as conformance uses it), so a kernel's error reads against what a
 plain implementation in the dtype gets: ``ratio`` = error / reference error.
 
-The inputs: ``normal``, seeded standard normals for query and key/value (with the suite's Glorot weights the
-logits have a standard deviation of about 1), and ``peaky``, the same with the queries scaled by
-``PEAKY_QUERY_SCALE`` (logits of standard deviation about 8), so each softmax row is dominated by a few keys:
-where kernels' exponentials, maxima and accumulations part.
+The inputs are self-attention's: one seeded input ``x`` is the query, the key and the value. ``normal``: standard
+normals (with the suite's Glorot weights the logits have a standard deviation of about 1); ``peaky``: ``x`` scaled
+by the square root of ``PEAKY_LOGIT_SCALE``, so the logits' spread is about 8 and each softmax row is dominated by
+a few keys, where kernels' maxima, exponentials and accumulations part (the values grow by the same root, which
+the ratio to the reference does not see).
 
 The float64 golden is computed blockwise from ``BLOCKWISE_FROM`` keys on (the scores are never held whole),
 and kept in the cache folder (``accuracy/``) with the reference's errors, so the adapters measured after the
@@ -50,7 +51,7 @@ KINDS = ("self", "causal")
 # with unit-variance inputs and Glorot weights are of order 1)
 UNITS = {"max_rel_error": "relative error", "rms_error": "RMS error", "sum_error": "relative error",
          "grad_rel_rms_error": "relative error"}
-PEAKY_QUERY_SCALE = 8.0
+PEAKY_LOGIT_SCALE = 8.0
 BLOCKWISE_FROM = 1024      # keys; the golden's block of query rows is BLOCK_ROWS
 BLOCK_ROWS = 256
 SEED = 0
@@ -59,7 +60,7 @@ SEED = 0
 # pays it), shared by its methods
 ORACLE_CALLS = 24
 CALLS_PER_METHOD = (len(DTYPES) + ORACLE_CALLS) / (len(DTYPES) * len(ACCURACY_FIGURES))
-VERSION = 2                # of the cached goldens: bump when how they are computed changes
+VERSION = 3                # of the cached goldens: bump when how they are computed changes
 
 
 def errors(actual, golden, weight) -> dict[str, float]:
@@ -115,18 +116,18 @@ class Problem:
         return Weights.random(self.spec, query_dim=self.model_dim, value_dim=self.model_dim, seed=SEED)
 
     def draw(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(query, value, w): float64 standard normals (the queries scaled for ``peaky``); key = value."""
+        """(query, value, w): self-attention's one input as both (key = value = query), float64 standard normals
+        scaled for ``peaky``; w, standard normals of the output's shape."""
         rng = np.random.default_rng([SEED, self.seq_len, self.batch, self.model_dim])
         shape = (self.batch, self.seq_len, self.model_dim)
-        query = rng.standard_normal(shape)
-        value = rng.standard_normal(shape)
+        x = rng.standard_normal(shape)
         weight = rng.standard_normal(shape)  # the output's shape: out_shape is the query's width here
-        if self.inputs == "peaky":
-            query = query * PEAKY_QUERY_SCALE
-        return query, value, weight
+        if self.inputs == "peaky":  # q and k both scale with x: the logits by its square
+            x = x * math.sqrt(PEAKY_LOGIT_SCALE)
+        return x, x, weight
 
     def key(self) -> str:
-        text = json.dumps({**asdict(self), "seed": SEED, "peaky": PEAKY_QUERY_SCALE, "version": VERSION},
+        text = json.dumps({**asdict(self), "seed": SEED, "peaky": PEAKY_LOGIT_SCALE, "version": VERSION},
                           sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 

@@ -176,7 +176,7 @@ class CausalAccuracy(_AccuracyBenchmark):
 
 
 class PeakySelfAccuracy(_AccuracyBenchmark):
-    """Self-attention's error with peaky softmax rows: the queries scaled so the logits' spread is about 8."""
+    """Self-attention's error with peaky softmax rows: the input scaled so the logits' spread is about 8."""
     kind, inputs = "self", "peaky"
 
 

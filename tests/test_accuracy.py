@@ -71,17 +71,18 @@ def test_a_bad_problem_names_the_argument(field, value, message):
         accuracy.Problem(**{"kind": "self", "inputs": "normal", "seq_len": 8, field: value})
 
 
-def test_peaky_inputs_make_the_softmax_peaky():
-    """The queries are scaled, so the logits' spread is about PEAKY_QUERY_SCALE times the normal inputs'."""
+def test_the_inputs_are_self_attentions_and_peaky_makes_the_softmax_peaky():
+    """One input is query, key and value; peaky scales it so the logits' spread is PEAKY_LOGIT_SCALE times."""
     spreads = {}
     for inputs in accuracy.INPUTS:
         problem = accuracy.Problem("self", inputs, 64)
         query, value, _ = problem.draw()
+        assert query is value
         w = problem.weights()
         q, k = np.einsum("bte,ehk->bhtk", query, w.Wq), np.einsum("bte,ehk->bhtk", value, w.Wk)
         spreads[inputs] = np.std(np.einsum("bhtk,bhsk->bhts", q, k) / math.sqrt(q.shape[-1]))
     assert spreads["normal"] == pytest.approx(1.0, rel=0.3)
-    assert spreads["peaky"] / spreads["normal"] == pytest.approx(accuracy.PEAKY_QUERY_SCALE, rel=1e-6)
+    assert spreads["peaky"] / spreads["normal"] == pytest.approx(accuracy.PEAKY_LOGIT_SCALE, rel=1e-6)
 
 
 def test_the_oracle_is_its_own_reference_in_every_dtype():
