@@ -78,7 +78,8 @@ SLOW = ["jax-masked_nonfinite-gradients-nan", "flax_mha-float64-default-softmax-
         "keras_mha-fused-fully_masked_row-uniform", "tf_keras_mha-multi_axis-fully_masked_row-weights_one",
         "keras_mha@torch-float64-fused-in-float32", "torch_mha@ort-fully_masked_row-nan",
         "keras_gqa-fused-fully_masked_row-uniform", "keras_gqa@torch-fused-fully_masked_row-lse",
-        "classic_keras-masked_nonfinite-gradients-nan"]
+        "classic_keras-masked_nonfinite-gradients-nan", "keras_mha@torch-masked_nonfinite-gradients-nan",
+        "torch_flex-cpu_compiled_nan_query_row_zero_weights"]
 
 
 def _run_unshrunk(entry_id, catalogue, tmp_path):

@@ -174,24 +174,28 @@ def targets(entry: Entry, catalogue: Catalogue | None = None) -> list[Target]:
             for quantity in quantities:
                 if not dtypes or not catalogue.covers(entry, adapter, case.id, dtypes[0], quantity):
                     continue
+                # the first quantity of a case, or each input gradient: a behaviour can reach some inputs only
                 if family.fits(case, quantity):
                     out.append(Target(entry, adapter, case, dtypes[0], quantity))
-                    break
+                    if not quantity.startswith("grad_"):
+                        break
+                    continue
                 plain = simplified(case)
                 if plain is not None and family.fits(plain, quantity) and _has_properties(entry, plain):
                     out.append(Target(entry, adapter, plain, dtypes[0], quantity, origin=case))
-                    break
+                    if not quantity.startswith("grad_"):
+                        break
     return _varied(sorted(out, key=lambda t: (input_elements(t.case), QUANTITY_ORDER.index(t.quantity))))
 
 
 def _varied(ordered: list[Target]) -> list[Target]:
-    """``ordered`` with the smallest target of each key_dim, with one key or several, first: the few candidates
-    tried then differ where a behaviour can hide (a scale rounded to float32 is exact for key_dim 1, and a
-    single key gets weight 1 whatever its logit)."""
+    """``ordered`` with the smallest target of each key_dim, with one key or several, and quantity first: the few
+    candidates tried then differ where a behaviour can hide (a scale rounded to float32 is exact for key_dim 1, a
+    single key gets weight 1 whatever its logit, a NaN can reach the value gradient and not the query's)."""
     seen: dict = {}
     rank = []
     for t in ordered:
-        kind = (t.case.attention_spec.key_dim, math.prod(t.case.k_shape) > 1)
+        kind = (t.case.attention_spec.key_dim, math.prod(t.case.k_shape) > 1, t.quantity)
         rank.append(seen.get(kind, 0))
         seen[kind] = rank[-1] + 1
     return [t for _, t in sorted(zip(rank, ordered), key=lambda pair: pair[0])]

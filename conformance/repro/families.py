@@ -220,6 +220,13 @@ def framework(quantity):
     args = (tensor(query), tensor(value))
     kwargs = {"key": tensor(INPUTS["key"])} if "key" in INPUTS else {}
     # KERAS_SETUP
+    if quantity.startswith("grad_"):  # of sum(output * cotangent), by the backend's autodiff (gradient below)
+        inputs, name = {"query": args[0], "value": args[1], **kwargs}, quantity[5:]
+
+        def loss(x):
+            given = {**inputs, name: x}
+            return ops.sum(layer(given.pop("query"), given.pop("value"), **given) * tensor(cotangent))
+        return gradient(loss, inputs[name]).astype(np.float64)
     with_scores = quantity in ("output_with_scores", "scores")
     result = layer(*args, return_attention_scores=with_scores, **kwargs)
     if with_scores:
@@ -446,12 +453,38 @@ class Family:
 GRADIENTS = ("grad_query", "grad_key", "grad_value")
 
 
+# d loss(x) / dx (float32 or float64 NumPy) by each Keras backend's own autodiff
+KERAS_GRADIENT = {
+    "tensorflow": '''
+
+def gradient(loss, x):
+    import tensorflow as tf
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = loss(x)
+    return tf.cast(tape.gradient(value, x), "float32" if DTYPE != "float64" else DTYPE).numpy()
+''',
+    "jax": '''
+
+def gradient(loss, x):
+    import jax
+    return np.asarray(jax.grad(loss)(x).astype("float32" if DTYPE != "float64" else DTYPE))
+''',
+    "torch": '''
+
+def gradient(loss, x):
+    import torch
+    x = x.detach().requires_grad_()
+    return torch.autograd.grad(loss(x), x)[0].to(torch.float32 if DTYPE != "float64" else torch.float64).numpy()
+'''}
+
+
 def _keras(adapter: str, backend: str, layer: str = "MultiHeadAttention") -> Family:
     """A Keras 3 layer on one backend; MultiHeadAttention attends over several axes, GroupQueryAttention over one."""
-    return Family(adapter, f"keras.layers.{layer} on the {backend} backend",
-                  KERAS_MHA if layer == "MultiHeadAttention" else KERAS_GQA, ("keras", backend),
-                  environment=(("KERAS_BACKEND", backend),), gradients=False, multi_axis=layer == "MultiHeadAttention",
-                  head_masks=False)
+    template = KERAS_MHA if layer == "MultiHeadAttention" else KERAS_GQA
+    return Family(adapter, f"keras.layers.{layer} on the {backend} backend", template + KERAS_GRADIENT[backend],
+                  ("keras", backend), environment=(("KERAS_BACKEND", backend),),
+                  multi_axis=layer == "MultiHeadAttention", head_masks=False)
 
 
 FAMILIES = {
