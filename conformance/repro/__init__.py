@@ -602,7 +602,7 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
         templated = [a for a in entry.adapters if a in FAMILIES]
         why = ("no template for the call paths of " + adapters if not templated else
                "no case of the default matrix it covers fits the template of " + ", ".join(templated)
-               + " (a causal, modern or per-head-mask case, a gradient a Keras template does not take, ...)")
+               + " (a causal, modern or per-head-mask case, a weight gradient, ...)")
         return Reproducer(entry, reason=why)
     by_switches: dict = {}
     try:
