@@ -44,7 +44,7 @@ from .families import FAMILIES, Family
 
 DTYPE_ORDER = ("float32", "float64", "float16", "bfloat16")
 QUANTITY_ORDER = ("output", "output_with_scores", "scores", "grad_query", "grad_value", "grad_key")
-CANDIDATES = 4            # cases tried, smallest first, before an entry is declared not reproduced by a script
+CANDIDATES = 8            # cases tried, smallest first, before an entry is declared not reproduced by a script
 RUN_TIMEOUT = 180         # seconds for one script run (a first TensorFlow import is slow on a shared machine)
 # kernel switches an entry's facts can ask for, set in the script before the framework is imported
 FACT_SWITCHES = {"tf_onednn": ("TF_ENABLE_ONEDNN_OPTS", {True: "1", False: "0"})}
