@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -50,22 +51,27 @@ def test_readme_states_how_many_entries_link_an_upstream_report(catalogue):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_template_script_imports_only_its_framework_and_numpy(family, catalogue):
-    """Rendered (not run) for one entry of each call path: the imports are the family's, NumPy, os and sys."""
+    """Rendered (not run) for one entry of each call path: the imports are the family's, NumPy and the
+    standard library's."""
     entry = next(e for e in catalogue if family in e.adapters and any(
         t.adapter == family for t in repro.targets(e, catalogue)))
     target = next(t for t in repro.targets(entry, catalogue) if t.adapter == family)
     source = repro.render(target)
     assert "mhabench" not in _imported_modules(source)
-    assert _imported_modules(source) <= {"os", "sys", "numpy", *FAMILIES[family].imports}
+    assert _imported_modules(source) - set(sys.stdlib_module_names) <= {"numpy", *FAMILIES[family].imports}
     compile(source, "repro.py", "exec")
 
 
 # one cheap entry per framework family that starts fast; the Keras and TensorFlow paths run in the slow set
 FAST = ["torch-masked_nonfinite-poisons_batch", "torch_mha-with_scores-fully_masked_row-nan",
-        "jax_dpa-fully_masked_row-uniform"]
+        "jax_dpa-fully_masked_row-uniform", "ort_attention-masked_nan_poisons_batch",
+        "classic_torch-fully_masked_row-uniform"]
 SLOW = ["jax-masked_nonfinite-gradients-nan", "flax_mha-float64-default-softmax-in-float32", "keras_mha@jax-float64-is-float32",
         "keras_mha-fused-fully_masked_row-uniform", "tf_keras_mha-multi_axis-fully_masked_row-weights_one",
-        "keras_mha@torch-float64-fused-in-float32"]
+        "keras_mha@torch-float64-fused-in-float32", "torch_mha@ort-fully_masked_row-nan",
+        "keras_gqa-fused-fully_masked_row-uniform", "keras_gqa@torch-fused-fully_masked_row-lse",
+        "classic_keras-masked_nonfinite-gradients-nan", "keras_mha@torch-masked_nonfinite-gradients-nan",
+        "torch_flex-cpu_compiled_nan_query_row_zero_weights"]
 
 
 def _run_unshrunk(entry_id, catalogue, tmp_path):
@@ -132,6 +138,34 @@ def test_moves_only_shrink_and_keep_the_entry_properties(catalogue):
     smaller = repro.moves(case)
     assert smaller and all(repro.input_elements(c) <= repro.input_elements(case) for c in smaller)
     assert {c.batch for c in smaller} >= {1}
+
+
+def test_a_self_attention_case_shrinks_its_one_input_as_one(catalogue):
+    """The textbook PyTorch module takes one input: its case shrinks query and key positions, and query and
+    value widths, together (a move that parts them would not be a self-attention case)."""
+    target = repro.targets(catalogue.get("classic_torch-fully_masked_row-uniform"), catalogue)[0]
+    assert target.case.shared_input
+    smaller = repro.moves(target.case)
+    assert smaller and all(c.shared_input and c.q_shape == c.k_shape and c.query_dim == c.value_dim for c in smaller)
+    assert any(c.q_shape != target.case.q_shape for c in smaller)
+    assert "value = query" in repro.render(target)
+
+
+def test_a_precision_that_qualifies_another_behaviour_sets_the_tolerance(catalogue):
+    """A float64 entry judged at float32 precision (its behaviour NaN poisoning) gets float32's tolerance, so a
+    float32-rounded scale alone cannot make its script exit 1; an entry whose behaviour is the lost precision
+    keeps float64's."""
+    poisons = catalogue.get("ort_attention-masked_nan_poisons_batch-float64")
+    assert repro.judged_precision(poisons, "float64") == "float32"
+    assert 'PRECISION = "float64", "output", "float32"' in repro.render(repro.targets(poisons, catalogue)[0])
+    assert repro.judged_precision(catalogue.get("keras_mha@jax-float64-is-float32"), "float64") == "float64"
+
+
+def test_the_first_candidates_vary_key_dim_and_key_count(catalogue):
+    """A float32-rounded scale is exact for key_dim 1 and a single key's weight is 1 whatever its logit: the few
+    candidates tried must not all be such cases."""
+    first = repro.targets(catalogue.get("ort_attention-float64-function-body-scale"), catalogue)[:repro.CANDIDATES]
+    assert any(t.case.attention_spec.key_dim not in (1, 16) and math.prod(t.case.k_shape) > 1 for t in first)
 
 
 def test_shrinking_reduces_the_case_and_the_script_still_shows_it(catalogue, tmp_path):

@@ -48,7 +48,7 @@ from .families import FAMILIES, Family
 
 DTYPE_ORDER = ("float32", "float64", "float16", "bfloat16")
 QUANTITY_ORDER = ("output", "output_with_scores", "scores", "grad_query", "grad_value", "grad_key")
-CANDIDATES = 4            # cases tried, smallest first, before an entry is declared not reproduced by a script
+CANDIDATES = 8            # cases tried, smallest first, before an entry is declared not reproduced by a script
 RUN_TIMEOUT = 180         # seconds for one script run (a first TensorFlow import is slow on a shared machine)
 # kernel switches an entry's facts can ask for, set in the script before the framework is imported
 FACT_SWITCHES = {"tf_onednn": ("TF_ENABLE_ONEDNN_OPTS", {True: "1", False: "0"})}
@@ -117,6 +117,9 @@ def _has_properties(entry: Entry, case: Case) -> bool:
 TEMPLATE_GAPS = {
     "jax-unread_nonfinite_query-gradients-nan": "it shows in the projections' weight gradients, and the JAX "
                                                 "templates compute the input gradients only",
+    "ort_attention-float64-function_body-positive_bias_where_masked-nan": "it needs a +inf bias (a float "
+        "attn_mask) together with causal or padding lengths, and the ONNX Attention template takes only the "
+        "boolean mask",
     "torch_mha-positive_bias_at_padded_key-nan": "it needs a bias and padding lengths together, and the "
                                                  "nn.MultiheadAttention template takes neither",
 }
@@ -175,14 +178,31 @@ def targets(entry: Entry, catalogue: Catalogue | None = None) -> list[Target]:
             for quantity in quantities:
                 if not dtypes or not catalogue.covers(entry, adapter, case.id, dtypes[0], quantity):
                     continue
+                # the first quantity of a case, or each input gradient: a behaviour can reach some inputs only
                 if family.fits(case, quantity):
                     out.append(Target(entry, adapter, case, dtypes[0], quantity))
-                    break
+                    if not quantity.startswith("grad_"):
+                        break
+                    continue
                 plain = simplified(case)
                 if plain is not None and family.fits(plain, quantity) and _has_properties(entry, plain):
                     out.append(Target(entry, adapter, plain, dtypes[0], quantity, origin=case))
-                    break
-    return sorted(out, key=lambda t: (input_elements(t.case), QUANTITY_ORDER.index(t.quantity)))
+                    if not quantity.startswith("grad_"):
+                        break
+    return _varied(sorted(out, key=lambda t: (input_elements(t.case), QUANTITY_ORDER.index(t.quantity))))
+
+
+def _varied(ordered: list[Target]) -> list[Target]:
+    """``ordered`` with the smallest target of each key_dim, with one key or several, and quantity first: the few
+    candidates tried then differ where a behaviour can hide (a scale rounded to float32 is exact for key_dim 1, a
+    single key gets weight 1 whatever its logit, a NaN can reach the value gradient and not the query's)."""
+    seen: dict = {}
+    rank = []
+    for t in ordered:
+        kind = (t.case.attention_spec.key_dim, math.prod(t.case.k_shape) > 1, t.quantity)
+        rank.append(seen.get(kind, 0))
+        seen[kind] = rank[-1] + 1
+    return [t for _, t in sorted(zip(rank, ordered), key=lambda pair: pair[0])]
 
 
 def resolve(identifier: str, catalogue: Catalogue | None = None) -> tuple[Entry, list[Target]]:
@@ -287,7 +307,7 @@ def canonical(quantity):
 def main():
     expected, actual = canonical(QUANTITY), framework(QUANTITY)
     expected = expected.reshape(actual.shape) if expected.size == actual.size else expected
-    floor = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-1}[DTYPE]
+    floor = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-1}[PRECISION]
     finite = np.abs(expected[np.isfinite(expected)])
     tolerance = floor * (32 if QUANTITY.startswith("grad_") else 1) * max(1.0, finite.max(initial=0.0))
     with np.errstate(invalid="ignore"):
@@ -298,7 +318,11 @@ def main():
     print(f"expected (canonical, float64 NumPy), shape {expected.shape}:\\n{expected}")
     print(f"actual, shape {actual.shape}:\\n{actual}")
     if off.any():
-        print(f"DIFFERS at {int(off.sum())} of {off.size} elements (tolerance {tolerance:.1e}): the behaviour is present")
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(expected - actual) if expected.shape == actual.shape else np.zeros(1)
+        gap = gap[np.isfinite(gap)].max(initial=0.0)
+        print(f"DIFFERS at {int(off.sum())} of {off.size} elements (largest finite difference {gap:.1e}, tolerance "
+              f"{tolerance:.1e}): the behaviour is present")
         return 1
     print("matches the canonical result: the behaviour is gone")
     return 0
@@ -307,6 +331,15 @@ def main():
 if __name__ == "__main__":
     sys.exit(main())
 '''
+
+
+def judged_precision(entry: Entry, dtype: str) -> str:
+    """The dtype whose rounding a script's tolerance allows: the entry's ``precision`` where that only says how
+    precisely another behaviour (a policy, a behaviour, a check) is judged, else the call's own dtype (where the
+    lost precision is itself the behaviour)."""
+    if entry.precision and (entry.oracle_policy or entry.behaviour or entry.check):
+        return entry.precision
+    return dtype
 
 
 def render(target: Target) -> str:
@@ -335,7 +368,10 @@ def render(target: Target) -> str:
     if switches:
         lines += [f'os.environ["{name}"] = "{value}"' for name, value in switches.items()] + [""]
     lines += ["import numpy as np", "", "", REPRESENTABLE, ""]
-    body = [f'DTYPE, QUANTITY = "{target.dtype}", "{target.quantity}"',
+    precision = judged_precision(entry, target.dtype)
+    body = [f'DTYPE, QUANTITY, PRECISION = "{target.dtype}", "{target.quantity}", "{precision}"'
+            + ("" if precision == target.dtype else
+               f"  # judged at {precision} precision: the behaviour, not {precision} rounding"),
             f"HEADS, KEY_DIM = {H}, {kd}",
             f"Q_SHAPE, K_SHAPE = {tuple(case.q_shape)}, {tuple(case.k_shape)}  # the attended axes",
             f'CALL = "{family.call}"',
@@ -343,6 +379,7 @@ def render(target: Target) -> str:
             "rng = np.random.default_rng(0)",
             f"query = rng.uniform(-1, 1, {case.query_shape}).round(2)" + (f" * {case.scale:g}" if case.scale != 1
                                                                           else ""),
+            "value = query  # self-attention: one input" if case.shared_input else
             f"value = rng.uniform(-1, 1, {case.value_shape}).round(2)"]
     if key_distinct:
         body.append(f"key = rng.uniform(-1, 1, {case.key_shape}).round(2)")
@@ -351,7 +388,7 @@ def render(target: Target) -> str:
     body.append("W = {name: rng.uniform(-1, 1, shape).round(2) for name, shape in "
                 + repr(list(weight_shapes.items())) + "}")
     body.append(f"cotangent = rng.uniform(-1, 1, {tuple(call.output_shape)}).round(2)")
-    body += _planted("query", inputs.query) + _planted("value", inputs.value)
+    body += _planted("query", inputs.query) + ([] if case.shared_input else _planted("value", inputs.value))
     if key_distinct:
         body += _planted("key", inputs.key)
     body.append("mask = None" if mask is None else
@@ -469,25 +506,36 @@ MIN_POSITIONS = 2  # query and key positions kept, so a row that shows it sits b
 
 def moves(case: Case) -> list[Case]:
     """One-step smaller versions of ``case`` (some invalid: the caller drops those), biggest reductions first;
-    never fewer than MIN_POSITIONS query or key positions."""
+    never fewer than MIN_POSITIONS query or key positions. A self-attention case (one input for query, key and
+    value) shrinks its query and key positions, and its query and value widths, together."""
     spec = case.spec
-    out = [dataclasses.replace(case, batch=b) for b in _smaller(case.batch)]
+    tied = {"q_shape": "k_shape", "k_shape": "q_shape", "query_dim": "value_dim", "value_dim": "query_dim"}
+
+    def smaller(**changes):
+        if case.shared_input:
+            changes.update({tied[name]: value for name, value in list(changes.items()) if name in tied})
+        try:
+            return [dataclasses.replace(case, **changes)]
+        except ValueError:
+            return []
+
+    out = [c for b in _smaller(case.batch) for c in smaller(batch=b)]
     for name in ("q_shape", "k_shape"):
         shape = getattr(case, name)
         for axis in range(len(shape)):
             for n in _smaller(shape[axis]):
-                smaller = shape[:axis] + (n,) + shape[axis + 1:]
-                if math.prod(smaller) >= min(MIN_POSITIONS, math.prod(shape)):
-                    out.append(dataclasses.replace(case, **{name: smaller}))
+                shorter = shape[:axis] + (n,) + shape[axis + 1:]
+                if math.prod(shorter) >= min(MIN_POSITIONS, math.prod(shape)):
+                    out += smaller(**{name: shorter})
     if len(case.q_shape) > 1 and spec.get("attention_axes") is None:  # one attended axis fewer
-        out.append(dataclasses.replace(case, q_shape=case.q_shape[:-1], k_shape=case.k_shape[:-1]))
+        out += smaller(q_shape=case.q_shape[:-1], k_shape=case.k_shape[:-1])
     for heads in _smaller(spec["num_heads"]):
-        out.append(dataclasses.replace(case, spec={**spec, "num_heads": heads}))
+        out += smaller(spec={**spec, "num_heads": heads})
     for key_dim in _smaller(spec["key_dim"]):
-        out.append(dataclasses.replace(case, spec={**spec, "key_dim": key_dim}))
+        out += smaller(spec={**spec, "key_dim": key_dim})
     for width in ("query_dim", "value_dim", "key_dim"):
         for n in _smaller(getattr(case, width)):
-            out.append(dataclasses.replace(case, **{width: n}))
+            out += smaller(**{width: n})
     return out
 
 
@@ -577,7 +625,7 @@ def build(entry: Entry, candidates: list[Target], shrinking: bool = True, log=No
         templated = [a for a in entry.adapters if a in FAMILIES]
         why = ("no template for the call paths of " + adapters if not templated else
                "no case of the default matrix it covers fits the template of " + ", ".join(templated)
-               + " (a causal, modern or per-head-mask case, a gradient a Keras template does not take, ...)")
+               + " (a causal, modern or per-head-mask case, a weight gradient, ...)")
         return Reproducer(entry, reason=why)
     by_switches: dict = {}
     gone = []  # the targets whose script exits 0 cleanly: the behaviour does not show there
