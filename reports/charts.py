@@ -307,6 +307,10 @@ def accuracy_chart(accuracy: pd.DataFrame, klass: str, device, figure: str = "rm
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yscale("log")
+        plain_ticks = FuncFormatter(lambda v, _: f"{v:.3g}")  # no mathtext: 1.3, not 1.3 x 10^0
+        ax.yaxis.set_major_formatter(plain_ticks)
+        low, high = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(plain_ticks if low > 0 and high / low < 10 else NullFormatter())
         ax.set_title(plain(family), fontsize=10)
         ax.set_xlabel("sequence length L")
         ax.set_ylabel("RMS error" if figure == "rms_error" else "error / reference error")
