@@ -206,6 +206,7 @@ class Planner:
     _units: list = field(default_factory=list)
     _phase: float = 0
     _group: int = 0
+    _accuracy_group: int = 0
 
     def __post_init__(self):
         self.by_adapter: dict[str, dict[int, list[Bench]]] = defaultdict(lambda: defaultdict(list))
@@ -271,11 +272,12 @@ class Planner:
         self.accuracy_waiting[adapter] = [b for b in shortest if b.accuracy]
         return [b for b in shortest if not b.accuracy]
 
-    def accuracy_coverage(self, now: float) -> list[Step]:
-        """Each covered adapter's accuracy at its shortest lengths, one process group after another, where its
-        predicted cost fits what is left (an adapter nothing is known of is tried); the rest is not run."""
+    def accuracy_coverage(self, now: float, adapters: list[str]) -> list[Step]:
+        """The accuracy of ``adapters`` (one process group) at their shortest lengths, each where its predicted
+        cost fits what is left (an adapter nothing is known of is tried); the rest is not run. Decided one group
+        at a time, just before its run, as the coverage is: each decision reads what the runs before it cost."""
         chosen, left = [], self.left(now)
-        for adapter in self.adapters:
+        for adapter in adapters:
             benches = self.accuracy_waiting.pop(adapter, [])
             if not benches or adapter in self.uncovered:
                 continue
@@ -379,7 +381,11 @@ class Planner:
                 self._queue = self.coverage(now, list(self.uncovered)) if self.uncovered else []
                 self._phase = 0.5
             elif self._phase == 0.5:  # accuracy after every adapter's time and memory, before any goes longer
-                self._queue = self.accuracy_coverage(now)
+                if self._accuracy_group < len(self._units):
+                    self._accuracy_group += 1
+                    self._queue = self.accuracy_coverage(now, self._units[self._accuracy_group - 1])
+                    continue
+                self._queue = self.accuracy_coverage(now, list(self.accuracy_waiting))
                 self._phase = 1
             elif self._phase == 1:
                 self._drop_uncovered()

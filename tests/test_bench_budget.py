@@ -341,3 +341,19 @@ def test_a_groups_run_that_would_take_much_of_what_is_left_is_split_by_adapter()
     step = tight.next_step(0.0)
     assert step.key == "coverage:g1:fused_a" and {b.adapter for b in step.benches} == {"fused_a"}
     assert tight.next_step(step.predicted).key == "coverage:g1:dense_a"
+
+
+def test_the_accuracy_is_decided_one_group_at_a_time_from_what_the_runs_before_it_cost():
+    """Decided all at once, predictions that were too dear used up the budget on paper and left the later groups'
+    accuracy "not run" with most of the budget unspent; one group at a time, each decision reads the clock."""
+    accuracy = [Bench(f"bench_attention.SelfAccuracy.track_rms_error_{d}", (repr(a), "'eager'", str(L), "8", "'cpu'"))
+                for a in ADAPTERS for d in ("float32", "float16") for L in LENGTHS[:4]]
+    plan = Planner(benches() + accuracy, lambda a: ADAPTERS[a][0], lambda a: ADAPTERS[a][1], FakeModel(),
+                   coverage_lengths=4, budget=220, started=0.0)
+    now, groups = 0.0, []
+    while (step := plan.next_step(now)) is not None:
+        if step.key.startswith("accuracy"):
+            groups.append(step.group)
+        now += step.predicted * (0.2 if step.key.startswith("accuracy") else 1.0)  # cheaper than predicted
+    assert list(dict.fromkeys(groups)) == ["g1", "g2", "g3"]
+    assert not any("its accuracy" in s.reason for s in plan.skipped)
