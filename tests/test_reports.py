@@ -1181,3 +1181,32 @@ def test_an_entry_whose_travelling_script_exits_0_is_stale_on_the_page(tmp_path)
     from mhabench.reports.collect import alarms
     assert any("stale catalogue entr" in line for line in alarms(data))
     assert (tmp_path / "report" / "reproducers" / results.reproducer_name(entry)).is_file()  # it travels on
+
+
+def test_a_change_of_one_adapter_is_judged_against_how_the_other_adapters_moved(tmp_path):
+    """One adapter 25% slower among six whose times scatter by about 6% between two runs: counted in the runs'
+    scatter, its own twelve points would raise it enough to hide themselves; judged against the others, they
+    are flagged, and the unchanged adapters are not."""
+    from mhabench.reports.compare import compare_benchmarks
+    from mhabench.reports.load import Benchmarks
+    rng = np.random.default_rng(3)
+    adapters = [f"a{i}" for i in range(6)]
+
+    def run(slowed: float, seed_shift: int):
+        rows = []
+        for adapter in adapters:
+            for length in (128, 256, 512, 1024, 2048, 4096):
+                for cls in ("SelfAttention", "CausalSelfAttention"):
+                    value = 1e-3 * length / 128 * float(np.exp(rng.normal(0, 0.045)))
+                    if adapter == "a5":
+                        value *= slowed
+                    rows.append({"benchmark": f"bench_attention.{cls}.track_time_forward",
+                                 "params_key": f"'{adapter}', 'eager', {length}, 8, 'cpu'", "adapter": adapter,
+                                 "value": value, "ci_low": value * 0.995, "ci_high": value * 1.005, "repeat": None,
+                                 "method": "time_forward", "unit": "seconds", "version": "v"})
+        return Benchmarks(pd.DataFrame(rows), {}, pd.DataFrame(), pd.DataFrame(), tmp_path / f"r{seed_shift}" / "asv")
+    table, *_ = compare_benchmarks(run(1.0, 0), run(1.25, 1))
+    slowed = table[table["params"].str.startswith("'a5'")]
+    others = table[~table["params"].str.startswith("'a5'")]
+    assert (slowed["change"] == "regression").sum() >= 7
+    assert not others["change"].isin(["regression", "improvement"]).any()
