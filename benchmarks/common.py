@@ -398,15 +398,9 @@ def _recorded_accuracy(benchmark: str, case: Case) -> dict[str, dict] | None:
     path = results.Layout(results_dir()).accuracy
     if not sweep or not path.is_file():
         return None
-    found = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("sweep") == sweep and rec.get("benchmark") == benchmark \
-                and rec.get("params") == case.params():
-            found[rec.get("dtype")] = rec
+    records, _ = results.read_jsonl(path, results.accuracy_problem)
+    found = {rec["dtype"]: rec for rec in records if rec.get("sweep") == sweep and rec["benchmark"] == benchmark
+             and rec["params"] == case.params()}
     from .accuracy import DTYPES
     return found if all(d in found for d in DTYPES) else None
 

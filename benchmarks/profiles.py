@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 from mhabench.impls.base import MODES
-from mhabench.results import is_accuracy
+from mhabench.results import ACCURACY_CLASSES, is_accuracy
 
 from .sampling import Sampling
 
@@ -106,9 +106,6 @@ class Profile:
         """Whether the accuracy classes run at this head count and length (None: any)."""
         return (num_heads is None or int(num_heads) == self.accuracy_heads) and \
             (seq_len is None or self.accuracy_lens is None or int(seq_len) in self.accuracy_lens)
-
-
-ACCURACY_CLASSES = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "PeakyCausalAccuracy")
 
 
 def accuracy_methods(metrics=None, dtypes=None) -> tuple[str, ...]:

@@ -81,8 +81,7 @@ def grid(profile_name: str) -> list[tuple[str, list[tuple[str, ...]]]]:
                         list(profile.devices)]
     out = []
     classes = (bench_attention.SelfAttention, bench_attention.CausalSelfAttention, bench_attention.CrossAttention,
-               bench_attention.SelfAccuracy, bench_attention.CausalAccuracy, bench_attention.PeakySelfAccuracy,
-               bench_attention.PeakyCausalAccuracy)
+               *(getattr(bench_attention, name) for name in results.ACCURACY_CLASSES))
     for cls in classes:
         for method in sorted(m for m in dir(cls) if m.startswith(("time_", "track_"))):
             out.append((f"bench_attention.{cls.__name__}.{method}",

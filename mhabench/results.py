@@ -200,6 +200,8 @@ def read_rows(path: str | os.PathLike) -> Journal:
 
 
 ACCURACY_FIGURES = ("max_rel_error", "rms_error", "sum_error", "grad_rel_rms_error")
+# the asv accuracy classes (benchmarks/bench_attention.py), in the order a reader meets them
+ACCURACY_CLASSES = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "PeakyCausalAccuracy")
 
 
 def is_accuracy(benchmark_class: str) -> bool:

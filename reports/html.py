@@ -788,8 +788,7 @@ def section_accuracy(data: ReportData) -> str:
                              "ratio_grad_rel_rms_error"],
                      row_class=lambda r: "fault" if r.get("grows_faster") else None))
     devices = list(dict.fromkeys(accuracy["device"]))
-    classes = sorted(dict.fromkeys(accuracy["class"]), key=lambda c: tables.ACCURACY_CLASS_ORDER.index(c)
-                     if c in tables.ACCURACY_CLASS_ORDER else len(tables.ACCURACY_CLASS_ORDER))
+    classes = sorted(dict.fromkeys(accuracy["class"]), key=tables.accuracy_class_rank)
     for klass in classes:
         for device in devices:
             for figure_name in ("rms_error", "ratio_rms_error"):

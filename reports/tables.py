@@ -1047,9 +1047,14 @@ def headline(frame: pd.DataFrame, klass: str = "SelfAttention", flagged: set = f
 
 
 # ---- accuracy: error against L (benchmarks.accuracy) ---------------------------------------------------
-ACCURACY_CLASS_ORDER = ("SelfAccuracy", "CausalAccuracy", "PeakySelfAccuracy", "PeakyCausalAccuracy")
 DTYPE_ORDER = ("float32", "float16", "bfloat16")
 FASTER_GROWTH = 0.2  # an error exponent this far above the reference's grows faster than a plain implementation
+
+
+def accuracy_class_rank(klass: str) -> int:
+    """Self, causal, then their peaky twins (``results.ACCURACY_CLASSES``); any other class after."""
+    order = results.ACCURACY_CLASSES
+    return order.index(klass) if klass in order else len(order)
 
 
 def accuracy_series(record) -> str:
@@ -1094,8 +1099,7 @@ def accuracy_lines(accuracy: pd.DataFrame) -> pd.DataFrame:
                     "ratio_grad_rel_rms_error": float(grad["ratio_grad_rel_rms_error"]) if grad is not None
                     else math.nan})
     frame = pd.DataFrame(out)
-    frame["_class"] = frame["class"].map(lambda c: ACCURACY_CLASS_ORDER.index(c) if c in ACCURACY_CLASS_ORDER
-                                         else len(ACCURACY_CLASS_ORDER))
+    frame["_class"] = frame["class"].map(accuracy_class_rank)
     frame["_dtype"] = frame["dtype"].map(lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else len(DTYPE_ORDER))
     frame = frame.sort_values(["_class", "device", "_dtype", "L_max", "rms_error"], ascending=[True, True, True, False,
                                                                                                True])
